@@ -1,1 +1,20 @@
-//! placeholder
+//! The decodebench.v1 gRPC protocol: the generated wire types and client/server stubs, and the one
+//! module ([`convert`]) that turns them into the plain domain types of `decodebench-kernels` and
+//! back. Everything past the network edge works on the domain types.
+
+pub mod convert;
+
+/// Generated from `proto/decodebench/v1/decodebench.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod wire {
+    tonic::include_proto!("decodebench.v1");
+}
+
+/// Version of the wire protocol. Agents and coordinators refuse to talk across versions; bump it on
+/// any incompatible change to the `.proto`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// decodebench's own version, reported by agents at registration and recorded with results.
+pub const DECODEBENCH_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub use convert::ConvertError;
