@@ -1,1 +1,3 @@
-//! placeholder
+//! The decodebench coordinator: expands and validates the grid, schedules shards over leases,
+//! journals every result durably, writes the Parquet/CSV outputs, and serves the gRPC protocol.
+pub mod scheduler;

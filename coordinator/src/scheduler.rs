@@ -1,0 +1,1025 @@
+//! The scheduler: which unit of work goes to which agent, under which lease, and when a result
+//! counts.
+//!
+//! It is a plain synchronous state machine (the gRPC service wraps it in a mutex), so every rule
+//! here is unit-tested without a network:
+//! - a *unit* is one case to be measured on one placement target (any GPU, one SKU, one GPU);
+//! - agents pull *shards*: units that share a KV-pool set-up, leased with a deadline;
+//! - heartbeats extend a lease; an expired lease puts its unfinished units back in the queue;
+//! - a unit is done once, whoever reports it and however often (late reports are duplicates);
+//! - a unit whose kernels failed is retried on another agent, up to `max_attempts`, and then
+//!   recorded as failed with every attempt's error.
+
+use decodebench_kernels::{BenchCase, CaseMeasurement, DeviceIdentity, Status};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How long a lease lives without a heartbeat. Long enough to ride out a GC pause or a slow case
+/// set-up on a busy host; short enough that a dead agent's work moves on within a minute.
+pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often agents heartbeat: a third of the lease timeout, so two lost heartbeats are survivable.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// Attempts per unit before it is recorded as failed. Three rides out one bad agent and one
+/// transient fault without hiding a kernel that always fails.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Cases per shard: enough to amortize a KV-pool set-up, few enough that a lost agent costs little
+/// and a heterogeneous fleet balances.
+pub const DEFAULT_MAX_SHARD_CASES: usize = 8;
+/// How long to tell an idle agent to wait before asking again.
+pub const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// Where each case runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Placement {
+    /// Each case once, on any GPU.
+    Spread,
+    /// Each case once on every distinct GPU model (fleet hardware comparison).
+    PerSku,
+    /// Each case once on every GPU (fleet health: finds the slow card).
+    PerGpu,
+}
+
+impl Placement {
+    pub fn parse(s: &str) -> Option<Placement> {
+        match s {
+            "spread" => Some(Placement::Spread),
+            "per-sku" => Some(Placement::PerSku),
+            "per-gpu" => Some(Placement::PerGpu),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Spread => "spread",
+            Placement::PerSku => "per-sku",
+            Placement::PerGpu => "per-gpu",
+        }
+    }
+
+    /// The target a device serves under this placement.
+    pub fn target_of(self, device: &DeviceIdentity) -> Target {
+        match self {
+            Placement::Spread => Target::Any,
+            Placement::PerSku => Target::Sku(device.sku.clone()),
+            Placement::PerGpu => Target::Gpu(device.uuid.clone()),
+        }
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The placement target of a unit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Any,
+    Sku(String),
+    Gpu(String),
+}
+
+impl Target {
+    fn key(&self) -> String {
+        match self {
+            Target::Any => "*".to_string(),
+            Target::Sku(s) => format!("sku:{s}"),
+            Target::Gpu(u) => format!("gpu:{u}"),
+        }
+    }
+}
+
+/// Identity of a unit of work: a case on a target. Results are deduplicated on this key.
+pub fn unit_key(case_id: &str, placement: Placement, device: &DeviceIdentity) -> String {
+    format!("{case_id}|{}", placement.target_of(device).key())
+}
+
+/// What the fleet must look like before work is dispatched.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetRequirement {
+    /// At least this many agents registered.
+    pub expect_agents: usize,
+    /// At least N agents of each named SKU.
+    pub wait_for: Vec<(String, usize)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub placement: Placement,
+    pub lease_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub max_attempts: u32,
+    pub max_shard_cases: usize,
+    pub fleet: FleetRequirement,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            placement: Placement::Spread,
+            lease_timeout: DEFAULT_LEASE_TIMEOUT,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_shard_cases: DEFAULT_MAX_SHARD_CASES,
+            fleet: FleetRequirement::default(),
+        }
+    }
+}
+
+/// Errors a caller (the gRPC layer) maps to status codes.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ScheduleError {
+    #[error("unknown agent id `{0}`: register first (the coordinator may have restarted)")]
+    UnknownAgent(String),
+    #[error("unknown lease id `{0}` for this agent")]
+    UnknownLease(String),
+    #[error("case `{case_id}` is not part of this run's grid for this agent's placement target")]
+    UnknownCase { case_id: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UnitState {
+    Pending,
+    Leased,
+    /// A result is being made durable; duplicates arriving meanwhile are refused as duplicates.
+    Committing,
+    Done,
+    Failed,
+}
+
+#[derive(Debug)]
+struct Unit {
+    case_idx: usize,
+    target: Target,
+    state: UnitState,
+    lease: Option<u64>,
+    attempts: u32,
+    errors: Vec<String>,
+    /// Agents that failed this unit: prefer others for the retry.
+    failed_on: HashSet<String>,
+}
+
+#[derive(Debug)]
+struct Lease {
+    agent_id: String,
+    units: Vec<usize>,
+    deadline: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    pub id: String,
+    pub name: String,
+    pub device: DeviceIdentity,
+    pub last_seen: Instant,
+    pub results: u64,
+    pub lease: Option<u64>,
+    pub drained: bool,
+}
+
+/// A shard handed to an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardGrant {
+    pub lease_id: String,
+    pub cases: Vec<BenchCase>,
+}
+
+/// The answer to a lease request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseDecision {
+    Shard(ShardGrant),
+    Wait(Duration),
+    Drain,
+}
+
+/// What to do with a reported result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportDecision {
+    /// New result: make it durable, then call [`Scheduler::commit`] (or [`Scheduler::abort_commit`]).
+    Commit { unit: usize, attempt: u32 },
+    /// The unit already has a result (or one is being committed): acknowledge, count nothing.
+    Duplicate,
+    /// The kernels failed and the unit goes back for another attempt; nothing is stored.
+    Retry { attempt: u32, error: String },
+    /// The kernels failed and attempts are exhausted: store this (with every attempt's error in
+    /// the message), then [`Scheduler::commit`].
+    CommitFailed {
+        unit: usize,
+        attempt: u32,
+        errors: Vec<String>,
+    },
+}
+
+/// Progress counters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub total: u64,
+    pub pending: u64,
+    pub running: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub agents_alive: u32,
+    pub leases_expired: u64,
+    pub finished: bool,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    cases: Vec<BenchCase>,
+    case_index: HashMap<String, usize>,
+    units: Vec<Unit>,
+    unit_index: HashMap<String, usize>,
+    /// Pending units per target, grouped by pool key so a shard shares one KV-pool set-up.
+    queues: HashMap<Target, BTreeMap<String, VecDeque<usize>>>,
+    /// Unit keys already done before this process started (journal replay).
+    done_keys: HashSet<String>,
+    agents: HashMap<String, AgentInfo>,
+    leases: HashMap<u64, Lease>,
+    next_lease: u64,
+    next_agent: u64,
+    leases_expired: u64,
+    draining: bool,
+}
+
+impl Scheduler {
+    /// A scheduler over `cases` (ids must be unique) that treats `already_done` unit keys as done.
+    pub fn new(
+        cfg: SchedulerConfig,
+        cases: Vec<BenchCase>,
+        already_done: impl IntoIterator<Item = String>,
+    ) -> Scheduler {
+        let case_index = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.clone(), i))
+            .collect();
+        let mut s = Scheduler {
+            cfg,
+            cases,
+            case_index,
+            units: Vec::new(),
+            unit_index: HashMap::new(),
+            queues: HashMap::new(),
+            done_keys: already_done.into_iter().collect(),
+            agents: HashMap::new(),
+            leases: HashMap::new(),
+            next_lease: 1,
+            next_agent: 1,
+            leases_expired: 0,
+            draining: false,
+        };
+        if s.cfg.placement == Placement::Spread {
+            s.add_target(Target::Any);
+        }
+        s
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn cases(&self) -> &[BenchCase] {
+        &self.cases
+    }
+
+    /// Creates the units of a placement target (once per target).
+    fn add_target(&mut self, target: Target) {
+        if self.queues.contains_key(&target) {
+            return;
+        }
+        let mut queue: BTreeMap<String, VecDeque<usize>> = BTreeMap::new();
+        for (case_idx, case) in self.cases.iter().enumerate() {
+            let key = format!("{}|{}", case.id, target.key());
+            let done = self.done_keys.contains(&key);
+            let idx = self.units.len();
+            self.units.push(Unit {
+                case_idx,
+                target: target.clone(),
+                state: if done {
+                    UnitState::Done
+                } else {
+                    UnitState::Pending
+                },
+                lease: None,
+                attempts: 0,
+                errors: Vec::new(),
+                failed_on: HashSet::new(),
+            });
+            self.unit_index.insert(key, idx);
+            if !done {
+                queue.entry(case.pool_key()).or_default().push_back(idx);
+            }
+        }
+        self.queues.insert(target, queue);
+    }
+
+    /// Registers an agent; returns its id.
+    pub fn register(&mut self, name: String, device: DeviceIdentity, now: Instant) -> String {
+        let id = format!("agent-{}", self.next_agent);
+        self.next_agent += 1;
+        let target = self.cfg.placement.target_of(&device);
+        self.add_target(target);
+        self.agents.insert(
+            id.clone(),
+            AgentInfo {
+                id: id.clone(),
+                name,
+                device,
+                last_seen: now,
+                results: 0,
+                lease: None,
+                drained: false,
+            },
+        );
+        id
+    }
+
+    fn touch(&mut self, agent_id: &str, now: Instant) -> Result<&mut AgentInfo, ScheduleError> {
+        let a = self
+            .agents
+            .get_mut(agent_id)
+            .ok_or_else(|| ScheduleError::UnknownAgent(agent_id.to_string()))?;
+        a.last_seen = now;
+        Ok(a)
+    }
+
+    fn fleet_ready(&self) -> bool {
+        let alive: Vec<&AgentInfo> = self.alive_agents().collect();
+        if alive.len() < self.cfg.fleet.expect_agents {
+            return false;
+        }
+        self.cfg
+            .fleet
+            .wait_for
+            .iter()
+            .all(|(sku, n)| alive.iter().filter(|a| &a.device.sku == sku).count() >= *n)
+    }
+
+    fn alive_agents(&self) -> impl Iterator<Item = &AgentInfo> {
+        let horizon = self.cfg.lease_timeout;
+        self.agents
+            .values()
+            .filter(move |a| !a.drained && a.last_seen.elapsed() <= horizon)
+    }
+
+    /// Asks the coordinator to drain every agent (shutdown).
+    pub fn start_drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// The next shard for `agent_id`, or wait, or drain.
+    pub fn lease(&mut self, agent_id: &str, now: Instant) -> Result<LeaseDecision, ScheduleError> {
+        self.expire(now);
+        let agent = self.touch(agent_id, now)?;
+        if let Some(held) = agent.lease {
+            // An agent asking for work no longer runs its old shard: hand those units back.
+            agent.lease = None;
+            self.return_lease(held);
+        }
+        if self.draining || self.is_finished() {
+            if let Some(a) = self.agents.get_mut(agent_id) {
+                a.drained = true;
+            }
+            return Ok(LeaseDecision::Drain);
+        }
+        if !self.fleet_ready() {
+            return Ok(LeaseDecision::Wait(IDLE_WAIT));
+        }
+        let target = {
+            let a = &self.agents[agent_id];
+            self.cfg.placement.target_of(&a.device)
+        };
+        let units = self.take_shard(&target, agent_id);
+        if units.is_empty() {
+            return Ok(LeaseDecision::Wait(IDLE_WAIT));
+        }
+        let lease_id = self.next_lease;
+        self.next_lease += 1;
+        let mut cases = Vec::with_capacity(units.len());
+        for &u in &units {
+            let unit = &mut self.units[u];
+            unit.state = UnitState::Leased;
+            unit.lease = Some(lease_id);
+            cases.push(self.cases[unit.case_idx].clone());
+        }
+        self.leases.insert(
+            lease_id,
+            Lease {
+                agent_id: agent_id.to_string(),
+                units,
+                deadline: now + self.cfg.lease_timeout,
+            },
+        );
+        if let Some(a) = self.agents.get_mut(agent_id) {
+            a.lease = Some(lease_id);
+        }
+        Ok(LeaseDecision::Shard(ShardGrant {
+            lease_id: lease_id.to_string(),
+            cases,
+        }))
+    }
+
+    /// Pops up to `max_shard_cases` pending units that share a pool key, preferring units this
+    /// agent has not failed before.
+    fn take_shard(&mut self, target: &Target, agent_id: &str) -> Vec<usize> {
+        let others_alive = self.alive_agents().filter(|a| a.id != agent_id).count() > 0;
+        let Some(queue) = self.queues.get_mut(target) else {
+            return Vec::new();
+        };
+        let max = self.cfg.max_shard_cases.max(1);
+        let mut shard = Vec::new();
+        let mut emptied = Vec::new();
+        for (pool_key, q) in queue.iter_mut() {
+            let mut skipped = VecDeque::new();
+            while shard.len() < max {
+                let Some(u) = q.pop_front() else { break };
+                let unit = &self.units[u];
+                if unit.state != UnitState::Pending {
+                    continue; // stale entry (done meanwhile)
+                }
+                if others_alive && unit.failed_on.contains(agent_id) {
+                    skipped.push_back(u);
+                    continue;
+                }
+                shard.push(u);
+            }
+            while let Some(u) = skipped.pop_back() {
+                q.push_front(u);
+            }
+            if q.is_empty() {
+                emptied.push(pool_key.clone());
+            }
+            if !shard.is_empty() {
+                break;
+            }
+        }
+        for k in emptied {
+            queue.remove(&k);
+        }
+        shard
+    }
+
+    fn requeue(&mut self, u: usize) {
+        let unit = &mut self.units[u];
+        unit.state = UnitState::Pending;
+        unit.lease = None;
+        let pool_key = self.cases[unit.case_idx].pool_key();
+        self.queues
+            .entry(unit.target.clone())
+            .or_default()
+            .entry(pool_key)
+            .or_default()
+            .push_front(u);
+    }
+
+    fn return_lease(&mut self, lease_id: u64) -> u32 {
+        let Some(lease) = self.leases.remove(&lease_id) else {
+            return 0;
+        };
+        let mut returned = 0;
+        for u in lease.units {
+            if self.units[u].state == UnitState::Leased && self.units[u].lease == Some(lease_id) {
+                self.requeue(u);
+                returned += 1;
+            }
+        }
+        if let Some(a) = self.agents.get_mut(&lease.agent_id) {
+            if a.lease == Some(lease_id) {
+                a.lease = None;
+            }
+        }
+        returned
+    }
+
+    /// Expires leases past their deadline; their unfinished units go back in the queue.
+    pub fn expire(&mut self, now: Instant) -> u32 {
+        let expired: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline < now)
+            .map(|(id, _)| *id)
+            .collect();
+        let n = expired.len() as u32;
+        for id in expired {
+            self.leases_expired += 1;
+            let returned = self.return_lease(id);
+            tracing::warn!(
+                lease = id,
+                returned,
+                "lease expired; its unfinished cases are queued again"
+            );
+        }
+        n
+    }
+
+    fn parse_lease(lease_id: &str) -> Result<u64, ScheduleError> {
+        lease_id
+            .parse::<u64>()
+            .map_err(|_| ScheduleError::UnknownLease(lease_id.to_string()))
+    }
+
+    /// Extends a lease. Returns whether the lease is still held and whether to drain.
+    pub fn heartbeat(
+        &mut self,
+        agent_id: &str,
+        lease_id: &str,
+        now: Instant,
+    ) -> Result<(bool, bool), ScheduleError> {
+        self.expire(now);
+        self.touch(agent_id, now)?;
+        let drain = self.draining;
+        if lease_id.is_empty() {
+            return Ok((false, drain));
+        }
+        let id = Self::parse_lease(lease_id)?;
+        match self.leases.get_mut(&id) {
+            Some(l) if l.agent_id == agent_id => {
+                l.deadline = now + self.cfg.lease_timeout;
+                Ok((true, drain))
+            }
+            Some(_) => Err(ScheduleError::UnknownLease(lease_id.to_string())),
+            None => Ok((false, drain)),
+        }
+    }
+
+    /// Hands back a lease's unfinished units (a draining agent).
+    pub fn release(
+        &mut self,
+        agent_id: &str,
+        lease_id: &str,
+        now: Instant,
+    ) -> Result<u32, ScheduleError> {
+        self.touch(agent_id, now)?;
+        let id = Self::parse_lease(lease_id)?;
+        match self.leases.get(&id) {
+            Some(l) if l.agent_id == agent_id => Ok(self.return_lease(id)),
+            Some(_) => Err(ScheduleError::UnknownLease(lease_id.to_string())),
+            None => Ok(0),
+        }
+    }
+
+    /// Decides what a reported result means. Accepts results from expired leases too (the work was
+    /// done); the unit key makes a second result for the same unit a duplicate.
+    pub fn report(
+        &mut self,
+        agent_id: &str,
+        lease_id: &str,
+        m: &CaseMeasurement,
+        now: Instant,
+    ) -> Result<(ReportDecision, bool), ScheduleError> {
+        let agent = self.touch(agent_id, now)?;
+        let device = agent.device.clone();
+        let key = unit_key(&m.case_id, self.cfg.placement, &device);
+        let u = *self
+            .unit_index
+            .get(&key)
+            .ok_or_else(|| ScheduleError::UnknownCase {
+                case_id: m.case_id.clone(),
+            })?;
+        let lease_valid = Self::parse_lease(lease_id)
+            .ok()
+            .and_then(|id| self.leases.get_mut(&id).map(|l| (id, l)))
+            .map(|(_, l)| {
+                if l.agent_id == agent_id {
+                    l.deadline = now + self.cfg.lease_timeout;
+                    true
+                } else {
+                    false
+                }
+            })
+            .unwrap_or(false);
+        let unit = &mut self.units[u];
+        match unit.state {
+            UnitState::Done | UnitState::Failed | UnitState::Committing => {
+                return Ok((ReportDecision::Duplicate, lease_valid))
+            }
+            UnitState::Pending | UnitState::Leased => {}
+        }
+        unit.attempts += 1;
+        let attempt = unit.attempts;
+        let failures: Vec<String> = m
+            .kernels
+            .iter()
+            .filter(|k| k.status == Some(Status::Failed))
+            .map(|k| {
+                format!(
+                    "attempt {attempt} on {agent_id} ({}): {}: {}",
+                    device.uuid,
+                    k.kernel.map(|k| k.as_str()).unwrap_or("?"),
+                    k.message
+                )
+            })
+            .collect();
+        if failures.is_empty() {
+            unit.state = UnitState::Committing;
+            return Ok((ReportDecision::Commit { unit: u, attempt }, lease_valid));
+        }
+        unit.errors.extend(failures.iter().cloned());
+        unit.failed_on.insert(agent_id.to_string());
+        if attempt >= self.cfg.max_attempts {
+            unit.state = UnitState::Committing;
+            let errors = unit.errors.clone();
+            return Ok((
+                ReportDecision::CommitFailed {
+                    unit: u,
+                    attempt,
+                    errors,
+                },
+                lease_valid,
+            ));
+        }
+        // Take the unit out of its lease and queue it for another agent.
+        if let Some(l) = unit.lease.and_then(|id| self.leases.get_mut(&id)) {
+            l.units.retain(|&x| x != u);
+        }
+        self.requeue(u);
+        Ok((
+            ReportDecision::Retry {
+                attempt,
+                error: failures.join("; "),
+            },
+            lease_valid,
+        ))
+    }
+
+    /// Marks a unit done (or, after [`ReportDecision::CommitFailed`], failed) once its result is
+    /// durable.
+    pub fn commit(&mut self, unit: usize, agent_id: &str, failed: bool) {
+        let Some(u) = self.units.get_mut(unit) else {
+            return;
+        };
+        u.state = if failed {
+            UnitState::Failed
+        } else {
+            UnitState::Done
+        };
+        if let Some(l) = u.lease.take().and_then(|id| self.leases.get_mut(&id)) {
+            l.units.retain(|&x| x != unit);
+        }
+        if let Some(a) = self.agents.get_mut(agent_id) {
+            a.results += 1;
+        }
+    }
+
+    /// The result could not be made durable: the unit goes back to the queue.
+    pub fn abort_commit(&mut self, unit: usize) {
+        if let Some(u) = self.units.get_mut(unit) {
+            if u.state == UnitState::Committing {
+                u.attempts = u.attempts.saturating_sub(1);
+                self.requeue(unit);
+            }
+        }
+    }
+
+    /// True when every unit has a result (and the fleet requirement was met, so per-sku/per-gpu
+    /// targets exist).
+    pub fn is_finished(&self) -> bool {
+        if self.cfg.placement != Placement::Spread && self.queues.is_empty() {
+            return false;
+        }
+        if self.cfg.placement != Placement::Spread && !self.fleet_ready() && !self.draining {
+            // Targets appear as agents register; until the fleet is complete, more may come.
+            let any_agents = !self.agents.is_empty();
+            if !any_agents {
+                return false;
+            }
+        }
+        self.units
+            .iter()
+            .all(|u| matches!(u.state, UnitState::Done | UnitState::Failed))
+            && !self.units.is_empty()
+    }
+
+    pub fn progress(&self) -> Progress {
+        let mut p = Progress {
+            total: self.units.len() as u64,
+            leases_expired: self.leases_expired,
+            agents_alive: self.alive_agents().count() as u32,
+            finished: self.is_finished(),
+            ..Default::default()
+        };
+        for u in &self.units {
+            match u.state {
+                UnitState::Pending => p.pending += 1,
+                UnitState::Leased | UnitState::Committing => p.running += 1,
+                UnitState::Done => p.done += 1,
+                UnitState::Failed => p.failed += 1,
+            }
+        }
+        p
+    }
+
+    pub fn agents(&self) -> impl Iterator<Item = &AgentInfo> {
+        self.agents.values()
+    }
+
+    pub fn agent(&self, id: &str) -> Option<&AgentInfo> {
+        self.agents.get(id)
+    }
+
+    /// The case behind a unit.
+    pub fn unit_case(&self, unit: usize) -> Option<&BenchCase> {
+        self.units.get(unit).map(|u| &self.cases[u.case_idx])
+    }
+
+    /// The case with this id, if it is in the grid.
+    pub fn case(&self, case_id: &str) -> Option<&BenchCase> {
+        self.case_index.get(case_id).map(|&i| &self.cases[i])
+    }
+
+    /// Unit keys with no result yet (for the exit summary).
+    pub fn unfinished(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .unit_index
+            .iter()
+            .filter(|(_, &u)| !matches!(self.units[u].state, UnitState::Done | UnitState::Failed))
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use decodebench_kernels::{
+        KernelKind, KernelMeasurement, KvLayout, KvPool, MeasureMethod, QuantMode,
+    };
+
+    fn cases(n: u32) -> Vec<BenchCase> {
+        (0..n)
+            .map(|i| {
+                BenchCase {
+                    id: String::new(),
+                    batch_size: 1 + i,
+                    max_seq_len: 64,
+                    quant: QuantMode::BF16,
+                    num_qo_heads: 8,
+                    num_kv_heads: 1,
+                    head_size: 64,
+                    layout: KvLayout::Hnd,
+                    block_size: 16,
+                    pool: KvPool::Shared { tokens: 4096 },
+                    seed: 1,
+                    method: MeasureMethod::default(),
+                }
+                .with_id()
+            })
+            .collect()
+    }
+
+    fn dev(uuid: &str, sku: &str) -> DeviceIdentity {
+        DeviceIdentity {
+            backend: "cpu".into(),
+            uuid: uuid.into(),
+            sku: sku.into(),
+            ..Default::default()
+        }
+    }
+
+    fn ok_result(case_id: &str) -> CaseMeasurement {
+        CaseMeasurement {
+            case_id: case_id.into(),
+            kernels: KernelKind::ALL
+                .iter()
+                .map(|&k| KernelMeasurement {
+                    kernel: Some(k),
+                    status: Some(Status::Ok),
+                    ..Default::default()
+                })
+                .collect(),
+            wall_s: 0.1,
+        }
+    }
+
+    fn failed_result(case_id: &str) -> CaseMeasurement {
+        let mut m = ok_result(case_id);
+        m.kernels[1].status = Some(Status::Failed);
+        m.kernels[1].message = "illegal address".into();
+        m
+    }
+
+    fn cfg(max_shard: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_shard_cases: max_shard,
+            ..Default::default()
+        }
+    }
+
+    fn grant(d: LeaseDecision) -> ShardGrant {
+        match d {
+            LeaseDecision::Shard(g) => g,
+            other => panic!("expected a shard, got {other:?}"),
+        }
+    }
+
+    fn run_to_done(s: &mut Scheduler, agent: &str, now: Instant) {
+        loop {
+            match s.lease(agent, now).unwrap() {
+                LeaseDecision::Shard(g) => {
+                    for c in g.cases {
+                        let (d, _) = s
+                            .report(agent, &g.lease_id, &ok_result(&c.id), now)
+                            .unwrap();
+                        if let ReportDecision::Commit { unit, .. } = d {
+                            s.commit(unit, agent, false);
+                        }
+                    }
+                }
+                // Nothing left for this agent's target (other targets may still run).
+                LeaseDecision::Drain | LeaseDecision::Wait(_) => return,
+            }
+        }
+    }
+
+    #[test]
+    fn spread_runs_each_case_once_then_drains() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(cfg(3), cases(10), []);
+        let a = s.register("a".into(), dev("u1", "H100"), now);
+        run_to_done(&mut s, &a, now);
+        let p = s.progress();
+        assert_eq!((p.total, p.done, p.failed), (10, 10, 0));
+        assert!(p.finished);
+    }
+
+    #[test]
+    fn expired_lease_requeues_and_late_result_is_deduplicated() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(cfg(2), cases(2), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        let b = s.register("b".into(), dev("u2", "H100"), t0);
+        let g = grant(s.lease(&a, t0).unwrap());
+        assert_eq!(g.cases.len(), 2);
+        // a goes silent past its lease; b picks the same cases up.
+        let t1 = t0 + DEFAULT_LEASE_TIMEOUT + Duration::from_secs(1);
+        let gb = grant(s.lease(&b, t1).unwrap());
+        assert_eq!(gb.cases.len(), 2);
+        assert_eq!(s.progress().leases_expired, 1);
+        // a comes back late and reports first: its result counts.
+        let (d, valid) = s
+            .report(&a, &g.lease_id, &ok_result(&g.cases[0].id), t1)
+            .unwrap();
+        assert!(!valid);
+        let ReportDecision::Commit { unit, .. } = d else {
+            panic!("{d:?}")
+        };
+        s.commit(unit, &a, false);
+        // b's result for the same case is a duplicate.
+        let (d, valid) = s
+            .report(&b, &gb.lease_id, &ok_result(&g.cases[0].id), t1)
+            .unwrap();
+        assert_eq!(d, ReportDecision::Duplicate);
+        assert!(valid);
+        let (d, _) = s
+            .report(&b, &gb.lease_id, &ok_result(&g.cases[1].id), t1)
+            .unwrap();
+        let ReportDecision::Commit { unit, .. } = d else {
+            panic!("{d:?}")
+        };
+        s.commit(unit, &b, false);
+        assert_eq!(s.progress().done, 2);
+        assert!(s.is_finished());
+    }
+
+    #[test]
+    fn failed_case_retries_elsewhere_then_records_every_error() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_attempts: 2,
+                max_shard_cases: 1,
+                ..Default::default()
+            },
+            cases(1),
+            [],
+        );
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let b = s.register("b".into(), dev("u2", "H100"), t);
+        let g = grant(s.lease(&a, t).unwrap());
+        let (d, _) = s
+            .report(&a, &g.lease_id, &failed_result(&g.cases[0].id), t)
+            .unwrap();
+        assert!(
+            matches!(d, ReportDecision::Retry { attempt: 1, .. }),
+            "{d:?}"
+        );
+        // a failed it, so a is not offered it again while b is alive.
+        assert!(matches!(s.lease(&a, t).unwrap(), LeaseDecision::Wait(_)));
+        let g = grant(s.lease(&b, t).unwrap());
+        let (d, _) = s
+            .report(&b, &g.lease_id, &failed_result(&g.cases[0].id), t)
+            .unwrap();
+        let ReportDecision::CommitFailed { unit, errors, .. } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(errors.len(), 2);
+        assert!(errors[0].contains("agent-1") && errors[1].contains("agent-2"));
+        s.commit(unit, &b, true);
+        let p = s.progress();
+        assert_eq!((p.done, p.failed), (0, 1));
+        assert!(s.is_finished());
+    }
+
+    #[test]
+    fn per_sku_runs_each_case_on_each_model_and_waits_for_fleet() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                placement: Placement::PerSku,
+                fleet: FleetRequirement {
+                    expect_agents: 3,
+                    wait_for: vec![],
+                },
+                ..Default::default()
+            },
+            cases(4),
+            [],
+        );
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        assert!(matches!(s.lease(&a, t).unwrap(), LeaseDecision::Wait(_)));
+        let b = s.register("b".into(), dev("u2", "H100"), t);
+        let c = s.register("c".into(), dev("u3", "A100"), t);
+        run_to_done(&mut s, &a, t);
+        // b has the same SKU as a: nothing left for it.
+        assert!(matches!(s.lease(&b, t).unwrap(), LeaseDecision::Wait(_)));
+        run_to_done(&mut s, &c, t);
+        let p = s.progress();
+        assert_eq!((p.total, p.done), (8, 8));
+        assert!(p.finished);
+    }
+
+    #[test]
+    fn per_gpu_runs_each_case_on_each_gpu() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                placement: Placement::PerGpu,
+                fleet: FleetRequirement {
+                    expect_agents: 2,
+                    wait_for: vec![],
+                },
+                ..Default::default()
+            },
+            cases(3),
+            [],
+        );
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let b = s.register("b".into(), dev("u2", "H100"), t);
+        run_to_done(&mut s, &a, t);
+        run_to_done(&mut s, &b, t);
+        assert_eq!(s.progress().done, 6);
+    }
+
+    #[test]
+    fn resume_skips_units_already_done() {
+        let t = Instant::now();
+        let cs = cases(5);
+        let done = vec![format!("{}|*", cs[0].id), format!("{}|*", cs[3].id)];
+        let mut s = Scheduler::new(cfg(8), cs, done);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let g = grant(s.lease(&a, t).unwrap());
+        assert_eq!(g.cases.len(), 3);
+    }
+
+    #[test]
+    fn release_hands_back_unfinished_cases() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(cfg(4), cases(4), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let g = grant(s.lease(&a, t).unwrap());
+        let (d, _) = s
+            .report(&a, &g.lease_id, &ok_result(&g.cases[0].id), t)
+            .unwrap();
+        let ReportDecision::Commit { unit, .. } = d else {
+            panic!()
+        };
+        s.commit(unit, &a, false);
+        assert_eq!(s.release(&a, &g.lease_id, t).unwrap(), 3);
+        assert_eq!(s.progress().pending, 3);
+    }
+
+    #[test]
+    fn unknown_ids_are_errors() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(cfg(4), cases(1), []);
+        assert!(matches!(
+            s.lease("nobody", t),
+            Err(ScheduleError::UnknownAgent(_))
+        ));
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        assert!(matches!(
+            s.heartbeat(&a, "not-a-number", t),
+            Err(ScheduleError::UnknownLease(_))
+        ));
+        assert!(matches!(
+            s.report(&a, "1", &ok_result("feedfeedfeedfeed"), t),
+            Err(ScheduleError::UnknownCase { .. })
+        ));
+    }
+}
