@@ -1,1 +1,4 @@
 //! placeholder
+
+pub mod identity;
+pub mod telemetry;
