@@ -565,6 +565,28 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs an NVIDIA GPU and driver: cargo test -p decodebench-agent -- --ignored"]
+    fn real_gpu_identity_and_cross_spelling_lookups() {
+        let id = nvml_identity(&DeviceSelector::Index(0)).expect("identity of GPU 0");
+        println!("{id:?}");
+        assert!(!id.name.is_empty());
+        assert!(normalize_gpu_uuid(&id.uuid).is_some(), "{}", id.uuid);
+        assert!(id.compute_capability.is_some());
+        assert!(id.memory_bytes.is_some_and(|b| b > 0));
+        assert!(id.driver_version.is_some());
+        assert!(id.cuda_driver_version.is_some());
+        let bus_id = id.pci_bus_id.clone().expect("PCI bus id");
+        let address = PciAddress::parse(&bus_id).expect("NVML's bus id parses");
+        // CUDA's spelling of the same address, and the bare UUID, find the same GPU.
+        let cuda_bus_id = address.to_string();
+        assert_eq!(nvml_index_for(Some(&cuda_bus_id), None).unwrap(), Some(0));
+        let bare_uuid = normalize_gpu_uuid(&id.uuid).unwrap();
+        assert_eq!(nvml_index_for(None, Some(&bare_uuid)).unwrap(), Some(0));
+        assert_eq!(nvml_index_for(Some("0000:ff:1f.7"), None).unwrap(), None);
+        assert!(nvml_device_count().is_some_and(|n| n >= 1));
+    }
+
+    #[test]
     fn nvml_lookups_fail_cleanly_without_nvml() {
         match nvml_identity(&DeviceSelector::Index(u32::MAX)) {
             Err(TelemetryError::NvmlUnavailable { .. }) => {

@@ -939,6 +939,26 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs an NVIDIA GPU and driver: cargo test -p decodebench-agent -- --ignored"]
+    fn real_gpu_probe_reports_readings_in_every_region() {
+        let mut probe = NvmlTelemetry::open(DeviceSelector::Index(0)).expect("open GPU 0");
+        for region in 0..2 {
+            probe.begin();
+            std::thread::sleep(Duration::from_millis(300));
+            let t = probe.end(100);
+            println!("region {region}: {t:?}");
+            assert!(t.samples >= 5, "{} samples in 300 ms", t.samples);
+            assert!(t.power_avg_w.is_some_and(|w| w > 0.0));
+            assert!(t.power_max_w >= t.power_avg_w);
+            assert!(t.temp_avg_c.is_some_and(|c| c > 0.0));
+            assert!(t.sm_clock_min_mhz.is_some_and(|m| m > 0.0));
+            assert!(t.mem_clock_avg_mhz.is_some_and(|m| m > 0.0));
+            assert!(t.gpu_util_avg_pct.is_some());
+            assert!(t.energy_per_call_j.is_some_and(|j| j > 0.0));
+        }
+    }
+
+    #[test]
     fn open_without_nvml_fails_with_a_clear_error_and_probe_for_falls_back() {
         match NvmlTelemetry::open(DeviceSelector::Index(u32::MAX)) {
             Ok(_) => panic!("index u32::MAX cannot name a real GPU"),
