@@ -1,0 +1,42 @@
+//! The result record: one case measured on one device, as the coordinator received it.
+//!
+//! This is the unit the journal stores and every sink reads. It joins the agent's measurement with
+//! what the coordinator knows about where and when it came from (run, agent, attempt, device), so
+//! that a record is self-describing on its own, without the grid or the agent registry at hand.
+
+use decodebench_kernels::{
+    BenchCase, CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement,
+};
+use serde::{Deserialize, Serialize};
+
+/// One case's results from one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultRecord {
+    pub run_id: String,
+    pub agent_id: String,
+    /// 1 for the first lease of this case on this placement target, +1 per re-issue.
+    pub attempt: u32,
+    /// When the coordinator received the result, milliseconds since the Unix epoch.
+    pub received_unix_ms: i64,
+    /// Git revision of the code that produced the result (the agent's build).
+    pub git_revision: String,
+    pub case: BenchCase,
+    pub device: DeviceIdentity,
+    pub measurement: CaseMeasurement,
+}
+
+impl ResultRecord {
+    /// The measurement of one kernel, if the agent reported it.
+    pub fn kernel(&self, kind: KernelKind) -> Option<&KernelMeasurement> {
+        self.measurement
+            .kernels
+            .iter()
+            .find(|k| k.kernel == Some(kind))
+    }
+
+    /// What makes a result unique: the case and the device it ran on. A case re-run on the same
+    /// device (a retry after a lost lease) has the same key.
+    pub fn key(&self) -> (&str, &str) {
+        (&self.case.id, &self.device.uuid)
+    }
+}
