@@ -3,14 +3,22 @@
 //! and the backends (CPU and CUDA) that run and time cases.
 
 pub mod backend;
+pub mod cpu;
+pub mod formats;
+pub mod inputs;
 pub mod measurement;
+pub mod reference;
 pub mod workload;
 
 pub use backend::{Backend, NoTelemetry, TelemetryProbe};
+pub use cpu::CpuBackend;
+pub use formats::Nvfp4Tensor;
+pub use inputs::{generate_host_inputs, HostInputs, HostTensor, InputError};
 pub use measurement::{
     Accuracy, CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement, Status, Telemetry,
     TimingStats,
 };
+pub use reference::{attention_f64, verify_output, QuantizedOutput, Verification};
 pub use workload::{
     BenchCase, Dtype, KvLayout, KvPool, L2Mode, MeasureMethod, QuantMode, Scales, TimingMode,
 };

@@ -11,6 +11,11 @@ use std::fmt;
 /// Tokens in the reference script's shared KV pool.
 pub const REFERENCE_POOL_TOKENS: u32 = 256_000;
 
+/// Per-tensor scale of fp8 tensors (Q, KV, output). Not 1.0, so a kernel that forgets a scale
+/// fails verification; a power of two, so dequantized fp8 values stay exact in bf16 and f32, and
+/// standard-normal data (|x| < ~6) uses the upper e4m3 range without saturating.
+pub const FP8_TENSOR_SCALE: f32 = 0.5;
+
 /// The reference script's global scale for NVFP4 output (`o_sf_scale`).
 pub const NVFP4_GLOBAL_SCALE: f32 = 500.0;
 
@@ -416,6 +421,10 @@ impl BenchCase {
 /// Per-tensor scales used by a case (FP8 Q/KV/out, NVFP4 global scale). The reference script uses
 /// 1.0 everywhere except the NVFP4 global scale; the generators pick scales that keep values in
 /// range.
+///
+/// Semantics: an fp8 tensor stores `e4m3(x / scale)` and means `stored * scale`; the output in
+/// fp8 is `e4m3_sat(out / o_scale)`; NVFP4 output uses `o_sf_scale` as its global scale; logits
+/// are `(q * q_scale) . (k * k_scale) * sm_scale`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scales {
     pub q_scale: f32,
@@ -427,12 +436,21 @@ pub struct Scales {
 }
 
 impl Scales {
+    /// Scales of `case`: [`FP8_TENSOR_SCALE`] for every fp8 tensor (so kernels must apply the
+    /// scales to be right), 1.0 for bf16 ones.
     pub fn for_case(case: &BenchCase) -> Scales {
+        let scale_of = |dtype: Dtype| {
+            if dtype == Dtype::Fp8 {
+                FP8_TENSOR_SCALE
+            } else {
+                1.0
+            }
+        };
         Scales {
-            q_scale: 1.0,
-            k_scale: 1.0,
-            v_scale: 1.0,
-            o_scale: 1.0,
+            q_scale: scale_of(case.quant.q),
+            k_scale: scale_of(case.quant.kv),
+            v_scale: scale_of(case.quant.kv),
+            o_scale: scale_of(case.quant.out),
             o_sf_scale: NVFP4_GLOBAL_SCALE,
             sm_scale: 1.0 / (case.head_size as f32).sqrt(),
         }
@@ -614,6 +632,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::identity_op)] // the offsets are spelled out dimension by dimension
     fn layouts_place_elements_as_documented() {
         // HND: [pages, 2, kv_heads, block, head]
         assert_eq!(
