@@ -2,6 +2,7 @@
 //! journals every result durably, writes the Parquet/CSV outputs, and serves the gRPC protocol.
 pub mod scheduler;
 pub mod grid;
+pub mod journal;
 pub mod record;
 pub mod schema;
 pub mod sink;
