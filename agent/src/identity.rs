@@ -368,11 +368,17 @@ fn first_host_name(candidates: impl IntoIterator<Item = Option<String>>) -> Stri
         .unwrap_or_else(|| UNKNOWN_HOST.to_string())
 }
 
-/// This machine's host name (the pod name under Kubernetes). std has no `gethostname`; Linux
-/// exposes the same kernel value in `/proc/sys/kernel/hostname`, then `/etc/hostname` and
-/// `$HOSTNAME` are tried. Never fails: `unknown-host` when none gives a name.
+/// Environment variable that overrides the recorded host name. Under Kubernetes the kernel's host
+/// name is the pod's, so the manifests set this to the node's name (downward API `spec.nodeName`),
+/// which is what a fleet comparison needs.
+pub const HOST_NAME_ENV: &str = "DECODEBENCH_HOST";
+
+/// This machine's host name: `$DECODEBENCH_HOST` when set, else the kernel's (std has no
+/// `gethostname`; Linux exposes the same value in `/proc/sys/kernel/hostname`), else
+/// `/etc/hostname`, else `$HOSTNAME`. Never fails: `unknown-host` when none gives a name.
 pub fn host_name() -> String {
     first_host_name([
+        std::env::var(HOST_NAME_ENV).ok(),
         std::fs::read_to_string("/proc/sys/kernel/hostname").ok(),
         std::fs::read_to_string("/etc/hostname").ok(),
         std::env::var("HOSTNAME").ok(),
