@@ -1,0 +1,337 @@
+//! A coordinator's whole life: resume from the journal, serve agents until every unit has a result
+//! (or a shutdown signal), drain the agents, and write the outputs atomically.
+
+use crate::journal::{Journal, JournalError, JournalMeta};
+use crate::metrics::Metrics;
+use crate::record::ResultRecord;
+use crate::scheduler::{unit_key, Scheduler, SchedulerConfig};
+use crate::service::{status_snapshot, CoordinatorService, JournalJob, Shared, MAX_MESSAGE_BYTES};
+use crate::sink::{write_outputs, OutputPaths, SinkError};
+use decodebench_kernels::BenchCase;
+use decodebench_proto::wire::coordinator_server::CoordinatorServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// How often leases are checked for expiry and progress is refreshed.
+pub const TICK_PERIOD: Duration = Duration::from_millis(250);
+/// After the last result, how long agents get to pick up their drain order before the coordinator
+/// exits anyway (they poll at least this often while idle).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
+/// Most results made durable with one fsync (group commit).
+pub const JOURNAL_BATCH_MAX: usize = 4096;
+/// Plain-log progress period when stderr is not a terminal.
+pub const PROGRESS_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum CoordinatorError {
+    #[error("journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("writing outputs: {0}")]
+    Sink(#[from] SinkError),
+    #[error("TLS set-up: {0}")]
+    Tls(String),
+    #[error("gRPC server: {0}")]
+    Serve(String),
+    #[error("cannot create the output directory {path}: {source}")]
+    OutDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Server-side TLS, from PEM files.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// When set, clients must present a certificate signed by this CA (mutual TLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressDisplay {
+    /// A progress bar (interactive terminal).
+    Bar,
+    /// A log line every [`PROGRESS_LOG_PERIOD`].
+    Log,
+    Quiet,
+}
+
+pub struct CoordinatorConfig {
+    pub out_dir: PathBuf,
+    pub cases: Vec<BenchCase>,
+    /// Identifies the grid ([`cases_hash`]): a journal from another grid is refused.
+    pub grid_hash: String,
+    pub scheduler: SchedulerConfig,
+    pub token: Option<String>,
+    pub tls: Option<ServerTls>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub progress: ProgressDisplay,
+    /// Write outputs and exit as soon as every unit has a result (false: keep serving until the
+    /// shutdown future resolves, e.g. for a long-lived fleet coordinator).
+    pub exit_when_done: bool,
+}
+
+/// How the run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub total: u64,
+    pub done: u64,
+    pub failed: u64,
+    /// Unit keys without a result (interrupted runs).
+    pub unfinished: Vec<String>,
+    pub outputs: Option<OutputPaths>,
+    pub resumed: usize,
+    pub elapsed: Duration,
+}
+
+impl RunSummary {
+    /// Every unit has a result that is not `failed`.
+    pub fn complete(&self) -> bool {
+        self.unfinished.is_empty() && self.failed == 0 && self.done == self.total
+    }
+}
+
+/// Serves the coordinator on `listener` until all work is done or `shutdown` resolves, then
+/// writes the outputs.
+pub async fn serve(
+    cfg: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<RunSummary, CoordinatorError> {
+    std::fs::create_dir_all(&cfg.out_dir).map_err(|source| CoordinatorError::OutDir {
+        path: cfg.out_dir.clone(),
+        source,
+    })?;
+    let meta = JournalMeta {
+        run_id: new_run_id(),
+        grid_hash: cfg.grid_hash.clone(),
+    };
+    let (journal, replayed) = Journal::open(&cfg.out_dir, &meta)?;
+    let run_id = journal.meta().run_id.clone();
+    let resumed = replayed.len();
+    let placement = cfg.scheduler.placement;
+    let done_keys: Vec<String> = replayed
+        .iter()
+        .map(|r| unit_key(&r.case.id, placement, &r.device))
+        .collect();
+    if resumed > 0 {
+        tracing::info!(
+            results = resumed,
+            "resuming from the journal; only cases without a result run again"
+        );
+    }
+    let scheduler = Scheduler::new(cfg.scheduler.clone(), cfg.cases.clone(), done_keys);
+    let (journal_tx, journal_rx) = mpsc::channel::<JournalJob>(JOURNAL_BATCH_MAX * 2);
+    let shared = Arc::new(Shared {
+        scheduler: Mutex::new(scheduler),
+        records: Mutex::new(replayed),
+        journal: journal_tx,
+        run_id: run_id.clone(),
+        git_revision: decodebench_proto::GIT_REVISION.to_string(),
+        started: Instant::now(),
+        metrics: Metrics::new(),
+        changed: tokio::sync::Notify::new(),
+    });
+    let journal_thread = spawn_journal_writer(journal, journal_rx);
+
+    let svc = CoordinatorServer::new(CoordinatorService {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let auth = crate::auth::BearerAuth::new(cfg.token.clone());
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .timeout(Duration::from_secs(60));
+    if let Some(tls) = &cfg.tls {
+        let mut tls_cfg =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        if let Some(ca) = &tls.client_ca_pem {
+            tls_cfg = tls_cfg.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder
+            .tls_config(tls_cfg)
+            .map_err(|e| CoordinatorError::Tls(e.to_string()))?;
+    }
+    let addr = listener.local_addr().ok();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(
+        builder
+            .add_service(health_service)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+    tracing::info!(addr = ?addr, run_id = %run_id, units = shared.scheduler().progress().total, "coordinator serving");
+
+    let metrics_server = match cfg.metrics_listen {
+        Some(addr) => Some(crate::http::spawn_metrics_server(addr, shared.clone()).await?),
+        None => None,
+    };
+
+    // Wait for completion or shutdown, ticking lease expiry and progress.
+    let progress = crate::progress::ProgressReporter::new(cfg.progress, shared.clone());
+    let mut shutdown = Box::pin(shutdown);
+    let mut ticker = tokio::time::interval(TICK_PERIOD);
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                interrupted = true;
+                tracing::warn!("shutdown requested: draining agents and writing what has been gathered");
+                break;
+            }
+            _ = ticker.tick() => {}
+            _ = shared.changed.notified() => {}
+        }
+        let p = {
+            let mut s = shared.scheduler();
+            s.expire(Instant::now());
+            s.progress()
+        };
+        shared.metrics.set_progress(&p);
+        progress.update(&p);
+        if p.finished && cfg.exit_when_done {
+            break;
+        }
+    }
+    progress.finish();
+
+    // Drain: agents asking for work are told to exit; give them a moment to hear it.
+    shared.scheduler().start_drain();
+    let grace_end = Instant::now()
+        + if interrupted {
+            Duration::from_millis(500)
+        } else {
+            DRAIN_GRACE
+        };
+    while Instant::now() < grace_end {
+        let busy = {
+            let s = shared.scheduler();
+            let timeout = s.config().lease_timeout;
+            let busy = s
+                .agents()
+                .any(|a| !a.drained && a.last_seen.elapsed() < timeout);
+            busy
+        };
+        if !busy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+        _ => {}
+    }
+    if let Some(h) = metrics_server {
+        h.abort();
+    }
+
+    // Only results already made durable are in `records` (handlers push after the journal's
+    // fsync), so the journal writer needs no join: it ends when the last sender is dropped.
+    drop(progress);
+    let final_status = status_snapshot(&shared);
+    let unfinished = shared.scheduler().unfinished();
+    let records: Vec<ResultRecord> = std::mem::take(&mut *shared.records());
+    drop(shared);
+    drop(journal_thread);
+
+    let outputs = if records.is_empty() {
+        tracing::warn!("no results were gathered; no output files written");
+        None
+    } else {
+        let dir = cfg.out_dir.clone();
+        let recs = records;
+        let paths =
+            tokio::task::spawn_blocking(move || write_outputs(&dir, &recs, chrono::Local::now()))
+                .await
+                .map_err(|e| {
+                    CoordinatorError::Serve(format!("output writer task failed: {e}"))
+                })??;
+        Some(paths)
+    };
+    Ok(RunSummary {
+        run_id,
+        total: final_status.total,
+        done: final_status.done,
+        failed: final_status.failed,
+        unfinished,
+        outputs,
+        resumed,
+        elapsed: Duration::from_secs_f64(final_status.elapsed_s),
+    })
+}
+
+/// A fresh run id: UTC time plus random bits, readable and unique across a fleet.
+fn new_run_id() -> String {
+    use rand::Rng;
+    format!(
+        "{}-{:08x}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        rand::rng().random::<u32>()
+    )
+}
+
+/// Identifies the set of cases a run measures (the grid after command-line overrides): a journal
+/// written for other cases is refused rather than silently mixed in.
+pub fn cases_hash(cases: &[BenchCase]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut ids: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
+    ids.sort_unstable();
+    let mut h = Sha256::new();
+    for id in ids {
+        h.update(id.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+/// The journal writer: one thread that makes results durable in batches (one fsync per batch) and
+/// tells each waiting handler when its result is on disk.
+fn spawn_journal_writer(
+    mut journal: Journal,
+    mut rx: mpsc::Receiver<JournalJob>,
+) -> Result<std::thread::JoinHandle<()>, std::io::Error> {
+    std::thread::Builder::new()
+        .name("journal-writer".into())
+        .spawn(move || {
+            while let Some(first) = rx.blocking_recv() {
+                let mut jobs = vec![first];
+                while jobs.len() < JOURNAL_BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                let records: Vec<ResultRecord> = jobs.iter().map(|j| j.record.clone()).collect();
+                let outcome = journal.append_batch(&records).map_err(|e| e.to_string());
+                if let Err(e) = &outcome {
+                    tracing::error!(error = %e, "journal write failed; results were not acknowledged");
+                }
+                for j in jobs {
+                    let _ = j.done.send(outcome.clone());
+                }
+            }
+        })
+}

@@ -1,0 +1,395 @@
+//! The gRPC service: the network edge of the coordinator.
+//!
+//! Every request is authenticated (when a token is configured), bounded and converted to domain
+//! types here; the [`Scheduler`] decides; results are made durable by the journal writer before
+//! they are acknowledged. Errors map to gRPC codes in one place ([`status_of`]).
+
+use crate::metrics::Metrics;
+use crate::record::ResultRecord;
+use crate::scheduler::{LeaseDecision, ReportDecision, ScheduleError, Scheduler};
+use decodebench_kernels::{CaseMeasurement, Status as KernelStatus};
+use decodebench_proto::{wire, PROTOCOL_VERSION};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tonic::{Request, Response, Status};
+
+/// Largest gRPC message accepted. A report carries at most a few thousand samples; 4 MiB leaves
+/// room and keeps a hostile client from making the coordinator allocate much.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Longest string accepted in an identifier or name field.
+pub const MAX_NAME_LEN: usize = 256;
+/// Longest free-text message accepted (kernel error text, compiler logs are cut to this).
+pub const MAX_MESSAGE_LEN: usize = 16 * 1024;
+/// Most samples accepted per kernel measurement.
+pub const MAX_SAMPLES: usize = 100_000;
+
+/// A result waiting to be made durable, and who to tell when it is.
+pub struct JournalJob {
+    pub record: ResultRecord,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+/// State shared by the gRPC handlers, the ticker and the run loop.
+pub struct Shared {
+    pub scheduler: Mutex<Scheduler>,
+    pub records: Mutex<Vec<ResultRecord>>,
+    pub journal: mpsc::Sender<JournalJob>,
+    pub run_id: String,
+    pub git_revision: String,
+    pub started: Instant,
+    pub metrics: Metrics,
+    /// Woken whenever progress changes (a result lands, an agent registers).
+    pub changed: Notify,
+}
+
+impl Shared {
+    pub fn scheduler(&self) -> MutexGuard<'_, Scheduler> {
+        // A panic while holding the lock is a bug; keep serving rather than cascade it.
+        self.scheduler.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn records(&self) -> MutexGuard<'_, Vec<ResultRecord>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The one mapping from scheduler errors to gRPC status codes.
+pub fn status_of(e: ScheduleError) -> Status {
+    match e {
+        ScheduleError::UnknownAgent(_) => Status::not_found(e.to_string()),
+        ScheduleError::UnknownLease(_) => Status::not_found(e.to_string()),
+        ScheduleError::UnknownCase { .. } => Status::invalid_argument(e.to_string()),
+    }
+}
+
+fn check_name(field: &str, v: &str) -> Result<(), Status> {
+    if v.len() > MAX_NAME_LEN {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long; at most {MAX_NAME_LEN} are accepted",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_id(field: &str, v: &str) -> Result<(), Status> {
+    check_name(field, v)?;
+    if v.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is empty")));
+    }
+    Ok(())
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub struct CoordinatorService {
+    pub shared: Arc<Shared>,
+}
+
+impl CoordinatorService {
+    async fn make_durable(&self, record: ResultRecord) -> Result<(), Status> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .journal
+            .send(JournalJob { record, done: tx })
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down; retry later"))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Status::unavailable(format!(
+                "could not write the result to the journal ({e}); it was not recorded, send it again"
+            ))),
+            Err(_) => Err(Status::unavailable(
+                "the journal writer stopped; the result was not recorded, send it again",
+            )),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl wire::coordinator_server::Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        request: Request<wire::RegisterRequest>,
+    ) -> Result<Response<wire::RegisterResponse>, Status> {
+        let t = Instant::now();
+        let req = request.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version mismatch: agent speaks decodebench.v{} ({}), coordinator speaks \
+                 decodebench.v{PROTOCOL_VERSION}; run the same decodebench release on both",
+                req.protocol_version, req.agent_version
+            )));
+        }
+        check_name("agent_name", &req.agent_name)?;
+        check_name("agent_version", &req.agent_version)?;
+        let device = req.device.ok_or_else(|| {
+            Status::invalid_argument("device is missing: say what the agent runs on")
+        })?;
+        for (f, v) in [
+            ("device.uuid", &device.uuid),
+            ("device.sku", &device.sku),
+            ("device.backend", &device.backend),
+        ] {
+            check_id(f, v)?;
+        }
+        for (f, v) in [("device.name", &device.name), ("device.host", &device.host)] {
+            check_name(f, v)?;
+        }
+        let device: decodebench_kernels::DeviceIdentity = device.into();
+        let (agent_id, cfg) = {
+            let mut s = self.shared.scheduler();
+            let id = s.register(req.agent_name.clone(), device.clone(), Instant::now());
+            (id, s.config().clone())
+        };
+        tracing::info!(
+            agent = %agent_id,
+            name = %req.agent_name,
+            device = %device.name,
+            uuid = %device.uuid,
+            "agent registered"
+        );
+        self.shared.changed.notify_waiters();
+        self.shared.metrics.observe_rpc("register", t.elapsed());
+        Ok(Response::new(wire::RegisterResponse {
+            agent_id,
+            protocol_version: PROTOCOL_VERSION,
+            run_id: self.shared.run_id.clone(),
+            heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u32,
+            lease_timeout_ms: cfg.lease_timeout.as_millis() as u32,
+        }))
+    }
+
+    async fn lease(
+        &self,
+        request: Request<wire::LeaseRequest>,
+    ) -> Result<Response<wire::LeaseResponse>, Status> {
+        let t = Instant::now();
+        let req = request.into_inner();
+        check_id("agent_id", &req.agent_id)?;
+        let (decision, timeout) = {
+            let mut s = self.shared.scheduler();
+            let d = s.lease(&req.agent_id, Instant::now()).map_err(status_of)?;
+            (d, s.config().lease_timeout)
+        };
+        let action = match decision {
+            LeaseDecision::Shard(g) => {
+                self.shared.metrics.leases_granted.inc();
+                wire::lease_response::Action::Shard(wire::Shard {
+                    lease_id: g.lease_id,
+                    cases: g.cases.iter().map(Into::into).collect(),
+                    lease_timeout_ms: timeout.as_millis() as u32,
+                })
+            }
+            LeaseDecision::Wait(d) => wire::lease_response::Action::WaitMs(d.as_millis() as u32),
+            LeaseDecision::Drain => wire::lease_response::Action::Drain(true),
+        };
+        self.shared.metrics.observe_rpc("lease", t.elapsed());
+        Ok(Response::new(wire::LeaseResponse {
+            action: Some(action),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<wire::HeartbeatRequest>,
+    ) -> Result<Response<wire::HeartbeatResponse>, Status> {
+        let t = Instant::now();
+        let req = request.into_inner();
+        check_id("agent_id", &req.agent_id)?;
+        check_name("lease_id", &req.lease_id)?;
+        check_name("current_case_id", &req.current_case_id)?;
+        let (lease_valid, drain) = self
+            .shared
+            .scheduler()
+            .heartbeat(&req.agent_id, &req.lease_id, Instant::now())
+            .map_err(status_of)?;
+        self.shared.metrics.observe_rpc("heartbeat", t.elapsed());
+        Ok(Response::new(wire::HeartbeatResponse {
+            lease_valid,
+            drain,
+        }))
+    }
+
+    async fn report(
+        &self,
+        request: Request<wire::ReportRequest>,
+    ) -> Result<Response<wire::ReportResponse>, Status> {
+        let t = Instant::now();
+        let req = request.into_inner();
+        check_id("agent_id", &req.agent_id)?;
+        check_name("lease_id", &req.lease_id)?;
+        let wire_m = req
+            .measurement
+            .ok_or_else(|| Status::invalid_argument("measurement is missing"))?;
+        check_id("measurement.case_id", &wire_m.case_id)?;
+        for k in &wire_m.kernels {
+            if k.samples_ms.len() > MAX_SAMPLES {
+                return Err(Status::invalid_argument(format!(
+                    "a kernel measurement carries {} samples; at most {MAX_SAMPLES} are accepted",
+                    k.samples_ms.len()
+                )));
+            }
+            if k.message.len() > MAX_MESSAGE_LEN {
+                return Err(Status::invalid_argument(format!(
+                    "a kernel message is {} bytes; at most {MAX_MESSAGE_LEN} are accepted: cut it",
+                    k.message.len()
+                )));
+            }
+        }
+        let m = CaseMeasurement::try_from(wire_m)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+
+        let (decision, lease_valid, case, device, drain) = {
+            let mut s = self.shared.scheduler();
+            let (d, valid) = s
+                .report(&req.agent_id, &req.lease_id, &m, Instant::now())
+                .map_err(status_of)?;
+            let (case, device) = match &d {
+                ReportDecision::Commit { unit, .. } | ReportDecision::CommitFailed { unit, .. } => {
+                    (
+                        s.unit_case(*unit).cloned(),
+                        s.agent(&req.agent_id).map(|a| a.device.clone()),
+                    )
+                }
+                _ => (None, None),
+            };
+            let drain = s.progress().finished;
+            (d, valid, case, device, drain)
+        };
+
+        let accepted = match decision {
+            ReportDecision::Duplicate => {
+                self.shared.metrics.duplicates.inc();
+                false
+            }
+            ReportDecision::Retry { attempt, error } => {
+                tracing::warn!(case = %m.case_id, attempt, %error, "case failed; queued for another attempt");
+                self.shared.metrics.retries.inc();
+                true
+            }
+            ReportDecision::Commit { unit, attempt }
+            | ReportDecision::CommitFailed { unit, attempt, .. } => {
+                let failed_errors = match &decision {
+                    ReportDecision::CommitFailed { errors, .. } => Some(errors.clone()),
+                    _ => None,
+                };
+                let (Some(case), Some(device)) = (case, device) else {
+                    return Err(Status::internal(
+                        "scheduler lost the case or agent of a unit",
+                    ));
+                };
+                let mut measurement = m;
+                if let Some(errors) = &failed_errors {
+                    for k in measurement.kernels.iter_mut() {
+                        if k.status == Some(KernelStatus::Failed) {
+                            k.message =
+                                format!("failed after {attempt} attempts: {}", errors.join(" | "));
+                        }
+                    }
+                }
+                let record = ResultRecord {
+                    run_id: self.shared.run_id.clone(),
+                    agent_id: req.agent_id.clone(),
+                    attempt,
+                    received_unix_ms: now_unix_ms(),
+                    git_revision: self.shared.git_revision.clone(),
+                    case,
+                    device,
+                    measurement,
+                };
+                if let Err(e) = self.make_durable(record.clone()).await {
+                    self.shared.scheduler().abort_commit(unit);
+                    return Err(e);
+                }
+                self.shared
+                    .scheduler()
+                    .commit(unit, &req.agent_id, failed_errors.is_some());
+                self.shared.records().push(record);
+                if failed_errors.is_some() {
+                    self.shared.metrics.failed.inc();
+                } else {
+                    self.shared.metrics.results.inc();
+                }
+                self.shared.changed.notify_waiters();
+                true
+            }
+        };
+        self.shared.metrics.observe_rpc("report", t.elapsed());
+        Ok(Response::new(wire::ReportResponse {
+            accepted,
+            lease_valid,
+            drain,
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<wire::ReleaseRequest>,
+    ) -> Result<Response<wire::ReleaseResponse>, Status> {
+        let req = request.into_inner();
+        check_id("agent_id", &req.agent_id)?;
+        check_id("lease_id", &req.lease_id)?;
+        check_name("reason", &req.reason)?;
+        let n = self
+            .shared
+            .scheduler()
+            .release(&req.agent_id, &req.lease_id, Instant::now())
+            .map_err(status_of)?;
+        tracing::info!(agent = %req.agent_id, returned = n, reason = %req.reason, "lease released");
+        self.shared.changed.notify_waiters();
+        Ok(Response::new(wire::ReleaseResponse { cases_returned: n }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<wire::StatusRequest>,
+    ) -> Result<Response<wire::StatusResponse>, Status> {
+        Ok(Response::new(status_snapshot(&self.shared)))
+    }
+}
+
+/// Progress as the Status RPC reports it.
+pub fn status_snapshot(shared: &Shared) -> wire::StatusResponse {
+    let s = shared.scheduler();
+    let p = s.progress();
+    let elapsed = shared.started.elapsed().as_secs_f64();
+    let mut agents: Vec<wire::AgentStatus> = s
+        .agents()
+        .map(|a| wire::AgentStatus {
+            agent_id: a.id.clone(),
+            name: a.name.clone(),
+            sku: a.device.sku.clone(),
+            uuid: a.device.uuid.clone(),
+            alive: !a.drained && a.last_seen.elapsed() <= s.config().lease_timeout,
+            results: a.results,
+            current_lease: a.lease.map(|l| l.to_string()).unwrap_or_default(),
+        })
+        .collect();
+    agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+    wire::StatusResponse {
+        run_id: shared.run_id.clone(),
+        total: p.total,
+        pending: p.pending,
+        running: p.running,
+        done: p.done,
+        failed: p.failed,
+        agents_alive: p.agents_alive,
+        leases_expired: p.leases_expired,
+        elapsed_s: elapsed,
+        results_per_s: if elapsed > 0.0 {
+            (p.done + p.failed) as f64 / elapsed
+        } else {
+            0.0
+        },
+        finished: p.finished,
+        placement: s.config().placement.to_string(),
+        agents,
+    }
+}

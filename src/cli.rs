@@ -1,0 +1,283 @@
+//! Command-line definitions (clap). Every flag that takes a secret also reads an environment
+//! variable, so Kubernetes can inject it without putting it on a command line.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "decodebench",
+    version,
+    about = "Distributed benchmark of paged-KV-cache decode attention on NVIDIA GPUs",
+    long_about = "Expands a grid of decode-attention cases, shards it over gRPC to one agent per GPU, \
+                  verifies and times the kernels, and merges timings and NVML telemetry into Parquet \
+                  and CSV (including the vLLM reference script's CSV format)."
+)]
+pub struct Cli {
+    /// Log filter (RUST_LOG syntax), e.g. `info`, `decodebench=debug`.
+    #[arg(long, global = true, env = "DECODEBENCH_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a grid on this machine: an embedded coordinator plus one agent per visible GPU (one CPU
+    /// agent when there is no GPU).
+    Run(RunArgs),
+    /// Serve a grid to remote agents.
+    Coordinator(CoordinatorArgs),
+    /// Run cases for a coordinator on one device.
+    Agent(AgentArgs),
+    /// Validate a grid and print its case count and a summary.
+    Grid(GridArgs),
+    /// Print a running coordinator's progress.
+    Status(StatusArgs),
+    /// Run every GPU kernel against the CPU reference on small shapes; exits non-zero on any mismatch.
+    Selftest(SelftestArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendArg {
+    /// CUDA when a GPU is visible, else CPU (with a notice).
+    Auto,
+    Cuda,
+    Cpu,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlacementArg {
+    /// Each case once, on any GPU.
+    Spread,
+    /// Each case once on every distinct GPU model.
+    PerSku,
+    /// Each case once on every GPU.
+    PerGpu,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L2Arg {
+    Hot,
+    Cold,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimingArg {
+    Events,
+    Graph,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolArg {
+    /// The reference script's 256,000-token pool, pages shared at random.
+    Shared,
+    /// A pool sized to the case, every page used once (true HBM bandwidth).
+    Unique,
+}
+
+/// Which grid to run.
+#[derive(Args, Debug, Clone)]
+pub struct GridSource {
+    /// A TOML grid file.
+    #[arg(long, conflicts_with = "preset")]
+    pub grid: Option<PathBuf>,
+    /// A built-in grid: `seed` (the reference script's 320 cases) or `smoke` (seconds on a CPU).
+    #[arg(long)]
+    pub preset: Option<String>,
+}
+
+/// Measurement-method overrides applied to every case of the grid.
+#[derive(Args, Debug, Clone, Default)]
+pub struct MethodOverrides {
+    /// Untimed runs before timing.
+    #[arg(long)]
+    pub warmup: Option<u32>,
+    /// Timed trials (the minimum when --target-rse is set).
+    #[arg(long)]
+    pub trials: Option<u32>,
+    /// L2 state before each trial: hot (reference script) or cold (flushed, as nvbench).
+    #[arg(long, value_enum)]
+    pub l2: Option<L2Arg>,
+    /// Time single launches with events, or CUDA-graph replays (no launch overhead).
+    #[arg(long, value_enum)]
+    pub timing: Option<TimingArg>,
+    /// Launches captured per graph in graph mode.
+    #[arg(long)]
+    pub graph_launches: Option<u32>,
+    /// Keep taking trials until the relative standard error is below this (e.g. 0.005).
+    #[arg(long)]
+    pub target_rse: Option<f64>,
+    /// Most trials with --target-rse.
+    #[arg(long)]
+    pub max_trials: Option<u32>,
+    /// Time cap per kernel with --target-rse, seconds.
+    #[arg(long)]
+    pub max_time_s: Option<f64>,
+    /// Re-measure throttled results after a cool-down, up to this many times.
+    #[arg(long)]
+    pub throttle_retries: Option<u32>,
+    /// KV pool scheme for every case.
+    #[arg(long, value_enum)]
+    pub pool: Option<PoolArg>,
+}
+
+/// Scheduling options shared by `run` and `coordinator`.
+#[derive(Args, Debug, Clone)]
+pub struct ScheduleArgs {
+    #[arg(long, value_enum, default_value = "spread")]
+    pub placement: PlacementArg,
+    /// Wait for this many agents before dispatching.
+    #[arg(long, default_value_t = 0)]
+    pub expect_agents: usize,
+    /// Wait for N agents of a GPU model before dispatching: `--wait-for "NVIDIA H100 80GB HBM3=4"`.
+    #[arg(long, value_name = "SKU=N")]
+    pub wait_for: Vec<String>,
+    /// Lease lifetime without a heartbeat, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub lease_timeout_s: f64,
+    /// Agent heartbeat period, seconds (keep it well under the lease timeout).
+    #[arg(long, default_value_t = 10.0)]
+    pub heartbeat_s: f64,
+    /// Attempts per case before it is recorded as failed.
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Most cases per shard.
+    #[arg(long, default_value_t = 8)]
+    pub shard_cases: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub grid: GridSource,
+    /// Output directory (results.parquet, results.csv, the reference CSV, the journal).
+    #[arg(long, default_value = "decodebench-out")]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// GPUs to use (CUDA ordinals), default all visible.
+    #[arg(long, value_delimiter = ',')]
+    pub gpus: Option<Vec<usize>>,
+    /// CPU agents to start with the CPU backend.
+    #[arg(long, default_value_t = 1)]
+    pub cpu_agents: usize,
+    #[command(flatten)]
+    pub method: MethodOverrides,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct TlsServerArgs {
+    /// Server certificate (PEM); enables TLS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA that client certificates must chain to (PEM); enables mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// File holding the shared bearer token.
+    #[arg(long, env = "DECODEBENCH_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer --token-file or the environment).
+    #[arg(long, env = "DECODEBENCH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub grid: GridSource,
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address (GET /metrics).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[arg(long, default_value = "decodebench-out")]
+    pub out: PathBuf,
+    /// Keep serving after all work is done (until SIGTERM), instead of exiting.
+    #[arg(long)]
+    pub keep_serving: bool,
+    #[command(flatten)]
+    pub method: MethodOverrides,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    #[command(flatten)]
+    pub tls: TlsServerArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Coordinator URL, e.g. http://127.0.0.1:50051 (https:// with TLS).
+    #[arg(long, env = "DECODEBENCH_COORDINATOR")]
+    pub coordinator: String,
+    /// CUDA device ordinal to run on.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// A name for logs and status (defaults to host:gpu).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Give up if the coordinator cannot be reached for this long, seconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub connect_timeout_s: f64,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    /// CA to verify the coordinator's certificate (PEM).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate for mutual TLS (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key for mutual TLS (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Server name to verify in the coordinator's certificate.
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct GridArgs {
+    /// A TOML grid file.
+    pub file: Option<PathBuf>,
+    /// A built-in grid instead of a file.
+    #[arg(long, conflicts_with = "file")]
+    pub preset: Option<String>,
+    /// Also list every case (id and parameters).
+    #[arg(long)]
+    pub cases: bool,
+    /// Print the preset's TOML (a starting point for your own grid).
+    #[arg(long, requires = "preset")]
+    pub print_toml: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Coordinator URL, e.g. http://127.0.0.1:50051.
+    pub addr: String,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    /// CA to verify the coordinator's certificate (PEM).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SelftestArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+}
