@@ -27,7 +27,8 @@ use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::sys_exports::field_id::{NVML_FI_DEV_MEMORY_TEMP, NVML_FI_DEV_POWER_INSTANT};
 use nvml_wrapper::{Device, Nvml};
 
-use crate::identity::{resolve_device, DeviceSelector};
+use crate::identity::resolve_device;
+pub use crate::identity::DeviceSelector;
 
 /// Period of the NVML sampler, in milliseconds. The driver refreshes power, clocks and clock-event
 /// reasons on a 10-20 ms cadence, so sampling faster mostly re-reads the same values; 10 ms still
