@@ -18,11 +18,13 @@ use crate::workload::{BenchCase, Dtype, Scales};
 use half::bf16;
 
 /// Arithmetic allowance, as a fraction of the largest |reference| value, added to every element's
-/// tolerance. It covers f32 accumulation over long sequences and the baseline's bf16-rounded
-/// dequantized inputs (the reference script's baseline does the same): a relative error of 2^-9
-/// per input element moves the output by well under 1e-3 of its magnitude. A kernel that reads a
-/// wrong page, head or token, or drops a scale, is off by a sizeable fraction of that magnitude.
-pub const ARITH_ATOL_FRACTION: f64 = 1.0 / 256.0;
+/// tolerance. It covers f32 accumulation over long sequences and, mostly, the baseline's
+/// bf16-rounded dequantized inputs (the reference script's baseline does the same): with a
+/// per-tensor scale that is not a power of two, every K and V element is off by up to 2^-9
+/// relative, and on the golden fp8 case that moves single outputs by up to 0.7 % of the largest
+/// one. A kernel that reads a wrong page, head or token, or drops a scale, is off by a sizeable
+/// fraction of that magnitude (the tests check such kernels are rejected).
+pub const ARITH_ATOL_FRACTION: f64 = 1.0 / 128.0;
 
 /// bf16 output: ulps of the element's own magnitude allowed, one for the output rounding and one
 /// for a kernel's f32 result landing on the other side of a rounding boundary.
