@@ -4,7 +4,7 @@
 
 use decodebench_kernels::{Backend, BenchCase, CaseMeasurement, TelemetryProbe};
 use decodebench_proto::wire::coordinator_client::CoordinatorClient;
-use decodebench_proto::{wire, DECODEBENCH_VERSION, GIT_REVISION, PROTOCOL_VERSION};
+use decodebench_proto::{wire, PROTOCOL_VERSION};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -61,6 +61,8 @@ pub struct AgentConfig {
     pub token: Option<String>,
     pub tls: Option<ClientTls>,
     pub connect_timeout: Duration,
+    /// decodebench version and git revision of this agent, sent at registration.
+    pub version: String,
 }
 
 /// What an agent did before it exited.
@@ -144,7 +146,7 @@ impl Agent {
         let device = self.device();
         let req = wire::RegisterRequest {
             protocol_version: PROTOCOL_VERSION,
-            agent_version: format!("{DECODEBENCH_VERSION} ({GIT_REVISION})"),
+            agent_version: self.cfg.version.clone(),
             agent_name: self.cfg.name.clone(),
             device: Some(device),
         };

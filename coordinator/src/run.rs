@@ -75,6 +75,8 @@ pub struct CoordinatorConfig {
     pub tls: Option<ServerTls>,
     pub metrics_listen: Option<SocketAddr>,
     pub progress: ProgressDisplay,
+    /// Git revision of the code, recorded with every result.
+    pub git_revision: String,
     /// Write outputs and exit as soon as every unit has a result (false: keep serving until the
     /// shutdown future resolves, e.g. for a long-lived fleet coordinator).
     pub exit_when_done: bool,
@@ -137,7 +139,7 @@ pub async fn serve(
         records: Mutex::new(replayed),
         journal: journal_tx,
         run_id: run_id.clone(),
-        git_revision: decodebench_proto::GIT_REVISION.to_string(),
+        git_revision: cfg.git_revision.clone(),
         started: Instant::now(),
         metrics: Metrics::new(),
         changed: tokio::sync::Notify::new(),

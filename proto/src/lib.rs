@@ -18,6 +18,3 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const DECODEBENCH_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub use convert::ConvertError;
-
-/// Git revision of this build ("unknown" when built outside a checkout).
-pub const GIT_REVISION: &str = env!("DECODEBENCH_GIT_REVISION");
