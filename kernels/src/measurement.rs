@@ -164,11 +164,12 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// True when a thermal or power throttle reason was seen.
+    /// True when a thermal or power throttle reason was seen (NVML's `hw_slowdown` covers both
+    /// thermal and power-brake slowdowns, so it counts too).
     pub fn throttled(&self) -> bool {
         self.throttle_reasons.iter().any(|r| {
             let r = r.to_ascii_lowercase();
-            r.contains("thermal") || r.contains("power")
+            r.contains("thermal") || r.contains("power") || r == "hw_slowdown"
         })
     }
 }
