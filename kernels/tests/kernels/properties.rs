@@ -12,29 +12,23 @@ use decodebench_kernels::{
     attention_f64, generate_host_inputs, verify_output, HostInputs, HostTensor, InputError, Scales,
 };
 
+/// Page `p` of `pages` moved to `perm[p]`.
+fn move_pages<T: Copy>(pages: &[T], page_elems: usize, perm: &[usize]) -> Vec<T> {
+    let mut moved = pages.to_vec();
+    for (p, &to) in perm.iter().enumerate() {
+        moved[to * page_elems..][..page_elems]
+            .copy_from_slice(&pages[p * page_elems..][..page_elems]);
+    }
+    moved
+}
+
+/// The same logical cache with every page moved to `perm[page]` and the block tables following.
 fn permute_pool(inputs: &HostInputs, page_elems: usize, perm: &[usize]) -> HostInputs {
     let mut out = inputs.clone();
-    let move_pages = |src: &HostTensor| -> HostTensor {
-        match src {
-            HostTensor::Bf16(v) => {
-                let mut dst = v.clone();
-                for (p, &to) in perm.iter().enumerate() {
-                    dst[to * page_elems..][..page_elems]
-                        .copy_from_slice(&v[p * page_elems..][..page_elems]);
-                }
-                HostTensor::Bf16(dst)
-            }
-            HostTensor::Fp8(v) => {
-                let mut dst = v.clone();
-                for (p, &to) in perm.iter().enumerate() {
-                    dst[to * page_elems..][..page_elems]
-                        .copy_from_slice(&v[p * page_elems..][..page_elems]);
-                }
-                HostTensor::Fp8(dst)
-            }
-        }
+    out.kv_cache = match &inputs.kv_cache {
+        HostTensor::Bf16(v) => HostTensor::Bf16(move_pages(v, page_elems, perm)),
+        HostTensor::Fp8(v) => HostTensor::Fp8(move_pages(v, page_elems, perm)),
     };
-    out.kv_cache = move_pages(&inputs.kv_cache);
     for entry in out.block_tables.iter_mut() {
         *entry = perm[*entry as usize] as i32;
     }
