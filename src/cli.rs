@@ -280,4 +280,7 @@ pub struct SelftestArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
+    /// Only the layout x block size x quant mode grid (skips the head-size x GQA-group sweep).
+    #[arg(long)]
+    pub quick: bool,
 }

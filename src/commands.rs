@@ -1,0 +1,655 @@
+//! One function per subcommand. Each returns the process exit code, or an error that `main`
+//! prints (the error says what was wrong and what to do).
+
+use crate::cli::*;
+use anyhow::{anyhow, bail, Context, Result};
+use decodebench_agent::backends::{self, OpenedBackend};
+use decodebench_agent::client::{Agent, AgentConfig, ClientTls, DEFAULT_CONNECT_TIMEOUT};
+use decodebench_coordinator::grid::Grid;
+use decodebench_coordinator::run::{
+    serve, CoordinatorConfig, ProgressDisplay, RunSummary, ServerTls,
+};
+use decodebench_coordinator::scheduler::{FleetRequirement, Placement, SchedulerConfig};
+use decodebench_kernels::{workload::REFERENCE_POOL_TOKENS, BenchCase, KvPool, L2Mode, TimingMode};
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Git revision this binary was built from ("unknown" outside a checkout).
+pub const GIT_REVISION: &str = env!("DECODEBENCH_GIT_REVISION");
+
+/// "0.1.0 (abc123def456)": reported by agents and printed by `--version`.
+pub fn version_string() -> String {
+    format!("{} ({GIT_REVISION})", env!("CARGO_PKG_VERSION"))
+}
+
+/// Exit code when the run ended with cases that have no result (interrupted or failed).
+pub const EXIT_INCOMPLETE: u8 = 2;
+/// Exit code for a self-test mismatch.
+pub const EXIT_SELFTEST_FAILED: u8 = 3;
+
+pub async fn execute(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run(a) => run(a).await,
+        Command::Coordinator(a) => coordinator(a).await,
+        Command::Agent(a) => agent(a).await,
+        Command::Grid(a) => grid(a),
+        Command::Status(a) => status(a).await,
+        Command::Selftest(a) => selftest(a),
+    }
+}
+
+fn load_grid(src: &GridSource, default_preset: &str) -> Result<Grid> {
+    Ok(match (&src.grid, &src.preset) {
+        (Some(path), _) => Grid::from_file(path)?,
+        (None, Some(name)) => Grid::preset(name)?,
+        (None, None) => Grid::preset(default_preset)?,
+    })
+}
+
+/// Applies command-line method overrides to every case (and recomputes the ids, since the method
+/// is part of a case's identity).
+pub fn apply_overrides(cases: Vec<BenchCase>, o: &MethodOverrides) -> Result<Vec<BenchCase>> {
+    if let Some(t) = o.trials {
+        if t == 0 {
+            bail!("--trials 0: at least one timed trial is needed");
+        }
+    }
+    if let Some(r) = o.target_rse {
+        if !(r > 0.0 && r < 1.0) {
+            bail!("--target-rse {r}: give a fraction between 0 and 1, e.g. 0.005 for 0.5 %");
+        }
+    }
+    if let Some(g) = o.graph_launches {
+        if g == 0 {
+            bail!("--graph-launches 0: a graph needs at least one launch");
+        }
+    }
+    let mut out: Vec<BenchCase> = cases
+        .into_iter()
+        .map(|mut c| {
+            let m = &mut c.method;
+            if let Some(v) = o.warmup {
+                m.warmup = v;
+            }
+            if let Some(v) = o.trials {
+                m.trials = v;
+            }
+            if let Some(v) = o.l2 {
+                m.l2 = match v {
+                    L2Arg::Hot => L2Mode::Hot,
+                    L2Arg::Cold => L2Mode::Cold,
+                };
+            }
+            if let Some(v) = o.timing {
+                m.timing = match v {
+                    TimingArg::Events => TimingMode::Events,
+                    TimingArg::Graph => TimingMode::Graph,
+                };
+            }
+            if let Some(v) = o.graph_launches {
+                m.graph_launches = v;
+            }
+            if o.target_rse.is_some() {
+                m.target_rse = o.target_rse;
+            }
+            if let Some(v) = o.max_trials {
+                m.max_trials = v;
+            }
+            if let Some(v) = o.max_time_s {
+                m.max_time_s = v;
+            }
+            if let Some(v) = o.throttle_retries {
+                m.throttle_retries = v;
+            }
+            if let Some(p) = o.pool {
+                c.pool = match p {
+                    PoolArg::Shared => match c.pool {
+                        KvPool::Shared { tokens } => KvPool::Shared { tokens },
+                        KvPool::Unique => KvPool::Shared {
+                            tokens: REFERENCE_POOL_TOKENS,
+                        },
+                    },
+                    PoolArg::Unique => KvPool::Unique,
+                };
+            }
+            c.with_id()
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|c| seen.insert(c.id.clone()));
+    Ok(out)
+}
+
+fn scheduler_config(s: &ScheduleArgs) -> Result<SchedulerConfig> {
+    if !(s.lease_timeout_s > 0.0 && s.lease_timeout_s.is_finite()) {
+        bail!(
+            "--lease-timeout-s {}: must be a positive number of seconds",
+            s.lease_timeout_s
+        );
+    }
+    if !(s.heartbeat_s > 0.0 && s.heartbeat_s < s.lease_timeout_s) {
+        bail!(
+            "--heartbeat-s {}: must be positive and shorter than --lease-timeout-s ({})",
+            s.heartbeat_s,
+            s.lease_timeout_s
+        );
+    }
+    if s.max_attempts == 0 {
+        bail!("--max-attempts 0: at least one attempt is needed");
+    }
+    if s.shard_cases == 0 {
+        bail!("--shard-cases 0: a shard needs at least one case");
+    }
+    let mut wait_for = Vec::new();
+    for w in &s.wait_for {
+        let (sku, n) = w.rsplit_once('=').ok_or_else(|| {
+            anyhow!("--wait-for {w:?}: expected SKU=N, e.g. \"NVIDIA H100 80GB HBM3=4\"")
+        })?;
+        let n: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("--wait-for {w:?}: N must be a whole number"))?;
+        wait_for.push((sku.trim().to_string(), n));
+    }
+    Ok(SchedulerConfig {
+        placement: match s.placement {
+            PlacementArg::Spread => Placement::Spread,
+            PlacementArg::PerSku => Placement::PerSku,
+            PlacementArg::PerGpu => Placement::PerGpu,
+        },
+        lease_timeout: Duration::from_secs_f64(s.lease_timeout_s),
+        heartbeat_interval: Duration::from_secs_f64(s.heartbeat_s),
+        max_attempts: s.max_attempts,
+        max_shard_cases: s.shard_cases,
+        fleet: FleetRequirement {
+            expect_agents: s.expect_agents,
+            wait_for,
+        },
+    })
+}
+
+fn read_token(t: &TokenArgs) -> Result<Option<String>> {
+    if let Some(path) = &t.token_file {
+        let s = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the token file {}", path.display()))?;
+        let s = s.trim().to_string();
+        if s.is_empty() {
+            bail!("the token file {} is empty", path.display());
+        }
+        return Ok(Some(s));
+    }
+    Ok(t.token.clone().filter(|s| !s.is_empty()))
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
+}
+
+fn progress_display() -> ProgressDisplay {
+    if std::io::stderr().is_terminal() {
+        ProgressDisplay::Bar
+    } else {
+        ProgressDisplay::Log
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn report_summary(s: &RunSummary) -> ExitCode {
+    if let Some(o) = &s.outputs {
+        eprintln!(
+            "results: {}\n         {}\n         {}",
+            o.parquet.display(),
+            o.csv.display(),
+            o.reference_csv.display()
+        );
+    }
+    eprintln!(
+        "run {}: {} of {} units done, {} failed, {} without a result ({} resumed from the journal) in {:.1} s",
+        s.run_id,
+        s.done,
+        s.total,
+        s.failed,
+        s.unfinished.len(),
+        s.resumed,
+        s.elapsed.as_secs_f64()
+    );
+    if s.complete() {
+        ExitCode::SUCCESS
+    } else {
+        for u in s.unfinished.iter().take(20) {
+            eprintln!("  no result: {u}");
+        }
+        if s.unfinished.len() > 20 {
+            eprintln!("  ... and {} more", s.unfinished.len() - 20);
+        }
+        if s.failed > 0 {
+            eprintln!(
+                "  {} unit(s) failed after every attempt: see the `message` column",
+                s.failed
+            );
+        }
+        eprintln!("rerun the same command on the same --out directory to finish the missing cases");
+        ExitCode::from(EXIT_INCOMPLETE)
+    }
+}
+
+async fn run(a: RunArgs) -> Result<ExitCode> {
+    // Decide the backends first: the default preset depends on them.
+    let gpu_ordinals: Vec<usize> = match a.backend {
+        BackendArg::Cpu => Vec::new(),
+        BackendArg::Cuda | BackendArg::Auto => match backends::cuda_device_count() {
+            Ok(n) if n > 0 => match &a.gpus {
+                Some(list) => {
+                    if let Some(bad) = list.iter().find(|&&g| g >= n) {
+                        bail!("--gpus: GPU {bad} does not exist ({n} visible)");
+                    }
+                    list.clone()
+                }
+                None => (0..n).collect(),
+            },
+            Ok(_) | Err(_) if a.backend == BackendArg::Cuda => {
+                let why = backends::cuda_device_count()
+                    .err()
+                    .unwrap_or_else(|| "no CUDA device is visible".into());
+                bail!("--backend cuda: {why}. Use --backend cpu (or auto) to run on the CPU");
+            }
+            Ok(_) => {
+                eprintln!("notice: no CUDA device is visible; running on the CPU backend instead (smoke preset by default)");
+                Vec::new()
+            }
+            Err(why) => {
+                eprintln!("notice: no usable GPU ({why}); running on the CPU backend instead (smoke preset by default)");
+                Vec::new()
+            }
+        },
+    };
+    let on_gpu = !gpu_ordinals.is_empty();
+    let grid = load_grid(&a.grid, if on_gpu { "seed" } else { "smoke" })?;
+    let cases = apply_overrides(grid.expand(), &a.method)?;
+    let mut sched = scheduler_config(&a.schedule)?;
+    let agent_count = if on_gpu {
+        gpu_ordinals.len()
+    } else {
+        a.cpu_agents.max(1)
+    };
+    if sched.placement != Placement::Spread && sched.fleet.expect_agents == 0 {
+        sched.fleet.expect_agents = agent_count;
+    }
+
+    let mut opened: Vec<(String, OpenedBackend)> = Vec::new();
+    if on_gpu {
+        for &g in &gpu_ordinals {
+            let b = backends::open_cuda(g).with_context(|| format!("opening GPU {g}"))?;
+            opened.push((format!("local-gpu{g}"), b));
+        }
+    } else {
+        for i in 0..agent_count {
+            opened.push((format!("local-cpu{i}"), backends::open_cpu()));
+        }
+    }
+    eprintln!(
+        "decodebench run: grid `{}`, {} cases, {} agent(s) on {}, output in {}",
+        grid.name(),
+        cases.len(),
+        opened.len(),
+        if on_gpu { "GPU" } else { "CPU" },
+        a.out.display()
+    );
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a loopback port for the embedded coordinator")?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let cfg = CoordinatorConfig {
+        out_dir: a.out.clone(),
+        grid_hash: decodebench_coordinator::run::cases_hash(&cases),
+        cases,
+        scheduler: sched,
+        token: None,
+        tls: None,
+        metrics_listen: None,
+        progress: progress_display(),
+        git_revision: GIT_REVISION.to_string(),
+        exit_when_done: true,
+    };
+    let signal_tx = stop_tx.clone();
+    let coordinator = tokio::spawn(serve(cfg, listener, async move {
+        shutdown_signal().await;
+        let _ = signal_tx.send(true);
+    }));
+
+    let mut agents = Vec::new();
+    for (name, b) in opened {
+        let acfg = AgentConfig {
+            coordinator: format!("http://{addr}"),
+            name,
+            token: None,
+            tls: None,
+            connect_timeout: Duration::from_secs(30),
+            version: version_string(),
+        };
+        let stop = stop_rx.clone();
+        agents.push(tokio::spawn(async move {
+            let agent = Agent::connect(acfg, b.backend, b.probe).await?;
+            agent.run(stop).await
+        }));
+    }
+    let summary = coordinator
+        .await
+        .map_err(|e| anyhow!("the embedded coordinator task failed: {e}"))??;
+    let _ = stop_tx.send(true);
+    for h in agents {
+        match tokio::time::timeout(Duration::from_secs(10), h).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "a local agent ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "a local agent task failed"),
+            _ => {}
+        }
+    }
+    Ok(report_summary(&summary))
+}
+
+async fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
+    let grid = load_grid(&a.grid, "seed")?;
+    let cases = apply_overrides(grid.expand(), &a.method)?;
+    let sched = scheduler_config(&a.schedule)?;
+    let tls = match (&a.tls.tls_cert, &a.tls.tls_key) {
+        (Some(c), Some(k)) => Some(ServerTls {
+            cert_pem: read_file(c, "TLS certificate")?,
+            key_pem: read_file(k, "TLS key")?,
+            client_ca_pem: a
+                .tls
+                .tls_client_ca
+                .as_deref()
+                .map(|p| read_file(p, "client CA"))
+                .transpose()?,
+        }),
+        _ => None,
+    };
+    let token = read_token(&a.token)?;
+    if token.is_none() && !a.listen.ip().is_loopback() {
+        tracing::warn!(listen = %a.listen, "listening beyond loopback without a bearer token: any client can register; set --token-file");
+    }
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding {} (is another coordinator running there?)",
+                a.listen
+            )
+        })?;
+    eprintln!(
+        "decodebench coordinator: grid `{}`, {} cases, placement {}, listening on {}{}",
+        grid.name(),
+        cases.len(),
+        sched.placement,
+        listener.local_addr()?,
+        if tls.is_some() { " (TLS)" } else { "" }
+    );
+    let cfg = CoordinatorConfig {
+        out_dir: a.out,
+        grid_hash: decodebench_coordinator::run::cases_hash(&cases),
+        cases,
+        scheduler: sched,
+        token,
+        tls,
+        metrics_listen: a.metrics_listen,
+        progress: progress_display(),
+        git_revision: GIT_REVISION.to_string(),
+        exit_when_done: !a.keep_serving,
+    };
+    let summary = serve(cfg, listener, shutdown_signal()).await?;
+    Ok(report_summary(&summary))
+}
+
+async fn agent(a: AgentArgs) -> Result<ExitCode> {
+    let opened = match a.backend {
+        BackendArg::Cpu => backends::open_cpu(),
+        BackendArg::Cuda => backends::open_cuda(a.gpu)?,
+        BackendArg::Auto => match backends::open_cuda(a.gpu) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("notice: {e}; this agent runs on the CPU backend instead");
+                backends::open_cpu()
+            }
+        },
+    };
+    let tls = if a.tls_ca.is_some() || a.tls_cert.is_some() || a.coordinator.starts_with("https://")
+    {
+        Some(ClientTls {
+            ca_pem: a
+                .tls_ca
+                .as_deref()
+                .map(|p| read_file(p, "CA certificate"))
+                .transpose()?,
+            identity: match (&a.tls_cert, &a.tls_key) {
+                (Some(c), Some(k)) => Some((
+                    read_file(c, "client certificate")?,
+                    read_file(k, "client key")?,
+                )),
+                _ => None,
+            },
+            domain: a.tls_domain.clone(),
+        })
+    } else {
+        None
+    };
+    let host = decodebench_agent::identity::host_name();
+    let cfg = AgentConfig {
+        coordinator: a.coordinator.clone(),
+        name: a.name.unwrap_or_else(|| format!("{host}:gpu{}", a.gpu)),
+        token: read_token(&a.token)?,
+        tls,
+        connect_timeout: if a.connect_timeout_s > 0.0 {
+            Duration::from_secs_f64(a.connect_timeout_s)
+        } else {
+            DEFAULT_CONNECT_TIMEOUT
+        },
+        version: version_string(),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("signal received: finishing the current case, then handing the lease back");
+        let _ = stop_tx.send(true);
+    });
+    let agent = Agent::connect(cfg, opened.backend, opened.probe).await?;
+    let summary = agent.run(stop_rx).await?;
+    eprintln!(
+        "agent done: {} cases run, {} results accepted, {} duplicates, {} cases handed back",
+        summary.cases_run, summary.results_accepted, summary.duplicates, summary.released
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn grid(a: GridArgs) -> Result<ExitCode> {
+    if a.print_toml {
+        let name = a.preset.as_deref().unwrap_or_default();
+        let text = Grid::preset_toml(name).ok_or_else(|| {
+            anyhow!(
+                "unknown preset `{name}`; known presets: {}",
+                Grid::preset_names().join(", ")
+            )
+        })?;
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let grid = match (&a.file, &a.preset) {
+        (Some(f), _) => Grid::from_file(f)?,
+        (None, Some(p)) => Grid::preset(p)?,
+        (None, None) => bail!(
+            "give a grid file or --preset NAME (known presets: {})",
+            Grid::preset_names().join(", ")
+        ),
+    };
+    println!("{}", grid.summary());
+    if a.cases {
+        for c in grid.expand() {
+            println!("{}  {}", c.id, c.label());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(a: StatusArgs) -> Result<ExitCode> {
+    use decodebench_proto::wire;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(a.addr.clone())
+        .with_context(|| format!("`{}` is not a URL like http://127.0.0.1:50051", a.addr))?
+        .timeout(Duration::from_secs(10));
+    if let Some(ca) = &a.tls_ca {
+        endpoint = endpoint.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(read_file(ca, "CA certificate")?),
+        ))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", a.addr))?;
+    let mut client = wire::coordinator_client::CoordinatorClient::new(channel);
+    let mut req = tonic::Request::new(wire::StatusRequest {});
+    if let Some(t) = read_token(&a.token)? {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse()?);
+    }
+    let s = client
+        .status(req)
+        .await
+        .map_err(|e| anyhow!("status: {}", e.message()))?
+        .into_inner();
+    println!(
+        "run {} ({}): {} done, {} failed, {} running, {} pending of {}; {} agent(s) alive; {} lease(s) expired; {:.1} results/s over {:.0} s{}",
+        s.run_id,
+        s.placement,
+        s.done,
+        s.failed,
+        s.running,
+        s.pending,
+        s.total,
+        s.agents_alive,
+        s.leases_expired,
+        s.results_per_s,
+        s.elapsed_s,
+        if s.finished { "; finished" } else { "" }
+    );
+    for ag in &s.agents {
+        println!(
+            "  {:<10} {:<24} {:<28} {:>6} results {}{}",
+            ag.agent_id,
+            ag.name,
+            ag.sku,
+            ag.results,
+            if ag.alive { "alive" } else { "gone" },
+            if ag.current_lease.is_empty() {
+                String::new()
+            } else {
+                format!(" lease {}", ag.current_lease)
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn selftest(a: SelftestArgs) -> Result<ExitCode> {
+    let opts = decodebench_kernels::cuda::selftest::SelftestOptions {
+        ordinal: a.gpu,
+        quick: a.quick,
+        cache: None,
+    };
+    let report = decodebench_kernels::cuda::selftest::selftest(&opts)
+        .map_err(|e| anyhow!("selftest could not start on GPU {}: {e}", a.gpu))?;
+    println!("{report}");
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_SELFTEST_FAILED)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readme_documents_every_result_column() {
+        let readme = include_str!("../README.md");
+        let schema = decodebench_coordinator::schema::schema();
+        let missing: Vec<&str> = schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .filter(|name| !readme.contains(&format!("`{name}`")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "README.md does not document: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn overrides_change_ids_and_reject_nonsense() {
+        let cases = Grid::preset("smoke").unwrap().expand();
+        let o = MethodOverrides {
+            l2: Some(L2Arg::Cold),
+            ..Default::default()
+        };
+        let cold = apply_overrides(cases.clone(), &o).unwrap();
+        assert_eq!(cold.len(), cases.len());
+        assert!(cold.iter().all(|c| c.method.l2 == L2Mode::Cold));
+        assert!(cold.iter().zip(&cases).all(|(a, b)| a.id != b.id));
+        let bad = MethodOverrides {
+            target_rse: Some(2.0),
+            ..Default::default()
+        };
+        assert!(apply_overrides(cases, &bad).is_err());
+    }
+
+    #[test]
+    fn wait_for_parses_sku_counts() {
+        let args = ScheduleArgs {
+            placement: PlacementArg::PerSku,
+            expect_agents: 0,
+            wait_for: vec!["NVIDIA H100 80GB HBM3=4".into()],
+            lease_timeout_s: 30.0,
+            heartbeat_s: 10.0,
+            max_attempts: 3,
+            shard_cases: 8,
+        };
+        let c = scheduler_config(&args).unwrap();
+        assert_eq!(
+            c.fleet.wait_for,
+            vec![("NVIDIA H100 80GB HBM3".to_string(), 4)]
+        );
+        let bad = ScheduleArgs {
+            wait_for: vec!["H100".into()],
+            ..args
+        };
+        assert!(scheduler_config(&bad).is_err());
+    }
+}
