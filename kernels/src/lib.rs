@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod cuda;
 pub mod formats;
 pub mod inputs;
 pub mod measurement;
@@ -22,3 +23,4 @@ pub use reference::{attention_f64, verify_output, QuantizedOutput, Verification}
 pub use workload::{
     BenchCase, Dtype, KvLayout, KvPool, L2Mode, MeasureMethod, QuantMode, Scales, TimingMode,
 };
+pub use cuda::{CudaBackend, CudaError};

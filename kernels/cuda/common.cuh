@@ -1,0 +1,267 @@
+// decodebench: definitions shared by every kernel file.
+//
+// The sources are compiled at run time by NVRTC. They include no CUDA header, so a machine
+// needs only the driver and libnvrtc; every conversion is written out here (Hopper has no e2m1
+// conversion instruction anyway, and software rounding keeps older GPUs correct too).
+//
+// The Rust side concatenates this file with each .cu file (with #line markers, so compiler
+// errors name the right file and line).
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define DB_INF __int_as_float(0x7f800000)
+#define DB_LOG2E 1.4426950408889634f
+
+// Parameters of every attention kernel (reference, baseline, optimized, merge). The layout must
+// match `AttnParams` in kernels/src/cuda/launch.rs: 8-byte fields first, then 4-byte fields.
+struct AttnParams {
+    const void* q;            // [batch, qo_heads, head] in the q dtype
+    const void* kv;           // paged cache, [pages, 2, ...] in the kv dtype
+    const int* block_tables;  // [batch, max_blocks]
+    const int* seq_lens;      // [batch]
+    void* out;                // [batch, qo_heads, head] (nvfp4: head/2 bytes per row); f32 for the reference
+    u8* out_sf;               // nvfp4 scale factors, 128x4 swizzled
+    float* partial_o;         // [items, qo_heads, head] split-KV partial outputs
+    float* partial_lse;       // [items, qo_heads] base-2 log-sum-exp of each partial
+    const int4* work;         // [items] {batch, token_begin, token_end, unused}
+    const int* split_offsets; // [batch + 1] first work item of each sequence
+    i64 page_stride;          // elements per page (both halves)
+    i64 half_stride;          // elements from K to V inside a page
+    i64 head_stride;          // elements between kv heads at one slot
+    i64 slot_stride;          // elements between slots of one kv head
+    int batch;
+    int num_qo_heads;
+    int num_kv_heads;
+    int head_size;
+    int max_blocks;
+    int block_shift;          // log2(block size)
+    int group;                // qo heads per kv head
+    int sf_cols;              // nvfp4 scale-factor columns before padding: qo_heads*head/16
+    int direct;               // optimized kernel: 1 = write final outputs, 0 = write partials
+    int pad0;
+    float q_scale;
+    float k_scale;
+    float v_scale;
+    float o_scale;
+    float o_sf_scale;
+    float sm_scale;
+};
+
+enum OutKind { OUT_BF16 = 0, OUT_FP8 = 1, OUT_NVFP4 = 2 };
+
+// ---------------------------------------------------------------------------------------------
+// Number formats
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Round to nearest even; NaN stays NaN.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+    u32 rounding = 0x7fffu + ((u >> 16) & 1u);
+    return (u16)((u + rounding) >> 16);
+}
+
+// 2^120: an e4m3 bit pattern moved into the f32 exponent/mantissa fields reads as value * 2^-120.
+#define DB_E4M3_BITS_SCALE __uint_as_float(0x7b800000u)
+
+// Exact e4m3 (fn variant: no infinities, S.1111.111 is NaN) to f32.
+__device__ __forceinline__ float e4m3_to_f32(u8 x) {
+    u32 mag = x & 0x7fu;
+    if (mag == 0x7fu) return __uint_as_float(0x7fc00000u);
+    float v = __uint_as_float(mag << 20) * DB_E4M3_BITS_SCALE;
+    return (x & 0x80u) ? -v : v;
+}
+
+// f32 to e4m3, saturating to +-448, round to nearest even.
+__device__ __forceinline__ u8 f32_to_e4m3(float x) {
+    u8 sign = (u8)((__float_as_uint(x) >> 24) & 0x80u);
+    float a = fabsf(x);
+    if (a != a) return sign | 0x7f;
+    if (a >= 448.0f) return sign | 0x7e;
+    if (a < 0.015625f) {
+        // Subnormal range: multiples of 2^-9. q == 8 encodes 2^-6, the smallest normal.
+        int q = (int)rintf(a * 512.0f);
+        return sign | (u8)q;
+    }
+    int e = (int)((__float_as_uint(a) >> 23) & 0xffu) - 127;  // -6 ..= 8
+    float m = a * __uint_as_float((u32)(127 - e) << 23);      // [1, 2), exact
+    int q = (int)rintf((m - 1.0f) * 8.0f);                     // exact before rounding
+    if (q == 8) {
+        e += 1;
+        q = 0;
+    }
+    int code = ((e + 7) << 3) | q;
+    if (code > 0x7e) code = 0x7e;
+    return sign | (u8)code;
+}
+
+// f32 to an e2m1 code (bit 3 sign, low bits index {0, .5, 1, 1.5, 2, 3, 4, 6}), saturating to
+// +-6, round to nearest even (ties go to the even code).
+__device__ __forceinline__ u8 f32_to_e2m1(float x) {
+    u8 sign = (u8)((__float_as_uint(x) >> 28) & 0x8u);
+    float a = fabsf(x);
+    u8 c;
+    if (!(a > 0.25f)) c = 0;
+    else if (a < 0.75f) c = 1;
+    else if (a <= 1.25f) c = 2;
+    else if (a < 1.75f) c = 3;
+    else if (a <= 2.5f) c = 4;
+    else if (a < 3.5f) c = 5;
+    else if (a <= 5.0f) c = 6;
+    else c = 7;
+    return sign | c;
+}
+
+// Offset of scale factor (row m, column k) in the 128x4 swizzled layout with `cols` columns
+// before padding.
+__device__ __forceinline__ i64 nvfp4_sf_offset(int m, int k, int cols) {
+    i64 col_tiles = (cols + 3) / 4;
+    return (i64)(m / 128) * (col_tiles * 512) + (i64)(k / 4) * 512 + (m % 32) * 16 +
+           ((m % 128) / 32) * 4 + (k % 4);
+}
+
+// Eight consecutive cache or query elements, widened to f32.
+//
+// bf16: exact. e4m3: sm_89 and later have a two-at-a-time conversion to f16 (exact for every
+// e4m3 value); older GPUs move the bits into an f32 and read value * 2^-120 (exact too, kept
+// as denormals: these sources are compiled without flush-to-zero). KV_RAW_SCALE is the factor
+// that turns what `load8_e4m3_raw` returns into the value.
+__device__ __forceinline__ void bf16x8_to_f32(uint4 w, float* f) {
+    u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(ws[i] << 16);
+        f[2 * i + 1] = __uint_as_float(ws[i] & 0xffff0000u);
+    }
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define DB_KV_RAW_SCALE 1.0f
+__device__ __forceinline__ void e4m3x8_to_f32_raw(uint2 w, float* f) {
+    u32 ws[2] = {w.x, w.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        u32 lo, hi;
+        u16 a = (u16)(ws[i] & 0xffffu), b = (u16)(ws[i] >> 16);
+        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(lo) : "h"(a));
+        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(hi) : "h"(b));
+        float x0, x1, x2, x3;
+        asm("{.reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}"
+            : "=f"(x0), "=f"(x1) : "r"(lo));
+        asm("{.reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}"
+            : "=f"(x2), "=f"(x3) : "r"(hi));
+        f[4 * i] = x0;
+        f[4 * i + 1] = x1;
+        f[4 * i + 2] = x2;
+        f[4 * i + 3] = x3;
+    }
+}
+#else
+#define DB_KV_RAW_SCALE DB_E4M3_BITS_SCALE
+__device__ __forceinline__ void e4m3x8_to_f32_raw(uint2 w, float* f) {
+    u32 ws[2] = {w.x, w.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            u32 x = (ws[i] >> (8 * j)) & 0xffu;
+            f[4 * i + j] = __uint_as_float(((x & 0x80u) << 24) | ((x & 0x7fu) << 20));
+        }
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic normal numbers: a counter-based hash, so element i gets the same value
+// whatever the launch shape.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ u64 db_mix64(u64 z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// Standard normal (Box-Muller on two 24-bit uniforms) for (seed, stream, index).
+__device__ __forceinline__ float db_normal(u64 seed, u64 stream, u64 index) {
+    u64 h = db_mix64(db_mix64(seed ^ db_mix64(stream)) + index);
+    u32 a = (u32)(h >> 32), b = (u32)h;
+    float u1 = (float)((a >> 8) + 1u) * 5.9604644775390625e-8f;  // (0, 1]
+    float u2 = (float)(b >> 8) * 5.9604644775390625e-8f;         // [0, 1)
+    return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous global -> shared copies (sm_80+).
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+    u32 dst;
+    asm("{.reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a;}" : "=r"(dst) : "l"(smem_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem_src));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output stores: rows of final attention output (already scaled, f32 in shared memory) written
+// in the output dtype. Rows are consecutive qo heads h0.. of sequence b.
+// ---------------------------------------------------------------------------------------------
+
+template <int OUT>
+__device__ void store_output_rows(const AttnParams& p, const float* rows, int nrows, int b, int h0,
+                                  int tid, int nthreads) {
+    const int D = p.head_size;
+    const i64 row0 = (i64)b * p.num_qo_heads + h0;
+    if (OUT == OUT_BF16) {
+        u16* out = (u16*)p.out + row0 * D;
+        for (int i = tid; i < nrows * D; i += nthreads) out[i] = f32_to_bf16(rows[i]);
+    } else if (OUT == OUT_FP8) {
+        u8* out = (u8*)p.out + row0 * D;
+        const float inv = 1.0f / p.o_scale;
+        for (int i = tid; i < nrows * D; i += nthreads) out[i] = f32_to_e4m3(rows[i] * inv);
+    } else {
+        const int groups_per_row = D / 16;
+        u8* out = (u8*)p.out + row0 * (D / 2);
+        for (int gi = tid; gi < nrows * groups_per_row; gi += nthreads) {
+            const int r = gi / groups_per_row, kg = gi % groups_per_row;
+            const float* x = rows + r * D + kg * 16;
+            float amax = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(x[i]));
+            const u8 sf_code = f32_to_e4m3(p.o_sf_scale * amax / 6.0f);
+            const float sf = e4m3_to_f32(sf_code);
+            u32 packed[2] = {0u, 0u};
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                u32 c = (sf > 0.0f) ? (u32)f32_to_e2m1(x[i] * p.o_sf_scale / sf) : 0u;
+                packed[i / 8] |= c << (4 * (i % 8));
+            }
+            uint2 word;
+            word.x = packed[0];
+            word.y = packed[1];
+            *(uint2*)(out + (i64)r * (D / 2) + kg * 8) = word;
+            const int col = (h0 + r) * groups_per_row + kg;
+            p.out_sf[nvfp4_sf_offset(b, col, p.sf_cols)] = sf_code;
+        }
+    }
+}
+
+// Element offset of (page, kv_sel, kv_head, slot) row start in the paged cache.
+__device__ __forceinline__ i64 kv_row_offset(const AttnParams& p, int page, int kv_sel, int kv_head,
+                                             int slot) {
+    return (i64)page * p.page_stride + (i64)kv_sel * p.half_stride + (i64)kv_head * p.head_stride +
+           (i64)slot * p.slot_stride;
+}

@@ -1,0 +1,253 @@
+// decodebench: the optimized, quantization-aware decode kernel and its split-KV merge.
+//
+// One CTA handles one work item (a token range of one sequence, chosen by the host planner so
+// that small batches still fill every SM) for one kv head, and all `group` qo heads that share
+// that kv head: K and V are read from memory once per group, in their stored dtype (bf16 or
+// e4m3; fp8 is widened in registers, never dequantized to a copy).
+//
+// Threads are (tx, g, tz): tx splits the head dimension in 8-element vectors (BDX = D/8 lanes,
+// inside one warp), g is the qo head of the group, tz splits the tokens of a pipeline stage.
+// Stages of STAGE_TOKENS = blockDim.z * TILE tokens of K and V are copied to shared memory with
+// 16-byte cp.async, NUM_STAGES deep, so several loads are in flight while a stage is computed.
+// Each thread keeps an online-softmax state (max, sum, 8 accumulators) for its (g, tz), rescaled
+// once per stage; the tz slices are merged at the end.
+//
+// When the planner gives a sequence a single work item, the CTA writes the final output (bf16,
+// fp8, or nvfp4 with swizzled e4m3 block scales) directly. Otherwise it writes an f32 partial
+// output with its base-2 log-sum-exp, and `merge_*` combines the partials of each (sequence, qo
+// head) and writes the output.
+
+#define DEC_TILE 4
+#define DEC_STAGES 3
+
+template <int D, bool Q_FP8>
+__device__ __forceinline__ void load_q8(const AttnParams& p, int b, int h, int d0, float* q) {
+    const i64 base = ((i64)b * p.num_qo_heads + h) * D + d0;
+    if (Q_FP8) {
+        const u8* src = (const u8*)p.q + base;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) q[i] = e4m3_to_f32(src[i]);
+    } else {
+        bf16x8_to_f32(*(const uint4*)((const u16*)p.q + base), q);
+    }
+}
+
+template <bool KV_FP8>
+__device__ __forceinline__ void load_kv8(const u8* src, float* f) {
+    if (KV_FP8) {
+        e4m3x8_to_f32_raw(*(const uint2*)src, f);
+    } else {
+        bf16x8_to_f32(*(const uint4*)src, f);
+    }
+}
+
+template <int D, bool Q_FP8, bool KV_FP8, int OUT>
+__device__ void decode_split(const AttnParams& p) {
+    constexpr int BDX = D / 8;
+    constexpr int ESIZE = KV_FP8 ? 1 : 2;
+    constexpr int ROW_BYTES = D * ESIZE;
+    constexpr int CHUNKS_PER_ROW = ROW_BYTES / 16;
+    const float kv_raw = KV_FP8 ? DB_KV_RAW_SCALE : 1.0f;
+
+    extern __shared__ __align__(16) u8 smem[];
+    const int G = p.group;
+    const int BDZ = blockDim.z;
+    const int tx = threadIdx.x, g = threadIdx.y, tz = threadIdx.z;
+    const int tid = (tz * G + g) * BDX + tx;
+    const int nthreads = BDX * G * BDZ;
+    const int stage_tokens = BDZ * DEC_TILE;
+    const int stage_bytes = 2 * stage_tokens * ROW_BYTES;
+
+    const int4 item = p.work[blockIdx.x];
+    const int b = item.x, t_begin = item.y, t_end = item.z;
+    const int kv_head = blockIdx.y;
+    const int h = kv_head * G + g;
+    const int* bt = p.block_tables + (i64)b * p.max_blocks;
+    const int slot_mask = (1 << p.block_shift) - 1;
+    const u8* cache = (const u8*)p.kv;
+
+    // Scores come out in log2 units, with every scale folded into the query once.
+    float q[8];
+    load_q8<D, Q_FP8>(p, b, h, tx * 8, q);
+    const float qk_scale = p.q_scale * p.k_scale * p.sm_scale * DB_LOG2E * kv_raw;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] *= qk_scale;
+
+    const int n_tokens = t_end - t_begin;
+    const int n_iter = (n_tokens + stage_tokens - 1) / stage_tokens;
+
+    auto load_stage = [&](int it) {
+        u8* dst = smem + (it % DEC_STAGES) * stage_bytes;
+        const int t0 = t_begin + it * stage_tokens;
+        for (int c = tid; c < 2 * stage_tokens * CHUNKS_PER_ROW; c += nthreads) {
+            const int row = c / CHUNKS_PER_ROW, col = c % CHUNKS_PER_ROW;
+            const int kv_sel = row >= stage_tokens ? 1 : 0;
+            const int t = t0 + row - kv_sel * stage_tokens;
+            if (t < t_end) {
+                const i64 off = kv_row_offset(p, bt[t >> p.block_shift], kv_sel, kv_head, t & slot_mask);
+                cp_async16(dst + row * ROW_BYTES + col * 16, cache + off * ESIZE + col * 16);
+            }
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < DEC_STAGES - 1; ++s) {
+        if (s < n_iter) load_stage(s);
+        cp_async_commit();
+    }
+
+    float m = -DB_INF, lsum = 0.0f, acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+
+    for (int it = 0; it < n_iter; ++it) {
+        if (it + DEC_STAGES - 1 < n_iter) load_stage(it + DEC_STAGES - 1);
+        cp_async_commit();
+        cp_async_wait<DEC_STAGES - 1>();
+        __syncthreads();
+
+        const u8* kbuf = smem + (it % DEC_STAGES) * stage_bytes;
+        const u8* vbuf = kbuf + stage_tokens * ROW_BYTES;
+        const int t0 = t_begin + it * stage_tokens + tz * DEC_TILE;
+
+        float s[DEC_TILE];
+#pragma unroll
+        for (int j = 0; j < DEC_TILE; ++j) {
+            float k[8];
+            load_kv8<KV_FP8>(kbuf + (tz * DEC_TILE + j) * ROW_BYTES + tx * 8 * ESIZE, k);
+            float acc_s = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc_s += q[i] * k[i];
+            s[j] = acc_s;
+        }
+#pragma unroll
+        for (int j = 0; j < DEC_TILE; ++j) {
+#pragma unroll
+            for (int off = BDX / 2; off > 0; off >>= 1) s[j] += __shfl_xor_sync(0xffffffffu, s[j], off);
+        }
+        float tile_max = -DB_INF;
+#pragma unroll
+        for (int j = 0; j < DEC_TILE; ++j) {
+            if (t0 + j >= t_end) s[j] = -DB_INF;
+            tile_max = fmaxf(tile_max, s[j]);
+        }
+        if (tile_max != -DB_INF) {
+            const float m_new = fmaxf(m, tile_max);
+            const float alpha = exp2f(m - m_new);
+            lsum *= alpha;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] *= alpha;
+#pragma unroll
+            for (int j = 0; j < DEC_TILE; ++j) {
+                if (t0 + j < t_end) {
+                    const float pr = exp2f(s[j] - m_new);
+                    float v[8];
+                    load_kv8<KV_FP8>(vbuf + (tz * DEC_TILE + j) * ROW_BYTES + tx * 8 * ESIZE, v);
+                    lsum += pr;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[i] += pr * v[i];
+                }
+            }
+            m = m_new;
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Merge the tz slices: [BDZ][G][D] accumulators, then [BDZ][G] maxima and sums.
+    float* red_acc = (float*)smem;
+    float* red_m = red_acc + BDZ * G * D;
+    float* red_l = red_m + BDZ * G;
+    float* rows = red_l + BDZ * G;  // [G][D] final outputs
+#pragma unroll
+    for (int i = 0; i < 8; ++i) red_acc[(tz * G + g) * D + tx * 8 + i] = acc[i];
+    if (tx == 0) {
+        red_m[tz * G + g] = m;
+        red_l[tz * G + g] = lsum;
+    }
+    __syncthreads();
+    const float out_scale = p.v_scale * kv_raw;
+    if (tz == 0) {
+        float mm = -DB_INF;
+        for (int z = 0; z < BDZ; ++z) mm = fmaxf(mm, red_m[z * G + g]);
+        float den = 0.0f, num[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) num[i] = 0.0f;
+        for (int z = 0; z < BDZ; ++z) {
+            const float mz = red_m[z * G + g];
+            const float c = (mz == -DB_INF) ? 0.0f : exp2f(mz - mm);
+            den += red_l[z * G + g] * c;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) num[i] += red_acc[(z * G + g) * D + tx * 8 + i] * c;
+        }
+        const float inv = den > 0.0f ? out_scale / den : 0.0f;
+        if (p.direct) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) rows[g * D + tx * 8 + i] = num[i] * inv;
+        } else {
+            const i64 prow = (i64)blockIdx.x * p.num_qo_heads + h;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) p.partial_o[prow * D + tx * 8 + i] = num[i] * inv;
+            if (tx == 0) p.partial_lse[prow] = den > 0.0f ? mm + log2f(den) : -DB_INF;
+        }
+    }
+    if (p.direct) {
+        __syncthreads();
+        store_output_rows<OUT>(p, rows, G, b, kv_head * G, tid, nthreads);
+    }
+}
+
+// Combines the partial outputs of each (qo head, sequence): weights 2^(lse_i - max).
+template <int D, int OUT>
+__device__ void merge_partials(const AttnParams& p) {
+    __shared__ float row[D];
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int first = p.split_offsets[b], last = p.split_offsets[b + 1];
+    float mm = -DB_INF;
+    for (int i = first; i < last; ++i) mm = fmaxf(mm, p.partial_lse[(i64)i * p.num_qo_heads + h]);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float num = 0.0f, den = 0.0f;
+        for (int i = first; i < last; ++i) {
+            const i64 prow = (i64)i * p.num_qo_heads + h;
+            const float lse = p.partial_lse[prow];
+            const float w = (lse == -DB_INF) ? 0.0f : exp2f(lse - mm);
+            den += w;
+            num += w * p.partial_o[prow * D + d];
+        }
+        row[d] = den > 0.0f ? num / den : 0.0f;
+    }
+    __syncthreads();
+    store_output_rows<OUT>(p, row, 1, b, h, threadIdx.x, blockDim.x);
+}
+
+#define DB_DECODE(D, QN, QF, KN, KF, ON, OV)                                                       \
+    extern "C" __global__ void __launch_bounds__(512) decode_d##D##_##QN##_##KN##_##ON(AttnParams p) { \
+        decode_split<D, QF, KF, OV>(p);                                                            \
+    }
+
+#define DB_DECODE_OUTS(D, QN, QF, KN, KF)                                                          \
+    DB_DECODE(D, QN, QF, KN, KF, bf16, OUT_BF16)                                                   \
+    DB_DECODE(D, QN, QF, KN, KF, fp8, OUT_FP8)                                                     \
+    DB_DECODE(D, QN, QF, KN, KF, nvfp4, OUT_NVFP4)
+
+#define DB_DECODE_HEAD(D)                                                                          \
+    DB_DECODE_OUTS(D, bf16, false, bf16, false)                                                    \
+    DB_DECODE_OUTS(D, bf16, false, fp8, true)                                                      \
+    DB_DECODE_OUTS(D, fp8, true, fp8, true)
+
+DB_DECODE_HEAD(64)
+DB_DECODE_HEAD(128)
+DB_DECODE_HEAD(256)
+
+#define DB_MERGE(D, ON, OV)                                                                        \
+    extern "C" __global__ void merge_d##D##_##ON(AttnParams p) { merge_partials<D, OV>(p); }
+
+#define DB_MERGE_HEAD(D)                                                                           \
+    DB_MERGE(D, bf16, OUT_BF16)                                                                    \
+    DB_MERGE(D, fp8, OUT_FP8)                                                                      \
+    DB_MERGE(D, nvfp4, OUT_NVFP4)
+
+DB_MERGE_HEAD(64)
+DB_MERGE_HEAD(128)
+DB_MERGE_HEAD(256)

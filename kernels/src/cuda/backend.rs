@@ -1,0 +1,743 @@
+//! [`CudaBackend`]: runs benchmark cases on one GPU. For each case it builds the inputs on the
+//! device, computes the GPU reference, then for each kernel (baseline, optimized) verifies one
+//! call against the reference and times the ones that are right.
+//!
+//! Problems stay inside the case: an unsupported combination is `skipped`, memory that does not
+//! fit is `oom` (with the sizes), a wrong output is `wrong_result` (never timed), and a CUDA error
+//! is `failed` — after which the context is thrown away and rebuilt for the next case (a sticky
+//! error would poison every later call).
+
+use super::compile::CompileCache;
+use super::data::{
+    alloc_bytes, build_inputs, dptr, ensure_free, ensure_pool, ensure_pool_bf16, host_schedule,
+    output_bytes, query_bf16, CaseError, CaseInputs, DevicePool,
+};
+use super::device::{
+    probe_devices, reset_primary_context, DeviceSession, DeviceSummary, ModuleOrigin,
+};
+use super::launch::{
+    case_params, decode_ctas_per_sm, decode_geometry, launch_baseline, launch_decode,
+    launch_reference, prepare_decode, AttnParams, DecodeNames, SUPPORTED_HEAD_SIZES,
+};
+use super::plan::{plan_splits, SplitPlan, MIN_CHUNK_TOKENS};
+use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, time_calls};
+use super::verify::{check, decode_device_output, OutputBuffers};
+use super::CudaError;
+use crate::backend::{Backend, TelemetryProbe};
+use crate::measurement::{CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement, Status};
+use crate::workload::{BenchCase, Dtype, L2Mode, Scales};
+use cudarc::driver::CudaSlice;
+use std::time::{Duration, Instant};
+
+/// Pause before re-measuring a kernel whose trials ran under thermal or power throttling, so the
+/// GPU can cool down.
+const THROTTLE_COOLDOWN: Duration = Duration::from_secs(3);
+
+/// Runs cases on one CUDA device.
+pub struct CudaBackend {
+    ordinal: usize,
+    cache: CompileCache,
+    identity: DeviceIdentity,
+    session: Option<DeviceSession>,
+    pool: Option<DevicePool>,
+    flush: Option<CudaSlice<u8>>,
+    min_chunk_tokens: u32,
+    origin: Option<ModuleOrigin>,
+    rebuilds: u32,
+}
+
+/// Outcome of one kernel before it becomes a [`KernelMeasurement`]: device errors are kept apart
+/// so the backend knows to rebuild its context.
+enum KernelOutcome {
+    Measured(KernelMeasurement),
+    DeviceError(KernelMeasurement),
+}
+
+impl CudaBackend {
+    /// The CUDA devices on this machine (an error, never a panic, without a driver).
+    pub fn probe() -> Result<Vec<DeviceSummary>, CudaError> {
+        probe_devices()
+    }
+
+    /// Opens device `ordinal`: context, kernels (compiled by NVRTC or taken from the on-disk
+    /// cache, see [`CompileCache::from_env`]), identity, and the streaming-read calibration.
+    pub fn new(ordinal: usize) -> Result<CudaBackend, CudaError> {
+        CudaBackend::with_cache(ordinal, CompileCache::from_env(), true)
+    }
+
+    /// As [`CudaBackend::new`] with an explicit cache, and the calibration optional (the
+    /// self-test skips it).
+    pub fn with_cache(
+        ordinal: usize,
+        cache: CompileCache,
+        calibrate: bool,
+    ) -> Result<CudaBackend, CudaError> {
+        let session = DeviceSession::open(ordinal, &cache)?;
+        let mut identity = session.identity(ordinal)?;
+        if calibrate {
+            match calibrate_read_bandwidth(&session) {
+                Ok(gbps) => identity.calibrated_read_gbps = Some(gbps),
+                Err(CaseError::Oom(m)) => {
+                    tracing::warn!(message = %m, "bandwidth calibration skipped");
+                }
+                Err(CaseError::Device(e)) => return Err(e),
+            }
+        }
+        let origin = Some(session.origin.clone());
+        Ok(CudaBackend {
+            ordinal,
+            cache,
+            identity,
+            session: Some(session),
+            pool: None,
+            flush: None,
+            min_chunk_tokens: MIN_CHUNK_TOKENS,
+            origin,
+            rebuilds: 0,
+        })
+    }
+
+    /// How the kernel module was obtained at the last (re)start, e.g.
+    /// "cubin:sm_90a from the cache in 0.041 s".
+    pub fn module_origin(&self) -> String {
+        match &self.origin {
+            Some(o) => format!(
+                "{} {} in {:.3} s",
+                o.target.label(),
+                if o.from_cache {
+                    "from the cache"
+                } else {
+                    "compiled by NVRTC"
+                },
+                o.elapsed.as_secs_f64()
+            ),
+            None => "not loaded".to_string(),
+        }
+    }
+
+    /// Smallest split-KV chunk of the optimized kernel (tests lower it to force splitting).
+    pub fn set_min_chunk_tokens(&mut self, tokens: u32) {
+        self.min_chunk_tokens = tokens.max(1);
+    }
+
+    /// Times the context was rebuilt after a device error.
+    pub fn context_rebuilds(&self) -> u32 {
+        self.rebuilds
+    }
+
+    /// Drops every device object and resets the context (after a device error).
+    fn discard_session(&mut self) {
+        self.pool = None;
+        self.flush = None;
+        if self.session.take().is_some() {
+            self.rebuilds += 1;
+            if let Err(e) = reset_primary_context(self.ordinal) {
+                tracing::warn!(error = %e, "resetting the CUDA context failed");
+            }
+        }
+    }
+
+    fn ensure_session(&mut self) -> Result<(), CudaError> {
+        if self.session.is_none() {
+            let s = DeviceSession::open(self.ordinal, &self.cache)?;
+            self.origin = Some(s.origin.clone());
+            self.session = Some(s);
+        }
+        Ok(())
+    }
+
+    /// Why the CUDA backend cannot run `case` at all (both kernels skipped).
+    fn unsupported(case: &BenchCase) -> Option<String> {
+        if let Some(r) = case.quant.unsupported_reason() {
+            return Some(r);
+        }
+        if !SUPPORTED_HEAD_SIZES.contains(&case.head_size) {
+            return Some(format!(
+                "head size {} has no CUDA kernel; supported: 64, 128, 256",
+                case.head_size
+            ));
+        }
+        if case.num_kv_heads == 0 || !case.num_qo_heads.is_multiple_of(case.num_kv_heads) {
+            return Some(format!(
+                "{} qo heads cannot be grouped over {} kv heads",
+                case.num_qo_heads, case.num_kv_heads
+            ));
+        }
+        if !case.block_size.is_power_of_two() {
+            return Some(format!(
+                "block size {} is not a power of two; the CUDA kernels index pages by shifts",
+                case.block_size
+            ));
+        }
+        if case.batch_size == 0 || case.max_seq_len == 0 {
+            return Some("empty case: batch size and max_seq_len must be >= 1".to_string());
+        }
+        None
+    }
+
+    fn run_kernels(
+        &mut self,
+        case: &BenchCase,
+        probe: &mut dyn TelemetryProbe,
+    ) -> Vec<KernelMeasurement> {
+        let all = |status: Status, message: String| {
+            KernelKind::ALL
+                .iter()
+                .map(|&k| KernelMeasurement::not_timed(k, status, message.clone()))
+                .collect::<Vec<_>>()
+        };
+        if let Some(reason) = Self::unsupported(case) {
+            return all(Status::Skipped, reason);
+        }
+        if let Err(e) = self.ensure_session() {
+            return all(Status::Failed, format!("CUDA device unavailable: {e}"));
+        }
+        let prepared = match self.prepare_case(case) {
+            Ok(p) => p,
+            Err(CaseError::Oom(m)) => return all(Status::Oom, m),
+            Err(CaseError::Device(e)) => {
+                self.discard_session();
+                return all(Status::Failed, format!("setting up the case failed: {e}"));
+            }
+        };
+        let mut out = Vec::with_capacity(2);
+        let mut device_error = false;
+        for kind in KernelKind::ALL {
+            let outcome = match kind {
+                KernelKind::Baseline => self.run_baseline(case, &prepared, probe),
+                KernelKind::Optimized => self.run_optimized(case, &prepared, probe),
+            };
+            match outcome {
+                KernelOutcome::Measured(m) => out.push(m),
+                KernelOutcome::DeviceError(m) => {
+                    out.push(m);
+                    device_error = true;
+                    break;
+                }
+            }
+        }
+        drop(prepared);
+        if device_error {
+            self.discard_session();
+            for kind in KernelKind::ALL {
+                if !out.iter().any(|m| m.kernel == Some(kind)) {
+                    out.push(KernelMeasurement::not_timed(
+                        kind,
+                        Status::Failed,
+                        "not run: an earlier kernel of this case hit a CUDA error",
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    fn session(&self) -> Result<&DeviceSession, CaseError> {
+        self.session.as_ref().ok_or_else(|| {
+            CaseError::Device(CudaError::Nvrtc {
+                context: "running a case".into(),
+                message: "no open device session".into(),
+            })
+        })
+    }
+
+    /// Inputs (pool reused when possible) and the GPU reference output.
+    fn prepare_case(&mut self, case: &BenchCase) -> Result<PreparedCase, CaseError> {
+        let (seq_lens, tables) = host_schedule(case);
+        {
+            let session = self
+                .session
+                .as_ref()
+                .ok_or_else(|| CaseError::Device(no_session()))?;
+            ensure_pool(session, case, &seq_lens, &mut self.pool)?;
+        }
+        let session = self.session()?;
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| CaseError::Device(no_session()))?;
+        let inputs = build_inputs(session, case, seq_lens, tables)?;
+        let bytes_per_call = case.logical_bytes(&inputs.seq_lens);
+        let reference = gpu_reference(session, case, &inputs, pool)?;
+        Ok(PreparedCase {
+            inputs,
+            reference,
+            bytes_per_call,
+        })
+    }
+
+    fn run_baseline(
+        &mut self,
+        case: &BenchCase,
+        prepared: &PreparedCase,
+        probe: &mut dyn TelemetryProbe,
+    ) -> KernelOutcome {
+        let kind = KernelKind::Baseline;
+        let result = (|| -> Result<KernelMeasurement, CaseError> {
+            let session = self
+                .session
+                .as_ref()
+                .ok_or_else(|| CaseError::Device(no_session()))?;
+            let pool = self
+                .pool
+                .as_mut()
+                .ok_or_else(|| CaseError::Device(no_session()))?;
+            ensure_pool_bf16(session, case, pool)?;
+            let q_bf16 = if case.quant.q == Dtype::Fp8 {
+                Some(query_bf16(session, case, &prepared.inputs)?)
+            } else {
+                None
+            };
+            let (bytes, _) = output_bytes(case, Dtype::Bf16);
+            ensure_free(session, bytes, "the baseline's output")?;
+            let mut out = OutputBuffers {
+                dtype: Dtype::Bf16,
+                values: alloc_bytes(session, bytes, "the baseline's output")?,
+                scale_factors: None,
+            };
+            let scales = Scales::for_case(case);
+            let mut params = base_params(session, case, &prepared.inputs);
+            params.q = q_bf16
+                .as_ref()
+                .map_or(dptr(session, &prepared.inputs.q), |s| dptr(session, s));
+            params.kv = pool
+                .bf16_copy
+                .as_ref()
+                .map_or(dptr(session, &pool.kv), |s| dptr(session, s));
+            // Dequantized copies carry their scales already.
+            if case.quant.q == Dtype::Fp8 {
+                params.q_scale = 1.0;
+            }
+            if case.quant.kv == Dtype::Fp8 {
+                params.k_scale = 1.0;
+                params.v_scale = 1.0;
+            }
+            params.o_scale = scales.o_scale;
+            params.out = dptr(session, &out.values);
+            let call = || launch_baseline(session, &params);
+            let note = "bf16 paged decode on dequantized inputs, one CTA per (qo head, sequence)";
+            let flush = &mut self.flush;
+            verify_and_time(
+                session, case, prepared, kind, &mut out, &call, flush, probe, note,
+            )
+        })();
+        into_outcome(kind, result)
+    }
+
+    fn run_optimized(
+        &mut self,
+        case: &BenchCase,
+        prepared: &PreparedCase,
+        probe: &mut dyn TelemetryProbe,
+    ) -> KernelOutcome {
+        let kind = KernelKind::Optimized;
+        let geometry = match decode_geometry(case.head_size, case.group_size(), case.quant.kv) {
+            Ok(g) => g,
+            Err(reason) => {
+                return KernelOutcome::Measured(KernelMeasurement::not_timed(
+                    kind,
+                    Status::Skipped,
+                    reason,
+                ))
+            }
+        };
+        let min_chunk = self.min_chunk_tokens;
+        let result = (|| -> Result<KernelMeasurement, CaseError> {
+            let session = self
+                .session
+                .as_ref()
+                .ok_or_else(|| CaseError::Device(no_session()))?;
+            let names = DecodeNames::for_case(case);
+            prepare_decode(session, &names, &geometry)?;
+            let per_sm = decode_ctas_per_sm(session, &names, &geometry)?;
+            let plan = plan_splits(
+                &prepared.inputs.seq_lens,
+                case.num_kv_heads,
+                session.props.sm_count * per_sm,
+                geometry.stage_tokens,
+                min_chunk,
+            );
+            let (bytes, sf_bytes) = output_bytes(case, case.quant.out);
+            let workspace = workspace_bytes(case, &plan);
+            ensure_free(
+                session,
+                bytes + sf_bytes + workspace,
+                "the optimized kernel's output and split workspace",
+            )?;
+            let mut out = OutputBuffers {
+                dtype: case.quant.out,
+                values: alloc_bytes(session, bytes, "the optimized kernel's output")?,
+                scale_factors: if sf_bytes > 0 {
+                    Some(alloc_bytes(session, sf_bytes, "the nvfp4 scale factors")?)
+                } else {
+                    None
+                },
+            };
+            let d_work = session
+                .stream
+                .clone_htod(&plan.items)
+                .map_err(CudaError::driver("copying the split plan"))?;
+            let d_offsets = session
+                .stream
+                .clone_htod(&plan.split_offsets)
+                .map_err(CudaError::driver("copying the split offsets"))?;
+            let rows = plan.items.len() as u64 * case.num_qo_heads as u64;
+            let partials = if plan.direct {
+                None
+            } else {
+                Some((
+                    alloc_bytes(
+                        session,
+                        rows * case.head_size as u64 * 4,
+                        "split partial outputs",
+                    )?,
+                    alloc_bytes(session, rows * 4, "split log-sum-exps")?,
+                ))
+            };
+            let mut params = base_params(session, case, &prepared.inputs);
+            params.q = dptr(session, &prepared.inputs.q);
+            params.kv = dptr(
+                session,
+                &self
+                    .pool
+                    .as_ref()
+                    .ok_or_else(|| CaseError::Device(no_session()))?
+                    .kv,
+            );
+            params.out = dptr(session, &out.values);
+            params.out_sf = out.scale_factors.as_ref().map_or(0, |s| dptr(session, s));
+            params.work = dptr(session, &d_work);
+            params.split_offsets = dptr(session, &d_offsets);
+            params.direct = plan.direct as i32;
+            if let Some((po, lse)) = &partials {
+                params.partial_o = dptr(session, po);
+                params.partial_lse = dptr(session, lse);
+            }
+            let items = plan.items.len() as u32;
+            let call = || launch_decode(session, &params, &geometry, items, &names);
+            let note = format!(
+                "{}; block {}x{}x{}, {} CTAs/SM; {}",
+                names.decode,
+                geometry.bdx,
+                geometry.group,
+                geometry.bdz,
+                per_sm,
+                describe_plan(&plan)
+            );
+            let flush = &mut self.flush;
+            verify_and_time(
+                session, case, prepared, kind, &mut out, &call, flush, probe, &note,
+            )
+        })();
+        into_outcome(kind, result)
+    }
+}
+
+/// The GPU reference checked against the CPU reference on one case.
+#[derive(Debug, Clone)]
+pub(crate) struct ReferenceCheck {
+    pub passed: bool,
+    pub max_abs_err: f64,
+    pub rel_l2_err: f64,
+    pub detail: String,
+}
+
+/// Largest deviation of the f32 GPU reference from the f64 CPU reference, as a fraction of the
+/// largest |output|: f32 accumulation over a few thousand terms stays orders of magnitude below.
+pub(crate) const GPU_REFERENCE_TOLERANCE: f64 = 1e-4;
+
+/// One self-test case: the reference check and each kernel's measurement (labelled).
+pub(crate) struct SelftestCaseResult {
+    pub reference: Result<ReferenceCheck, String>,
+    pub kernels: Vec<(String, KernelMeasurement)>,
+}
+
+impl CudaBackend {
+    /// Runs `case` for the self-test: the GPU reference is compared with the CPU reference on
+    /// host copies of the device inputs, then the baseline and the optimized kernel (once per
+    /// entry of `min_chunks`, to cover both the direct and the split-KV path) are verified
+    /// against the CPU reference and briefly timed.
+    pub(crate) fn selftest_case(
+        &mut self,
+        case: &BenchCase,
+        min_chunks: &[u32],
+    ) -> SelftestCaseResult {
+        let mut probe = crate::backend::NoTelemetry;
+        let failed = |msg: String| SelftestCaseResult {
+            reference: Err(msg),
+            kernels: Vec::new(),
+        };
+        if let Some(reason) = Self::unsupported(case) {
+            return failed(format!("unsupported: {reason}"));
+        }
+        if let Err(e) = self.ensure_session() {
+            return failed(format!("device unavailable: {e}"));
+        }
+        let mut prepared = match self.prepare_case(case) {
+            Ok(p) => p,
+            Err(CaseError::Oom(m)) => return failed(format!("out of memory: {m}")),
+            Err(CaseError::Device(e)) => {
+                self.discard_session();
+                return failed(format!("CUDA error: {e}"));
+            }
+        };
+        let host = match (self.session.as_ref(), self.pool.as_ref()) {
+            (Some(s), Some(pool)) => super::verify::inputs_to_host(s, case, &prepared.inputs, pool),
+            _ => Err(CaseError::Device(no_session())),
+        };
+        let host = match host {
+            Ok(h) => h,
+            Err(CaseError::Oom(m)) => return failed(m),
+            Err(CaseError::Device(e)) => {
+                self.discard_session();
+                return failed(format!("CUDA error: {e}"));
+            }
+        };
+        let cpu = crate::reference::attention_f64(case, &host);
+        let reference = compare_references(&prepared.reference, &cpu);
+        prepared.reference = cpu;
+        let mut kernels = Vec::new();
+        let saved = self.min_chunk_tokens;
+        let mut runs: Vec<(String, Option<u32>)> = vec![("baseline".to_string(), None)];
+        for &c in min_chunks {
+            runs.push((format!("optimized(min chunk {c})"), Some(c)));
+        }
+        for (label, chunk) in runs {
+            let outcome = match chunk {
+                None => self.run_baseline(case, &prepared, &mut probe),
+                Some(c) => {
+                    self.min_chunk_tokens = c;
+                    self.run_optimized(case, &prepared, &mut probe)
+                }
+            };
+            match outcome {
+                KernelOutcome::Measured(m) => kernels.push((label, m)),
+                KernelOutcome::DeviceError(m) => {
+                    kernels.push((label, m));
+                    drop(prepared);
+                    self.min_chunk_tokens = saved;
+                    self.discard_session();
+                    return SelftestCaseResult {
+                        reference: Ok(reference),
+                        kernels,
+                    };
+                }
+            }
+        }
+        self.min_chunk_tokens = saved;
+        SelftestCaseResult {
+            reference: Ok(reference),
+            kernels,
+        }
+    }
+}
+
+/// Compares the GPU reference (f32, held as f64) with the CPU one.
+pub(crate) fn compare_references(gpu: &[f64], cpu: &[f64]) -> ReferenceCheck {
+    if gpu.len() != cpu.len() {
+        return ReferenceCheck {
+            passed: false,
+            max_abs_err: f64::INFINITY,
+            rel_l2_err: f64::INFINITY,
+            detail: format!("GPU reference has {} values, CPU {}", gpu.len(), cpu.len()),
+        };
+    }
+    let scale = cpu.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let (mut max_abs, mut err2, mut ref2, mut worst) = (0.0f64, 0.0f64, 0.0f64, 0usize);
+    let mut finite = true;
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        finite &= g.is_finite();
+        let e = (g - c).abs();
+        if e > max_abs || e.is_nan() {
+            max_abs = e;
+            worst = i;
+        }
+        err2 += e * e;
+        ref2 += c * c;
+    }
+    let rel_l2 = if ref2 > 0.0 {
+        (err2 / ref2).sqrt()
+    } else {
+        err2.sqrt()
+    };
+    let passed = finite && max_abs <= GPU_REFERENCE_TOLERANCE * scale.max(f64::MIN_POSITIVE);
+    ReferenceCheck {
+        passed,
+        max_abs_err: max_abs,
+        rel_l2_err: rel_l2,
+        detail: format!(
+            "max |gpu - cpu| {max_abs:.3e} at {worst} (limit {:.3e}), rel L2 {rel_l2:.3e}",
+            GPU_REFERENCE_TOLERANCE * scale
+        ),
+    }
+}
+
+fn no_session() -> CudaError {
+    CudaError::Nvrtc {
+        context: "running a case".into(),
+        message: "no open device session".into(),
+    }
+}
+
+fn describe_plan(plan: &SplitPlan) -> String {
+    if plan.direct {
+        format!("{} items, no split", plan.items.len())
+    } else {
+        format!(
+            "split-KV: {} items of <= {} tokens (up to {} per sequence) + merge",
+            plan.items.len(),
+            plan.chunk_tokens,
+            plan.max_splits()
+        )
+    }
+}
+
+fn workspace_bytes(case: &BenchCase, plan: &SplitPlan) -> u64 {
+    let rows = plan.items.len() as u64 * case.num_qo_heads as u64;
+    let partials = if plan.direct {
+        0
+    } else {
+        rows * case.head_size as u64 * 4 + rows * 4
+    };
+    partials + (plan.items.len() as u64 + plan.split_offsets.len() as u64) * 16
+}
+
+fn into_outcome(kind: KernelKind, result: Result<KernelMeasurement, CaseError>) -> KernelOutcome {
+    match result {
+        Ok(m) => KernelOutcome::Measured(m),
+        Err(CaseError::Oom(msg)) => {
+            KernelOutcome::Measured(KernelMeasurement::not_timed(kind, Status::Oom, msg))
+        }
+        Err(CaseError::Device(e)) => KernelOutcome::DeviceError(KernelMeasurement::not_timed(
+            kind,
+            Status::Failed,
+            format!("CUDA error: {e}"),
+        )),
+    }
+}
+
+/// A case's inputs and GPU reference, shared by both kernels.
+pub(crate) struct PreparedCase {
+    pub inputs: CaseInputs,
+    pub reference: Vec<f64>,
+    pub bytes_per_call: u64,
+}
+
+/// Shape and scale parameters plus the case's tables.
+fn base_params(session: &DeviceSession, case: &BenchCase, inputs: &CaseInputs) -> AttnParams {
+    let mut p = case_params(case);
+    p.block_tables = dptr(session, &inputs.d_tables);
+    p.seq_lens = dptr(session, &inputs.d_seq_lens);
+    p
+}
+
+/// The GPU reference output of the case, as f64.
+pub(crate) fn gpu_reference(
+    session: &DeviceSession,
+    case: &BenchCase,
+    inputs: &CaseInputs,
+    pool: &DevicePool,
+) -> Result<Vec<f64>, CaseError> {
+    let elems = case.batch_size as u64 * case.num_qo_heads as u64 * case.head_size as u64;
+    ensure_free(session, elems * 4, "the reference output")?;
+    let out = alloc_bytes(session, elems * 4, "the reference output")?;
+    let mut params = base_params(session, case, inputs);
+    params.q = dptr(session, &inputs.q);
+    params.kv = dptr(session, &pool.kv);
+    params.out = dptr(session, &out);
+    launch_reference(
+        session,
+        &params,
+        case.quant.q == Dtype::Fp8,
+        case.quant.kv == Dtype::Fp8,
+    )?;
+    let bytes: Vec<u8> = session
+        .stream
+        .clone_dtoh(&out)
+        .map_err(CudaError::driver("copying the reference output"))?;
+    Ok(bytes
+        .chunks_exact(4)
+        .take(elems as usize)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+        .collect())
+}
+
+/// Verifies one call of `call` against the reference; when right, times it.
+#[allow(clippy::too_many_arguments)]
+fn verify_and_time(
+    session: &DeviceSession,
+    case: &BenchCase,
+    prepared: &PreparedCase,
+    kind: KernelKind,
+    out: &mut OutputBuffers,
+    call: &dyn Fn() -> Result<(), CudaError>,
+    flush: &mut Option<CudaSlice<u8>>,
+    probe: &mut dyn TelemetryProbe,
+    note: &str,
+) -> Result<KernelMeasurement, CaseError> {
+    out.poison(session)?;
+    call()?;
+    session.stream.synchronize().map_err(CudaError::driver(
+        "running the kernel once for verification",
+    ))?;
+    let decoded = decode_device_output(session, case, out)?;
+    let verification = check(case, &decoded, &prepared.reference, out.dtype);
+    let mut m = KernelMeasurement {
+        kernel: Some(kind),
+        bytes_per_call: prepared.bytes_per_call,
+        accuracy: Some(verification.accuracy),
+        ..Default::default()
+    };
+    if !verification.passed {
+        m.status = Some(Status::WrongResult);
+        m.message = format!("{note}; against the GPU reference: {}", verification.detail);
+        return Ok(m);
+    }
+
+    if case.method.l2 == L2Mode::Cold && flush.is_none() {
+        *flush = Some(l2_flush_buffer(session)?);
+    }
+    let calibrated = None::<f64>;
+    let mut retries_used = 0;
+    loop {
+        let trials = time_calls(session, &case.method, flush.as_mut(), probe, call)?;
+        let throttled = trials.telemetry.throttled();
+        m.samples_ms = trials.samples_ms;
+        m.rse_target_met = trials.rse_target_met;
+        m.telemetry = trials.telemetry;
+        m.throttled = throttled;
+        if throttled && retries_used < case.method.throttle_retries {
+            retries_used += 1;
+            std::thread::sleep(THROTTLE_COOLDOWN);
+            continue;
+        }
+        break;
+    }
+    m.throttle_retries_used = retries_used;
+    m.finish_stats(calibrated);
+    m.status = Some(Status::Ok);
+    m.message = format!("{note}; verified: {}", verification.detail);
+    Ok(m)
+}
+
+impl Backend for CudaBackend {
+    fn identity(&self) -> &DeviceIdentity {
+        &self.identity
+    }
+
+    fn run_case(&mut self, case: &BenchCase, probe: &mut dyn TelemetryProbe) -> CaseMeasurement {
+        let started = Instant::now();
+        let mut kernels = self.run_kernels(case, probe);
+        let calibrated = self.identity.calibrated_read_gbps;
+        for k in &mut kernels {
+            if k.status == Some(Status::Ok) {
+                k.finish_stats(calibrated);
+            }
+        }
+        CaseMeasurement {
+            case_id: case.id.clone(),
+            kernels,
+            wall_s: started.elapsed().as_secs_f64(),
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! Run-time compilation of the kernel sources with NVRTC, for the device's own architecture, and
+//! an on-disk cache of the results so that a second start skips the compiler.
+//!
+//! The sources (`kernels/cuda/*.cu`, `*.cuh`) are embedded in the binary; they are concatenated
+//! into one program (with `#line` markers, so NVRTC's errors name the original file and line).
+//! Hopper gets `sm_90a` machine code (CUBIN); another GPU gets CUBIN for its own `sm_XY` when this
+//! NVRTC knows the architecture, and otherwise PTX for the newest architecture NVRTC knows that
+//! the device can run (the driver then finishes the compilation).
+//!
+//! Cache entries are keyed by the SHA-256 of the program text, the target, the NVRTC version and
+//! the options, so any change to one of them compiles afresh.
+
+use super::library::{guarded, require_nvrtc};
+use super::CudaError;
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+use sha2::{Digest, Sha256};
+use std::ffi::{c_char, CStr, CString};
+use std::path::{Path, PathBuf};
+
+/// The kernel sources, in the order they are concatenated (the shared header first).
+const SOURCES: [(&str, &str); 5] = [
+    ("common.cuh", include_str!("../../cuda/common.cuh")),
+    ("generate.cu", include_str!("../../cuda/generate.cu")),
+    ("reference.cu", include_str!("../../cuda/reference.cu")),
+    ("baseline.cu", include_str!("../../cuda/baseline.cu")),
+    ("decode.cu", include_str!("../../cuda/decode.cu")),
+];
+
+/// Name NVRTC gives the program in its messages.
+const PROGRAM_NAME: &str = "decodebench_kernels.cu";
+
+/// Environment variable naming the cache directory (overrides the XDG/HOME default).
+pub const CACHE_DIR_ENV: &str = "DECODEBENCH_CACHE_DIR";
+/// Environment variable naming an include directory for NVRTC (overrides `$CUDA_HOME/include`).
+pub const INCLUDE_DIR_ENV: &str = "DECODEBENCH_CUDA_INCLUDE";
+/// Environment variable with extra NVRTC options (space-separated), e.g. `--ptxas-options=-v`
+/// to see register use; they are part of the cache key.
+pub const EXTRA_OPTIONS_ENV: &str = "DECODEBENCH_NVRTC_OPTIONS";
+/// Default CUDA install location, used when `CUDA_HOME` is unset.
+const DEFAULT_CUDA_HOME: &str = "/usr/local/cuda";
+
+/// The whole program text NVRTC compiles.
+pub(crate) fn program_source() -> String {
+    let mut text = String::new();
+    for (name, body) in SOURCES {
+        text.push_str(&format!("#line 1 \"{name}\"\n"));
+        text.push_str(body);
+        text.push('\n');
+    }
+    text
+}
+
+/// SHA-256 (hex) of the kernel program text: recorded in the device identity, so results say
+/// which kernels produced them.
+pub fn kernel_source_hash() -> String {
+    hex::encode(Sha256::digest(program_source().as_bytes()))
+}
+
+/// What NVRTC produces for a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CompileTarget {
+    /// Machine code for this architecture (e.g. `sm_90a`).
+    Cubin(String),
+    /// PTX for this virtual architecture (e.g. `compute_90`), finished by the driver.
+    Ptx(String),
+}
+
+impl CompileTarget {
+    pub(crate) fn arch_option(&self) -> String {
+        match self {
+            CompileTarget::Cubin(a) | CompileTarget::Ptx(a) => format!("--gpu-architecture={a}"),
+        }
+    }
+
+    pub(crate) fn label(&self) -> String {
+        match self {
+            CompileTarget::Cubin(a) => format!("cubin:{a}"),
+            CompileTarget::Ptx(a) => format!("ptx:{a}"),
+        }
+    }
+}
+
+/// The target for a device of compute capability `major.minor`, given the architectures
+/// (`major*10+minor`) this NVRTC supports. Hopper (9.0) gets the arch-specific `sm_90a`, which
+/// enables its own instructions.
+pub(crate) fn target_for(major: i32, minor: i32, supported: &[i32]) -> CompileTarget {
+    let arch = major * 10 + minor;
+    let suffix = if arch == 90 { "a" } else { "" };
+    if supported.is_empty() || supported.contains(&arch) {
+        return CompileTarget::Cubin(format!("sm_{arch}{suffix}"));
+    }
+    match supported.iter().copied().filter(|&a| a <= arch).max() {
+        Some(best) => CompileTarget::Ptx(format!("compute_{best}")),
+        // Older than anything NVRTC knows: let NVRTC say so when it compiles.
+        None => CompileTarget::Cubin(format!("sm_{arch}")),
+    }
+}
+
+/// The include directory passed to NVRTC: `DECODEBENCH_CUDA_INCLUDE`, else `$CUDA_HOME/include`,
+/// else `/usr/local/cuda/include`; only when it exists (the kernels include no toolkit header,
+/// but a modified kernel may).
+pub(crate) fn include_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os(INCLUDE_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("CUDA_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CUDA_HOME));
+            home.join("include")
+        });
+    dir.is_dir().then_some(dir)
+}
+
+/// NVRTC options for `target`. No fast math: the fp8 fallback decoding relies on denormals.
+pub(crate) fn compile_options(target: &CompileTarget, include: Option<&Path>) -> Vec<String> {
+    let mut options = vec![
+        target.arch_option(),
+        "--std=c++17".to_string(),
+        "--ftz=false".to_string(),
+        "--prec-div=true".to_string(),
+        "--prec-sqrt=true".to_string(),
+    ];
+    if let Some(dir) = include {
+        options.push(format!("--include-path={}", dir.display()));
+    }
+    if let Ok(extra) = std::env::var(EXTRA_OPTIONS_ENV) {
+        options.extend(extra.split_whitespace().map(str::to_string));
+    }
+    options
+}
+
+/// Cache key of one compilation.
+pub(crate) fn cache_key(
+    source: &str,
+    target: &CompileTarget,
+    nvrtc_version: &str,
+    options: &[String],
+) -> String {
+    let mut h = Sha256::new();
+    for part in [source, &target.label(), nvrtc_version, &options.join(" ")] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// The NVRTC version, as "major.minor".
+pub(crate) fn nvrtc_version() -> Result<String, CudaError> {
+    require_nvrtc()?;
+    guarded("reading the NVRTC version", || {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: two valid out-pointers.
+        unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }
+            .result()
+            .map_err(|e| CudaError::Nvrtc {
+                context: "reading its version".into(),
+                message: e.to_string(),
+            })?;
+        Ok(format!("{major}.{minor}"))
+    })
+}
+
+/// The architectures this NVRTC can compile for (`major*10+minor`).
+pub(crate) fn nvrtc_supported_archs() -> Result<Vec<i32>, CudaError> {
+    require_nvrtc()?;
+    guarded("listing NVRTC architectures", || {
+        let mut n = 0;
+        // SAFETY: valid out-pointer; then a buffer of exactly `n` ints.
+        unsafe { nvrtc_sys::nvrtcGetNumSupportedArchs(&mut n) }
+            .result()
+            .map_err(nvrtc_err("counting supported architectures"))?;
+        let mut archs = vec![0i32; n.max(0) as usize];
+        if n > 0 {
+            unsafe { nvrtc_sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
+                .result()
+                .map_err(nvrtc_err("listing supported architectures"))?;
+        }
+        Ok(archs)
+    })
+}
+
+fn nvrtc_err(context: &'static str) -> impl Fn(nvrtc::NvrtcError) -> CudaError {
+    move |e| CudaError::Nvrtc {
+        context: context.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// A compiled module: CUBIN bytes or PTX text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CompiledModule {
+    Cubin(Vec<u8>),
+    Ptx(String),
+}
+
+/// Compiles `source` with NVRTC. On a compile error the NVRTC log is in the error.
+pub(crate) fn nvrtc_compile(
+    source: &str,
+    target: &CompileTarget,
+    options: &[String],
+) -> Result<(CompiledModule, String), CudaError> {
+    require_nvrtc()?;
+    guarded("compiling kernels with NVRTC", || {
+        let src = CString::new(source).map_err(|_| CudaError::Nvrtc {
+            context: "creating the program".into(),
+            message: "the kernel source contains a NUL byte".into(),
+        })?;
+        let name = CString::new(PROGRAM_NAME).unwrap_or_default();
+        let prog =
+            nvrtc::create_program(&src, Some(&name)).map_err(nvrtc_err("creating the program"))?;
+        // SAFETY: `prog` was just created and is destroyed exactly once below; `src` and `name`
+        // outlive it.
+        let compiled = unsafe { compile_and_extract(prog, target, options) };
+        unsafe {
+            let _ = nvrtc::destroy_program(prog);
+        }
+        compiled
+    })
+}
+
+/// # Safety
+/// `prog` must be a live program from `create_program`.
+unsafe fn compile_and_extract(
+    prog: nvrtc_sys::nvrtcProgram,
+    target: &CompileTarget,
+    options: &[String],
+) -> Result<(CompiledModule, String), CudaError> {
+    if let Err(e) = nvrtc::compile_program(prog, options) {
+        let log = nvrtc::get_program_log(prog)
+            .map(|raw| c_chars_to_string(&raw))
+            .unwrap_or_else(|le| format!("(no log: {le})"));
+        let arch = match target {
+            CompileTarget::Cubin(a) | CompileTarget::Ptx(a) => a.clone(),
+        };
+        return Err(CudaError::Compile {
+            arch,
+            options: options.join(" "),
+            log: format!("{e}\n{log}"),
+        });
+    }
+    let log = nvrtc::get_program_log(prog)
+        .map(|raw| c_chars_to_string(&raw))
+        .unwrap_or_default();
+    let module = match target {
+        CompileTarget::Cubin(_) => {
+            let mut size = 0usize;
+            nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                .result()
+                .map_err(nvrtc_err("reading the CUBIN size"))?;
+            let mut cubin = vec![0u8; size];
+            nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char)
+                .result()
+                .map_err(nvrtc_err("reading the CUBIN"))?;
+            CompiledModule::Cubin(cubin)
+        }
+        CompileTarget::Ptx(_) => {
+            let raw = nvrtc::get_ptx(prog).map_err(nvrtc_err("reading the PTX"))?;
+            CompiledModule::Ptx(c_chars_to_string(&raw))
+        }
+    };
+    Ok((module, log))
+}
+
+fn c_chars_to_string(raw: &[c_char]) -> String {
+    let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).collect();
+    match CStr::from_bytes_until_nul(&bytes) {
+        Ok(s) => s.to_string_lossy().into_owned(),
+        Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+/// Compiled modules on disk, one file per cache key.
+#[derive(Debug, Clone)]
+pub struct CompileCache {
+    dir: Option<PathBuf>,
+}
+
+impl CompileCache {
+    /// The default cache: `$DECODEBENCH_CACHE_DIR`, else `$XDG_CACHE_HOME/decodebench`, else
+    /// `~/.cache/decodebench`; no cache when none of these can be named.
+    pub fn from_env() -> CompileCache {
+        let dir = std::env::var_os(CACHE_DIR_ENV)
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME")
+                    .filter(|v| !v.is_empty())
+                    .map(|x| PathBuf::from(x).join("decodebench"))
+            })
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/decodebench"))
+            });
+        CompileCache { dir }
+    }
+
+    /// A cache in `dir` (tests), or none.
+    pub fn at(dir: Option<PathBuf>) -> CompileCache {
+        CompileCache { dir }
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    fn path_of(&self, key: &str, target: &CompileTarget) -> Option<PathBuf> {
+        let ext = match target {
+            CompileTarget::Cubin(_) => "cubin",
+            CompileTarget::Ptx(_) => "ptx",
+        };
+        self.dir.as_ref().map(|d| d.join(format!("{key}.{ext}")))
+    }
+
+    pub(crate) fn load(&self, key: &str, target: &CompileTarget) -> Option<CompiledModule> {
+        let bytes = std::fs::read(self.path_of(key, target)?).ok()?;
+        if bytes.is_empty() {
+            return None;
+        }
+        Some(match target {
+            CompileTarget::Cubin(_) => CompiledModule::Cubin(bytes),
+            CompileTarget::Ptx(_) => CompiledModule::Ptx(String::from_utf8(bytes).ok()?),
+        })
+    }
+
+    /// Stores a module (written to a temporary file and renamed, so a reader never sees half a
+    /// file). Failures only cost the next start a compile, so they are logged, not returned.
+    pub(crate) fn store(&self, key: &str, target: &CompileTarget, module: &CompiledModule) {
+        let Some(path) = self.path_of(key, target) else {
+            return;
+        };
+        let bytes: &[u8] = match module {
+            CompiledModule::Cubin(b) => b,
+            CompiledModule::Ptx(s) => s.as_bytes(),
+        };
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let result = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|_| std::fs::write(&tmp, bytes))
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(path = %path.display(), error = %e, "could not cache compiled kernels");
+        }
+    }
+}
+
+/// Compiles the kernel program for `target` (or takes it from `cache`). Returns the module,
+/// whether it came from the cache, and NVRTC's log (empty from the cache).
+pub(crate) fn compile_program_cached(
+    cache: &CompileCache,
+    target: &CompileTarget,
+    nvrtc_version: &str,
+) -> Result<(CompiledModule, bool, String), CudaError> {
+    let source = program_source();
+    let include = include_dir();
+    let options = compile_options(target, include.as_deref());
+    let key = cache_key(&source, target, nvrtc_version, &options);
+    if let Some(module) = cache.load(&key, target) {
+        return Ok((module, true, String::new()));
+    }
+    let (module, log) = nvrtc_compile(&source, target, &options)?;
+    if !log.trim().is_empty() {
+        tracing::info!(target = %target.label(), log = %log.trim(), "NVRTC messages");
+    }
+    cache.store(&key, target, &module);
+    Ok((module, false, log))
+}
+
+/// Compiles the kernels for a device of compute capability `major.minor` without needing that
+/// device (NVRTC only) and stores the result in `cache`, e.g. to warm the cache of a container
+/// image. Returns a description of what was produced.
+pub fn precompile(major: i32, minor: i32, cache: &CompileCache) -> Result<String, CudaError> {
+    let supported = nvrtc_supported_archs()?;
+    let target = target_for(major, minor, &supported);
+    let started = std::time::Instant::now();
+    let (module, from_cache, log) = compile_program_cached(cache, &target, &nvrtc_version()?)?;
+    let size = match &module {
+        CompiledModule::Cubin(b) => b.len(),
+        CompiledModule::Ptx(s) => s.len(),
+    };
+    Ok(format!(
+        "{} ({size} bytes) {} in {:.2} s\n{}",
+        target.label(),
+        if from_cache {
+            "from the cache"
+        } else {
+            "compiled"
+        },
+        started.elapsed().as_secs_f64(),
+        log.trim()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hopper_gets_sm_90a_and_others_their_own_arch() {
+        let archs = [75, 80, 86, 89, 90, 100, 120];
+        assert_eq!(
+            target_for(9, 0, &archs),
+            CompileTarget::Cubin("sm_90a".into())
+        );
+        assert_eq!(
+            target_for(8, 6, &archs),
+            CompileTarget::Cubin("sm_86".into())
+        );
+        // A device newer than NVRTC knows: PTX for the newest known arch below it.
+        assert_eq!(
+            target_for(12, 1, &archs),
+            CompileTarget::Ptx("compute_120".into())
+        );
+    }
+
+    #[test]
+    fn cache_key_depends_on_every_input() {
+        let t = CompileTarget::Cubin("sm_90a".into());
+        let o = vec!["--std=c++17".to_string()];
+        let k = cache_key("src", &t, "13.0", &o);
+        assert_eq!(k, cache_key("src", &t, "13.0", &o));
+        assert_ne!(k, cache_key("src2", &t, "13.0", &o));
+        assert_ne!(
+            k,
+            cache_key("src", &CompileTarget::Cubin("sm_89".into()), "13.0", &o)
+        );
+        assert_ne!(k, cache_key("src", &t, "12.9", &o));
+        assert_ne!(k, cache_key("src", &t, "13.0", &["-O2".to_string()]));
+        assert_eq!(k.len(), 32);
+    }
+
+    #[test]
+    fn program_text_marks_every_file_and_hash_is_stable() {
+        let text = program_source();
+        for (name, _) in SOURCES {
+            assert!(text.contains(&format!("#line 1 \"{name}\"")), "{name}");
+        }
+        assert_eq!(kernel_source_hash(), kernel_source_hash());
+        assert_eq!(kernel_source_hash().len(), 64);
+    }
+
+    #[test]
+    fn cache_round_trips_and_ignores_missing_entries() {
+        let dir =
+            std::env::temp_dir().join(format!("decodebench-cache-test-{}", std::process::id()));
+        let cache = CompileCache::at(Some(dir.clone()));
+        let t = CompileTarget::Cubin("sm_90a".into());
+        assert!(cache.load("k1", &t).is_none());
+        let m = CompiledModule::Cubin(vec![1, 2, 3]);
+        cache.store("k1", &t, &m);
+        assert_eq!(cache.load("k1", &t), Some(m));
+        let p = CompileTarget::Ptx("compute_90".into());
+        let ptx = CompiledModule::Ptx(".version 8.0".into());
+        cache.store("k2", &p, &ptx);
+        assert_eq!(cache.load("k2", &p), Some(ptx));
+        let _ = std::fs::remove_dir_all(dir);
+        // No directory: nothing stored, nothing loaded, no error.
+        let none = CompileCache::at(None);
+        none.store("k1", &t, &CompiledModule::Cubin(vec![1]));
+        assert!(none.load("k1", &t).is_none());
+    }
+}

@@ -1,0 +1,609 @@
+//! Launch wrappers: the parameter block the kernels share, kernel names, launch geometry, and one
+//! function per kernel family. Every `unsafe` launch says why its arguments are valid.
+
+use super::device::DeviceSession;
+use super::plan::WorkItem;
+use super::CudaError;
+use crate::workload::{BenchCase, Dtype, KvLayout};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// Tokens each tz slice handles per pipeline stage (`DEC_TILE` in decode.cu).
+pub(crate) const DECODE_TILE_TOKENS: u32 = 4;
+/// Pipeline depth of the optimized kernel (`DEC_STAGES` in decode.cu).
+pub(crate) const DECODE_STAGES: u32 = 3;
+/// Threads the optimized kernel aims for per CTA: four warps keep enough CTAs per SM to hide
+/// latency while the group and head dimension set the rest of the shape.
+const DECODE_TARGET_THREADS: u32 = 128;
+/// `__launch_bounds__` of the optimized kernel.
+pub(crate) const DECODE_MAX_THREADS: u32 = 512;
+/// Dynamic shared memory a CTA gets without opting in.
+const DEFAULT_SMEM_LIMIT_BYTES: u32 = 48 * 1024;
+/// Threads of the baseline kernel (`BASE_WARPS * 32` in baseline.cu).
+pub(crate) const BASELINE_THREADS: u32 = 128;
+/// Threads of the reference kernel (`REF_THREADS` in reference.cu).
+pub(crate) const REFERENCE_THREADS: u32 = 256;
+/// Threads of the merge kernel.
+const MERGE_THREADS: u32 = 128;
+/// Threads per block of the element-wise kernels (generation, dequantization).
+const ELEMENTWISE_THREADS: u32 = 256;
+/// Blocks per SM of the grid-stride element-wise kernels: enough to saturate memory.
+const ELEMENTWISE_BLOCKS_PER_SM: u32 = 16;
+/// Head sizes with compiled kernels.
+pub(crate) const SUPPORTED_HEAD_SIZES: [u32; 3] = [64, 128, 256];
+
+/// Parameters of every attention kernel; must match `struct AttnParams` in common.cuh field for
+/// field (8-byte fields first, so neither side pads).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AttnParams {
+    pub q: u64,
+    pub kv: u64,
+    pub block_tables: u64,
+    pub seq_lens: u64,
+    pub out: u64,
+    pub out_sf: u64,
+    pub partial_o: u64,
+    pub partial_lse: u64,
+    pub work: u64,
+    pub split_offsets: u64,
+    pub page_stride: i64,
+    pub half_stride: i64,
+    pub head_stride: i64,
+    pub slot_stride: i64,
+    pub batch: i32,
+    pub num_qo_heads: i32,
+    pub num_kv_heads: i32,
+    pub head_size: i32,
+    pub max_blocks: i32,
+    pub block_shift: i32,
+    pub group: i32,
+    pub sf_cols: i32,
+    pub direct: i32,
+    pub pad0: i32,
+    pub q_scale: f32,
+    pub k_scale: f32,
+    pub v_scale: f32,
+    pub o_scale: f32,
+    pub o_sf_scale: f32,
+    pub sm_scale: f32,
+}
+
+// SAFETY: plain-old-data with the same layout as the C struct (all fields are fixed-size
+// integers or floats, 8-byte ones first).
+unsafe impl DeviceRepr for AttnParams {}
+// SAFETY: four i32, the layout of CUDA's int4.
+unsafe impl DeviceRepr for WorkItem {}
+
+/// Element strides of a case's paged cache: (page, K->V half, kv head, slot).
+pub(crate) fn cache_strides(case: &BenchCase) -> (i64, i64, i64, i64) {
+    let (h, blk, d) = (
+        case.num_kv_heads as i64,
+        case.block_size as i64,
+        case.head_size as i64,
+    );
+    let half = h * blk * d;
+    match case.layout {
+        KvLayout::Hnd => (2 * half, half, blk * d, d),
+        KvLayout::Nhd => (2 * half, half, d, h * d),
+    }
+}
+
+/// `AttnParams` for `case` with every shape and scale field set; pointers are left for the
+/// caller.
+pub(crate) fn case_params(case: &BenchCase) -> AttnParams {
+    let scales = crate::workload::Scales::for_case(case);
+    let (page, half, head, slot) = cache_strides(case);
+    AttnParams {
+        page_stride: page,
+        half_stride: half,
+        head_stride: head,
+        slot_stride: slot,
+        batch: case.batch_size as i32,
+        num_qo_heads: case.num_qo_heads as i32,
+        num_kv_heads: case.num_kv_heads as i32,
+        head_size: case.head_size as i32,
+        max_blocks: case.max_blocks_per_seq() as i32,
+        block_shift: case.block_size.max(1).trailing_zeros() as i32,
+        group: case.group_size() as i32,
+        sf_cols: (case.num_qo_heads * case.head_size / 16) as i32,
+        direct: 1,
+        q_scale: scales.q_scale,
+        k_scale: scales.k_scale,
+        v_scale: scales.v_scale,
+        o_scale: scales.o_scale,
+        o_sf_scale: scales.o_sf_scale,
+        sm_scale: scales.sm_scale,
+        ..Default::default()
+    }
+}
+
+fn dtype_tag(d: Dtype) -> &'static str {
+    d.as_str()
+}
+
+pub(crate) fn baseline_kernel_name(head: u32) -> String {
+    format!("baseline_d{head}_bf16_bf16_bf16")
+}
+
+pub(crate) fn decode_kernel_name(head: u32, q: Dtype, kv: Dtype, out: Dtype) -> String {
+    format!(
+        "decode_d{head}_{}_{}_{}",
+        dtype_tag(q),
+        dtype_tag(kv),
+        dtype_tag(out)
+    )
+}
+
+pub(crate) fn merge_kernel_name(head: u32, out: Dtype) -> String {
+    format!("merge_d{head}_{}", dtype_tag(out))
+}
+
+/// (q, kv) input combinations with compiled optimized kernels.
+const DECODE_INPUTS: [(Dtype, Dtype); 3] = [
+    (Dtype::Bf16, Dtype::Bf16),
+    (Dtype::Bf16, Dtype::Fp8),
+    (Dtype::Fp8, Dtype::Fp8),
+];
+const OUTPUTS: [Dtype; 3] = [Dtype::Bf16, Dtype::Fp8, Dtype::Nvfp4];
+
+/// Every kernel the module defines; all are looked up when a device session opens, so a missing
+/// one fails at start, not in the middle of a sweep.
+pub(crate) fn all_kernel_names() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "generate_q_bf16",
+        "generate_q_fp8",
+        "generate_kv_bf16",
+        "generate_kv_fp8",
+        "dequant_e4m3_to_bf16",
+        "calibrate_stream_read",
+        "reference_decode",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for head in SUPPORTED_HEAD_SIZES {
+        names.push(baseline_kernel_name(head));
+        for (q, kv) in DECODE_INPUTS {
+            for out in OUTPUTS {
+                names.push(decode_kernel_name(head, q, kv, out));
+            }
+        }
+        for out in OUTPUTS {
+            names.push(merge_kernel_name(head, out));
+        }
+    }
+    names
+}
+
+/// Thread-block shape and shared memory of the optimized kernel for one case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DecodeGeometry {
+    pub bdx: u32,
+    pub group: u32,
+    pub bdz: u32,
+    pub stage_tokens: u32,
+    pub smem_bytes: u32,
+}
+
+impl DecodeGeometry {
+    pub fn threads(&self) -> u32 {
+        self.bdx * self.group * self.bdz
+    }
+}
+
+/// The optimized kernel's geometry, or why the case does not fit it.
+pub(crate) fn decode_geometry(head: u32, group: u32, kv: Dtype) -> Result<DecodeGeometry, String> {
+    if !SUPPORTED_HEAD_SIZES.contains(&head) {
+        return Err(format!(
+            "head size {head} has no compiled kernel (supported: 64, 128, 256)"
+        ));
+    }
+    let bdx = head / 8;
+    let base = bdx * group.max(1);
+    if base > DECODE_MAX_THREADS {
+        return Err(format!(
+            "a GQA group of {group} with head size {head} needs {base} threads per CTA, more \
+             than the kernel's {DECODE_MAX_THREADS}"
+        ));
+    }
+    let mut bdz = DECODE_TARGET_THREADS.div_ceil(base).max(1);
+    while !(base * bdz).is_multiple_of(32) {
+        bdz += 1;
+    }
+    if base * bdz > DECODE_MAX_THREADS {
+        return Err(format!(
+            "GQA group {group} with head size {head} cannot be shaped into whole warps within \
+             {DECODE_MAX_THREADS} threads"
+        ));
+    }
+    let elem = if kv == Dtype::Fp8 { 1 } else { 2 };
+    let stage_tokens = bdz * DECODE_TILE_TOKENS;
+    let stages = DECODE_STAGES * 2 * stage_tokens * head * elem;
+    let reduce = 4 * (bdz * group * head + 2 * bdz * group + group * head);
+    Ok(DecodeGeometry {
+        bdx,
+        group,
+        bdz,
+        stage_tokens,
+        smem_bytes: stages.max(reduce),
+    })
+}
+
+fn missing(name: &str) -> CudaError {
+    CudaError::Nvrtc {
+        context: "looking up a kernel".into(),
+        message: format!("kernel {name} is not in the compiled module"),
+    }
+}
+
+fn launch_params(
+    session: &DeviceSession,
+    name: &str,
+    cfg: LaunchConfig,
+    params: &AttnParams,
+) -> Result<(), CudaError> {
+    let f = session.function(name).ok_or_else(|| missing(name))?;
+    let mut builder = session.stream.launch_builder(f);
+    builder.arg(params);
+    // SAFETY: every kernel launched here takes exactly one `AttnParams` by value; its pointers
+    // were set by the caller to live device buffers of the sizes the case implies, and the grid
+    // matches what the kernel indexes (checked by the callers' shape logic).
+    unsafe { builder.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+/// The GPU reference: f32 output, one CTA per (qo head, sequence).
+pub(crate) fn launch_reference(
+    session: &DeviceSession,
+    params: &AttnParams,
+    q_fp8: bool,
+    kv_fp8: bool,
+) -> Result<(), CudaError> {
+    let name = "reference_decode";
+    let f = session.function(name).ok_or_else(|| missing(name))?;
+    let cfg = LaunchConfig {
+        grid_dim: (params.num_qo_heads as u32, params.batch as u32, 1),
+        block_dim: (REFERENCE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (qf, kf) = (q_fp8 as i32, kv_fp8 as i32);
+    let mut builder = session.stream.launch_builder(f);
+    builder.arg(params).arg(&qf).arg(&kf);
+    // SAFETY: reference_decode(AttnParams, int, int); params point at live buffers (q, kv,
+    // tables, seq lens, an f32 output of batch*qo_heads*head elements).
+    unsafe { builder.launch(cfg) }.map_err(CudaError::driver("launching reference_decode"))?;
+    Ok(())
+}
+
+/// The baseline: bf16 in and out, one CTA per (qo head, sequence).
+pub(crate) fn launch_baseline(
+    session: &DeviceSession,
+    params: &AttnParams,
+) -> Result<(), CudaError> {
+    let cfg = LaunchConfig {
+        grid_dim: (params.num_qo_heads as u32, params.batch as u32, 1),
+        block_dim: (BASELINE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch_params(
+        session,
+        &baseline_kernel_name(params.head_size as u32),
+        cfg,
+        params,
+    )
+}
+
+/// The optimized kernel (and the merge when the plan splits sequences): one "call".
+pub(crate) fn launch_decode(
+    session: &DeviceSession,
+    params: &AttnParams,
+    geometry: &DecodeGeometry,
+    items: u32,
+    names: &DecodeNames,
+) -> Result<(), CudaError> {
+    let cfg = LaunchConfig {
+        grid_dim: (items, params.num_kv_heads as u32, 1),
+        block_dim: (geometry.bdx, geometry.group, geometry.bdz),
+        shared_mem_bytes: geometry.smem_bytes,
+    };
+    launch_params(session, &names.decode, cfg, params)?;
+    if params.direct == 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (params.num_qo_heads as u32, params.batch as u32, 1),
+            block_dim: (MERGE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch_params(session, &names.merge, cfg, params)?;
+    }
+    Ok(())
+}
+
+/// Kernel names of one optimized configuration (looked up once, not per launch).
+#[derive(Debug, Clone)]
+pub(crate) struct DecodeNames {
+    pub decode: String,
+    pub merge: String,
+}
+
+impl DecodeNames {
+    pub fn for_case(case: &BenchCase) -> DecodeNames {
+        DecodeNames {
+            decode: decode_kernel_name(case.head_size, case.quant.q, case.quant.kv, case.quant.out),
+            merge: merge_kernel_name(case.head_size, case.quant.out),
+        }
+    }
+}
+
+/// Raises the kernel's dynamic shared-memory limit when the geometry needs more than the default.
+pub(crate) fn prepare_decode(
+    session: &DeviceSession,
+    names: &DecodeNames,
+    geometry: &DecodeGeometry,
+) -> Result<(), CudaError> {
+    if geometry.smem_bytes > DEFAULT_SMEM_LIMIT_BYTES {
+        let f = session
+            .function(&names.decode)
+            .ok_or_else(|| missing(&names.decode))?;
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            geometry.smem_bytes as i32,
+        )
+        .map_err(CudaError::driver("raising the shared-memory limit"))?;
+    }
+    Ok(())
+}
+
+/// CTAs of the optimized kernel one SM runs at once.
+pub(crate) fn decode_ctas_per_sm(
+    session: &DeviceSession,
+    names: &DecodeNames,
+    geometry: &DecodeGeometry,
+) -> Result<u32, CudaError> {
+    let f = session
+        .function(&names.decode)
+        .ok_or_else(|| missing(&names.decode))?;
+    let n = f
+        .occupancy_max_active_blocks_per_multiprocessor(
+            geometry.threads(),
+            geometry.smem_bytes as usize,
+            None,
+        )
+        .map_err(CudaError::driver("querying occupancy"))?;
+    Ok(n.max(1))
+}
+
+/// Grid of a grid-stride element-wise kernel over `n` elements.
+fn elementwise_cfg(session: &DeviceSession, n: u64) -> LaunchConfig {
+    let max_blocks = session.props.sm_count * ELEMENTWISE_BLOCKS_PER_SM;
+    let blocks = n
+        .div_ceil(ELEMENTWISE_THREADS as u64)
+        .clamp(1, max_blocks as u64) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (ELEMENTWISE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Fills `out` (n elements of `dtype`) with the query's standard-normal values.
+pub(crate) fn launch_generate_q(
+    session: &DeviceSession,
+    out: u64,
+    n: u64,
+    dtype: Dtype,
+    seed: u64,
+    stream_salt: u64,
+    scale: f32,
+) -> Result<(), CudaError> {
+    let name = if dtype == Dtype::Fp8 {
+        "generate_q_fp8"
+    } else {
+        "generate_q_bf16"
+    };
+    let f = session.function(name).ok_or_else(|| missing(name))?;
+    let mut b = session.stream.launch_builder(f);
+    b.arg(&out).arg(&n).arg(&seed).arg(&stream_salt).arg(&scale);
+    // SAFETY: generate_q_*(out*, u64 n, u64 seed, u64 stream, float scale); `out` holds n
+    // elements of the dtype.
+    unsafe { b.launch(elementwise_cfg(session, n)) }
+        .map_err(CudaError::driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+/// Fills a KV pool (n elements) with standard-normal values in the case's layout.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_generate_kv(
+    session: &DeviceSession,
+    out: u64,
+    n: u64,
+    case: &BenchCase,
+    seed: u64,
+    stream_salt: u64,
+    k_scale: f32,
+    v_scale: f32,
+) -> Result<(), CudaError> {
+    let nhd = (case.layout == KvLayout::Nhd) as i32;
+    let (h, blk, d) = (
+        case.num_kv_heads as i32,
+        case.block_size as i32,
+        case.head_size as i32,
+    );
+    let cfg = elementwise_cfg(session, n);
+    if case.quant.kv == Dtype::Fp8 {
+        let name = "generate_kv_fp8";
+        let f = session.function(name).ok_or_else(|| missing(name))?;
+        let mut b = session.stream.launch_builder(f);
+        b.arg(&out)
+            .arg(&n)
+            .arg(&seed)
+            .arg(&stream_salt)
+            .arg(&nhd)
+            .arg(&h)
+            .arg(&blk)
+            .arg(&d)
+            .arg(&k_scale)
+            .arg(&v_scale);
+        // SAFETY: generate_kv_fp8(u8*, u64, u64, u64, int, int, int, int, float, float); `out`
+        // holds n bytes.
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
+    } else {
+        let name = "generate_kv_bf16";
+        let f = session.function(name).ok_or_else(|| missing(name))?;
+        let mut b = session.stream.launch_builder(f);
+        b.arg(&out)
+            .arg(&n)
+            .arg(&seed)
+            .arg(&stream_salt)
+            .arg(&nhd)
+            .arg(&h)
+            .arg(&blk)
+            .arg(&d);
+        // SAFETY: generate_kv_bf16(u16*, u64, u64, u64, int, int, int, int); `out` holds n
+        // bf16 elements.
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
+    }
+    Ok(())
+}
+
+/// bf16 copy (scales applied) of an e4m3 tensor; `half` > 0 for a paged cache (see generate.cu).
+pub(crate) fn launch_dequant(
+    session: &DeviceSession,
+    out: u64,
+    input: u64,
+    n: u64,
+    half: u64,
+    k_scale: f32,
+    v_scale: f32,
+) -> Result<(), CudaError> {
+    let name = "dequant_e4m3_to_bf16";
+    let f = session.function(name).ok_or_else(|| missing(name))?;
+    let mut b = session.stream.launch_builder(f);
+    b.arg(&out)
+        .arg(&input)
+        .arg(&n)
+        .arg(&half)
+        .arg(&k_scale)
+        .arg(&v_scale);
+    // SAFETY: dequant_e4m3_to_bf16(u16* out, const u8* in, u64 n, u64 half, float, float); `out`
+    // holds n bf16 elements and `input` n bytes.
+    unsafe { b.launch(elementwise_cfg(session, n)) }
+        .map_err(CudaError::driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+/// The streaming-read calibration kernel over `n16` 16-byte words.
+pub(crate) fn launch_stream_read(
+    session: &DeviceSession,
+    buf: u64,
+    n16: u64,
+    sink: u64,
+) -> Result<(), CudaError> {
+    let name = "calibrate_stream_read";
+    let f = session.function(name).ok_or_else(|| missing(name))?;
+    let cfg = LaunchConfig {
+        grid_dim: (session.props.sm_count * 8, 1, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = session.stream.launch_builder(f);
+    b.arg(&buf).arg(&n16).arg(&sink);
+    // SAFETY: calibrate_stream_read(const uint4*, u64, u32*); `buf` holds n16 16-byte words and
+    // `sink` one u32.
+    unsafe { b.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::{KvPool, MeasureMethod, QuantMode};
+
+    fn case(layout: KvLayout) -> BenchCase {
+        BenchCase {
+            id: String::new(),
+            batch_size: 2,
+            max_seq_len: 64,
+            quant: QuantMode::BF16,
+            num_qo_heads: 16,
+            num_kv_heads: 4,
+            head_size: 64,
+            layout,
+            block_size: 16,
+            pool: KvPool::Shared { tokens: 256 },
+            seed: 1,
+            method: MeasureMethod::default(),
+        }
+    }
+
+    #[test]
+    fn strides_reproduce_the_layout_offsets() {
+        for layout in [KvLayout::Hnd, KvLayout::Nhd] {
+            let c = case(layout);
+            let (page, half, head, slot) = cache_strides(&c);
+            for (p, kv, h, s, d) in [
+                (0usize, 0usize, 0usize, 0usize, 0usize),
+                (3, 1, 2, 5, 7),
+                (1, 0, 3, 15, 63),
+            ] {
+                let ours = p as i64 * page
+                    + kv as i64 * half
+                    + h as i64 * head
+                    + s as i64 * slot
+                    + d as i64;
+                let theirs = layout.offset(p, kv, h, s, d, 4, 16, 64) as i64;
+                assert_eq!(ours, theirs, "{layout} {p} {kv} {h} {s} {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn params_block_has_the_c_layout_size() {
+        // 10 pointers + 4 i64 + 10 i32 + 6 f32.
+        assert_eq!(
+            std::mem::size_of::<AttnParams>(),
+            10 * 8 + 4 * 8 + 10 * 4 + 6 * 4
+        );
+        assert_eq!(std::mem::size_of::<WorkItem>(), 16);
+    }
+
+    #[test]
+    fn geometry_fills_whole_warps_and_fits_shared_memory() {
+        for head in SUPPORTED_HEAD_SIZES {
+            for group in 1..=16 {
+                for kv in [Dtype::Bf16, Dtype::Fp8] {
+                    let g = decode_geometry(head, group, kv).unwrap();
+                    assert_eq!(g.threads() % 32, 0, "head {head} group {group}");
+                    assert!(g.threads() <= DECODE_MAX_THREADS);
+                    assert!(g.smem_bytes <= DEFAULT_SMEM_LIMIT_BYTES, "{g:?}");
+                    assert_eq!(32 % g.bdx, 0, "a token's lanes must sit in one warp");
+                }
+            }
+        }
+        assert!(decode_geometry(96, 8, Dtype::Bf16).is_err());
+        assert!(decode_geometry(256, 17, Dtype::Bf16).is_err());
+    }
+
+    #[test]
+    fn rust_constants_match_the_cuda_sources() {
+        let decode = include_str!("../../cuda/decode.cu");
+        assert!(decode.contains(&format!("#define DEC_TILE {DECODE_TILE_TOKENS}")));
+        assert!(decode.contains(&format!("#define DEC_STAGES {DECODE_STAGES}")));
+        assert!(decode.contains(&format!("__launch_bounds__({DECODE_MAX_THREADS})")));
+        let baseline = include_str!("../../cuda/baseline.cu");
+        assert!(baseline.contains(&format!("#define BASE_WARPS {}", BASELINE_THREADS / 32)));
+        let reference = include_str!("../../cuda/reference.cu");
+        assert!(reference.contains(&format!("#define REF_THREADS {REFERENCE_THREADS}")));
+    }
+
+    #[test]
+    fn kernel_names_follow_the_root_dtype_pattern() {
+        let names = all_kernel_names();
+        assert!(names.contains(&"decode_d128_fp8_fp8_nvfp4".to_string()));
+        assert!(names.contains(&"baseline_d128_bf16_bf16_bf16".to_string()));
+        assert!(names.contains(&"merge_d256_fp8".to_string()));
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len());
+    }
+}

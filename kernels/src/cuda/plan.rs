@@ -1,0 +1,165 @@
+//! The split-KV planner of the optimized kernel (flash-decoding): how many CTAs work on each
+//! sequence, so that a small batch of long sequences still fills every SM, while a batch that
+//! already fills the GPU pays no merge pass.
+//!
+//! The unit of work is a (sequence, kv head) pair. When there are at least as many pairs as the
+//! GPU runs CTAs at once, each pair is one CTA that writes the final output. Otherwise the tokens
+//! of all sequences are cut into chunks of equal length (a multiple of the kernel's pipeline
+//! stage, at least [`MIN_CHUNK_TOKENS`]) sized for one full wave; each chunk writes a partial
+//! output and its log-sum-exp, and a merge kernel combines them.
+
+/// Smallest chunk worth a CTA of its own: below this the partial output (f32, all heads of the
+/// group) and the merge cost more than the parallelism gains. 256 tokens of an fp8 cache with
+/// head 128 are 64 KiB of K and V, against 4 KiB of partial output for a group of 8.
+pub const MIN_CHUNK_TOKENS: u32 = 256;
+
+/// One work item: a token range of one sequence. `Copy` and `repr(C)` so it can go to the device
+/// as the kernel's `int4`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WorkItem {
+    pub batch: i32,
+    pub token_begin: i32,
+    pub token_end: i32,
+    pub unused: i32,
+}
+
+/// The plan for one case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitPlan {
+    /// Work items, grouped by sequence in order (the grid's x dimension; y is the kv head).
+    pub items: Vec<WorkItem>,
+    /// `split_offsets[b]..split_offsets[b+1]` are sequence b's items.
+    pub split_offsets: Vec<i32>,
+    /// Tokens per item (the last item of a sequence may be shorter).
+    pub chunk_tokens: u32,
+    /// True when every sequence has exactly one item: the kernel writes final outputs and no
+    /// merge runs.
+    pub direct: bool,
+}
+
+impl SplitPlan {
+    pub fn max_splits(&self) -> usize {
+        self.split_offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Plans the split of `seq_lens` over `num_kv_heads` heads for a GPU that runs
+/// `concurrent_ctas` CTAs of the kernel at once. Chunks are multiples of `stage_tokens` and at
+/// least `min_chunk_tokens` long.
+pub fn plan_splits(
+    seq_lens: &[u32],
+    num_kv_heads: u32,
+    concurrent_ctas: u32,
+    stage_tokens: u32,
+    min_chunk_tokens: u32,
+) -> SplitPlan {
+    let stage = stage_tokens.max(1) as u64;
+    let max_len = seq_lens.iter().copied().max().unwrap_or(0) as u64;
+    let pairs = seq_lens.len() as u64 * num_kv_heads.max(1) as u64;
+    let chunk = if pairs >= concurrent_ctas.max(1) as u64 {
+        max_len.max(1)
+    } else {
+        let total: u64 =
+            seq_lens.iter().map(|&s| s as u64).sum::<u64>() * num_kv_heads.max(1) as u64;
+        let per_cta = total.div_ceil(concurrent_ctas.max(1) as u64);
+        let chunk = per_cta.max(min_chunk_tokens.max(1) as u64).div_ceil(stage) * stage;
+        // A chunk longer than every sequence means no sequence splits.
+        chunk.min(max_len.max(1))
+    };
+    let mut items = Vec::new();
+    let mut split_offsets = Vec::with_capacity(seq_lens.len() + 1);
+    for (b, &len) in seq_lens.iter().enumerate() {
+        split_offsets.push(items.len() as i32);
+        let n = (len as u64).div_ceil(chunk).max(1);
+        for i in 0..n {
+            let begin = (i * chunk).min(len as u64);
+            let end = ((i + 1) * chunk).min(len as u64);
+            items.push(WorkItem {
+                batch: b as i32,
+                token_begin: begin as i32,
+                token_end: end as i32,
+                unused: 0,
+            });
+        }
+    }
+    split_offsets.push(items.len() as i32);
+    let direct = items.len() == seq_lens.len();
+    SplitPlan {
+        items,
+        split_offsets,
+        chunk_tokens: chunk as u32,
+        direct,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covers_every_token(plan: &SplitPlan, seq_lens: &[u32]) {
+        for (b, &len) in seq_lens.iter().enumerate() {
+            let (lo, hi) = (
+                plan.split_offsets[b] as usize,
+                plan.split_offsets[b + 1] as usize,
+            );
+            assert!(hi > lo, "sequence {b} has no item");
+            let mut next = 0;
+            for item in &plan.items[lo..hi] {
+                assert_eq!(item.batch, b as i32);
+                assert_eq!(item.token_begin, next);
+                assert!(item.token_end > item.token_begin || len == 0);
+                next = item.token_end;
+            }
+            assert_eq!(next, len as i32);
+        }
+    }
+
+    #[test]
+    fn big_batches_are_not_split() {
+        let lens = vec![4096u32; 256];
+        let plan = plan_splits(&lens, 8, 132 * 8, 4, MIN_CHUNK_TOKENS);
+        assert!(plan.direct);
+        assert_eq!(plan.items.len(), 256);
+        covers_every_token(&plan, &lens);
+    }
+
+    #[test]
+    fn small_batches_of_long_sequences_fill_the_gpu() {
+        let lens = vec![131072u32];
+        let ctas = 132 * 8;
+        let plan = plan_splits(&lens, 8, ctas, 4, MIN_CHUNK_TOKENS);
+        assert!(!plan.direct);
+        covers_every_token(&plan, &lens);
+        let total_ctas = plan.items.len() as u32 * 8;
+        assert!(total_ctas >= ctas, "{total_ctas} CTAs for {ctas} slots");
+        assert!(total_ctas <= ctas + 8, "one wave, not more: {total_ctas}");
+        assert_eq!(plan.chunk_tokens % 4, 0);
+    }
+
+    #[test]
+    fn chunks_respect_the_minimum_and_the_stage() {
+        let lens = vec![300u32, 1, 1000];
+        let plan = plan_splits(&lens, 2, 10_000, 16, MIN_CHUNK_TOKENS);
+        assert_eq!(plan.chunk_tokens, MIN_CHUNK_TOKENS);
+        covers_every_token(&plan, &lens);
+        assert_eq!(plan.max_splits(), 4);
+        // Forced small chunks (the self-test uses this to exercise the merge).
+        let plan = plan_splits(&lens, 2, 10_000, 16, 16);
+        assert_eq!(plan.chunk_tokens, 16);
+        covers_every_token(&plan, &lens);
+        assert_eq!(plan.max_splits(), 1000usize.div_ceil(16));
+    }
+
+    #[test]
+    fn short_sequences_stay_whole() {
+        let lens = vec![10u32, 20, 30];
+        let plan = plan_splits(&lens, 1, 10_000, 4, MIN_CHUNK_TOKENS);
+        assert!(plan.direct);
+        covers_every_token(&plan, &lens);
+    }
+}

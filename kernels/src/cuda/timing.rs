@@ -1,0 +1,244 @@
+//! Timing a kernel call on the device, as the case's [`MeasureMethod`] asks: CUDA events around
+//! each call (or around a CUDA-graph replay of several calls), optional L2 flush before each
+//! timed trial, a fixed number of trials or noise-based stopping, and the streaming-read
+//! calibration that gives every result its fraction of the achievable bandwidth.
+
+use super::data::{alloc_bytes, dptr, CaseError};
+use super::device::DeviceSession;
+use super::launch::launch_stream_read;
+use super::verify::memset;
+use super::CudaError;
+use crate::backend::TelemetryProbe;
+use crate::measurement::{percentile, Telemetry, TimingStats};
+use crate::workload::{L2Mode, MeasureMethod, TimingMode};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaEvent, CudaSlice};
+use std::time::Instant;
+
+/// Trials recorded between two host synchronizations: the GPU runs them back to back, and the
+/// host reads their events in one go.
+const TRIAL_BATCH: usize = 16;
+
+/// Flush buffer size as a multiple of the L2 size: writing twice the cache evicts what a previous
+/// call left in it.
+const L2_FLUSH_FACTOR: u64 = 2;
+
+/// Streaming-read calibration: bytes read per repeat (capped by free memory), repeats, warm-up.
+const CALIBRATION_BYTES: u64 = 4 << 30;
+const CALIBRATION_REPEATS: usize = 15;
+const CALIBRATION_WARMUP: usize = 3;
+
+/// What the timed trials of one kernel produced.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TimedTrials {
+    pub samples_ms: Vec<f64>,
+    pub rse_target_met: Option<bool>,
+    pub telemetry: Telemetry,
+}
+
+/// Buffer that evicts L2 when written, sized from the device's L2.
+pub(crate) fn l2_flush_buffer(session: &DeviceSession) -> Result<CudaSlice<u8>, CaseError> {
+    let bytes = session.props.l2_bytes.max(1 << 20) * L2_FLUSH_FACTOR;
+    alloc_bytes(session, bytes, "the L2 flush buffer")
+}
+
+fn timing_event(session: &DeviceSession) -> Result<CudaEvent, CudaError> {
+    session
+        .ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(CudaError::driver("creating a timing event"))
+}
+
+/// Whether noise-based stopping says to stop after `samples`.
+pub(crate) fn enough_trials(
+    method: &MeasureMethod,
+    samples: &[f64],
+    started: Instant,
+) -> (bool, Option<bool>) {
+    let n = samples.len() as u32;
+    let fixed = method.trials.max(1);
+    match method.target_rse {
+        None => (n >= fixed, None),
+        Some(target) => {
+            let met = TimingStats::from_samples(samples).is_some_and(|s| s.rse <= target);
+            let out_of_budget = n >= method.max_trials.max(fixed)
+                || started.elapsed().as_secs_f64() >= method.max_time_s;
+            (n >= fixed && (met || out_of_budget), Some(met))
+        }
+    }
+}
+
+/// Times `call` (one kernel call, possibly several launches) under `method`.
+pub(crate) fn time_calls(
+    session: &DeviceSession,
+    method: &MeasureMethod,
+    flush: Option<&mut CudaSlice<u8>>,
+    probe: &mut dyn TelemetryProbe,
+    call: &dyn Fn() -> Result<(), CudaError>,
+) -> Result<TimedTrials, CudaError> {
+    let cold = method.l2 == L2Mode::Cold;
+    let mut flush = if cold { flush } else { None };
+    let stream = &session.stream;
+    let sync = |what: &str| {
+        stream
+            .synchronize()
+            .map_err(CudaError::driver(format!("synchronizing after {what}")))
+    };
+
+    // Graph mode: capture `graph_launches` calls once; a trial replays them.
+    let launches = method.graph_launches.max(1);
+    let graph = if method.timing == TimingMode::Graph {
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(CudaError::driver("starting graph capture"))?;
+        let mut captured = Ok(());
+        for _ in 0..launches {
+            captured = call();
+            if captured.is_err() {
+                break;
+            }
+        }
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+        captured?;
+        let graph = graph
+            .map_err(CudaError::driver("instantiating the captured graph"))?
+            .ok_or_else(|| CudaError::Nvrtc {
+                context: "capturing a graph".into(),
+                message: "the capture produced no graph".into(),
+            })?;
+        graph
+            .upload()
+            .map_err(CudaError::driver("uploading the graph"))?;
+        Some(graph)
+    } else {
+        None
+    };
+    let run_once = || -> Result<(), CudaError> {
+        match &graph {
+            Some(g) => g.launch().map_err(CudaError::driver("replaying the graph")),
+            None => call(),
+        }
+    };
+
+    for _ in 0..method.warmup.max(1) {
+        run_once()?;
+    }
+    sync("warm-up")?;
+
+    let events: Vec<(CudaEvent, CudaEvent)> = (0..TRIAL_BATCH)
+        .map(|_| Ok((timing_event(session)?, timing_event(session)?)))
+        .collect::<Result<_, CudaError>>()?;
+    let per_trial_calls = if graph.is_some() { launches } else { 1 } as u64;
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    probe.begin();
+    loop {
+        for (start, end) in &events {
+            if let Some(buf) = flush.as_deref_mut() {
+                memset(session, buf, (samples.len() & 0xff) as u8)?;
+            }
+            start
+                .record(stream)
+                .map_err(CudaError::driver("recording a timing event"))?;
+            run_once()?;
+            end.record(stream)
+                .map_err(CudaError::driver("recording a timing event"))?;
+        }
+        sync("timed trials")?;
+        for (start, end) in &events {
+            let ms = start
+                .elapsed_ms(end)
+                .map_err(CudaError::driver("reading a timing event"))? as f64;
+            samples.push(ms / per_trial_calls as f64);
+            let (stop, rse_met) = enough_trials(method, &samples, started);
+            if stop {
+                let calls = samples.len() as u64 * per_trial_calls;
+                let telemetry = probe.end(calls);
+                return Ok(TimedTrials {
+                    samples_ms: samples,
+                    rse_target_met: rse_met,
+                    telemetry,
+                });
+            }
+        }
+    }
+}
+
+/// Measures streaming-read bandwidth (GB/s, 1e9 bytes/s): the median of repeated reads of a
+/// multi-GiB buffer with 16-byte loads.
+pub(crate) fn calibrate_read_bandwidth(session: &DeviceSession) -> Result<f64, CaseError> {
+    let (free, _) = session.memory()?;
+    let bytes = (CALIBRATION_BYTES.min(free / 4) / 16) * 16;
+    if bytes < (64 << 20) {
+        return Err(CaseError::Oom(format!(
+            "calibration needs at least 64 MiB free; {} bytes are",
+            free
+        )));
+    }
+    let mut buf = alloc_bytes(session, bytes, "the calibration buffer")?;
+    memset(session, &mut buf, 0)?;
+    let mut sink = alloc_bytes(session, 16, "the calibration sink")?;
+    memset(session, &mut sink, 0)?;
+    let (bp, sp) = (dptr(session, &buf), dptr(session, &sink));
+    for _ in 0..CALIBRATION_WARMUP {
+        launch_stream_read(session, bp, bytes / 16, sp)?;
+    }
+    let mut samples = Vec::with_capacity(CALIBRATION_REPEATS);
+    for _ in 0..CALIBRATION_REPEATS {
+        let (start, end) = (timing_event(session)?, timing_event(session)?);
+        start
+            .record(&session.stream)
+            .map_err(CudaError::driver("recording a timing event"))?;
+        launch_stream_read(session, bp, bytes / 16, sp)?;
+        end.record(&session.stream)
+            .map_err(CudaError::driver("recording a timing event"))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(CudaError::driver("reading a timing event"))? as f64;
+        samples.push(bytes as f64 / (ms * 1e-3) / 1e9);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(percentile(&samples, 50.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_trials_stop_at_the_count() {
+        let m = MeasureMethod {
+            trials: 3,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        assert_eq!(enough_trials(&m, &[1.0, 1.0], t), (false, None));
+        assert_eq!(enough_trials(&m, &[1.0, 1.0, 1.0], t), (true, None));
+    }
+
+    #[test]
+    fn noise_based_stopping_waits_for_the_target_or_the_budget() {
+        let m = MeasureMethod {
+            trials: 3,
+            target_rse: Some(0.01),
+            max_trials: 6,
+            max_time_s: 1e9,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        // Quiet samples: the target is met once the minimum count is reached.
+        assert_eq!(enough_trials(&m, &[1.0, 1.0], t), (false, Some(true)));
+        assert_eq!(enough_trials(&m, &[1.0, 1.0, 1.0], t), (true, Some(true)));
+        // Noisy samples: keep going until max_trials, then stop with the target unmet.
+        let noisy = [1.0, 2.0, 1.0, 2.0, 1.0];
+        assert_eq!(enough_trials(&m, &noisy, t), (false, Some(false)));
+        let noisy6 = [1.0, 2.0, 1.0, 2.0, 1.0, 2.0];
+        assert_eq!(enough_trials(&m, &noisy6, t), (true, Some(false)));
+        // Time budget spent: stop too.
+        let m0 = MeasureMethod {
+            max_time_s: 0.0,
+            ..m
+        };
+        assert_eq!(enough_trials(&m0, &noisy, t), (true, Some(false)));
+    }
+}
