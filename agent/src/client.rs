@@ -346,7 +346,12 @@ impl Agent {
             let started = Instant::now();
             let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
             let mut p = probe.lock().unwrap_or_else(|e| e.into_inner());
-            let mut m = b.run_case(&c, p.as_mut());
+            let mut m = crate::gating::run_gated(
+                b.as_mut(),
+                p.as_mut(),
+                &c,
+                crate::gating::THROTTLE_COOLDOWN,
+            );
             m.case_id = c.id.clone();
             if m.wall_s == 0.0 {
                 m.wall_s = started.elapsed().as_secs_f64();

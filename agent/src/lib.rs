@@ -6,3 +6,4 @@ pub mod identity;
 pub mod telemetry;
 pub mod client;
 pub mod backends;
+pub mod gating;
