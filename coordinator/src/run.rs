@@ -195,6 +195,7 @@ pub async fn serve(
     let mut shutdown = Box::pin(shutdown);
     let mut ticker = tokio::time::interval(TICK_PERIOD);
     let mut interrupted = false;
+    let mut wrote_on_finish = false;
     loop {
         tokio::select! {
             _ = &mut shutdown => {
@@ -214,6 +215,26 @@ pub async fn serve(
         progress.update(&p);
         if p.finished && cfg.exit_when_done {
             break;
+        }
+        if p.finished && !wrote_on_finish {
+            // A long-lived coordinator (--keep-serving) publishes the outputs as soon as the grid
+            // is complete, not only when it is stopped.
+            wrote_on_finish = true;
+            let records = shared.records().clone();
+            let dir = cfg.out_dir.clone();
+            match tokio::task::spawn_blocking(move || {
+                write_outputs(&dir, &records, chrono::Local::now())
+            })
+            .await
+            {
+                Ok(Ok(paths)) => {
+                    tracing::info!(parquet = %paths.parquet.display(), "grid complete; outputs written (still serving)")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "grid complete but writing the outputs failed")
+                }
+                Err(e) => tracing::error!(error = %e, "output writer task failed"),
+            }
         }
     }
     progress.finish();
