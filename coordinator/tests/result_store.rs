@@ -1,0 +1,192 @@
+//! The result store end to end, as the coordinator uses it: expand a preset grid, journal one
+//! result per case, "crash" with a torn tail, resume from the journal, and write the three output
+//! files, then read them back with the Parquet and CSV readers.
+//!
+//! The measurements are synthetic (made up from the case parameters so that every value is
+//! checkable); no kernel runs here.
+
+use arrow::array::AsArray;
+use arrow::datatypes::{Float64Type, UInt32Type};
+use chrono::TimeZone;
+use decodebench_coordinator::grid::Grid;
+use decodebench_coordinator::journal::{Journal, JournalMeta, JOURNAL_FILE_NAME};
+use decodebench_coordinator::record::ResultRecord;
+use decodebench_coordinator::schema::{self, SAMPLES_COLUMN};
+use decodebench_coordinator::sink::{self, parquet::read_parquet};
+use decodebench_kernels::{
+    BenchCase, CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement, Status,
+};
+use std::fs::OpenOptions;
+
+/// A synthetic result: the optimized kernel takes `batch/100` ms per trial, the baseline twice
+/// that; fp8-output cases report the optimized kernel as skipped.
+fn synthetic_record(case: &BenchCase, attempt: u32) -> ResultRecord {
+    let base_ms = f64::from(case.batch_size) / 100.0;
+    let kernel = |kind: KernelKind, ms: f64| {
+        let mut k = KernelMeasurement {
+            kernel: Some(kind),
+            status: Some(Status::Ok),
+            samples_ms: (0..case.method.trials)
+                .map(|i| ms + f64::from(i) * 1e-4)
+                .collect(),
+            bytes_per_call: 1 << 20,
+            ..Default::default()
+        };
+        k.finish_stats(Some(3100.0));
+        k
+    };
+    let optimized = if case.quant.out == decodebench_kernels::Dtype::Fp8 {
+        KernelMeasurement::not_timed(
+            KernelKind::Optimized,
+            Status::Skipped,
+            "not on this backend",
+        )
+    } else {
+        kernel(KernelKind::Optimized, base_ms)
+    };
+    ResultRecord {
+        run_id: "it-run".into(),
+        agent_id: "agent-0".into(),
+        attempt,
+        received_unix_ms: 1_750_000_000_000,
+        git_revision: "0123abcd".into(),
+        case: case.clone(),
+        device: DeviceIdentity {
+            backend: "cpu".into(),
+            name: "test cpu".into(),
+            uuid: "cpu-0".into(),
+            sku: "test cpu".into(),
+            host: "localhost".into(),
+            ..Default::default()
+        },
+        measurement: CaseMeasurement {
+            case_id: case.id.clone(),
+            kernels: vec![kernel(KernelKind::Baseline, 2.0 * base_ms), optimized],
+            wall_s: 0.25,
+        },
+    }
+}
+
+#[test]
+fn journal_resume_and_outputs_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    let grid = Grid::preset("smoke").unwrap();
+    let cases = grid.expand();
+    let meta = JournalMeta {
+        run_id: "it-run".into(),
+        grid_hash: grid.grid_hash(),
+    };
+
+    // First coordinator: journals all but the last case, then "crashes" mid-append.
+    let all: Vec<ResultRecord> = cases.iter().map(|c| synthetic_record(c, 1)).collect();
+    {
+        let (mut journal, replayed) = Journal::open(out, &meta).unwrap();
+        assert!(replayed.is_empty());
+        let (first, rest) = all[..all.len() - 1].split_at(3);
+        for r in first {
+            journal.append(r).unwrap();
+        }
+        journal.append_batch(rest).unwrap();
+        journal.append(&all[all.len() - 1]).unwrap();
+    }
+    let path = out.join(JOURNAL_FILE_NAME);
+    let len = std::fs::metadata(&path).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+
+    // Second coordinator: resumes, finds the last case missing, and runs it again.
+    let (mut journal, mut records) = Journal::open(out, &meta).unwrap();
+    assert_eq!(records.len(), cases.len() - 1);
+    assert_eq!(records[..], all[..all.len() - 1]);
+    let redo = synthetic_record(&cases[cases.len() - 1], 2);
+    journal.append(&redo).unwrap();
+    records.push(redo);
+    drop(journal);
+
+    // A different grid cannot resume this directory.
+    let other = Grid::preset("seed").unwrap();
+    let refused = Journal::open(
+        out,
+        &JournalMeta {
+            run_id: "x".into(),
+            grid_hash: other.grid_hash(),
+        },
+    );
+    assert!(refused.is_err());
+
+    let ts = chrono::Local.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+    let paths = sink::write_outputs(out, &records, ts).unwrap();
+
+    // Parquet: two rows per case, the schema's columns, samples intact.
+    let batches = read_parquet(&paths.parquet).unwrap();
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 2 * cases.len());
+    let batch = arrow::compute::concat_batches(&schema::schema(), &batches).unwrap();
+    let samples = batch
+        .column_by_name(SAMPLES_COLUMN)
+        .unwrap()
+        .as_list::<i32>();
+    let batch_sizes = batch
+        .column_by_name("batch_size")
+        .unwrap()
+        .as_primitive::<UInt32Type>();
+    let kernels = batch.column_by_name("kernel").unwrap().as_string::<i32>();
+    let statuses = batch.column_by_name("status").unwrap().as_string::<i32>();
+    for row in 0..batch.num_rows() {
+        let values = samples.value(row);
+        let values = values.as_primitive::<Float64Type>();
+        if statuses.value(row) == "skipped" {
+            assert_eq!(values.len(), 0);
+            continue;
+        }
+        assert_eq!(values.len() as u32, grid.method().trials);
+        let scale = if kernels.value(row) == "baseline" {
+            2.0
+        } else {
+            1.0
+        };
+        let expected = scale * f64::from(batch_sizes.value(row)) / 100.0;
+        assert_eq!(values.value(0), expected, "row {row}");
+    }
+    let attempts = batch
+        .column_by_name("attempt")
+        .unwrap()
+        .as_primitive::<UInt32Type>();
+    assert_eq!(attempts.value(batch.num_rows() - 1), 2);
+
+    // Flat CSV: same rows.
+    let mut reader = csv::Reader::from_path(&paths.csv).unwrap();
+    assert_eq!(
+        reader.headers().unwrap().len(),
+        schema::schema().fields().len()
+    );
+    assert_eq!(reader.records().count(), 2 * cases.len());
+
+    // Reference CSV: one row per case, exact header, skipped kernels as empty cells.
+    let text = std::fs::read_to_string(&paths.reference_csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "batch_size,trtllm_mean,trtllm_std,baseline_mean,baseline_std,speedup_percent,q_dtype,\
+         kv_cache_dtype,output_dtype,block_size,num_kv_heads,head_size,max_seq_len"
+    );
+    let body: Vec<&str> = lines.collect();
+    assert_eq!(body.len(), cases.len());
+    let fp8_out: Vec<&&str> = body
+        .iter()
+        .filter(|l| l.contains(",torch.float8_e4m3fn,torch.float8_e4m3fn,torch.float8_e4m3fn,"))
+        .collect();
+    assert_eq!(fp8_out.len(), 4);
+    assert!(fp8_out.iter().all(|l| l.split(',').nth(1) == Some("")));
+    let bf16 = body
+        .iter()
+        .find(|l| l.starts_with("4,") && l.contains("torch.bfloat16,torch.bfloat16,torch.bfloat16"))
+        .unwrap();
+    let speedup: f64 = bf16.split(',').nth(5).unwrap().parse().unwrap();
+    assert!((speedup - 0.5).abs() < 5e-3, "{bf16}");
+}
