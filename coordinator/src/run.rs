@@ -120,6 +120,7 @@ pub async fn serve(
     };
     let (journal, replayed) = Journal::open(&cfg.out_dir, &meta)?;
     let run_id = journal.meta().run_id.clone();
+    let stamp = run_timestamp(&run_id);
     let resumed = replayed.len();
     let placement = cfg.scheduler.placement;
     let done_keys: Vec<String> = replayed
@@ -222,11 +223,7 @@ pub async fn serve(
             wrote_on_finish = true;
             let records = shared.records().clone();
             let dir = cfg.out_dir.clone();
-            match tokio::task::spawn_blocking(move || {
-                write_outputs(&dir, &records, chrono::Local::now())
-            })
-            .await
-            {
+            match tokio::task::spawn_blocking(move || write_outputs(&dir, &records, stamp)).await {
                 Ok(Ok(paths)) => {
                     tracing::info!(parquet = %paths.parquet.display(), "grid complete; outputs written (still serving)")
                 }
@@ -286,12 +283,9 @@ pub async fn serve(
     } else {
         let dir = cfg.out_dir.clone();
         let recs = records;
-        let paths =
-            tokio::task::spawn_blocking(move || write_outputs(&dir, &recs, chrono::Local::now()))
-                .await
-                .map_err(|e| {
-                    CoordinatorError::Serve(format!("output writer task failed: {e}"))
-                })??;
+        let paths = tokio::task::spawn_blocking(move || write_outputs(&dir, &recs, stamp))
+            .await
+            .map_err(|e| CoordinatorError::Serve(format!("output writer task failed: {e}")))??;
         Some(paths)
     };
     Ok(RunSummary {
@@ -314,6 +308,16 @@ fn new_run_id() -> String {
         chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
         rand::rng().random::<u32>()
     )
+}
+
+/// The time a run started, from its id, so every write of its outputs (on completion, on a signal,
+/// after a resume) names the reference CSV the same and replaces it rather than adding another.
+fn run_timestamp(run_id: &str) -> chrono::DateTime<chrono::Local> {
+    run_id
+        .get(..16)
+        .and_then(|s| chrono::NaiveDateTime::parse_from_str(s, "%Y%m%dT%H%M%SZ").ok())
+        .map(|t| t.and_utc().with_timezone(&chrono::Local))
+        .unwrap_or_else(chrono::Local::now)
 }
 
 /// Identifies the set of cases a run measures (the grid after command-line overrides): a journal
@@ -357,4 +361,21 @@ fn spawn_journal_writer(
                 }
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_carry_their_start_time() {
+        let id = new_run_id();
+        let t = run_timestamp(&id);
+        let age = chrono::Local::now().signed_duration_since(t);
+        assert!(age.num_seconds().abs() <= 2, "{id} -> {t}");
+        assert_eq!(
+            run_timestamp("20240102T030405Z-deadbeef").with_timezone(&chrono::Utc).to_rfc3339(),
+            "2024-01-02T03:04:05+00:00"
+        );
+    }
 }
