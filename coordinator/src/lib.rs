@@ -1,5 +1,6 @@
 //! The decodebench coordinator: expands and validates the grid, schedules shards over leases,
 //! journals every result durably, writes the Parquet/CSV outputs, and serves the gRPC protocol.
+pub mod analysis;
 pub mod auth;
 pub mod grid;
 pub mod http;

@@ -1,0 +1,956 @@
+//! `decodebench compare`: tells a real regression from noise between two runs.
+//!
+//! Rows are matched by (case, kernel, GPU SKU). For each match the raw samples of both sides give
+//! the ratio of medians (candidate / baseline) with a seeded, hierarchical bootstrap interval
+//! (GPUs resampled, then samples within each GPU; see [`stats::median_ratio_interval`]) and a
+//! two-sided Mann-Whitney U test on the pooled samples. A change counts only when it is both
+//! larger than the threshold (the whole interval beyond it) and unlikely to be chance (p below
+//! alpha); a status change (ok -> wrong_result, ...) is reported as a regression of its own kind.
+//! `docs/ANALYSIS.md` gives the method and its reasons.
+
+use super::load::{load_results, CaseParams, LoadedResults, ResultRow};
+use super::render::{CellStyle, Table};
+use super::stats::{self, BootstrapSettings};
+use super::{AnalysisError, KernelSelection, OutputFormat, EXIT_REGRESSION};
+use decodebench_kernels::{KernelKind, Status};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Default smallest change that matters: 3 %, above the run-to-run and card-to-card drift of
+/// identical data-centre GPUs on this memory-bound kernel (about 1-2 %; `report` measures it for
+/// a fleet), so a nightly job does not page anyone over a clock wobble.
+pub const DEFAULT_THRESHOLD: f64 = 0.03;
+/// Default significance level: 1 %, so a grid of ~800 comparisons raises about 8 false alarms by
+/// chance at most, and far fewer once the threshold must be cleared as well.
+pub const DEFAULT_ALPHA: f64 = 0.01;
+/// Default bootstrap resamples: 2000 puts the 0.5 % and 99.5 % percentiles 10 resamples from the
+/// ends, enough for a stable 99 % interval.
+pub const DEFAULT_BOOTSTRAP_RESAMPLES: usize = 2000;
+/// Fewest resamples accepted: below this the interval's tails are a handful of draws.
+pub const MIN_BOOTSTRAP_RESAMPLES: usize = 200;
+/// Default bootstrap seed ("decode" in ASCII); any fixed value makes reruns identical.
+pub const DEFAULT_BOOTSTRAP_SEED: u64 = 0x6465_636f_6465;
+/// Fewest timed samples a side needs for a verdict: with fewer, neither the bootstrap nor the
+/// U test can separate a change from noise (three of each cannot reach p < 0.05).
+pub const MIN_SAMPLES_PER_SIDE: usize = 3;
+/// Longest agent message quoted in a text table; the full message is in CSV and JSON.
+const MESSAGE_PREVIEW_CHARS: usize = 60;
+
+/// What `compare` compares and how it decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompareOptions {
+    /// The reference run: a run's output directory or its `results.parquet`.
+    pub baseline: PathBuf,
+    /// The run under test.
+    pub candidate: PathBuf,
+    /// Smallest relative change of the median that counts (0.03 = 3 %).
+    pub threshold: f64,
+    /// Significance level of the U test; the bootstrap interval has coverage 1 - alpha.
+    pub alpha: f64,
+    pub kernels: KernelSelection,
+    pub format: OutputFormat,
+    /// Make [`CompareOutcome::exit_code`] non-zero when any regression was found.
+    pub fail_on_regression: bool,
+    pub resamples: usize,
+    pub seed: u64,
+}
+
+impl CompareOptions {
+    /// Options with every default.
+    pub fn new(baseline: impl Into<PathBuf>, candidate: impl Into<PathBuf>) -> Self {
+        CompareOptions {
+            baseline: baseline.into(),
+            candidate: candidate.into(),
+            threshold: DEFAULT_THRESHOLD,
+            alpha: DEFAULT_ALPHA,
+            kernels: KernelSelection::Both,
+            format: OutputFormat::Table,
+            fail_on_regression: false,
+            resamples: DEFAULT_BOOTSTRAP_RESAMPLES,
+            seed: DEFAULT_BOOTSTRAP_SEED,
+        }
+    }
+
+    /// Checks the numbers a user typed.
+    pub fn validate(&self) -> Result<(), AnalysisError> {
+        if !(self.threshold >= 0.0 && self.threshold < 1.0) {
+            return Err(AnalysisError::InvalidOption {
+                option: "--threshold",
+                value: self.threshold.to_string(),
+                reason: "must be a fraction in [0, 1), e.g. 0.03 for 3 %",
+            });
+        }
+        if !(self.alpha > 0.0 && self.alpha < 1.0) {
+            return Err(AnalysisError::InvalidOption {
+                option: "--alpha",
+                value: self.alpha.to_string(),
+                reason: "must be a probability in (0, 1), e.g. 0.01",
+            });
+        }
+        if self.resamples < MIN_BOOTSTRAP_RESAMPLES {
+            return Err(AnalysisError::InvalidOption {
+                option: "--resamples",
+                value: self.resamples.to_string(),
+                reason: "must be at least 200 for a stable interval (2000 is the default)",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The decision for one (case, kernel, SKU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The candidate's status is worse (ok -> wrong_result, ok -> failed, ...).
+    StatusRegression,
+    /// Slower beyond the threshold, and significant.
+    Regression,
+    /// Neither clearly changed nor clearly unchanged: the interval crosses the threshold, the
+    /// test is not significant, or there are too few samples.
+    Noisy,
+    /// In the baseline, absent from the candidate.
+    Missing,
+    /// In the candidate only.
+    New,
+    /// Not timed as valid on either side (both skipped, both failed, ...).
+    NotTimed,
+    /// The whole interval lies within the threshold.
+    Unchanged,
+    /// The candidate's status is better (wrong_result -> ok, ...).
+    StatusFixed,
+    /// Faster beyond the threshold, and significant.
+    Improvement,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::StatusRegression => "status_regression",
+            Verdict::Regression => "regression",
+            Verdict::Noisy => "noisy",
+            Verdict::Missing => "missing",
+            Verdict::New => "new",
+            Verdict::NotTimed => "not_timed",
+            Verdict::Unchanged => "unchanged",
+            Verdict::StatusFixed => "status_fixed",
+            Verdict::Improvement => "improvement",
+        }
+    }
+
+    /// Whether this verdict fails `--fail-on-regression`.
+    pub fn is_regression(self) -> bool {
+        matches!(self, Verdict::Regression | Verdict::StatusRegression)
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One side of a comparison: the SKU's GPUs that ran the case in that run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SideSummary {
+    /// `ok` when every GPU timed it validly, else the worst status among them.
+    pub status: Status,
+    /// The message of the GPU that gave the worst status (empty when ok).
+    pub message: String,
+    /// UUIDs of the GPUs, sorted.
+    pub gpus: Vec<String>,
+    /// Timed samples pooled over the GPUs that were ok.
+    pub n_samples: usize,
+    /// Median of those samples, ms.
+    pub median_ms: Option<f64>,
+    /// A thermal or power throttle was seen on any of the GPUs.
+    pub throttled: bool,
+}
+
+/// One matched (case, kernel, SKU) and its verdict.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    pub case_id: String,
+    pub case: CaseParams,
+    pub kernel: KernelKind,
+    pub sku: String,
+    pub verdict: Verdict,
+    pub baseline: Option<SideSummary>,
+    pub candidate: Option<SideSummary>,
+    /// median(candidate) / median(baseline): above 1 is slower.
+    pub ratio: Option<f64>,
+    pub ci_low: Option<f64>,
+    pub ci_high: Option<f64>,
+    /// Two-sided Mann-Whitney U p-value.
+    pub p_value: Option<f64>,
+    /// The two sides ran on different GPUs of the SKU, so card-to-card spread is part of the
+    /// difference.
+    pub gpus_differ: bool,
+    /// Either side saw throttling: its times may say more about cooling than about the code.
+    pub throttled: bool,
+    /// Why, in words, when the numbers alone do not say it.
+    pub note: String,
+}
+
+impl Comparison {
+    /// The change of the median as a fraction (+0.10 = 10 % slower).
+    pub fn change(&self) -> Option<f64> {
+        self.ratio.map(|r| r - 1.0)
+    }
+}
+
+/// Counts of each verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct CompareSummary {
+    /// Timing regressions plus status regressions.
+    pub regressions: usize,
+    /// The status regressions among `regressions`.
+    pub status_regressions: usize,
+    /// Timing improvements plus status fixes.
+    pub improvements: usize,
+    pub status_fixed: usize,
+    pub unchanged: usize,
+    pub noisy: usize,
+    pub not_timed: usize,
+    /// In the baseline, absent from the candidate.
+    pub missing: usize,
+    /// In the candidate only.
+    pub new: usize,
+    /// Comparisons with throttling on either side.
+    pub throttled: usize,
+}
+
+impl CompareSummary {
+    fn of(rows: &[Comparison]) -> Self {
+        let mut s = CompareSummary::default();
+        for c in rows {
+            match c.verdict {
+                Verdict::StatusRegression => {
+                    s.regressions += 1;
+                    s.status_regressions += 1;
+                }
+                Verdict::Regression => s.regressions += 1,
+                Verdict::Improvement => s.improvements += 1,
+                Verdict::StatusFixed => {
+                    s.improvements += 1;
+                    s.status_fixed += 1;
+                }
+                Verdict::Unchanged => s.unchanged += 1,
+                Verdict::Noisy => s.noisy += 1,
+                Verdict::NotTimed => s.not_timed += 1,
+                Verdict::Missing => s.missing += 1,
+                Verdict::New => s.new += 1,
+            }
+            if c.throttled {
+                s.throttled += 1;
+            }
+        }
+        s
+    }
+}
+
+impl fmt::Display for CompareSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} regressions ({} status), {} improvements ({} status), {} unchanged, {} noisy, \
+             {} not timed on either side; {} missing in candidate, {} new in candidate; \
+             {} throttled",
+            self.regressions,
+            self.status_regressions,
+            self.improvements,
+            self.status_fixed,
+            self.unchanged,
+            self.noisy,
+            self.not_timed,
+            self.missing,
+            self.new,
+            self.throttled
+        )
+    }
+}
+
+/// Everything `compare` found, worst first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CompareOutcome {
+    pub baseline: PathBuf,
+    pub candidate: PathBuf,
+    pub threshold: f64,
+    pub alpha: f64,
+    /// Coverage of the bootstrap intervals (1 - alpha).
+    pub confidence: f64,
+    pub resamples: usize,
+    pub seed: u64,
+    pub kernels: KernelSelection,
+    pub fail_on_regression: bool,
+    pub summary: CompareSummary,
+    pub comparisons: Vec<Comparison>,
+}
+
+impl CompareOutcome {
+    /// The regressions (timing and status), worst first.
+    pub fn regressions(&self) -> Vec<&Comparison> {
+        self.comparisons
+            .iter()
+            .filter(|c| c.verdict.is_regression())
+            .collect()
+    }
+
+    /// The process exit code: [`EXIT_REGRESSION`] when `fail_on_regression` is set and any
+    /// regression was found, else 0.
+    pub fn exit_code(&self) -> u8 {
+        if self.fail_on_regression && self.summary.regressions > 0 {
+            EXIT_REGRESSION
+        } else {
+            0
+        }
+    }
+
+    /// The comparisons as a table. Text leaves out the columns only a program needs.
+    pub fn table(&self, style: CellStyle) -> Table {
+        let text = style == CellStyle::Text;
+        let mut headers = vec!["verdict", "kernel", "sku", "case"];
+        if !text {
+            headers.push("case_id");
+        }
+        headers.extend(["base_ms", "cand_ms", "change", "ci_low", "ci_high", "p"]);
+        if text {
+            headers.push("n");
+        } else {
+            headers.extend([
+                "n_base",
+                "n_cand",
+                "base_status",
+                "cand_status",
+                "gpus_differ",
+                "throttled",
+            ]);
+        }
+        headers.push("note");
+        let rows = self
+            .comparisons
+            .iter()
+            .map(|c| {
+                let side_n = |s: &Option<SideSummary>| s.as_ref().map(|s| s.n_samples);
+                let side_status = |s: &Option<SideSummary>| {
+                    s.as_ref()
+                        .map(|s| s.status.as_str().to_string())
+                        .unwrap_or_default()
+                };
+                let mut row = vec![
+                    c.verdict.to_string(),
+                    c.kernel.as_str().to_string(),
+                    c.sku.clone(),
+                    c.case.label(),
+                ];
+                if !text {
+                    row.push(c.case_id.clone());
+                }
+                row.push(style.number(c.baseline.as_ref().and_then(|s| s.median_ms), 4));
+                row.push(style.number(c.candidate.as_ref().and_then(|s| s.median_ms), 4));
+                row.push(style.percent(c.change()));
+                row.push(style.percent(c.ci_low.map(|r| r - 1.0)));
+                row.push(style.percent(c.ci_high.map(|r| r - 1.0)));
+                row.push(match (c.p_value, style) {
+                    (Some(p), CellStyle::Text) => format!("{p:.1e}"),
+                    (p, _) => style.number(p, 4),
+                });
+                if text {
+                    row.push(format!(
+                        "{}/{}",
+                        side_n(&c.baseline).unwrap_or(0),
+                        side_n(&c.candidate).unwrap_or(0)
+                    ));
+                    let mut note = c.note.clone();
+                    if note.chars().count() > MESSAGE_PREVIEW_CHARS {
+                        note = note.chars().take(MESSAGE_PREVIEW_CHARS).collect::<String>() + "...";
+                    }
+                    row.push(note);
+                } else {
+                    let n = |v: Option<usize>| v.map(|n| n.to_string()).unwrap_or_default();
+                    row.push(n(side_n(&c.baseline)));
+                    row.push(n(side_n(&c.candidate)));
+                    row.push(side_status(&c.baseline));
+                    row.push(side_status(&c.candidate));
+                    row.push(c.gpus_differ.to_string());
+                    row.push(c.throttled.to_string());
+                    row.push(c.note.clone());
+                }
+                row
+            })
+            .collect();
+        Table { headers, rows }
+    }
+
+    /// Writes the outcome in `format` (the table, or the whole outcome as JSON).
+    pub fn write(&self, out: &mut dyn Write, format: OutputFormat) -> Result<(), AnalysisError> {
+        match format {
+            OutputFormat::Table => {
+                self.table(CellStyle::Text).write_text(out)?;
+                writeln!(out)?;
+                writeln!(out, "{}", self.summary_line())?;
+            }
+            OutputFormat::Csv => self.table(CellStyle::Csv).write_csv(out)?,
+            OutputFormat::Json => {
+                serde_json::to_writer_pretty(&mut *out, self)?;
+                writeln!(out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// "compare: 2 regressions (0 status), ..." with the decision rule.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "compare: {} (threshold {:.1} %, alpha {}, {} % intervals)",
+            self.summary,
+            self.threshold * 100.0,
+            self.alpha,
+            self.confidence * 100.0
+        )
+    }
+}
+
+/// Loads both runs and compares them (prints nothing).
+pub fn compare(opts: &CompareOptions) -> Result<CompareOutcome, AnalysisError> {
+    opts.validate()?;
+    let baseline = load_results(&opts.baseline)?;
+    let candidate = load_results(&opts.candidate)?;
+    Ok(compare_loaded(&baseline, &candidate, opts))
+}
+
+/// `decodebench compare`: compares, prints the result to stdout in `opts.format` (the summary line
+/// and any warnings also to stderr), and returns it; exit with [`CompareOutcome::exit_code`].
+pub fn run_compare(opts: &CompareOptions) -> Result<CompareOutcome, AnalysisError> {
+    opts.validate()?;
+    let baseline = load_results(&opts.baseline)?;
+    let candidate = load_results(&opts.candidate)?;
+    for side in [&baseline, &candidate] {
+        if side.duplicates_dropped > 0 {
+            eprintln!(
+                "note: {}: {} duplicate result rows (same case, kernel and GPU); kept the latest",
+                side.path.display(),
+                side.duplicates_dropped
+            );
+        }
+    }
+    let outcome = compare_loaded(&baseline, &candidate, opts);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    outcome.write(&mut out, opts.format)?;
+    out.flush()?;
+    if opts.format != OutputFormat::Table {
+        eprintln!("{}", outcome.summary_line());
+    }
+    Ok(outcome)
+}
+
+type MatchKey = (String, KernelKind, String);
+
+/// Groups rows by (case, kernel, SKU); a row without a kernel stands for every selected kernel.
+fn by_key(rows: &[ResultRow], kernels: KernelSelection) -> BTreeMap<MatchKey, Vec<&ResultRow>> {
+    let mut map: BTreeMap<MatchKey, Vec<&ResultRow>> = BTreeMap::new();
+    for row in rows {
+        let kinds: Vec<KernelKind> = match row.kernel {
+            Some(k) => vec![k],
+            None => KernelKind::ALL.to_vec(),
+        };
+        for kind in kinds.into_iter().filter(|&k| kernels.includes(k)) {
+            map.entry((row.case_id.clone(), kind, row.device_sku.clone()))
+                .or_default()
+                .push(row);
+        }
+    }
+    map
+}
+
+/// Compares two loaded runs.
+pub fn compare_loaded(
+    baseline: &LoadedResults,
+    candidate: &LoadedResults,
+    opts: &CompareOptions,
+) -> CompareOutcome {
+    let base = by_key(&baseline.rows, opts.kernels);
+    let cand = by_key(&candidate.rows, opts.kernels);
+    let keys: BTreeSet<&MatchKey> = base.keys().chain(cand.keys()).collect();
+    let confidence = 1.0 - opts.alpha;
+    let mut comparisons: Vec<Comparison> = keys
+        .into_iter()
+        .map(|key| {
+            compare_one(
+                key,
+                base.get(key).map(Vec::as_slice),
+                cand.get(key).map(Vec::as_slice),
+                opts,
+                confidence,
+            )
+        })
+        .collect();
+    comparisons.sort_by(|a, b| {
+        a.verdict
+            .cmp(&b.verdict)
+            .then_with(|| {
+                // Worst (largest ratio) first; unknown ratios last.
+                let r = |c: &Comparison| c.ratio.unwrap_or(f64::NEG_INFINITY);
+                r(b).total_cmp(&r(a))
+            })
+            .then_with(|| a.case.cmp(&b.case))
+            .then_with(|| a.kernel.cmp(&b.kernel))
+            .then_with(|| a.sku.cmp(&b.sku))
+    });
+    CompareOutcome {
+        baseline: baseline.path.clone(),
+        candidate: candidate.path.clone(),
+        threshold: opts.threshold,
+        alpha: opts.alpha,
+        confidence,
+        resamples: opts.resamples,
+        seed: opts.seed,
+        kernels: opts.kernels,
+        fail_on_regression: opts.fail_on_regression,
+        summary: CompareSummary::of(&comparisons),
+        comparisons,
+    }
+}
+
+/// How bad a status is, for deciding whether a status change is a regression: a kernel that is
+/// wrong is worse than one that crashed, which is worse than one that ran out of memory, which is
+/// worse than a combination it does not support.
+fn status_severity(s: Status) -> u8 {
+    match s {
+        Status::Ok => 0,
+        Status::Skipped => 1,
+        Status::Oom => 2,
+        Status::Failed => 3,
+        Status::WrongResult => 4,
+    }
+}
+
+/// A side's summary and its per-GPU sample groups (ok GPUs only).
+fn summarize_side<'a>(rows: &[&'a ResultRow]) -> (SideSummary, Vec<&'a [f64]>) {
+    let worst = rows
+        .iter()
+        .max_by_key(|r| status_severity(r.effective_status()));
+    let status = worst.map_or(Status::Failed, |r| r.effective_status());
+    let message = match worst {
+        Some(r) if status != Status::Ok => r.message.clone(),
+        _ => String::new(),
+    };
+    let mut gpus: Vec<String> = rows.iter().map(|r| r.device_uuid.clone()).collect();
+    gpus.sort();
+    gpus.dedup();
+    let groups: Vec<&[f64]> = rows
+        .iter()
+        .filter(|r| r.effective_status() == Status::Ok && !r.samples_ms.is_empty())
+        .map(|r| r.samples_ms.as_slice())
+        .collect();
+    let pooled: Vec<f64> = groups.concat();
+    let median_ms = stats::median(&pooled).or_else(|| {
+        // No raw samples (an old or hand-made file): fall back to the summary column.
+        let medians: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.effective_status() == Status::Ok)
+            .filter_map(|r| r.median_ms)
+            .collect();
+        stats::median(&medians)
+    });
+    let summary = SideSummary {
+        status,
+        message,
+        gpus,
+        n_samples: pooled.len(),
+        median_ms,
+        throttled: rows.iter().any(|r| r.throttled == Some(true)),
+    };
+    (summary, groups)
+}
+
+fn compare_one(
+    key: &MatchKey,
+    base_rows: Option<&[&ResultRow]>,
+    cand_rows: Option<&[&ResultRow]>,
+    opts: &CompareOptions,
+    confidence: f64,
+) -> Comparison {
+    let (case_id, kernel, sku) = key;
+    let any_row = base_rows
+        .and_then(|r| r.first())
+        .or_else(|| cand_rows.and_then(|r| r.first()));
+    let case = any_row
+        .map(|r| r.case.clone())
+        .unwrap_or_else(|| CaseParams {
+            quant: decodebench_kernels::QuantMode::BF16,
+            batch_size: 0,
+            max_seq_len: 0,
+            kv_layout: String::new(),
+            block_size: 0,
+            pool: String::new(),
+        });
+    let base = base_rows.map(summarize_side);
+    let cand = cand_rows.map(summarize_side);
+    let mut c = Comparison {
+        case_id: case_id.clone(),
+        case,
+        kernel: *kernel,
+        sku: sku.clone(),
+        verdict: Verdict::Noisy,
+        baseline: base.as_ref().map(|b| b.0.clone()),
+        candidate: cand.as_ref().map(|c| c.0.clone()),
+        ratio: None,
+        ci_low: None,
+        ci_high: None,
+        p_value: None,
+        gpus_differ: false,
+        throttled: false,
+        note: String::new(),
+    };
+    let ((base, base_groups), (cand, cand_groups)) = match (base, cand) {
+        (Some(b), Some(c)) => (b, c),
+        (Some(_), None) => {
+            c.verdict = Verdict::Missing;
+            c.note = "not in the candidate run".to_string();
+            return c;
+        }
+        (None, _) => {
+            c.verdict = Verdict::New;
+            c.note = "not in the baseline run".to_string();
+            return c;
+        }
+    };
+    c.gpus_differ = base.gpus != cand.gpus;
+    c.throttled = base.throttled || cand.throttled;
+    if let (Some(b), Some(m)) = (base.median_ms, cand.median_ms) {
+        if b > 0.0 {
+            c.ratio = Some(m / b);
+        }
+    }
+
+    let (bs, cs) = (status_severity(base.status), status_severity(cand.status));
+    if base.status != Status::Ok || cand.status != Status::Ok {
+        let change = format!("{} -> {}", base.status.as_str(), cand.status.as_str());
+        let (verdict, message) = if cs > bs {
+            (Verdict::StatusRegression, &cand.message)
+        } else if cand.status == Status::Ok {
+            (Verdict::StatusFixed, &base.message)
+        } else {
+            (Verdict::NotTimed, &cand.message)
+        };
+        c.verdict = verdict;
+        c.note = if message.is_empty() {
+            change
+        } else {
+            format!("{change}: {message}")
+        };
+        return c;
+    }
+
+    let mut notes = Vec::new();
+    if c.throttled {
+        let sides: Vec<&str> = [(base.throttled, "baseline"), (cand.throttled, "candidate")]
+            .iter()
+            .filter(|s| s.0)
+            .map(|s| s.1)
+            .collect();
+        notes.push(format!("throttled ({})", sides.join(", ")));
+    }
+    if c.gpus_differ {
+        notes.push("different GPUs: card spread included".to_string());
+    }
+    if base.n_samples < MIN_SAMPLES_PER_SIDE || cand.n_samples < MIN_SAMPLES_PER_SIDE {
+        c.verdict = Verdict::Noisy;
+        notes.push(format!(
+            "too few samples ({}/{}, need {MIN_SAMPLES_PER_SIDE} each)",
+            base.n_samples, cand.n_samples
+        ));
+        c.note = notes.join("; ");
+        return c;
+    }
+
+    let seed_key = format!("{case_id}|{}|{sku}", kernel.as_str());
+    let settings = BootstrapSettings {
+        resamples: opts.resamples,
+        confidence,
+        seed: opts.seed ^ stats::fnv1a(seed_key.as_bytes()),
+    };
+    let interval = stats::median_ratio_interval(&base_groups, &cand_groups, settings);
+    let base_pooled = base_groups.concat();
+    let cand_pooled = cand_groups.concat();
+    let test = stats::mann_whitney_u(&base_pooled, &cand_pooled);
+    c.p_value = test.map(|t| t.p_value);
+    if let Some(iv) = interval {
+        c.ratio = Some(iv.ratio);
+        c.ci_low = Some(iv.low);
+        c.ci_high = Some(iv.high);
+    }
+    c.verdict = match (interval, c.p_value) {
+        (Some(iv), Some(p)) => decide(iv.low, iv.high, p, opts.threshold, opts.alpha),
+        _ => {
+            notes.push("no positive median to compare".to_string());
+            Verdict::Noisy
+        }
+    };
+    c.note = notes.join("; ");
+    c
+}
+
+/// The decision rule on an interval of the ratio candidate/baseline and a p-value.
+pub fn decide(ci_low: f64, ci_high: f64, p_value: f64, threshold: f64, alpha: f64) -> Verdict {
+    let significant = p_value < alpha;
+    if significant && ci_low > 1.0 + threshold {
+        Verdict::Regression
+    } else if significant && ci_high < 1.0 - threshold {
+        Verdict::Improvement
+    } else if ci_low >= 1.0 - threshold && ci_high <= 1.0 + threshold {
+        Verdict::Unchanged
+    } else {
+        Verdict::Noisy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::fixtures::{noisy_samples, record, write_run, Gpu};
+    use decodebench_kernels::KernelMeasurement;
+
+    fn opts(base: &tempfile::TempDir, cand: &tempfile::TempDir) -> CompareOptions {
+        CompareOptions::new(base.path(), cand.path())
+    }
+
+    fn find(out: &CompareOutcome, batch: u32, kernel: KernelKind) -> &Comparison {
+        out.comparisons
+            .iter()
+            .find(|c| c.case.batch_size == batch && c.kernel == kernel)
+            .unwrap_or_else(|| panic!("no comparison for batch {batch} {kernel:?}"))
+    }
+
+    #[test]
+    fn analysis_decision_rule() {
+        assert_eq!(decide(1.05, 1.15, 1e-6, 0.03, 0.01), Verdict::Regression);
+        assert_eq!(decide(1.05, 1.15, 0.02, 0.03, 0.01), Verdict::Noisy);
+        assert_eq!(decide(1.02, 1.15, 1e-6, 0.03, 0.01), Verdict::Noisy);
+        assert_eq!(decide(0.85, 0.95, 1e-6, 0.03, 0.01), Verdict::Improvement);
+        assert_eq!(decide(0.98, 1.02, 0.5, 0.03, 0.01), Verdict::Unchanged);
+        // Significant but small: still unchanged.
+        assert_eq!(decide(1.01, 1.02, 1e-9, 0.03, 0.01), Verdict::Unchanged);
+        assert_eq!(decide(0.90, 1.10, 0.5, 0.03, 0.01), Verdict::Noisy);
+    }
+
+    #[test]
+    fn analysis_ten_percent_slowdown_with_tight_samples_is_a_regression() {
+        let gpu = Gpu::h100(0);
+        let base_opt = noisy_samples(1, 20, 1.00, 0.005);
+        let cand_opt = noisy_samples(2, 20, 1.10, 0.005);
+        let base_ref = noisy_samples(3, 20, 2.00, 0.01);
+        let cand_ref = noisy_samples(4, 20, 2.00, 0.01);
+        let base = write_run(&[record(&gpu, 4, 1024, &base_opt, &base_ref)]);
+        let cand = write_run(&[record(&gpu, 4, 1024, &cand_opt, &cand_ref)]);
+        let mut o = opts(&base, &cand);
+        o.fail_on_regression = true;
+        let out = compare(&o).unwrap();
+        let opt = find(&out, 4, KernelKind::Optimized);
+        assert_eq!(opt.verdict, Verdict::Regression, "{opt:?}");
+        assert!(
+            opt.ci_low.unwrap() > 1.03 && opt.ci_high.unwrap() < 1.2,
+            "{opt:?}"
+        );
+        assert!(opt.p_value.unwrap() < 1e-6);
+        let baseline = find(&out, 4, KernelKind::Baseline);
+        assert_ne!(baseline.verdict, Verdict::Regression, "{baseline:?}");
+        assert_eq!(out.summary.regressions, 1);
+        assert_eq!(out.regressions().len(), 1);
+        assert_eq!(
+            out.comparisons[0].verdict,
+            Verdict::Regression,
+            "worst first"
+        );
+        assert_eq!(out.exit_code(), EXIT_REGRESSION);
+        o.fail_on_regression = false;
+        assert_eq!(compare(&o).unwrap().exit_code(), 0);
+
+        // The mirror image is an improvement.
+        let swapped = compare(&CompareOptions::new(cand.path(), base.path())).unwrap();
+        assert_eq!(
+            find(&swapped, 4, KernelKind::Optimized).verdict,
+            Verdict::Improvement
+        );
+    }
+
+    #[test]
+    fn analysis_same_noisy_distribution_is_never_a_regression() {
+        // Two runs drawn from one noisy distribution (5 % relative spread), on many cases and four
+        // GPUs: no comparison may come out as a regression or an improvement.
+        let gpus: Vec<Gpu> = (0..4).map(Gpu::h100).collect();
+        let mut base = Vec::new();
+        let mut cand = Vec::new();
+        for (g, gpu) in gpus.iter().enumerate() {
+            for (i, batch) in [1u32, 4, 8, 16, 32, 64, 128, 256].into_iter().enumerate() {
+                let seed = (g * 100 + i) as u64;
+                let mean = 0.05 * f64::from(batch);
+                base.push(record(
+                    gpu,
+                    batch,
+                    1024,
+                    &noisy_samples(seed, 20, mean, 0.05 * mean),
+                    &noisy_samples(seed + 1000, 20, 2.0 * mean, 0.1 * mean),
+                ));
+                cand.push(record(
+                    gpu,
+                    batch,
+                    1024,
+                    &noisy_samples(seed + 5000, 20, mean, 0.05 * mean),
+                    &noisy_samples(seed + 6000, 20, 2.0 * mean, 0.1 * mean),
+                ));
+            }
+        }
+        let (b, c) = (write_run(&base), write_run(&cand));
+        let out = compare(&opts(&b, &c)).unwrap();
+        assert_eq!(out.comparisons.len(), 16, "8 cases x 2 kernels, one SKU");
+        for cmp in &out.comparisons {
+            assert!(
+                matches!(cmp.verdict, Verdict::Unchanged | Verdict::Noisy),
+                "{cmp:?}"
+            );
+            assert_eq!(cmp.candidate.as_ref().unwrap().gpus.len(), 4);
+            assert_eq!(cmp.candidate.as_ref().unwrap().n_samples, 80);
+        }
+        assert_eq!(out.summary.regressions, 0);
+        assert_eq!(out.summary.unchanged + out.summary.noisy, 16);
+        assert!(
+            out.summary.unchanged > 0,
+            "80 samples a side pin most medians"
+        );
+    }
+
+    #[test]
+    fn analysis_status_changes_missing_and_new_cases() {
+        let gpu = Gpu::h100(0);
+        let tight = |seed: u64| noisy_samples(seed, 20, 1.0, 0.005);
+        let base = vec![
+            record(&gpu, 1, 1024, &tight(1), &tight(2)),
+            record(&gpu, 4, 1024, &tight(3), &tight(4)),
+            record(&gpu, 8, 1024, &tight(5), &tight(6)),
+        ];
+        let mut broken = record(&gpu, 1, 1024, &[], &tight(8));
+        broken.measurement.kernels[1] = KernelMeasurement::not_timed(
+            KernelKind::Optimized,
+            Status::WrongResult,
+            "max abs err 0.5 > tolerance 0.05",
+        );
+        let mut hot = record(&gpu, 4, 1024, &tight(9), &tight(10));
+        hot.measurement.kernels[1].throttled = true;
+        let cand = vec![broken, hot, record(&gpu, 16, 1024, &tight(11), &tight(12))];
+        let (b, c) = (write_run(&base), write_run(&cand));
+        let mut o = opts(&b, &c);
+        o.kernels = KernelSelection::Optimized;
+        let out = compare(&o).unwrap();
+        assert!(out
+            .comparisons
+            .iter()
+            .all(|c| c.kernel == KernelKind::Optimized));
+        let broken = find(&out, 1, KernelKind::Optimized);
+        assert_eq!(broken.verdict, Verdict::StatusRegression);
+        assert!(
+            broken.note.starts_with("ok -> wrong_result: max abs err"),
+            "{}",
+            broken.note
+        );
+        assert_eq!(
+            out.comparisons[0].verdict,
+            Verdict::StatusRegression,
+            "worst first"
+        );
+        let hot = find(&out, 4, KernelKind::Optimized);
+        assert!(
+            hot.throttled && hot.note.contains("throttled (candidate)"),
+            "{hot:?}"
+        );
+        assert_eq!(
+            find(&out, 8, KernelKind::Optimized).verdict,
+            Verdict::Missing
+        );
+        assert_eq!(find(&out, 16, KernelKind::Optimized).verdict, Verdict::New);
+        let s = out.summary;
+        assert_eq!(
+            (s.regressions, s.status_regressions, s.missing, s.new),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(s.throttled, 1);
+
+        // And back: wrong_result -> ok is a fix, not a regression.
+        let back = compare(&CompareOptions::new(c.path(), b.path())).unwrap();
+        assert_eq!(
+            find(&back, 1, KernelKind::Optimized).verdict,
+            Verdict::StatusFixed
+        );
+        assert_eq!(back.summary.regressions, 0);
+    }
+
+    #[test]
+    fn analysis_compare_is_deterministic_and_renders_every_format() {
+        let gpu = Gpu::h100(0);
+        let b = write_run(&[record(
+            &gpu,
+            4,
+            1024,
+            &noisy_samples(1, 20, 1.0, 0.05),
+            &noisy_samples(2, 20, 2.0, 0.05),
+        )]);
+        let c = write_run(&[record(
+            &gpu,
+            4,
+            1024,
+            &noisy_samples(3, 20, 1.04, 0.05),
+            &noisy_samples(4, 20, 2.0, 0.05),
+        )]);
+        let first = compare(&opts(&b, &c)).unwrap();
+        let again = compare(&opts(&b, &c)).unwrap();
+        assert_eq!(first, again);
+
+        let render = |f: OutputFormat| {
+            let mut out = Vec::new();
+            first.write(&mut out, f).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let text = render(OutputFormat::Table);
+        assert!(text.starts_with("verdict"), "{text}");
+        assert!(
+            text.contains("b4 s1024 fp8/fp8/bf16 HND blk16 shared"),
+            "{text}"
+        );
+        assert!(text.trim_end().ends_with("% intervals)"), "{text}");
+        let csv = render(OutputFormat::Csv);
+        let mut reader = csv::Reader::from_reader(csv.as_bytes());
+        let headers = reader.headers().unwrap().clone();
+        assert!(headers.iter().any(|h| h == "case_id"));
+        assert_eq!(reader.records().count(), 2);
+        let json: serde_json::Value = serde_json::from_str(&render(OutputFormat::Json)).unwrap();
+        assert_eq!(json["comparisons"].as_array().unwrap().len(), 2);
+        assert_eq!(json["summary"]["regressions"], 0);
+        assert_eq!(json["comparisons"][0]["case"]["quant"], "fp8/fp8/bf16");
+    }
+
+    #[test]
+    fn analysis_compare_rejects_bad_options() {
+        let mut o = CompareOptions::new("a", "b");
+        o.threshold = 1.5;
+        assert!(o
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--threshold"));
+        let mut o = CompareOptions::new("a", "b");
+        o.alpha = 0.0;
+        assert!(o.validate().unwrap_err().to_string().contains("--alpha"));
+        let mut o = CompareOptions::new("a", "b");
+        o.resamples = 10;
+        assert!(o
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--resamples"));
+    }
+}

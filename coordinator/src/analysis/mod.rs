@@ -1,0 +1,166 @@
+//! Analysis of finished runs: `decodebench compare` (did a change make a kernel slower, or is the
+//! difference noise?) and `decodebench report` (how do the cards of a fleet differ, and what is
+//! the optimized kernel's speedup?).
+//!
+//! Both read `results.parquet` files through the one result schema ([`crate::schema`]) and decide
+//! from the raw per-trial samples, not from summary columns: timing distributions are skewed and
+//! a mean hides whether two runs overlap. The statistics live in [`stats`] and are tested against
+//! hand-computed values; the method and every output column are described in `docs/ANALYSIS.md`.
+//!
+//! The command-line wiring stays in the binary: it maps its flags onto [`CompareOptions`] and
+//! [`ReportOptions`] and calls [`run_compare`] or [`run_report`].
+
+pub mod compare;
+pub mod load;
+pub mod render;
+pub mod report;
+pub mod stats;
+
+#[cfg(test)]
+pub(crate) mod fixtures;
+
+pub use compare::{
+    compare, run_compare, CompareOptions, CompareOutcome, CompareSummary, Comparison, SideSummary,
+    Verdict,
+};
+pub use load::{load_results, CaseParams, LoadedResults, ResultRow};
+pub use report::{report, run_report, GroupReport, HeadlineRow, ReportOptions, ReportOutcome};
+
+use crate::sink::SinkError;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Exit code of `compare --fail-on-regression` when a regression was found (distinct from the
+/// run's incomplete (2) and self-test (3) codes, so CI can tell them apart).
+pub const EXIT_REGRESSION: u8 = 4;
+
+/// Why an analysis could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    #[error("{}: no results.parquet in this directory; pass a run's --out directory or a results.parquet file", path.display())]
+    NoResults { path: PathBuf },
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: SinkError },
+    #[error("{}: column `{column}` {reason}; the file does not match this build's result schema (rewrite it with this decodebench version)", path.display())]
+    Column {
+        path: PathBuf,
+        column: &'static str,
+        reason: String,
+    },
+    #[error("{}: row {row}: column `{column}` holds {value:?}, which this build does not know; upgrade decodebench to read this file", path.display())]
+    UnknownValue {
+        path: PathBuf,
+        row: usize,
+        column: &'static str,
+        value: String,
+    },
+    #[error("{option} = {value}: {reason}")]
+    InvalidOption {
+        option: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("writing the output failed: {0}; check that stdout (or the output file) is writable")]
+    Write(#[from] std::io::Error),
+    #[error("writing CSV failed: {0}")]
+    Csv(#[from] csv::Error),
+    #[error("writing JSON failed: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// How an analysis prints its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// Aligned columns for a terminal.
+    #[default]
+    Table,
+    /// Comma-separated values with full-precision numbers.
+    Csv,
+    /// One JSON document with every field.
+    Json,
+}
+
+impl FromStr for OutputFormat {
+    type Err = AnalysisError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "table" => Ok(OutputFormat::Table),
+            "csv" => Ok(OutputFormat::Csv),
+            "json" => Ok(OutputFormat::Json),
+            _ => Err(AnalysisError::InvalidOption {
+                option: "--format",
+                value: s.to_string(),
+                reason: "use table, csv or json",
+            }),
+        }
+    }
+}
+
+/// Which kernels `compare` looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelSelection {
+    Optimized,
+    Baseline,
+    /// Both: a baseline kernel that moves too points at the machine (driver, clocks), not the code.
+    #[default]
+    Both,
+}
+
+impl KernelSelection {
+    pub fn includes(self, kind: decodebench_kernels::KernelKind) -> bool {
+        use decodebench_kernels::KernelKind;
+        matches!(
+            (self, kind),
+            (KernelSelection::Both, _)
+                | (KernelSelection::Optimized, KernelKind::Optimized)
+                | (KernelSelection::Baseline, KernelKind::Baseline)
+        )
+    }
+}
+
+impl FromStr for KernelSelection {
+    type Err = AnalysisError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "optimized" => Ok(KernelSelection::Optimized),
+            "baseline" => Ok(KernelSelection::Baseline),
+            "both" => Ok(KernelSelection::Both),
+            _ => Err(AnalysisError::InvalidOption {
+                option: "--kernel",
+                value: s.to_string(),
+                reason: "use optimized, baseline or both",
+            }),
+        }
+    }
+}
+
+/// How `report` groups rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    /// One line per GPU (UUID): the slow-card finder.
+    #[default]
+    Gpu,
+    /// One line per GPU model.
+    Sku,
+}
+
+impl FromStr for GroupBy {
+    type Err = AnalysisError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "gpu" => Ok(GroupBy::Gpu),
+            "sku" => Ok(GroupBy::Sku),
+            _ => Err(AnalysisError::InvalidOption {
+                option: "--group-by",
+                value: s.to_string(),
+                reason: "use gpu or sku",
+            }),
+        }
+    }
+}

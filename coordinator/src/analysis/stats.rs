@@ -1,0 +1,443 @@
+//! The statistics behind `compare` and `report`: medians, geometric means, the Mann-Whitney U test
+//! and a seeded bootstrap of the ratio of two medians.
+//!
+//! Benchmark samples are skewed (a long tail of slow trials from clock changes, preemption, L2
+//! state), so every decision here works on ranks and medians, never on means and standard
+//! deviations. Everything is deterministic: the bootstrap draws from a seeded [`SplitMix64`] whose
+//! output is fixed by its published algorithm, not by a crate version, so the same inputs and seed
+//! give the same interval on every machine and every build.
+
+use decodebench_kernels::measurement::percentile;
+
+/// The median of `values` (the mean of the two middle values for an even count, as numpy does);
+/// `None` when there are none. NaNs sort last, as `f64::total_cmp` orders them.
+pub fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some(percentile(&sorted, 50.0))
+}
+
+/// Median of `buf` in place (reorders it), without a full sort: the bootstrap calls this
+/// thousands of times per comparison.
+fn median_in_place(buf: &mut [f64]) -> f64 {
+    let n = buf.len();
+    let mid = n / 2;
+    let (lower, upper_mid, _) = buf.select_nth_unstable_by(mid, f64::total_cmp);
+    let upper = *upper_mid;
+    if n % 2 == 1 {
+        return upper;
+    }
+    // Even count: the lower middle is the largest element of the left part.
+    let lower_mid = lower.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lower_mid + upper) / 2.0
+}
+
+/// The geometric mean of `values`; `None` when there are none or any is not a positive finite
+/// number (a ratio or a bandwidth of zero has no logarithm, and silently dropping it would bias
+/// the mean).
+pub fn geometric_mean(values: &[f64]) -> Option<f64> {
+    if values.is_empty() || values.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+        return None;
+    }
+    let log_sum: f64 = values.iter().map(|v| v.ln()).sum();
+    Some((log_sum / values.len() as f64).exp())
+}
+
+/// The arithmetic mean; `None` when there are no values.
+pub fn mean(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    Some(values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// The complementary error function, by the Chebyshev fit of Numerical Recipes (`erfcc`):
+/// fractional error below 1.2e-7 everywhere, far finer than any decision made from a p-value.
+pub fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = t * poly.exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+/// P(Z > z) for a standard normal Z.
+pub fn normal_sf(z: f64) -> f64 {
+    0.5 * erfc(z / std::f64::consts::SQRT_2)
+}
+
+/// The result of a two-sided Mann-Whitney U test of `x` against `y`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MannWhitney {
+    /// U of the first sample: the number of (x, y) pairs with x > y, ties counting one half.
+    pub u_x: f64,
+    /// The normal-approximation z score (continuity-corrected, tie-corrected variance).
+    pub z: f64,
+    /// Two-sided p-value; 1 when every value is tied (no evidence either way).
+    pub p_value: f64,
+}
+
+/// Two-sided Mann-Whitney U test with the normal approximation, the tie correction of the
+/// variance, and a continuity correction of 0.5 (scipy's `mannwhitneyu(..., method="asymptotic")`
+/// defaults). `None` when either sample is empty.
+pub fn mann_whitney_u(x: &[f64], y: &[f64]) -> Option<MannWhitney> {
+    if x.is_empty() || y.is_empty() {
+        return None;
+    }
+    let n1 = x.len() as f64;
+    let n2 = y.len() as f64;
+    let n = n1 + n2;
+    // Pool with a side marker, sort, and give tied runs their average rank.
+    let mut pooled: Vec<(f64, bool)> = x
+        .iter()
+        .map(|&v| (v, true))
+        .chain(y.iter().map(|&v| (v, false)))
+        .collect();
+    pooled.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut rank_sum_x = 0.0;
+    let mut tie_term = 0.0;
+    let mut i = 0;
+    while i < pooled.len() {
+        let mut j = i + 1;
+        while j < pooled.len() && pooled[j].0.total_cmp(&pooled[i].0).is_eq() {
+            j += 1;
+        }
+        // Ranks are 1-based: the run i..j holds ranks i+1..=j, whose average is (i+1+j)/2.
+        let avg_rank = (i + 1 + j) as f64 / 2.0;
+        let in_x = pooled[i..j].iter().filter(|p| p.1).count() as f64;
+        rank_sum_x += avg_rank * in_x;
+        let t = (j - i) as f64;
+        tie_term += t * t * t - t;
+        i = j;
+    }
+    let u_x = rank_sum_x - n1 * (n1 + 1.0) / 2.0;
+    let mu = n1 * n2 / 2.0;
+    let var = n1 * n2 / 12.0 * ((n + 1.0) - tie_term / (n * (n - 1.0)));
+    if var <= 0.0 || !var.is_finite() {
+        return Some(MannWhitney {
+            u_x,
+            z: 0.0,
+            p_value: 1.0,
+        });
+    }
+    let u = u_x.max(n1 * n2 - u_x);
+    let z = ((u - mu - 0.5) / var.sqrt()).max(0.0);
+    Some(MannWhitney {
+        u_x,
+        z,
+        p_value: (2.0 * normal_sf(z)).min(1.0),
+    })
+}
+
+/// SplitMix64 (Steele, Lea and Flood, 2014): a tiny generator whose output is fixed by its
+/// definition, so a seeded bootstrap gives the same answer on every machine and every build.
+#[derive(Debug, Clone)]
+pub struct SplitMix64 {
+    state: u64,
+}
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64 { state: seed }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform index in `0..n` (Lemire's multiply-shift; the bias is below 2^-40 for the sample
+    /// counts seen here). `n` must be positive.
+    pub fn index(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+    }
+
+    /// A uniform float in [0, 1) with 53 random bits.
+    pub fn unit_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// FNV-1a of `bytes`: mixes a comparison's key into the bootstrap seed, so each comparison's
+/// interval depends only on its own data and the seed, not on the order in which it is visited.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.iter().fold(FNV_OFFSET, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
+    })
+}
+
+/// How the bootstrap is run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BootstrapSettings {
+    pub resamples: usize,
+    /// Two-sided coverage of the interval, e.g. 0.99.
+    pub confidence: f64,
+    pub seed: u64,
+}
+
+/// A point estimate with its bootstrap percentile interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RatioInterval {
+    pub ratio: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// The ratio median(candidate) / median(baseline) with a percentile bootstrap interval.
+///
+/// Each side is a list of groups, one per GPU. The bootstrap is hierarchical: each resample first
+/// draws as many GPUs as the side has, with replacement, then each drawn GPU's samples with
+/// replacement, and takes the median of everything drawn. With one GPU per side this is the plain
+/// bootstrap; with several it lets the card-to-card spread widen the interval, so a comparison
+/// between different cards of a SKU does not mistake that spread for a change. The point
+/// estimate is the ratio of the medians of all pooled samples.
+///
+/// `None` when a side has no samples or a median that is not positive.
+pub fn median_ratio_interval(
+    baseline: &[&[f64]],
+    candidate: &[&[f64]],
+    settings: BootstrapSettings,
+) -> Option<RatioInterval> {
+    let baseline: Vec<&[f64]> = baseline.iter().copied().filter(|g| !g.is_empty()).collect();
+    let candidate: Vec<&[f64]> = candidate
+        .iter()
+        .copied()
+        .filter(|g| !g.is_empty())
+        .collect();
+    let pooled = |groups: &[&[f64]]| -> Vec<f64> { groups.concat() };
+    let base_median = median(&pooled(&baseline))?;
+    let cand_median = median(&pooled(&candidate))?;
+    if !(base_median > 0.0 && cand_median.is_finite()) {
+        return None;
+    }
+    let ratio = cand_median / base_median;
+    let mut rng = SplitMix64::new(settings.seed);
+    let mut buf = Vec::new();
+    let mut ratios = Vec::with_capacity(settings.resamples);
+    for _ in 0..settings.resamples {
+        let b = resampled_median(&baseline, &mut rng, &mut buf);
+        let c = resampled_median(&candidate, &mut rng, &mut buf);
+        let r = c / b;
+        if r.is_finite() {
+            ratios.push(r);
+        }
+    }
+    if ratios.is_empty() {
+        return Some(RatioInterval {
+            ratio,
+            low: ratio,
+            high: ratio,
+        });
+    }
+    ratios.sort_by(f64::total_cmp);
+    let tail_pct = (1.0 - settings.confidence) / 2.0 * 100.0;
+    Some(RatioInterval {
+        ratio,
+        low: percentile(&ratios, tail_pct),
+        high: percentile(&ratios, 100.0 - tail_pct),
+    })
+}
+
+/// One hierarchical resample of a side (GPUs, then samples within each) and its median.
+fn resampled_median(groups: &[&[f64]], rng: &mut SplitMix64, buf: &mut Vec<f64>) -> f64 {
+    buf.clear();
+    for _ in 0..groups.len() {
+        let group = groups[rng.index(groups.len())];
+        for _ in 0..group.len() {
+            buf.push(group[rng.index(group.len())]);
+        }
+    }
+    median_in_place(buf)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A normal draw by Box-Muller, for synthetic samples in tests.
+    pub(crate) fn normal(rng: &mut SplitMix64, mean: f64, sd: f64) -> f64 {
+        let u1 = 1.0 - rng.unit_f64(); // in (0, 1], so ln is finite
+        let u2 = rng.unit_f64();
+        mean + sd * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+        let mut v = vec![5.0, 1.0, 4.0, 2.0, 3.0, 6.0];
+        assert_eq!(median_in_place(&mut v), 3.5);
+        let mut v = vec![5.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!(median_in_place(&mut v), 3.0);
+    }
+
+    #[test]
+    fn geometric_mean_matches_hand_values() {
+        // (1 * 4 * 16)^(1/3) = 4; (2 * 8)^(1/2) = 4.
+        assert!((geometric_mean(&[1.0, 4.0, 16.0]).unwrap() - 4.0).abs() < 1e-12);
+        assert!((geometric_mean(&[2.0, 8.0]).unwrap() - 4.0).abs() < 1e-12);
+        assert_eq!(geometric_mean(&[]), None);
+        assert_eq!(geometric_mean(&[1.0, 0.0]), None);
+        assert_eq!(geometric_mean(&[1.0, f64::NAN]), None);
+        assert_eq!(mean(&[1.0, 2.0, 6.0]), Some(3.0));
+    }
+
+    #[test]
+    fn normal_tail_matches_tables() {
+        // Values from Python's math.erfc: 0.5 * erfc(z / sqrt(2)).
+        assert!((normal_sf(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_sf(1.0) - 0.158_655_253_931_457_05).abs() < 1e-7);
+        assert!((normal_sf(1.959_963_984_540_054) - 0.025).abs() < 1e-8);
+        assert!((normal_sf(3.0) - 0.001_349_898_031_630_094_6).abs() < 1e-9);
+        assert!((normal_sf(-1.0) - 0.841_344_746_068_543).abs() < 1e-7);
+    }
+
+    #[test]
+    fn mann_whitney_on_separated_samples() {
+        // x entirely below y: U_x = 0, U = 9, mean 4.5, variance 3*3*7/12 = 5.25,
+        // z = (9 - 4.5 - 0.5) / sqrt(5.25), p = 2 * sf(z) = 0.0808556 (scipy's asymptotic value).
+        let r = mann_whitney_u(&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]).unwrap();
+        assert_eq!(r.u_x, 0.0);
+        assert!((r.z - 4.0 / 5.25f64.sqrt()).abs() < 1e-12);
+        assert!((r.p_value - 0.080_855_598).abs() < 1e-6, "{}", r.p_value);
+        // The test is symmetric in its two samples.
+        let s = mann_whitney_u(&[4.0, 5.0, 6.0], &[1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(s.u_x, 9.0);
+        assert!((s.p_value - r.p_value).abs() < 1e-15);
+    }
+
+    #[test]
+    fn mann_whitney_with_ties() {
+        // Pooled: 1x 2x 2x 2y 3x 3y 4y 5y; ranks 1, 3, 3, 3, 5.5, 5.5, 7, 8.
+        // R_x = 1 + 3 + 3 + 5.5 = 12.5, U_x = 12.5 - 10 = 2.5, U = 16 - 2.5 = 13.5, mean 8.
+        // Ties: one run of 3 (27 - 3 = 24) and one of 2 (8 - 2 = 6), sum 30.
+        // Variance = 16/12 * (9 - 30/56) = 11.285714..., z = (13.5 - 8 - 0.5) / sqrt(var).
+        let r = mann_whitney_u(&[1.0, 2.0, 2.0, 3.0], &[2.0, 3.0, 4.0, 5.0]).unwrap();
+        assert_eq!(r.u_x, 2.5);
+        let var = 16.0 / 12.0 * (9.0 - 30.0 / 56.0);
+        assert!((r.z - 5.0 / f64::sqrt(var)).abs() < 1e-12);
+        // 2 * 0.5 * erfc(1.4883514 / sqrt 2), from Python's math.erfc.
+        assert!((r.p_value - 0.136_658_248).abs() < 1e-6, "{}", r.p_value);
+    }
+
+    #[test]
+    fn mann_whitney_all_tied_is_no_evidence() {
+        let r = mann_whitney_u(&[2.0, 2.0], &[2.0, 2.0, 2.0]).unwrap();
+        assert_eq!(r.p_value, 1.0);
+        assert!(mann_whitney_u(&[], &[1.0]).is_none());
+    }
+
+    #[test]
+    fn splitmix64_matches_its_reference_output() {
+        // First outputs for seed 0 from the reference C implementation.
+        let mut rng = SplitMix64::new(0);
+        assert_eq!(rng.next_u64(), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(rng.next_u64(), 0x6e78_9e6a_a1b9_65f4);
+        let mut rng = SplitMix64::new(7);
+        for _ in 0..1000 {
+            assert!(rng.index(3) < 3);
+            let u = rng.unit_f64();
+            assert!((0.0..1.0).contains(&u));
+        }
+    }
+
+    #[test]
+    fn bootstrap_is_deterministic_for_a_seed() {
+        let mut rng = SplitMix64::new(1);
+        let base: Vec<f64> = (0..30).map(|_| normal(&mut rng, 1.0, 0.05)).collect();
+        let cand: Vec<f64> = (0..30).map(|_| normal(&mut rng, 1.2, 0.05)).collect();
+        let settings = BootstrapSettings {
+            resamples: 2000,
+            confidence: 0.99,
+            seed: 42,
+        };
+        let a = median_ratio_interval(&[&base], &[&cand], settings).unwrap();
+        let b = median_ratio_interval(&[&base], &[&cand], settings).unwrap();
+        assert_eq!(a, b, "same seed, same interval");
+        let c = median_ratio_interval(
+            &[&base],
+            &[&cand],
+            BootstrapSettings {
+                seed: 43,
+                ..settings
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            a.ratio, c.ratio,
+            "the point estimate does not depend on the seed"
+        );
+        assert_ne!(
+            (a.low, a.high),
+            (c.low, c.high),
+            "another seed, other resamples"
+        );
+        assert!(a.low < a.ratio && a.ratio < a.high, "{a:?}");
+        assert!(a.low > 1.1 && a.high < 1.3, "{a:?}");
+    }
+
+    #[test]
+    fn bootstrap_of_constant_samples_is_exact() {
+        let settings = BootstrapSettings {
+            resamples: 100,
+            confidence: 0.95,
+            seed: 0,
+        };
+        let r = median_ratio_interval(&[&[2.0; 5]], &[&[3.0; 4], &[3.0; 2]], settings).unwrap();
+        assert_eq!((r.ratio, r.low, r.high), (1.5, 1.5, 1.5));
+        assert!(median_ratio_interval(&[&[]], &[&[1.0]], settings).is_none());
+        assert!(median_ratio_interval(&[&[0.0]], &[&[1.0]], settings).is_none());
+    }
+
+    #[test]
+    fn card_spread_widens_the_hierarchical_interval() {
+        // Three cards 2 % apart on each side, tight samples. Pooled, the median sits in the middle
+        // card's cluster and barely moves; resampling the cards must let their spread show.
+        let mut rng = SplitMix64::new(3);
+        let mut card =
+            |m: f64| -> Vec<f64> { (0..20).map(|_| normal(&mut rng, m, 0.002)).collect() };
+        let base = [card(1.0), card(1.02), card(1.04)];
+        let cand = [card(1.0), card(1.02), card(1.04)];
+        let settings = BootstrapSettings {
+            resamples: 2000,
+            confidence: 0.99,
+            seed: 9,
+        };
+        let base_groups: Vec<&[f64]> = base.iter().map(Vec::as_slice).collect();
+        let cand_groups: Vec<&[f64]> = cand.iter().map(Vec::as_slice).collect();
+        let wide = median_ratio_interval(&base_groups, &cand_groups, settings).unwrap();
+        let (pooled_b, pooled_c) = (base.concat(), cand.concat());
+        let narrow = median_ratio_interval(&[&pooled_b], &[&pooled_c], settings).unwrap();
+        assert!(
+            wide.high - wide.low > 2.0 * (narrow.high - narrow.low),
+            "{wide:?} {narrow:?}"
+        );
+        assert!(wide.low < 0.975 && wide.high > 1.025, "{wide:?}");
+    }
+
+    #[test]
+    fn fnv1a_reference_values() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}
