@@ -38,6 +38,9 @@ pub const DEFAULT_BOOTSTRAP_SEED: u64 = 0x6465_636f_6465;
 pub const MIN_SAMPLES_PER_SIDE: usize = 3;
 /// Longest agent message quoted in a text table; the full message is in CSV and JSON.
 const MESSAGE_PREVIEW_CHARS: usize = 60;
+/// Fewest comparisons worth a thread of their own: below this, starting the thread costs more
+/// than the bootstrap it runs.
+const COMPARISONS_PER_WORKER_MIN: usize = 16;
 
 /// What `compare` compares and how it decides.
 #[derive(Debug, Clone, PartialEq)]
@@ -475,20 +478,50 @@ pub fn compare_loaded(
 ) -> CompareOutcome {
     let base = by_key(&baseline.rows, opts.kernels);
     let cand = by_key(&candidate.rows, opts.kernels);
-    let keys: BTreeSet<&MatchKey> = base.keys().chain(cand.keys()).collect();
-    let confidence = 1.0 - opts.alpha;
-    let mut comparisons: Vec<Comparison> = keys
+    let keys: Vec<&MatchKey> = base
+        .keys()
+        .chain(cand.keys())
+        .collect::<BTreeSet<_>>()
         .into_iter()
-        .map(|key| {
-            compare_one(
-                key,
-                base.get(key).map(Vec::as_slice),
-                cand.get(key).map(Vec::as_slice),
-                opts,
-                confidence,
-            )
-        })
         .collect();
+    let confidence = 1.0 - opts.alpha;
+    let compare_key = |key: &MatchKey| {
+        compare_one(
+            key,
+            base.get(key).map(Vec::as_slice),
+            cand.get(key).map(Vec::as_slice),
+            opts,
+            confidence,
+        )
+    };
+    // Each comparison has its own seed, so spreading them over threads changes nothing but the
+    // wall time (noise-based stopping can leave 1000 samples per GPU to resample 2000 times).
+    let workers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(keys.len().div_ceil(COMPARISONS_PER_WORKER_MIN))
+        .max(1);
+    let chunk = keys.len().div_ceil(workers).max(1);
+    let mut comparisons: Vec<Comparison> = std::thread::scope(|scope| {
+        let handles: Vec<_> = keys
+            .chunks(chunk)
+            .map(|part| {
+                let compare_key = &compare_key;
+                scope.spawn(move || {
+                    part.iter()
+                        .filter_map(|k| compare_key(k))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(part) => part,
+                // A panic here is a bug in this module; re-raise it with its own message.
+                Err(payload) => std::panic::resume_unwind(payload),
+            })
+            .collect()
+    });
     comparisons.sort_by(|a, b| {
         a.verdict
             .cmp(&b.verdict)
@@ -574,21 +607,14 @@ fn compare_one(
     cand_rows: Option<&[&ResultRow]>,
     opts: &CompareOptions,
     confidence: f64,
-) -> Comparison {
+) -> Option<Comparison> {
     let (case_id, kernel, sku) = key;
-    let any_row = base_rows
+    // Every key comes from at least one row.
+    let case = base_rows
         .and_then(|r| r.first())
-        .or_else(|| cand_rows.and_then(|r| r.first()));
-    let case = any_row
-        .map(|r| r.case.clone())
-        .unwrap_or_else(|| CaseParams {
-            quant: decodebench_kernels::QuantMode::BF16,
-            batch_size: 0,
-            max_seq_len: 0,
-            kv_layout: String::new(),
-            block_size: 0,
-            pool: String::new(),
-        });
+        .or_else(|| cand_rows.and_then(|r| r.first()))?
+        .case
+        .clone();
     let base = base_rows.map(summarize_side);
     let cand = cand_rows.map(summarize_side);
     let mut c = Comparison {
@@ -612,12 +638,12 @@ fn compare_one(
         (Some(_), None) => {
             c.verdict = Verdict::Missing;
             c.note = "not in the candidate run".to_string();
-            return c;
+            return Some(c);
         }
         (None, _) => {
             c.verdict = Verdict::New;
             c.note = "not in the baseline run".to_string();
-            return c;
+            return Some(c);
         }
     };
     c.gpus_differ = base.gpus != cand.gpus;
@@ -644,7 +670,7 @@ fn compare_one(
         } else {
             format!("{change}: {message}")
         };
-        return c;
+        return Some(c);
     }
 
     let mut notes = Vec::new();
@@ -666,7 +692,7 @@ fn compare_one(
             base.n_samples, cand.n_samples
         ));
         c.note = notes.join("; ");
-        return c;
+        return Some(c);
     }
 
     let seed_key = format!("{case_id}|{}|{sku}", kernel.as_str());
@@ -693,7 +719,7 @@ fn compare_one(
         }
     };
     c.note = notes.join("; ");
-    c
+    Some(c)
 }
 
 /// The decision rule on an interval of the ratio candidate/baseline and a p-value.
