@@ -37,6 +37,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Run every GPU kernel against the CPU reference on small shapes; exits non-zero on any mismatch.
     Selftest(SelftestArgs),
+    /// Compare two runs per (case, kernel, GPU SKU): regression, improvement, unchanged or noisy.
+    Compare(CompareArgs),
+    /// Per-GPU or per-SKU report of one run (slow-card finder) and the optimized-vs-baseline speedups.
+    Report(ReportArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,4 +287,64 @@ pub struct SelftestArgs {
     /// Only the layout x block size x quant mode grid (skips the head-size x GQA-group sweep).
     #[arg(long)]
     pub quick: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatArg {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelArg {
+    Optimized,
+    Baseline,
+    Both,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupByArg {
+    Gpu,
+    Sku,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Baseline run: its --out directory or results.parquet.
+    pub baseline: PathBuf,
+    /// Candidate run: its --out directory or results.parquet.
+    pub candidate: PathBuf,
+    /// Smallest relative change of the median that counts (0.03 = 3 %).
+    #[arg(long, default_value_t = 0.03)]
+    pub threshold: f64,
+    /// Significance level (the bootstrap interval has coverage 1 - alpha).
+    #[arg(long, default_value_t = 0.01)]
+    pub alpha: f64,
+    #[arg(long, value_enum, default_value_t = KernelArg::Both)]
+    pub kernel: KernelArg,
+    #[arg(long, value_enum, default_value_t = FormatArg::Table)]
+    pub format: FormatArg,
+    /// Exit with code 4 when any regression (timing or status) is found (nightly CI).
+    #[arg(long)]
+    pub fail_on_regression: bool,
+    /// Bootstrap resamples (at least 200).
+    #[arg(long, default_value_t = 2000)]
+    pub resamples: usize,
+    /// Bootstrap seed.
+    #[arg(long, default_value_t = decodebench_coordinator::analysis::compare::DEFAULT_BOOTSTRAP_SEED)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// A run's --out directory or results.parquet.
+    pub dir: PathBuf,
+    #[arg(long, value_enum, default_value_t = GroupByArg::Gpu)]
+    pub group_by: GroupByArg,
+    #[arg(long, value_enum, default_value_t = FormatArg::Table)]
+    pub format: FormatArg,
+    /// Flag a GPU slower than its SKU's median by more than this fraction.
+    #[arg(long, default_value_t = 0.03)]
+    pub slow_threshold: f64,
 }

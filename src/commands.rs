@@ -5,6 +5,9 @@ use crate::cli::*;
 use anyhow::{anyhow, bail, Context, Result};
 use decodebench_agent::backends::{self, OpenedBackend};
 use decodebench_agent::client::{Agent, AgentConfig, ClientTls, DEFAULT_CONNECT_TIMEOUT};
+use decodebench_coordinator::analysis::{
+    self, CompareOptions, GroupBy, KernelSelection, OutputFormat, ReportOptions,
+};
 use decodebench_coordinator::grid::Grid;
 use decodebench_coordinator::run::{
     serve, CoordinatorConfig, ProgressDisplay, RunSummary, ServerTls,
@@ -38,6 +41,8 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Grid(a) => grid(a),
         Command::Status(a) => status(a).await,
         Command::Selftest(a) => selftest(a),
+        Command::Compare(a) => compare(a),
+        Command::Report(a) => report(a),
     }
 }
 
@@ -590,6 +595,42 @@ fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(EXIT_SELFTEST_FAILED)
     })
+}
+
+fn output_format(f: FormatArg) -> OutputFormat {
+    match f {
+        FormatArg::Table => OutputFormat::Table,
+        FormatArg::Csv => OutputFormat::Csv,
+        FormatArg::Json => OutputFormat::Json,
+    }
+}
+
+fn compare(a: CompareArgs) -> Result<ExitCode> {
+    let mut o = CompareOptions::new(a.baseline, a.candidate);
+    o.threshold = a.threshold;
+    o.alpha = a.alpha;
+    o.resamples = a.resamples;
+    o.seed = a.seed;
+    o.fail_on_regression = a.fail_on_regression;
+    o.format = output_format(a.format);
+    o.kernels = match a.kernel {
+        KernelArg::Optimized => KernelSelection::Optimized,
+        KernelArg::Baseline => KernelSelection::Baseline,
+        KernelArg::Both => KernelSelection::Both,
+    };
+    Ok(ExitCode::from(analysis::run_compare(&o)?.exit_code()))
+}
+
+fn report(a: ReportArgs) -> Result<ExitCode> {
+    let mut o = ReportOptions::new(a.dir);
+    o.group_by = match a.group_by {
+        GroupByArg::Gpu => GroupBy::Gpu,
+        GroupByArg::Sku => GroupBy::Sku,
+    };
+    o.format = output_format(a.format);
+    o.slow_threshold = a.slow_threshold;
+    analysis::run_report(&o)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
