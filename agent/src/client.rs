@@ -38,6 +38,8 @@ pub enum AgentError {
     },
     #[error("the coordinator refused this agent: {0}")]
     Refused(String),
+    #[error("the coordinator rejected a request as invalid: {0}")]
+    Rejected(String),
     #[error("TLS set-up: {0}")]
     Tls(String),
     #[error("the backend task failed: {0}")]
@@ -208,6 +210,9 @@ impl Agent {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(BACKOFF_MAX);
                 }
+                Err(s) if s.code() == Code::InvalidArgument => {
+                    return Err(AgentError::Rejected(s.message().to_string()))
+                }
                 Err(s) => {
                     return Err(AgentError::Refused(format!(
                         "{:?}: {}",
@@ -286,7 +291,7 @@ impl Agent {
             self.summary.cases_run += 1;
             let wire_m: wire::CaseMeasurement = (&measurement).into();
             let lid = lease_id.clone();
-            let resp = self
+            let resp = match self
                 .call(move |mut c, id| {
                     let req = wire::ReportRequest {
                         agent_id: id,
@@ -295,7 +300,17 @@ impl Agent {
                     };
                     async move { c.report(req).await.map(|r| r.into_inner()) }
                 })
-                .await?;
+                .await
+            {
+                Ok(r) => r,
+                Err(AgentError::Rejected(why)) => {
+                    // The coordinator will never take this result; the case is counted as
+                    // missing there and reported at the end of the run. Carry on.
+                    tracing::error!(case = %case.id, %why, "result rejected by the coordinator");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if resp.accepted {
                 self.summary.results_accepted += 1;
             } else {

@@ -300,6 +300,15 @@ pub async fn serve(
     })
 }
 
+/// Why a result could not be made durable, and whether sending it again can help.
+fn durability_error(e: JournalError) -> crate::service::DurabilityError {
+    let permanent = matches!(e, JournalError::Unencodable { .. });
+    crate::service::DurabilityError {
+        message: e.to_string(),
+        permanent,
+    }
+}
+
 /// A fresh run id: UTC time plus random bits, readable and unique across a fleet.
 fn new_run_id() -> String {
     use rand::Rng;
@@ -352,12 +361,27 @@ fn spawn_journal_writer(
                     }
                 }
                 let records: Vec<ResultRecord> = jobs.iter().map(|j| j.record.clone()).collect();
-                let outcome = journal.append_batch(&records).map_err(|e| e.to_string());
-                if let Err(e) = &outcome {
-                    tracing::error!(error = %e, "journal write failed; results were not acknowledged");
-                }
-                for j in jobs {
-                    let _ = j.done.send(outcome.clone());
+                match journal.append_batch(&records) {
+                    Ok(()) => {
+                        for j in jobs {
+                            let _ = j.done.send(Ok(()));
+                        }
+                    }
+                    Err(JournalError::Unencodable { .. }) => {
+                        // One record cannot be stored: write the others one by one so it does
+                        // not take the rest of the batch down with it.
+                        for j in jobs {
+                            let r = journal.append(&j.record).map_err(durability_error);
+                            let _ = j.done.send(r);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "journal write failed; results were not acknowledged");
+                        let err = durability_error(e);
+                        for j in jobs {
+                            let _ = j.done.send(Err(err.clone()));
+                        }
+                    }
                 }
             }
         })
@@ -374,7 +398,9 @@ mod tests {
         let age = chrono::Local::now().signed_duration_since(t);
         assert!(age.num_seconds().abs() <= 2, "{id} -> {t}");
         assert_eq!(
-            run_timestamp("20240102T030405Z-deadbeef").with_timezone(&chrono::Utc).to_rfc3339(),
+            run_timestamp("20240102T030405Z-deadbeef")
+                .with_timezone(&chrono::Utc)
+                .to_rfc3339(),
             "2024-01-02T03:04:05+00:00"
         );
     }

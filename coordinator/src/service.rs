@@ -24,10 +24,19 @@ pub const MAX_MESSAGE_LEN: usize = 16 * 1024;
 /// Most samples accepted per kernel measurement.
 pub const MAX_SAMPLES: usize = 100_000;
 
+/// Why a result could not be made durable.
+#[derive(Debug, Clone)]
+pub struct DurabilityError {
+    pub message: String,
+    /// Sending the same result again cannot help (it cannot be encoded); otherwise it is an I/O
+    /// problem the agent should retry.
+    pub permanent: bool,
+}
+
 /// A result waiting to be made durable, and who to tell when it is.
 pub struct JournalJob {
     pub record: ResultRecord,
-    pub done: oneshot::Sender<Result<(), String>>,
+    pub done: oneshot::Sender<Result<(), DurabilityError>>,
 }
 
 /// State shared by the gRPC handlers, the ticker and the run loop.
@@ -102,8 +111,13 @@ impl CoordinatorService {
             .map_err(|_| Status::unavailable("the coordinator is shutting down; retry later"))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if e.permanent => Err(Status::invalid_argument(format!(
+                "the result cannot be recorded: {}",
+                e.message
+            ))),
             Ok(Err(e)) => Err(Status::unavailable(format!(
-                "could not write the result to the journal ({e}); it was not recorded, send it again"
+                "could not write the result to the journal ({}); it was not recorded, send it again",
+                e.message
             ))),
             Err(_) => Err(Status::unavailable(
                 "the journal writer stopped; the result was not recorded, send it again",

@@ -364,12 +364,57 @@ impl TryFrom<wire::KernelMeasurement> for k::KernelMeasurement {
                 "every sample must be a finite, non-negative time",
             ));
         }
+        let mut message = m.message;
+        let accuracy = m.accuracy.map(|a| {
+            // A kernel that wrote NaN/inf has a non-finite error; JSON (the journal) and most
+            // readers cannot hold those, so they are stored as f64::MAX and the message says so.
+            let fix = |x: f64| if x.is_finite() { x } else { f64::MAX };
+            if !(a.max_abs_err.is_finite() && a.rel_l2_err.is_finite()) {
+                message.push_str(" [non-finite output error, recorded as f64::MAX]");
+            }
+            k::Accuracy {
+                max_abs_err: fix(a.max_abs_err),
+                rel_l2_err: fix(a.rel_l2_err),
+                tolerance: fix(a.tolerance),
+            }
+        });
+        let finite = |x: Option<f64>| x.filter(|v| v.is_finite());
+        let stats = m.stats.filter(|s| {
+            [
+                s.mean_ms,
+                s.std_ms,
+                s.median_ms,
+                s.min_ms,
+                s.max_ms,
+                s.p5_ms,
+                s.p95_ms,
+                s.rse,
+            ]
+            .iter()
+            .all(|v| v.is_finite())
+        });
+        let mut telemetry: k::Telemetry = m.telemetry.map(Into::into).unwrap_or_default();
+        for v in [
+            &mut telemetry.power_avg_w,
+            &mut telemetry.power_max_w,
+            &mut telemetry.energy_per_call_j,
+            &mut telemetry.temp_avg_c,
+            &mut telemetry.temp_max_c,
+            &mut telemetry.mem_temp_max_c,
+            &mut telemetry.sm_clock_min_mhz,
+            &mut telemetry.sm_clock_avg_mhz,
+            &mut telemetry.mem_clock_min_mhz,
+            &mut telemetry.mem_clock_avg_mhz,
+            &mut telemetry.gpu_util_avg_pct,
+        ] {
+            *v = finite(*v);
+        }
         Ok(k::KernelMeasurement {
             kernel: Some(kernel),
             status: Some(status_from_wire(m.status)?),
-            message: m.message,
+            message,
             samples_ms: m.samples_ms,
-            stats: m.stats.map(|s| k::TimingStats {
+            stats: stats.map(|s| k::TimingStats {
                 mean_ms: s.mean_ms,
                 std_ms: s.std_ms,
                 median_ms: s.median_ms,
@@ -379,15 +424,11 @@ impl TryFrom<wire::KernelMeasurement> for k::KernelMeasurement {
                 p95_ms: s.p95_ms,
                 rse: s.rse,
             }),
-            accuracy: m.accuracy.map(|a| k::Accuracy {
-                max_abs_err: a.max_abs_err,
-                rel_l2_err: a.rel_l2_err,
-                tolerance: a.tolerance,
-            }),
+            accuracy,
             bytes_per_call: m.bytes_per_call,
-            bandwidth_gbps: m.bandwidth_gbps,
-            bandwidth_fraction: m.bandwidth_fraction,
-            telemetry: m.telemetry.map(Into::into).unwrap_or_default(),
+            bandwidth_gbps: finite(m.bandwidth_gbps),
+            bandwidth_fraction: finite(m.bandwidth_fraction),
+            telemetry,
             rse_target_met: m.rse_target_met,
             throttled: m.throttled,
             throttle_retries_used: m.throttle_retries_used,
@@ -503,8 +544,21 @@ mod tests {
         };
         let w: wire::CaseMeasurement = (&cm).into();
         assert_eq!(k::CaseMeasurement::try_from(w.clone()).unwrap(), cm);
-        let mut bad = w;
+        let mut bad = w.clone();
         bad.kernels[0].samples_ms[0] = f64::NAN;
         assert!(k::CaseMeasurement::try_from(bad).is_err());
+        // A wrong kernel that wrote NaN: its error is kept as f64::MAX, never as NaN.
+        let mut nan = w;
+        nan.kernels[0].accuracy = Some(wire::Accuracy {
+            max_abs_err: f64::NAN,
+            rel_l2_err: f64::INFINITY,
+            tolerance: 0.01,
+        });
+        nan.kernels[0].telemetry.as_mut().unwrap().power_avg_w = Some(f64::NAN);
+        let got = k::CaseMeasurement::try_from(nan).unwrap();
+        let a = got.kernels[0].accuracy.unwrap();
+        assert_eq!((a.max_abs_err, a.rel_l2_err), (f64::MAX, f64::MAX));
+        assert!(got.kernels[0].message.contains("non-finite"));
+        assert_eq!(got.kernels[0].telemetry.power_avg_w, None);
     }
 }
