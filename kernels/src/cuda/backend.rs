@@ -16,7 +16,7 @@ use super::device::{
     probe_devices, reset_primary_context, DeviceSession, DeviceSummary, ModuleOrigin,
 };
 use super::launch::{
-    case_params, decode_ctas_per_sm, decode_geometry, launch_baseline, launch_decode,
+    case_params, choose_decode_geometry, decode_ctas_per_sm, launch_baseline, launch_decode,
     launch_reference, prepare_decode, AttnParams, DecodeNames, SUPPORTED_HEAD_SIZES,
 };
 use super::plan::{plan_splits, SplitPlan, MIN_CHUNK_TOKENS};
@@ -42,6 +42,8 @@ pub struct CudaBackend {
     pool: Option<DevicePool>,
     flush: Option<CudaSlice<u8>>,
     min_chunk_tokens: u32,
+    /// Use the FMA kernel even where the tensor-core one applies (self-test coverage).
+    prefer_fma: bool,
     origin: Option<ModuleOrigin>,
     rebuilds: u32,
 }
@@ -92,6 +94,7 @@ impl CudaBackend {
             pool: None,
             flush: None,
             min_chunk_tokens: MIN_CHUNK_TOKENS,
+            prefer_fma: false,
             origin,
             rebuilds: 0,
         })
@@ -118,6 +121,11 @@ impl CudaBackend {
     /// Smallest split-KV chunk of the optimized kernel (tests lower it to force splitting).
     pub fn set_min_chunk_tokens(&mut self, tokens: u32) {
         self.min_chunk_tokens = tokens.max(1);
+    }
+
+    /// Runs the CUDA-core (FMA) optimized kernel even where the tensor-core one applies.
+    pub fn set_prefer_fma(&mut self, prefer: bool) {
+        self.prefer_fma = prefer;
     }
 
     /// Times the context was rebuilt after a device error.
@@ -331,7 +339,14 @@ impl CudaBackend {
         probe: &mut dyn TelemetryProbe,
     ) -> KernelOutcome {
         let kind = KernelKind::Optimized;
-        let geometry = match decode_geometry(case.head_size, case.group_size(), case.quant.kv) {
+        let compute_major = self.session.as_ref().map_or(0, |s| s.props.compute_major);
+        let geometry = match choose_decode_geometry(
+            case.head_size,
+            case.group_size(),
+            case.quant.kv,
+            compute_major,
+            self.prefer_fma,
+        ) {
             Ok(g) => g,
             Err(reason) => {
                 return KernelOutcome::Measured(KernelMeasurement::not_timed(
@@ -347,7 +362,7 @@ impl CudaBackend {
                 .session
                 .as_ref()
                 .ok_or_else(|| CaseError::Device(no_session()))?;
-            let names = DecodeNames::for_case(case);
+            let names = DecodeNames::for_case(case, geometry.variant);
             prepare_decode(session, &names, &geometry)?;
             let per_sm = decode_ctas_per_sm(session, &names, &geometry)?;
             let plan = plan_splits(
@@ -416,11 +431,13 @@ impl CudaBackend {
             let items = plan.items.len() as u32;
             let call = || launch_decode(session, &params, &geometry, items, &names);
             let note = format!(
-                "{}; block {}x{}x{}, {} CTAs/SM; {}",
+                "{} ({}); block {}x{}x{}, {} B smem, {} CTAs/SM; {}",
                 names.decode,
-                geometry.bdx,
-                geometry.group,
-                geometry.bdz,
+                geometry.variant.as_str(),
+                geometry.block.0,
+                geometry.block.1,
+                geometry.block.2,
+                geometry.smem_bytes,
                 per_sm,
                 describe_plan(&plan)
             );
@@ -498,16 +515,23 @@ impl CudaBackend {
         prepared.reference = cpu;
         let mut kernels = Vec::new();
         let saved = self.min_chunk_tokens;
-        let mut runs: Vec<(String, Option<u32>)> = vec![("baseline".to_string(), None)];
+        let saved_fma = self.prefer_fma;
+        let mut runs: Vec<(String, Option<(u32, bool)>)> = vec![("baseline".to_string(), None)];
         for &c in min_chunks {
-            runs.push((format!("optimized(min chunk {c})"), Some(c)));
+            runs.push((format!("optimized(chunk>={c})"), Some((c, false))));
         }
-        for (label, chunk) in runs {
-            let outcome = match chunk {
+        if let Some(&c) = min_chunks.last() {
+            runs.push((format!("optimized-fma(chunk>={c})"), Some((c, true))));
+        }
+        for (label, setting) in runs {
+            let outcome = match setting {
                 None => self.run_baseline(case, &prepared, &mut probe),
-                Some(c) => {
+                Some((c, fma)) => {
                     self.min_chunk_tokens = c;
-                    self.run_optimized(case, &prepared, &mut probe)
+                    self.prefer_fma = fma;
+                    let out = self.run_optimized(case, &prepared, &mut probe);
+                    self.prefer_fma = saved_fma;
+                    out
                 }
             };
             match outcome {

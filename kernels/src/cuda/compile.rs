@@ -18,12 +18,13 @@ use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 
 /// The kernel sources, in the order they are concatenated (the shared header first).
-const SOURCES: [(&str, &str); 5] = [
+const SOURCES: [(&str, &str); 6] = [
     ("common.cuh", include_str!("../../cuda/common.cuh")),
     ("generate.cu", include_str!("../../cuda/generate.cu")),
     ("reference.cu", include_str!("../../cuda/reference.cu")),
     ("baseline.cu", include_str!("../../cuda/baseline.cu")),
     ("decode.cu", include_str!("../../cuda/decode.cu")),
+    ("decode_mma.cu", include_str!("../../cuda/decode_mma.cu")),
 ];
 
 /// Name NVRTC gives the program in its messages.

@@ -16,6 +16,15 @@ pub(crate) const DECODE_STAGES: u32 = 3;
 const DECODE_TARGET_THREADS: u32 = 128;
 /// `__launch_bounds__` of the optimized kernel.
 pub(crate) const DECODE_MAX_THREADS: u32 = 512;
+/// Tensor-core kernel (decode_mma.cu): threads, tokens per stage, stages, largest group, head
+/// sizes (`MMA_THREADS`, `MMA_STAGE_TOKENS`, `MMA_STAGES`, `MMA_MAX_GROUP` there).
+pub(crate) const MMA_THREADS: u32 = 128;
+pub(crate) const MMA_STAGE_TOKENS: u32 = 64;
+pub(crate) const MMA_STAGES: u32 = 2;
+pub(crate) const MMA_MAX_GROUP: u32 = 16;
+pub(crate) const MMA_HEAD_SIZES: [u32; 2] = [64, 128];
+/// Compute capability the tensor-core kernel needs (bf16 `mma.sync`, `ldmatrix`, `cp.async`).
+pub(crate) const MMA_MIN_COMPUTE_MAJOR: i32 = 8;
 /// Dynamic shared memory a CTA gets without opting in.
 const DEFAULT_SMEM_LIMIT_BYTES: u32 = 48 * 1024;
 /// Threads of the baseline kernel (`BASE_WARPS * 32` in baseline.cu).
@@ -134,6 +143,15 @@ pub(crate) fn decode_kernel_name(head: u32, q: Dtype, kv: Dtype, out: Dtype) -> 
     )
 }
 
+pub(crate) fn decode_mma_kernel_name(head: u32, q: Dtype, kv: Dtype, out: Dtype) -> String {
+    format!(
+        "decode_mma_d{head}_{}_{}_{}",
+        dtype_tag(q),
+        dtype_tag(kv),
+        dtype_tag(out)
+    )
+}
+
 pub(crate) fn merge_kernel_name(head: u32, out: Dtype) -> String {
     format!("merge_d{head}_{}", dtype_tag(out))
 }
@@ -171,27 +189,85 @@ pub(crate) fn all_kernel_names() -> Vec<String> {
         for out in OUTPUTS {
             names.push(merge_kernel_name(head, out));
         }
+        if MMA_HEAD_SIZES.contains(&head) {
+            for (q, kv) in DECODE_INPUTS {
+                for out in OUTPUTS {
+                    names.push(decode_mma_kernel_name(head, q, kv, out));
+                }
+            }
+        }
     }
     names
+}
+
+/// Which implementation of the optimized kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DecodeVariant {
+    /// Tensor cores (decode_mma.cu): head 64/128, group <= 16, sm_80+.
+    Mma,
+    /// CUDA-core FMAs (decode.cu): every supported shape.
+    Fma,
+}
+
+impl DecodeVariant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecodeVariant::Mma => "mma",
+            DecodeVariant::Fma => "fma",
+        }
+    }
 }
 
 /// Thread-block shape and shared memory of the optimized kernel for one case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DecodeGeometry {
-    pub bdx: u32,
-    pub group: u32,
-    pub bdz: u32,
+    pub variant: DecodeVariant,
+    pub block: (u32, u32, u32),
     pub stage_tokens: u32,
     pub smem_bytes: u32,
 }
 
 impl DecodeGeometry {
     pub fn threads(&self) -> u32 {
-        self.bdx * self.group * self.bdz
+        self.block.0 * self.block.1 * self.block.2
     }
 }
 
-/// The optimized kernel's geometry, or why the case does not fit it.
+/// The optimized kernel for a case: the tensor-core variant when the shape and the device allow
+/// it (and `prefer_fma` is off), else the FMA variant; or why neither fits.
+pub(crate) fn choose_decode_geometry(
+    head: u32,
+    group: u32,
+    kv: Dtype,
+    compute_major: i32,
+    prefer_fma: bool,
+) -> Result<DecodeGeometry, String> {
+    if !prefer_fma && compute_major >= MMA_MIN_COMPUTE_MAJOR {
+        if let Some(g) = mma_geometry(head, group, kv) {
+            return Ok(g);
+        }
+    }
+    decode_geometry(head, group, kv)
+}
+
+/// Geometry of the tensor-core kernel, when it supports the shape.
+pub(crate) fn mma_geometry(head: u32, group: u32, kv: Dtype) -> Option<DecodeGeometry> {
+    if !MMA_HEAD_SIZES.contains(&head) || group == 0 || group > MMA_MAX_GROUP {
+        return None;
+    }
+    let elem = if kv == Dtype::Fp8 { 1 } else { 2 };
+    let stages = MMA_STAGES * 2 * MMA_STAGE_TOKENS * head * elem;
+    let warps = MMA_THREADS / 32;
+    let merge = 4 * group * (warps * head + 2 * warps + head);
+    Some(DecodeGeometry {
+        variant: DecodeVariant::Mma,
+        block: (MMA_THREADS, 1, 1),
+        stage_tokens: MMA_STAGE_TOKENS,
+        smem_bytes: stages.max(merge),
+    })
+}
+
+/// Geometry of the FMA kernel, or why the case does not fit it.
 pub(crate) fn decode_geometry(head: u32, group: u32, kv: Dtype) -> Result<DecodeGeometry, String> {
     if !SUPPORTED_HEAD_SIZES.contains(&head) {
         return Err(format!(
@@ -221,9 +297,8 @@ pub(crate) fn decode_geometry(head: u32, group: u32, kv: Dtype) -> Result<Decode
     let stages = DECODE_STAGES * 2 * stage_tokens * head * elem;
     let reduce = 4 * (bdz * group * head + 2 * bdz * group + group * head);
     Ok(DecodeGeometry {
-        bdx,
-        group,
-        bdz,
+        variant: DecodeVariant::Fma,
+        block: (bdx, group, bdz),
         stage_tokens,
         smem_bytes: stages.max(reduce),
     })
@@ -303,7 +378,7 @@ pub(crate) fn launch_decode(
 ) -> Result<(), CudaError> {
     let cfg = LaunchConfig {
         grid_dim: (items, params.num_kv_heads as u32, 1),
-        block_dim: (geometry.bdx, geometry.group, geometry.bdz),
+        block_dim: geometry.block,
         shared_mem_bytes: geometry.smem_bytes,
     };
     launch_params(session, &names.decode, cfg, params)?;
@@ -326,10 +401,14 @@ pub(crate) struct DecodeNames {
 }
 
 impl DecodeNames {
-    pub fn for_case(case: &BenchCase) -> DecodeNames {
+    pub fn for_case(case: &BenchCase, variant: DecodeVariant) -> DecodeNames {
+        let (h, q, kv, out) = (case.head_size, case.quant.q, case.quant.kv, case.quant.out);
         DecodeNames {
-            decode: decode_kernel_name(case.head_size, case.quant.q, case.quant.kv, case.quant.out),
-            merge: merge_kernel_name(case.head_size, case.quant.out),
+            decode: match variant {
+                DecodeVariant::Mma => decode_mma_kernel_name(h, q, kv, out),
+                DecodeVariant::Fma => decode_kernel_name(h, q, kv, out),
+            },
+            merge: merge_kernel_name(h, out),
         }
     }
 }
@@ -575,16 +654,42 @@ mod tests {
                     assert_eq!(g.threads() % 32, 0, "head {head} group {group}");
                     assert!(g.threads() <= DECODE_MAX_THREADS);
                     assert!(g.smem_bytes <= DEFAULT_SMEM_LIMIT_BYTES, "{g:?}");
-                    assert_eq!(32 % g.bdx, 0, "a token's lanes must sit in one warp");
+                    assert_eq!(32 % g.block.0, 0, "a token's lanes must sit in one warp");
+                    if let Some(m) = mma_geometry(head, group, kv) {
+                        assert_eq!(m.threads(), MMA_THREADS);
+                        // Hopper/Ampere allow up to 227/163 KiB per block after opting in.
+                        assert!(m.smem_bytes <= 160 * 1024, "{m:?}");
+                        assert_eq!(m.stage_tokens, MMA_STAGE_TOKENS);
+                    }
                 }
             }
         }
         assert!(decode_geometry(96, 8, Dtype::Bf16).is_err());
         assert!(decode_geometry(256, 17, Dtype::Bf16).is_err());
+        // Tensor cores where they fit, FMA elsewhere or when asked.
+        let pick = |h, g, cc, fma| {
+            choose_decode_geometry(h, g, Dtype::Fp8, cc, fma)
+                .unwrap()
+                .variant
+        };
+        assert_eq!(pick(128, 8, 9, false), DecodeVariant::Mma);
+        assert_eq!(pick(128, 8, 9, true), DecodeVariant::Fma);
+        assert_eq!(pick(256, 8, 9, false), DecodeVariant::Fma);
+        assert_eq!(pick(128, 8, 7, false), DecodeVariant::Fma);
+        assert!(mma_geometry(64, 17, Dtype::Bf16).is_none());
     }
 
     #[test]
     fn rust_constants_match_the_cuda_sources() {
+        let mma = include_str!("../../cuda/decode_mma.cu");
+        assert!(mma.contains(&format!("#define MMA_WARPS {}", MMA_THREADS / 32)));
+        assert!(mma.contains(&format!("#define MMA_STAGE_TOKENS (MMA_WARPS * MMA_TILE)")));
+        assert!(mma.contains(&format!(
+            "#define MMA_TILE {}",
+            MMA_STAGE_TOKENS / (MMA_THREADS / 32)
+        )));
+        assert!(mma.contains(&format!("#define MMA_STAGES {MMA_STAGES}")));
+        assert!(mma.contains(&format!("#define MMA_MAX_GROUP {MMA_MAX_GROUP}")));
         let decode = include_str!("../../cuda/decode.cu");
         assert!(decode.contains(&format!("#define DEC_TILE {DECODE_TILE_TOKENS}")));
         assert!(decode.contains(&format!("#define DEC_STAGES {DECODE_STAGES}")));
