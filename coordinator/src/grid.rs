@@ -144,15 +144,17 @@ pub enum GridError {
     },
     #[error("grid: unknown preset `{name}`; known presets: {known}")]
     UnknownPreset { name: String, known: String },
-    #[error("cannot read grid file {}: {source}; check the path", path.display())]
+    // The inner error is printed in the message and deliberately not exposed as `source`:
+    // anyhow's `{:#}` would print it a second time.
+    #[error("cannot read grid file {}: {error}; check the path", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     InFile {
         path: PathBuf,
-        source: Box<GridError>,
+        error: Box<GridError>,
     },
 }
 
@@ -227,13 +229,13 @@ impl Grid {
 
     /// Reads, parses and validates a grid file.
     pub fn from_file(path: &Path) -> Result<Grid, GridError> {
-        let text = std::fs::read_to_string(path).map_err(|source| GridError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| GridError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Grid::from_toml_str(&text).map_err(|e| GridError::InFile {
             path: path.to_path_buf(),
-            source: Box::new(e),
+            error: Box::new(e),
         })
     }
 
@@ -635,10 +637,21 @@ fn parse_error(text: &str, err: &toml::de::Error) -> GridError {
         Some(span) => line_column(text, span.start),
         None => (0, 0),
     };
+    // A type error ("invalid type: string, expected a sequence") does not name its key; the
+    // offending line does.
+    let mut message = err.message().trim().to_string();
+    if let Some(src) = line
+        .checked_sub(1)
+        .and_then(|i| text.lines().nth(i))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
+        message = format!("{message} (in `{src}`)");
+    }
     GridError::Parse {
         line,
         column,
-        message: err.message().trim().to_string(),
+        message,
     }
 }
 
