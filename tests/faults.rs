@@ -1,0 +1,345 @@
+//! Faults injected into a running fleet: an agent killed mid-shard, a coordinator killed and
+//! restarted, an agent frozen past its lease and thawed, SIGTERM to either side. Whatever happens,
+//! the files at the end hold every case exactly once.
+
+use crate::util::*;
+use decodebench_proto::wire;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// Cases per shard in these tests: a shard is several cases long, so "mid-shard" exists.
+const SHARD_CASES: u64 = 4;
+const SHARD_CASES_ARG: &str = "4";
+
+/// The agent named `name` in a status, if registered.
+fn agent_named<'a>(st: &'a wire::StatusResponse, name: &str) -> Option<&'a wire::AgentStatus> {
+    st.agents.iter().find(|a| a.name == name && a.alive)
+}
+
+/// True when `name` holds a lease of its first shard, has reported part of it, and has at least one
+/// case left after the one it is running (so there is something to hand back or to lose).
+fn mid_first_shard(st: &wire::StatusResponse, name: &str) -> bool {
+    agent_named(st, name).is_some_and(|a| {
+        !a.current_lease.is_empty() && a.results > 0 && a.results + 2 <= SHARD_CASES
+    })
+}
+
+#[test]
+fn a_killed_agents_cases_finish_on_other_agents() {
+    let _serial = exclusive();
+    let s = Scratch::new("kill-agent");
+    let grid = s.grid(&GridSpec::slow());
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    let mut coord = coordinator(
+        &s,
+        "coordinator",
+        &grid,
+        port,
+        &[
+            "--lease-timeout-s",
+            "2",
+            "--heartbeat-s",
+            "0.5",
+            "--shard-cases",
+            SHARD_CASES_ARG,
+        ],
+    );
+    let probe = StatusProbe::new(port);
+    let mut victim = agent(&s, "victim", port, &[]);
+    let st = probe.wait_for(
+        Duration::from_secs(60),
+        "the victim to be half-way through a shard",
+        |st| mid_first_shard(st, "victim"),
+    );
+    victim.kill9();
+    let victim_id = agent_named(&st, "victim")
+        .map(|a| a.agent_id.clone())
+        .unwrap_or_default();
+
+    // Its lease expires (2 s without a heartbeat) and its cases go back in the queue.
+    let st = probe.wait_for(
+        Duration::from_secs(20),
+        "the victim's lease to expire",
+        |st| st.leases_expired >= 1,
+    );
+    assert!(st.done < st.total, "the grid is not done yet: {st:?}");
+
+    let mut others = [
+        agent(&s, "rescuer-a", port, &[]),
+        agent(&s, "rescuer-b", port, &[]),
+    ];
+    coord.wait_success(Duration::from_secs(120));
+    for a in others.iter_mut() {
+        a.wait_success(Duration::from_secs(20));
+    }
+    let rows = assert_each_case_once(&s.out(), &ids);
+    let by_victim: BTreeSet<&str> = rows
+        .iter()
+        .filter(|r| r.agent_id == victim_id)
+        .map(|r| r.case_id.as_str())
+        .collect();
+    assert!(
+        by_victim.len() < ids.len(),
+        "the victim ({victim_id}) cannot have finished everything"
+    );
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_from_its_journal() {
+    let _serial = exclusive();
+    let s = Scratch::new("kill-coordinator");
+    let grid = s.grid(&GridSpec::slow());
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    let flags = [
+        "--lease-timeout-s",
+        "5",
+        "--heartbeat-s",
+        "1",
+        "--shard-cases",
+        "2",
+    ];
+    let mut first = coordinator(&s, "coordinator-1", &grid, port, &flags);
+    let probe = StatusProbe::new(port);
+    let mut agents = [
+        agent(&s, "agent-a", port, &["--connect-timeout-s", "60"]),
+        agent(&s, "agent-b", port, &["--connect-timeout-s", "60"]),
+    ];
+    let before = probe.wait_for(
+        Duration::from_secs(90),
+        "a third of the grid to be done",
+        |st| st.done * 3 >= st.total && st.done < st.total,
+    );
+    first.kill9();
+    let killed_at_ms = now_unix_ms();
+    assert!(!first.is_running());
+
+    // The agents keep retrying while it is down.
+    std::thread::sleep(Duration::from_millis(1500));
+    for a in agents.iter_mut() {
+        assert!(
+            a.is_running(),
+            "{} gave up while the coordinator was down:\n{}",
+            a.name,
+            a.log_tail()
+        );
+    }
+    let mut second = coordinator(&s, "coordinator-2", &grid, port, &flags);
+    second.wait_success(Duration::from_secs(120));
+    for a in agents.iter_mut() {
+        a.wait_success(Duration::from_secs(30));
+    }
+
+    let rows = assert_each_case_once(&s.out(), &ids);
+    // What the first coordinator had journaled survived, with its original receipt time: the
+    // second one did not run those cases again.
+    let kept: BTreeSet<&str> = rows
+        .iter()
+        .filter(|r| r.received_unix_ms <= killed_at_ms)
+        .map(|r| r.case_id.as_str())
+        .collect();
+    assert!(
+        kept.len() as u64 >= before.done,
+        "{} cases were done before the kill but only {} results predate it: the journal was not \
+         resumed",
+        before.done,
+        kept.len()
+    );
+    // Each agent counts the results the coordinators accepted from it; a case re-run and accepted
+    // twice would push the total past the grid size.
+    let accepted: u64 = agents
+        .iter()
+        .filter_map(|a| agent_summary(&a.log()))
+        .map(|(_, accepted, _, _)| accepted)
+        .sum();
+    assert_eq!(
+        accepted,
+        ids.len() as u64,
+        "one accepted result per case over both coordinators"
+    );
+}
+
+#[test]
+fn a_frozen_agents_late_results_are_counted_once() {
+    let _serial = exclusive();
+    let s = Scratch::new("sigstop-agent");
+    let grid = s.grid(&GridSpec::slow());
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    // --keep-serving: the coordinator is still there when the frozen agent wakes up.
+    let mut coord = coordinator(
+        &s,
+        "coordinator",
+        &grid,
+        port,
+        &[
+            "--lease-timeout-s",
+            "2",
+            "--heartbeat-s",
+            "0.5",
+            "--shard-cases",
+            SHARD_CASES_ARG,
+            "--keep-serving",
+        ],
+    );
+    let probe = StatusProbe::new(port);
+    let mut frozen = agent(&s, "frozen", port, &[]);
+    // Freeze it half-way through its first shard (re-check after the freeze: a report may have
+    // been in flight).
+    let mut attempts = 0;
+    loop {
+        probe.wait_for(
+            Duration::from_secs(60),
+            "the agent to be half-way through a shard",
+            |st| mid_first_shard(st, "frozen"),
+        );
+        frozen.signal("STOP");
+        std::thread::sleep(Duration::from_millis(200));
+        if probe.get().is_some_and(|st| mid_first_shard(&st, "frozen")) {
+            break;
+        }
+        frozen.signal("CONT");
+        attempts += 1;
+        assert!(attempts < 5, "could not freeze the agent mid-shard");
+    }
+    probe.wait_for(
+        Duration::from_secs(20),
+        "the frozen agent's lease to expire",
+        |st| st.leases_expired >= 1,
+    );
+    let mut rescuer = agent(&s, "rescuer", port, &[]);
+    probe.wait_for(
+        Duration::from_secs(120),
+        "the rescuer to finish the grid",
+        |st| st.done == st.total,
+    );
+    // Thaw: it finishes the case it was running and reports it; that case was already done.
+    frozen.signal("CONT");
+    frozen.wait_success(Duration::from_secs(30));
+    rescuer.wait_success(Duration::from_secs(30));
+    let (_, _, duplicates, _) = agent_summary(&frozen.log()).unwrap_or_else(|| {
+        panic!(
+            "no closing summary from the frozen agent:\n{}",
+            frozen.log_tail()
+        )
+    });
+    assert!(
+        duplicates >= 1,
+        "the thawed agent's late result should be a duplicate"
+    );
+
+    coord.signal("TERM");
+    coord.wait_success(Duration::from_secs(30));
+    assert_each_case_once(&s.out(), &ids);
+}
+
+#[test]
+fn sigterm_to_the_coordinator_writes_what_was_gathered() {
+    let _serial = exclusive();
+    let s = Scratch::new("sigterm-coordinator");
+    let grid = s.grid(&GridSpec::slow());
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    let mut coord = coordinator(&s, "coordinator", &grid, port, &["--shard-cases", "2"]);
+    let probe = StatusProbe::new(port);
+    let _agent = agent(&s, "agent", port, &["--connect-timeout-s", "5"]);
+    let before = probe.wait_for(
+        Duration::from_secs(90),
+        "some of the grid to be done",
+        |st| st.done >= 2 && st.done + 4 <= st.total,
+    );
+    coord.signal("TERM");
+    let status = coord.wait(Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "an interrupted run with cases left must exit non-zero; log:\n{}",
+        coord.log_tail()
+    );
+    let log = coord.log();
+    assert!(
+        log.contains("without a result"),
+        "the exit summary should say how many cases have no result:\n{}",
+        coord.log_tail()
+    );
+    let out = s.out();
+    assert!(
+        temp_files(&out).is_empty(),
+        "temporary files left: {:?}",
+        temp_files(&out)
+    );
+    let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
+    check_each_case_at_most_once(&rows, &ids).unwrap_or_else(|e| panic!("{e:#}"));
+    let cases: BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
+    assert!(
+        cases.len() as u64 >= before.done,
+        "{} cases were done before SIGTERM but only {} are in results.parquet",
+        before.done,
+        cases.len()
+    );
+    assert!(
+        cases.len() < ids.len(),
+        "the run was interrupted before the end"
+    );
+    // The reference CSV was written too, from the same records.
+    let reference =
+        std::fs::read_to_string(reference_csv(&out)).expect("reading the reference CSV");
+    assert_eq!(
+        reference.lines().filter(|l| !l.is_empty()).count(),
+        cases.len() + 1
+    );
+}
+
+#[test]
+fn sigterm_to_an_agent_finishes_its_case_and_hands_its_lease_back() {
+    let _serial = exclusive();
+    let s = Scratch::new("sigterm-agent");
+    let grid = s.grid(&GridSpec::slow());
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    // A lease that would take a minute to expire: only a hand-back lets the grid finish in time.
+    let mut coord = coordinator(
+        &s,
+        "coordinator",
+        &grid,
+        port,
+        &[
+            "--lease-timeout-s",
+            "60",
+            "--heartbeat-s",
+            "1",
+            "--shard-cases",
+            SHARD_CASES_ARG,
+        ],
+    );
+    let probe = StatusProbe::new(port);
+    let mut leaving = agent(&s, "leaving", port, &[]);
+    probe.wait_for(
+        Duration::from_secs(60),
+        "the agent to be half-way through a shard",
+        |st| mid_first_shard(st, "leaving"),
+    );
+    leaving.signal("TERM");
+    leaving.wait_success(Duration::from_secs(30));
+    let (run, accepted, _, handed_back) = agent_summary(&leaving.log())
+        .unwrap_or_else(|| panic!("no closing summary from the agent:\n{}", leaving.log_tail()));
+    assert_eq!(
+        run, accepted,
+        "the case it was running when told to stop was finished and reported"
+    );
+    assert!(
+        handed_back >= 1,
+        "the rest of its shard should have been handed back"
+    );
+    let st = probe.get().expect("the coordinator is still up");
+    assert_eq!(
+        st.running, 0,
+        "nothing is leased once the agent handed its lease back: {st:?}"
+    );
+    assert_eq!(st.leases_expired, 0, "the lease was returned, not expired");
+
+    let mut next = agent(&s, "next", port, &[]);
+    coord.wait_success(Duration::from_secs(45));
+    next.wait_success(Duration::from_secs(20));
+    assert_each_case_once(&s.out(), &ids);
+}

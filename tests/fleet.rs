@@ -1,0 +1,104 @@
+//! A coordinator process and several agent processes on loopback: work is spread, every case comes
+//! back exactly once, and everyone exits cleanly when the grid is done.
+
+use crate::util::*;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+#[test]
+fn three_agents_finish_a_grid_with_every_case_once() {
+    let _serial = exclusive();
+    let s = Scratch::new("three-agents");
+    let spec = GridSpec::tiny();
+    let grid = s.grid(&spec);
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    let mut coord = coordinator(&s, "coordinator", &grid, port, &["--shard-cases", "2"]);
+    let mut agents: Vec<Proc> = (0..3)
+        .map(|i| agent(&s, &format!("agent{i}"), port, &[]))
+        .collect();
+
+    coord.wait_success(Duration::from_secs(90));
+    for a in agents.iter_mut() {
+        a.wait_success(Duration::from_secs(20));
+        let (run, accepted, _dups, _back) = agent_summary(&a.log())
+            .unwrap_or_else(|| panic!("{} printed no closing summary:\n{}", a.name, a.log_tail()));
+        assert!(
+            accepted <= run,
+            "{}: accepted more results than it ran",
+            a.name
+        );
+    }
+    let total_accepted: u64 = agents
+        .iter()
+        .filter_map(|a| agent_summary(&a.log()))
+        .map(|(_, accepted, _, _)| accepted)
+        .sum();
+    assert_eq!(
+        total_accepted,
+        ids.len() as u64,
+        "the agents together had exactly one accepted result per case"
+    );
+    assert_each_case_once(&s.out(), &ids);
+}
+
+/// Agents started for the many-agents test: real processes, each a whole `decodebench agent`.
+const MANY_AGENTS: usize = 50;
+
+#[test]
+fn fifty_agent_processes_share_a_grid_with_every_case_once() {
+    let _serial = exclusive();
+    let s = Scratch::new("fifty-agents");
+    // 5 x 5 x 3 = 75 tiny cases, one per shard, so that most agents get work.
+    let spec = GridSpec {
+        name: "it-many".into(),
+        batch_sizes: vec![1, 2, 3, 4, 5],
+        max_seq_lens: vec![16, 32, 48, 64, 80],
+        trials: 2,
+        ..GridSpec::tiny()
+    };
+    let grid = s.grid(&spec);
+    let ids = grid_case_ids(&grid);
+    assert_eq!(ids.len(), 75);
+    let port = free_port();
+    let expect = MANY_AGENTS.to_string();
+    // Nothing is dispatched until all 50 have registered: they are all in the run at once.
+    let mut coord = coordinator(
+        &s,
+        "coordinator",
+        &grid,
+        port,
+        &[
+            "--shard-cases",
+            "1",
+            "--expect-agents",
+            &expect,
+            "--lease-timeout-s",
+            "60",
+        ],
+    );
+    let mut agents: Vec<Proc> = (0..MANY_AGENTS)
+        .map(|i| agent(&s, &format!("agent{i:02}"), port, &[]))
+        .collect();
+
+    coord.wait_success(Duration::from_secs(150));
+    for a in agents.iter_mut() {
+        a.wait_success(Duration::from_secs(30));
+    }
+    let rows = assert_each_case_once(&s.out(), &ids);
+    let agent_ids: BTreeSet<&str> = rows.iter().map(|r| r.agent_id.as_str()).collect();
+    assert!(
+        agent_ids.len() > 1,
+        "with {MANY_AGENTS} agents the work should be spread, but only {agent_ids:?} reported"
+    );
+    let accepted: u64 = agents
+        .iter()
+        .filter_map(|a| agent_summary(&a.log()))
+        .map(|(_, accepted, _, _)| accepted)
+        .sum();
+    assert_eq!(
+        accepted,
+        ids.len() as u64,
+        "one accepted result per case across all agents"
+    );
+}

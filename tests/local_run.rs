@@ -1,0 +1,120 @@
+//! `decodebench run`: the embedded coordinator and a CPU agent in one process, end to end.
+
+use crate::util::*;
+use std::time::Duration;
+
+/// The reference script's CSV header, byte for byte.
+const REFERENCE_HEADER: &str = "batch_size,trtllm_mean,trtllm_std,baseline_mean,baseline_std,\
+speedup_percent,q_dtype,kv_cache_dtype,output_dtype,block_size,num_kv_heads,head_size,max_seq_len";
+
+#[test]
+fn run_on_the_cpu_writes_every_case_once_in_all_three_files() {
+    let _serial = exclusive();
+    let s = Scratch::new("local-run");
+    let spec = GridSpec::tiny();
+    let grid = s.grid(&spec);
+    let ids = grid_case_ids(&grid);
+    assert_eq!(
+        ids.len(),
+        spec.case_count(),
+        "the grid lists every case once"
+    );
+    let out = s.out();
+    let args: Vec<String> = [
+        "run",
+        "--backend",
+        "cpu",
+        "--grid",
+        &grid.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut run = Proc::spawn(&s, "run", &args);
+    run.wait_success(Duration::from_secs(90));
+
+    assert!(
+        out.join("results.parquet").is_file(),
+        "results.parquet is missing"
+    );
+    assert!(out.join("results.csv").is_file(), "results.csv is missing");
+    let rows = assert_each_case_once(&out, &ids);
+    let run_ids: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(run_ids.len(), 1, "one run id for one run: {run_ids:?}");
+    assert!(
+        temp_files(&out).is_empty(),
+        "temporary files left: {:?}",
+        temp_files(&out)
+    );
+
+    // The flat CSV: a header and one line per case and kernel, with the case ids of the grid.
+    let mut flat = csv::Reader::from_path(out.join("results.csv")).expect("reading results.csv");
+    let headers = flat.headers().expect("results.csv header").clone();
+    let case_col = headers
+        .iter()
+        .position(|h| h == "case_id")
+        .expect("results.csv has a case_id column");
+    let mut flat_ids = Vec::new();
+    for rec in flat.records() {
+        let rec = rec.expect("a results.csv record");
+        flat_ids.push(rec.get(case_col).unwrap_or_default().to_string());
+    }
+    assert_eq!(flat_ids.len(), ids.len() * KERNELS.len());
+    let flat_set: std::collections::BTreeSet<String> = flat_ids.into_iter().collect();
+    assert_eq!(flat_set, ids, "results.csv holds exactly the grid's cases");
+
+    // The reference-format CSV: exactly the script's header, one row per case, script dtypes.
+    let reference = reference_csv(&out);
+    let text = std::fs::read_to_string(&reference).expect("reading the reference CSV");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(REFERENCE_HEADER));
+    let data: Vec<&str> = lines.filter(|l| !l.is_empty()).collect();
+    assert_eq!(data.len(), ids.len(), "one reference row per case");
+    for line in &data {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells.len(), 13, "13 cells in {line:?}");
+        let batch: u32 = cells[0].parse().expect("batch_size is a number");
+        assert!(
+            spec.batch_sizes.contains(&batch),
+            "batch size {batch} is in the grid"
+        );
+        for dtype in &cells[6..9] {
+            assert!(
+                ["torch.bfloat16", "torch.float8_e4m3fn", "torch.uint8"].contains(dtype),
+                "dtype {dtype:?} is spelled as the script prints it"
+            );
+        }
+        let mean: f64 = cells[1]
+            .parse()
+            .expect("trtllm_mean is a number for an ok case");
+        assert!(mean > 0.0, "a measured time is positive: {line}");
+    }
+
+    // Running the same command again on the same --out finds every case in the journal and runs
+    // none of them again.
+    let mut again = Proc::spawn(&s, "run-again", &args);
+    again.wait_success(Duration::from_secs(60));
+    let rows_again = assert_each_case_once(&out, &ids);
+    let stamp = |rows: &[ResultRow]| {
+        let mut v: Vec<(String, String, i64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.case_id.clone(),
+                    r.kernel.clone().unwrap_or_default(),
+                    r.received_unix_ms,
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        stamp(&rows),
+        stamp(&rows_again),
+        "a resumed run that had nothing left to do must not re-measure any case"
+    );
+}
