@@ -6,7 +6,7 @@
 // M dimension of the MMAs (16 rows, rows >= group are zero padding): per 16-token tile a warp
 // computes S = Q K^T (m16n8k16, two 8-token column tiles) and O += P V (P reused from S's
 // accumulators as the A operand, no shuffles). K and V are staged through shared memory with
-// 16-byte cp.async (two stages of 64 tokens, rows XOR-swizzled so ldmatrix is conflict-free)
+// 16-byte cp.async (stages of 64 tokens, 2 deep for bf16 and 4 for e4m3, rows XOR-swizzled so ldmatrix is conflict-free)
 // and read with ldmatrix. bf16 caches use bf16 MMAs; e4m3 caches are widened to f16 (exact) in
 // registers and use f16 MMAs, the query converted to f16 too. Accumulation is f32 throughout.
 //
@@ -18,7 +18,10 @@
 #define MMA_THREADS (MMA_WARPS * 32)
 #define MMA_TILE 16
 #define MMA_STAGE_TOKENS (MMA_WARPS * MMA_TILE)
-#define MMA_STAGES 2
+// Pipeline depth: bf16 stages are 32 KiB (head 128) and two keep enough bytes in flight at three
+// CTAs per SM; e4m3 stages are half as big, so four.
+#define MMA_STAGES_BF16 2
+#define MMA_STAGES_FP8 4
 #define MMA_MAX_GROUP 16
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
@@ -123,6 +126,7 @@ __device__ void decode_mma(const AttnParams& p) {
     constexpr int KSTEPS = D / 16;
     constexpr int NT = D / 8;             // output n-tiles
     constexpr int STAGE_BYTES = 2 * MMA_STAGE_TOKENS * RB;
+    constexpr int STAGES = KV_FP8 ? MMA_STAGES_FP8 : MMA_STAGES_BF16;
 
     extern __shared__ __align__(128) u8 smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -154,7 +158,7 @@ __device__ void decode_mma(const AttnParams& p) {
     const int n_iter = (n_tokens + MMA_STAGE_TOKENS - 1) / MMA_STAGE_TOKENS;
 
     auto load_stage = [&](int it) {
-        u8* dst = smem + (it % MMA_STAGES) * STAGE_BYTES;
+        u8* dst = smem + (it % STAGES) * STAGE_BYTES;
         const int t0 = t_begin + it * MMA_STAGE_TOKENS;
 #pragma unroll 4
         for (int c = tid; c < 2 * MMA_STAGE_TOKENS * NC; c += MMA_THREADS) {
@@ -172,8 +176,11 @@ __device__ void decode_mma(const AttnParams& p) {
         }
     };
 
-    load_stage(0);
-    cp_async_commit();
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < n_iter) load_stage(st);
+        cp_async_commit();
+    }
 
     float m[2] = {-DB_INF, -DB_INF}, lsum[2] = {0.0f, 0.0f};
     float o[NT][4];
@@ -182,12 +189,12 @@ __device__ void decode_mma(const AttnParams& p) {
 
     const int wrow = warp * MMA_TILE;  // this warp's first token row in a stage
     for (int it = 0; it < n_iter; ++it) {
-        if (it + 1 < n_iter) load_stage(it + 1);
+        if (it + STAGES - 1 < n_iter) load_stage(it + STAGES - 1);
         cp_async_commit();
-        cp_async_wait<1>();
+        cp_async_wait<STAGES - 1>();
         __syncthreads();
 
-        const u8* kb = smem + (it % MMA_STAGES) * STAGE_BYTES;
+        const u8* kb = smem + (it % STAGES) * STAGE_BYTES;
         const u8* vb = kb + MMA_STAGE_TOKENS * RB;
         const int tok0 = t_begin + it * MMA_STAGE_TOKENS + wrow;
 

@@ -16,11 +16,13 @@ pub(crate) const DECODE_STAGES: u32 = 3;
 const DECODE_TARGET_THREADS: u32 = 128;
 /// `__launch_bounds__` of the optimized kernel.
 pub(crate) const DECODE_MAX_THREADS: u32 = 512;
-/// Tensor-core kernel (decode_mma.cu): threads, tokens per stage, stages, largest group, head
-/// sizes (`MMA_THREADS`, `MMA_STAGE_TOKENS`, `MMA_STAGES`, `MMA_MAX_GROUP` there).
+/// Tensor-core kernel (decode_mma.cu): threads, tokens per stage, pipeline depth per cache dtype,
+/// largest group, head sizes (`MMA_THREADS`, `MMA_STAGE_TOKENS`, `MMA_STAGES_*`, `MMA_MAX_GROUP`
+/// there).
 pub(crate) const MMA_THREADS: u32 = 128;
 pub(crate) const MMA_STAGE_TOKENS: u32 = 64;
-pub(crate) const MMA_STAGES: u32 = 2;
+pub(crate) const MMA_STAGES_BF16: u32 = 2;
+pub(crate) const MMA_STAGES_FP8: u32 = 4;
 pub(crate) const MMA_MAX_GROUP: u32 = 16;
 pub(crate) const MMA_HEAD_SIZES: [u32; 2] = [64, 128];
 /// Compute capability the tensor-core kernel needs (bf16 `mma.sync`, `ldmatrix`, `cp.async`).
@@ -255,8 +257,12 @@ pub(crate) fn mma_geometry(head: u32, group: u32, kv: Dtype) -> Option<DecodeGeo
     if !MMA_HEAD_SIZES.contains(&head) || group == 0 || group > MMA_MAX_GROUP {
         return None;
     }
-    let elem = if kv == Dtype::Fp8 { 1 } else { 2 };
-    let stages = MMA_STAGES * 2 * MMA_STAGE_TOKENS * head * elem;
+    let (elem, depth) = if kv == Dtype::Fp8 {
+        (1, MMA_STAGES_FP8)
+    } else {
+        (2, MMA_STAGES_BF16)
+    };
+    let stages = depth * 2 * MMA_STAGE_TOKENS * head * elem;
     let warps = MMA_THREADS / 32;
     let merge = 4 * group * (warps * head + 2 * warps + head);
     Some(DecodeGeometry {
@@ -683,12 +689,13 @@ mod tests {
     fn rust_constants_match_the_cuda_sources() {
         let mma = include_str!("../../cuda/decode_mma.cu");
         assert!(mma.contains(&format!("#define MMA_WARPS {}", MMA_THREADS / 32)));
-        assert!(mma.contains(&format!("#define MMA_STAGE_TOKENS (MMA_WARPS * MMA_TILE)")));
+        assert!(mma.contains("#define MMA_STAGE_TOKENS (MMA_WARPS * MMA_TILE)"));
         assert!(mma.contains(&format!(
             "#define MMA_TILE {}",
             MMA_STAGE_TOKENS / (MMA_THREADS / 32)
         )));
-        assert!(mma.contains(&format!("#define MMA_STAGES {MMA_STAGES}")));
+        assert!(mma.contains(&format!("#define MMA_STAGES_BF16 {MMA_STAGES_BF16}")));
+        assert!(mma.contains(&format!("#define MMA_STAGES_FP8 {MMA_STAGES_FP8}")));
         assert!(mma.contains(&format!("#define MMA_MAX_GROUP {MMA_MAX_GROUP}")));
         let decode = include_str!("../../cuda/decode.cu");
         assert!(decode.contains(&format!("#define DEC_TILE {DECODE_TILE_TOKENS}")));
