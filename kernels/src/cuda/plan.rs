@@ -4,21 +4,28 @@
 //!
 //! The unit of work is a (sequence, kv head) pair. The tokens of all pairs are cut into chunks of
 //! equal length (a multiple of the kernel's pipeline stage, at least [`MIN_CHUNK_TOKENS`]) sized
-//! so that the work fills [`TARGET_WAVES`] waves of CTAs; a sequence no longer than a chunk stays
-//! whole. Balancing tokens rather than pairs matters because sequence lengths vary: 512 whole
-//! sequences of uniform random length on 396 CTA slots finish only when the longest does, at
-//! about 60% of the achievable rate (measured, b=64 on an H100). When every sequence fits in one
-//! chunk the kernel writes final outputs directly; otherwise each chunk writes a partial output
-//! and its log-sum-exp, and a merge kernel combines them.
+//! so that the work fills 1, 2 or 4 waves of CTAs; a sequence no longer than a chunk stays whole.
+//! Which wave count is used is decided by simulating the block scheduler (CTAs go, in launch
+//! order, to the first free slot) with a fixed cost per CTA, [`CTA_OVERHEAD_TOKENS`]: balancing
+//! tokens matters because lengths vary (512 whole sequences of uniform random length on 396 CTA
+//! slots finish only when the longest does: 0.60 of the achievable rate at b=64 on an H100, 0.86
+//! with two waves of chunks), while equal chunks of one long sequence are best in one wave (two
+//! waves cost 9-19% more at b=1). When every sequence fits in one chunk the kernel writes final
+//! outputs directly; otherwise each chunk writes a partial output and its log-sum-exp, and a merge
+//! kernel combines them.
 
 /// Smallest chunk worth a CTA of its own: below this the partial output (f32, all heads of the
 /// group) and the merge cost more than the parallelism gains. 256 tokens of an fp8 cache with
 /// head 128 are 64 KiB of K and V, against 4 KiB of partial output for a group of 8.
 pub const MIN_CHUNK_TOKENS: u32 = 256;
 
-/// Waves of CTAs the chunks are sized for: two let the block scheduler even out chunks that end
-/// early (last chunks of sequences) at the cost of twice the partial outputs of one wave.
-pub const TARGET_WAVES: u64 = 2;
+/// Fixed cost of one CTA, in tokens of work: loading the query, filling the pipeline, merging
+/// warps and writing the output. From the H100 runs: two waves of 1324-token chunks took 18 us
+/// longer than one wave of 2648-token chunks for b=1 s=131072 (about 230 tokens per CTA).
+pub const CTA_OVERHEAD_TOKENS: u64 = 256;
+
+/// Wave counts the planner chooses among.
+const CANDIDATE_WAVES: [u64; 3] = [1, 2, 4];
 
 /// One work item: a token range of one sequence. `Copy` and `repr(C)` so it can go to the device
 /// as the kernel's `int4`.
@@ -68,14 +75,34 @@ pub fn plan_splits(
     let stage = stage_tokens.max(1) as u64;
     let max_len = seq_lens.iter().copied().max().unwrap_or(0) as u64;
     let total: u64 = seq_lens.iter().map(|&s| s as u64).sum::<u64>() * num_kv_heads.max(1) as u64;
-    let slots = concurrent_ctas.max(1) as u64 * TARGET_WAVES;
-    let chunk = total
-        .div_ceil(slots)
-        .max(min_chunk_tokens.max(1) as u64)
-        .div_ceil(stage)
-        * stage;
-    // A chunk longer than every sequence means no sequence splits.
-    let chunk = chunk.min(max_len.max(1));
+    let mut best: Option<(u64, SplitPlan)> = None;
+    for waves in CANDIDATE_WAVES {
+        let slots = concurrent_ctas.max(1) as u64 * waves;
+        let chunk = total
+            .div_ceil(slots)
+            .max(min_chunk_tokens.max(1) as u64)
+            .div_ceil(stage)
+            * stage;
+        // A chunk longer than every sequence means no sequence splits.
+        let chunk = chunk.min(max_len.max(1));
+        if best
+            .as_ref()
+            .is_some_and(|(_, p)| p.chunk_tokens as u64 == chunk)
+        {
+            continue;
+        }
+        let plan = plan_with_chunk(seq_lens, chunk);
+        let cost = simulated_makespan(&plan, num_kv_heads, concurrent_ctas);
+        if best.as_ref().is_none_or(|(c, _)| cost < *c) {
+            best = Some((cost, plan));
+        }
+    }
+    best.map(|(_, p)| p)
+        .unwrap_or_else(|| plan_with_chunk(seq_lens, max_len.max(1)))
+}
+
+/// Work items for chunks of `chunk` tokens.
+fn plan_with_chunk(seq_lens: &[u32], chunk: u64) -> SplitPlan {
     let mut items = Vec::new();
     let mut split_offsets = Vec::with_capacity(seq_lens.len() + 1);
     for (b, &len) in seq_lens.iter().enumerate() {
@@ -100,6 +127,26 @@ pub fn plan_splits(
         chunk_tokens: chunk as u32,
         direct,
     }
+}
+
+/// Time (in tokens) until the last CTA of `plan` finishes when `slots` CTAs run at once and each
+/// new CTA takes the first slot to free up, in launch order (work items fastest, then kv heads);
+/// each CTA costs its tokens plus [`CTA_OVERHEAD_TOKENS`].
+fn simulated_makespan(plan: &SplitPlan, num_kv_heads: u32, slots: u32) -> u64 {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut free_at: BinaryHeap<Reverse<u64>> = (0..slots.max(1)).map(|_| Reverse(0)).collect();
+    let mut end = 0;
+    for _ in 0..num_kv_heads.max(1) {
+        for item in &plan.items {
+            let Reverse(start) = free_at.pop().unwrap_or(Reverse(0));
+            let finish =
+                start + (item.token_end - item.token_begin).max(0) as u64 + CTA_OVERHEAD_TOKENS;
+            end = end.max(finish);
+            free_at.push(Reverse(finish));
+        }
+    }
+    end
 }
 
 #[cfg(test)]
@@ -149,6 +196,11 @@ mod tests {
             "{} vs {per_slot}",
             plan.chunk_tokens
         );
+        // And the simulated finish is close to perfect balance, far from the longest sequence.
+        let makespan = simulated_makespan(&plan, 8, slots);
+        let whole = plan_with_chunk(&lens, 126_001);
+        assert!(makespan < simulated_makespan(&whole, 8, slots));
+        assert!(makespan * 10 < per_slot * 14, "{makespan} vs {per_slot}");
     }
 
     #[test]
@@ -158,17 +210,14 @@ mod tests {
         let plan = plan_splits(&lens, 8, ctas, 4, MIN_CHUNK_TOKENS);
         assert!(!plan.direct);
         covers_every_token(&plan, &lens);
+        // Equal chunks of one sequence: one wave (chunks rounded up to whole stages, so a few
+        // CTAs fewer than the slots).
         let total_ctas = plan.items.len() as u32 * 8;
-        let waves = TARGET_WAVES as u32;
-        // Chunks are rounded up to whole stages, so a few CTAs fewer than the target.
         assert!(
-            total_ctas * 100 >= waves * ctas * 98,
+            total_ctas * 100 >= ctas * 98,
             "{total_ctas} CTAs for {ctas} slots"
         );
-        assert!(
-            total_ctas <= waves * ctas + 8,
-            "{waves} waves, not more: {total_ctas}"
-        );
+        assert!(total_ctas <= ctas + 8, "one wave, not more: {total_ctas}");
         assert_eq!(plan.chunk_tokens % 4, 0);
     }
 
