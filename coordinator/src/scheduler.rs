@@ -241,6 +241,10 @@ pub struct Scheduler {
     leases: HashMap<u64, Lease>,
     next_lease: u64,
     next_agent: u64,
+    /// Random per-process suffix of agent ids: an agent still holding an id issued by a previous
+    /// coordinator process (before a restart) must get "unknown agent" and register again, not be
+    /// taken for whichever agent the new process gave the same number.
+    agent_id_nonce: u32,
     leases_expired: u64,
     draining: bool,
 }
@@ -269,6 +273,7 @@ impl Scheduler {
             leases: HashMap::new(),
             next_lease: 1,
             next_agent: 1,
+            agent_id_nonce: rand::random(),
             leases_expired: 0,
             draining: false,
         };
@@ -319,7 +324,7 @@ impl Scheduler {
 
     /// Registers an agent; returns its id.
     pub fn register(&mut self, name: String, device: DeviceIdentity, now: Instant) -> String {
-        let id = format!("agent-{}", self.next_agent);
+        let id = format!("agent-{}-{:08x}", self.next_agent, self.agent_id_nonce);
         self.next_agent += 1;
         let target = self.cfg.placement.target_of(&device);
         self.add_target(target);
