@@ -343,3 +343,70 @@ fn sigterm_to_an_agent_finishes_its_case_and_hands_its_lease_back() {
     next.wait_success(Duration::from_secs(20));
     assert_each_case_once(&s.out(), &ids);
 }
+
+#[test]
+fn an_agent_id_from_before_a_restart_is_not_taken_for_another_agent() {
+    let _serial = exclusive();
+    let s = Scratch::new("stale-agent-id");
+    let grid = s.grid(&GridSpec::tiny());
+    let port = free_port();
+    let mut first = coordinator(&s, "coordinator-1", &grid, port, &["--keep-serving"]);
+    wait_for_listener(port, Duration::from_secs(30));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let register = |name: &str| -> String {
+        rt.block_on(async {
+            let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
+                .await
+                .expect("connecting");
+            c.register(wire::RegisterRequest {
+                protocol_version: decodebench_proto::PROTOCOL_VERSION,
+                agent_version: "integration-test".into(),
+                agent_name: name.into(),
+                device: Some(wire::DeviceIdentity {
+                    backend: "cpu".into(),
+                    name: format!("device of {name}"),
+                    uuid: format!("CPU-{name}"),
+                    sku: "cpu".into(),
+                    host: "localhost".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("register")
+            .into_inner()
+            .agent_id
+        })
+    };
+    let lease = |agent_id: &str| {
+        rt.block_on(async {
+            let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
+                .await
+                .expect("connecting");
+            c.lease(wire::LeaseRequest {
+                agent_id: agent_id.into(),
+            })
+            .await
+        })
+    };
+    let x_before = register("x");
+    let _y_before = register("y");
+    first.kill9();
+
+    let mut second = coordinator(&s, "coordinator-2", &grid, port, &["--keep-serving"]);
+    wait_for_listener(port, Duration::from_secs(30));
+    // y notices the restart first and registers again; x is still using its old id.
+    let y_after = register("y");
+    let stale = lease(&x_before);
+    assert!(
+        stale.is_err(),
+        "x's id from the previous coordinator ({x_before}) was accepted by the new one, which gave \
+         that id to y ({y_after}): x would act as y (its results recorded as y's device)"
+    );
+    let err = stale.err().expect("checked above");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(lease(&y_after).is_ok(), "y's new id works");
+    assert!(second.is_running());
+}

@@ -75,12 +75,21 @@ struct Args {
     /// Output directory (journal and result files); a temporary directory when not given.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Simulated run time of each case before its report, milliseconds. 0 (the default) reports at
+    /// once: every agent always has a request in flight, which measures the coordinator's
+    /// saturation throughput (and latency is then agents / throughput, by Little's law). A value
+    /// above 0 offers at most agents * 1000 / case_ms results/s and measures latency at that load.
+    #[arg(long, default_value_t = 0)]
+    case_ms: u64,
     /// Stop (and report what was done) after this many seconds.
     #[arg(long, default_value_t = 600)]
     time_limit_s: u64,
-    /// Runtime worker threads (default: one per core).
-    #[arg(long)]
-    workers: Option<usize>,
+    /// Worker threads of the coordinator's runtime.
+    #[arg(long, default_value_t = 2)]
+    server_workers: usize,
+    /// Worker threads of the simulated agents' runtime.
+    #[arg(long, default_value_t = 2)]
+    client_workers: usize,
 }
 
 /// One synthetic case per index, all distinct, all sharing one KV-pool set-up.
@@ -174,6 +183,7 @@ fn record(h: &mut Histogram<u64>, since: Instant) {
 /// One simulated agent: register, then lease -> report each case -> lease until drained.
 async fn simulated_agent(
     index: usize,
+    case_time: Duration,
     channel: Channel,
     template: Arc<wire::CaseMeasurement>,
     ingested: Arc<AtomicU64>,
@@ -221,6 +231,9 @@ async fn simulated_agent(
         match resp.action {
             Some(wire::lease_response::Action::Shard(shard)) => {
                 for case in shard.cases {
+                    if !case_time.is_zero() {
+                        tokio::time::sleep(case_time).await;
+                    }
                     let mut m = (*template).clone();
                     m.case_id = case.id;
                     let t = Instant::now();
@@ -290,7 +303,51 @@ async fn connect(url: &str) -> Result<Channel> {
     ))
 }
 
-async fn bench(args: Args) -> Result<bool> {
+/// Thread names (at most 15 bytes, all Linux keeps): the coordinator's runtime, the simulated
+/// agents' runtime, and the coordinator's journal writer thread (named in `run.rs`).
+const SERVER_THREAD: &str = "coordinator-rt";
+const CLIENT_THREAD: &str = "sim-agents-rt";
+const JOURNAL_THREAD: &str = "journal-writer";
+
+/// Linux reports thread CPU time in clock ticks of USER_HZ, which is 100 on every mainstream
+/// architecture (it is part of the kernel ABI, independent of the kernel's internal HZ).
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user + system) used so far by this process's threads, per thread-name group:
+/// (coordinator runtime, journal writer, simulated agents, other). Empty off Linux.
+fn cpu_by_thread_group() -> Option<[f64; 4]> {
+    let mut groups = [0.0f64; 4];
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // "tid (comm) state ppid ... utime stime ...": comm may hold spaces, so split at the
+        // last ')'; utime and stime are the 12th and 13th fields after it.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let secs = (ticks(11) + ticks(12)) / USER_HZ;
+        let group = match comm {
+            SERVER_THREAD => 0,
+            JOURNAL_THREAD => 1,
+            CLIENT_THREAD => 2,
+            _ => 3,
+        };
+        groups[group] += secs;
+    }
+    Some(groups)
+}
+
+async fn bench(args: Args, server_rt: tokio::runtime::Handle) -> Result<bool> {
     if args.agents == 0 || args.cases == 0 || args.channels == 0 || args.shard_cases == 0 {
         bail!("--agents, --cases, --channels and --shard-cases must all be at least 1");
     }
@@ -308,12 +365,14 @@ async fn bench(args: Args) -> Result<bool> {
     let t_cases = Instant::now();
     let cases = synthetic_cases(args.cases);
     println!(
-        "scale: {} agents over {} channel(s), {} cases, shards of {}, {} samples per kernel; out {}",
+        "scale: {} agents over {} channel(s), {} cases, shards of {}, {} samples per kernel, \
+         {} ms per case; out {}",
         args.agents,
         args.channels,
         cases.len(),
         args.shard_cases,
         args.samples,
+        args.case_ms,
         out.display()
     );
     println!(
@@ -321,7 +380,10 @@ async fn bench(args: Args) -> Result<bool> {
         t_cases.elapsed().as_secs_f64()
     );
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    // Bound here, served on the coordinator's own runtime (a tokio listener belongs to the
+    // runtime that registers it).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let cfg = CoordinatorConfig {
@@ -344,9 +406,15 @@ async fn bench(args: Args) -> Result<bool> {
         git_revision: "scale-benchmark".to_string(),
         exit_when_done: true,
     };
-    let coordinator = tokio::spawn(serve(cfg, listener, async move {
-        let _ = stop_rx.await;
-    }));
+    let coordinator = server_rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| anyhow!("registering the listener: {e}"))?;
+        serve(cfg, listener, async move {
+            let _ = stop_rx.await;
+        })
+        .await
+        .map_err(|e| anyhow!("coordinator: {e}"))
+    });
 
     let url = format!("http://{addr}");
     let mut channels = Vec::with_capacity(args.channels);
@@ -357,11 +425,13 @@ async fn bench(args: Args) -> Result<bool> {
     let ingested = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
 
+    let cpu_before = cpu_by_thread_group();
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(args.agents);
     for i in 0..args.agents {
         tasks.push(tokio::spawn(simulated_agent(
             i,
+            Duration::from_millis(args.case_ms),
             channels[i % channels.len()].clone(),
             template.clone(),
             ingested.clone(),
@@ -415,6 +485,7 @@ async fn bench(args: Args) -> Result<bool> {
         }
     }
     let ingest_elapsed = started.elapsed();
+    let cpu_after = cpu_by_thread_group();
     monitor.abort();
 
     // The coordinator exits by itself once every case is done; tell it to stop otherwise.
@@ -422,8 +493,7 @@ async fn bench(args: Args) -> Result<bool> {
     let t_outputs = Instant::now();
     let summary = coordinator
         .await
-        .map_err(|e| anyhow!("coordinator task failed: {e}"))?
-        .map_err(|e| anyhow!("coordinator: {e}"))?;
+        .map_err(|e| anyhow!("coordinator task failed: {e}"))??;
     let shutdown_elapsed = t_outputs.elapsed();
 
     let rate = results as f64 / ingest_elapsed.as_secs_f64();
@@ -448,6 +518,29 @@ async fn bench(args: Args) -> Result<bool> {
         shutdown_elapsed.as_secs_f64(),
         journal_bytes as f64 / (1024.0 * 1024.0)
     );
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+        let d: Vec<f64> = (0..4).map(|i| b[i] - a[i]).collect();
+        let per_result_us = |cpu: f64| {
+            if results > 0 {
+                cpu * 1e6 / results as f64
+            } else {
+                0.0
+            }
+        };
+        let server = d[0] + d[1];
+        println!(
+            "  CPU while ingesting: coordinator runtime {:.2} s + journal writer {:.2} s = {:.0} us per \
+             result (a coordinator alone on one core would ingest about {:.0} results/s); \
+             simulated agents {:.2} s ({:.0} us per result); other {:.2} s",
+            d[0],
+            d[1],
+            per_result_us(server),
+            if server > 0.0 { results as f64 / server } else { 0.0 },
+            d[2],
+            per_result_us(d[2]),
+            d[3]
+        );
+    }
     println!("client-side RPC latency:");
     print_latency("register", &register);
     print_latency("lease", &lease);
@@ -476,6 +569,16 @@ async fn bench(args: Args) -> Result<bool> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.server_workers.max(1))
+        .thread_name(SERVER_THREAD)
+        .enable_all()
+        .build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_workers.max(1))
+        .thread_name(CLIENT_THREAD)
+        .enable_all()
+        .build()?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -483,12 +586,7 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(w) = args.workers {
-        rt.worker_threads(w.max(1));
-    }
-    let rt = rt.enable_all().build()?;
     // Missing the target is a finding to report, not an error: the exit status stays 0.
-    rt.block_on(bench(args))?;
+    client_rt.block_on(bench(args, server_rt.handle().clone()))?;
     Ok(())
 }
