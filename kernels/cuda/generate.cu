@@ -92,3 +92,8 @@ extern "C" __global__ void calibrate_stream_read(const uint4* __restrict__ buf, 
     }
     if (acc == 0x9e3779b9u) sink[0] = acc;
 }
+
+// Writes through `ptr` (the backend passes an address no allocation covers): a deliberate
+// illegal-address fault, the sticky kind that poisons a context, so tests can check that the
+// backend reports it and recovers with a fresh context.
+extern "C" __global__ void inject_fault(u32* ptr) { ptr[threadIdx.x] = 0xdeadbeefu; }

@@ -7,6 +7,7 @@
 //! gpu_check selftest [quick]
 //! gpu_check bench [quick]
 //! gpu_check all [quick]
+//! gpu_check fault                # a deliberate device fault, then a case on a fresh context
 //! ```
 //! Full outputs go to `$OUT` (or the current directory): selftest.txt, bench.json, bench.txt.
 
@@ -302,6 +303,32 @@ fn main() -> Result<(), Box<dyn Error>> {
             let (major, minor) = cc.split_once('.').unwrap_or((cc, "0"));
             let msg = precompile(major.parse()?, minor.parse()?, &CompileCache::from_env())?;
             println!("{msg}");
+        }
+        "fault" => {
+            let mut backend = CudaBackend::with_cache(0, CompileCache::from_env(), false)?;
+            let cases = bench_cases(true);
+            let (_, c) = &cases[0];
+            let before = backend.run_case(c, &mut NoTelemetry);
+            let fault = backend.inject_device_fault();
+            println!("injected fault -> {fault:?}");
+            let after = backend.run_case(c, &mut NoTelemetry);
+            let statuses = |r: &CaseMeasurement| {
+                r.kernels
+                    .iter()
+                    .map(|k| k.status.map_or("none", |s| s.as_str()))
+                    .collect::<Vec<_>>()
+            };
+            println!(
+                "before {:?}, after {:?}, context rebuilds {}, module {}",
+                statuses(&before),
+                statuses(&after),
+                backend.context_rebuilds(),
+                backend.module_origin()
+            );
+            ok = fault.is_err()
+                && backend.context_rebuilds() == 1
+                && after.kernels.iter().all(|k| k.status == Some(Status::Ok));
+            println!("fault recovery: {}", if ok { "PASS" } else { "FAIL" });
         }
         "probe" | "selftest" | "bench" | "all" => {
             match CudaBackend::probe() {

@@ -128,6 +128,26 @@ impl CudaBackend {
         self.prefer_fma = prefer;
     }
 
+    /// Test hook: makes the device fault (an illegal-address write, which poisons the context)
+    /// and handles it as a failing case would: the error comes back and the context is thrown
+    /// away, to be rebuilt by the next case.
+    #[doc(hidden)]
+    pub fn inject_device_fault(&mut self) -> Result<(), CudaError> {
+        self.ensure_session()?;
+        let result = match self.session.as_ref() {
+            Some(s) => super::launch::launch_fault(s).and_then(|_| {
+                s.stream
+                    .synchronize()
+                    .map_err(CudaError::driver("synchronizing after the injected fault"))
+            }),
+            None => Err(no_session()),
+        };
+        if result.is_err() {
+            self.discard_session();
+        }
+        result
+    }
+
     /// Times the context was rebuilt after a device error.
     pub fn context_rebuilds(&self) -> u32 {
         self.rebuilds

@@ -177,6 +177,7 @@ pub(crate) fn all_kernel_names() -> Vec<String> {
         "dequant_e4m3_to_bf16",
         "calibrate_stream_read",
         "reference_decode",
+        "inject_fault",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -594,6 +595,25 @@ pub(crate) fn launch_stream_read(
     b.arg(&buf).arg(&n16).arg(&sink);
     // SAFETY: calibrate_stream_read(const uint4*, u64, u32*); `buf` holds n16 16-byte words and
     // `sink` one u32.
+    unsafe { b.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+/// Launches `inject_fault` on an address no allocation covers (see generate.cu).
+pub(crate) fn launch_fault(session: &DeviceSession) -> Result<(), CudaError> {
+    let name = "inject_fault";
+    let f = session.function(name).ok_or_else(|| missing(name))?;
+    // Far above any allocation, and not null (a null write may be caught differently).
+    let bad: u64 = 0x0000_7fff_dead_0000;
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = session.stream.launch_builder(f);
+    b.arg(&bad);
+    // SAFETY: deliberately unsafe for the device (an illegal address fault, which the driver
+    // contains to this context); nothing on the host side is touched.
     unsafe { b.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
     Ok(())
 }
