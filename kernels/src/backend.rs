@@ -34,4 +34,11 @@ pub trait Backend: Send {
     /// the ones that are right. Problems with the case (unsupported, out of memory, wrong result, a
     /// device error) come back as statuses on the kernel measurements, never as a panic.
     fn run_case(&mut self, case: &BenchCase, probe: &mut dyn TelemetryProbe) -> CaseMeasurement;
+
+    /// True when the device can no longer be used by this process (a CUDA error such as an
+    /// illegal memory access stays with the process until it exits): every later case would
+    /// fail, so the caller should report and exit, letting a fresh process take over.
+    fn needs_restart(&self) -> bool {
+        false
+    }
 }

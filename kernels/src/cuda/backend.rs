@@ -4,8 +4,11 @@
 //!
 //! Problems stay inside the case: an unsupported combination is `skipped`, memory that does not
 //! fit is `oom` (with the sizes), a wrong output is `wrong_result` (never timed), and a CUDA error
-//! is `failed` — after which the context is thrown away and rebuilt for the next case (a sticky
-//! error would poison every later call).
+//! is `failed` — after which the context is thrown away, reset and reopened for the next case.
+//! Some errors (an illegal memory access, measured on an H100 with driver 580) stay with the
+//! process: no context can be created again. The backend then fails every later case at once
+//! with that reason and [`CudaBackend::needs_restart`] turns true, so the agent can exit and let
+//! a fresh process take the GPU.
 
 use super::compile::CompileCache;
 use super::data::{
@@ -13,7 +16,7 @@ use super::data::{
     output_bytes, query_bf16, CaseError, CaseInputs, DevicePool,
 };
 use super::device::{
-    probe_devices, reset_primary_context, DeviceSession, DeviceSummary, ModuleOrigin,
+    probe_devices, reset_primary_context, ContextKind, DeviceSession, DeviceSummary, ModuleOrigin,
 };
 use super::launch::{
     case_params, choose_decode_geometry, decode_ctas_per_sm, launch_baseline, launch_decode,
@@ -46,6 +49,11 @@ pub struct CudaBackend {
     prefer_fma: bool,
     origin: Option<ModuleOrigin>,
     rebuilds: u32,
+    /// What went wrong resetting the context after the last device error, if anything.
+    reset_error: Option<String>,
+    /// Why the device could not be reopened after a device error (only a new process can use
+    /// it); later cases fail at once with this.
+    unrecoverable: Option<String>,
 }
 
 /// Outcome of one kernel before it becomes a [`KernelMeasurement`]: device errors are kept apart
@@ -74,7 +82,7 @@ impl CudaBackend {
         cache: CompileCache,
         calibrate: bool,
     ) -> Result<CudaBackend, CudaError> {
-        let session = DeviceSession::open(ordinal, &cache)?;
+        let session = DeviceSession::open(ordinal, &cache, ContextKind::Primary)?;
         let mut identity = session.identity(ordinal)?;
         if calibrate {
             match calibrate_read_bandwidth(&session) {
@@ -97,6 +105,8 @@ impl CudaBackend {
             prefer_fma: false,
             origin,
             rebuilds: 0,
+            reset_error: None,
+            unrecoverable: None,
         })
     }
 
@@ -157,21 +167,69 @@ impl CudaBackend {
     fn discard_session(&mut self) {
         self.pool = None;
         self.flush = None;
-        if self.session.take().is_some() {
+        if let Some(session) = self.session.take() {
+            let was_primary = session.kind == ContextKind::Primary;
+            drop(session);
             self.rebuilds += 1;
-            if let Err(e) = reset_primary_context(self.ordinal) {
-                tracing::warn!(error = %e, "resetting the CUDA context failed");
+            self.reset_error = None;
+            if was_primary {
+                if let Err(e) = reset_primary_context(self.ordinal) {
+                    tracing::warn!(error = %e, "resetting the CUDA context failed");
+                    self.reset_error = Some(e.to_string());
+                }
             }
         }
     }
 
+    /// Opens a session if none is open: the primary context first, then (after a device error
+    /// that the primary context does not recover from) a context of our own. When neither
+    /// opens, the GPU is unusable for the rest of this process ([`CudaBackend::needs_restart`]).
     fn ensure_session(&mut self) -> Result<(), CudaError> {
-        if self.session.is_none() {
-            let s = DeviceSession::open(self.ordinal, &self.cache)?;
-            self.origin = Some(s.origin.clone());
-            self.session = Some(s);
+        if self.session.is_some() {
+            return Ok(());
         }
-        Ok(())
+        if let Some(detail) = &self.unrecoverable {
+            return Err(CudaError::Unrecoverable {
+                detail: detail.clone(),
+            });
+        }
+        let opened = DeviceSession::open(self.ordinal, &self.cache, ContextKind::Primary).or_else(
+            |primary_err| {
+                DeviceSession::open(self.ordinal, &self.cache, ContextKind::Own).map_err(
+                    |own_err| CudaError::Unrecoverable {
+                        detail: format!(
+                            "primary context: {primary_err}; new context: {own_err}{}",
+                            self.reset_error
+                                .as_ref()
+                                .map(|r| format!("; reset: {r}"))
+                                .unwrap_or_default()
+                        ),
+                    },
+                )
+            },
+        );
+        match opened {
+            Ok(s) => {
+                self.origin = Some(s.origin.clone());
+                self.session = Some(s);
+                Ok(())
+            }
+            Err(e) => {
+                if self.rebuilds > 0 {
+                    if let CudaError::Unrecoverable { detail } = &e {
+                        self.unrecoverable = Some(detail.clone());
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// True when a device error left the GPU unusable in this process (CUDA keeps some errors,
+    /// such as an illegal address, for the life of the process): the caller should report and
+    /// exit so that a fresh process takes over.
+    pub fn needs_restart(&self) -> bool {
+        self.unrecoverable.is_some()
     }
 
     /// Why the CUDA backend cannot run `case` at all (both kernels skipped).
@@ -767,6 +825,10 @@ fn verify_and_time(
 impl Backend for CudaBackend {
     fn identity(&self) -> &DeviceIdentity {
         &self.identity
+    }
+
+    fn needs_restart(&self) -> bool {
+        CudaBackend::needs_restart(self)
     }
 
     fn run_case(&mut self, case: &BenchCase, probe: &mut dyn TelemetryProbe) -> CaseMeasurement {

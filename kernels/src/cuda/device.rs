@@ -147,6 +147,15 @@ pub(crate) struct ModuleOrigin {
     pub elapsed: Duration,
 }
 
+/// Which kind of CUDA context a session opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ContextKind {
+    /// The device's primary context (shared with any other user in the process).
+    Primary,
+    /// A context of our own (`cuCtxCreate`), used when the primary one cannot be recreated.
+    Own,
+}
+
 /// An open context on one device with the kernel module loaded and one stream to work on.
 pub(crate) struct DeviceSession {
     pub ctx: Arc<CudaContext>,
@@ -155,11 +164,16 @@ pub(crate) struct DeviceSession {
     functions: HashMap<String, CudaFunction>,
     pub props: DeviceProps,
     pub origin: ModuleOrigin,
+    pub kind: ContextKind,
 }
 
 impl DeviceSession {
     /// Opens device `ordinal`: context, stream, kernels (compiled or from the cache).
-    pub fn open(ordinal: usize, cache: &CompileCache) -> Result<DeviceSession, CudaError> {
+    pub fn open(
+        ordinal: usize,
+        cache: &CompileCache,
+        kind: ContextKind,
+    ) -> Result<DeviceSession, CudaError> {
         require_driver()?;
         guarded("opening the CUDA device", || {
             drv::init().map_err(CudaError::driver("initializing the CUDA driver (cuInit)"))?;
@@ -228,6 +242,7 @@ impl DeviceSession {
                 functions,
                 props,
                 origin,
+                kind,
             })
         })
     }

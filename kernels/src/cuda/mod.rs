@@ -58,6 +58,11 @@ pub enum CudaError {
         options: String,
         log: String,
     },
+    #[error(
+        "the GPU cannot be used again in this process after a device error ({detail}); restart \
+         the process (CUDA keeps errors such as an illegal memory access until the process exits)"
+    )]
+    Unrecoverable { detail: String },
     #[error("the CUDA library panicked while {context}: {message}")]
     Panicked { context: String, message: String },
 }
