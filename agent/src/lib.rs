@@ -2,8 +2,8 @@
 //! on a backend (CUDA or CPU) while sampling NVML telemetry, and reports each result as it
 //! finishes.
 
+pub mod backends;
+pub mod client;
+pub mod gating;
 pub mod identity;
 pub mod telemetry;
-pub mod client;
-pub mod backends;
-pub mod gating;

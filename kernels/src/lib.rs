@@ -13,6 +13,7 @@ pub mod workload;
 
 pub use backend::{Backend, NoTelemetry, TelemetryProbe};
 pub use cpu::CpuBackend;
+pub use cuda::{CudaBackend, CudaError};
 pub use formats::Nvfp4Tensor;
 pub use inputs::{generate_host_inputs, HostInputs, HostTensor, InputError};
 pub use measurement::{
@@ -23,4 +24,3 @@ pub use reference::{attention_f64, verify_output, QuantizedOutput, Verification}
 pub use workload::{
     BenchCase, Dtype, KvLayout, KvPool, L2Mode, MeasureMethod, QuantMode, Scales, TimingMode,
 };
-pub use cuda::{CudaBackend, CudaError};
