@@ -46,6 +46,25 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Writes command output to stdout. A closed pipe (`decodebench grid ... | head`) is not an
+/// error: the reader has what it wanted.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// True when `e` is, at bottom, a closed stdout pipe (see [`emit`]).
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    }) || e.to_string().contains("Broken pipe")
+}
+
 fn load_grid(src: &GridSource, default_preset: &str) -> Result<Grid> {
     Ok(match (&src.grid, &src.preset) {
         (Some(path), _) => Grid::from_file(path)?,
@@ -503,7 +522,7 @@ fn grid(a: GridArgs) -> Result<ExitCode> {
                 Grid::preset_names().join(", ")
             )
         })?;
-        print!("{text}");
+        emit(text)?;
         return Ok(ExitCode::SUCCESS);
     }
     let grid = match (&a.file, &a.preset) {
@@ -514,12 +533,13 @@ fn grid(a: GridArgs) -> Result<ExitCode> {
             Grid::preset_names().join(", ")
         ),
     };
-    println!("{}", grid.summary());
+    let mut text = format!("{}\n", grid.summary());
     if a.cases {
         for c in grid.expand() {
-            println!("{}  {}", c.id, c.label());
+            text.push_str(&format!("{}  {}\n", c.id, c.label()));
         }
     }
+    emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -548,7 +568,7 @@ async fn status(a: StatusArgs) -> Result<ExitCode> {
         .await
         .map_err(|e| anyhow!("status: {}", e.message()))?
         .into_inner();
-    println!(
+    let mut text = format!(
         "run {} ({}): {} done, {} failed, {} running, {} pending of {}; {} agent(s) alive; {} lease(s) expired; {:.1} results/s over {:.0} s{}",
         s.run_id,
         s.placement,
@@ -563,8 +583,9 @@ async fn status(a: StatusArgs) -> Result<ExitCode> {
         s.elapsed_s,
         if s.finished { "; finished" } else { "" }
     );
+    text.push('\n');
     for ag in &s.agents {
-        println!(
+        text.push_str(&format!(
             "  {:<10} {:<24} {:<28} {:>6} results {}{}",
             ag.agent_id,
             ag.name,
@@ -576,8 +597,10 @@ async fn status(a: StatusArgs) -> Result<ExitCode> {
             } else {
                 format!(" lease {}", ag.current_lease)
             }
-        );
+        ));
+        text.push('\n');
     }
+    emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -589,7 +612,7 @@ fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     };
     let report = decodebench_kernels::cuda::selftest::selftest(&opts)
         .map_err(|e| anyhow!("selftest could not start on GPU {}: {e}", a.gpu))?;
-    println!("{report}");
+    emit(&format!("{report}\n"))?;
     Ok(if report.passed() {
         ExitCode::SUCCESS
     } else {

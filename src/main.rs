@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(decodebench::commands::execute(cli)) {
         Ok(code) => code,
+        Err(e) if decodebench::commands::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
