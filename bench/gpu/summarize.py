@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Summarize decodebench results.csv files for bench/RESULTS.md (standard library only, so it runs
+on the GPU machine as it is).
+
+  summarize.py table DIR      issue-7 tables: optimized ms and logical TB/s per (batch, max_seq_len)
+                              per quant mode, beside FlashInfer's figures, with the ratio
+  summarize.py checks DIR     measurement-method checks: telemetry present, energy vs power x time,
+                              bandwidth fraction bounds per pool
+  summarize.py compare A B    per-case time ratio B/A of the optimized kernel (e.g. cold vs hot L2,
+                              graph vs events)
+  summarize.py status DIR     status counts per kernel and the wall time spread
+"""
+import csv
+import math
+import sys
+from collections import defaultdict
+
+# FlashInfer 0.7.2 on the same H100 (the issue's tables): best of its two Hopper paths, CUDA-graph
+# replay mean in ms. Keys: (batch, max_seq_len).
+FLASHINFER_MS = {
+    "bf16/bf16/bf16": {
+        (1, 1024): 0.0143, (1, 4096): 0.0182, (1, 16384): 0.0380, (1, 65536): 0.1091, (1, 131072): 0.1988,
+        (4, 1024): 0.0163, (4, 4096): 0.0293, (4, 16384): 0.0850, (4, 65536): 0.2891, (4, 131072): 0.5279,
+        (16, 1024): 0.0227, (16, 4096): 0.0648, (16, 16384): 0.1645, (16, 65536): 0.8358, (16, 131072): 1.2954,
+        (64, 1024): 0.0639, (64, 4096): 0.1928, (64, 16384): 0.7920, (64, 65536): 3.1703, (64, 131072): 5.9207,
+        (256, 1024): 0.1771, (256, 4096): 0.6666, (256, 16384): 2.5193, (256, 65536): 10.455, (256, 131072): 20.711,
+    },
+    "bf16/fp8/bf16": {
+        (1, 1024): 0.0138, (1, 4096): 0.0160, (1, 16384): 0.0262, (1, 65536): 0.0729, (1, 131072): 0.1304,
+        (4, 1024): 0.0197, (4, 4096): 0.0241, (4, 16384): 0.0658, (4, 65536): 0.1901, (4, 131072): 0.3324,
+        (16, 1024): 0.0215, (16, 4096): 0.0515, (16, 16384): 0.1301, (16, 65536): 0.6148, (16, 131072): 0.9302,
+        (64, 1024): 0.0380, (64, 4096): 0.1148, (64, 16384): 0.4309, (64, 65536): 1.6403, (64, 131072): 3.1274,
+        (256, 1024): 0.1057, (256, 4096): 0.3833, (256, 16384): 1.4234, (256, 65536): 5.7979, (256, 131072): 11.490,
+    },
+}
+
+
+def rows(path):
+    with open(path if path.endswith(".csv") else path.rstrip("/") + "/results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def num(r, k):
+    v = r.get(k, "")
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def mode(r):
+    return f"{r['q_dtype']}/{r['kv_dtype']}/{r['out_dtype']}"
+
+
+def geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def table(d):
+    rs = [r for r in rows(d) if r["kernel"] == "optimized"]
+    by_mode = defaultdict(dict)
+    for r in rs:
+        key = (int(r["batch_size"]), int(r["max_seq_len"]))
+        by_mode[mode(r)][key] = r
+    fp8kv = by_mode.get("bf16/fp8/bf16", {})
+    for m in ["bf16/bf16/bf16", "bf16/fp8/bf16", "fp8/fp8/bf16", "fp8/fp8/fp8", "fp8/fp8/nvfp4"]:
+        cells = by_mode.get(m, {})
+        if not cells:
+            continue
+        ref = FLASHINFER_MS.get(m)
+        batches = sorted({k[0] for k in cells})
+        lens = sorted({k[1] for k in cells})
+        print(f"\n### {m}: decodebench optimized ms (logical TB/s)"
+              + (" / FlashInfer ms / FlashInfer÷ours" if ref else " / vs FP8-KV time"))
+        print("| batch \\ max_seq_len | " + " | ".join(str(l) for l in lens) + " |")
+        print("|---" * (len(lens) + 1) + "|")
+        ratios = []
+        for b in batches:
+            out = []
+            for l in lens:
+                r = cells.get((b, l))
+                if r is None or r["status"] != "ok":
+                    out.append(r["status"] if r else "-")
+                    continue
+                ms = num(r, "mean_ms")
+                tbs = (num(r, "bandwidth_gbps") or 0) / 1000
+                cell = f"{ms:.4f} ({tbs:.2f})"
+                if ref and (b, l) in ref:
+                    ratio = ref[(b, l)] / ms
+                    ratios.append(ratio)
+                    cell += f" / {ref[(b, l)]:.4f} / {ratio:.2f}x"
+                elif m.startswith("fp8/") and (b, l) in fp8kv and fp8kv[(b, l)]["status"] == "ok":
+                    rel = ms / num(fp8kv[(b, l)], "mean_ms")
+                    ratios.append(rel)
+                    cell += f" / {rel:.2f}"
+                out.append(cell)
+            print(f"| {b} | " + " | ".join(out) + " |")
+        if ratios:
+            what = "FlashInfer÷ours" if ref else "ours÷FP8-KV"
+            print(f"\ngeomean {what}: {geomean(ratios):.3f}; min {min(ratios):.2f}, max {max(ratios):.2f} over {len(ratios)} cells")
+
+
+def checks(d):
+    rs = rows(d)
+    ok = [r for r in rs if r["status"] == "ok"]
+    print(f"{len(rs)} rows, {len(ok)} ok")
+    tele_cols = ["power_avg_w", "energy_per_call_j", "temp_avg_c", "sm_clock_avg_mhz", "mem_clock_avg_mhz", "gpu_util_avg_pct"]
+    for c in tele_cols:
+        n = sum(1 for r in ok if num(r, c) is not None)
+        print(f"  {c:<22} non-null in {n}/{len(ok)}")
+    # Energy per call vs average power x mean time.
+    errs = []
+    for r in ok:
+        e, p, t = num(r, "energy_per_call_j"), num(r, "power_avg_w"), num(r, "mean_ms")
+        if e and p and t:
+            errs.append(e / (p * t * 1e-3))
+    if errs:
+        errs.sort()
+        print(f"  energy/(power*time): median {errs[len(errs)//2]:.3f}, min {errs[0]:.3f}, max {errs[-1]:.3f} (n={len(errs)})")
+    for pool in sorted({r["pool"] for r in ok}):
+        fr = [num(r, "bandwidth_fraction") for r in ok if r["pool"] == pool and num(r, "bandwidth_fraction")]
+        if fr:
+            print(f"  pool {pool:<14} bandwidth fraction max {max(fr):.3f} (n={len(fr)})")
+    cal = {r.get("device_calibrated_read_gbps") for r in rs}
+    print(f"  calibrated read GB/s: {sorted(cal)}")
+    thr = defaultdict(int)
+    for r in ok:
+        for t in (r.get("throttle_reasons") or "").split(","):
+            if t:
+                thr[t] += 1
+    print(f"  throttle reasons seen: {dict(thr)}")
+
+
+def compare(a, b):
+    def key(r):
+        return (r["kernel"], mode(r), r["batch_size"], r["max_seq_len"], r["pool"])
+    ra = {key(r): r for r in rows(a) if r["status"] == "ok"}
+    rb = {key(r): r for r in rows(b) if r["status"] == "ok"}
+    print("| kernel | mode | batch | max_seq_len | pool | A median ms | B median ms | B/A |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in sorted(ra.keys() & rb.keys(), key=lambda k: (k[0], k[1], int(k[2]), int(k[3]), k[4])):
+        x, y = num(ra[k], "median_ms"), num(rb[k], "median_ms")
+        print(f"| {' | '.join(k)} | {x:.4f} | {y:.4f} | {y / x:.3f} |")
+
+
+def status(d):
+    rs = rows(d)
+    counts = defaultdict(int)
+    for r in rs:
+        counts[(r["kernel"], r["status"])] += 1
+    for k, v in sorted(counts.items()):
+        print(f"  {k[0]:<10} {k[1]:<13} {v}")
+    bad = [r for r in rs if r["status"] not in ("ok",)]
+    for r in bad[:10]:
+        print(f"  {r['kernel']} {r['case_id']} {r['status']}: {r['message'][:200]}")
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    if cmd == "table":
+        table(sys.argv[2])
+    elif cmd == "checks":
+        checks(sys.argv[2])
+    elif cmd == "compare":
+        compare(sys.argv[2], sys.argv[3])
+    elif cmd == "status":
+        status(sys.argv[2])
+    else:
+        print(__doc__)
+        sys.exit(2)
