@@ -364,37 +364,63 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
         git_revision: GIT_REVISION.to_string(),
         exit_when_done: true,
     };
+    // The embedded coordinator stops on a signal, or when every local agent has exited (an agent
+    // whose GPU is lost exits; with nobody left to run the remaining cases, waiting is pointless:
+    // the outputs are written and a rerun on the same --out finishes the rest).
     let signal_tx = stop_tx.clone();
+    let agents_gone = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gone = agents_gone.clone();
     let coordinator = tokio::spawn(serve(cfg, listener, async move {
-        shutdown_signal().await;
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = gone.notified() => {
+                tracing::warn!("every local agent has exited; stopping the run");
+            }
+        }
         let _ = signal_tx.send(true);
     }));
 
-    let mut agents = Vec::new();
+    let mut agents = tokio::task::JoinSet::new();
     for (name, b) in opened {
         let acfg = AgentConfig {
             coordinator: format!("http://{addr}"),
-            name,
+            name: name.clone(),
             token: None,
             tls: None,
             connect_timeout: Duration::from_secs(30),
             version: version_string(),
         };
         let stop = stop_rx.clone();
-        agents.push(tokio::spawn(async move {
-            let agent = Agent::connect(acfg, b.backend, b.probe).await?;
-            agent.run(stop).await
-        }));
+        agents.spawn(async move {
+            let r = match Agent::connect(acfg, b.backend, b.probe).await {
+                Ok(agent) => agent.run(stop).await,
+                Err(e) => Err(e),
+            };
+            (name, r)
+        });
     }
+    let watcher = tokio::spawn(async move {
+        let mut errors = Vec::new();
+        while let Some(joined) = agents.join_next().await {
+            match joined {
+                Ok((name, Err(e))) => {
+                    tracing::error!(agent = %name, error = %e, "local agent stopped");
+                    errors.push(format!("{name}: {e}"));
+                }
+                Ok((_, Ok(_))) => {}
+                Err(e) => errors.push(format!("agent task failed: {e}")),
+            }
+        }
+        agents_gone.notify_one();
+        errors
+    });
     let summary = coordinator
         .await
         .map_err(|e| anyhow!("the embedded coordinator task failed: {e}"))??;
     let _ = stop_tx.send(true);
-    for h in agents {
-        match tokio::time::timeout(Duration::from_secs(10), h).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "a local agent ended with an error"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "a local agent task failed"),
-            _ => {}
+    if let Ok(Ok(errors)) = tokio::time::timeout(Duration::from_secs(10), watcher).await {
+        for e in errors {
+            eprintln!("agent error: {e}");
         }
     }
     Ok(report_summary(&summary))

@@ -86,4 +86,8 @@ impl Backend for IdentifiedBackend {
     fn run_case(&mut self, case: &BenchCase, probe: &mut dyn TelemetryProbe) -> CaseMeasurement {
         self.inner.run_case(case, probe)
     }
+
+    fn needs_restart(&self) -> bool {
+        self.inner.needs_restart()
+    }
 }

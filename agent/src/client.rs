@@ -44,6 +44,8 @@ pub enum AgentError {
     Tls(String),
     #[error("the backend task failed: {0}")]
     Backend(String),
+    #[error("the device is in an unrecoverable state ({0}); this agent exits so that a fresh process (a restarted pod or agent) takes over; its unfinished cases go to other agents")]
+    DeviceLost(String),
 }
 
 /// Client-side TLS, from PEM files.
@@ -315,6 +317,18 @@ impl Agent {
                 self.summary.results_accepted += 1;
             } else {
                 self.summary.duplicates += 1;
+            }
+            let lost = {
+                let b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+                b.needs_restart()
+            };
+            if lost {
+                self.release(&lease_id, "device lost; agent restarting")
+                    .await;
+                return Err(AgentError::DeviceLost(format!(
+                    "after case {}, the CUDA context cannot be rebuilt in this process",
+                    case.id
+                )));
             }
             if lease_lost || !resp.lease_valid {
                 tracing::warn!(lease = %lease_id, skipped = cases.len() - i - 1, "lease no longer held; dropping the rest of the shard");

@@ -30,6 +30,11 @@ pub fn run_gated(
 ) -> CaseMeasurement {
     let mut m = backend.run_case(case, probe);
     let mut throttled = mark_throttled(&mut m);
+    if m.kernels.iter().any(|k| k.throttle_retries_used > 0) {
+        // The backend already re-measured the throttled kernels itself (the CUDA backend does,
+        // around the timed trials only): its count is the one that stands.
+        return m;
+    }
     let mut used = 0;
     while throttled && used < case.method.throttle_retries {
         used += 1;
@@ -129,6 +134,36 @@ mod tests {
         assert_eq!(b.runs, 2);
         assert!(m.kernels[0].throttled);
         assert_eq!(m.kernels[0].throttle_retries_used, 1);
+    }
+
+    #[test]
+    fn defers_to_retries_the_backend_made_itself() {
+        struct SelfRetrying(DeviceIdentity, u32);
+        impl Backend for SelfRetrying {
+            fn identity(&self) -> &DeviceIdentity {
+                &self.0
+            }
+            fn run_case(&mut self, c: &BenchCase, _p: &mut dyn TelemetryProbe) -> CaseMeasurement {
+                self.1 += 1;
+                let mut k = KernelMeasurement {
+                    kernel: Some(KernelKind::Optimized),
+                    status: Some(Status::Ok),
+                    throttle_retries_used: 2,
+                    ..Default::default()
+                };
+                k.telemetry.throttle_reasons = vec!["hw_thermal_slowdown".into()];
+                CaseMeasurement {
+                    case_id: c.id.clone(),
+                    kernels: vec![k],
+                    wall_s: 0.0,
+                }
+            }
+        }
+        let mut b = SelfRetrying(DeviceIdentity::default(), 0);
+        let m = run_gated(&mut b, &mut NoTelemetry, &case(2), Duration::ZERO);
+        assert_eq!(b.1, 1);
+        assert!(m.kernels[0].throttled);
+        assert_eq!(m.kernels[0].throttle_retries_used, 2);
     }
 
     #[test]
