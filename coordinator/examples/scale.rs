@@ -313,38 +313,66 @@ const JOURNAL_THREAD: &str = "journal-writer";
 /// architecture (it is part of the kernel ABI, independent of the kernel's internal HZ).
 const USER_HZ: f64 = 100.0;
 
-/// CPU seconds (user + system) used so far by this process's threads, per thread-name group:
-/// (coordinator runtime, journal writer, simulated agents, other). Empty off Linux.
-fn cpu_by_thread_group() -> Option<[f64; 4]> {
-    let mut groups = [0.0f64; 4];
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let Ok(task) = task else { continue };
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
+/// How often thread CPU times are sampled: a thread that exits (the journal writer, at shutdown)
+/// keeps the last value seen, so at most this much of its CPU time goes uncounted.
+const CPU_SAMPLE_PERIOD: Duration = Duration::from_millis(100);
+
+/// Thread CPU accounting from `/proc/self/task` (Linux; empty elsewhere). Keeps the latest CPU
+/// time seen per thread id, so threads that have exited still count.
+#[derive(Default)]
+struct ThreadCpu {
+    /// tid -> (group, CPU seconds)
+    latest: std::collections::HashMap<u32, (usize, f64)>,
+}
+
+impl ThreadCpu {
+    fn sample(&mut self) {
+        let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+            return;
         };
-        // "tid (comm) state ppid ... utime stime ...": comm may hold spaces, so split at the
-        // last ')'; utime and stime are the 12th and 13th fields after it.
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        let secs = (ticks(11) + ticks(12)) / USER_HZ;
-        let group = match comm {
-            SERVER_THREAD => 0,
-            JOURNAL_THREAD => 1,
-            CLIENT_THREAD => 2,
-            _ => 3,
-        };
-        groups[group] += secs;
+        for task in dir.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // "tid (comm) state ppid ... utime stime ...": comm may hold spaces, so split at the
+            // last ')'; utime and stime are the 12th and 13th fields after it.
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let group = match comm {
+                SERVER_THREAD => 0,
+                JOURNAL_THREAD => 1,
+                CLIENT_THREAD => 2,
+                _ => 3,
+            };
+            self.latest
+                .insert(tid, (group, (ticks(11) + ticks(12)) / USER_HZ));
+        }
     }
-    Some(groups)
+
+    /// CPU seconds per group: coordinator runtime, journal writer, simulated agents, other.
+    fn totals(&self) -> [f64; 4] {
+        let mut t = [0.0; 4];
+        for &(group, secs) in self.latest.values() {
+            t[group] += secs;
+        }
+        t
+    }
 }
 
 async fn bench(args: Args, server_rt: tokio::runtime::Handle) -> Result<bool> {
@@ -425,7 +453,21 @@ async fn bench(args: Args, server_rt: tokio::runtime::Handle) -> Result<bool> {
     let ingested = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
 
-    let cpu_before = cpu_by_thread_group();
+    let cpu = Arc::new(std::sync::Mutex::new(ThreadCpu::default()));
+    let cpu_before = {
+        let mut c = cpu.lock().unwrap_or_else(|p| p.into_inner());
+        c.sample();
+        c.totals()
+    };
+    let cpu_sampler = {
+        let cpu = cpu.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CPU_SAMPLE_PERIOD).await;
+                cpu.lock().unwrap_or_else(|p| p.into_inner()).sample();
+            }
+        })
+    };
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(args.agents);
     for i in 0..args.agents {
@@ -485,7 +527,12 @@ async fn bench(args: Args, server_rt: tokio::runtime::Handle) -> Result<bool> {
         }
     }
     let ingest_elapsed = started.elapsed();
-    let cpu_after = cpu_by_thread_group();
+    cpu_sampler.abort();
+    let cpu_after = {
+        let mut c = cpu.lock().unwrap_or_else(|p| p.into_inner());
+        c.sample();
+        c.totals()
+    };
     monitor.abort();
 
     // The coordinator exits by itself once every case is done; tell it to stop otherwise.
@@ -518,8 +565,8 @@ async fn bench(args: Args, server_rt: tokio::runtime::Handle) -> Result<bool> {
         shutdown_elapsed.as_secs_f64(),
         journal_bytes as f64 / (1024.0 * 1024.0)
     );
-    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
-        let d: Vec<f64> = (0..4).map(|i| b[i] - a[i]).collect();
+    {
+        let d: Vec<f64> = (0..4).map(|i| cpu_after[i] - cpu_before[i]).collect();
         let per_result_us = |cpu: f64| {
             if results > 0 {
                 cpu * 1e6 / results as f64
