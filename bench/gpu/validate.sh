@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# End-to-end validation of the released binary on a GPU machine, as a user would run it:
+# self-test, the default `decodebench run` (seed preset, 320 cases), the measurement-method
+# checks (hot/cold L2, events/graph, shared/unique pool, telemetry) and the kernel table (graph
+# timing). Expects target/release/decodebench; writes logs and CSVs under $OUT.
+# Usage: bench/gpu/validate.sh [selftest] [seed] [methods] [table]   (default: all four)
+set -u
+OUT=${OUT:-/tmp/validate_out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export DECODEBENCH_CACHE_DIR=${DECODEBENCH_CACHE_DIR:-/tmp/decodebench-cache}
+B=target/release/decodebench
+S="python3 bench/gpu/summarize.py"
+STEPS=${*:-selftest seed methods table}
+W=/tmp/validate_runs
+rm -rf "$W"; mkdir -p "$W"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee "$OUT/gpu.txt"
+for step in $STEPS; do
+  case $step in
+    selftest)
+      echo "=== selftest"
+      ( time timeout 300 $B selftest ) > "$OUT/selftest.txt" 2>&1; echo "selftest exit $?"
+      grep -cE " ok | PASS" "$OUT/selftest.txt" | sed 's/^/pass lines: /'; grep -E "FAIL|passed|checks" "$OUT/selftest.txt" | tail -5 ;;
+    seed)
+      echo "=== decodebench run (seed preset)"
+      ( time timeout 560 $B run --out $W/seed ) > "$OUT/seed.log" 2>&1; echo "run exit $?"
+      grep -E "^real|units done" "$OUT/seed.log"
+      $S status $W/seed
+      cp $W/seed/results.csv "$OUT/seed_results.csv"
+      cp $W/seed/decode_attention_benchmark_*.csv "$OUT/" 2>/dev/null
+      $B report $W/seed > "$OUT/seed_report.txt" 2>&1; head -4 "$OUT/seed_report.txt" ;;
+    methods)
+      echo "=== method checks"
+      G=bench/grids/method_checks.toml
+      timeout 200 $B run --grid $G --out $W/hot > "$OUT/m_hot.log" 2>&1; echo "hot exit $?"
+      timeout 200 $B run --grid $G --l2 cold --out $W/cold > "$OUT/m_cold.log" 2>&1; echo "cold exit $?"
+      timeout 200 $B run --grid $G --timing graph --out $W/graph > "$OUT/m_graph.log" 2>&1; echo "graph exit $?"
+      timeout 200 $B run --grid $G --target-rse 0.005 --max-trials 400 --out $W/rse > "$OUT/m_rse.log" 2>&1; echo "rse exit $?"
+      $S checks $W/hot | tee "$OUT/checks.txt"
+      echo "--- cold / hot (optimized and baseline, median)"; $S compare $W/hot $W/cold | tee "$OUT/cold_vs_hot.md"
+      echo "--- graph / events"; $S compare $W/hot $W/graph | tee "$OUT/graph_vs_events.md"
+      $S checks $W/rse | tail -3
+      cp $W/hot/results.csv "$OUT/methods_hot.csv" ;;
+    table)
+      echo "=== kernel table (graph timing)"
+      ( time timeout 560 $B run --grid bench/grids/flashinfer_table.toml --out $W/table ) > "$OUT/table.log" 2>&1; echo "table exit $?"
+      grep -E "^real|units done" "$OUT/table.log"
+      $S table $W/table | tee "$OUT/table.md"
+      $S status $W/table | head -20
+      cp $W/table/results.csv "$OUT/table_results.csv" ;;
+  esac
+done
