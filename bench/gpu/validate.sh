@@ -5,8 +5,12 @@
 # timing). Expects target/release/decodebench; writes logs and CSVs under $OUT.
 # Usage: bench/gpu/validate.sh [selftest] [seed] [methods] [table]   (default: all four)
 set -u
-OUT=${OUT:-/tmp/validate_out}
-mkdir -p "$OUT"
+RESULT_DIR=${OUT:-/tmp/validate_out}
+# Everything is logged under one folder, packed into $OUT/validate.tgz at the end (the device
+# tool brings back at most 8 files).
+OUT=/tmp/validate_logs
+mkdir -p "$OUT" "$RESULT_DIR"
+trap 'tar czf "$RESULT_DIR/validate-$(date +%H%M%S).tgz" -C /tmp validate_logs; cp "$OUT"/*.md "$RESULT_DIR"/ 2>/dev/null' EXIT
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export DECODEBENCH_CACHE_DIR=${DECODEBENCH_CACHE_DIR:-/tmp/decodebench-cache}
 B=target/release/decodebench
