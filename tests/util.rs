@@ -58,6 +58,9 @@ pub struct GridSpec {
     pub pool_tokens: u32,
     pub warmup: u32,
     pub trials: u32,
+    /// When set, each kernel is timed for this long (noise-based stopping with an unreachable
+    /// target and this time cap), so a case takes about twice this, on any machine.
+    pub seconds_per_kernel: Option<f64>,
 }
 
 impl GridSpec {
@@ -73,22 +76,24 @@ impl GridSpec {
             pool_tokens: 256,
             warmup: 1,
             trials: 3,
+            seconds_per_kernel: None,
         }
     }
 
-    /// Cases that take a noticeable time each (many trials of a longer sequence), so that a test
-    /// can act while a shard is half done.
+    /// 12 cases that take about half a second each whatever the machine's speed (each kernel is
+    /// timed for [`SLOW_SECONDS_PER_KERNEL`]), so that a test can act while a shard is half done.
     pub fn slow() -> GridSpec {
         GridSpec {
             name: "it-slow".into(),
             batch_sizes: vec![1, 2, 3],
-            max_seq_lens: vec![128, 256],
+            max_seq_lens: vec![256, 512],
             quant_modes: vec!["bf16/bf16/bf16", "fp8/fp8/bf16"],
             heads: (4, 1),
             head_size: 64,
-            pool_tokens: 512,
+            pool_tokens: 1024,
             warmup: 1,
-            trials: SLOW_TRIALS,
+            trials: 3,
+            seconds_per_kernel: Some(SLOW_SECONDS_PER_KERNEL),
         }
     }
 
@@ -124,7 +129,8 @@ impl GridSpec {
              \n\
              [method]\n\
              warmup = {warmup}\n\
-             trials = {trials}\n",
+             trials = {trials}\n\
+             {time_cap}",
             name = self.name,
             b = list(&self.batch_sizes),
             s = list(&self.max_seq_lens),
@@ -134,13 +140,26 @@ impl GridSpec {
             pool = self.pool_tokens,
             warmup = self.warmup,
             trials = self.trials,
+            time_cap = match self.seconds_per_kernel {
+                Some(s) => format!(
+                    "target_rse = {UNREACHABLE_RSE:e}\nmax_trials = {TIME_CAPPED_MAX_TRIALS}\n\
+                     max_time_s = {s}\n"
+                ),
+                None => String::new(),
+            },
         )
     }
 }
 
-/// Trials per kernel in [`GridSpec::slow`]: one case then takes about a quarter of a second on the
-/// CPU backend of a debug build (measured on the 2-core development machine).
-pub const SLOW_TRIALS: u32 = 20;
+/// How long [`GridSpec::slow`] times each kernel: a case (two kernels) then takes about half a
+/// second, long enough to signal an agent mid-shard, short enough for a 12-case grid to finish in
+/// a few seconds.
+pub const SLOW_SECONDS_PER_KERNEL: f64 = 0.2;
+
+/// A relative standard error no timing reaches, so noise-based stopping runs to its time cap.
+const UNREACHABLE_RSE: f64 = 1e-6;
+/// Trial cap with a time cap: high enough that the time cap binds first.
+const TIME_CAPPED_MAX_TRIALS: u32 = 100_000;
 
 /// A scratch directory for one test: grid files, the output directory, process logs. Kept (and
 /// its path printed) when the test fails, so the logs can be read afterwards.
