@@ -19,6 +19,20 @@ use std::time::Instant;
 /// host reads their events in one go.
 const TRIAL_BATCH: usize = 16;
 
+/// Least wall time spent in warm-up calls: an idle H100 sits at a few hundred MHz and takes
+/// milliseconds to reach its boost clock, so a handful of 20-us warm-up calls would leave the first
+/// timed trials of a small case slow (seen: a 3x median on the first case of a run).
+const MIN_WARMUP_MS: f64 = 25.0;
+
+/// Least length of the telemetry window: NVML's energy counter and power readings move in steps
+/// of several milliseconds, so a window of a few short trials reads no energy at all. The window
+/// keeps the GPU busy with back-to-back calls until it is this long, and energy per call divides
+/// by every call made inside it.
+const MIN_TELEMETRY_WINDOW_MS: f64 = 100.0;
+
+/// GPU work enqueued per host synchronization while padding warm-up or the telemetry window.
+const PAD_CHUNK_MS: f64 = 5.0;
+
 /// Flush buffer size as a multiple of the L2 size: writing twice the cache evicts what a previous
 /// call left in it.
 const L2_FLUSH_FACTOR: u64 = 2;
@@ -120,16 +134,28 @@ pub(crate) fn time_calls(
         }
     };
 
+    // Warm-up: the method's calls, then more until the clocks have had time to ramp.
+    let warm_started = Instant::now();
     for _ in 0..method.warmup.max(1) {
         run_once()?;
     }
     sync("warm-up")?;
+    let per_run_ms = warm_started.elapsed().as_secs_f64() * 1e3 / method.warmup.max(1) as f64;
+    let chunk = ((PAD_CHUNK_MS / per_run_ms.max(1e-3)).ceil() as usize).clamp(1, 10_000);
+    while warm_started.elapsed().as_secs_f64() * 1e3 < MIN_WARMUP_MS {
+        for _ in 0..chunk {
+            run_once()?;
+        }
+        sync("warm-up")?;
+    }
 
     let events: Vec<(CudaEvent, CudaEvent)> = (0..TRIAL_BATCH)
         .map(|_| Ok((timing_event(session)?, timing_event(session)?)))
         .collect::<Result<_, CudaError>>()?;
     let per_trial_calls = if graph.is_some() { launches } else { 1 } as u64;
     let mut samples = Vec::new();
+    // Every call made inside the telemetry window, timed or not (energy per call divides by it).
+    let mut calls_in_window: u64 = 0;
     let started = Instant::now();
     probe.begin();
     loop {
@@ -145,6 +171,8 @@ pub(crate) fn time_calls(
                 .map_err(CudaError::driver("recording a timing event"))?;
         }
         sync("timed trials")?;
+        calls_in_window += events.len() as u64 * per_trial_calls;
+        let mut verdict = None;
         for (start, end) in &events {
             let ms = start
                 .elapsed_ms(end)
@@ -152,14 +180,26 @@ pub(crate) fn time_calls(
             samples.push(ms / per_trial_calls as f64);
             let (stop, rse_met) = enough_trials(method, &samples, started);
             if stop {
-                let calls = samples.len() as u64 * per_trial_calls;
-                let telemetry = probe.end(calls);
-                return Ok(TimedTrials {
-                    samples_ms: samples,
-                    rse_target_met: rse_met,
-                    telemetry,
-                });
+                verdict = Some(rse_met);
+                break;
             }
+        }
+        if let Some(rse_met) = verdict {
+            // Pad the telemetry window with back-to-back calls (no flush, no events) so NVML's
+            // energy and power readings cover steady work of this kernel.
+            while started.elapsed().as_secs_f64() * 1e3 < MIN_TELEMETRY_WINDOW_MS {
+                for _ in 0..chunk {
+                    run_once()?;
+                }
+                sync("telemetry window")?;
+                calls_in_window += chunk as u64 * per_trial_calls;
+            }
+            let telemetry = probe.end(calls_in_window);
+            return Ok(TimedTrials {
+                samples_ms: samples,
+                rse_target_met: rse_met,
+                telemetry,
+            });
         }
     }
 }
