@@ -227,7 +227,43 @@ pub struct Progress {
     pub finished: bool,
 }
 
+/// Units per state, kept up to date on every transition so that progress and completion are
+/// O(1): they are asked on every report, and a scan of 100,000 units there caps ingestion at a
+/// few hundred results per second (bench/scale).
+#[derive(Debug, Default, Clone, Copy)]
+struct StateCounts {
+    pending: u64,
+    running: u64,
+    done: u64,
+    failed: u64,
+}
+
+impl StateCounts {
+    fn slot(&mut self, s: UnitState) -> &mut u64 {
+        match s {
+            UnitState::Pending => &mut self.pending,
+            UnitState::Leased | UnitState::Committing => &mut self.running,
+            UnitState::Done => &mut self.done,
+            UnitState::Failed => &mut self.failed,
+        }
+    }
+}
+
+/// The one way a unit changes state (after creation), so the counts never drift.
+fn transition(counts: &mut StateCounts, unit: &mut Unit, new: UnitState) {
+    *counts.slot(unit.state) -= 1;
+    *counts.slot(new) += 1;
+    unit.state = new;
+}
+
 pub struct Scheduler {
+    counts: StateCounts,
+    /// Some unit has failed on some agent: only then does `take_shard` need to know whether
+    /// other agents are alive (an O(agents) scan).
+    failures_seen: bool,
+    /// A lower bound on every lease's deadline (None: no lease to check), so that `expire` scans
+    /// the leases only when one may have expired instead of on every request.
+    earliest_deadline: Option<Instant>,
     cfg: SchedulerConfig,
     cases: Vec<BenchCase>,
     case_index: HashMap<String, usize>,
@@ -262,6 +298,9 @@ impl Scheduler {
             .map(|(i, c)| (c.id.clone(), i))
             .collect();
         let mut s = Scheduler {
+            counts: StateCounts::default(),
+            failures_seen: false,
+            earliest_deadline: None,
             cfg,
             cases,
             case_index,
@@ -301,6 +340,11 @@ impl Scheduler {
             let key = format!("{}|{}", case.id, target.key());
             let done = self.done_keys.contains(&key);
             let idx = self.units.len();
+            if done {
+                self.counts.done += 1;
+            } else {
+                self.counts.pending += 1;
+            }
             self.units.push(Unit {
                 case_idx,
                 target: target.clone(),
@@ -353,6 +397,10 @@ impl Scheduler {
     }
 
     fn fleet_ready(&self) -> bool {
+        // No requirement: skip the O(agents) scan on every lease.
+        if self.cfg.fleet.expect_agents == 0 && self.cfg.fleet.wait_for.is_empty() {
+            return true;
+        }
         let alive: Vec<&AgentInfo> = self.alive_agents().collect();
         if alive.len() < self.cfg.fleet.expect_agents {
             return false;
@@ -407,16 +455,18 @@ impl Scheduler {
         let mut cases = Vec::with_capacity(units.len());
         for &u in &units {
             let unit = &mut self.units[u];
-            unit.state = UnitState::Leased;
+            transition(&mut self.counts, unit, UnitState::Leased);
             unit.lease = Some(lease_id);
             cases.push(self.cases[unit.case_idx].clone());
         }
+        let deadline = now + self.cfg.lease_timeout;
+        self.earliest_deadline = Some(self.earliest_deadline.map_or(deadline, |d| d.min(deadline)));
         self.leases.insert(
             lease_id,
             Lease {
                 agent_id: agent_id.to_string(),
                 units,
-                deadline: now + self.cfg.lease_timeout,
+                deadline,
             },
         );
         if let Some(a) = self.agents.get_mut(agent_id) {
@@ -431,7 +481,8 @@ impl Scheduler {
     /// Pops up to `max_shard_cases` pending units that share a pool key, preferring units this
     /// agent has not failed before.
     fn take_shard(&mut self, target: &Target, agent_id: &str) -> Vec<usize> {
-        let others_alive = self.alive_agents().filter(|a| a.id != agent_id).count() > 0;
+        let others_alive =
+            self.failures_seen && self.alive_agents().filter(|a| a.id != agent_id).count() > 0;
         let Some(queue) = self.queues.get_mut(target) else {
             return Vec::new();
         };
@@ -470,7 +521,7 @@ impl Scheduler {
 
     fn requeue(&mut self, u: usize) {
         let unit = &mut self.units[u];
-        unit.state = UnitState::Pending;
+        transition(&mut self.counts, unit, UnitState::Pending);
         unit.lease = None;
         let pool_key = self.cases[unit.case_idx].pool_key();
         self.queues
@@ -502,12 +553,23 @@ impl Scheduler {
 
     /// Expires leases past their deadline; their unfinished units go back in the queue.
     pub fn expire(&mut self, now: Instant) -> u32 {
+        // Deadlines only move later (heartbeats extend them), so no lease can have expired
+        // before the earliest deadline seen at the last scan (or granted since).
+        if self.earliest_deadline.is_some_and(|d| now <= d) {
+            return 0;
+        }
         let expired: Vec<u64> = self
             .leases
             .iter()
             .filter(|(_, l)| l.deadline < now)
             .map(|(id, _)| *id)
             .collect();
+        self.earliest_deadline = self
+            .leases
+            .values()
+            .filter(|l| l.deadline >= now)
+            .map(|l| l.deadline)
+            .min();
         let n = expired.len() as u32;
         for id in expired {
             self.leases_expired += 1;
@@ -620,13 +682,15 @@ impl Scheduler {
             })
             .collect();
         if failures.is_empty() {
-            unit.state = UnitState::Committing;
+            transition(&mut self.counts, unit, UnitState::Committing);
             return Ok((ReportDecision::Commit { unit: u, attempt }, lease_valid));
         }
+        self.failures_seen = true;
+        let unit = &mut self.units[u];
         unit.errors.extend(failures.iter().cloned());
         unit.failed_on.insert(agent_id.to_string());
         if attempt >= self.cfg.max_attempts {
-            unit.state = UnitState::Committing;
+            transition(&mut self.counts, unit, UnitState::Committing);
             let errors = unit.errors.clone();
             return Ok((
                 ReportDecision::CommitFailed {
@@ -657,11 +721,15 @@ impl Scheduler {
         let Some(u) = self.units.get_mut(unit) else {
             return;
         };
-        u.state = if failed {
-            UnitState::Failed
-        } else {
-            UnitState::Done
-        };
+        transition(
+            &mut self.counts,
+            u,
+            if failed {
+                UnitState::Failed
+            } else {
+                UnitState::Done
+            },
+        );
         if let Some(l) = u.lease.take().and_then(|id| self.leases.get_mut(&id)) {
             l.units.retain(|&x| x != unit);
         }
@@ -693,10 +761,7 @@ impl Scheduler {
                 return false;
             }
         }
-        self.units
-            .iter()
-            .all(|u| matches!(u.state, UnitState::Done | UnitState::Failed))
-            && !self.units.is_empty()
+        self.counts.done + self.counts.failed == self.units.len() as u64 && !self.units.is_empty()
     }
 
     pub fn progress(&self) -> Progress {
@@ -707,14 +772,10 @@ impl Scheduler {
             finished: self.is_finished(),
             ..Default::default()
         };
-        for u in &self.units {
-            match u.state {
-                UnitState::Pending => p.pending += 1,
-                UnitState::Leased | UnitState::Committing => p.running += 1,
-                UnitState::Done => p.done += 1,
-                UnitState::Failed => p.failed += 1,
-            }
-        }
+        p.pending = self.counts.pending;
+        p.running = self.counts.running;
+        p.done = self.counts.done;
+        p.failed = self.counts.failed;
         p
     }
 
