@@ -349,6 +349,7 @@ fn an_agent_id_from_before_a_restart_is_not_taken_for_another_agent() {
     let _serial = exclusive();
     let s = Scratch::new("stale-agent-id");
     let grid = s.grid(&GridSpec::tiny());
+    let ids = grid_case_ids(&grid);
     let port = free_port();
     let mut first = coordinator(&s, "coordinator-1", &grid, port, &["--keep-serving"]);
     wait_for_listener(port, Duration::from_secs(30));
@@ -407,6 +408,28 @@ fn an_agent_id_from_before_a_restart_is_not_taken_for_another_agent() {
         Err(e) => e,
     };
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
-    assert!(lease(&y_after).is_ok(), "y's new id works");
+    // y's new id works (a heartbeat without a lease, so that y takes no shard it would sit on).
+    let y_heartbeat = rt.block_on(async {
+        let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
+            .await
+            .expect("connecting");
+        c.heartbeat(wire::HeartbeatRequest {
+            agent_id: y_after.clone(),
+            lease_id: String::new(),
+            current_case_id: String::new(),
+        })
+        .await
+    });
+    assert!(y_heartbeat.is_ok(), "y's new id works: {y_heartbeat:?}");
     assert!(second.is_running());
+
+    // The restarted coordinator still finishes the grid with a real agent.
+    let mut a = agent(&s, "agent", port, &[]);
+    StatusProbe::new(port).wait_for(Duration::from_secs(90), "the grid to be done", |st| {
+        st.done == st.total
+    });
+    a.wait_success(Duration::from_secs(30));
+    second.signal("TERM");
+    second.wait_success(Duration::from_secs(30));
+    assert_each_case_once(&s.out(), &ids);
 }

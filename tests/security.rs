@@ -80,6 +80,7 @@ fn a_client_speaking_another_protocol_version_gets_failed_precondition() {
     let _serial = exclusive();
     let s = Scratch::new("protocol-version");
     let grid = s.grid(&GridSpec::tiny());
+    let ids = grid_case_ids(&grid);
     let port = free_port();
     let mut coord = coordinator(&s, "coordinator", &grid, port, &[]);
     wait_for_listener(port, Duration::from_secs(30));
@@ -125,6 +126,12 @@ fn a_client_speaking_another_protocol_version_gets_failed_precondition() {
     let ok = register(PROTOCOL_VERSION).expect("the current protocol version is accepted");
     assert_eq!(ok.get_ref().protocol_version, PROTOCOL_VERSION);
     assert!(coord.is_running());
+
+    // A real agent still runs the whole grid.
+    let mut a = agent(&s, "agent", port, &[]);
+    coord.wait_success(Duration::from_secs(90));
+    a.wait_success(Duration::from_secs(20));
+    assert_each_case_once(&s.out(), &ids);
 }
 
 /// Deterministic noise (xorshift64*), so a failure can be replayed.
