@@ -205,7 +205,13 @@ pub async fn serve(
                 break;
             }
             _ = ticker.tick() => {}
-            _ = shared.changed.notified() => {}
+            // A result landed: only completion matters now (O(1)); the full progress (which
+            // counts live agents) waits for the tick instead of running once per result.
+            _ = shared.changed.notified() => {
+                if !shared.scheduler().is_finished() {
+                    continue;
+                }
+            }
         }
         let p = {
             let mut s = shared.scheduler();

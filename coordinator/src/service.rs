@@ -274,7 +274,7 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
                 }
                 _ => (None, None),
             };
-            let drain = s.progress().finished;
+            let drain = s.is_finished();
             (d, valid, case, device, drain)
         };
 
