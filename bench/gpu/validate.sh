@@ -30,6 +30,7 @@ for step in $STEPS; do
       ( time timeout 560 $B run --out $W/seed ) > "$OUT/seed.log" 2>&1; echo "run exit $?"
       grep -E "^real|units done" "$OUT/seed.log"
       $S status $W/seed
+      $S checks $W/seed | tee "$OUT/seed_checks.txt"
       cp $W/seed/results.csv "$OUT/seed_results.csv"
       cp $W/seed/decode_attention_benchmark_*.csv "$OUT/" 2>/dev/null
       $B report $W/seed > "$OUT/seed_report.txt" 2>&1; head -4 "$OUT/seed_report.txt" ;;
