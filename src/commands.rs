@@ -28,6 +28,9 @@ pub fn version_string() -> String {
     format!("{} ({GIT_REVISION})", env!("CARGO_PKG_VERSION"))
 }
 
+/// How long `run` waits for its local agents to exit after the coordinator has finished.
+const LOCAL_AGENT_EXIT_WAIT: Duration = Duration::from_secs(2);
+
 /// Exit code when the run ended with cases that have no result (interrupted or failed).
 pub const EXIT_INCOMPLETE: u8 = 2;
 /// Exit code for a self-test mismatch.
@@ -418,10 +421,16 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
         .await
         .map_err(|e| anyhow!("the embedded coordinator task failed: {e}"))??;
     let _ = stop_tx.send(true);
-    if let Ok(Ok(errors)) = tokio::time::timeout(Duration::from_secs(10), watcher).await {
-        for e in errors {
-            eprintln!("agent error: {e}");
+    // Agents drain on their own; one still trying to reach the (now stopped) coordinator, e.g.
+    // when everything was already journaled, is not worth waiting for.
+    let mut watcher = watcher;
+    match tokio::time::timeout(LOCAL_AGENT_EXIT_WAIT, &mut watcher).await {
+        Ok(Ok(errors)) => {
+            for e in errors {
+                eprintln!("agent error: {e}");
+            }
         }
+        _ => watcher.abort(),
     }
     Ok(report_summary(&summary))
 }

@@ -117,6 +117,8 @@ pub struct Agent {
     agent_id: String,
     heartbeat_interval: Duration,
     summary: AgentSummary,
+    /// A heartbeat said the coordinator is draining: stop after the current case.
+    drain_requested: bool,
 }
 
 impl Agent {
@@ -135,6 +137,7 @@ impl Agent {
             agent_id: String::new(),
             heartbeat_interval: Duration::from_secs(10),
             summary: AgentSummary::default(),
+            drain_requested: false,
         };
         agent.register().await?;
         Ok(agent)
@@ -334,9 +337,12 @@ impl Agent {
                 tracing::warn!(lease = %lease_id, skipped = cases.len() - i - 1, "lease no longer held; dropping the rest of the shard");
                 return Ok(false);
             }
-            if resp.drain {
+            if resp.drain || self.drain_requested {
+                // The coordinator is done or shutting down: hand back what is left and exit
+                // without asking for more work.
                 self.release(&lease_id, "coordinator asked to drain").await;
-                return Ok(false);
+                self.summary.drained_by_coordinator = true;
+                return Ok(true);
             }
         }
         Ok(false)
@@ -405,8 +411,12 @@ impl Agent {
                     let mut c = self.client.clone();
                     match c.heartbeat(req).await {
                         Ok(r) => {
-                            if !r.into_inner().lease_valid {
+                            let r = r.into_inner();
+                            if !r.lease_valid {
                                 lease_lost = true;
+                            }
+                            if r.drain {
+                                self.drain_requested = true;
                             }
                         }
                         Err(s) => tracing::debug!(error = %s.message(), "heartbeat failed; will retry"),

@@ -24,6 +24,10 @@ pub const TICK_PERIOD: Duration = Duration::from_millis(250);
 /// After the last result, how long agents get to pick up their drain order before the coordinator
 /// exits anyway (they poll at least this often while idle).
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
+/// On a shutdown signal, how long agents get to finish the case they are running, report it and
+/// hand their leases back (they hear "drain" at their next heartbeat or report). Kubernetes
+/// allows 30 s between SIGTERM and SIGKILL by default; this leaves room to write the outputs.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 /// Most results made durable with one fsync (group commit).
 pub const JOURNAL_BATCH_MAX: usize = 4096;
 /// Plain-log progress period when stderr is not a terminal.
@@ -246,7 +250,7 @@ pub async fn serve(
     shared.scheduler().start_drain();
     let grace_end = Instant::now()
         + if interrupted {
-            Duration::from_millis(500)
+            SHUTDOWN_GRACE
         } else {
             DRAIN_GRACE
         };
@@ -254,9 +258,17 @@ pub async fn serve(
         let busy = {
             let s = shared.scheduler();
             let timeout = s.config().lease_timeout;
-            let busy = s
-                .agents()
-                .any(|a| !a.drained && a.last_seen.elapsed() < timeout);
+            let busy = s.agents().any(|a| {
+                let alive = a.last_seen.elapsed() < timeout;
+                // Interrupted: wait for running shards to be reported or handed back. Done:
+                // wait for idle agents to pick up their drain order.
+                alive
+                    && if interrupted {
+                        a.lease.is_some()
+                    } else {
+                        !a.drained
+                    }
+            });
             busy
         };
         if !busy {

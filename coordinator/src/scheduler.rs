@@ -424,6 +424,11 @@ impl Scheduler {
         self.draining = true;
     }
 
+    /// True once [`Scheduler::start_drain`] was called (the coordinator is shutting down).
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
     /// The next shard for `agent_id`, or wait, or drain.
     pub fn lease(&mut self, agent_id: &str, now: Instant) -> Result<LeaseDecision, ScheduleError> {
         self.expire(now);
@@ -621,6 +626,12 @@ impl Scheduler {
         now: Instant,
     ) -> Result<u32, ScheduleError> {
         self.touch(agent_id, now)?;
+        if self.draining || self.is_finished() {
+            // An agent handing back its lease at the end of the run is leaving: it is drained.
+            if let Some(a) = self.agents.get_mut(agent_id) {
+                a.drained = true;
+            }
+        }
         let id = Self::parse_lease(lease_id)?;
         match self.leases.get(&id) {
             Some(l) if l.agent_id == agent_id => Ok(self.return_lease(id)),

@@ -274,7 +274,7 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
                 }
                 _ => (None, None),
             };
-            let drain = s.is_finished();
+            let drain = s.is_finished() || s.draining();
             (d, valid, case, device, drain)
         };
 
