@@ -243,7 +243,9 @@ fn sigterm_to_the_coordinator_writes_what_was_gathered() {
     let port = free_port();
     let mut coord = coordinator(&s, "coordinator", &grid, port, &["--shard-cases", "2"]);
     let probe = StatusProbe::new(port);
-    let _agent = agent(&s, "agent", port, &["--connect-timeout-s", "5"]);
+    // A long connect timeout: the agent must leave because it was told to drain, not because it
+    // gave up on a coordinator that went away.
+    let mut agent_proc = agent(&s, "agent", port, &["--connect-timeout-s", "120"]);
     let before = probe.wait_for(
         Duration::from_secs(90),
         "some of the grid to be done",
@@ -251,6 +253,9 @@ fn sigterm_to_the_coordinator_writes_what_was_gathered() {
     );
     coord.signal("TERM");
     let status = coord.wait(Duration::from_secs(30));
+    // The drain order reaches the agent mid-shard (heartbeat or report): it finishes its case,
+    // hands the rest back and exits 0.
+    agent_proc.wait_success(Duration::from_secs(20));
     assert!(
         !status.success(),
         "an interrupted run with cases left must exit non-zero; log:\n{}",
