@@ -8,4 +8,5 @@ mod fleet;
 mod grid_errors;
 mod local_run;
 mod security;
+mod tls;
 mod util;

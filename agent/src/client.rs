@@ -94,6 +94,22 @@ impl tonic::service::Interceptor for TokenInterceptor {
 
 type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
 
+/// A status with its cause chain ("transport error: tls handshake eof ..."), so a TLS or DNS
+/// problem is named rather than hidden behind "transport error".
+fn describe(s: &Status) -> String {
+    let mut text = s.message().to_string();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
 fn is_transient(s: &Status) -> bool {
     matches!(
         s.code(),
@@ -174,10 +190,10 @@ impl Agent {
                         return Err(AgentError::Unreachable {
                             addr: self.cfg.coordinator.clone(),
                             waited: started.elapsed(),
-                            last_error: s.message().to_string(),
+                            last_error: describe(&s),
                         });
                     }
-                    tracing::info!(retry_in = ?delay, error = %s.message(), "coordinator not reachable yet");
+                    tracing::info!(retry_in = ?delay, error = %describe(&s), "coordinator not reachable yet");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(BACKOFF_MAX);
                 }
@@ -209,7 +225,7 @@ impl Agent {
                         return Err(AgentError::Unreachable {
                             addr: self.cfg.coordinator.clone(),
                             waited: started.elapsed(),
-                            last_error: s.message().to_string(),
+                            last_error: describe(&s),
                         });
                     }
                     tokio::time::sleep(delay).await;
