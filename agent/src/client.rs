@@ -110,6 +110,39 @@ fn describe(s: &Status) -> String {
     text
 }
 
+/// Retry pacing for one call that keeps failing transiently: exponential delays up to
+/// [`BACKOFF_MAX`], giving up once the connect timeout has passed since the first failure.
+struct Backoff {
+    started: Instant,
+    delay: Duration,
+    limit: Duration,
+}
+
+impl Backoff {
+    fn new(limit: Duration) -> Backoff {
+        Backoff {
+            started: Instant::now(),
+            delay: BACKOFF_START,
+            limit,
+        }
+    }
+
+    /// Sleeps before the next try, or says the coordinator is unreachable.
+    async fn wait_after(&mut self, s: &Status, addr: &str) -> Result<(), AgentError> {
+        if self.started.elapsed() >= self.limit {
+            return Err(AgentError::Unreachable {
+                addr: addr.to_string(),
+                waited: self.started.elapsed(),
+                last_error: describe(s),
+            });
+        }
+        tracing::info!(retry_in = ?self.delay, error = %describe(s), "coordinator not reachable; retrying");
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(BACKOFF_MAX);
+        Ok(())
+    }
+}
+
 fn is_transient(s: &Status) -> bool {
     matches!(
         s.code(),
@@ -173,8 +206,7 @@ impl Agent {
             agent_name: self.cfg.name.clone(),
             device: Some(device),
         };
-        let started = Instant::now();
-        let mut delay = BACKOFF_START;
+        let mut backoff = Backoff::new(self.cfg.connect_timeout);
         loop {
             match self.client.register(req.clone()).await {
                 Ok(r) => {
@@ -186,16 +218,7 @@ impl Agent {
                     return Ok(());
                 }
                 Err(s) if is_transient(&s) => {
-                    if started.elapsed() >= self.cfg.connect_timeout {
-                        return Err(AgentError::Unreachable {
-                            addr: self.cfg.coordinator.clone(),
-                            waited: started.elapsed(),
-                            last_error: describe(&s),
-                        });
-                    }
-                    tracing::info!(retry_in = ?delay, error = %describe(&s), "coordinator not reachable yet");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(BACKOFF_MAX);
+                    backoff.wait_after(&s, &self.cfg.coordinator).await?;
                 }
                 Err(s) => return Err(AgentError::Refused(s.message().to_string())),
             }
@@ -209,8 +232,7 @@ impl Agent {
         F: FnMut(Client, String) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let started = Instant::now();
-        let mut delay = BACKOFF_START;
+        let mut backoff = Backoff::new(self.cfg.connect_timeout);
         loop {
             match f(self.client.clone(), self.agent_id.clone()).await {
                 Ok(v) => return Ok(v),
@@ -221,15 +243,7 @@ impl Agent {
                     self.register().await?;
                 }
                 Err(s) if is_transient(&s) => {
-                    if started.elapsed() >= self.cfg.connect_timeout {
-                        return Err(AgentError::Unreachable {
-                            addr: self.cfg.coordinator.clone(),
-                            waited: started.elapsed(),
-                            last_error: describe(&s),
-                        });
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(BACKOFF_MAX);
+                    backoff.wait_after(&s, &self.cfg.coordinator).await?;
                 }
                 Err(s) if s.code() == Code::InvalidArgument => {
                     return Err(AgentError::Rejected(s.message().to_string()))

@@ -378,26 +378,27 @@ fn spawn_journal_writer(
                         Err(_) => break,
                     }
                 }
-                let records: Vec<ResultRecord> = jobs.iter().map(|j| j.record.clone()).collect();
+                let (records, dones): (Vec<ResultRecord>, Vec<_>) =
+                    jobs.into_iter().map(|j| (j.record, j.done)).unzip();
                 match journal.append_batch(&records) {
                     Ok(()) => {
-                        for j in jobs {
-                            let _ = j.done.send(Ok(()));
+                        for (record, done) in records.into_iter().zip(dones) {
+                            let _ = done.send((record, Ok(())));
                         }
                     }
                     Err(JournalError::Unencodable { .. }) => {
                         // One record cannot be stored: write the others one by one so it does
                         // not take the rest of the batch down with it.
-                        for j in jobs {
-                            let r = journal.append(&j.record).map_err(durability_error);
-                            let _ = j.done.send(r);
+                        for (record, done) in records.into_iter().zip(dones) {
+                            let r = journal.append(&record).map_err(durability_error);
+                            let _ = done.send((record, r));
                         }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "journal write failed; results were not acknowledged");
                         let err = durability_error(e);
-                        for j in jobs {
-                            let _ = j.done.send(Err(err.clone()));
+                        for (record, done) in records.into_iter().zip(dones) {
+                            let _ = done.send((record, Err(err.clone())));
                         }
                     }
                 }

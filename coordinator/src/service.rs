@@ -33,10 +33,11 @@ pub struct DurabilityError {
     pub permanent: bool,
 }
 
-/// A result waiting to be made durable, and who to tell when it is.
+/// A result waiting to be made durable, and who to tell when it is. The record comes back with
+/// the answer, so the handler keeps it without a copy.
 pub struct JournalJob {
     pub record: ResultRecord,
-    pub done: oneshot::Sender<Result<(), DurabilityError>>,
+    pub done: oneshot::Sender<(ResultRecord, Result<(), DurabilityError>)>,
 }
 
 /// State shared by the gRPC handlers, the ticker and the run loop.
@@ -102,7 +103,8 @@ pub struct CoordinatorService {
 }
 
 impl CoordinatorService {
-    async fn make_durable(&self, record: ResultRecord) -> Result<(), Status> {
+    /// Hands `record` to the journal writer and waits until it is on disk; returns it back.
+    async fn make_durable(&self, record: ResultRecord) -> Result<ResultRecord, Status> {
         let (tx, rx) = oneshot::channel();
         self.shared
             .journal
@@ -110,12 +112,12 @@ impl CoordinatorService {
             .await
             .map_err(|_| Status::unavailable("the coordinator is shutting down; retry later"))?;
         match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) if e.permanent => Err(Status::invalid_argument(format!(
+            Ok((record, Ok(()))) => Ok(record),
+            Ok((_, Err(e))) if e.permanent => Err(Status::invalid_argument(format!(
                 "the result cannot be recorded: {}",
                 e.message
             ))),
-            Ok(Err(e)) => Err(Status::unavailable(format!(
+            Ok((_, Err(e))) => Err(Status::unavailable(format!(
                 "could not write the result to the journal ({}); it was not recorded, send it again",
                 e.message
             ))),
@@ -318,10 +320,13 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
                     device,
                     measurement,
                 };
-                if let Err(e) = self.make_durable(record.clone()).await {
-                    self.shared.scheduler().abort_commit(unit);
-                    return Err(e);
-                }
+                let record = match self.make_durable(record).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.shared.scheduler().abort_commit(unit);
+                        return Err(e);
+                    }
+                };
                 self.shared
                     .scheduler()
                     .commit(unit, &req.agent_id, failed_errors.is_some());
