@@ -2,8 +2,9 @@
 """Summarize decodebench results.csv files for bench/RESULTS.md (standard library only, so it runs
 on the GPU machine as it is).
 
-  summarize.py table DIR      issue-7 tables: optimized ms and logical TB/s per (batch, max_seq_len)
-                              per quant mode, beside FlashInfer's figures, with the ratio
+  summarize.py table DIR...   issue-7 tables: optimized ms and logical TB/s per (batch, max_seq_len)
+                              per quant mode, beside FlashInfer's figures, with the ratio (the
+                              rows of several run directories are pooled)
   summarize.py checks DIR     measurement-method checks: telemetry present, energy vs power x time,
                               bandwidth fraction bounds per pool
   summarize.py compare A B    per-case time ratio B/A of the optimized kernel (e.g. cold vs hot L2,
@@ -34,6 +35,23 @@ FLASHINFER_MS = {
     },
 }
 
+# The same runs' logical TB/s (the issue's figures in brackets). FlashInfer's sequence lengths were
+# drawn by the script's torch RNG and ours by decodebench's, so for batches above 1 the two cells
+# read different numbers of tokens; the ratio of logical bandwidths compares equal work.
+_LENS = [1024, 4096, 16384, 65536, 131072]
+_BATCHES = [1, 4, 16, 64, 256]
+FLASHINFER_TBS = {
+    m: {(b, l): v for b, row in zip(_BATCHES, grid) for l, v in zip(_LENS, row)}
+    for m, grid in {
+        "bf16/bf16/bf16": [[0.29, 0.92, 1.77, 2.46, 2.70], [0.73, 1.57, 2.37, 2.84, 3.02],
+                           [1.56, 2.09, 2.75, 3.02, 3.04], [2.10, 2.69, 2.90, 2.92, 2.91],
+                           [3.08, 3.35, 3.45, 3.48, 3.47]],
+        "bf16/fp8/bf16": [[0.15, 0.53, 1.28, 1.84, 2.06], [0.31, 0.96, 1.53, 2.16, 2.40],
+                          [0.83, 1.32, 1.74, 2.05, 2.12], [1.79, 2.27, 2.66, 2.83, 2.76],
+                          [2.62, 2.92, 3.05, 3.14, 3.13]],
+    }.items()
+}
+
 
 def rows(path):
     with open(path if path.endswith(".csv") else path.rstrip("/") + "/results.csv", newline="") as f:
@@ -57,8 +75,8 @@ def geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
-def table(d):
-    rs = [r for r in rows(d) if r["kernel"] == "optimized"]
+def table(*ds):
+    rs = [r for d in ds for r in rows(d) if r["kernel"] == "optimized"]
     by_mode = defaultdict(dict)
     for r in rs:
         key = (int(r["batch_size"]), int(r["max_seq_len"]))
@@ -75,7 +93,7 @@ def table(d):
               + (" / FlashInfer ms / FlashInfer÷ours" if ref else " / vs FP8-KV time"))
         print("| batch \\ max_seq_len | " + " | ".join(str(l) for l in lens) + " |")
         print("|---" * (len(lens) + 1) + "|")
-        ratios = []
+        ratios, bw_ratios = [], []
         for b in batches:
             out = []
             for l in lens:
@@ -89,6 +107,7 @@ def table(d):
                 if ref and (b, l) in ref:
                     ratio = ref[(b, l)] / ms
                     ratios.append(ratio)
+                    bw_ratios.append(tbs / FLASHINFER_TBS[m][(b, l)])
                     cell += f" / {ref[(b, l)]:.4f} / {ratio:.2f}x"
                 elif m.startswith("fp8/") and (b, l) in fp8kv and fp8kv[(b, l)]["status"] == "ok":
                     rel = ms / num(fp8kv[(b, l)], "mean_ms")
@@ -99,6 +118,9 @@ def table(d):
         if ratios:
             what = "FlashInfer÷ours" if ref else "ours÷FP8-KV"
             print(f"\ngeomean {what}: {geomean(ratios):.3f}; min {min(ratios):.2f}, max {max(ratios):.2f} over {len(ratios)} cells")
+        if bw_ratios:
+            print(f"geomean logical TB/s ours÷FlashInfer (equal work): {geomean(bw_ratios):.3f}; "
+                  f"min {min(bw_ratios):.2f}, max {max(bw_ratios):.2f}")
 
 
 def checks(d):
@@ -159,7 +181,7 @@ def status(d):
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "table":
-        table(sys.argv[2])
+        table(*sys.argv[2:])
     elif cmd == "checks":
         checks(sys.argv[2])
     elif cmd == "compare":

@@ -58,9 +58,9 @@ __device__ void decode_split(const AttnParams& p) {
     const int stage_tokens = BDZ * DEC_TILE;
     const int stage_bytes = 2 * stage_tokens * ROW_BYTES;
 
-    const int4 item = p.work[blockIdx.x];
+    const int4 item = p.work[blockIdx.x];  // w: partial row * kv heads + kv head
     const int b = item.x, t_begin = item.y, t_end = item.z;
-    const int kv_head = blockIdx.y;
+    const int kv_head = item.w % p.num_kv_heads, prow0 = item.w / p.num_kv_heads;
     const int h = kv_head * G + g;
     const int* bt = p.block_tables + (i64)b * p.max_blocks;
     const int slot_mask = (1 << p.block_shift) - 1;
@@ -186,7 +186,7 @@ __device__ void decode_split(const AttnParams& p) {
 #pragma unroll
             for (int i = 0; i < 8; ++i) rows[g * D + tx * 8 + i] = num[i] * inv;
         } else {
-            const i64 prow = (i64)blockIdx.x * p.num_qo_heads + h;
+            const i64 prow = (i64)prow0 * p.num_qo_heads + h;
 #pragma unroll
             for (int i = 0; i < 8; ++i) p.partial_o[prow * D + tx * 8 + i] = num[i] * inv;
             if (tx == 0) p.partial_lse[prow] = den > 0.0f ? mm + log2f(den) : -DB_INF;

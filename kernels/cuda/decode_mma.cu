@@ -1,25 +1,35 @@
 // decodebench: the optimized decode kernel on tensor cores (mma.sync, sm_80+), for head sizes 64
-// and 128 and GQA groups up to 16. Same work split, planner, partial outputs and output formats
-// as decode.cu (whose FMA kernel stays the fallback for head 256 and larger groups).
+// and 128 and GQA groups up to 16. Same planner, partial outputs and output formats as decode.cu
+// (whose FMA kernel stays the fallback for head 256 and larger groups).
 //
-// One CTA = 4 warps handles one work item for one kv head and all its qo heads. The group is the
-// M dimension of the MMAs (16 rows, rows >= group are zero padding): per 16-token tile a warp
-// computes S = Q K^T (m16n8k16, two 8-token column tiles) and O += P V (P reused from S's
-// accumulators as the A operand, no shuffles). K and V are staged through shared memory with
-// 16-byte cp.async (stages of 64 tokens, 2 deep for bf16 and 4 for e4m3, rows XOR-swizzled so ldmatrix is conflict-free)
-// and read with ldmatrix. bf16 caches use bf16 MMAs; e4m3 caches are widened to f16 (exact) in
-// registers and use f16 MMAs, the query converted to f16 too. Accumulation is f32 throughout.
+// One CTA = 4 warps handles one work item (a token range of one sequence) for one kv head and all
+// its qo heads. Tokens are the M dimension of the MMAs (m16n8k16) and the group's heads the N
+// dimension (8 per n-tile, so a group of 8 wastes nothing): per 16-token tile a warp computes
+// S^T = K Q^T with the K tile as the A operand (ldmatrix) and the query as B (registers), then
+// O^T += V^T P^T with a 16-dim slice of the V tile as A (ldmatrix.trans) and P^T as B, which
+// movmatrix transposes out of S's accumulators. bf16 caches use bf16 MMAs; e4m3 caches are widened
+// to f16 (exact) in registers and use f16 MMAs, the query converted to f16 too. Accumulation is f32
+// throughout.
+//
+// Loads: K and V go through shared memory with 16-byte cp.async (rows XOR-swizzled so ldmatrix is
+// conflict-free). Each warp copies the rows it computes on itself (coalesced, the block-table
+// entries of its next tile loaded a stage ahead), so the warps of a CTA never synchronize inside
+// the main loop; bf16 stages are double-buffered, e4m3 stages (half the bytes) four deep.
 //
 // For e4m3, the MMA's k index need not follow the head dimension in order (Q and K just have to
-// agree), which lets one ldmatrix feed four consecutive bytes per thread; likewise the output
-// columns of the fp8 V path come out permuted and are un-permuted when written.
+// agree), which lets one ldmatrix feed four consecutive bytes per thread; likewise the output rows
+// of the fp8 V path come out permuted (even dims, then odd) and are un-permuted when written.
+//
+// The work list is in launch order (longest first); each entry's w field is its partial-output
+// row times the kv-head count plus its kv head, see kernels/src/cuda/plan.rs.
 
 #define MMA_WARPS 4
 #define MMA_THREADS (MMA_WARPS * 32)
 #define MMA_TILE 16
 #define MMA_STAGE_TOKENS (MMA_WARPS * MMA_TILE)
-// Pipeline depth: bf16 stages are 32 KiB (head 128) and two keep enough bytes in flight at three
-// CTAs per SM; e4m3 stages are half as big, so four.
+// Pipeline depth (stages of MMA_STAGE_TOKENS tokens; each warp has MMA_TILE rows of each): bf16
+// stages are 32 KiB (head 128) and two keep enough bytes in flight at three CTAs per SM; e4m3
+// stages are half as big, so four.
 #define MMA_STAGES_BF16 2
 #define MMA_STAGES_FP8 4
 #define MMA_MAX_GROUP 16
@@ -117,247 +127,309 @@ __device__ __forceinline__ float mma_q(const AttnParams& p, int b, int kv_head, 
     return Q_FP8 ? e4m3_to_f32(((const u8*)p.q)[idx]) : bf16_to_f32(((const u16*)p.q)[idx]);
 }
 
-template <int D, bool Q_FP8, bool KV_FP8, int OUT>
+// Transpose of an 8x8 b16 matrix held as one fragment (row r0, columns 2q..2q+1 per thread).
+__device__ __forceinline__ u32 movmatrix_trans(u32 x) {
+    u32 r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+    return r;
+}
+
+template <int D, int NH, bool Q_FP8, bool KV_FP8, int OUT, int WARPS, int TPW, int STAGES>
 __device__ void decode_mma(const AttnParams& p) {
-    constexpr bool F16 = KV_FP8;          // MMA input type: f16 for e4m3 caches, else bf16
+    constexpr bool F16 = KV_FP8;
     constexpr int ESIZE = KV_FP8 ? 1 : 2;
-    constexpr int RB = D * ESIZE;         // bytes per cache row
-    constexpr int NC = RB / 16;           // 16-byte chunks per row
+    constexpr int RB = D * ESIZE;
+    constexpr int NC = RB / 16;
     constexpr int KSTEPS = D / 16;
-    constexpr int NT = D / 8;             // output n-tiles
-    constexpr int STAGE_BYTES = 2 * MMA_STAGE_TOKENS * RB;
-    constexpr int STAGES = KV_FP8 ? MMA_STAGES_FP8 : MMA_STAGES_BF16;
+    constexpr int MT = D / 16;
+    constexpr int THREADS = WARPS * 32;
+    constexpr int WTOK = 16 * TPW;
+    constexpr int ST = WARPS * WTOK;
+    constexpr int STAGE_BYTES = 2 * ST * RB;
+    static_assert(WTOK <= 32, "a lane holds the page of each token of its warp's tile");
+    static_assert(NC <= 32 && WTOK % (32 / NC) == 0, "whole rows per copy instruction");
+    constexpr int ROWS_PER_COPY = 32 / NC;       // cache rows one warp-wide copy instruction covers
+    constexpr int COPIES = WTOK / ROWS_PER_COPY;  // per stage, of K and of V
+    static_assert(STAGES >= 2, "at least double buffering");
 
     extern __shared__ __align__(128) u8 smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int q4 = lane & 3, r0 = lane >> 2;  // fragment coordinates
+    const int tq = lane & 3, g = lane >> 2;
+    const int mi = lane >> 3, mr = lane & 7;
     const int G = p.group;
     const int4 item = p.work[blockIdx.x];
     const int b = item.x, t_begin = item.y, t_end = item.z;
-    const int kv_head = blockIdx.y;
+    const int kv_head = item.w % p.num_kv_heads, prow0 = item.w / p.num_kv_heads;
     const int* bt = p.block_tables + (i64)b * p.max_blocks;
     const int slot_mask = (1 << p.block_shift) - 1;
     const u8* cache = (const u8*)p.kv;
     const float kv_raw = KV_FP8 ? MMA_E4M3_F16_SCALE : 1.0f;
 
-    // Query A fragments (rows = heads r0 and r0+8), in the MMA type, unscaled.
-    u32 qa[KSTEPS][4];
+    // Query as B fragments: b0 = (k 2t, 2t+1; head g), b1 = (k 2t+8, 2t+9; head g). For e4m3
+    // caches the k order within a 16-dim step is dims 4t..4t+3 (see the K loads).
+    u32 qb[KSTEPS][NH][2];
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
-        // bf16: natural order. e4m3: k pairs (2q, 2q+1) and (2q+8, 2q+9) are dims 4q..4q+3.
-        const int d_lo = KV_FP8 ? kk * 16 + 4 * q4 : kk * 16 + 2 * q4;
-        const int d_hi = KV_FP8 ? d_lo + 2 : d_lo + 8;
-        qa[kk][0] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, r0, d_lo), mma_q<Q_FP8>(p, b, kv_head, r0, d_lo + 1));
-        qa[kk][1] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, r0 + 8, d_lo), mma_q<Q_FP8>(p, b, kv_head, r0 + 8, d_lo + 1));
-        qa[kk][2] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, r0, d_hi), mma_q<Q_FP8>(p, b, kv_head, r0, d_hi + 1));
-        qa[kk][3] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, r0 + 8, d_hi), mma_q<Q_FP8>(p, b, kv_head, r0 + 8, d_hi + 1));
+#pragma unroll
+        for (int nh = 0; nh < NH; ++nh) {
+            const int h = nh * 8 + g;
+            const int d0 = KV_FP8 ? kk * 16 + 4 * tq : kk * 16 + 2 * tq;
+            const int d1 = KV_FP8 ? d0 + 2 : d0 + 8;
+            qb[kk][nh][0] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, h, d0), mma_q<Q_FP8>(p, b, kv_head, h, d0 + 1));
+            qb[kk][nh][1] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, h, d1), mma_q<Q_FP8>(p, b, kv_head, h, d1 + 1));
+        }
     }
     const float qk_scale = p.q_scale * p.k_scale * p.sm_scale * DB_LOG2E * kv_raw;
 
     const int n_tokens = t_end - t_begin;
-    const int n_iter = (n_tokens + MMA_STAGE_TOKENS - 1) / MMA_STAGE_TOKENS;
+    const int n_iter = (n_tokens + ST - 1) / ST;
 
-    auto load_stage = [&](int it) {
+    // Each warp loads its own rows of every stage (the rows it computes on), so warps never wait
+    // for each other inside the loop. Lane l holds the page of token l of the warp's next tile;
+    // a copy instruction covers ROWS_PER_COPY whole rows (coalesced 16-byte chunks).
+    const int wrow = warp * WTOK;
+    const int lrow = lane / NC, lcol = lane % NC;
+    const i64 half_bytes = p.half_stride * ESIZE;
+    auto page_of = [&](int it) -> int {
+        const int t = t_begin + it * ST + wrow + lane;
+        return (lane < WTOK && t < t_end) ? __ldg(bt + (t >> p.block_shift)) : -1;
+    };
+    auto issue = [&](int it, int pages) {
         u8* dst = smem + (it % STAGES) * STAGE_BYTES;
-        const int t0 = t_begin + it * MMA_STAGE_TOKENS;
-#pragma unroll 4
-        for (int c = tid; c < 2 * MMA_STAGE_TOKENS * NC; c += MMA_THREADS) {
-            const int row = c / NC, col = c % NC;  // rows 0..63 K, 64..127 V
-            const int kv_sel = row >= MMA_STAGE_TOKENS ? 1 : 0;
-            const int r = row - kv_sel * MMA_STAGE_TOKENS;
-            const int t = t0 + r;
-            const bool valid = t < t_end;
-            const u8* src = cache;
-            if (valid) {
-                const i64 off = kv_row_offset(p, bt[t >> p.block_shift], kv_sel, kv_head, t & slot_mask);
-                src = cache + off * ESIZE + col * 16;
-            }
-            cp_async16_zfill(dst + kv_sel * MMA_STAGE_TOKENS * RB + mma_swz(r, col, NC), src, valid);
+        const int tw = t_begin + it * ST + wrow;
+#pragma unroll
+        for (int k = 0; k < COPIES; ++k) {
+            const int r = k * ROWS_PER_COPY + lrow;
+            const int page = __shfl_sync(0xffffffffu, pages, r);
+            const bool valid = page >= 0;
+            const u8* src = valid ? cache + kv_row_offset(p, page, 0, kv_head, (tw + r) & slot_mask) * ESIZE + lcol * 16 : cache;
+            const int so = mma_swz(wrow + r, lcol, NC);
+            cp_async16_zfill(dst + so, src, valid);
+            cp_async16_zfill(dst + ST * RB + so, src + (valid ? half_bytes : 0), valid);
         }
     };
 
+    int pg = page_of(0);
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < n_iter) load_stage(st);
+        const int pn = page_of(st + 1);
+        if (st < n_iter) issue(st, pg);
         cp_async_commit();
+        pg = pn;
     }
 
-    float m[2] = {-DB_INF, -DB_INF}, lsum[2] = {0.0f, 0.0f};
-    float o[NT][4];
+    float m[NH][2], lsum[NH][2];
+    float o[MT][NH][4];
 #pragma unroll
-    for (int i = 0; i < NT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    for (int nh = 0; nh < NH; ++nh) {
+        m[nh][0] = m[nh][1] = -DB_INF;
+        lsum[nh][0] = lsum[nh][1] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < MT; ++i) o[i][nh][0] = o[i][nh][1] = o[i][nh][2] = o[i][nh][3] = 0.0f;
+    }
 
-    const int wrow = warp * MMA_TILE;  // this warp's first token row in a stage
     for (int it = 0; it < n_iter; ++it) {
-        if (it + STAGES - 1 < n_iter) load_stage(it + STAGES - 1);
-        cp_async_commit();
-        cp_async_wait<STAGES - 1>();
-        __syncthreads();
-
+        const int valid = t_end - (t_begin + it * ST + wrow);  // tokens of this warp's rows in range
+        if (valid <= 0) break;  // and in every later stage: this warp is done
+        cp_async_wait<STAGES - 2>();
+        __syncwarp();
+        {
+            const int nxt = it + STAGES - 1;
+            const int pn = page_of(nxt + 1);
+            if (nxt < n_iter) issue(nxt, pg);
+            cp_async_commit();
+            pg = pn;
+        }
         const u8* kb = smem + (it % STAGES) * STAGE_BYTES;
-        const u8* vb = kb + MMA_STAGE_TOKENS * RB;
-        const int tok0 = t_begin + it * MMA_STAGE_TOKENS + wrow;
+        const u8* vb = kb + ST * RB;
 
-        if (tok0 < t_end) {
-            // S = Q K^T for 16 tokens: s[n-tile][c0..c3].
-            float s[2][4];
+        // S^T for TPW tiles of 16 tokens: s[j][nh][c], c0/c1 = token g, c2/c3 = token g+8.
+        float s[TPW][NH][4];
 #pragma unroll
-            for (int j = 0; j < 2; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-            const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: matrix and row of this lane
-            if (KV_FP8) {
+        for (int j = 0; j < TPW; ++j)
 #pragma unroll
-                for (int kk = 0; kk < KSTEPS; kk += 2) {
-                    // m0: tokens 0-7 chunk kk, m1: tokens 8-15 chunk kk, m2/m3: chunk kk+1.
+            for (int nh = 0; nh < NH; ++nh) s[j][nh][0] = s[j][nh][1] = s[j][nh][2] = s[j][nh][3] = 0.0f;
+        if (KV_FP8) {
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; kk += 2) {
+#pragma unroll
+                for (int j = 0; j < TPW; ++j) {
                     u32 r[4];
-                    const int row = wrow + (mi & 1) * 8 + mr;
+                    const int row = wrow + j * 16 + (mi & 1) * 8 + mr;
                     ldsm_x4(smem_u32(kb + mma_swz(row, kk + (mi >> 1), NC)), r);
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         if (kk + h < KSTEPS) {
+                            u32 a[4];
+                            a[0] = e4m3x2_to_f16x2(r[2 * h] & 0xffffu);
+                            a[1] = e4m3x2_to_f16x2(r[2 * h + 1] & 0xffffu);
+                            a[2] = e4m3x2_to_f16x2(r[2 * h] >> 16);
+                            a[3] = e4m3x2_to_f16x2(r[2 * h + 1] >> 16);
 #pragma unroll
-                            for (int j = 0; j < 2; ++j) {
-                                const u32 w = r[h * 2 + j];
-                                mma16816<F16>(s[j], qa[kk + h], e4m3x2_to_f16x2(w & 0xffffu), e4m3x2_to_f16x2(w >> 16));
-                            }
+                            for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk + h][nh][0], qb[kk + h][nh][1]);
                         }
                     }
                 }
-            } else {
-#pragma unroll
-                for (int kk = 0; kk < KSTEPS; ++kk) {
-                    // m0: tokens 0-7 dims lo, m1: tokens 0-7 dims hi, m2/m3: tokens 8-15.
-                    u32 r[4];
-                    const int row = wrow + (mi >> 1) * 8 + mr;
-                    ldsm_x4(smem_u32(kb + mma_swz(row, kk * 2 + (mi & 1), NC)), r);
-                    mma16816<F16>(s[0], qa[kk], r[0], r[1]);
-                    mma16816<F16>(s[1], qa[kk], r[2], r[3]);
-                }
             }
-
-            // Online softmax per head row (r0: c0,c1; r0+8: c2,c3), in log2 units.
-            float mx[2] = {-DB_INF, -DB_INF};
+        } else {
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
+            for (int kk = 0; kk < KSTEPS; ++kk) {
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int t = tok0 + j * 8 + 2 * q4 + (i & 1);
-                    const float v = (t < t_end) ? s[j][i] * qk_scale : -DB_INF;
-                    s[j][i] = v;
-                    mx[i >> 1] = fmaxf(mx[i >> 1], v);
-                }
-            }
-            float alpha[2];
+                for (int j = 0; j < TPW; ++j) {
+                    u32 a[4];
+                    const int row = wrow + j * 16 + (mi & 1) * 8 + mr;
+                    ldsm_x4(smem_u32(kb + mma_swz(row, 2 * kk + (mi >> 1), NC)), a);
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-                const float m_new = fmaxf(m[h], mx[h]);
-                alpha[h] = (m[h] == -DB_INF) ? 0.0f : exp2f(m[h] - m_new);
-                m[h] = m_new;
-                lsum[h] *= alpha[h];
-            }
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float pr = (s[j][i] == -DB_INF) ? 0.0f : exp2f(s[j][i] - m[i >> 1]);
-                    s[j][i] = pr;
-                    lsum[i >> 1] += pr;
-                }
-            }
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                o[n][0] *= alpha[0];
-                o[n][1] *= alpha[0];
-                o[n][2] *= alpha[1];
-                o[n][3] *= alpha[1];
-            }
-            // P as the A operand (rows = heads, k = the 16 tokens).
-            u32 pa[4];
-            pa[0] = pack2<F16>(s[0][0], s[0][1]);
-            pa[1] = pack2<F16>(s[0][2], s[0][3]);
-            pa[2] = pack2<F16>(s[1][0], s[1][1]);
-            pa[3] = pack2<F16>(s[1][2], s[1][3]);
-
-            // O += P V.
-            if (KV_FP8) {
-#pragma unroll
-                for (int u = 0; u < D / 32; ++u) {
-                    // m0: tokens 0-7 chunk 2u, m1: tokens 8-15 chunk 2u, m2/m3: chunk 2u+1.
-                    u32 r[4];
-                    const int row = wrow + (mi & 1) * 8 + mr;
-                    ldsm_x4_trans(smem_u32(vb + mma_swz(row, 2 * u + (mi >> 1), NC)), r);
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const u32 lo = r[h * 2], hi = r[h * 2 + 1];
-                        // Bytes 0,2: even dims; bytes 1,3: odd dims.
-                        mma16816<F16>(o[4 * u + 2 * h], pa, e4m3x2_to_f16x2(prmt(lo, 0x20u)), e4m3x2_to_f16x2(prmt(hi, 0x20u)));
-                        mma16816<F16>(o[4 * u + 2 * h + 1], pa, e4m3x2_to_f16x2(prmt(lo, 0x31u)), e4m3x2_to_f16x2(prmt(hi, 0x31u)));
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < D / 16; ++i) {
-                    // m0: tokens 0-7 dims 16i.., m1: tokens 8-15, m2/m3: dims 16i+8...
-                    u32 r[4];
-                    const int row = wrow + (mi & 1) * 8 + mr;
-                    ldsm_x4_trans(smem_u32(vb + mma_swz(row, 2 * i + (mi >> 1), NC)), r);
-                    mma16816<F16>(o[2 * i], pa, r[0], r[1]);
-                    mma16816<F16>(o[2 * i + 1], pa, r[2], r[3]);
+                    for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk][nh][0], qb[kk][nh][1]);
                 }
             }
         }
-        __syncthreads();
+
+        // Online softmax per head column (2t, 2t+1 of each n-tile), log2 units.
+        float mx[NH][2];
+#pragma unroll
+        for (int nh = 0; nh < NH; ++nh) {
+            mx[nh][0] = mx[nh][1] = -DB_INF;
+#pragma unroll
+            for (int j = 0; j < TPW; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int tok = j * 16 + g + (i >> 1) * 8;
+                    const float v = tok < valid ? s[j][nh][i] * qk_scale : -DB_INF;
+                    s[j][nh][i] = v;
+                    mx[nh][i & 1] = fmaxf(mx[nh][i & 1], v);
+                }
+        }
+        bool grew = false;
+#pragma unroll
+        for (int nh = 0; nh < NH; ++nh)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                float v = mx[nh][c];
+                v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+                v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+                v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+                if (v > m[nh][c]) {
+                    const float alpha = (m[nh][c] == -DB_INF) ? 0.0f : exp2f(m[nh][c] - v);
+                    lsum[nh][c] *= alpha;
+                    mx[nh][c] = alpha;
+                    m[nh][c] = v;
+                    grew = true;
+                } else {
+                    mx[nh][c] = 1.0f;
+                }
+            }
+        if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int nh = 0; nh < NH; ++nh) {
+                    o[i][nh][0] *= mx[nh][0];
+                    o[i][nh][1] *= mx[nh][1];
+                    o[i][nh][2] *= mx[nh][0];
+                    o[i][nh][3] *= mx[nh][1];
+                }
+        }
+        // P^T as B fragments through movmatrix.
+        u32 pb[TPW][NH][2];
+#pragma unroll
+        for (int j = 0; j < TPW; ++j)
+#pragma unroll
+            for (int nh = 0; nh < NH; ++nh) {
+                float pr[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    pr[i] = (s[j][nh][i] == -DB_INF) ? 0.0f : exp2f(s[j][nh][i] - m[nh][i & 1]);
+                    lsum[nh][i & 1] += pr[i];
+                }
+                pb[j][nh][0] = movmatrix_trans(pack2<F16>(pr[0], pr[1]));
+                pb[j][nh][1] = movmatrix_trans(pack2<F16>(pr[2], pr[3]));
+            }
+
+        // O^T += V^T P^T.
+        if (KV_FP8) {
+#pragma unroll
+            for (int c = 0; c < NC; c += 2) {
+#pragma unroll
+                for (int j = 0; j < TPW; ++j) {
+                    u32 r[4];
+                    const int row = wrow + j * 16 + (mi & 1) * 8 + mr;
+                    ldsm_x4_trans(smem_u32(vb + mma_swz(row, c + (mi >> 1), NC)), r);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const u32 lo = r[2 * h], hi = r[2 * h + 1];
+                        u32 a[4];
+                        a[0] = e4m3x2_to_f16x2(prmt(lo, 0x20u));
+                        a[1] = e4m3x2_to_f16x2(prmt(lo, 0x31u));
+                        a[2] = e4m3x2_to_f16x2(prmt(hi, 0x20u));
+                        a[3] = e4m3x2_to_f16x2(prmt(hi, 0x31u));
+#pragma unroll
+                        for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[c + h][nh], a, pb[j][nh][0], pb[j][nh][1]);
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+#pragma unroll
+                for (int j = 0; j < TPW; ++j) {
+                    u32 a[4];
+                    const int row = wrow + j * 16 + (mi >> 1) * 8 + mr;
+                    ldsm_x4_trans(smem_u32(vb + mma_swz(row, 2 * i + (mi & 1), NC)), a);
+#pragma unroll
+                    for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[i][nh], a, pb[j][nh][0], pb[j][nh][1]);
+                }
+            }
+        }
     }
     cp_async_wait<0>();
     __syncthreads();
 
-    // Row sums over the 4 lanes of a row, then the warps are merged through shared memory:
-    // red_o[warp][row][dim], red_m/red_l[warp][row], rows[row][dim] for the final values.
+    // Row sums over the 8 token lanes of a column, then the warps merge through shared memory.
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        lsum[h] += __shfl_xor_sync(0xffffffffu, lsum[h], 1);
-        lsum[h] += __shfl_xor_sync(0xffffffffu, lsum[h], 2);
-    }
+    for (int nh = 0; nh < NH; ++nh)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            lsum[nh][c] += __shfl_xor_sync(0xffffffffu, lsum[nh][c], 4);
+            lsum[nh][c] += __shfl_xor_sync(0xffffffffu, lsum[nh][c], 8);
+            lsum[nh][c] += __shfl_xor_sync(0xffffffffu, lsum[nh][c], 16);
+        }
     float* red_o = (float*)smem;
-    float* red_m = red_o + MMA_WARPS * G * D;
-    float* red_l = red_m + MMA_WARPS * G;
-    float* rows = red_l + MMA_WARPS * G;
+    float* red_m = red_o + WARPS * G * D;
+    float* red_l = red_m + WARPS * G;
+    float* rows = red_l + WARPS * G;
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
+    for (int i = 0; i < MT; ++i)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int row = r0 + (i >> 1) * 8;
-            int dim;
-            if (KV_FP8) {
-                const int u = n / 4, w = n % 4;
-                dim = 32 * u + (w >= 2 ? 16 : 0) + 4 * q4 + 2 * (i & 1) + (w & 1);
-            } else {
-                dim = n * 8 + 2 * q4 + (i & 1);
+        for (int nh = 0; nh < NH; ++nh)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int head = nh * 8 + 2 * tq + (k & 1);
+                const int dim = KV_FP8 ? i * 16 + 2 * g + (k >> 1) : i * 16 + g + (k >> 1) * 8;
+                if (head < G) red_o[(warp * G + head) * D + dim] = o[i][nh][k];
             }
-            if (row < G) red_o[(warp * G + row) * D + dim] = o[n][i];
-        }
-    }
-    if (q4 == 0) {
+    if (g == 0) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = r0 + h * 8;
-            if (row < G) {
-                red_m[warp * G + row] = m[h];
-                red_l[warp * G + row] = lsum[h];
+        for (int nh = 0; nh < NH; ++nh)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int head = nh * 8 + 2 * tq + c;
+                if (head < G) {
+                    red_m[warp * G + head] = m[nh][c];
+                    red_l[warp * G + head] = lsum[nh][c];
+                }
             }
-        }
     }
     __syncthreads();
     const float out_scale = p.v_scale * kv_raw;
-    for (int e = tid; e < G * D; e += MMA_THREADS) {
+    for (int e = tid; e < G * D; e += THREADS) {
         const int row = e / D, dim = e % D;
         float mm = -DB_INF;
 #pragma unroll
-        for (int w = 0; w < MMA_WARPS; ++w) mm = fmaxf(mm, red_m[w * G + row]);
+        for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, red_m[w * G + row]);
         float num = 0.0f, den = 0.0f;
 #pragma unroll
-        for (int w = 0; w < MMA_WARPS; ++w) {
+        for (int w = 0; w < WARPS; ++w) {
             const float mw = red_m[w * G + row];
             const float c = (mw == -DB_INF) ? 0.0f : exp2f(mw - mm);
             num += red_o[(w * G + row) * D + dim] * c;
@@ -367,32 +439,37 @@ __device__ void decode_mma(const AttnParams& p) {
         if (p.direct) {
             rows[e] = val;
         } else {
-            const i64 prow = (i64)blockIdx.x * p.num_qo_heads + kv_head * G + row;
+            const i64 prow = (i64)prow0 * p.num_qo_heads + kv_head * G + row;
             p.partial_o[prow * D + dim] = val;
             if (dim == 0) p.partial_lse[prow] = den > 0.0f ? mm + log2f(den) : -DB_INF;
         }
     }
     if (p.direct) {
         __syncthreads();
-        store_output_rows<OUT>(p, rows, G, b, kv_head * G, tid, MMA_THREADS);
+        store_output_rows<OUT>(p, rows, G, b, kv_head * G, tid, THREADS);
     }
 }
 
-#define DB_DECODE_MMA(D, QN, QF, KN, KF, ON, OV)                                                   \
+// Group up to 8 (one n-tile of heads) and up to 16 (two).
+#define DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, ON, OV)                                           \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                      \
-        decode_mma_d##D##_##QN##_##KN##_##ON(AttnParams p) {                                       \
-        decode_mma<D, QF, KF, OV>(p);                                                              \
+        decode_mma_d##D##_g##GN##_##QN##_##KN##_##ON(AttnParams p) {                               \
+        decode_mma<D, NH, QF, KF, OV, MMA_WARPS, 1, KF ? MMA_STAGES_FP8 : MMA_STAGES_BF16>(p);     \
     }
 
-#define DB_DECODE_MMA_OUTS(D, QN, QF, KN, KF)                                                      \
-    DB_DECODE_MMA(D, QN, QF, KN, KF, bf16, OUT_BF16)                                               \
-    DB_DECODE_MMA(D, QN, QF, KN, KF, fp8, OUT_FP8)                                                 \
-    DB_DECODE_MMA(D, QN, QF, KN, KF, nvfp4, OUT_NVFP4)
+#define DB_DECODE_MMA_OUTS(D, GN, NH, QN, QF, KN, KF)                                              \
+    DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, bf16, OUT_BF16)                                       \
+    DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, fp8, OUT_FP8)                                         \
+    DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, nvfp4, OUT_NVFP4)
 
-#define DB_DECODE_MMA_HEAD(D)                                                                      \
-    DB_DECODE_MMA_OUTS(D, bf16, false, bf16, false)                                                \
-    DB_DECODE_MMA_OUTS(D, bf16, false, fp8, true)                                                  \
-    DB_DECODE_MMA_OUTS(D, fp8, true, fp8, true)
+#define DB_DECODE_MMA_GROUP(D, GN, NH)                                                             \
+    DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, bf16, false)                                        \
+    DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, fp8, true)                                          \
+    DB_DECODE_MMA_OUTS(D, GN, NH, fp8, true, fp8, true)
 
-DB_DECODE_MMA_HEAD(64)
-DB_DECODE_MMA_HEAD(128)
+#ifndef DB_NO_KERNEL_EXPORTS
+DB_DECODE_MMA_GROUP(64, 8, 1)
+DB_DECODE_MMA_GROUP(64, 16, 2)
+DB_DECODE_MMA_GROUP(128, 8, 1)
+DB_DECODE_MMA_GROUP(128, 16, 2)
+#endif

@@ -22,8 +22,8 @@ use super::launch::{
     case_params, choose_decode_geometry, decode_ctas_per_sm, launch_baseline, launch_decode,
     launch_reference, prepare_decode, AttnParams, DecodeNames, SUPPORTED_HEAD_SIZES,
 };
-use super::plan::{plan_splits, SplitPlan, MIN_CHUNK_TOKENS};
-use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, time_calls};
+use super::plan::{plan_splits, LaunchOrder, SplitPlan, MIN_CHUNK_TOKENS};
+use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, quick_call_ms, time_calls};
 use super::verify::{check, decode_device_output, OutputBuffers};
 use super::CudaError;
 use crate::backend::{Backend, TelemetryProbe};
@@ -466,10 +466,14 @@ impl CudaBackend {
                     None
                 },
             };
-            let d_work = session
-                .stream
-                .clone_htod(&plan.items)
-                .map_err(CudaError::driver("copying the split plan"))?;
+            let mut work_lists = Vec::with_capacity(LaunchOrder::ALL.len());
+            for order in LaunchOrder::ALL {
+                let list = session
+                    .stream
+                    .clone_htod(&plan.launch_list(order))
+                    .map_err(CudaError::driver("copying the split plan"))?;
+                work_lists.push((order, list));
+            }
             let d_offsets = session
                 .stream
                 .clone_htod(&plan.split_offsets)
@@ -499,17 +503,41 @@ impl CudaBackend {
             );
             params.out = dptr(session, &out.values);
             params.out_sf = out.scale_factors.as_ref().map_or(0, |s| dptr(session, s));
-            params.work = dptr(session, &d_work);
             params.split_offsets = dptr(session, &d_offsets);
             params.direct = plan.direct as i32;
             if let Some((po, lse)) = &partials {
                 params.partial_o = dptr(session, po);
                 params.partial_lse = dptr(session, lse);
             }
-            let items = plan.items.len() as u32;
-            let call = || launch_decode(session, &params, &geometry, items, &names);
+            let ctas = plan.launch.len() as u32;
+            // Launch order: both are tried on this case (a few calls each) and the faster kept.
+            let mut tried = Vec::with_capacity(work_lists.len());
+            for (order, list) in &work_lists {
+                let mut trial = params;
+                trial.work = dptr(session, list);
+                let ms = quick_call_ms(session, &|| {
+                    launch_decode(session, &trial, &geometry, ctas, &names)
+                })?;
+                tried.push((*order, ms, trial.work));
+            }
+            let (order, _, work) = tried
+                .iter()
+                .copied()
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap_or((
+                    LaunchOrder::LongestFirst,
+                    0.0,
+                    dptr(session, &work_lists[0].1),
+                ));
+            params.work = work;
+            let tried_note = tried
+                .iter()
+                .map(|(o, ms, _)| format!("{} {ms:.4} ms", o.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let call = || launch_decode(session, &params, &geometry, ctas, &names);
             let note = format!(
-                "{} ({}); block {}x{}x{}, {} B smem, {} CTAs/SM; {}",
+                "{} ({}); block {}x{}x{}, {} B smem, {} CTAs/SM; {}; launch order {} (tried {})",
                 names.decode,
                 geometry.variant.as_str(),
                 geometry.block.0,
@@ -517,7 +545,9 @@ impl CudaBackend {
                 geometry.block.2,
                 geometry.smem_bytes,
                 per_sm,
-                describe_plan(&plan)
+                describe_plan(&plan),
+                order.as_str(),
+                tried_note
             );
             let flush = &mut self.flush;
             verify_and_time(
@@ -701,7 +731,7 @@ fn workspace_bytes(case: &BenchCase, plan: &SplitPlan) -> u64 {
     } else {
         rows * case.head_size as u64 * 4 + rows * 4
     };
-    partials + (plan.items.len() as u64 + plan.split_offsets.len() as u64) * 16
+    partials + (plan.launch.len() as u64 + plan.split_offsets.len() as u64) * 16
 }
 
 fn into_outcome(kind: KernelKind, result: Result<KernelMeasurement, CaseError>) -> KernelOutcome {

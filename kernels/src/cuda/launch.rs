@@ -145,9 +145,23 @@ pub(crate) fn decode_kernel_name(head: u32, q: Dtype, kv: Dtype, out: Dtype) -> 
     )
 }
 
-pub(crate) fn decode_mma_kernel_name(head: u32, q: Dtype, kv: Dtype, out: Dtype) -> String {
+/// Tensor-core kernels come in two widths of the head (N) dimension: groups up to 8 and up to 16.
+pub(crate) const MMA_GROUP_WIDTHS: [u32; 2] = [8, 16];
+
+pub(crate) fn decode_mma_kernel_name(
+    head: u32,
+    group: u32,
+    q: Dtype,
+    kv: Dtype,
+    out: Dtype,
+) -> String {
+    let width = if group <= MMA_GROUP_WIDTHS[0] {
+        MMA_GROUP_WIDTHS[0]
+    } else {
+        MMA_GROUP_WIDTHS[1]
+    };
     format!(
-        "decode_mma_d{head}_{}_{}_{}",
+        "decode_mma_d{head}_g{width}_{}_{}_{}",
         dtype_tag(q),
         dtype_tag(kv),
         dtype_tag(out)
@@ -193,9 +207,11 @@ pub(crate) fn all_kernel_names() -> Vec<String> {
             names.push(merge_kernel_name(head, out));
         }
         if MMA_HEAD_SIZES.contains(&head) {
-            for (q, kv) in DECODE_INPUTS {
-                for out in OUTPUTS {
-                    names.push(decode_mma_kernel_name(head, q, kv, out));
+            for group in MMA_GROUP_WIDTHS {
+                for (q, kv) in DECODE_INPUTS {
+                    for out in OUTPUTS {
+                        names.push(decode_mma_kernel_name(head, group, q, kv, out));
+                    }
                 }
             }
         }
@@ -375,16 +391,17 @@ pub(crate) fn launch_baseline(
     )
 }
 
-/// The optimized kernel (and the merge when the plan splits sequences): one "call".
+/// The optimized kernel (and the merge when the plan splits sequences): one "call". `ctas` is the
+/// length of the plan's launch list (one CTA per work item and kv head).
 pub(crate) fn launch_decode(
     session: &DeviceSession,
     params: &AttnParams,
     geometry: &DecodeGeometry,
-    items: u32,
+    ctas: u32,
     names: &DecodeNames,
 ) -> Result<(), CudaError> {
     let cfg = LaunchConfig {
-        grid_dim: (items, params.num_kv_heads as u32, 1),
+        grid_dim: (ctas, 1, 1),
         block_dim: geometry.block,
         shared_mem_bytes: geometry.smem_bytes,
     };
@@ -412,7 +429,7 @@ impl DecodeNames {
         let (h, q, kv, out) = (case.head_size, case.quant.q, case.quant.kv, case.quant.out);
         DecodeNames {
             decode: match variant {
-                DecodeVariant::Mma => decode_mma_kernel_name(h, q, kv, out),
+                DecodeVariant::Mma => decode_mma_kernel_name(h, case.group_size(), q, kv, out),
                 DecodeVariant::Fma => decode_kernel_name(h, q, kv, out),
             },
             merge: merge_kernel_name(h, out),
@@ -717,6 +734,10 @@ mod tests {
         assert!(mma.contains(&format!("#define MMA_STAGES_BF16 {MMA_STAGES_BF16}")));
         assert!(mma.contains(&format!("#define MMA_STAGES_FP8 {MMA_STAGES_FP8}")));
         assert!(mma.contains(&format!("#define MMA_MAX_GROUP {MMA_MAX_GROUP}")));
+        assert_eq!(MMA_GROUP_WIDTHS[1], MMA_MAX_GROUP);
+        for width in MMA_GROUP_WIDTHS {
+            assert!(mma.contains(&format!("DB_DECODE_MMA_GROUP(128, {width}, {})", width / 8)));
+        }
         let decode = include_str!("../../cuda/decode.cu");
         assert!(decode.contains(&format!("#define DEC_TILE {DECODE_TILE_TOKENS}")));
         assert!(decode.contains(&format!("#define DEC_STAGES {DECODE_STAGES}")));
@@ -731,6 +752,16 @@ mod tests {
     fn kernel_names_follow_the_root_dtype_pattern() {
         let names = all_kernel_names();
         assert!(names.contains(&"decode_d128_fp8_fp8_nvfp4".to_string()));
+        assert!(names.contains(&"decode_mma_d128_g8_bf16_fp8_bf16".to_string()));
+        assert!(names.contains(&"decode_mma_d64_g16_fp8_fp8_nvfp4".to_string()));
+        assert_eq!(
+            decode_mma_kernel_name(128, 5, Dtype::Bf16, Dtype::Bf16, Dtype::Bf16),
+            "decode_mma_d128_g8_bf16_bf16_bf16"
+        );
+        assert_eq!(
+            decode_mma_kernel_name(128, 9, Dtype::Bf16, Dtype::Bf16, Dtype::Bf16),
+            "decode_mma_d128_g16_bf16_bf16_bf16"
+        );
         assert!(names.contains(&"baseline_d128_bf16_bf16_bf16".to_string()));
         assert!(names.contains(&"merge_d256_fp8".to_string()));
         let mut sorted = names.clone();

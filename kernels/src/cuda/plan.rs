@@ -13,16 +13,32 @@
 //! waves cost 9-19% more at b=1). When every sequence fits in one chunk the kernel writes final
 //! outputs directly; otherwise each chunk writes a partial output and its log-sum-exp, and a merge
 //! kernel combines them.
+//!
+//! Launch order (one CTA per chunk and kv head, the grid is one-dimensional) comes in two forms,
+//! both longest first (the longest-processing-time rule, which keeps a long CTA from starting last
+//! and running alone: whole sequences of random length, or the last chunk of each sequence, are
+//! uneven):
+//! - [`LaunchOrder::LongestFirst`]: the kv heads of one chunk stay adjacent, so the CTAs running at
+//!   once read neighbouring parts of the same pages (DRAM locality), and the tail is balanced over
+//!   the whole grid.
+//! - [`LaunchOrder::HeadMajor`]: kv head by kv head, longest first within a head. The CTAs running
+//!   at any moment then work on one head's slice of the cache, so pages that several sequences
+//!   share (a shared pool, prefix caching) are re-read from L2 rather than DRAM.
+//!
+//! Neither wins everywhere (on an H100 with the reference script's 1 GB pool, head-major is up to
+//! 16 % faster for large batches of long sequences and up to 20 % slower for a few waves of short
+//! chunks; bench/gpu/NOTES.md), so the backend times both on the case and keeps the faster.
 
 /// Smallest chunk worth a CTA of its own: below this the partial output (f32, all heads of the
-/// group) and the merge cost more than the parallelism gains. 256 tokens of an fp8 cache with
-/// head 128 are 64 KiB of K and V, against 4 KiB of partial output for a group of 8.
-pub const MIN_CHUNK_TOKENS: u32 = 256;
+/// group) and the merge cost more than the parallelism gains. 128 tokens of an fp8 cache with
+/// head 128 are 32 KiB of K and V, against 4 KiB of partial output for a group of 8. (256 was
+/// measured 15 % slower at b=1 s=1024 on an H100 and no faster anywhere in the table.)
+pub const MIN_CHUNK_TOKENS: u32 = 128;
 
 /// Fixed cost of one CTA, in tokens of work: loading the query, filling the pipeline, merging
-/// warps and writing the output. From the H100 runs: two waves of 1324-token chunks took 18 us
-/// longer than one wave of 2648-token chunks for b=1 s=131072 (about 230 tokens per CTA).
-pub const CTA_OVERHEAD_TOKENS: u64 = 256;
+/// warps and writing the output. From the H100 runs of the tensor-core kernel: 192 with a
+/// 128-token minimum chunk matched or beat 256 and 512 in every cell of the table.
+pub const CTA_OVERHEAD_TOKENS: u64 = 192;
 
 /// Wave counts the planner chooses among.
 const CANDIDATE_WAVES: [u64; 3] = [1, 2, 4];
@@ -35,7 +51,15 @@ pub struct WorkItem {
     pub batch: i32,
     pub token_begin: i32,
     pub token_end: i32,
-    pub unused: i32,
+    /// In a launch list: the item's partial-output row (its index in [`SplitPlan::items`]) times
+    /// the kv-head count, plus the kv head. Zero in [`SplitPlan::items`].
+    pub slot: i32,
+}
+
+impl WorkItem {
+    fn tokens(&self) -> u64 {
+        (self.token_end - self.token_begin).max(0) as u64
+    }
 }
 
 /// The plan for one case.
@@ -50,9 +74,41 @@ pub struct SplitPlan {
     /// True when every sequence has exactly one item: the kernel writes final outputs and no
     /// merge runs.
     pub direct: bool,
+    /// One entry per CTA (item x kv head) in [`LaunchOrder::LongestFirst`] order: the kernel's
+    /// work list and grid (see [`SplitPlan::launch_list`] for the other order).
+    pub launch: Vec<WorkItem>,
+}
+
+/// The order in which a plan's CTAs are launched (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchOrder {
+    LongestFirst,
+    HeadMajor,
+}
+
+impl LaunchOrder {
+    pub const ALL: [LaunchOrder; 2] = [LaunchOrder::LongestFirst, LaunchOrder::HeadMajor];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaunchOrder::LongestFirst => "longest-first",
+            LaunchOrder::HeadMajor => "head-major",
+        }
+    }
 }
 
 impl SplitPlan {
+    /// The launch list in `order`; each CTA's `slot` names its partial row and kv head.
+    pub fn launch_list(&self, order: LaunchOrder) -> Vec<WorkItem> {
+        let mut launch = self.launch.clone();
+        if order == LaunchOrder::HeadMajor {
+            let heads = (self.launch.len() / self.items.len().max(1)).max(1) as i32;
+            // Stable: within a head the longest-first order is kept.
+            launch.sort_by_key(|w| w.slot % heads);
+        }
+        launch
+    }
+
     pub fn max_splits(&self) -> usize {
         self.split_offsets
             .windows(2)
@@ -91,18 +147,18 @@ pub fn plan_splits(
         {
             continue;
         }
-        let plan = plan_with_chunk(seq_lens, chunk);
-        let cost = simulated_makespan(&plan, num_kv_heads, concurrent_ctas);
+        let plan = plan_with_chunk(seq_lens, chunk, num_kv_heads);
+        let cost = simulated_makespan(&plan, concurrent_ctas);
         if best.as_ref().is_none_or(|(c, _)| cost < *c) {
             best = Some((cost, plan));
         }
     }
     best.map(|(_, p)| p)
-        .unwrap_or_else(|| plan_with_chunk(seq_lens, max_len.max(1)))
+        .unwrap_or_else(|| plan_with_chunk(seq_lens, max_len.max(1), num_kv_heads))
 }
 
-/// Work items for chunks of `chunk` tokens.
-fn plan_with_chunk(seq_lens: &[u32], chunk: u64) -> SplitPlan {
+/// Work items for chunks of `chunk` tokens, and their launch list over `num_kv_heads` heads.
+fn plan_with_chunk(seq_lens: &[u32], chunk: u64, num_kv_heads: u32) -> SplitPlan {
     let mut items = Vec::new();
     let mut split_offsets = Vec::with_capacity(seq_lens.len() + 1);
     for (b, &len) in seq_lens.iter().enumerate() {
@@ -115,36 +171,47 @@ fn plan_with_chunk(seq_lens: &[u32], chunk: u64) -> SplitPlan {
                 batch: b as i32,
                 token_begin: begin as i32,
                 token_end: end as i32,
-                unused: 0,
+                slot: 0,
             });
         }
     }
     split_offsets.push(items.len() as i32);
     let direct = items.len() == seq_lens.len();
+    let heads = num_kv_heads.max(1) as i32;
+    let mut launch: Vec<WorkItem> = items
+        .iter()
+        .enumerate()
+        .flat_map(|(row, item)| {
+            (0..heads).map(move |h| WorkItem {
+                slot: row as i32 * heads + h,
+                ..*item
+            })
+        })
+        .collect();
+    // Longest first; the sort is stable, so equal lengths keep (sequence, kv head) order.
+    launch.sort_by_key(|w| std::cmp::Reverse(w.tokens()));
     SplitPlan {
         items,
         split_offsets,
         chunk_tokens: chunk as u32,
         direct,
+        launch,
     }
 }
 
 /// Time (in tokens) until the last CTA of `plan` finishes when `slots` CTAs run at once and each
-/// new CTA takes the first slot to free up, in launch order (work items fastest, then kv heads);
-/// each CTA costs its tokens plus [`CTA_OVERHEAD_TOKENS`].
-fn simulated_makespan(plan: &SplitPlan, num_kv_heads: u32, slots: u32) -> u64 {
+/// new CTA takes the first slot to free up, in launch order; each CTA costs its tokens plus
+/// [`CTA_OVERHEAD_TOKENS`].
+fn simulated_makespan(plan: &SplitPlan, slots: u32) -> u64 {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     let mut free_at: BinaryHeap<Reverse<u64>> = (0..slots.max(1)).map(|_| Reverse(0)).collect();
     let mut end = 0;
-    for _ in 0..num_kv_heads.max(1) {
-        for item in &plan.items {
-            let Reverse(start) = free_at.pop().unwrap_or(Reverse(0));
-            let finish =
-                start + (item.token_end - item.token_begin).max(0) as u64 + CTA_OVERHEAD_TOKENS;
-            end = end.max(finish);
-            free_at.push(Reverse(finish));
-        }
+    for item in &plan.launch {
+        let Reverse(start) = free_at.pop().unwrap_or(Reverse(0));
+        let finish = start + item.tokens() + CTA_OVERHEAD_TOKENS;
+        end = end.max(finish);
+        free_at.push(Reverse(finish));
     }
     end
 }
@@ -169,6 +236,77 @@ mod tests {
             }
             assert_eq!(next, len as i32);
         }
+        // Each launch list holds every (item, kv head) once, with the item's tokens, longest
+        // first (within each head for head-major).
+        let heads = plan.launch.len() / plan.items.len();
+        for order in LaunchOrder::ALL {
+            let launch = plan.launch_list(order);
+            check_launch(plan, &launch, heads, order);
+        }
+    }
+
+    fn check_launch(plan: &SplitPlan, launch: &[WorkItem], heads: usize, order: LaunchOrder) {
+        assert_eq!(launch.len(), plan.launch.len());
+        assert_eq!(plan.launch.len(), plan.items.len() * heads);
+        let mut seen = vec![false; launch.len()];
+        for w in launch {
+            let (row, head) = (w.slot as usize / heads, w.slot as usize % heads);
+            assert!(!seen[row * heads + head], "slot {} twice", w.slot);
+            seen[row * heads + head] = true;
+            let item = plan.items[row];
+            assert_eq!(
+                (w.batch, w.token_begin, w.token_end),
+                (item.batch, item.token_begin, item.token_end)
+            );
+        }
+        let head = |w: &WorkItem| w.slot as usize % heads;
+        assert!(launch.windows(2).all(|p| match order {
+            LaunchOrder::LongestFirst => p[0].tokens() >= p[1].tokens(),
+            LaunchOrder::HeadMajor =>
+                head(&p[0]) < head(&p[1])
+                    || (head(&p[0]) == head(&p[1]) && p[0].tokens() >= p[1].tokens()),
+        }));
+    }
+
+    #[test]
+    fn longest_first_shortens_the_tail() {
+        // 256 whole sequences of uniform random length on 396 slots: launched in sequence order a
+        // long sequence can start last; longest first it cannot.
+        let mut x = 12345u64;
+        let lens: Vec<u32> = (0..256)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                1 + (x >> 33) as u32 % 1023
+            })
+            .collect();
+        let plan = plan_with_chunk(&lens, 1024, 8);
+        let sorted = simulated_makespan(&plan, 396);
+        let in_order = SplitPlan {
+            launch: (0..plan.items.len())
+                .flat_map(|r| {
+                    let item = plan.items[r];
+                    (0..8).map(move |h| WorkItem {
+                        slot: r as i32 * 8 + h,
+                        ..item
+                    })
+                })
+                .collect(),
+            ..plan.clone()
+        };
+        let unsorted = simulated_makespan(&in_order, 396);
+        assert!(sorted < unsorted, "{sorted} vs {unsorted}");
+        let total: u64 = plan
+            .launch
+            .iter()
+            .map(|w| w.tokens() + CTA_OVERHEAD_TOKENS)
+            .sum();
+        assert!(
+            sorted * 100 <= total / 396 * 110,
+            "{sorted} vs ideal {}",
+            total / 396
+        );
     }
 
     #[test]
@@ -197,9 +335,9 @@ mod tests {
             plan.chunk_tokens
         );
         // And the simulated finish is close to perfect balance, far from the longest sequence.
-        let makespan = simulated_makespan(&plan, 8, slots);
-        let whole = plan_with_chunk(&lens, 126_001);
-        assert!(makespan < simulated_makespan(&whole, 8, slots));
+        let makespan = simulated_makespan(&plan, slots);
+        let whole = plan_with_chunk(&lens, 126_001, 8);
+        assert!(makespan < simulated_makespan(&whole, slots));
         assert!(makespan * 10 < per_slot * 14, "{makespan} vs {per_slot}");
     }
 
@@ -212,7 +350,7 @@ mod tests {
         covers_every_token(&plan, &lens);
         // Equal chunks of one sequence: one wave (chunks rounded up to whole stages, so a few
         // CTAs fewer than the slots).
-        let total_ctas = plan.items.len() as u32 * 8;
+        let total_ctas = plan.launch.len() as u32;
         assert!(
             total_ctas * 100 >= ctas * 98,
             "{total_ctas} CTAs for {ctas} slots"
@@ -227,7 +365,10 @@ mod tests {
         let plan = plan_splits(&lens, 2, 10_000, 16, MIN_CHUNK_TOKENS);
         assert_eq!(plan.chunk_tokens, MIN_CHUNK_TOKENS);
         covers_every_token(&plan, &lens);
-        assert_eq!(plan.max_splits(), 4);
+        assert_eq!(
+            plan.max_splits(),
+            1000usize.div_ceil(MIN_CHUNK_TOKENS as usize)
+        );
         // Forced small chunks (the self-test uses this to exercise the merge).
         let plan = plan_splits(&lens, 2, 10_000, 16, 16);
         assert_eq!(plan.chunk_tokens, 16);

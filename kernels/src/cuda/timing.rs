@@ -63,6 +63,40 @@ fn timing_event(session: &DeviceSession) -> Result<CudaEvent, CudaError> {
         .map_err(CudaError::driver("creating a timing event"))
 }
 
+/// Calls per batch and batches of [`quick_call_ms`].
+const QUICK_CALLS: usize = 5;
+const QUICK_BATCHES: usize = 3;
+
+/// Rough time of one `call` (ms): the median over a few batches of back-to-back calls, after one
+/// warm-up batch. For choosing between equivalent launch configurations, never for a reported
+/// figure.
+pub(crate) fn quick_call_ms(
+    session: &DeviceSession,
+    call: &dyn Fn() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    for _ in 0..QUICK_CALLS {
+        call()?;
+    }
+    let mut per_call = Vec::with_capacity(QUICK_BATCHES);
+    for _ in 0..QUICK_BATCHES {
+        let (start, end) = (timing_event(session)?, timing_event(session)?);
+        start
+            .record(&session.stream)
+            .map_err(CudaError::driver("recording a timing event"))?;
+        for _ in 0..QUICK_CALLS {
+            call()?;
+        }
+        end.record(&session.stream)
+            .map_err(CudaError::driver("recording a timing event"))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(CudaError::driver("reading a timing event"))? as f64;
+        per_call.push(ms / QUICK_CALLS as f64);
+    }
+    per_call.sort_by(f64::total_cmp);
+    Ok(per_call[per_call.len() / 2])
+}
+
 /// Whether noise-based stopping says to stop after `samples`.
 pub(crate) fn enough_trials(
     method: &MeasureMethod,

@@ -1,0 +1,482 @@
+// Kernel development bench: the optimized decode kernel's variants on the issue-7 table cells,
+// compiled with nvcc on the GPU machine from the same sources the agent compiles with NVRTC.
+// This is a developer's tool for trying kernel designs quickly (several variants, 125 cells,
+// about a minute); the figures that count come from `decodebench run` (see bench/RESULTS.md).
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90a -ftz=false -prec-div=true -prec-sqrt=true \
+//        -o /tmp/kbench bench/gpu/kbench.cu -lcuda && /tmp/kbench [variant filter] [modes] [batch seq]
+//
+// Inputs follow the reference script: 64/8 heads, head 128, block 16, HND, a 256,000-token pool,
+// lengths uniform in [1, max) with the last one at max, pages drawn uniformly. Every variant's
+// output is compared with the fp32 GPU reference (bf16 outputs, b <= 16; maxerr = max |error| /
+// max |reference|) and with the first variant (diffB = bytes that differ; different chunkings
+// round differently). Times: CUDA-graph replays of 10 launches, median per launch.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <queue>
+#include <random>
+#include <string>
+#include <vector>
+#include <cuda_runtime.h>
+
+#include "../../kernels/cuda/common.cuh"
+#include "../../kernels/cuda/generate.cu"
+#include "../../kernels/cuda/reference.cu"
+#include "../../kernels/cuda/decode.cu"
+#define DB_NO_KERNEL_EXPORTS  // only the variants below are instantiated from decode_mma.cu
+#include "../../kernels/cuda/decode_mma.cu"
+
+#define CK(x)                                                                               \
+    do {                                                                                    \
+        cudaError_t e_ = (x);                                                               \
+        if (e_ != cudaSuccess) {                                                            \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+            exit(1);                                                                        \
+        }                                                                                   \
+    } while (0)
+
+// ------------------------------------------------------------------------------------------
+// Variants
+// ------------------------------------------------------------------------------------------
+
+template <int D, int NH, bool QF, bool KF, int OUT, int W, int TPW, int STG>
+__global__ void __launch_bounds__(W * 32) k_tc(AttnParams p) {
+    decode_mma<D, NH, QF, KF, OUT, W, TPW, STG>(p);
+}
+
+struct Mode {
+    const char* name;
+    bool qf, kf;
+    int out;  // OUT_*
+};
+static const Mode MODES[5] = {{"bf16/bf16/bf16", false, false, OUT_BF16},
+                              {"bf16/fp8/bf16", false, true, OUT_BF16},
+                              {"fp8/fp8/bf16", true, true, OUT_BF16},
+                              {"fp8/fp8/fp8", true, true, OUT_FP8},
+                              {"fp8/fp8/nvfp4", true, true, OUT_NVFP4}};
+
+struct Kernel {
+    const void* fn;
+    int threads, stage_tokens, smem;
+};
+
+struct Variant {
+    std::string name;
+    std::function<Kernel(int mode)> get;
+    int min_chunk = 128;
+    int overhead = 192;
+    int order = 2;  // launch order: 0 = sequence order, 1 = longest first, 2 = head by head, longest first
+};
+
+template <int W, int TPW, int STG_BF16, int STG_FP8>
+static Kernel tc(int mode) {
+    constexpr int ST = W * 16 * TPW;
+    const bool kf = MODES[mode].kf;
+    const int stages = kf ? STG_FP8 : STG_BF16;
+    const int pipe = stages * 2 * ST * 128 * (kf ? 1 : 2);
+    const int merge = (W * 8 * 128 + 2 * W * 8 + 8 * 128) * 4;
+    const void* f[5] = {(const void*)k_tc<128, 1, false, false, OUT_BF16, W, TPW, STG_BF16>,
+                        (const void*)k_tc<128, 1, false, true, OUT_BF16, W, TPW, STG_FP8>,
+                        (const void*)k_tc<128, 1, true, true, OUT_BF16, W, TPW, STG_FP8>,
+                        (const void*)k_tc<128, 1, true, true, OUT_FP8, W, TPW, STG_FP8>,
+                        (const void*)k_tc<128, 1, true, true, OUT_NVFP4, W, TPW, STG_FP8>};
+    return {f[mode], W * 32, ST, std::max(pipe, merge)};
+}
+
+static const void* merge_fn(int mode) {
+    const int out = MODES[mode].out;
+    return out == OUT_BF16 ? (const void*)merge_d128_bf16
+                           : out == OUT_FP8 ? (const void*)merge_d128_fp8 : (const void*)merge_d128_nvfp4;
+}
+
+// ------------------------------------------------------------------------------------------
+// Planner (the same algorithm as kernels/src/cuda/plan.rs, with its two constants as knobs)
+// ------------------------------------------------------------------------------------------
+
+struct Plan {
+    std::vector<int4> items;
+    std::vector<int> offsets;
+    bool direct;
+    std::vector<int4> launch;  // one per CTA: {batch, begin, end, row * heads + head}
+};
+
+static Plan plan_with_chunk(const std::vector<int>& lens, long chunk, int heads, int order) {
+    Plan p;
+    for (size_t b = 0; b < lens.size(); ++b) {
+        p.offsets.push_back((int)p.items.size());
+        long n = std::max(1L, (lens[b] + chunk - 1) / chunk);
+        for (long i = 0; i < n; ++i)
+            p.items.push_back(make_int4((int)b, (int)std::min(i * chunk, (long)lens[b]),
+                                        (int)std::min((i + 1) * chunk, (long)lens[b]), 0));
+    }
+    p.offsets.push_back((int)p.items.size());
+    p.direct = p.items.size() == lens.size();
+    for (size_t r = 0; r < p.items.size(); ++r)
+        for (int h = 0; h < heads; ++h) {
+            int4 w = p.items[r];
+            w.w = (int)r * heads + h;
+            p.launch.push_back(w);
+        }
+    if (order == 1)
+        std::stable_sort(p.launch.begin(), p.launch.end(), [](int4 a, int4 b) { return a.z - a.y > b.z - b.y; });
+    if (order == 2)
+        std::stable_sort(p.launch.begin(), p.launch.end(), [heads](int4 a, int4 b) {
+            return a.w % heads != b.w % heads ? a.w % heads < b.w % heads : a.z - a.y > b.z - b.y;
+        });
+    return p;
+}
+
+static long makespan(const Plan& p, long slots, long overhead) {
+    std::priority_queue<long, std::vector<long>, std::greater<long>> q;
+    for (long i = 0; i < slots; ++i) q.push(0);
+    long end = 0;
+    for (auto& it : p.launch) {
+        long s = q.top();
+        q.pop();
+        long f = s + (it.z - it.y) + overhead;
+        end = std::max(end, f);
+        q.push(f);
+    }
+    return end;
+}
+
+static Plan plan(const std::vector<int>& lens, int heads, long slots, long stage, long min_chunk, long overhead,
+                 int order) {
+    long max_len = *std::max_element(lens.begin(), lens.end());
+    long total = 0;
+    for (int l : lens) total += l;
+    total *= heads;
+    Plan best;
+    long best_cost = -1;
+    for (long waves : {1L, 2L, 4L}) {
+        long chunk = (total + slots * waves - 1) / (slots * waves);
+        chunk = std::max(chunk, min_chunk);
+        chunk = (chunk + stage - 1) / stage * stage;
+        chunk = std::min(chunk, std::max(1L, max_len));
+        Plan p = plan_with_chunk(lens, chunk, heads, order);
+        long c = makespan(p, slots, overhead);
+        if (best_cost < 0 || c < best_cost) best_cost = c, best = p;
+    }
+    return best;
+}
+
+// ------------------------------------------------------------------------------------------
+// Cases
+// ------------------------------------------------------------------------------------------
+
+static const int QO = 64, KVH = 8, HD = 128, BLK = 16, POOL_TOKENS = 256000;
+static const int PAGES = POOL_TOKENS / BLK;
+
+// FlashInfer 0.7.2 on an H100 (the issue's tables), ms: [kv fp8][batch index][seq index].
+static const int BATCHES[5] = {1, 4, 16, 64, 256};
+static const int SEQS[5] = {1024, 4096, 16384, 65536, 131072};
+static const double FLASHINFER[2][5][5] = {
+    {{0.0143, 0.0182, 0.0380, 0.1091, 0.1988},
+     {0.0163, 0.0293, 0.0850, 0.2891, 0.5279},
+     {0.0227, 0.0648, 0.1645, 0.8358, 1.2954},
+     {0.0639, 0.1928, 0.7920, 3.1703, 5.9207},
+     {0.1771, 0.6666, 2.5193, 10.455, 20.711}},
+    {{0.0138, 0.0160, 0.0262, 0.0729, 0.1304},
+     {0.0197, 0.0241, 0.0658, 0.1901, 0.3324},
+     {0.0215, 0.0515, 0.1301, 0.6148, 0.9302},
+     {0.0380, 0.1148, 0.4309, 1.6403, 3.1274},
+     {0.1057, 0.3833, 1.4234, 5.7979, 11.490}}};
+
+struct Device {
+    int sms;
+    u16* kv_bf16;
+    u8* kv_fp8;
+    u16* q_bf16;
+    u8* q_fp8;
+};
+
+struct CaseBufs {
+    std::vector<int> lens;
+    int* d_tables;
+    int* d_lens;
+    int max_blocks;
+    double bytes[2];  // logical bytes, bf16 kv / fp8 kv (kv part only + q/o approx)
+};
+
+static CaseBufs make_case(int batch, int max_seq, unsigned seed) {
+    CaseBufs c;
+    std::mt19937_64 rng(seed);
+    for (int i = 0; i < batch; ++i) c.lens.push_back(max_seq <= 1 ? 1 : 1 + (int)(rng() % (max_seq - 1)));
+    c.lens.back() = max_seq;
+    c.max_blocks = (max_seq + BLK - 1) / BLK;
+    std::vector<int> tables((size_t)batch * c.max_blocks, 0);
+    for (int b = 0; b < batch; ++b)
+        for (int j = 0; j < (c.lens[b] + BLK - 1) / BLK; ++j) tables[(size_t)b * c.max_blocks + j] = (int)(rng() % PAGES);
+    CK(cudaMalloc(&c.d_tables, tables.size() * 4));
+    CK(cudaMemcpy(c.d_tables, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&c.d_lens, batch * 4));
+    CK(cudaMemcpy(c.d_lens, c.lens.data(), batch * 4, cudaMemcpyHostToDevice));
+    double tokens = 0;
+    for (int l : c.lens) tokens += l;
+    for (int kf = 0; kf < 2; ++kf) c.bytes[kf] = tokens * KVH * HD * 2 * (kf ? 1 : 2) + (double)batch * QO * HD * 4;
+    return c;
+}
+
+static AttnParams base_params(const Device& dev, const CaseBufs& c, int mode) {
+    AttnParams p;
+    memset(&p, 0, sizeof p);
+    const Mode& m = MODES[mode];
+    p.q = m.qf ? (const void*)dev.q_fp8 : (const void*)dev.q_bf16;
+    p.kv = m.kf ? (const void*)dev.kv_fp8 : (const void*)dev.kv_bf16;
+    p.block_tables = c.d_tables;
+    p.seq_lens = c.d_lens;
+    const long half = (long)KVH * BLK * HD;
+    p.page_stride = 2 * half;
+    p.half_stride = half;
+    p.head_stride = BLK * HD;
+    p.slot_stride = HD;
+    p.batch = (int)c.lens.size();
+    p.num_qo_heads = QO;
+    p.num_kv_heads = KVH;
+    p.head_size = HD;
+    p.max_blocks = c.max_blocks;
+    p.block_shift = 4;
+    p.group = QO / KVH;
+    p.sf_cols = QO * HD / 16;
+    p.direct = 1;
+    p.q_scale = m.qf ? 0.5f : 1.0f;
+    p.k_scale = p.v_scale = m.kf ? 0.5f : 1.0f;
+    p.o_scale = m.out == OUT_FP8 ? 0.5f : 1.0f;
+    p.o_sf_scale = 500.0f;
+    p.sm_scale = 1.0f / sqrtf((float)HD);
+    return p;
+}
+
+static size_t out_bytes(int mode, int batch) {
+    size_t n = (size_t)batch * QO * HD;
+    int out = MODES[mode].out;
+    return out == OUT_BF16 ? n * 2 : out == OUT_FP8 ? n : n / 2;
+}
+
+struct Run {
+    double ms;
+    std::vector<u8> out, sf;
+    int ctas_per_sm;
+    size_t items;
+};
+
+static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Variant& v, int trials_hint) {
+    Kernel k = v.get(mode);
+    CK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
+    int per_sm = 0;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, k.threads, k.smem));
+    per_sm = std::max(per_sm, 1);
+    Plan pl = plan(c.lens, KVH, (long)dev.sms * per_sm, k.stage_tokens, v.min_chunk, v.overhead, v.order);
+    AttnParams p = base_params(dev, c, mode);
+    const int batch = (int)c.lens.size();
+    int4* d_work;
+    int* d_off;
+    CK(cudaMalloc(&d_work, pl.launch.size() * sizeof(int4)));
+    CK(cudaMemcpy(d_work, pl.launch.data(), pl.launch.size() * sizeof(int4), cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&d_off, pl.offsets.size() * 4));
+    CK(cudaMemcpy(d_off, pl.offsets.data(), pl.offsets.size() * 4, cudaMemcpyHostToDevice));
+    float *po = nullptr, *plse = nullptr;
+    if (!pl.direct) {
+        CK(cudaMalloc(&po, pl.items.size() * QO * HD * 4));
+        CK(cudaMalloc(&plse, pl.items.size() * QO * 4));
+    }
+    size_t ob = out_bytes(mode, batch), sfb = (size_t)((batch + 127) / 128 * 128) * ((QO * HD / 16 + 3) / 4 * 4);
+    void* out;
+    u8* sf;
+    CK(cudaMalloc(&out, ob));
+    CK(cudaMalloc(&sf, sfb));
+    CK(cudaMemset(out, 0xff, ob));
+    CK(cudaMemset(sf, 0, sfb));
+    p.out = out;
+    p.out_sf = sf;
+    p.work = d_work;
+    p.split_offsets = d_off;
+    p.partial_o = po;
+    p.partial_lse = plse;
+    p.direct = pl.direct ? 1 : 0;
+    void* args[] = {&p};
+    const void* mfn = merge_fn(mode);
+    cudaStream_t s;
+    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    auto launch = [&]() {
+        CK(cudaLaunchKernel(k.fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), args, k.smem, s));
+        if (!pl.direct) CK(cudaLaunchKernel(mfn, dim3(QO, batch), dim3(128), args, 0, s));
+    };
+    launch();
+    CK(cudaStreamSynchronize(s));
+    CK(cudaGetLastError());
+    Run r;
+    r.out.resize(ob);
+    r.sf.resize(sfb);
+    CK(cudaMemcpy(r.out.data(), out, ob, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(r.sf.data(), sf, sfb, cudaMemcpyDeviceToHost));
+    // Graph of 10 launches.
+    const int L = 10;
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < L; ++i) launch();
+    CK(cudaStreamEndCapture(s, &graph));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    // Warm-up: at least 25 ms.
+    float ms = 0;
+    CK(cudaEventRecord(e0, s));
+    CK(cudaGraphLaunch(exec, s));
+    CK(cudaEventRecord(e1, s));
+    CK(cudaEventSynchronize(e1));
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    int warm = std::max(1, (int)(25.0 / std::max(ms, 0.001f)));
+    for (int i = 0; i < warm; ++i) CK(cudaGraphLaunch(exec, s));
+    int trials = std::max(5, std::min(trials_hint, (int)(300.0 / std::max(ms, 0.001f))));
+    std::vector<double> t;
+    for (int i = 0; i < trials; ++i) {
+        CK(cudaEventRecord(e0, s));
+        CK(cudaGraphLaunch(exec, s));
+        CK(cudaEventRecord(e1, s));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        t.push_back(ms / L);
+    }
+    std::sort(t.begin(), t.end());
+    r.ms = t[t.size() / 2];
+    r.ctas_per_sm = per_sm;
+    r.items = pl.items.size();
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(graph));
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    CK(cudaStreamDestroy(s));
+    cudaFree(d_work);
+    cudaFree(d_off);
+    if (po) cudaFree(po), cudaFree(plse);
+    cudaFree(out);
+    cudaFree(sf);
+    return r;
+}
+
+static std::vector<float> reference(const Device& dev, const CaseBufs& c, int mode) {
+    AttnParams p = base_params(dev, c, mode);
+    const int batch = (int)c.lens.size();
+    float* out;
+    CK(cudaMalloc(&out, (size_t)batch * QO * HD * 4));
+    p.out = out;
+    int qf = MODES[mode].qf, kf = MODES[mode].kf;
+    void* args[] = {&p, &qf, &kf};
+    CK(cudaLaunchKernel((const void*)reference_decode, dim3(QO, batch), dim3(REF_THREADS), args, 0, 0));
+    CK(cudaDeviceSynchronize());
+    std::vector<float> h((size_t)batch * QO * HD);
+    CK(cudaMemcpy(h.data(), out, h.size() * 4, cudaMemcpyDeviceToHost));
+    cudaFree(out);
+    return h;
+}
+
+static float bf16f(u16 h) {
+    u32 u = (u32)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+int main(int argc, char** argv) {
+    // kbench [variant filter] [modes, e.g. 01] [batch seq]: one case only when batch and seq are given.
+    const char* filter = argc > 1 ? argv[1] : "";
+    const char* mode_arg = argc > 2 ? argv[2] : "01234";
+    const int only_batch = argc > 4 ? atoi(argv[3]) : 0, only_seq = argc > 4 ? atoi(argv[4]) : 0;
+    Device dev;
+    CK(cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, 0));
+    const size_t pool_elems = (size_t)PAGES * 2 * KVH * BLK * HD;
+    CK(cudaMalloc(&dev.kv_bf16, pool_elems * 2));
+    CK(cudaMalloc(&dev.kv_fp8, pool_elems));
+    const size_t q_elems = (size_t)256 * QO * HD;
+    CK(cudaMalloc(&dev.q_bf16, q_elems * 2));
+    CK(cudaMalloc(&dev.q_fp8, q_elems));
+    generate_kv_bf16<<<4096, 256>>>(dev.kv_bf16, pool_elems, 7, 1, 0, KVH, BLK, HD);
+    generate_kv_fp8<<<4096, 256>>>(dev.kv_fp8, pool_elems, 7, 1, 0, KVH, BLK, HD, 0.5f, 0.5f);
+    generate_q_bf16<<<1024, 256>>>(dev.q_bf16, q_elems, 7, 2, 1.0f);
+    generate_q_fp8<<<1024, 256>>>(dev.q_fp8, q_elems, 7, 2, 0.5f);
+    CK(cudaDeviceSynchronize());
+
+    // The production configuration in both launch orders (decodebench times both on each case
+    // and keeps the faster), then alternatives.
+    std::vector<Variant> variants;
+    {
+        Variant v{"tc4x1_s2/4_lf", tc<4, 1, 2, 4>};
+        v.order = 1;
+        variants.push_back(v);
+    }
+    variants.push_back({"tc4x1_s2/4_hm", tc<4, 1, 2, 4>});
+    {
+        Variant v{"tc4x1_s2/4_lf_c256", tc<4, 1, 2, 4>};
+        v.order = 1;
+        v.min_chunk = 256;
+        v.overhead = 256;
+        variants.push_back(v);
+    }
+    variants.push_back({"tc4x1_s3/4_hm", tc<4, 1, 3, 4>});
+    variants.push_back({"tc2x1_s3/4_hm", tc<2, 1, 3, 4>});
+    std::vector<int> modes;
+    for (const char* m = mode_arg; *m; ++m)
+        if (*m >= '0' && *m <= '4') modes.push_back(*m - '0');
+    printf("%-16s %-14s %5s %7s", "variant", "mode", "batch", "seq");
+    printf(" %9s %6s %7s %8s %6s %s\n", "ms", "TB/s", "FI_x", "maxerr", "diffB", "plan");
+    std::vector<std::vector<double>> logs(variants.size() * 5);
+    for (int mode : modes) {
+        for (int bi = 0; bi < 5; ++bi)
+            for (int si = 0; si < 5; ++si) {
+                const int batch = BATCHES[bi], seq = SEQS[si];
+                if (only_batch && (batch != only_batch || seq != only_seq)) continue;
+                CaseBufs c = make_case(batch, seq, 1000 + bi * 10 + si);
+                std::vector<float> ref;
+                if (MODES[mode].out == OUT_BF16 && batch <= 16 && !only_batch) ref = reference(dev, c, mode);
+                std::vector<u8> base_out;
+                for (size_t vi = 0; vi < variants.size(); ++vi) {
+                    const Variant& v = variants[vi];
+                    if (*filter && v.name.find(filter) == std::string::npos && vi != 0) continue;
+                    Run r = run_variant(dev, c, mode, v, 20);
+                    double maxerr = -1, refmax = 0;
+                    if (!ref.empty()) {
+                        const u16* o = (const u16*)r.out.data();
+                        double e = 0;
+                        for (size_t i = 0; i < ref.size(); ++i) {
+                            refmax = std::max(refmax, (double)fabsf(ref[i]));
+                            double x = bf16f(o[i]);
+                            e = std::isnan(x) ? 1e30 : std::max(e, fabs(x - ref[i]));
+                        }
+                        maxerr = e / std::max(refmax, 1e-30);
+                    }
+                    if (vi == 0) base_out = r.out;
+                    size_t diff = 0;
+                    for (size_t i = 0; i < r.out.size(); ++i) diff += r.out[i] != base_out[i];
+                    double tbs = c.bytes[MODES[mode].kf] / (r.ms * 1e-3) / 1e12;
+                    double fi = FLASHINFER[MODES[mode].kf ? 1 : 0][bi][si] / r.ms;
+                    logs[vi * 5 + mode].push_back(fi);
+                    printf("%-16s %-14s %5d %7d %9.4f %6.2f %7.3f %8.1e %6zu items=%zu cta/sm=%d\n", v.name.c_str(),
+                           MODES[mode].name, batch, seq, r.ms, tbs, fi, maxerr, diff, r.items, r.ctas_per_sm);
+                    fflush(stdout);
+                }
+                cudaFree(c.d_tables);
+                cudaFree(c.d_lens);
+            }
+    }
+    printf("\ngeomean FlashInfer/ours (FP8-Q modes against the FP8-KV FlashInfer figures)\n");
+    for (size_t vi = 0; vi < variants.size(); ++vi) {
+        printf("%-16s", variants[vi].name.c_str());
+        for (int mode : modes) {
+            auto& l = logs[vi * 5 + mode];
+            if (l.empty()) continue;
+            double s = 0, mn = 1e9;
+            for (double x : l) s += log(x), mn = std::min(mn, x);
+            printf("  %s %.3f (min %.2f)", MODES[mode].name, exp(s / l.size()), mn);
+        }
+        printf("\n");
+    }
+    return 0;
+}
