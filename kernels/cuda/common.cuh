@@ -27,7 +27,7 @@ struct AttnParams {
     u8* out_sf;               // nvfp4 scale factors, 128x4 swizzled
     float* partial_o;         // [items, qo_heads, head] split-KV partial outputs
     float* partial_lse;       // [items, qo_heads] base-2 log-sum-exp of each partial
-    const int4* work;         // [items] {batch, token_begin, token_end, unused}
+    const int4* work;         // [ctas] {batch, token_begin, token_end, partial row * kv heads + kv head}
     const int* split_offsets; // [batch + 1] first work item of each sequence
     i64 page_stride;          // elements per page (both halves)
     i64 half_stride;          // elements from K to V inside a page
@@ -232,6 +232,30 @@ __device__ void store_output_rows(const AttnParams& p, const float* rows, int nr
         u8* out = (u8*)p.out + row0 * D;
         const float inv = 1.0f / p.o_scale;
         for (int i = tid; i < nrows * D; i += nthreads) out[i] = f32_to_e4m3(rows[i] * inv);
+    } else if ((nthreads & 31) == 0 && nrows * (D / 16) * 4 <= nthreads) {
+        // Few groups for the threads (the merge kernel writes one row with a whole CTA): one
+        // element per lane, a 16-lane half-warp is one scale-factor group (amax by shuffles), and
+        // 8 lanes' 4-bit codes are packed into one 32-bit store. nrows * D is a multiple of 32, so
+        // every warp runs whole. (With a group per thread to spare, the loop below is faster: on an
+        // H100 this path made b=256 s=1024 8 % slower when used for the decode kernel's 8 rows.)
+        const int lane = tid & 31;
+        const int groups_per_row = D / 16;
+        u8* out = (u8*)p.out + row0 * (D / 2);
+        for (int base = tid & ~31; base < nrows * D; base += nthreads) {
+            const int i = base + lane;
+            const int r = i / D, col = i % D;
+            const float x = rows[i];
+            float amax = fabsf(x);
+#pragma unroll
+            for (int off = 1; off < 16; off <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+            const u8 sf_code = f32_to_e4m3(p.o_sf_scale * amax / 6.0f);
+            const float sf = e4m3_to_f32(sf_code);
+            u32 packed = ((sf > 0.0f) ? (u32)f32_to_e2m1(x * p.o_sf_scale / sf) : 0u) << (4 * (lane & 7));
+#pragma unroll
+            for (int off = 1; off < 8; off <<= 1) packed |= __shfl_xor_sync(0xffffffffu, packed, off);
+            if ((lane & 7) == 0) *(u32*)(out + (i64)r * (D / 2) + col / 2) = packed;
+            if ((lane & 15) == 0) p.out_sf[nvfp4_sf_offset(b, (h0 + r) * groups_per_row + col / 16, p.sf_cols)] = sf_code;
+        }
     } else {
         const int groups_per_row = D / 16;
         u8* out = (u8*)p.out + row0 * (D / 2);

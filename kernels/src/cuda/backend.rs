@@ -731,7 +731,9 @@ fn workspace_bytes(case: &BenchCase, plan: &SplitPlan) -> u64 {
     } else {
         rows * case.head_size as u64 * 4 + rows * 4
     };
-    partials + (plan.launch.len() as u64 + plan.split_offsets.len() as u64) * 16
+    // One launch list per launch order, and the split offsets.
+    let lists = LaunchOrder::ALL.len() as u64 * plan.launch.len() as u64;
+    partials + (lists + plan.split_offsets.len() as u64) * 16
 }
 
 fn into_outcome(kind: KernelKind, result: Result<KernelMeasurement, CaseError>) -> KernelOutcome {
