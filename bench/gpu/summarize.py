@@ -10,6 +10,8 @@ on the GPU machine as it is).
   summarize.py compare A B    per-case time ratio B/A of the optimized kernel (e.g. cold vs hot L2,
                               graph vs events)
   summarize.py status DIR     status counts per kernel and the wall time spread
+  summarize.py layouts DIR    optimized time of each (layout, block size) over HND/block 16 for the
+                              same batch, length and quant mode (issue 7, target 5: within 10 %)
 """
 import csv
 import math
@@ -166,6 +168,26 @@ def compare(a, b):
         print(f"| {' | '.join(k)} | {x:.4f} | {y:.4f} | {y / x:.3f} |")
 
 
+def layouts(d):
+    rs = [r for r in rows(d) if r["kernel"] == "optimized" and r["status"] == "ok"]
+    base = {(mode(r), r["batch_size"], r["max_seq_len"]): num(r, "mean_ms")
+            for r in rs if r["kv_layout"] == "HND" and r["block_size"] == "16"}
+    ratios = defaultdict(list)
+    print("| mode | batch | max_seq_len | layout | block | ms | / HND,16 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rs, key=lambda r: (mode(r), int(r["batch_size"]), int(r["max_seq_len"]),
+                                       r["kv_layout"], int(r["block_size"]))):
+        ref = base.get((mode(r), r["batch_size"], r["max_seq_len"]))
+        ms = num(r, "mean_ms")
+        rel = ms / ref if ref else float("nan")
+        ratios[(r["kv_layout"], int(r["block_size"]))].append(rel)
+        print(f"| {mode(r)} | {r['batch_size']} | {r['max_seq_len']} | {r['kv_layout']} | "
+              f"{r['block_size']} | {ms:.4f} | {rel:.3f} |")
+    print()
+    for (layout, block), xs in sorted(ratios.items()):
+        print(f"{layout} block {block}: worst {max(xs):.3f}, geomean {geomean(xs):.3f} over {len(xs)} cases")
+
+
 def status(d):
     rs = rows(d)
     counts = defaultdict(int)
@@ -188,6 +210,8 @@ if __name__ == "__main__":
         compare(sys.argv[2], sys.argv[3])
     elif cmd == "status":
         status(sys.argv[2])
+    elif cmd == "layouts":
+        layouts(sys.argv[2])
     else:
         print(__doc__)
         sys.exit(2)

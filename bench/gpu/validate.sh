@@ -3,7 +3,7 @@
 # self-test, the default `decodebench run` (seed preset, 320 cases), the measurement-method
 # checks (hot/cold L2, events/graph, shared/unique pool, telemetry) and the kernel table (graph
 # timing). Expects target/release/decodebench; writes logs and CSVs under $OUT.
-# Usage: bench/gpu/validate.sh [selftest] [seed] [methods] [table | table-kv table-fp8q]
+# Usage: bench/gpu/validate.sh [selftest] [seed] [methods] [table | table-kv table-fp8q] [layouts]
 # (default: selftest seed methods table). table-kv and table-fp8q are the table's two halves (the
 # FlashInfer modes, the FP8-query modes), for machines that limit one command to 10 minutes.
 set -u
@@ -56,5 +56,11 @@ for step in $STEPS; do
       $S table $W/$G | tee "$OUT/$G.md"
       $S status $W/$G | head -20
       cp $W/$G/results.csv "$OUT/${G}_results.csv" ;;
+    layouts)
+      echo "=== layouts and block sizes (graph timing)"
+      ( time timeout 560 $B run --grid bench/grids/layouts.toml --out $W/layouts ) > "$OUT/layouts.log" 2>&1; echo "layouts exit $?"
+      grep -E "^real|units done" "$OUT/layouts.log"
+      $S layouts $W/layouts | tee "$OUT/layouts.md" | tail -8
+      cp $W/layouts/results.csv "$OUT/layouts_results.csv" ;;
   esac
 done
