@@ -122,6 +122,10 @@ pub struct MethodOverrides {
     /// Re-measure throttled results after a cool-down, up to this many times.
     #[arg(long)]
     pub throttle_retries: Option<u32>,
+    /// Which kernels run: both (the default, as the reference script), or only one of them
+    /// (optimized alone makes kernel-tuning sweeps several times shorter). Part of the case id.
+    #[arg(long, value_enum)]
+    pub kernels: Option<KernelArg>,
     /// KV pool scheme for every case.
     #[arg(long, value_enum)]
     pub pool: Option<PoolArg>,

@@ -131,6 +131,13 @@ pub fn apply_overrides(cases: Vec<BenchCase>, o: &MethodOverrides) -> Result<Vec
             if let Some(v) = o.throttle_retries {
                 m.throttle_retries = v;
             }
+            if let Some(v) = o.kernels {
+                m.kernels = match v {
+                    KernelArg::Both => KernelSelection::Both,
+                    KernelArg::Optimized => KernelSelection::Optimized,
+                    KernelArg::Baseline => KernelSelection::Baseline,
+                };
+            }
             if let Some(p) = o.pool {
                 c.pool = match p {
                     PoolArg::Shared => match c.pool {

@@ -118,3 +118,53 @@ fn run_on_the_cpu_writes_every_case_once_in_all_three_files() {
         "a resumed run that had nothing left to do must not re-measure any case"
     );
 }
+
+#[test]
+fn kernels_optimized_runs_only_the_optimized_kernel() {
+    let _serial = exclusive();
+    let s = Scratch::new("optimized-only");
+    let spec = GridSpec::tiny();
+    let grid = s.grid(&spec);
+    let default_ids = grid_case_ids(&grid);
+    let out = s.out();
+    let args: Vec<String> = [
+        "run",
+        "--backend",
+        "cpu",
+        "--kernels",
+        "optimized",
+        "--grid",
+        &grid.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut run = Proc::spawn(&s, "run", &args);
+    run.wait_success(Duration::from_secs(90));
+
+    let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
+    let ids: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
+    assert_eq!(ids.len(), spec.case_count(), "every case ran");
+    assert_eq!(rows.len(), ids.len(), "one row per case: {rows:?}");
+    for r in &rows {
+        assert_eq!(r.kernel.as_deref(), Some("optimized"), "{r:?}");
+        assert_eq!(r.status.as_deref(), Some("ok"), "{r:?}");
+        assert!(
+            !default_ids.contains(&r.case_id),
+            "the selection is part of the case id: {}",
+            r.case_id
+        );
+    }
+    // The reference CSV keeps its 13 columns; the baseline and speedup cells are empty.
+    let text = std::fs::read_to_string(reference_csv(&out)).expect("reading the reference CSV");
+    let data: Vec<&str> = text.lines().skip(1).filter(|l| !l.is_empty()).collect();
+    assert_eq!(data.len(), spec.case_count());
+    for line in data {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells.len(), 13, "{line:?}");
+        assert!(cells[1].parse::<f64>().is_ok_and(|m| m > 0.0), "{line:?}");
+        assert_eq!(&cells[3..6], &["", "", ""], "{line:?}");
+    }
+}

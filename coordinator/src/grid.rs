@@ -10,7 +10,8 @@
 
 use decodebench_kernels::workload::REFERENCE_POOL_TOKENS;
 use decodebench_kernels::{
-    BenchCase, Dtype, KvLayout, KvPool, L2Mode, MeasureMethod, QuantMode, TimingMode,
+    BenchCase, Dtype, KernelSelection, KvLayout, KvPool, L2Mode, MeasureMethod, QuantMode,
+    TimingMode,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -79,7 +80,7 @@ const TOP_LEVEL_KEYS: [&str; 14] = [
 ];
 
 /// Keys accepted in the `[method]` table.
-const METHOD_KEYS: [&str; 9] = [
+const METHOD_KEYS: [&str; 10] = [
     "warmup",
     "trials",
     "l2",
@@ -89,6 +90,7 @@ const METHOD_KEYS: [&str; 9] = [
     "max_trials",
     "max_time_s",
     "throttle_retries",
+    "kernels",
 ];
 
 /// Why a grid was refused. Every message names the offending key and says what to do.
@@ -210,6 +212,7 @@ struct MethodFile {
     max_trials: Option<i64>,
     max_time_s: Option<f64>,
     throttle_retries: Option<i64>,
+    kernels: Option<String>,
 }
 
 impl Grid {
@@ -609,6 +612,9 @@ fn describe_method(m: &MeasureMethod) -> String {
         );
     }
     let _ = write!(s, ", throttle retries {}", m.throttle_retries);
+    if m.kernels != KernelSelection::Both {
+        let _ = write!(s, ", kernels: {} only", m.kernels.as_str());
+    }
     s
 }
 
@@ -1137,6 +1143,16 @@ fn parse_method(file: Option<MethodFile>) -> Result<MeasureMethod, GridError> {
         }
         method.throttle_retries = r as u32;
     }
+    if let Some(kernels) = file.kernels {
+        method.kernels = KernelSelection::parse(kernels.trim().to_ascii_lowercase().as_str())
+            .ok_or_else(|| {
+                invalid(
+                    key("kernels"),
+                    format!("{kernels:?}"),
+                    "unknown kernel selection; use \"both\" (the default), \"optimized\" or \"baseline\"",
+                )
+            })?;
+    }
     Ok(method)
 }
 
@@ -1254,10 +1270,20 @@ mod tests {
         let g = grid_with(
             "[method]\nwarmup = 0\ntrials = 7\nl2 = \"cold\"\ntiming = \"graph\"\n\
              graph_launches = 4\ntarget_rse = 0.01\nmax_trials = 50\nmax_time_s = 2\n\
-             throttle_retries = 2",
+             throttle_retries = 2\nkernels = \"optimized\"",
         )
         .unwrap();
         let m = g.method();
+        assert_eq!(m.kernels, KernelSelection::Optimized);
+        // The selection is part of the case id, and the default leaves ids as they were.
+        let both = grid_with("").unwrap().expand();
+        let only = g.expand();
+        assert!(both
+            .iter()
+            .all(|c| !c.canonical_params().contains("kernels")));
+        assert!(only
+            .iter()
+            .all(|c| c.canonical_params().ends_with(";kernels=optimized")));
         assert_eq!((m.warmup, m.trials, m.graph_launches), (0, 7, 4));
         assert_eq!((m.l2, m.timing), (L2Mode::Cold, TimingMode::Graph));
         assert_eq!(
@@ -1303,6 +1329,7 @@ mod tests {
             ("quant_modes = [3]", "grid.quant_modes[0] = 3: expected a string"),
             ("quant_modes = []", "grid.quant_modes is empty"),
             ("[method]\ntrials = 0", "grid.method.trials = 0: trials must be >= 1"),
+            ("[method]\nkernels = \"fast\"", "grid.method.kernels = \"fast\": unknown kernel selection"),
             ("[method]\nwarmup = -1", "grid.method.warmup = -1: warmup must be in 0..="),
             ("[method]\nl2 = \"warm\"", "grid.method.l2 = \"warm\": unknown L2 mode"),
             ("[method]\ntiming = \"wall\"", "grid.method.timing = \"wall\": unknown timing mode"),

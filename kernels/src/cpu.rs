@@ -90,7 +90,9 @@ impl CpuBackend {
         probe: &mut dyn TelemetryProbe,
     ) -> Vec<KernelMeasurement> {
         let for_both = |status: Status, message: &str| {
-            KernelKind::ALL
+            case.method
+                .kernels
+                .kinds()
                 .iter()
                 .map(|&k| KernelMeasurement::not_timed(k, status, message))
                 .collect()
@@ -115,16 +117,22 @@ impl CpuBackend {
             bytes_per_call: bytes,
         };
 
-        let prepared = BaselineInputs::prepare(case, &inputs);
-        let baseline = timing.measure(KernelKind::Baseline, Dtype::Bf16, probe, || {
-            QuantizedOutput::Bf16(run_baseline(&dims, &inputs, &prepared))
-        });
-        drop(prepared);
         let threads = self.threads;
-        let optimized = timing.measure(KernelKind::Optimized, case.quant.out, probe, || {
-            run_optimized(&dims, case.quant.out, &inputs, threads)
-        });
-        vec![baseline, optimized]
+        let mut out = Vec::with_capacity(2);
+        for &kind in case.method.kernels.kinds() {
+            out.push(match kind {
+                KernelKind::Baseline => {
+                    let prepared = BaselineInputs::prepare(case, &inputs);
+                    timing.measure(kind, Dtype::Bf16, probe, || {
+                        QuantizedOutput::Bf16(run_baseline(&dims, &inputs, &prepared))
+                    })
+                }
+                KernelKind::Optimized => timing.measure(kind, case.quant.out, probe, || {
+                    run_optimized(&dims, case.quant.out, &inputs, threads)
+                }),
+            });
+        }
+        out
     }
 }
 

@@ -22,5 +22,6 @@ pub use measurement::{
 };
 pub use reference::{attention_f64, verify_output, QuantizedOutput, Verification};
 pub use workload::{
-    BenchCase, Dtype, KvLayout, KvPool, L2Mode, MeasureMethod, QuantMode, Scales, TimingMode,
+    BenchCase, Dtype, KernelSelection, KvLayout, KvPool, L2Mode, MeasureMethod, QuantMode, Scales,
+    TimingMode,
 };

@@ -4,6 +4,7 @@
 //! backends in this crate, the agent). Wire types live in `decodebench-proto` and convert to and
 //! from these at the edge.
 
+use crate::measurement::KernelKind;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -259,6 +260,53 @@ pub struct MeasureMethod {
     /// Re-measure a case whose trials ran under thermal or power throttling, up to this many times,
     /// after a cool-down.
     pub throttle_retries: u32,
+    /// Which kernels run (both by default; `optimized` alone makes a kernel-tuning sweep several
+    /// times shorter, since the baseline is the slow one).
+    #[serde(default)]
+    pub kernels: KernelSelection,
+}
+
+/// The kernels a case runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelSelection {
+    #[default]
+    Both,
+    Optimized,
+    Baseline,
+}
+
+impl KernelSelection {
+    pub const ALL: [KernelSelection; 3] = [
+        KernelSelection::Both,
+        KernelSelection::Optimized,
+        KernelSelection::Baseline,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelSelection::Both => "both",
+            KernelSelection::Optimized => "optimized",
+            KernelSelection::Baseline => "baseline",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KernelSelection> {
+        KernelSelection::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn includes(self, kind: KernelKind) -> bool {
+        self.kinds().contains(&kind)
+    }
+
+    /// The kernels to run, in the order they run.
+    pub fn kinds(self) -> &'static [KernelKind] {
+        match self {
+            KernelSelection::Both => &KernelKind::ALL,
+            KernelSelection::Optimized => &[KernelKind::Optimized],
+            KernelSelection::Baseline => &[KernelKind::Baseline],
+        }
+    }
 }
 
 impl Default for MeasureMethod {
@@ -273,6 +321,7 @@ impl Default for MeasureMethod {
             max_trials: 1000,
             max_time_s: 5.0,
             throttle_retries: 0,
+            kernels: KernelSelection::Both,
         }
     }
 }
@@ -331,7 +380,11 @@ impl BenchCase {
             m.max_trials,
             m.max_time_s,
             m.throttle_retries,
-        )
+        ) + &match m.kernels {
+            // Absent for the default, so ids from before the field existed stay the same.
+            KernelSelection::Both => String::new(),
+            k => format!(";kernels={}", k.as_str()),
+        }
     }
 
     /// Sets `id` from the parameters.

@@ -135,6 +135,11 @@ impl From<&k::MeasureMethod> for wire::MeasureMethod {
             max_trials: m.max_trials,
             max_time_s: m.max_time_s,
             throttle_retries: m.throttle_retries,
+            kernels: match m.kernels {
+                k::KernelSelection::Both => wire::KernelSelection::Both,
+                k::KernelSelection::Optimized => wire::KernelSelection::Optimized,
+                k::KernelSelection::Baseline => wire::KernelSelection::Baseline,
+            } as i32,
         }
     }
 }
@@ -162,6 +167,19 @@ impl TryFrom<wire::MeasureMethod> for k::MeasureMethod {
                 ))
             }
         };
+        let kernels = match wire::KernelSelection::try_from(m.kernels) {
+            Ok(wire::KernelSelection::Unspecified | wire::KernelSelection::Both) => {
+                k::KernelSelection::Both
+            }
+            Ok(wire::KernelSelection::Optimized) => k::KernelSelection::Optimized,
+            Ok(wire::KernelSelection::Baseline) => k::KernelSelection::Baseline,
+            Err(_) => {
+                return Err(ConvertError::new(
+                    "method.kernels",
+                    format!("unknown kernel selection {}", m.kernels),
+                ))
+            }
+        };
         if !m.max_time_s.is_finite() || m.max_time_s < 0.0 {
             return Err(ConvertError::new(
                 "method.max_time_s",
@@ -178,6 +196,7 @@ impl TryFrom<wire::MeasureMethod> for k::MeasureMethod {
             max_trials: m.max_trials,
             max_time_s: m.max_time_s,
             throttle_retries: m.throttle_retries,
+            kernels,
         })
     }
 }
@@ -508,6 +527,26 @@ mod tests {
         let w: wire::BenchCase = (&c).into();
         let back = k::BenchCase::try_from(w).unwrap();
         assert_eq!(c, back);
+    }
+
+    #[test]
+    fn kernel_selection_round_trips_and_unspecified_means_both() {
+        for kernels in k::KernelSelection::ALL {
+            let mut c = case();
+            c.method.kernels = kernels;
+            let c = c.with_id();
+            let back = k::BenchCase::try_from(wire::BenchCase::from(&c)).unwrap();
+            assert_eq!(back.method.kernels, kernels);
+        }
+        let mut w: wire::MeasureMethod = (&case().method).into();
+        w.kernels = wire::KernelSelection::Unspecified as i32;
+        let m = k::MeasureMethod::try_from(w).unwrap();
+        assert_eq!(m.kernels, k::KernelSelection::Both);
+        w.kernels = 42;
+        assert_eq!(
+            k::MeasureMethod::try_from(w).unwrap_err().field,
+            "method.kernels"
+        );
     }
 
     #[test]

@@ -98,45 +98,9 @@ impl FromStr for OutputFormat {
     }
 }
 
-/// Which kernels `compare` looks at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KernelSelection {
-    Optimized,
-    Baseline,
-    /// Both: a baseline kernel that moves too points at the machine (driver, clocks), not the code.
-    #[default]
-    Both,
-}
-
-impl KernelSelection {
-    pub fn includes(self, kind: decodebench_kernels::KernelKind) -> bool {
-        use decodebench_kernels::KernelKind;
-        matches!(
-            (self, kind),
-            (KernelSelection::Both, _)
-                | (KernelSelection::Optimized, KernelKind::Optimized)
-                | (KernelSelection::Baseline, KernelKind::Baseline)
-        )
-    }
-}
-
-impl FromStr for KernelSelection {
-    type Err = AnalysisError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "optimized" => Ok(KernelSelection::Optimized),
-            "baseline" => Ok(KernelSelection::Baseline),
-            "both" => Ok(KernelSelection::Both),
-            _ => Err(AnalysisError::InvalidOption {
-                option: "--kernel",
-                value: s.to_string(),
-                reason: "use optimized, baseline or both",
-            }),
-        }
-    }
-}
+/// Which kernels `compare` looks at (the same selection a grid's `[method] kernels` makes). With
+/// both, a baseline kernel that moves too points at the machine (driver, clocks), not the code.
+pub use decodebench_kernels::KernelSelection;
 
 /// How `report` groups rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]

@@ -266,8 +266,9 @@ impl CudaBackend {
         case: &BenchCase,
         probe: &mut dyn TelemetryProbe,
     ) -> Vec<KernelMeasurement> {
+        let kinds = case.method.kernels.kinds();
         let all = |status: Status, message: String| {
-            KernelKind::ALL
+            kinds
                 .iter()
                 .map(|&k| KernelMeasurement::not_timed(k, status, message.clone()))
                 .collect::<Vec<_>>()
@@ -288,7 +289,7 @@ impl CudaBackend {
         };
         let mut out = Vec::with_capacity(2);
         let mut device_error = false;
-        for kind in KernelKind::ALL {
+        for &kind in kinds {
             let outcome = match kind {
                 KernelKind::Baseline => self.run_baseline(case, &prepared, probe),
                 KernelKind::Optimized => self.run_optimized(case, &prepared, probe),
@@ -305,7 +306,7 @@ impl CudaBackend {
         drop(prepared);
         if device_error {
             self.discard_session();
-            for kind in KernelKind::ALL {
+            for &kind in kinds {
                 if !out.iter().any(|m| m.kernel == Some(kind)) {
                     out.push(KernelMeasurement::not_timed(
                         kind,
