@@ -7,6 +7,16 @@ use std::time::Duration;
 const REFERENCE_HEADER: &str = "batch_size,trtllm_mean,trtllm_std,baseline_mean,baseline_std,\
 speedup_percent,q_dtype,kv_cache_dtype,output_dtype,block_size,num_kv_heads,head_size,max_seq_len";
 
+/// `decodebench run` on the CPU backend for `grid`, writing to `out`, with `extra` flags.
+fn cpu_run_args(grid: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let (grid, out) = (grid.display().to_string(), out.display().to_string());
+    ["run", "--backend", "cpu", "--grid", &grid, "--out", &out]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+}
+
 #[test]
 fn run_on_the_cpu_writes_every_case_once_in_all_three_files() {
     let _serial = exclusive();
@@ -20,18 +30,7 @@ fn run_on_the_cpu_writes_every_case_once_in_all_three_files() {
         "the grid lists every case once"
     );
     let out = s.out();
-    let args: Vec<String> = [
-        "run",
-        "--backend",
-        "cpu",
-        "--grid",
-        &grid.display().to_string(),
-        "--out",
-        &out.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = cpu_run_args(&grid, &out, &[]);
     let mut run = Proc::spawn(&s, "run", &args);
     run.wait_success(Duration::from_secs(90));
 
@@ -127,20 +126,7 @@ fn kernels_optimized_runs_only_the_optimized_kernel() {
     let grid = s.grid(&spec);
     let default_ids = grid_case_ids(&grid);
     let out = s.out();
-    let args: Vec<String> = [
-        "run",
-        "--backend",
-        "cpu",
-        "--kernels",
-        "optimized",
-        "--grid",
-        &grid.display().to_string(),
-        "--out",
-        &out.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = cpu_run_args(&grid, &out, &["--kernels", "optimized"]);
     let mut run = Proc::spawn(&s, "run", &args);
     run.wait_success(Duration::from_secs(90));
 

@@ -63,6 +63,24 @@ fn timing_event(session: &DeviceSession) -> Result<CudaEvent, CudaError> {
         .map_err(CudaError::driver("creating a timing event"))
 }
 
+/// Milliseconds between CUDA events recorded before and after what `enqueue` puts on the stream
+/// (waits for it to finish).
+fn event_timed_ms(
+    session: &DeviceSession,
+    enqueue: impl FnOnce() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    let (start, end) = (timing_event(session)?, timing_event(session)?);
+    start
+        .record(&session.stream)
+        .map_err(CudaError::driver("recording a timing event"))?;
+    enqueue()?;
+    end.record(&session.stream)
+        .map_err(CudaError::driver("recording a timing event"))?;
+    Ok(start
+        .elapsed_ms(&end)
+        .map_err(CudaError::driver("reading a timing event"))? as f64)
+}
+
 /// Calls per batch and batches of [`quick_call_ms`].
 const QUICK_CALLS: usize = 5;
 const QUICK_BATCHES: usize = 3;
@@ -79,18 +97,12 @@ pub(crate) fn quick_call_ms(
     }
     let mut per_call = Vec::with_capacity(QUICK_BATCHES);
     for _ in 0..QUICK_BATCHES {
-        let (start, end) = (timing_event(session)?, timing_event(session)?);
-        start
-            .record(&session.stream)
-            .map_err(CudaError::driver("recording a timing event"))?;
-        for _ in 0..QUICK_CALLS {
-            call()?;
-        }
-        end.record(&session.stream)
-            .map_err(CudaError::driver("recording a timing event"))?;
-        let ms = start
-            .elapsed_ms(&end)
-            .map_err(CudaError::driver("reading a timing event"))? as f64;
+        let ms = event_timed_ms(session, || {
+            for _ in 0..QUICK_CALLS {
+                call()?;
+            }
+            Ok(())
+        })?;
         per_call.push(ms / QUICK_CALLS as f64);
     }
     per_call.sort_by(f64::total_cmp);
@@ -259,16 +271,7 @@ pub(crate) fn calibrate_read_bandwidth(session: &DeviceSession) -> Result<f64, C
     }
     let mut samples = Vec::with_capacity(CALIBRATION_REPEATS);
     for _ in 0..CALIBRATION_REPEATS {
-        let (start, end) = (timing_event(session)?, timing_event(session)?);
-        start
-            .record(&session.stream)
-            .map_err(CudaError::driver("recording a timing event"))?;
-        launch_stream_read(session, bp, bytes / 16, sp)?;
-        end.record(&session.stream)
-            .map_err(CudaError::driver("recording a timing event"))?;
-        let ms = start
-            .elapsed_ms(&end)
-            .map_err(CudaError::driver("reading a timing event"))? as f64;
+        let ms = event_timed_ms(session, || launch_stream_read(session, bp, bytes / 16, sp))?;
         samples.push(bytes as f64 / (ms * 1e-3) / 1e9);
     }
     samples.sort_by(f64::total_cmp);
