@@ -89,7 +89,7 @@ impl CpuBackend {
         case: &BenchCase,
         probe: &mut dyn TelemetryProbe,
     ) -> Vec<KernelMeasurement> {
-        let for_both = |status: Status, message: &str| {
+        let for_each_kernel = |status: Status, message: &str| {
             case.method
                 .kernels
                 .kinds()
@@ -98,14 +98,14 @@ impl CpuBackend {
                 .collect()
         };
         if let Some(reason) = case.quant.unsupported_reason() {
-            return for_both(Status::Skipped, &reason);
+            return for_each_kernel(Status::Skipped, &reason);
         }
         let inputs = match generate_host_inputs(case) {
             Ok(inputs) => inputs,
-            Err(e) => return for_both(Status::Failed, &e.to_string()),
+            Err(e) => return for_each_kernel(Status::Failed, &e.to_string()),
         };
         let Ok(dims) = CaseDims::of(case) else {
-            return for_both(Status::Failed, "case dimensions are invalid");
+            return for_each_kernel(Status::Failed, "case dimensions are invalid");
         };
         let reference = attention_f64(case, &inputs);
         let bytes = case.logical_bytes(&inputs.seq_lens);

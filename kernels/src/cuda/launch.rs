@@ -531,40 +531,29 @@ pub(crate) fn launch_generate_kv(
         case.block_size as i32,
         case.head_size as i32,
     );
-    let cfg = elementwise_cfg(session, n);
-    if case.quant.kv == Dtype::Fp8 {
-        let name = "generate_kv_fp8";
-        let f = session.function(name).ok_or_else(|| missing(name))?;
-        let mut b = session.stream.launch_builder(f);
-        b.arg(&out)
-            .arg(&n)
-            .arg(&seed)
-            .arg(&stream_salt)
-            .arg(&nhd)
-            .arg(&h)
-            .arg(&blk)
-            .arg(&d)
-            .arg(&k_scale)
-            .arg(&v_scale);
-        // SAFETY: generate_kv_fp8(u8*, u64, u64, u64, int, int, int, int, float, float); `out`
-        // holds n bytes.
-        unsafe { b.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
+    let fp8 = case.quant.kv == Dtype::Fp8;
+    let name = if fp8 {
+        "generate_kv_fp8"
     } else {
-        let name = "generate_kv_bf16";
-        let f = session.function(name).ok_or_else(|| missing(name))?;
-        let mut b = session.stream.launch_builder(f);
-        b.arg(&out)
-            .arg(&n)
-            .arg(&seed)
-            .arg(&stream_salt)
-            .arg(&nhd)
-            .arg(&h)
-            .arg(&blk)
-            .arg(&d);
-        // SAFETY: generate_kv_bf16(u16*, u64, u64, u64, int, int, int, int); `out` holds n
-        // bf16 elements.
-        unsafe { b.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
+        "generate_kv_bf16"
+    };
+    let f = session.function(name).ok_or_else(|| missing(name))?;
+    let mut b = session.stream.launch_builder(f);
+    b.arg(&out)
+        .arg(&n)
+        .arg(&seed)
+        .arg(&stream_salt)
+        .arg(&nhd)
+        .arg(&h)
+        .arg(&blk)
+        .arg(&d);
+    if fp8 {
+        b.arg(&k_scale).arg(&v_scale);
     }
+    // SAFETY: generate_kv_bf16(u16*, u64, u64, u64, int, int, int, int) or generate_kv_fp8(u8*,
+    // the same, float k_scale, float v_scale); `out` holds n elements of the cache dtype.
+    unsafe { b.launch(elementwise_cfg(session, n)) }
+        .map_err(CudaError::driver(format!("launching {name}")))?;
     Ok(())
 }
 

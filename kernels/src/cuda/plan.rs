@@ -381,6 +381,8 @@ mod tests {
         let lens = vec![10u32, 20, 30];
         let plan = plan_splits(&lens, 1, 10_000, 4, MIN_CHUNK_TOKENS);
         assert!(plan.direct);
+        // One kv head: both launch orders are the same list (the backend then times neither).
+        assert_eq!(plan.launch_list(LaunchOrder::HeadMajor), plan.launch);
         covers_every_token(&plan, &lens);
     }
 }
