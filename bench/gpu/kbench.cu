@@ -44,9 +44,33 @@
 // Variants
 // ------------------------------------------------------------------------------------------
 
-template <int D, int NH, bool QF, bool KF, int OUT, int W, int TPW, int STG>
+template <int D, int NH, bool QF, bool KF, int OUT, int W, int TPW, int STG, bool EARLY>
 __global__ void __launch_bounds__(W * 32) k_tc(AttnParams p) {
-    decode_mma<D, NH, QF, KF, OUT, W, TPW, STG>(p);
+    decode_mma<D, NH, QF, KF, OUT, W, TPW, STG, EARLY>(p);
+}
+
+// The merge as it was before the split-parallel version (one thread per dim walks every split in
+// turn), kept here to compare against.
+template <int D, int OUT>
+__global__ void merge_serial(AttnParams p) {
+    __shared__ float row[D];
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int first = p.split_offsets[b], last = p.split_offsets[b + 1];
+    float mm = -DB_INF;
+    for (int i = first; i < last; ++i) mm = fmaxf(mm, p.partial_lse[(i64)i * p.num_qo_heads + h]);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float num = 0.0f, den = 0.0f;
+        for (int i = first; i < last; ++i) {
+            const i64 prow = (i64)i * p.num_qo_heads + h;
+            const float lse = p.partial_lse[prow];
+            const float w = (lse == -DB_INF) ? 0.0f : exp2f(lse - mm);
+            den += w;
+            num += w * p.partial_o[prow * D + d];
+        }
+        row[d] = den > 0.0f ? num / den : 0.0f;
+    }
+    __syncthreads();
+    store_output_rows<OUT>(p, row, 1, b, h, threadIdx.x, blockDim.x);
 }
 
 struct Mode {
@@ -71,25 +95,31 @@ struct Variant {
     int min_chunk = 128;
     int overhead = 192;
     int order = 2;  // launch order: 0 = sequence order, 1 = longest first, 2 = head by head, longest first
+    int merge = 1;  // 0 = none (timing diagnostic only: the output is wrong), 1 = split-parallel, 2 = serial
+    bool pdl = false;  // merge launched as a programmatic dependent of the decode kernel
 };
 
-template <int W, int TPW, int STG_BF16, int STG_FP8>
+template <int W, int TPW, int STG_BF16, int STG_FP8, bool EARLY = true>
 static Kernel tc(int mode) {
     constexpr int ST = W * 16 * TPW;
     const bool kf = MODES[mode].kf;
     const int stages = kf ? STG_FP8 : STG_BF16;
     const int pipe = stages * 2 * ST * 128 * (kf ? 1 : 2);
     const int merge = (W * 8 * 128 + 2 * W * 8 + 8 * 128) * 4;
-    const void* f[5] = {(const void*)k_tc<128, 1, false, false, OUT_BF16, W, TPW, STG_BF16>,
-                        (const void*)k_tc<128, 1, false, true, OUT_BF16, W, TPW, STG_FP8>,
-                        (const void*)k_tc<128, 1, true, true, OUT_BF16, W, TPW, STG_FP8>,
-                        (const void*)k_tc<128, 1, true, true, OUT_FP8, W, TPW, STG_FP8>,
-                        (const void*)k_tc<128, 1, true, true, OUT_NVFP4, W, TPW, STG_FP8>};
+    const void* f[5] = {(const void*)k_tc<128, 1, false, false, OUT_BF16, W, TPW, STG_BF16, EARLY>,
+                        (const void*)k_tc<128, 1, false, true, OUT_BF16, W, TPW, STG_FP8, EARLY>,
+                        (const void*)k_tc<128, 1, true, true, OUT_BF16, W, TPW, STG_FP8, EARLY>,
+                        (const void*)k_tc<128, 1, true, true, OUT_FP8, W, TPW, STG_FP8, EARLY>,
+                        (const void*)k_tc<128, 1, true, true, OUT_NVFP4, W, TPW, STG_FP8, EARLY>};
     return {f[mode], W * 32, ST, std::max(pipe, merge)};
 }
 
-static const void* merge_fn(int mode) {
+static const void* merge_fn(int mode, int which) {
     const int out = MODES[mode].out;
+    if (which == 2)
+        return out == OUT_BF16 ? (const void*)merge_serial<128, OUT_BF16>
+                               : out == OUT_FP8 ? (const void*)merge_serial<128, OUT_FP8>
+                                                : (const void*)merge_serial<128, OUT_NVFP4>;
     return out == OUT_BF16 ? (const void*)merge_d128_bf16
                            : out == OUT_FP8 ? (const void*)merge_d128_fp8 : (const void*)merge_d128_nvfp4;
 }
@@ -300,12 +330,22 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     p.partial_lse = plse;
     p.direct = pl.direct ? 1 : 0;
     void* args[] = {&p};
-    const void* mfn = merge_fn(mode);
+    const void* mfn = merge_fn(mode, v.merge);
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     auto launch = [&]() {
         CK(cudaLaunchKernel(k.fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), args, k.smem, s));
-        if (!pl.direct) CK(cudaLaunchKernel(mfn, dim3(QO, batch), dim3(128), args, 0, s));
+        if (pl.direct || v.merge == 0) return;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(QO, batch);
+        cfg.blockDim = dim3(128);
+        cfg.stream = s;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = v.pdl ? 1 : 0;
+        CK(cudaLaunchKernelExC(&cfg, mfn, args));
     };
     launch();
     CK(cudaStreamSynchronize(s));
@@ -407,21 +447,23 @@ int main(int argc, char** argv) {
     // The production configuration in both launch orders (decodebench times both on each case
     // and keeps the faster), then alternatives.
     std::vector<Variant> variants;
-    {
-        Variant v{"tc4x1_s2/4_lf", tc<4, 1, 2, 4>};
-        v.order = 1;
+    auto add = [&](const char* name, std::function<Kernel(int)> get, int order, int merge, bool pdl) {
+        Variant v{name, get};
+        v.order = order;
+        v.merge = merge;
+        v.pdl = pdl;
         variants.push_back(v);
-    }
-    variants.push_back({"tc4x1_s2/4_hm", tc<4, 1, 2, 4>});
-    {
-        Variant v{"tc4x1_s2/4_lf_c256", tc<4, 1, 2, 4>};
-        v.order = 1;
-        v.min_chunk = 256;
-        v.overhead = 256;
-        variants.push_back(v);
-    }
-    variants.push_back({"tc4x1_s3/4_hm", tc<4, 1, 3, 4>});
-    variants.push_back({"tc2x1_s3/4_hm", tc<2, 1, 3, 4>});
+    };
+    // The previous production configuration in both launch orders (decodebench times both on each
+    // case and keeps the faster), then the changes one at a time, then together.
+    add("old_lf", tc<4, 1, 2, 4, false>, 1, 2, false);
+    add("old_hm", tc<4, 1, 2, 4, false>, 2, 2, false);
+    add("early_lf", tc<4, 1, 2, 4, true>, 1, 2, false);
+    add("pmerge_lf", tc<4, 1, 2, 4, false>, 1, 1, false);
+    add("pdl_lf", tc<4, 1, 2, 4, false>, 1, 2, true);
+    add("nomerge_lf", tc<4, 1, 2, 4, false>, 1, 0, false);
+    add("new_lf", tc<4, 1, 2, 4, true>, 1, 1, true);
+    add("new_hm", tc<4, 1, 2, 4, true>, 2, 1, true);
     std::vector<int> modes;
     for (const char* m = mode_arg; *m; ++m)
         if (*m >= '0' && *m <= '4') modes.push_back(*m - '0');
@@ -440,6 +482,7 @@ int main(int argc, char** argv) {
                 for (size_t vi = 0; vi < variants.size(); ++vi) {
                     const Variant& v = variants[vi];
                     if (*filter && v.name.find(filter) == std::string::npos && vi != 0) continue;
+                    if (v.merge == 0 && MODES[mode].out != OUT_BF16) continue;
                     Run r = run_variant(dev, c, mode, v, 20);
                     double maxerr = -1, refmax = 0;
                     if (!ref.empty()) {

@@ -215,6 +215,24 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
+// Programmatic dependent launch (sm_90+). A kernel launched with the programmatic-serialization
+// attribute may start before the kernel ahead of it in the stream has finished;
+// grid_dependency_wait() blocks until that kernel has completed and its writes are visible, and
+// grid_dependency_launch() (in the kernel ahead) lets the dependent start once every CTA has
+// called it or exited. Both are no-ops when the launch did not ask for PDL, and compile to
+// nothing before sm_90.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_dependency_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Output stores: rows of final attention output (already scaled, f32 in shared memory) written
 // in the output dtype. Rows are consecutive qo heads h0.. of sequence b.

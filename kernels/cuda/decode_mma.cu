@@ -134,7 +134,7 @@ __device__ __forceinline__ u32 movmatrix_trans(u32 x) {
     return r;
 }
 
-template <int D, int NH, bool Q_FP8, bool KV_FP8, int OUT, int WARPS, int TPW, int STAGES>
+template <int D, int NH, bool Q_FP8, bool KV_FP8, int OUT, int WARPS, int TPW, int STAGES, bool EARLY_PAGES = true>
 __device__ void decode_mma(const AttnParams& p) {
     constexpr bool F16 = KV_FP8;
     constexpr int ESIZE = KV_FP8 ? 1 : 2;
@@ -153,6 +153,8 @@ __device__ void decode_mma(const AttnParams& p) {
     static_assert(STAGES >= 2, "at least double buffering");
 
     extern __shared__ __align__(128) u8 smem[];
+    // The merge kernel (split plans) may launch as soon as every CTA of this grid is running.
+    grid_dependency_launch();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int tq = lane & 3, g = lane >> 2;
     const int mi = lane >> 3, mr = lane & 7;
@@ -164,22 +166,6 @@ __device__ void decode_mma(const AttnParams& p) {
     const int slot_mask = (1 << p.block_shift) - 1;
     const u8* cache = (const u8*)p.kv;
     const float kv_raw = KV_FP8 ? MMA_E4M3_F16_SCALE : 1.0f;
-
-    // Query as B fragments: b0 = (k 2t, 2t+1; head g), b1 = (k 2t+8, 2t+9; head g). For e4m3
-    // caches the k order within a 16-dim step is dims 4t..4t+3 (see the K loads).
-    u32 qb[KSTEPS][NH][2];
-#pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk) {
-#pragma unroll
-        for (int nh = 0; nh < NH; ++nh) {
-            const int h = nh * 8 + g;
-            const int d0 = KV_FP8 ? kk * 16 + 4 * tq : kk * 16 + 2 * tq;
-            const int d1 = KV_FP8 ? d0 + 2 : d0 + 8;
-            qb[kk][nh][0] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, h, d0), mma_q<Q_FP8>(p, b, kv_head, h, d0 + 1));
-            qb[kk][nh][1] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, h, d1), mma_q<Q_FP8>(p, b, kv_head, h, d1 + 1));
-        }
-    }
-    const float qk_scale = p.q_scale * p.k_scale * p.sm_scale * DB_LOG2E * kv_raw;
 
     const int n_tokens = t_end - t_begin;
     const int n_iter = (n_tokens + ST - 1) / ST;
@@ -209,14 +195,37 @@ __device__ void decode_mma(const AttnParams& p) {
         }
     };
 
-    int pg = page_of(0);
+    // The first stages' copies go out before the query is read (EARLY_PAGES): the block-table
+    // load, then the copies, are the CTA's critical path, and the query's loads overlap them.
+    int pg = 0;
+    auto prologue = [&]() {
+        pg = page_of(0);
 #pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        const int pn = page_of(st + 1);
-        if (st < n_iter) issue(st, pg);
-        cp_async_commit();
-        pg = pn;
+        for (int st = 0; st < STAGES - 1; ++st) {
+            const int pn = page_of(st + 1);
+            if (st < n_iter) issue(st, pg);
+            cp_async_commit();
+            pg = pn;
+        }
+    };
+    if (EARLY_PAGES) prologue();
+    // Query as B fragments: b0 = (k 2t, 2t+1; head g), b1 = (k 2t+8, 2t+9; head g). For e4m3
+    // caches the k order within a 16-dim step is dims 4t..4t+3 (see the K loads).
+    u32 qb[KSTEPS][NH][2];
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+        for (int nh = 0; nh < NH; ++nh) {
+            const int h = nh * 8 + g;
+            const int d0 = KV_FP8 ? kk * 16 + 4 * tq : kk * 16 + 2 * tq;
+            const int d1 = KV_FP8 ? d0 + 2 : d0 + 8;
+            qb[kk][nh][0] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, h, d0), mma_q<Q_FP8>(p, b, kv_head, h, d0 + 1));
+            qb[kk][nh][1] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, h, d1), mma_q<Q_FP8>(p, b, kv_head, h, d1 + 1));
+        }
     }
+    const float qk_scale = p.q_scale * p.k_scale * p.sm_scale * DB_LOG2E * kv_raw;
+
+    if (!EARLY_PAGES) prologue();
 
     float m[NH][2], lsum[NH][2];
     float o[MT][NH][4];

@@ -5,6 +5,7 @@ use super::device::DeviceSession;
 use super::plan::WorkItem;
 use super::CudaError;
 use crate::workload::{BenchCase, Dtype, KvLayout};
+use cudarc::driver::sys;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// Tokens each tz slice handles per pipeline stage (`DEC_TILE` in decode.cu).
@@ -35,6 +36,10 @@ pub(crate) const BASELINE_THREADS: u32 = 128;
 pub(crate) const REFERENCE_THREADS: u32 = 256;
 /// Threads of the merge kernel.
 const MERGE_THREADS: u32 = 128;
+/// Compute capability from which the merge is launched as a programmatic dependent of the decode
+/// kernel (PDL, `griddepcontrol` in the kernels): its CTAs start while the decode kernel's last
+/// ones run, which hides most of a second launch (on an H200, b=1 s=4096: 9 % of the call).
+const PDL_MIN_COMPUTE_MAJOR: i32 = 9;
 /// Threads per block of the element-wise kernels (generation, dequantization).
 const ELEMENTWISE_THREADS: u32 = 256;
 /// Blocks per SM of the grid-stride element-wise kernels: enough to saturate memory.
@@ -412,8 +417,66 @@ pub(crate) fn launch_decode(
             block_dim: (MERGE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch_params(session, &names.merge, cfg, params)?;
+        if session.props.compute_major >= PDL_MIN_COMPUTE_MAJOR {
+            launch_params_dependent(session, &names.merge, cfg, params)?;
+        } else {
+            launch_params(session, &names.merge, cfg, params)?;
+        }
     }
+    Ok(())
+}
+
+/// Launches a kernel taking one `AttnParams` as a programmatic dependent of the kernel before it
+/// in the stream (sm_90+): it may start before that kernel ends, and must call
+/// `grid_dependency_wait()` before reading what that kernel wrote (merge_partials does).
+fn launch_params_dependent(
+    session: &DeviceSession,
+    name: &str,
+    cfg: LaunchConfig,
+    params: &AttnParams,
+) -> Result<(), CudaError> {
+    let f = session.function(name).ok_or_else(|| missing(name))?;
+    let context = || format!("launching {name} (programmatic dependent launch)");
+    session
+        .ctx
+        .bind_to_thread()
+        .map_err(CudaError::driver(context()))?;
+    // SAFETY: the attribute value is a plain C union; zeroed, then its PDL field set.
+    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+    value.programmaticStreamSerializationAllowed = 1;
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value,
+    };
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: session.stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut arg = *params;
+    let mut args = [(&mut arg as *mut AttnParams).cast::<std::ffi::c_void>()];
+    // SAFETY: the kernel takes exactly one `AttnParams` by value (`args` points at a copy that
+    // outlives the call, which copies it); its pointers are live device buffers of the sizes the
+    // case implies, as for `launch_params`; `config` and `attr` outlive the call; the stream and
+    // function belong to the session's context, bound to this thread above.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(CudaError::driver(context()))?;
     Ok(())
 }
 
