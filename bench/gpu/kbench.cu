@@ -30,6 +30,11 @@
 #include "../../kernels/cuda/decode.cu"
 #define DB_NO_KERNEL_EXPORTS  // only the variants below are instantiated from decode_mma.cu
 #include "../../kernels/cuda/decode_mma.cu"
+// The previous version of the kernel for A/B runs, when one was extracted (see kbench.sh).
+#if __has_include("prev/decode_mma_prev.cu")
+#include "prev/decode_mma_prev.cu"
+#define KBENCH_HAVE_PREV 1
+#endif
 
 #define CK(x)                                                                               \
     do {                                                                                    \
@@ -44,9 +49,16 @@
 // Variants
 // ------------------------------------------------------------------------------------------
 
-template <int D, int NH, bool QF, bool KF, int OUT, int W, int TPW, int STG, bool EARLY>
+// PREV: the previous version of the kernel (prev/decode_mma_prev.cu) instead of the current one.
+template <int D, int NH, bool QF, bool KF, int OUT, int W, int TPW, int STG, bool PREV>
 __global__ void __launch_bounds__(W * 32) k_tc(AttnParams p) {
-    decode_mma<D, NH, QF, KF, OUT, W, TPW, STG, EARLY>(p);
+#ifdef KBENCH_HAVE_PREV
+    if (PREV) {
+        decode_mma_prev<D, NH, QF, KF, OUT, W, TPW, STG>(p);
+        return;
+    }
+#endif
+    decode_mma<D, NH, QF, KF, OUT, W, TPW, STG>(p);
 }
 
 // The merge as it was before the split-parallel version (one thread per dim walks every split in
@@ -99,18 +111,18 @@ struct Variant {
     bool pdl = false;  // merge launched as a programmatic dependent of the decode kernel
 };
 
-template <int W, int TPW, int STG_BF16, int STG_FP8, bool EARLY = true>
+template <int W, int TPW, int STG_BF16, int STG_FP8, bool PREV = false>
 static Kernel tc(int mode) {
     constexpr int ST = W * 16 * TPW;
     const bool kf = MODES[mode].kf;
     const int stages = kf ? STG_FP8 : STG_BF16;
     const int pipe = stages * 2 * ST * 128 * (kf ? 1 : 2);
     const int merge = (W * 8 * 128 + 2 * W * 8 + 8 * 128) * 4;
-    const void* f[5] = {(const void*)k_tc<128, 1, false, false, OUT_BF16, W, TPW, STG_BF16, EARLY>,
-                        (const void*)k_tc<128, 1, false, true, OUT_BF16, W, TPW, STG_FP8, EARLY>,
-                        (const void*)k_tc<128, 1, true, true, OUT_BF16, W, TPW, STG_FP8, EARLY>,
-                        (const void*)k_tc<128, 1, true, true, OUT_FP8, W, TPW, STG_FP8, EARLY>,
-                        (const void*)k_tc<128, 1, true, true, OUT_NVFP4, W, TPW, STG_FP8, EARLY>};
+    const void* f[5] = {(const void*)k_tc<128, 1, false, false, OUT_BF16, W, TPW, STG_BF16, PREV>,
+                        (const void*)k_tc<128, 1, false, true, OUT_BF16, W, TPW, STG_FP8, PREV>,
+                        (const void*)k_tc<128, 1, true, true, OUT_BF16, W, TPW, STG_FP8, PREV>,
+                        (const void*)k_tc<128, 1, true, true, OUT_FP8, W, TPW, STG_FP8, PREV>,
+                        (const void*)k_tc<128, 1, true, true, OUT_NVFP4, W, TPW, STG_FP8, PREV>};
     return {f[mode], W * 32, ST, std::max(pipe, merge)};
 }
 
@@ -454,16 +466,14 @@ int main(int argc, char** argv) {
         v.pdl = pdl;
         variants.push_back(v);
     };
-    // The previous production configuration in both launch orders (decodebench times both on each
-    // case and keeps the faster), then the changes one at a time, then together.
-    add("old_lf", tc<4, 1, 2, 4, false>, 1, 2, false);
-    add("old_hm", tc<4, 1, 2, 4, false>, 2, 2, false);
-    add("early_lf", tc<4, 1, 2, 4, true>, 1, 2, false);
-    add("pmerge_lf", tc<4, 1, 2, 4, false>, 1, 1, false);
-    add("pdl_lf", tc<4, 1, 2, 4, false>, 1, 2, true);
-    add("nomerge_lf", tc<4, 1, 2, 4, false>, 1, 0, false);
-    add("new_lf", tc<4, 1, 2, 4, true>, 1, 1, true);
-    add("new_hm", tc<4, 1, 2, 4, true>, 2, 1, true);
+    // The previous kernel in both launch orders (decodebench times both on each case and keeps
+    // the faster), then the current one.
+#ifdef KBENCH_HAVE_PREV
+    add("prev_lf", tc<4, 1, 2, 4, true>, 1, 1, true);
+    add("prev_hm", tc<4, 1, 2, 4, true>, 2, 1, true);
+#endif
+    add("cur_lf", tc<4, 1, 2, 4>, 1, 1, true);
+    add("cur_hm", tc<4, 1, 2, 4>, 2, 1, true);
     std::vector<int> modes;
     for (const char* m = mode_arg; *m; ++m)
         if (*m >= '0' && *m <= '4') modes.push_back(*m - '0');
@@ -481,7 +491,7 @@ int main(int argc, char** argv) {
                 std::vector<u8> base_out;
                 for (size_t vi = 0; vi < variants.size(); ++vi) {
                     const Variant& v = variants[vi];
-                    if (*filter && v.name.find(filter) == std::string::npos && vi != 0) continue;
+                    if (*filter && v.name.find(filter) == std::string::npos) continue;
                     if (v.merge == 0 && MODES[mode].out != OUT_BF16) continue;
                     Run r = run_variant(dev, c, mode, v, 20);
                     double maxerr = -1, refmax = 0;
@@ -495,7 +505,7 @@ int main(int argc, char** argv) {
                         }
                         maxerr = e / std::max(refmax, 1e-30);
                     }
-                    if (vi == 0) base_out = r.out;
+                    if (base_out.empty()) base_out = r.out;  // diffB: against the first variant run
                     size_t diff = 0;
                     for (size_t i = 0; i < r.out.size(); ++i) diff += r.out[i] != base_out[i];
                     double tbs = c.bytes[MODES[mode].kf] / (r.ms * 1e-3) / 1e12;

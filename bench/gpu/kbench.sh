@@ -15,7 +15,7 @@ tail -12 "$OUT/kbench.txt"
 if [ -n "${KBENCH_NCU:-}" ]; then
   # KBENCH_NCU="variant mode batch seq"
   set -- $KBENCH_NCU
-  timeout 200 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+  timeout 200 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section SchedulerStats --section InstructionStats -k regex:"k_tc" -c 1 \
       /tmp/kbench "$1" "$2" "$3" "$4" > "$OUT/ncu.txt" 2>&1; echo "ncu exit $?"
   grep -E "k_tc|decode_mma|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Block Limit|Stall|Issued Ipc|No Eligible|Eligible Warps" "$OUT/ncu.txt" | head -60

@@ -52,11 +52,11 @@ __device__ __forceinline__ void ldsm_x4_trans(u32 addr, u32* r) {
                  : "r"(addr));
 }
 
-// 16-byte async copy that zero-fills the destination when `valid` is false.
-__device__ __forceinline__ void cp_async16_zfill(void* smem_dst, const void* gmem_src, bool valid) {
-    u32 dst = smem_u32(smem_dst);
+// 16-byte async copy to a shared-memory address that zero-fills the destination (and reads
+// nothing) when `valid` is false.
+__device__ __forceinline__ void cp_async16_zfill(u32 smem_dst, const void* gmem_src, bool valid) {
     int src_size = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem_src), "r"(src_size));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_dst), "l"(gmem_src), "r"(src_size));
 }
 
 template <bool F16>
@@ -134,7 +134,7 @@ __device__ __forceinline__ u32 movmatrix_trans(u32 x) {
     return r;
 }
 
-template <int D, int NH, bool Q_FP8, bool KV_FP8, int OUT, int WARPS, int TPW, int STAGES, bool EARLY_PAGES = true>
+template <int D, int NH, bool Q_FP8, bool KV_FP8, int OUT, int WARPS, int TPW, int STAGES>
 __device__ void decode_mma(const AttnParams& p) {
     constexpr bool F16 = KV_FP8;
     constexpr int ESIZE = KV_FP8 ? 1 : 2;
@@ -173,42 +173,53 @@ __device__ void decode_mma(const AttnParams& p) {
     // Each warp loads its own rows of every stage (the rows it computes on), so warps never wait
     // for each other inside the loop. Lane l holds the page of token l of the warp's next tile;
     // a copy instruction covers ROWS_PER_COPY whole rows (coalesced 16-byte chunks).
+    //
+    // Addresses: everything but the page and the slot is fixed for the CTA, so it is computed once
+    // here, in 32 bits where it fits (a page of every kv head's K and V is far below 4 GiB), and
+    // the page enters as one 32x32->64-bit multiply-add. Shared-memory offsets (copies and
+    // ldmatrix) are fixed per stage too. The main loop is issue-bound for e4m3 caches, so this
+    // arithmetic is what it saves.
     const int wrow = warp * WTOK;
     const int lrow = lane / NC, lcol = lane % NC;
-    const i64 half_bytes = p.half_stride * ESIZE;
+    const u32 page_bytes = (u32)(p.page_stride * ESIZE);
+    const u32 slot_bytes = (u32)(p.slot_stride * ESIZE);
+    const u32 half_bytes = (u32)(p.half_stride * ESIZE);
+    const u32 lane_bytes = (u32)(kv_head * p.head_stride * ESIZE) + (u32)lcol * 16u;
+    const u32 smem_base = smem_u32(smem);
+    u32 copy_dst[COPIES];
+#pragma unroll
+    for (int k = 0; k < COPIES; ++k) copy_dst[k] = (u32)mma_swz(wrow + k * ROWS_PER_COPY + lrow, lcol, NC);
     auto page_of = [&](int it) -> int {
         const int t = t_begin + it * ST + wrow + lane;
         return (lane < WTOK && t < t_end) ? __ldg(bt + (t >> p.block_shift)) : -1;
     };
     auto issue = [&](int it, int pages) {
-        u8* dst = smem + (it % STAGES) * STAGE_BYTES;
+        const u32 dst = smem_base + (u32)((it % STAGES) * STAGE_BYTES);
         const int tw = t_begin + it * ST + wrow;
 #pragma unroll
         for (int k = 0; k < COPIES; ++k) {
             const int r = k * ROWS_PER_COPY + lrow;
             const int page = __shfl_sync(0xffffffffu, pages, r);
             const bool valid = page >= 0;
-            const u8* src = valid ? cache + kv_row_offset(p, page, 0, kv_head, (tw + r) & slot_mask) * ESIZE + lcol * 16 : cache;
-            const int so = mma_swz(wrow + r, lcol, NC);
-            cp_async16_zfill(dst + so, src, valid);
-            cp_async16_zfill(dst + ST * RB + so, src + (valid ? half_bytes : 0), valid);
+            // An out-of-range row reads nothing (zero-fill) from page 0's address.
+            const u8* src = cache + (u64)(u32)max(page, 0) * page_bytes +
+                            (lane_bytes + (u32)((tw + r) & slot_mask) * slot_bytes);
+            cp_async16_zfill(dst + copy_dst[k], src, valid);
+            cp_async16_zfill(dst + copy_dst[k] + (u32)(ST * RB), src + half_bytes, valid);
         }
     };
 
-    // The first stages' copies go out before the query is read (EARLY_PAGES): the block-table
-    // load, then the copies, are the CTA's critical path, and the query's loads overlap them.
-    int pg = 0;
-    auto prologue = [&]() {
-        pg = page_of(0);
+    // The first stages' copies go out before the query is read: the block-table load, then the
+    // copies, are the CTA's critical path, and the query's loads overlap them.
+    int pg = page_of(0);
 #pragma unroll
-        for (int st = 0; st < STAGES - 1; ++st) {
-            const int pn = page_of(st + 1);
-            if (st < n_iter) issue(st, pg);
-            cp_async_commit();
-            pg = pn;
-        }
-    };
-    if (EARLY_PAGES) prologue();
+    for (int st = 0; st < STAGES - 1; ++st) {
+        const int pn = page_of(st + 1);
+        if (st < n_iter) issue(st, pg);
+        cp_async_commit();
+        pg = pn;
+    }
+
     // Query as B fragments: b0 = (k 2t, 2t+1; head g), b1 = (k 2t+8, 2t+9; head g). For e4m3
     // caches the k order within a 16-dim step is dims 4t..4t+3 (see the K loads).
     u32 qb[KSTEPS][NH][2];
@@ -225,7 +236,24 @@ __device__ void decode_mma(const AttnParams& p) {
     }
     const float qk_scale = p.q_scale * p.k_scale * p.sm_scale * DB_LOG2E * kv_raw;
 
-    if (!EARLY_PAGES) prologue();
+    // ldmatrix offsets within a stage: K fragments (per pair of e4m3 k-steps, or per bf16
+    // k-step) and V fragments (per pair of e4m3 16-byte chunks, or per bf16 16-dim slice).
+    constexpr int KFRAGS = KV_FP8 ? (KSTEPS + 1) / 2 : KSTEPS;
+    constexpr int VFRAGS = KV_FP8 ? NC / 2 : MT;
+    u32 k_off[TPW][KFRAGS], v_off[TPW][VFRAGS];
+#pragma unroll
+    for (int j = 0; j < TPW; ++j) {
+#pragma unroll
+        for (int f = 0; f < KFRAGS; ++f) {
+            const int row = wrow + j * 16 + (mi & 1) * 8 + mr;
+            k_off[j][f] = (u32)mma_swz(row, KV_FP8 ? 2 * f + (mi >> 1) : 2 * f + (mi >> 1), NC);
+        }
+#pragma unroll
+        for (int f = 0; f < VFRAGS; ++f) {
+            const int row = KV_FP8 ? wrow + j * 16 + (mi & 1) * 8 + mr : wrow + j * 16 + (mi >> 1) * 8 + mr;
+            v_off[j][f] = (u32)mma_swz(row, KV_FP8 ? 2 * f + (mi >> 1) : 2 * f + (mi & 1), NC) + (u32)(ST * RB);
+        }
+    }
 
     float m[NH][2], lsum[NH][2];
     float o[MT][NH][4];
@@ -249,8 +277,7 @@ __device__ void decode_mma(const AttnParams& p) {
             cp_async_commit();
             pg = pn;
         }
-        const u8* kb = smem + (it % STAGES) * STAGE_BYTES;
-        const u8* vb = kb + ST * RB;
+        const u32 stage = smem_base + (u32)((it % STAGES) * STAGE_BYTES);
 
         // S^T for TPW tiles of 16 tokens: s[j][nh][c], c0/c1 = token g, c2/c3 = token g+8.
         float s[TPW][NH][4];
@@ -264,8 +291,7 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
                 for (int j = 0; j < TPW; ++j) {
                     u32 r[4];
-                    const int row = wrow + j * 16 + (mi & 1) * 8 + mr;
-                    ldsm_x4(smem_u32(kb + mma_swz(row, kk + (mi >> 1), NC)), r);
+                    ldsm_x4(stage + k_off[j][kk / 2], r);
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         if (kk + h < KSTEPS) {
@@ -286,8 +312,7 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
                 for (int j = 0; j < TPW; ++j) {
                     u32 a[4];
-                    const int row = wrow + j * 16 + (mi & 1) * 8 + mr;
-                    ldsm_x4(smem_u32(kb + mma_swz(row, 2 * kk + (mi >> 1), NC)), a);
+                    ldsm_x4(stage + k_off[j][kk], a);
 #pragma unroll
                     for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk][nh][0], qb[kk][nh][1]);
                 }
@@ -362,8 +387,7 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
                 for (int j = 0; j < TPW; ++j) {
                     u32 r[4];
-                    const int row = wrow + j * 16 + (mi & 1) * 8 + mr;
-                    ldsm_x4_trans(smem_u32(vb + mma_swz(row, c + (mi >> 1), NC)), r);
+                    ldsm_x4_trans(stage + v_off[j][c / 2], r);
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const u32 lo = r[2 * h], hi = r[2 * h + 1];
@@ -383,8 +407,7 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
                 for (int j = 0; j < TPW; ++j) {
                     u32 a[4];
-                    const int row = wrow + j * 16 + (mi >> 1) * 8 + mr;
-                    ldsm_x4_trans(smem_u32(vb + mma_swz(row, 2 * i + (mi & 1), NC)), a);
+                    ldsm_x4_trans(stage + v_off[j][i], a);
 #pragma unroll
                     for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[i][nh], a, pb[j][nh][0], pb[j][nh][1]);
                 }
