@@ -199,12 +199,14 @@ __device__ void decode_split(const AttnParams& p) {
 }
 
 // Combines the partial outputs of each (qo head, sequence): weights 2^(lse_i - max). The splits
-// are spread over the warps (each warp reads whole partial rows, D / 32 floats per lane, several
-// rows in flight), so the partials of a long sequence are read in parallel rather than one after
-// another; the warps' sums then meet in shared memory. On sm_90 the kernel may be launched as a
+// are spread over the warps, and each warp reads MERGE_UNROLL whole partial rows (D / 32 floats
+// per lane) at once and folds them into a running (max, sum, weighted row) - an online softmax over
+// splits - so a long sequence's partials cost one or two round trips to L2 rather than one per
+// split; the warps' states then meet in shared memory. On sm_90 the kernel may be launched as a
 // programmatic dependent of the decode kernel (PDL): it starts while the decode kernel's last CTAs
-// run and waits here until their partials are visible.
+// run and waits, after reading what the host wrote, until their partials are visible.
 #define MERGE_MAX_WARPS 8
+#define MERGE_UNROLL 8
 template <int D, int OUT>
 __device__ void merge_partials(const AttnParams& p) {
     constexpr int VEC = D / 32;
@@ -212,58 +214,73 @@ __device__ void merge_partials(const AttnParams& p) {
     __shared__ float part_num[MERGE_MAX_WARPS][D];
     __shared__ float part_den[MERGE_MAX_WARPS];
     __shared__ float part_max[MERGE_MAX_WARPS];
-    grid_dependency_wait();
     const int h = blockIdx.x, b = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int warps = min((int)(blockDim.x >> 5), MERGE_MAX_WARPS);
-    const int first = p.split_offsets[b], last = p.split_offsets[b + 1];
-    // Largest log-sum-exp of the sequence's splits: all threads in parallel, then a block max.
-    float mm = -DB_INF;
-    for (int i = first + (int)threadIdx.x; i < last; i += blockDim.x)
-        mm = fmaxf(mm, p.partial_lse[(i64)i * p.num_qo_heads + h]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, off));
-    if (lane == 0 && warp < warps) part_max[warp] = mm;
-    __syncthreads();
-    mm = -DB_INF;
-    for (int w = 0; w < warps; ++w) mm = fmaxf(mm, part_max[w]);
+    const int first = p.split_offsets[b], last = p.split_offsets[b + 1];  // written by the host
+    grid_dependency_wait();
     if (warp < warps) {
-        float num[VEC];
+        float m = -DB_INF, den = 0.0f, num[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) num[k] = 0.0f;
-        float den = 0.0f;
-#pragma unroll 4
-        for (int i = first + warp; i < last; i += warps) {
-            const i64 prow = (i64)i * p.num_qo_heads + h;
-            const float lse = p.partial_lse[prow];
-            const float w = (lse == -DB_INF) ? 0.0f : exp2f(lse - mm);
-            const float* src = p.partial_o + prow * D + lane * VEC;
-            float x[VEC];
-            if (VEC % 4 == 0) {
+        for (int i0 = first + warp; i0 < last; i0 += warps * MERGE_UNROLL) {
+            float lse[MERGE_UNROLL], x[MERGE_UNROLL][VEC];
 #pragma unroll
-                for (int k = 0; k < VEC; k += 4) {
-                    const float4 v = *(const float4*)(src + k);
-                    x[k] = v.x, x[k + 1] = v.y, x[k + 2] = v.z, x[k + 3] = v.w;
-                }
-            } else {
+            for (int u = 0; u < MERGE_UNROLL; ++u) {
+                const int i = i0 + u * warps;
+                lse[u] = -DB_INF;
 #pragma unroll
-                for (int k = 0; k < VEC; k += 2) {
-                    const float2 v = *(const float2*)(src + k);
-                    x[k] = v.x, x[k + 1] = v.y;
+                for (int k = 0; k < VEC; ++k) x[u][k] = 0.0f;
+                if (i < last) {
+                    const i64 prow = (i64)i * p.num_qo_heads + h;
+                    lse[u] = p.partial_lse[prow];
+                    const float* src = p.partial_o + prow * D + lane * VEC;
+                    if (VEC % 4 == 0) {
+#pragma unroll
+                        for (int k = 0; k < VEC; k += 4) {
+                            const float4 v = *(const float4*)(src + k);
+                            x[u][k] = v.x, x[u][k + 1] = v.y, x[u][k + 2] = v.z, x[u][k + 3] = v.w;
+                        }
+                    } else {
+#pragma unroll
+                        for (int k = 0; k < VEC; k += 2) {
+                            const float2 v = *(const float2*)(src + k);
+                            x[u][k] = v.x, x[u][k + 1] = v.y;
+                        }
+                    }
                 }
             }
-            den += w;
+            float mu = m;
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) num[k] += w * x[k];
+            for (int u = 0; u < MERGE_UNROLL; ++u) mu = fmaxf(mu, lse[u]);
+            if (mu == -DB_INF) continue;  // nothing but empty partials so far
+            const float c = (m == -DB_INF) ? 0.0f : exp2f(m - mu);
+            den *= c;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) num[k] *= c;
+#pragma unroll
+            for (int u = 0; u < MERGE_UNROLL; ++u) {
+                const float w = (lse[u] == -DB_INF) ? 0.0f : exp2f(lse[u] - mu);
+                den += w;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) num[k] += w * x[u][k];
+            }
+            m = mu;
         }
 #pragma unroll
         for (int k = 0; k < VEC; ++k) part_num[warp][lane * VEC + k] = num[k];
-        if (lane == 0) part_den[warp] = den;
+        if (lane == 0) part_den[warp] = den, part_max[warp] = m;
     }
     __syncthreads();
+    float mm = -DB_INF;
+    for (int w = 0; w < warps; ++w) mm = fmaxf(mm, part_max[w]);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float num = 0.0f, den = 0.0f;
-        for (int w = 0; w < warps; ++w) num += part_num[w][d], den += part_den[w];
+        for (int w = 0; w < warps; ++w) {
+            const float c = (part_max[w] == -DB_INF) ? 0.0f : exp2f(part_max[w] - mm);
+            num += c * part_num[w][d];
+            den += c * part_den[w];
+        }
         row[d] = den > 0.0f ? num / den : 0.0f;
     }
     __syncthreads();

@@ -52,11 +52,17 @@ __device__ __forceinline__ void ldsm_x4_trans(u32 addr, u32* r) {
                  : "r"(addr));
 }
 
-// 16-byte async copy to a shared-memory address that zero-fills the destination (and reads
-// nothing) when `valid` is false.
-__device__ __forceinline__ void cp_async16_zfill(u32 smem_dst, const void* gmem_src, bool valid) {
-    int src_size = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_dst), "l"(gmem_src), "r"(src_size));
+// 16-byte async copy to a shared-memory address.
+__device__ __forceinline__ void cp_async16_to(u32 smem_dst, const void* gmem_src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_dst), "l"(gmem_src));
+}
+
+// A value the compiler must keep in a register: it cannot see how it was computed, so it cannot
+// recompute it inside the main loop (which it otherwise does, trading issue slots for registers
+// in a loop that is short of the former and has plenty of the latter).
+__device__ __forceinline__ u32 pinned(u32 x) {
+    asm volatile("" : "+r"(x));
+    return x;
 }
 
 template <bool F16>
@@ -184,28 +190,29 @@ __device__ void decode_mma(const AttnParams& p) {
     const u32 page_bytes = (u32)(p.page_stride * ESIZE);
     const u32 slot_bytes = (u32)(p.slot_stride * ESIZE);
     const u32 half_bytes = (u32)(p.half_stride * ESIZE);
-    const u32 lane_bytes = (u32)(kv_head * p.head_stride * ESIZE) + (u32)lcol * 16u;
+    const u32 lane_bytes = pinned((u32)(kv_head * p.head_stride * ESIZE) + (u32)lcol * 16u);
     const u32 smem_base = smem_u32(smem);
     u32 copy_dst[COPIES];
 #pragma unroll
-    for (int k = 0; k < COPIES; ++k) copy_dst[k] = (u32)mma_swz(wrow + k * ROWS_PER_COPY + lrow, lcol, NC);
+    for (int k = 0; k < COPIES; ++k)
+        copy_dst[k] = pinned(smem_base + (u32)mma_swz(wrow + k * ROWS_PER_COPY + lrow, lcol, NC));
+    // Rows past the end of the range (the last tile's tail) load the range's first page instead:
+    // real cache data, so finite, and the softmax masks those tokens to exactly zero weight.
+    const int first_page = __ldg(bt + (t_begin >> p.block_shift));
     auto page_of = [&](int it) -> int {
         const int t = t_begin + it * ST + wrow + lane;
-        return (lane < WTOK && t < t_end) ? __ldg(bt + (t >> p.block_shift)) : -1;
+        return (lane < WTOK && t < t_end) ? __ldg(bt + (t >> p.block_shift)) : first_page;
     };
     auto issue = [&](int it, int pages) {
-        const u32 dst = smem_base + (u32)((it % STAGES) * STAGE_BYTES);
+        const u32 dst = (u32)((it % STAGES) * STAGE_BYTES);
         const int tw = t_begin + it * ST + wrow;
 #pragma unroll
         for (int k = 0; k < COPIES; ++k) {
             const int r = k * ROWS_PER_COPY + lrow;
             const int page = __shfl_sync(0xffffffffu, pages, r);
-            const bool valid = page >= 0;
-            // An out-of-range row reads nothing (zero-fill) from page 0's address.
-            const u8* src = cache + (u64)(u32)max(page, 0) * page_bytes +
-                            (lane_bytes + (u32)((tw + r) & slot_mask) * slot_bytes);
-            cp_async16_zfill(dst + copy_dst[k], src, valid);
-            cp_async16_zfill(dst + copy_dst[k] + (u32)(ST * RB), src + half_bytes, valid);
+            const u8* src = cache + (u64)(u32)page * page_bytes + (lane_bytes + (u32)((tw + r) & slot_mask) * slot_bytes);
+            cp_async16_to(copy_dst[k] + dst, src);
+            cp_async16_to(copy_dst[k] + dst + (u32)(ST * RB), src + half_bytes);
         }
     };
 
@@ -236,7 +243,7 @@ __device__ void decode_mma(const AttnParams& p) {
     }
     const float qk_scale = p.q_scale * p.k_scale * p.sm_scale * DB_LOG2E * kv_raw;
 
-    // ldmatrix offsets within a stage: K fragments (per pair of e4m3 k-steps, or per bf16
+    // ldmatrix addresses in stage 0: K fragments (per pair of e4m3 k-steps, or per bf16
     // k-step) and V fragments (per pair of e4m3 16-byte chunks, or per bf16 16-dim slice).
     constexpr int KFRAGS = KV_FP8 ? (KSTEPS + 1) / 2 : KSTEPS;
     constexpr int VFRAGS = KV_FP8 ? NC / 2 : MT;
@@ -246,12 +253,12 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
         for (int f = 0; f < KFRAGS; ++f) {
             const int row = wrow + j * 16 + (mi & 1) * 8 + mr;
-            k_off[j][f] = (u32)mma_swz(row, KV_FP8 ? 2 * f + (mi >> 1) : 2 * f + (mi >> 1), NC);
+            k_off[j][f] = pinned(smem_base + (u32)mma_swz(row, 2 * f + (mi >> 1), NC));
         }
 #pragma unroll
         for (int f = 0; f < VFRAGS; ++f) {
             const int row = KV_FP8 ? wrow + j * 16 + (mi & 1) * 8 + mr : wrow + j * 16 + (mi >> 1) * 8 + mr;
-            v_off[j][f] = (u32)mma_swz(row, KV_FP8 ? 2 * f + (mi >> 1) : 2 * f + (mi & 1), NC) + (u32)(ST * RB);
+            v_off[j][f] = pinned(smem_base + (u32)mma_swz(row, KV_FP8 ? 2 * f + (mi >> 1) : 2 * f + (mi & 1), NC) + (u32)(ST * RB));
         }
     }
 
@@ -277,7 +284,7 @@ __device__ void decode_mma(const AttnParams& p) {
             cp_async_commit();
             pg = pn;
         }
-        const u32 stage = smem_base + (u32)((it % STAGES) * STAGE_BYTES);
+        const u32 stage = (u32)((it % STAGES) * STAGE_BYTES);
 
         // S^T for TPW tiles of 16 tokens: s[j][nh][c], c0/c1 = token g, c2/c3 = token g+8.
         float s[TPW][NH][4];
@@ -291,7 +298,7 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
                 for (int j = 0; j < TPW; ++j) {
                     u32 r[4];
-                    ldsm_x4(stage + k_off[j][kk / 2], r);
+                    ldsm_x4(k_off[j][kk / 2] + stage, r);
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         if (kk + h < KSTEPS) {
@@ -312,7 +319,7 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
                 for (int j = 0; j < TPW; ++j) {
                     u32 a[4];
-                    ldsm_x4(stage + k_off[j][kk], a);
+                    ldsm_x4(k_off[j][kk] + stage, a);
 #pragma unroll
                     for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk][nh][0], qb[kk][nh][1]);
                 }
@@ -387,7 +394,7 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
                 for (int j = 0; j < TPW; ++j) {
                     u32 r[4];
-                    ldsm_x4_trans(stage + v_off[j][c / 2], r);
+                    ldsm_x4_trans(v_off[j][c / 2] + stage, r);
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const u32 lo = r[2 * h], hi = r[2 * h + 1];
@@ -407,7 +414,7 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
                 for (int j = 0; j < TPW; ++j) {
                     u32 a[4];
-                    ldsm_x4_trans(stage + v_off[j][i], a);
+                    ldsm_x4_trans(v_off[j][i] + stage, a);
 #pragma unroll
                     for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[i][nh], a, pb[j][nh][0], pb[j][nh][1]);
                 }
