@@ -514,12 +514,21 @@ int main(int argc, char** argv) {
     // The previous kernel in both launch orders (decodebench times both on each case and keeps
     // the faster), then the current one.
 #ifdef KBENCH_HAVE_PREV
-    add("prev_lf", tc<4, 1, 2, 4, true>, 1, 3, true);
-    add("prev_hm", tc<4, 1, 2, 4, true>, 2, 3, true);
+    add("prev_lf", tc<4, 1, 2, 4, true>, 1, 1, true);
+    add("prev_hm", tc<4, 1, 2, 4, true>, 2, 1, true);
 #endif
     add("cur_lf", tc<4, 1, 2, 4>, 1, 1, true);
     add("cur_hm", tc<4, 1, 2, 4>, 2, 1, true);
-    add("cur_lf_mv2", tc<4, 1, 2, 4>, 1, 3, true);
+    // Planner constants (production: minimum chunk 128 tokens, per-CTA cost 192).
+    add("cur_lf_ov96", tc<4, 1, 2, 4>, 1, 1, true);
+    variants.back().overhead = 96;
+    add("cur_lf_ov384", tc<4, 1, 2, 4>, 1, 1, true);
+    variants.back().overhead = 384;
+    add("cur_lf_c64", tc<4, 1, 2, 4>, 1, 1, true);
+    variants.back().min_chunk = 64;
+    // Two warps of two 16-token tiles each: same stage (64 tokens) and shared memory, half the warps.
+    add("w2t2_lf", tc<2, 2, 2, 4>, 1, 1, true);
+    add("w2t2_hm", tc<2, 2, 2, 4>, 2, 1, true);
     std::vector<int> modes;
     for (const char* m = mode_arg; *m; ++m)
         if (*m >= '0' && *m <= '4') modes.push_back(*m - '0');
