@@ -11,6 +11,10 @@
 // output is compared with the fp32 GPU reference (bf16 outputs, b <= 16; maxerr = max |error| /
 // max |reference|) and with the first variant (diffB = bytes that differ; different chunkings
 // round differently). Times: CUDA-graph replays of 10 launches, median per launch.
+//
+// A/B against a committed kernel: `bash bench/gpu/kbench_prev.sh [commit]` here writes
+// bench/gpu/prev/decode_mma_prev.cu; carried with the call, it adds the prev_* variants, timed
+// cell by cell beside the working tree's kernel.
 
 #include <algorithm>
 #include <cmath>

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Kernel development bench on a GPU machine (see kbench.cu): builds the bench with nvcc, runs the
-# variants over the table cells, then profiles two kernels with Nsight Compute.
+# variants over the table cells, then profiles one kernel with Nsight Compute (KBENCH_NCU).
 # Usage: bench/gpu/kbench.sh [variant filter] [modes] ; writes to $OUT (or /tmp/kbench_out).
+# For an A/B against a commit, run bench/gpu/kbench_prev.sh first and carry bench/gpu/prev.
+# Nsight Compute leaves the clocks as they are (--clock-control none).
 set -u
 OUT=${OUT:-/tmp/kbench_out}
 mkdir -p "$OUT"
