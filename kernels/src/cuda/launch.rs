@@ -339,19 +339,75 @@ fn missing(name: &str) -> CudaError {
     }
 }
 
+/// How a kernel's launch waits for the work before it in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LaunchAfter {
+    /// The usual stream order: starts once the previous kernel has finished.
+    Completion,
+    /// Programmatic dependent launch (sm_90+): may start once every CTA of the previous kernel
+    /// has started (or called `grid_dependency_launch()`), and must call
+    /// `grid_dependency_wait()` before reading what that kernel wrote (merge_partials does).
+    ProgrammaticStart,
+}
+
+/// Launches a kernel that takes one `AttnParams` by value.
 fn launch_params(
     session: &DeviceSession,
     name: &str,
     cfg: LaunchConfig,
     params: &AttnParams,
+    after: LaunchAfter,
 ) -> Result<(), CudaError> {
     let f = session.function(name).ok_or_else(|| missing(name))?;
-    let mut builder = session.stream.launch_builder(f);
-    builder.arg(params);
-    // SAFETY: every kernel launched here takes exactly one `AttnParams` by value; its pointers
-    // were set by the caller to live device buffers of the sizes the case implies, and the grid
-    // matches what the kernel indexes (checked by the callers' shape logic).
-    unsafe { builder.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
+    if after == LaunchAfter::Completion {
+        let mut builder = session.stream.launch_builder(f);
+        builder.arg(params);
+        // SAFETY: every kernel launched here takes exactly one `AttnParams` by value; its
+        // pointers were set by the caller to live device buffers of the sizes the case implies,
+        // and the grid matches what the kernel indexes (checked by the callers' shape logic).
+        unsafe { builder.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
+        return Ok(());
+    }
+    let context = || format!("launching {name} (programmatic dependent launch)");
+    session
+        .ctx
+        .bind_to_thread()
+        .map_err(CudaError::driver(context()))?;
+    // SAFETY: the attribute value is a plain C union; zeroed, then its PDL field set.
+    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+    value.programmaticStreamSerializationAllowed = 1;
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value,
+    };
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: session.stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut arg = *params;
+    let mut args = [(&mut arg as *mut AttnParams).cast::<std::ffi::c_void>()];
+    // SAFETY: as above for the kernel and its parameters; `args` points at a copy of them that
+    // outlives the call (which copies it), `config` and `attr` outlive the call, and the stream
+    // and function belong to the session's context, bound to this thread above.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(CudaError::driver(context()))?;
     Ok(())
 }
 
@@ -393,6 +449,7 @@ pub(crate) fn launch_baseline(
         &baseline_kernel_name(params.head_size as u32),
         cfg,
         params,
+        LaunchAfter::Completion,
     )
 }
 
@@ -410,73 +467,20 @@ pub(crate) fn launch_decode(
         block_dim: geometry.block,
         shared_mem_bytes: geometry.smem_bytes,
     };
-    launch_params(session, &names.decode, cfg, params)?;
+    launch_params(session, &names.decode, cfg, params, LaunchAfter::Completion)?;
     if params.direct == 0 {
         let cfg = LaunchConfig {
             grid_dim: (params.num_qo_heads as u32, params.batch as u32, 1),
             block_dim: (MERGE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        if session.props.compute_major >= PDL_MIN_COMPUTE_MAJOR {
-            launch_params_dependent(session, &names.merge, cfg, params)?;
+        let after = if session.props.compute_major >= PDL_MIN_COMPUTE_MAJOR {
+            LaunchAfter::ProgrammaticStart
         } else {
-            launch_params(session, &names.merge, cfg, params)?;
-        }
+            LaunchAfter::Completion
+        };
+        launch_params(session, &names.merge, cfg, params, after)?;
     }
-    Ok(())
-}
-
-/// Launches a kernel taking one `AttnParams` as a programmatic dependent of the kernel before it
-/// in the stream (sm_90+): it may start before that kernel ends, and must call
-/// `grid_dependency_wait()` before reading what that kernel wrote (merge_partials does).
-fn launch_params_dependent(
-    session: &DeviceSession,
-    name: &str,
-    cfg: LaunchConfig,
-    params: &AttnParams,
-) -> Result<(), CudaError> {
-    let f = session.function(name).ok_or_else(|| missing(name))?;
-    let context = || format!("launching {name} (programmatic dependent launch)");
-    session
-        .ctx
-        .bind_to_thread()
-        .map_err(CudaError::driver(context()))?;
-    // SAFETY: the attribute value is a plain C union; zeroed, then its PDL field set.
-    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
-    value.programmaticStreamSerializationAllowed = 1;
-    let mut attr = sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-        pad: [0; 4],
-        value,
-    };
-    let config = sys::CUlaunchConfig {
-        gridDimX: cfg.grid_dim.0,
-        gridDimY: cfg.grid_dim.1,
-        gridDimZ: cfg.grid_dim.2,
-        blockDimX: cfg.block_dim.0,
-        blockDimY: cfg.block_dim.1,
-        blockDimZ: cfg.block_dim.2,
-        sharedMemBytes: cfg.shared_mem_bytes,
-        hStream: session.stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    let mut arg = *params;
-    let mut args = [(&mut arg as *mut AttnParams).cast::<std::ffi::c_void>()];
-    // SAFETY: the kernel takes exactly one `AttnParams` by value (`args` points at a copy that
-    // outlives the call, which copies it); its pointers are live device buffers of the sizes the
-    // case implies, as for `launch_params`; `config` and `attr` outlive the call; the stream and
-    // function belong to the session's context, bound to this thread above.
-    unsafe {
-        sys::cuLaunchKernelEx(
-            &config,
-            f.cu_function(),
-            args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    }
-    .result()
-    .map_err(CudaError::driver(context()))?;
     Ok(())
 }
 
