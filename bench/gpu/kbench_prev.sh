@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Extracts the decode kernel of a commit (default HEAD) into bench/gpu/prev/decode_mma_prev.cu as
 # `decode_mma_prev`, so that kbench times it beside the working tree's kernel (variants prev_*).
-# Run it here, before carrying bench/gpu/prev to the GPU machine; the folder is not committed.
+# Run it here, before carrying bench/gpu/prev to the GPU machine (the folder is git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rev=${1:-HEAD}
