@@ -65,75 +65,6 @@ __global__ void __launch_bounds__(W * 32) k_tc(AttnParams p) {
     decode_mma<D, NH, QF, KF, OUT, W, TPW, STG>(p);
 }
 
-// The previous merge (splits spread over warps, a max pass first, then one split per warp at a
-// time), kept here to compare against.
-template <int D, int OUT>
-__global__ void merge_v2(AttnParams p) {
-    constexpr int VEC = D / 32;
-    __shared__ float row[D];
-    __shared__ float part_num[MERGE_MAX_WARPS][D];
-    __shared__ float part_den[MERGE_MAX_WARPS];
-    __shared__ float part_max[MERGE_MAX_WARPS];
-    grid_dependency_wait();
-    const int h = blockIdx.x, b = blockIdx.y;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int warps = min((int)(blockDim.x >> 5), MERGE_MAX_WARPS);
-    const int first = p.split_offsets[b], last = p.split_offsets[b + 1];
-    // Largest log-sum-exp of the sequence's splits: all threads in parallel, then a block max.
-    float mm = -DB_INF;
-    for (int i = first + (int)threadIdx.x; i < last; i += blockDim.x)
-        mm = fmaxf(mm, p.partial_lse[(i64)i * p.num_qo_heads + h]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, off));
-    if (lane == 0 && warp < warps) part_max[warp] = mm;
-    __syncthreads();
-    mm = -DB_INF;
-    for (int w = 0; w < warps; ++w) mm = fmaxf(mm, part_max[w]);
-    if (warp < warps) {
-        float num[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) num[k] = 0.0f;
-        float den = 0.0f;
-#pragma unroll 4
-        for (int i = first + warp; i < last; i += warps) {
-            const i64 prow = (i64)i * p.num_qo_heads + h;
-            const float lse = p.partial_lse[prow];
-            const float w = (lse == -DB_INF) ? 0.0f : exp2f(lse - mm);
-            const float* src = p.partial_o + prow * D + lane * VEC;
-            float x[VEC];
-            if (VEC % 4 == 0) {
-#pragma unroll
-                for (int k = 0; k < VEC; k += 4) {
-                    const float4 v = *(const float4*)(src + k);
-                    x[k] = v.x, x[k + 1] = v.y, x[k + 2] = v.z, x[k + 3] = v.w;
-                }
-            } else {
-#pragma unroll
-                for (int k = 0; k < VEC; k += 2) {
-                    const float2 v = *(const float2*)(src + k);
-                    x[k] = v.x, x[k + 1] = v.y;
-                }
-            }
-            den += w;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) num[k] += w * x[k];
-        }
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) part_num[warp][lane * VEC + k] = num[k];
-        if (lane == 0) part_den[warp] = den;
-    }
-    __syncthreads();
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float num = 0.0f, den = 0.0f;
-        for (int w = 0; w < warps; ++w) num += part_num[w][d], den += part_den[w];
-        row[d] = den > 0.0f ? num / den : 0.0f;
-    }
-    __syncthreads();
-    store_output_rows<OUT>(p, row, 1, b, h, threadIdx.x, blockDim.x);
-}
-
-
-
 struct Mode {
     const char* name;
     bool qf, kf;
@@ -156,8 +87,7 @@ struct Variant {
     int min_chunk = 128;
     int overhead = 192;
     int order = 2;  // launch order: 0 = sequence order, 1 = longest first, 2 = head by head, longest first
-    int merge = 1;  // 0 = none (timing diagnostic only: the output is wrong), 1 = current, 3 = the previous (merge_v2)
-    bool pdl = false;  // merge launched as a programmatic dependent of the decode kernel
+    bool merge = true;  // false: the merge is skipped (a timing diagnostic only: the output is wrong)
 };
 
 template <int W, int TPW, int STG_BF16, int STG_FP8, bool PREV = false>
@@ -175,12 +105,8 @@ static Kernel tc(int mode) {
     return {f[mode], W * 32, ST, std::max(pipe, merge)};
 }
 
-static const void* merge_fn(int mode, int which) {
+static const void* merge_fn(int mode) {
     const int out = MODES[mode].out;
-    if (which == 3)
-        return out == OUT_BF16 ? (const void*)merge_v2<128, OUT_BF16>
-                               : out == OUT_FP8 ? (const void*)merge_v2<128, OUT_FP8>
-                                                : (const void*)merge_v2<128, OUT_NVFP4>;
     return out == OUT_BF16 ? (const void*)merge_d128_bf16
                            : out == OUT_FP8 ? (const void*)merge_d128_fp8 : (const void*)merge_d128_nvfp4;
 }
@@ -391,12 +317,14 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     p.partial_lse = plse;
     p.direct = pl.direct ? 1 : 0;
     void* args[] = {&p};
-    const void* mfn = merge_fn(mode, v.merge);
+    const void* mfn = merge_fn(mode);
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     auto launch = [&]() {
         CK(cudaLaunchKernel(k.fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), args, k.smem, s));
-        if (pl.direct || v.merge == 0) return;
+        if (pl.direct || !v.merge) return;
+        // The merge as decodebench launches it on sm_90+: a programmatic dependent of the decode
+        // kernel (see launch.rs).
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(QO, batch);
         cfg.blockDim = dim3(128);
@@ -405,7 +333,7 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attr[0].val.programmaticStreamSerializationAllowed = 1;
         cfg.attrs = attr;
-        cfg.numAttrs = v.pdl ? 1 : 0;
+        cfg.numAttrs = 1;
         CK(cudaLaunchKernelExC(&cfg, mfn, args));
     };
     launch();
@@ -508,31 +436,32 @@ int main(int argc, char** argv) {
     // The production configuration in both launch orders (decodebench times both on each case
     // and keeps the faster), then alternatives.
     std::vector<Variant> variants;
-    auto add = [&](const char* name, std::function<Kernel(int)> get, int order, int merge, bool pdl) {
+    auto add = [&](const char* name, std::function<Kernel(int)> get, int order) {
         Variant v{name, get};
         v.order = order;
-        v.merge = merge;
-        v.pdl = pdl;
         variants.push_back(v);
     };
     // The previous kernel in both launch orders (decodebench times both on each case and keeps
     // the faster), then the current one.
 #ifdef KBENCH_HAVE_PREV
-    add("prev_lf", tc<4, 1, 2, 4, true>, 1, 1, true);
-    add("prev_hm", tc<4, 1, 2, 4, true>, 2, 1, true);
+    add("prev_lf", tc<4, 1, 2, 4, true>, 1);
+    add("prev_hm", tc<4, 1, 2, 4, true>, 2);
 #endif
-    add("cur_lf", tc<4, 1, 2, 4>, 1, 1, true);
-    add("cur_hm", tc<4, 1, 2, 4>, 2, 1, true);
+    add("cur_lf", tc<4, 1, 2, 4>, 1);
+    add("cur_hm", tc<4, 1, 2, 4>, 2);
+    // What the merge costs (bf16 output only; the output is wrong, so diffB counts it).
+    add("nomerge_lf", tc<4, 1, 2, 4>, 1);
+    variants.back().merge = false;
     // Planner constants (production: minimum chunk 128 tokens, per-CTA cost 192).
-    add("cur_lf_ov96", tc<4, 1, 2, 4>, 1, 1, true);
+    add("cur_lf_ov96", tc<4, 1, 2, 4>, 1);
     variants.back().overhead = 96;
-    add("cur_lf_ov384", tc<4, 1, 2, 4>, 1, 1, true);
+    add("cur_lf_ov384", tc<4, 1, 2, 4>, 1);
     variants.back().overhead = 384;
-    add("cur_lf_c64", tc<4, 1, 2, 4>, 1, 1, true);
+    add("cur_lf_c64", tc<4, 1, 2, 4>, 1);
     variants.back().min_chunk = 64;
     // Two warps of two 16-token tiles each: same stage (64 tokens) and shared memory, half the warps.
-    add("w2t2_lf", tc<2, 2, 2, 4>, 1, 1, true);
-    add("w2t2_hm", tc<2, 2, 2, 4>, 2, 1, true);
+    add("w2t2_lf", tc<2, 2, 2, 4>, 1);
+    add("w2t2_hm", tc<2, 2, 2, 4>, 2);
     std::vector<int> modes;
     for (const char* m = mode_arg; *m; ++m)
         if (*m >= '0' && *m <= '4') modes.push_back(*m - '0');
@@ -551,7 +480,7 @@ int main(int argc, char** argv) {
                 for (size_t vi = 0; vi < variants.size(); ++vi) {
                     const Variant& v = variants[vi];
                     if (*filter && v.name.find(filter) == std::string::npos) continue;
-                    if (v.merge == 0 && MODES[mode].out != OUT_BF16) continue;
+                    if (!v.merge && MODES[mode].out != OUT_BF16) continue;
                     Run r = run_variant(dev, c, mode, v, 20);
                     double maxerr = -1, refmax = 0;
                     if (!ref.empty()) {

@@ -215,6 +215,22 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
+// NVFP4 pieces shared by every store layout below. A group of 16 elements gets the scale factor
+// e4m3(g * amax / 6) (g: the global scale); each element is e2m1(x * g / SF), 0 when SF is 0.
+__device__ __forceinline__ u8 nvfp4_sf_code(float amax, float g) { return f32_to_e4m3(g * amax / 6.0f); }
+
+__device__ __forceinline__ u32 nvfp4_code(float x, float g, float sf) {
+    return (sf > 0.0f) ? (u32)f32_to_e2m1(x * g / sf) : 0u;
+}
+
+// Eight consecutive elements' codes, element i in nibble i.
+__device__ __forceinline__ u32 nvfp4_pack8(const float* x, float g, float sf) {
+    u32 packed = 0u;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) packed |= nvfp4_code(x[i], g, sf) << (4 * i);
+    return packed;
+}
+
 // Programmatic dependent launch (sm_90+). A kernel launched with the programmatic-serialization
 // attribute may start before the kernel ahead of it in the stream has finished;
 // grid_dependency_wait() blocks until that kernel has completed and its writes are visible, and
@@ -266,9 +282,8 @@ __device__ void store_output_rows(const AttnParams& p, const float* rows, int nr
             float amax = fabsf(x);
 #pragma unroll
             for (int off = 1; off < 16; off <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-            const u8 sf_code = f32_to_e4m3(p.o_sf_scale * amax / 6.0f);
-            const float sf = e4m3_to_f32(sf_code);
-            u32 packed = ((sf > 0.0f) ? (u32)f32_to_e2m1(x * p.o_sf_scale / sf) : 0u) << (4 * (lane & 7));
+            const u8 sf_code = nvfp4_sf_code(amax, p.o_sf_scale);
+            u32 packed = nvfp4_code(x, p.o_sf_scale, e4m3_to_f32(sf_code)) << (4 * (lane & 7));
 #pragma unroll
             for (int off = 1; off < 8; off <<= 1) packed |= __shfl_xor_sync(0xffffffffu, packed, off);
             if ((lane & 7) == 0) *(u32*)(out + (i64)r * (D / 2) + col / 2) = packed;
@@ -276,9 +291,9 @@ __device__ void store_output_rows(const AttnParams& p, const float* rows, int nr
         }
     } else if ((nthreads & 31) == 0 && (nrows * (D / 16) * 2) % 32 == 0 && ((u64)rows & 15) == 0) {
         // Two threads per scale-factor group (8 elements each, the group's amax by one shuffle;
-        // whole warps, since the half-groups fill them; rows read as float4): half the serial work of a group per
-        // thread, which is what a CTA writing its 8 rows waits on (on an H200, NVFP4 output cost
-        // b=256 s=1024 13 % over bf16 with one group per thread).
+        // whole warps, since the half-groups fill them; rows read as float4): half the serial
+        // work of a group per thread, which is what a CTA writing its 8 rows waits on (on an
+        // H200, NVFP4 output cost b=256 s=1024 13 % over bf16 with one group per thread).
         const int groups_per_row = D / 16;
         u8* out = (u8*)p.out + row0 * (D / 2);
         for (int hi = tid; hi < nrows * groups_per_row * 2; hi += nthreads) {
@@ -291,15 +306,8 @@ __device__ void store_output_rows(const AttnParams& p, const float* rows, int nr
 #pragma unroll
             for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(x[i]));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-            const u8 sf_code = f32_to_e4m3(p.o_sf_scale * amax / 6.0f);
-            const float sf = e4m3_to_f32(sf_code);
-            u32 packed = 0u;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const u32 code = (sf > 0.0f) ? (u32)f32_to_e2m1(x[i] * p.o_sf_scale / sf) : 0u;
-                packed |= code << (4 * i);
-            }
-            *(u32*)(out + (i64)r * (D / 2) + kg * 8 + half * 4) = packed;
+            const u8 sf_code = nvfp4_sf_code(amax, p.o_sf_scale);
+            *(u32*)(out + (i64)r * (D / 2) + kg * 8 + half * 4) = nvfp4_pack8(x, p.o_sf_scale, e4m3_to_f32(sf_code));
             if (half == 0) p.out_sf[nvfp4_sf_offset(b, (h0 + r) * groups_per_row + kg, p.sf_cols)] = sf_code;
         }
     } else {
@@ -311,17 +319,11 @@ __device__ void store_output_rows(const AttnParams& p, const float* rows, int nr
             float amax = 0.0f;
 #pragma unroll
             for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(x[i]));
-            const u8 sf_code = f32_to_e4m3(p.o_sf_scale * amax / 6.0f);
+            const u8 sf_code = nvfp4_sf_code(amax, p.o_sf_scale);
             const float sf = e4m3_to_f32(sf_code);
-            u32 packed[2] = {0u, 0u};
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                u32 c = (sf > 0.0f) ? (u32)f32_to_e2m1(x[i] * p.o_sf_scale / sf) : 0u;
-                packed[i / 8] |= c << (4 * (i % 8));
-            }
             uint2 word;
-            word.x = packed[0];
-            word.y = packed[1];
+            word.x = nvfp4_pack8(x, p.o_sf_scale, sf);
+            word.y = nvfp4_pack8(x + 8, p.o_sf_scale, sf);
             *(uint2*)(out + (i64)r * (D / 2) + kg * 8) = word;
             const int col = (h0 + r) * groups_per_row + kg;
             p.out_sf[nvfp4_sf_offset(b, col, p.sf_cols)] = sf_code;
