@@ -33,6 +33,23 @@
 #include "../../kernels/cuda/reference.cu"
 #include "../../kernels/cuda/decode.cu"
 #define DB_NO_KERNEL_EXPORTS  // only the variants below are instantiated from decode_mma.cu
+// Phase trace (KBENCH_TIMELINE): the value a point depends on is stored first, so the timer is
+// read only once that value is there (a warp issues in order).
+#define TL_MAX 16384
+#define TL_POINTS 11
+__device__ unsigned long long tl_phase[TL_MAX][TL_POINTS];
+__device__ unsigned tl_dep[TL_MAX][TL_POINTS];
+#ifdef KBENCH_TRACE  // built so by timeline.sh; the timed builds have no trace points
+#define DB_TRACE(point, dep)                                                                 \
+    do {                                                                                     \
+        if (threadIdx.x == 0 && blockIdx.x < TL_MAX) {                                       \
+            tl_dep[blockIdx.x][point] = (dep);                                               \
+            unsigned long long t_;                                                           \
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)::"memory");                \
+            tl_phase[blockIdx.x][point] = t_;                                                \
+        }                                                                                    \
+    } while (0)
+#endif
 #include "../../kernels/cuda/decode_mma.cu"
 // The previous version of the kernel for A/B runs, when one was extracted (see kbench.sh).
 #if __has_include("prev/decode_mma_prev.cu")
@@ -53,16 +70,49 @@
 // Variants
 // ------------------------------------------------------------------------------------------
 
+// Timeline (KBENCH_TIMELINE=1, single-case runs): every CTA of the decode kernel and the merge
+// records its SM and its start and end on the global timer (ns); kbench writes them as CSV, with
+// the phase trace.
+__device__ unsigned long long tl_decode[TL_MAX][3];
+__device__ unsigned long long tl_merge[TL_MAX][3];
+__device__ __forceinline__ unsigned long long gtimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ unsigned smid() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(r));
+    return r;
+}
+
 // PREV: the previous version of the kernel (prev/decode_mma_prev.cu) instead of the current one.
 template <int D, int NH, bool QF, bool KF, int OUT, int W, int TPW, int STG, bool PREV>
 __global__ void __launch_bounds__(W * 32) k_tc(AttnParams p) {
+    const unsigned long long t0 = gtimer();
 #ifdef KBENCH_HAVE_PREV
     if (PREV) {
         decode_mma_prev<D, NH, QF, KF, OUT, W, TPW, STG>(p);
-        return;
-    }
+    } else
 #endif
-    decode_mma<D, NH, QF, KF, OUT, W, TPW, STG>(p);
+        decode_mma<D, NH, QF, KF, OUT, W, TPW, STG>(p);
+    if (threadIdx.x == 0 && blockIdx.x < TL_MAX) {
+        tl_decode[blockIdx.x][0] = smid();
+        tl_decode[blockIdx.x][1] = t0;
+        tl_decode[blockIdx.x][2] = gtimer();
+    }
+}
+
+template <int OUT>
+__global__ void k_merge(AttnParams p) {
+    const unsigned long long t0 = gtimer();
+    merge_partials<128, OUT>(p);
+    const unsigned i = blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0 && i < TL_MAX) {
+        tl_merge[i][0] = smid();
+        tl_merge[i][1] = t0;
+        tl_merge[i][2] = gtimer();
+    }
 }
 
 struct Mode {
@@ -95,7 +145,7 @@ static Kernel tc(int mode) {
     constexpr int ST = W * 16 * TPW;
     const bool kf = MODES[mode].kf;
     const int stages = kf ? STG_FP8 : STG_BF16;
-    const int pipe = stages * 2 * ST * 128 * (kf ? 1 : 2);
+    const int pipe = stages * 2 * ST * 128 * (kf ? 1 : 2) + 8 * 128 * 2;  // + the query rows
     const int merge = (W * 8 * 128 + 2 * W * 8 + 8 * 128) * 4;
     const void* f[5] = {(const void*)k_tc<128, 1, false, false, OUT_BF16, W, TPW, STG_BF16, PREV>,
                         (const void*)k_tc<128, 1, false, true, OUT_BF16, W, TPW, STG_FP8, PREV>,
@@ -107,8 +157,8 @@ static Kernel tc(int mode) {
 
 static const void* merge_fn(int mode) {
     const int out = MODES[mode].out;
-    return out == OUT_BF16 ? (const void*)merge_d128_bf16
-                           : out == OUT_FP8 ? (const void*)merge_d128_fp8 : (const void*)merge_d128_nvfp4;
+    return out == OUT_BF16 ? (const void*)k_merge<OUT_BF16>
+                           : out == OUT_FP8 ? (const void*)k_merge<OUT_FP8> : (const void*)k_merge<OUT_NVFP4>;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -225,6 +275,18 @@ static CaseBufs make_case(int batch, int max_seq, unsigned seed) {
     std::mt19937_64 rng(seed);
     for (int i = 0; i < batch; ++i) c.lens.push_back(max_seq <= 1 ? 1 : 1 + (int)(rng() % (max_seq - 1)));
     c.lens.back() = max_seq;
+    // KBENCH_LENS="l0,l1,...": these lengths instead (a batch of their count; e.g. decodebench's
+    // own draw of a case, to look at one of its plans).
+    if (const char* env = getenv("KBENCH_LENS")) {
+        c.lens.clear();
+        for (const char* s = env; *s;) {
+            c.lens.push_back(atoi(s));
+            while (*s && *s != ',') ++s;
+            if (*s == ',') ++s;
+        }
+        batch = (int)c.lens.size();
+        max_seq = *std::max_element(c.lens.begin(), c.lens.end());
+    }
     c.max_blocks = (max_seq + BLK - 1) / BLK;
     std::vector<int> tables((size_t)batch * c.max_blocks, 0);
     for (int b = 0; b < batch; ++b)
@@ -376,6 +438,41 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     }
     std::sort(t.begin(), t.end());
     r.ms = t[t.size() / 2];
+    if (getenv("KBENCH_TIMELINE") && getenv("KBENCH_TIMELINE_FILE")) {
+        // One more launch outside the graph, after the timed replays (clocks and L2 as they were).
+        CK(cudaDeviceSynchronize());
+        std::vector<unsigned long long> zero((size_t)TL_MAX * 3, 0);
+        CK(cudaMemcpyToSymbol(tl_decode, zero.data(), zero.size() * 8));
+        CK(cudaMemcpyToSymbol(tl_merge, zero.data(), zero.size() * 8));
+        std::vector<unsigned long long> zp((size_t)TL_MAX * TL_POINTS, 0);
+        CK(cudaMemcpyToSymbol(tl_phase, zp.data(), zp.size() * 8));
+        CK(cudaGraphLaunch(exec, s));
+        CK(cudaStreamSynchronize(s));
+        std::vector<unsigned long long> d((size_t)TL_MAX * 3), m((size_t)TL_MAX * 3);
+        CK(cudaMemcpyFromSymbol(d.data(), tl_decode, d.size() * 8));
+        CK(cudaMemcpyFromSymbol(m.data(), tl_merge, m.size() * 8));
+        std::vector<unsigned long long> ph((size_t)TL_MAX * TL_POINTS);
+        CK(cudaMemcpyFromSymbol(ph.data(), tl_phase, ph.size() * 8));
+        FILE* f = fopen(getenv("KBENCH_TIMELINE_FILE"), "a");
+        if (f) {
+            // The graph's last launch: each CTA index holds its last run.
+            for (size_t i = 0; i < pl.launch.size() && i < TL_MAX; ++i)
+                fprintf(f, "%s,%d,%zu,decode,%zu,%llu,%llu,%llu,%d\n", v.name.c_str(), mode, c.lens.size(), i, d[i * 3],
+                        d[i * 3 + 1], d[i * 3 + 2], pl.launch[i].z - pl.launch[i].y);
+            if (!pl.direct && v.merge)
+                for (size_t i = 0; i < (size_t)QO * batch && i < TL_MAX; ++i)
+                    fprintf(f, "%s,%d,%zu,merge,%zu,%llu,%llu,%llu,0\n", v.name.c_str(), mode, c.lens.size(), i, m[i * 3],
+                            m[i * 3 + 1], m[i * 3 + 2]);
+            for (size_t i = 0; i < pl.launch.size() && i < TL_MAX; ++i)
+                for (int k = 0; k < TL_POINTS; ++k)
+                    if (ph[i * TL_POINTS + k])
+                        fprintf(f, "%s,%d,%zu,phase%d,%zu,%llu,%llu,%llu,%d\n", v.name.c_str(), mode, c.lens.size(), k,
+                                i, d[i * 3], d[i * 3 + 1], ph[i * TL_POINTS + k], pl.launch[i].z - pl.launch[i].y);
+            fprintf(f, "%s,%d,%zu,period_ns,0,0,0,%llu,0\n", v.name.c_str(), mode, c.lens.size(),
+                    (unsigned long long)(r.ms * 1e6));
+            fclose(f);
+        }
+    }
     r.ctas_per_sm = per_sm;
     r.items = pl.items.size();
     CK(cudaGraphExecDestroy(exec));
@@ -412,6 +509,21 @@ static float bf16f(u16 h) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+// A filter is a substring of the variants' names, or a comma-separated list of whole names.
+static bool selected(const char* filter, const std::string& name) {
+    const std::string f = filter;
+    if (f.empty()) return true;
+    if (f.find(',') == std::string::npos) return name.find(f) != std::string::npos;
+    size_t b = 0;
+    while (b <= f.size()) {
+        size_t e = f.find(',', b);
+        if (e == std::string::npos) e = f.size();
+        if (f.compare(b, e - b, name) == 0) return true;
+        b = e + 1;
+    }
+    return false;
 }
 
 int main(int argc, char** argv) {
@@ -459,6 +571,10 @@ int main(int argc, char** argv) {
     variants.back().overhead = 384;
     add("cur_lf_c64", tc<4, 1, 2, 4>, 1);
     variants.back().min_chunk = 64;
+    add("cur_lf_c256", tc<4, 1, 2, 4>, 1);
+    variants.back().min_chunk = 256;
+    add("cur_lf_c1024", tc<4, 1, 2, 4>, 1);
+    variants.back().min_chunk = 1024;
     // Two warps of two 16-token tiles each: same stage (64 tokens) and shared memory, half the warps.
     add("w2t2_lf", tc<2, 2, 2, 4>, 1);
     add("w2t2_hm", tc<2, 2, 2, 4>, 2);
@@ -479,7 +595,7 @@ int main(int argc, char** argv) {
                 std::vector<u8> base_out;
                 for (size_t vi = 0; vi < variants.size(); ++vi) {
                     const Variant& v = variants[vi];
-                    if (*filter && v.name.find(filter) == std::string::npos) continue;
+                    if (!selected(filter, v.name)) continue;
                     if (!v.merge && MODES[mode].out != OUT_BF16) continue;
                     Run r = run_variant(dev, c, mode, v, 20);
                     double maxerr = -1, refmax = 0;

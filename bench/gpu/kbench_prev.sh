@@ -10,9 +10,9 @@ git show "$rev:kernels/cuda/decode_mma.cu" | python3 -c '
 import re, sys
 s = sys.stdin.read()
 # The helpers the kernel of that commit used, renamed so they cannot clash with the current ones.
-helpers = ["cp_async16_zfill", "cp_async16_to", "pinned"]
+helpers = ["cp_async16_zfill", "cp_async16_to", "pinned", "mma_q", "mma_q_smem"]
 head = s[: s.index("template <int D, int NH, bool Q_FP8")]
-keep = [m.group(0) for m in re.finditer(r"__device__ __forceinline__ \w+ (\w+)\([^)]*\) \{.*?\n\}", head, re.S)
+keep = [m.group(0) for m in re.finditer(r"(?:template <[^>]*>\n)?__device__ __forceinline__ \w+ (\w+)\([^)]*\) \{.*?\n\}", head, re.S)
         if m.group(1) in helpers]
 body = s[s.index("template <int D, int NH, bool Q_FP8"): s.index("// Group up to 8 (one n-tile of heads)")]
 out = "\n".join(keep) + "\n" + body.replace("__device__ void decode_mma(", "__device__ void decode_mma_prev(", 1)

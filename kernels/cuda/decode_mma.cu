@@ -14,7 +14,11 @@
 // Loads: K and V go through shared memory with 16-byte cp.async (rows XOR-swizzled so ldmatrix is
 // conflict-free). Each warp copies the rows it computes on itself (coalesced, the block-table
 // entries of its next tile loaded a stage ahead), so the warps of a CTA never synchronize inside
-// the main loop; bf16 stages are double-buffered, e4m3 stages (half the bytes) four deep.
+// the main loop; bf16 stages are double-buffered, e4m3 stages (half the bytes) four deep. A stage's
+// buffer is refilled as soon as the warp has consumed it, so all of them are in flight at the start
+// (a 128-token range of a bf16 cache costs one DRAM round trip, not two). The query comes in through
+// shared memory too (16-byte copies), and the epilogue weighs each row once: before that, scalar
+// query loads and per-element divisions made up 6 of a short CTA's 9 us (bench/gpu/NOTES.md).
 //
 // For e4m3, the MMA's k index need not follow the head dimension in order (Q and K just have to
 // agree), which lets one ldmatrix feed four consecutive bytes per thread; likewise the output rows
@@ -33,6 +37,12 @@
 #define MMA_STAGES_BF16 2
 #define MMA_STAGES_FP8 4
 #define MMA_MAX_GROUP 16
+
+// Phase trace points: bench/gpu/kbench.cu defines DB_TRACE to time the phases of a CTA (point,
+// and a value the time must wait for); decodebench's build compiles them to nothing.
+#ifndef DB_TRACE
+#define DB_TRACE(point, dep)
+#endif
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
     u32 a;
@@ -125,12 +135,12 @@ __device__ __forceinline__ int mma_swz(int r, int c, int nc) {
     return (r * nc + (c ^ (r & mask))) * 16;
 }
 
-// Query element (row = qo head within the group, dim) in f32, zero for padding rows.
-template <bool Q_FP8>
-__device__ __forceinline__ float mma_q(const AttnParams& p, int b, int kv_head, int row, int dim) {
-    if (row >= p.group) return 0.0f;
-    const i64 idx = ((i64)b * p.num_qo_heads + kv_head * p.group + row) * p.head_size + dim;
-    return Q_FP8 ? e4m3_to_f32(((const u8*)p.q)[idx]) : bf16_to_f32(((const u16*)p.q)[idx]);
+// Query element (row = qo head within the group, dim) in f32 from the group's rows in shared
+// memory, zero for padding rows.
+template <bool Q_FP8, int D>
+__device__ __forceinline__ float mma_q_smem(const u8* rows, int group, int row, int dim) {
+    if (row >= group) return 0.0f;
+    return Q_FP8 ? e4m3_to_f32(rows[row * D + dim]) : bf16_to_f32(((const u16*)rows)[row * D + dim]);
 }
 
 // Transpose of an 8x8 b16 matrix held as one fragment (row r0, columns 2q..2q+1 per thread).
@@ -161,6 +171,7 @@ __device__ void decode_mma(const AttnParams& p) {
     extern __shared__ __align__(128) u8 smem[];
     // The merge kernel (split plans) may launch as soon as every CTA of this grid is running.
     grid_dependency_launch();
+    DB_TRACE(0, 0u);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int tq = lane & 3, g = lane >> 2;
     const int mi = lane >> 3, mr = lane & 7;
@@ -169,6 +180,7 @@ __device__ void decode_mma(const AttnParams& p) {
     const int b = item.x, t_begin = item.y, t_end = item.z;
     const int kv_head = item.w % p.num_kv_heads, prow0 = item.w / p.num_kv_heads;
     const int* bt = p.block_tables + (i64)b * p.max_blocks;
+    DB_TRACE(1, (u32)b);
     const int slot_mask = (1 << p.block_shift) - 1;
     const u8* cache = (const u8*)p.kv;
     const float kv_raw = KV_FP8 ? MMA_E4M3_F16_SCALE : 1.0f;
@@ -199,6 +211,7 @@ __device__ void decode_mma(const AttnParams& p) {
     // Rows past the end of the range (the last tile's tail) load the range's first page instead:
     // real cache data, so finite, and the softmax masks those tokens to exactly zero weight.
     const int first_page = __ldg(bt + (t_begin >> p.block_shift));
+    DB_TRACE(2, (u32)first_page);
     auto page_of = [&](int it) -> int {
         const int t = t_begin + it * ST + wrow + lane;
         return (lane < WTOK && t < t_end) ? __ldg(bt + (t >> p.block_shift)) : first_page;
@@ -216,19 +229,36 @@ __device__ void decode_mma(const AttnParams& p) {
         }
     };
 
-    // The first stages' copies go out before the query is read: the block-table load, then the
-    // copies, are the CTA's critical path, and the query's loads overlap them.
-    int pg = page_of(0);
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        const int pn = page_of(st + 1);
-        if (st < n_iter) issue(st, pg);
+    // The CTA's critical path is the chain work item -> block table -> first copies, then the
+    // epilogue. The query rows of the group (G x D, contiguous) go to shared memory behind the
+    // pipeline's stages in 16-byte cp.async copies, as the oldest commit group, right after the
+    // work item: read element by element from global memory, they took 4 us (bench/gpu/NOTES.md).
+    // Then the block-table entries of every prologue stage are loaded at once, and the stages'
+    // copies issued.
+    const u32 q_smem = smem_base + (u32)(STAGES * STAGE_BYTES);
+    {
+        constexpr int QE = Q_FP8 ? 1 : 2;
+        const int chunks = G * D * QE / 16;
+        const u8* q_src = (const u8*)p.q + ((i64)b * p.num_qo_heads + (i64)kv_head * G) * (D * QE);
+        for (int c = tid; c < chunks; c += THREADS) cp_async16_to(q_smem + (u32)c * 16u, q_src + c * 16);
         cp_async_commit();
-        pg = pn;
     }
+    int pgs[STAGES + 1];
+#pragma unroll
+    for (int st = 0; st <= STAGES; ++st) pgs[st] = page_of(st);
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+        if (st < n_iter) issue(st, pgs[st]);
+        cp_async_commit();
+    }
+    int pg = pgs[STAGES];
+    DB_TRACE(3, (u32)pg);
 
     // Query as B fragments: b0 = (k 2t, 2t+1; head g), b1 = (k 2t+8, 2t+9; head g). For e4m3
     // caches the k order within a 16-dim step is dims 4t..4t+3 (see the K loads).
+    cp_async_wait<STAGES>();  // the query's group (the stages' may still be in flight)
+    __syncthreads();
+    const u8* q_rows = smem + STAGES * STAGE_BYTES;
     u32 qb[KSTEPS][NH][2];
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
@@ -237,10 +267,11 @@ __device__ void decode_mma(const AttnParams& p) {
             const int h = nh * 8 + g;
             const int d0 = KV_FP8 ? kk * 16 + 4 * tq : kk * 16 + 2 * tq;
             const int d1 = KV_FP8 ? d0 + 2 : d0 + 8;
-            qb[kk][nh][0] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, h, d0), mma_q<Q_FP8>(p, b, kv_head, h, d0 + 1));
-            qb[kk][nh][1] = pack2<F16>(mma_q<Q_FP8>(p, b, kv_head, h, d1), mma_q<Q_FP8>(p, b, kv_head, h, d1 + 1));
+            qb[kk][nh][0] = pack2<F16>(mma_q_smem<Q_FP8, D>(q_rows, G, h, d0), mma_q_smem<Q_FP8, D>(q_rows, G, h, d0 + 1));
+            qb[kk][nh][1] = pack2<F16>(mma_q_smem<Q_FP8, D>(q_rows, G, h, d1), mma_q_smem<Q_FP8, D>(q_rows, G, h, d1 + 1));
         }
     }
+    DB_TRACE(4, qb[KSTEPS - 1][NH - 1][1]);
     const float qk_scale = p.q_scale * p.k_scale * p.sm_scale * DB_LOG2E * kv_raw;
 
     // ldmatrix addresses in stage 0: K fragments (per pair of e4m3 k-steps, or per bf16
@@ -275,15 +306,9 @@ __device__ void decode_mma(const AttnParams& p) {
     for (int it = 0; it < n_iter; ++it) {
         const int valid = t_end - (t_begin + it * ST + wrow);  // tokens of this warp's rows in range
         if (valid <= 0) break;  // and in every later stage: this warp is done
-        cp_async_wait<STAGES - 2>();
+        cp_async_wait<STAGES - 1>();
         __syncwarp();
-        {
-            const int nxt = it + STAGES - 1;
-            const int pn = page_of(nxt + 1);
-            if (nxt < n_iter) issue(nxt, pg);
-            cp_async_commit();
-            pg = pn;
-        }
+        if (it == 0) DB_TRACE(5, 0u);
         const u32 stage = (u32)((it % STAGES) * STAGE_BYTES);
 
         // S^T for TPW tiles of 16 tokens: s[j][nh][c], c0/c1 = token g, c2/c3 = token g+8.
@@ -420,9 +445,21 @@ __device__ void decode_mma(const AttnParams& p) {
                 }
             }
         }
+        // The stage is consumed (every lane's ldmatrix of it has returned): refill its buffer
+        // with the stage STAGES ahead.
+        __syncwarp();
+        {
+            const int nxt = it + STAGES;
+            const int pn = page_of(nxt + 1);
+            if (nxt < n_iter) issue(nxt, pg);
+            cp_async_commit();
+            pg = pn;
+        }
     }
+    DB_TRACE(6, __float_as_uint(o[0][0][0]));
     cp_async_wait<0>();
     __syncthreads();
+    DB_TRACE(7, 0u);
 
     // Row sums over the 8 token lanes of a column, then the warps merge through shared memory.
 #pragma unroll
@@ -460,33 +497,54 @@ __device__ void decode_mma(const AttnParams& p) {
             }
     }
     __syncthreads();
+    DB_TRACE(8, 0u);
+    // Each row's weights, once per row: warp w's share is exp2(m_w - max) / den, with the output
+    // scale folded in (one division per row, not per element). They replace red_m in place (a
+    // row's entries belong to its thread alone).
     const float out_scale = p.v_scale * kv_raw;
-    for (int e = tid; e < G * D; e += THREADS) {
-        const int row = e / D, dim = e % D;
+    const i64 prow_base = (i64)prow0 * p.num_qo_heads + (i64)kv_head * G;
+    if (tid < G) {
         float mm = -DB_INF;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, red_m[w * G + row]);
-        float num = 0.0f, den = 0.0f;
+        for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, red_m[w * G + tid]);
+        float c[WARPS], den = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) {
-            const float mw = red_m[w * G + row];
-            const float c = (mw == -DB_INF) ? 0.0f : exp2f(mw - mm);
-            num += red_o[(w * G + row) * D + dim] * c;
-            den += red_l[w * G + row] * c;
+            const float mw = red_m[w * G + tid];
+            c[w] = (mw == -DB_INF) ? 0.0f : exp2f(mw - mm);
+            den += red_l[w * G + tid] * c[w];
         }
-        const float val = den > 0.0f ? num / den * out_scale : 0.0f;
+        const float inv = den > 0.0f ? out_scale / den : 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) red_m[w * G + tid] = c[w] * inv;
+        if (!p.direct) p.partial_lse[prow_base + tid] = den > 0.0f ? mm + log2f(den) : -DB_INF;
+    }
+    __syncthreads();
+    // The rows, four elements per thread and step (rows are contiguous, D a multiple of 4).
+    for (int e = tid * 4; e < G * D; e += THREADS * 4) {
+        const int row = e / D;
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float wt = red_m[w * G + row];
+            const float4 x = *(const float4*)&red_o[w * G * D + e];
+            acc.x += x.x * wt;
+            acc.y += x.y * wt;
+            acc.z += x.z * wt;
+            acc.w += x.w * wt;
+        }
         if (p.direct) {
-            rows[e] = val;
+            *(float4*)&rows[e] = acc;
         } else {
-            const i64 prow = (i64)prow0 * p.num_qo_heads + kv_head * G + row;
-            p.partial_o[prow * D + dim] = val;
-            if (dim == 0) p.partial_lse[prow] = den > 0.0f ? mm + log2f(den) : -DB_INF;
+            *(float4*)&p.partial_o[prow_base * D + e] = acc;
         }
     }
+    DB_TRACE(9, 0u);
     if (p.direct) {
         __syncthreads();
         store_output_rows<OUT>(p, rows, G, b, kv_head * G, tid, THREADS);
     }
+    DB_TRACE(10, 0u);
 }
 
 // Group up to 8 (one n-tile of heads) and up to 16 (two).

@@ -285,13 +285,16 @@ pub(crate) fn mma_geometry(head: u32, group: u32, kv: Dtype) -> Option<DecodeGeo
         (2, MMA_STAGES_BF16)
     };
     let stages = depth * 2 * MMA_STAGE_TOKENS * head * elem;
+    // The group's query rows sit behind the stages while the prologue builds the fragments
+    // (sized for bf16, the wider query type).
+    let query = group * head * 2;
     let warps = MMA_THREADS / 32;
     let merge = 4 * group * (warps * head + 2 * warps + head);
     Some(DecodeGeometry {
         variant: DecodeVariant::Mma,
         block: (MMA_THREADS, 1, 1),
         stage_tokens: MMA_STAGE_TOKENS,
-        smem_bytes: stages.max(merge),
+        smem_bytes: (stages + query).max(merge),
     })
 }
 
