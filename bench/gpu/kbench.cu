@@ -138,6 +138,7 @@ struct Variant {
     int overhead = 192;
     int order = 2;  // launch order: 0 = sequence order, 1 = longest first, 2 = head by head, longest first
     bool merge = true;  // false: the merge is skipped (a timing diagnostic only: the output is wrong)
+    bool direct_items = true;  // unsplit sequences written by their decode CTA (DB_DIRECT_ITEM)
 };
 
 template <int W, int TPW, int STG_BF16, int STG_FP8, bool PREV = false>
@@ -172,7 +173,7 @@ struct Plan {
     std::vector<int4> launch;  // one per CTA: {batch, begin, end, row * heads + head}
 };
 
-static Plan plan_with_chunk(const std::vector<int>& lens, long chunk, int heads, int order) {
+static Plan plan_with_chunk(const std::vector<int>& lens, long chunk, int heads, int order, bool direct_items) {
     Plan p;
     for (size_t b = 0; b < lens.size(); ++b) {
         p.offsets.push_back((int)p.items.size());
@@ -183,17 +184,21 @@ static Plan plan_with_chunk(const std::vector<int>& lens, long chunk, int heads,
     }
     p.offsets.push_back((int)p.items.size());
     p.direct = p.items.size() == lens.size();
+    // (offsets complete before the launch list reads them)
     for (size_t r = 0; r < p.items.size(); ++r)
         for (int h = 0; h < heads; ++h) {
             int4 w = p.items[r];
             w.w = (int)r * heads + h;
+            const int b = p.items[r].x;
+            if (direct_items && p.offsets[b + 1] - p.offsets[b] == 1) w.w |= DB_DIRECT_ITEM;
             p.launch.push_back(w);
         }
     if (order == 1)
         std::stable_sort(p.launch.begin(), p.launch.end(), [](int4 a, int4 b) { return a.z - a.y > b.z - b.y; });
     if (order == 2)
         std::stable_sort(p.launch.begin(), p.launch.end(), [heads](int4 a, int4 b) {
-            return a.w % heads != b.w % heads ? a.w % heads < b.w % heads : a.z - a.y > b.z - b.y;
+            const int ha = (a.w & ~DB_DIRECT_ITEM) % heads, hb = (b.w & ~DB_DIRECT_ITEM) % heads;
+            return ha != hb ? ha < hb : a.z - a.y > b.z - b.y;
         });
     return p;
 }
@@ -213,7 +218,7 @@ static long makespan(const Plan& p, long slots, long overhead) {
 }
 
 static Plan plan(const std::vector<int>& lens, int heads, long slots, long stage, long min_chunk, long overhead,
-                 int order) {
+                 int order, bool direct_items) {
     long max_len = *std::max_element(lens.begin(), lens.end());
     long total = 0;
     for (int l : lens) total += l;
@@ -225,7 +230,7 @@ static Plan plan(const std::vector<int>& lens, int heads, long slots, long stage
         chunk = std::max(chunk, min_chunk);
         chunk = (chunk + stage - 1) / stage * stage;
         chunk = std::min(chunk, std::max(1L, max_len));
-        Plan p = plan_with_chunk(lens, chunk, heads, order);
+        Plan p = plan_with_chunk(lens, chunk, heads, order, direct_items);
         long c = makespan(p, slots, overhead);
         if (best_cost < 0 || c < best_cost) best_cost = c, best = p;
     }
@@ -350,7 +355,17 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     int per_sm = 0;
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, k.threads, k.smem));
     per_sm = std::max(per_sm, 1);
-    Plan pl = plan(c.lens, KVH, (long)dev.sms * per_sm, k.stage_tokens, v.min_chunk, v.overhead, v.order);
+    Plan pl = plan(c.lens, KVH, (long)dev.sms * per_sm, k.stage_tokens, v.min_chunk, v.overhead, v.order,
+                   v.direct_items);
+    int max_splits = 1;
+    for (size_t b = 0; b + 1 < pl.offsets.size(); ++b) max_splits = std::max(max_splits, pl.offsets[b + 1] - pl.offsets[b]);
+    // The merge's block as launch.rs merge_block picks it.
+    int row_warps = 1;
+    while (row_warps < 8 && row_warps * 8 < max_splits) row_warps *= 2;
+    int per_cta = 8 / row_warps;
+    const int merged_rows = QO * (int)c.lens.size();
+    while (per_cta > 1 && (merged_rows + per_cta - 1) / per_cta < dev.sms) per_cta /= 2;
+    const dim3 merge_block(32 * (8 / per_cta), per_cta);
     AttnParams p = base_params(dev, c, mode);
     const int batch = (int)c.lens.size();
     int4* d_work;
@@ -378,6 +393,7 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     p.partial_o = po;
     p.partial_lse = plse;
     p.direct = pl.direct ? 1 : 0;
+    p.direct_items = v.direct_items ? 1 : 0;
     void* args[] = {&p};
     const void* mfn = merge_fn(mode);
     cudaStream_t s;
@@ -388,8 +404,8 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         // The merge as decodebench launches it on sm_90+: a programmatic dependent of the decode
         // kernel (see launch.rs).
         cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(QO, batch);
-        cfg.blockDim = dim3(128);
+        cfg.gridDim = dim3((QO + merge_block.y - 1) / merge_block.y, batch);
+        cfg.blockDim = merge_block;
         cfg.stream = s;
         cudaLaunchAttribute attr[1];
         attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -556,8 +572,12 @@ int main(int argc, char** argv) {
     // The previous kernel in both launch orders (decodebench times both on each case and keeps
     // the faster), then the current one.
 #ifdef KBENCH_HAVE_PREV
+    // (The previous kernel predates DB_DIRECT_ITEM: its plans flag nothing, and the merge covers
+    // every sequence.)
     add("prev_lf", tc<4, 1, 2, 4, true>, 1);
+    variants.back().direct_items = false;
     add("prev_hm", tc<4, 1, 2, 4, true>, 2);
+    variants.back().direct_items = false;
 #endif
     add("cur_lf", tc<4, 1, 2, 4>, 1);
     add("cur_hm", tc<4, 1, 2, 4>, 2);
@@ -569,6 +589,11 @@ int main(int argc, char** argv) {
     variants.back().overhead = 96;
     add("cur_lf_ov384", tc<4, 1, 2, 4>, 1);
     variants.back().overhead = 384;
+    // Every sequence through the merge, as before DB_DIRECT_ITEM.
+    add("cur_lf_nodi", tc<4, 1, 2, 4>, 1);
+    variants.back().direct_items = false;
+    add("cur_hm_nodi", tc<4, 1, 2, 4>, 2);
+    variants.back().direct_items = false;
     add("cur_lf_c64", tc<4, 1, 2, 4>, 1);
     variants.back().min_chunk = 64;
     add("cur_lf_c256", tc<4, 1, 2, 4>, 1);

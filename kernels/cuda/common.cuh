@@ -18,6 +18,10 @@ typedef long long i64;
 
 // Parameters of every attention kernel (reference, baseline, optimized, merge). The layout must
 // match `AttnParams` in kernels/src/cuda/launch.rs: 8-byte fields first, then 4-byte fields.
+// A work item's w field with this bit set: its sequence is not split, so its CTA writes the final
+// output rows itself, even in a split plan (see kernels/src/cuda/plan.rs DIRECT_ITEM).
+#define DB_DIRECT_ITEM (1 << 30)
+
 struct AttnParams {
     const void* q;            // [batch, qo_heads, head] in the q dtype
     const void* kv;           // paged cache, [pages, 2, ...] in the kv dtype
@@ -42,7 +46,8 @@ struct AttnParams {
     int group;                // qo heads per kv head
     int sf_cols;              // nvfp4 scale-factor columns before padding: qo_heads*head/16
     int direct;               // optimized kernel: 1 = write final outputs, 0 = write partials
-    int pad0;
+    int direct_items;         // 1: work items flagged DB_DIRECT_ITEM write final outputs and the
+                              // merge skips their (unsplit) sequences
     float q_scale;
     float k_scale;
     float v_scale;

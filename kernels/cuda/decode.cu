@@ -60,7 +60,9 @@ __device__ void decode_split(const AttnParams& p) {
 
     const int4 item = p.work[blockIdx.x];  // w: partial row * kv heads + kv head
     const int b = item.x, t_begin = item.y, t_end = item.z;
-    const int kv_head = item.w % p.num_kv_heads, prow0 = item.w / p.num_kv_heads;
+    const bool direct = p.direct || (item.w & DB_DIRECT_ITEM);
+    const int slot = item.w & ~DB_DIRECT_ITEM;
+    const int kv_head = slot % p.num_kv_heads, prow0 = slot / p.num_kv_heads;
     const int h = kv_head * G + g;
     const int* bt = p.block_tables + (i64)b * p.max_blocks;
     const int slot_mask = (1 << p.block_shift) - 1;
@@ -182,7 +184,7 @@ __device__ void decode_split(const AttnParams& p) {
             for (int i = 0; i < 8; ++i) num[i] += red_acc[(z * G + g) * D + tx * 8 + i] * c;
         }
         const float inv = den > 0.0f ? out_scale / den : 0.0f;
-        if (p.direct) {
+        if (direct) {
 #pragma unroll
             for (int i = 0; i < 8; ++i) rows[g * D + tx * 8 + i] = num[i] * inv;
         } else {
@@ -192,42 +194,48 @@ __device__ void decode_split(const AttnParams& p) {
             if (tx == 0) p.partial_lse[prow] = den > 0.0f ? mm + log2f(den) : -DB_INF;
         }
     }
-    if (p.direct) {
+    if (direct) {
         __syncthreads();
         store_output_rows<OUT>(p, rows, G, b, kv_head * G, tid, nthreads);
     }
 }
 
-// Combines the partial outputs of each (qo head, sequence): weights 2^(lse_i - max). The splits
-// are spread over the warps, and each warp reads MERGE_UNROLL whole partial rows (D / 32 floats
-// per lane) at once and folds them into a running (max, sum, weighted row) - an online softmax over
-// splits - so a long sequence's partials cost one or two round trips to L2 rather than one per
-// split; the warps' states then meet in shared memory. On sm_90 the kernel may be launched as a
-// programmatic dependent of the decode kernel (PDL): it starts while the decode kernel's last CTAs
-// run and waits, after reading what the host wrote, until their partials are visible.
+// Combines the partial outputs of each (qo head, sequence): weights 2^(lse_i - max). A CTA has
+// blockDim.y rows (qo heads of one sequence) and blockDim.x / 32 warps per row; the host picks
+// the shape from the plan's longest split list (launch.rs merge_block), so that a row's splits
+// take one round of loads. Each warp reads MERGE_UNROLL whole partial rows (D / 32 floats per lane)
+// at once and folds them into a running (max, sum, weighted row) - an online softmax over splits;
+// the warps of a row then meet in shared memory, and the CTA writes its rows together. Sequences
+// that were not split are skipped (their decode CTA wrote the output; DB_DIRECT_ITEM). On sm_90
+// the kernel may be launched as a programmatic dependent of the decode kernel (PDL): it starts
+// while the decode kernel's last CTAs run and waits, after reading what the host wrote, until
+// their partials are visible.
 #define MERGE_MAX_WARPS 8
 #define MERGE_UNROLL 8
 template <int D, int OUT>
 __device__ void merge_partials(const AttnParams& p) {
     constexpr int VEC = D / 32;
-    __shared__ float row[D];
+    __shared__ __align__(16) float rows[MERGE_MAX_WARPS * D];
     __shared__ float part_num[MERGE_MAX_WARPS][D];
     __shared__ float part_den[MERGE_MAX_WARPS];
     __shared__ float part_max[MERGE_MAX_WARPS];
-    const int h = blockIdx.x, b = blockIdx.y;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int warps = min((int)(blockDim.x >> 5), MERGE_MAX_WARPS);
+    const int row_warps = (int)(blockDim.x >> 5), nrows = (int)blockDim.y;
+    const int lane = threadIdx.x & 31, rw = threadIdx.x >> 5, r = threadIdx.y;
+    const int warp = r * row_warps + rw;
+    const int tid = r * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
+    const int b = blockIdx.y, h0 = blockIdx.x * nrows, h = h0 + r;
     const int first = p.split_offsets[b], last = p.split_offsets[b + 1];  // written by the host
+    if (p.direct_items && last - first == 1) return;  // written by its decode CTA
     grid_dependency_wait();
-    if (warp < warps) {
+    if (warp < MERGE_MAX_WARPS) {
         float m = -DB_INF, den = 0.0f, num[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) num[k] = 0.0f;
-        for (int i0 = first + warp; i0 < last; i0 += warps * MERGE_UNROLL) {
+        for (int i0 = first + rw; h < p.num_qo_heads && i0 < last; i0 += row_warps * MERGE_UNROLL) {
             float lse[MERGE_UNROLL], x[MERGE_UNROLL][VEC];
 #pragma unroll
             for (int u = 0; u < MERGE_UNROLL; ++u) {
-                const int i = i0 + u * warps;
+                const int i = i0 + u * row_warps;
                 lse[u] = -DB_INF;
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) x[u][k] = 0.0f;
@@ -267,24 +275,42 @@ __device__ void merge_partials(const AttnParams& p) {
             }
             m = mu;
         }
+        if (row_warps == 1) {
+            // The row is this warp's alone: finish it here.
+            const float inv = den > 0.0f ? 1.0f / den : 0.0f;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) part_num[warp][lane * VEC + k] = num[k];
-        if (lane == 0) part_den[warp] = den, part_max[warp] = m;
-    }
-    __syncthreads();
-    float mm = -DB_INF;
-    for (int w = 0; w < warps; ++w) mm = fmaxf(mm, part_max[w]);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float num = 0.0f, den = 0.0f;
-        for (int w = 0; w < warps; ++w) {
-            const float c = (part_max[w] == -DB_INF) ? 0.0f : exp2f(part_max[w] - mm);
-            num += c * part_num[w][d];
-            den += c * part_den[w];
+            for (int k = 0; k < VEC; ++k) rows[r * D + lane * VEC + k] = num[k] * inv;
+        } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) part_num[warp][lane * VEC + k] = num[k];
+            if (lane == 0) part_den[warp] = den, part_max[warp] = m;
         }
-        row[d] = den > 0.0f ? num / den : 0.0f;
     }
     __syncthreads();
-    store_output_rows<OUT>(p, row, 1, b, h, threadIdx.x, blockDim.x);
+    if (row_warps > 1) {
+        // Unrolled to the largest count with a guard, so that the weights stay in registers.
+        float mm = -DB_INF;
+#pragma unroll
+        for (int w = 0; w < MERGE_MAX_WARPS; ++w)
+            if (w < row_warps) mm = fmaxf(mm, part_max[r * row_warps + w]);
+        float c[MERGE_MAX_WARPS], den = 0.0f;
+#pragma unroll
+        for (int w = 0; w < MERGE_MAX_WARPS; ++w) {
+            const float mw = w < row_warps ? part_max[r * row_warps + w] : -DB_INF;
+            c[w] = (mw == -DB_INF) ? 0.0f : exp2f(mw - mm);
+            if (w < row_warps) den += c[w] * part_den[r * row_warps + w];
+        }
+        const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+        for (int d = threadIdx.x; d < D; d += blockDim.x) {
+            float num = 0.0f;
+#pragma unroll
+            for (int w = 0; w < MERGE_MAX_WARPS; ++w)
+                if (w < row_warps) num += c[w] * part_num[r * row_warps + w][d];
+            rows[r * D + d] = num * inv;
+        }
+        __syncthreads();
+    }
+    store_output_rows<OUT>(p, rows, min(nrows, p.num_qo_heads - h0), b, h0, tid, nthreads);
 }
 
 #define DB_DECODE(D, QN, QF, KN, KF, ON, OV)                                                       \

@@ -178,7 +178,9 @@ __device__ void decode_mma(const AttnParams& p) {
     const int G = p.group;
     const int4 item = p.work[blockIdx.x];
     const int b = item.x, t_begin = item.y, t_end = item.z;
-    const int kv_head = item.w % p.num_kv_heads, prow0 = item.w / p.num_kv_heads;
+    const bool direct = p.direct || (item.w & DB_DIRECT_ITEM);
+    const int slot = item.w & ~DB_DIRECT_ITEM;
+    const int kv_head = slot % p.num_kv_heads, prow0 = slot / p.num_kv_heads;
     const int* bt = p.block_tables + (i64)b * p.max_blocks;
     DB_TRACE(1, (u32)b);
     const int slot_mask = (1 << p.block_shift) - 1;
@@ -517,7 +519,7 @@ __device__ void decode_mma(const AttnParams& p) {
         const float inv = den > 0.0f ? out_scale / den : 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) red_m[w * G + tid] = c[w] * inv;
-        if (!p.direct) p.partial_lse[prow_base + tid] = den > 0.0f ? mm + log2f(den) : -DB_INF;
+        if (!direct) p.partial_lse[prow_base + tid] = den > 0.0f ? mm + log2f(den) : -DB_INF;
     }
     __syncthreads();
     // The rows, four elements per thread and step (rows are contiguous, D a multiple of 4).
@@ -533,14 +535,14 @@ __device__ void decode_mma(const AttnParams& p) {
             acc.z += x.z * wt;
             acc.w += x.w * wt;
         }
-        if (p.direct) {
+        if (direct) {
             *(float4*)&rows[e] = acc;
         } else {
             *(float4*)&p.partial_o[prow_base * D + e] = acc;
         }
     }
     DB_TRACE(9, 0u);
-    if (p.direct) {
+    if (direct) {
         __syncthreads();
         store_output_rows<OUT>(p, rows, G, b, kv_head * G, tid, THREADS);
     }

@@ -515,11 +515,13 @@ impl CudaBackend {
             params.out_sf = out.scale_factors.as_ref().map_or(0, |s| dptr(session, s));
             params.split_offsets = dptr(session, &d_offsets);
             params.direct = plan.direct as i32;
+            params.direct_items = 1;
             if let Some((po, lse)) = &partials {
                 params.partial_o = dptr(session, po);
                 params.partial_lse = dptr(session, lse);
             }
             let ctas = plan.launch.len() as u32;
+            let max_splits = plan.max_splits();
             // Launch order: where the orders differ, each is tried on this case (a few calls)
             // and the faster kept.
             let mut best = (
@@ -532,7 +534,7 @@ impl CudaBackend {
                 let mut trial = params;
                 trial.work = dptr(session, list);
                 let ms = quick_call_ms(session, &|| {
-                    launch_decode(session, &trial, &geometry, ctas, &names)
+                    launch_decode(session, &trial, &geometry, ctas, max_splits, &names)
                 })?;
                 timings.push(format!("{} {ms:.4} ms", order.as_str()));
                 if ms < best.1 {
@@ -546,7 +548,7 @@ impl CudaBackend {
             } else {
                 format!(" (tried {})", timings.join(", "))
             };
-            let call = || launch_decode(session, &params, &geometry, ctas, &names);
+            let call = || launch_decode(session, &params, &geometry, ctas, max_splits, &names);
             let note = format!(
                 "{} ({}); block {}x{}x{}, {} B smem, {} CTAs/SM; {}; launch order {}{}",
                 names.decode,

@@ -34,8 +34,26 @@ const DEFAULT_SMEM_LIMIT_BYTES: u32 = 48 * 1024;
 pub(crate) const BASELINE_THREADS: u32 = 128;
 /// Threads of the reference kernel (`REF_THREADS` in reference.cu).
 pub(crate) const REFERENCE_THREADS: u32 = 256;
-/// Threads of the merge kernel.
-const MERGE_THREADS: u32 = 128;
+/// Warps of one merge CTA (`MERGE_MAX_WARPS`), and partial rows each warp loads at once
+/// (`MERGE_UNROLL` in decode.cu).
+const MERGE_WARPS: u32 = 8;
+const MERGE_UNROLL: u32 = 8;
+
+/// Block shape of the merge kernel, (32 x warps per row, rows per CTA), for a plan whose longest
+/// split list has `max_splits` items and `rows` output rows (qo heads x sequences) on `sm_count`
+/// SMs. Enough warps per qo head that its splits take one round of loads, and the rest of the
+/// CTA's 8 warps on further qo heads of the sequence (a CTA per qo head left 3 of 4 warps idle on
+/// short lists and made 4096 CTAs at b=64) - but not fewer CTAs than SMs, since each CTA also
+/// converts its rows (eight rows per CTA left 8 CTAs to quantize all of b=1's NVFP4 output).
+pub(crate) fn merge_block(max_splits: usize, rows: u32, sm_count: u32) -> (u32, u32) {
+    let rounds = (max_splits.max(1) as u32).div_ceil(MERGE_UNROLL);
+    let needed = rounds.next_power_of_two().min(MERGE_WARPS);
+    let mut per_cta = MERGE_WARPS / needed;
+    while per_cta > 1 && rows.div_ceil(per_cta) < sm_count {
+        per_cta /= 2;
+    }
+    (32 * (MERGE_WARPS / per_cta), per_cta)
+}
 /// Compute capability from which the merge is launched as a programmatic dependent of the decode
 /// kernel (PDL, `griddepcontrol` in the kernels): its CTAs start while the decode kernel's last
 /// ones run, which hides most of a second launch (on an H200, b=1 s=4096: 9 % of the call).
@@ -75,7 +93,9 @@ pub(crate) struct AttnParams {
     pub group: i32,
     pub sf_cols: i32,
     pub direct: i32,
-    pub pad0: i32,
+    /// 1: launch entries flagged [`super::plan::DIRECT_ITEM`] write final outputs and the merge
+    /// skips their sequences.
+    pub direct_items: i32,
     pub q_scale: f32,
     pub k_scale: f32,
     pub v_scale: f32,
@@ -457,12 +477,14 @@ pub(crate) fn launch_baseline(
 }
 
 /// The optimized kernel (and the merge when the plan splits sequences): one "call". `ctas` is the
-/// length of the plan's launch list (one CTA per work item and kv head).
+/// length of the plan's launch list (one CTA per work item and kv head), `max_splits` its longest
+/// split list.
 pub(crate) fn launch_decode(
     session: &DeviceSession,
     params: &AttnParams,
     geometry: &DecodeGeometry,
     ctas: u32,
+    max_splits: usize,
     names: &DecodeNames,
 ) -> Result<(), CudaError> {
     let cfg = LaunchConfig {
@@ -472,9 +494,18 @@ pub(crate) fn launch_decode(
     };
     launch_params(session, &names.decode, cfg, params, LaunchAfter::Completion)?;
     if params.direct == 0 {
+        let (x, rows) = merge_block(
+            max_splits,
+            params.num_qo_heads as u32 * params.batch as u32,
+            session.props.sm_count,
+        );
         let cfg = LaunchConfig {
-            grid_dim: (params.num_qo_heads as u32, params.batch as u32, 1),
-            block_dim: (MERGE_THREADS, 1, 1),
+            grid_dim: (
+                (params.num_qo_heads as u32).div_ceil(rows),
+                params.batch as u32,
+                1,
+            ),
+            block_dim: (x, rows, 1),
             shared_mem_bytes: 0,
         };
         let after = if session.props.compute_major >= PDL_MIN_COMPUTE_MAJOR {
@@ -782,6 +813,34 @@ mod tests {
     }
 
     #[test]
+    fn merge_block_covers_the_splits_in_one_round() {
+        for splits in 1..200usize {
+            for rows in [64, 256, 1024, 4096, 16384] {
+                let (x, per_cta) = merge_block(splits, rows, 132);
+                let row_warps = x / 32;
+                assert_eq!(x % 32, 0);
+                assert_eq!(row_warps * per_cta, MERGE_WARPS, "{splits}");
+                // One round of MERGE_UNROLL loads per warp, while 8 warps can cover the list.
+                if splits <= (MERGE_WARPS * MERGE_UNROLL) as usize {
+                    assert!(row_warps * MERGE_UNROLL >= splits as u32, "{splits}");
+                } else {
+                    assert_eq!(per_cta, 1);
+                }
+                // Rows per CTA only where there are CTAs enough for every SM.
+                assert!(
+                    per_cta == 1 || rows.div_ceil(per_cta) >= 132,
+                    "{rows} {per_cta}"
+                );
+            }
+        }
+        // Short lists at large batch: one warp per qo head, 8 heads per CTA.
+        assert_eq!(merge_block(2, 4096, 132), (32, 8));
+        assert_eq!(merge_block(32, 4096, 132), (128, 2));
+        // b=1 (64 rows): one row per CTA, all 8 warps on it.
+        assert_eq!(merge_block(8, 64, 132), (256, 1));
+    }
+
+    #[test]
     fn rust_constants_match_the_cuda_sources() {
         let mma = include_str!("../../cuda/decode_mma.cu");
         assert!(mma.contains(&format!("#define MMA_WARPS {}", MMA_THREADS / 32)));
@@ -800,6 +859,8 @@ mod tests {
         let decode = include_str!("../../cuda/decode.cu");
         assert!(decode.contains(&format!("#define DEC_TILE {DECODE_TILE_TOKENS}")));
         assert!(decode.contains(&format!("#define DEC_STAGES {DECODE_STAGES}")));
+        assert!(decode.contains(&format!("#define MERGE_MAX_WARPS {MERGE_WARPS}")));
+        assert!(decode.contains(&format!("#define MERGE_UNROLL {MERGE_UNROLL}")));
         assert!(decode.contains(&format!("__launch_bounds__({DECODE_MAX_THREADS})")));
         let baseline = include_str!("../../cuda/baseline.cu");
         assert!(baseline.contains(&format!("#define BASE_WARPS {}", BASELINE_THREADS / 32)));

@@ -40,6 +40,12 @@ pub const MIN_CHUNK_TOKENS: u32 = 128;
 /// 128-token minimum chunk matched or beat 256 and 512 in every cell of the table.
 pub const CTA_OVERHEAD_TOKENS: u64 = 192;
 
+/// Set in a launch entry's `slot` when its sequence is not split (one item): the CTA writes the
+/// sequence's final output rows itself, even in a split plan, and the merge kernel skips the
+/// sequence (`DB_DIRECT_ITEM` in common.cuh). In a plan of a few long sequences and many short
+/// ones, the short ones then pay neither the partial round trip nor the merge.
+pub const DIRECT_ITEM: i32 = 1 << 30;
+
 /// Wave counts the planner chooses among.
 const CANDIDATE_WAVES: [u64; 3] = [1, 2, 4];
 
@@ -52,13 +58,25 @@ pub struct WorkItem {
     pub token_begin: i32,
     pub token_end: i32,
     /// In a launch list: the item's partial-output row (its index in [`SplitPlan::items`]) times
-    /// the kv-head count, plus the kv head. Zero in [`SplitPlan::items`].
+    /// the kv-head count, plus the kv head, with [`DIRECT_ITEM`] set when the item is its
+    /// sequence's only one. Zero in [`SplitPlan::items`].
     pub slot: i32,
 }
 
 impl WorkItem {
     fn tokens(&self) -> u64 {
         (self.token_end - self.token_begin).max(0) as u64
+    }
+
+    /// A launch entry's partial row times the kv-head count plus its kv head, without the
+    /// [`DIRECT_ITEM`] flag.
+    pub fn slot_index(&self) -> i32 {
+        self.slot & !DIRECT_ITEM
+    }
+
+    /// Whether a launch entry writes its sequence's final output (see [`DIRECT_ITEM`]).
+    pub fn is_direct(&self) -> bool {
+        self.slot & DIRECT_ITEM != 0
     }
 }
 
@@ -104,7 +122,7 @@ impl SplitPlan {
         if order == LaunchOrder::HeadMajor {
             let heads = (self.launch.len() / self.items.len().max(1)).max(1) as i32;
             // Stable: within a head the longest-first order is kept.
-            launch.sort_by_key(|w| w.slot % heads);
+            launch.sort_by_key(|w| w.slot_index() % heads);
         }
         launch
     }
@@ -178,12 +196,14 @@ fn plan_with_chunk(seq_lens: &[u32], chunk: u64, num_kv_heads: u32) -> SplitPlan
     split_offsets.push(items.len() as i32);
     let direct = items.len() == seq_lens.len();
     let heads = num_kv_heads.max(1) as i32;
+    let whole = |b: i32| split_offsets[b as usize + 1] - split_offsets[b as usize] == 1;
     let mut launch: Vec<WorkItem> = items
         .iter()
         .enumerate()
         .flat_map(|(row, item)| {
+            let flag = if whole(item.batch) { DIRECT_ITEM } else { 0 };
             (0..heads).map(move |h| WorkItem {
-                slot: row as i32 * heads + h,
+                slot: (row as i32 * heads + h) | flag,
                 ..*item
             })
         })
@@ -250,16 +270,21 @@ mod tests {
         assert_eq!(plan.launch.len(), plan.items.len() * heads);
         let mut seen = vec![false; launch.len()];
         for w in launch {
-            let (row, head) = (w.slot as usize / heads, w.slot as usize % heads);
-            assert!(!seen[row * heads + head], "slot {} twice", w.slot);
+            let slot = w.slot_index() as usize;
+            let (row, head) = (slot / heads, slot % heads);
+            assert!(!seen[row * heads + head], "slot {slot} twice");
             seen[row * heads + head] = true;
             let item = plan.items[row];
             assert_eq!(
                 (w.batch, w.token_begin, w.token_end),
                 (item.batch, item.token_begin, item.token_end)
             );
+            // Direct exactly when the item is its sequence's only one.
+            let b = item.batch as usize;
+            let splits = plan.split_offsets[b + 1] - plan.split_offsets[b];
+            assert_eq!(w.is_direct(), splits == 1, "{w:?}");
         }
-        let head = |w: &WorkItem| w.slot as usize % heads;
+        let head = |w: &WorkItem| w.slot_index() as usize % heads;
         assert!(launch.windows(2).all(|p| match order {
             LaunchOrder::LongestFirst => p[0].tokens() >= p[1].tokens(),
             LaunchOrder::HeadMajor =>
