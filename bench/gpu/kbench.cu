@@ -146,7 +146,7 @@ static Kernel tc(int mode) {
     constexpr int ST = W * 16 * TPW;
     const bool kf = MODES[mode].kf;
     const int stages = kf ? STG_FP8 : STG_BF16;
-    const int pipe = stages * 2 * ST * 128 * (kf ? 1 : 2) + 8 * 128 * 2;  // + the query rows
+    const int pipe = stages * 2 * ST * 128 * (kf ? 1 : 2) + 8 * (128 + 8) * 2;  // + the query rows
     const int merge = (W * 8 * 128 + 2 * W * 8 + 8 * 128) * 4;
     const void* f[5] = {(const void*)k_tc<128, 1, false, false, OUT_BF16, W, TPW, STG_BF16, PREV>,
                         (const void*)k_tc<128, 1, false, true, OUT_BF16, W, TPW, STG_FP8, PREV>,

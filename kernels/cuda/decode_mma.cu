@@ -16,8 +16,9 @@
 // entries of its next tile loaded a stage ahead), so the warps of a CTA never synchronize inside
 // the main loop; bf16 stages are double-buffered, e4m3 stages (half the bytes) four deep. A stage's
 // buffer is refilled as soon as the warp has consumed it, so all of them are in flight at the start
-// (a 128-token range of a bf16 cache costs one DRAM round trip, not two). The query comes in through
-// shared memory too (16-byte copies), and the epilogue weighs each row once: before that, scalar
+// (a 128-token range of a bf16 cache costs one DRAM round trip, not two). The query is loaded in 16-byte
+// pieces, converted once per element into shared memory and read back as fragments, and the
+// epilogue weighs each row once: before that, scalar
 // query loads and per-element divisions made up 6 of a short CTA's 9 us (bench/gpu/NOTES.md).
 //
 // For e4m3, the MMA's k index need not follow the head dimension in order (Q and K just have to
@@ -135,14 +136,6 @@ __device__ __forceinline__ int mma_swz(int r, int c, int nc) {
     return (r * nc + (c ^ (r & mask))) * 16;
 }
 
-// Query element (row = qo head within the group, dim) in f32 from the group's rows in shared
-// memory, zero for padding rows.
-template <bool Q_FP8, int D>
-__device__ __forceinline__ float mma_q_smem(const u8* rows, int group, int row, int dim) {
-    if (row >= group) return 0.0f;
-    return Q_FP8 ? e4m3_to_f32(rows[row * D + dim]) : bf16_to_f32(((const u16*)rows)[row * D + dim]);
-}
-
 // Transpose of an 8x8 b16 matrix held as one fragment (row r0, columns 2q..2q+1 per thread).
 __device__ __forceinline__ u32 movmatrix_trans(u32 x) {
     u32 r;
@@ -232,18 +225,19 @@ __device__ void decode_mma(const AttnParams& p) {
     };
 
     // The CTA's critical path is the chain work item -> block table -> first copies, then the
-    // epilogue. The query rows of the group (G x D, contiguous) go to shared memory behind the
-    // pipeline's stages in 16-byte cp.async copies, as the oldest commit group, right after the
-    // work item: read element by element from global memory, they took 4 us (bench/gpu/NOTES.md).
-    // Then the block-table entries of every prologue stage are loaded at once, and the stages'
-    // copies issued.
-    const u32 q_smem = smem_base + (u32)(STAGES * STAGE_BYTES);
+    // epilogue. The query rows of the group (G x D, contiguous) are loaded right after the work
+    // item, 16 bytes per thread (read element by element by each thread, they took 4 us:
+    // bench/gpu/NOTES.md), and converted to the MMA's type below, once per element.
+    constexpr int QE = Q_FP8 ? 1 : 2;
+    constexpr int QS = D + 8;  // row stride of the converted rows, in halves (conflict-free reads)
+    constexpr int QK = (MMA_MAX_GROUP * D * QE / 16 + THREADS - 1) / THREADS;  // chunks per thread
+    const int q_chunks = G * D * QE / 16;
+    uint4 q_raw[QK];
     {
-        constexpr int QE = Q_FP8 ? 1 : 2;
-        const int chunks = G * D * QE / 16;
-        const u8* q_src = (const u8*)p.q + ((i64)b * p.num_qo_heads + (i64)kv_head * G) * (D * QE);
-        for (int c = tid; c < chunks; c += THREADS) cp_async16_to(q_smem + (u32)c * 16u, q_src + c * 16);
-        cp_async_commit();
+        const uint4* q_src = (const uint4*)((const u8*)p.q + ((i64)b * p.num_qo_heads + (i64)kv_head * G) * (D * QE));
+#pragma unroll
+        for (int k = 0; k < QK; ++k)
+            if (tid + k * THREADS < q_chunks) q_raw[k] = __ldg(q_src + tid + k * THREADS);
     }
     int pgs[STAGES + 1];
 #pragma unroll
@@ -256,21 +250,56 @@ __device__ void decode_mma(const AttnParams& p) {
     int pg = pgs[STAGES];
     DB_TRACE(3, (u32)pg);
 
-    // Query as B fragments: b0 = (k 2t, 2t+1; head g), b1 = (k 2t+8, 2t+9; head g). For e4m3
-    // caches the k order within a 16-dim step is dims 4t..4t+3 (see the K loads).
-    cp_async_wait<STAGES>();  // the query's group (the stages' may still be in flight)
+    // The query rows in the MMA's 16-bit type (f16 for e4m3 caches, exact for an e4m3 query),
+    // behind the pipeline's stages: each thread converts its chunks (16 e4m3 or 8 bf16 elements).
+    u16* q16 = (u16*)(smem + STAGES * STAGE_BYTES);
+#pragma unroll
+    for (int k = 0; k < QK; ++k) {
+        const int c = tid + k * THREADS;
+        if (c < q_chunks) {
+            constexpr int EL = 16 / QE;  // elements per chunk
+            const int row = c / (D / EL), dim = (c % (D / EL)) * EL;
+            const u32 w[4] = {q_raw[k].x, q_raw[k].y, q_raw[k].z, q_raw[k].w};
+            u32 packed[EL / 2];
+#pragma unroll
+            for (int i = 0; i < EL / 2; ++i) {
+                float lo, hi;
+                if (Q_FP8) {
+                    const u32 pair = w[i / 2] >> (16 * (i % 2));
+                    lo = e4m3_to_f32((u8)pair);
+                    hi = e4m3_to_f32((u8)(pair >> 8));
+                } else {
+                    lo = bf16_to_f32((u16)w[i]);
+                    hi = bf16_to_f32((u16)(w[i] >> 16));
+                }
+                packed[i] = pack2<F16>(lo, hi);
+            }
+#pragma unroll
+            for (int i = 0; i < EL / 2; i += 4)
+                *(uint4*)&q16[row * QS + dim + 2 * i] = make_uint4(packed[i], packed[i + 1], packed[i + 2], packed[i + 3]);
+        }
+    }
     __syncthreads();
-    const u8* q_rows = smem + STAGES * STAGE_BYTES;
+    // Query as B fragments: b0 = (k 2t, 2t+1; head g), b1 = (k 2t+8, 2t+9; head g). For e4m3
+    // caches the k order within a 16-dim step is dims 4t..4t+3 (see the K loads); padding heads
+    // (past the group) are zero.
     u32 qb[KSTEPS][NH][2];
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
 #pragma unroll
         for (int nh = 0; nh < NH; ++nh) {
             const int h = nh * 8 + g;
-            const int d0 = KV_FP8 ? kk * 16 + 4 * tq : kk * 16 + 2 * tq;
-            const int d1 = KV_FP8 ? d0 + 2 : d0 + 8;
-            qb[kk][nh][0] = pack2<F16>(mma_q_smem<Q_FP8, D>(q_rows, G, h, d0), mma_q_smem<Q_FP8, D>(q_rows, G, h, d0 + 1));
-            qb[kk][nh][1] = pack2<F16>(mma_q_smem<Q_FP8, D>(q_rows, G, h, d1), mma_q_smem<Q_FP8, D>(q_rows, G, h, d1 + 1));
+            qb[kk][nh][0] = qb[kk][nh][1] = 0u;
+            if (h < G) {
+                if (KV_FP8) {
+                    const uint2 v = *(const uint2*)&q16[h * QS + kk * 16 + 4 * tq];
+                    qb[kk][nh][0] = v.x;
+                    qb[kk][nh][1] = v.y;
+                } else {
+                    qb[kk][nh][0] = *(const u32*)&q16[h * QS + kk * 16 + 2 * tq];
+                    qb[kk][nh][1] = *(const u32*)&q16[h * QS + kk * 16 + 2 * tq + 8];
+                }
+            }
         }
     }
     DB_TRACE(4, qb[KSTEPS - 1][NH - 1][1]);

@@ -305,9 +305,9 @@ pub(crate) fn mma_geometry(head: u32, group: u32, kv: Dtype) -> Option<DecodeGeo
         (2, MMA_STAGES_BF16)
     };
     let stages = depth * 2 * MMA_STAGE_TOKENS * head * elem;
-    // The group's query rows sit behind the stages while the prologue builds the fragments
-    // (sized for bf16, the wider query type).
-    let query = group * head * 2;
+    // The group's query rows, in 16-bit halves with 8 halves of padding per row, sit behind the
+    // stages while the prologue builds the fragments (`QS` in decode_mma.cu).
+    let query = group * (head + 8) * 2;
     let warps = MMA_THREADS / 32;
     let merge = 4 * group * (warps * head + 2 * warps + head);
     Some(DecodeGeometry {
