@@ -607,6 +607,20 @@ mod tests {
     }
 
     #[test]
+    fn timeline_script_uses_decodebench_draws() {
+        // bench/gpu/timeline.sh times the s=1024 cells with the lengths decodebench draws for them
+        // (seed 0, the reference script's); it must change when the draw does.
+        let script = include_str!("../../bench/gpu/timeline.sh");
+        for batch in [4u32, 16, 64] {
+            let key = format!("[{batch}]=\"");
+            let start = script.find(&key).expect("a LENS entry per batch") + key.len();
+            let list = &script[start..start + script[start..].find('"').unwrap()];
+            let lens: Vec<u32> = list.split(',').map(|x| x.parse().unwrap()).collect();
+            assert_eq!(lens, draw_seq_lens(batch, 1024, 0), "batch {batch}");
+        }
+    }
+
+    #[test]
     fn case_id_is_stable_and_parameter_sensitive() {
         let a = case(
             4,
