@@ -13,8 +13,15 @@ on the GPU machine as it is).
   summarize.py status DIR     status counts per kernel and the wall time spread
   summarize.py layouts DIR    optimized time of each (layout, block size) over HND/block 16 for the
                               same batch, length and quant mode (issue 7, target 5: within 10 %)
+  summarize.py targets TABLE [LAYOUTS]
+                              issue 7's six targets checked on a table run (and a layouts run),
+                              on this card and, on another card than FlashInfer's H100, normalized
+                              to the H100's bandwidth
+
+DIR may also name a results.csv or a results.csv.gz (as kept in bench/gpu/logs).
 """
 import csv
+import gzip
 import math
 import sys
 from collections import defaultdict
@@ -61,6 +68,9 @@ FLASHINFER_CARD = "NVIDIA H100 80GB HBM3"
 
 
 def rows(path):
+    if path.endswith(".csv.gz"):
+        with gzip.open(path, "rt", newline="") as f:
+            return list(csv.DictReader(f))
     with open(path if path.endswith(".csv") else path.rstrip("/") + "/results.csv", newline="") as f:
         return list(csv.DictReader(f))
 
@@ -214,6 +224,82 @@ def layouts(d):
         print(f"{layout} block {block}: worst {max(xs):.3f}, geomean {geomean(xs):.3f} over {len(xs)} cases")
 
 
+def layout_ratios(d):
+    """Optimized time over HND/block 16 of the same (mode, batch, length), per (layout, block)."""
+    rs = [r for r in rows(d) if r["kernel"] == "optimized" and r["status"] == "ok"]
+    base = {(mode(r), r["batch_size"], r["max_seq_len"]): num(r, "mean_ms")
+            for r in rs if r["kv_layout"] == "HND" and r["block_size"] == "16"}
+    out = defaultdict(list)
+    for r in rs:
+        ref = base.get((mode(r), r["batch_size"], r["max_seq_len"]))
+        if ref:
+            out[(r["kv_layout"], int(r["block_size"]))].append(num(r, "mean_ms") / ref)
+    return out
+
+
+def targets(table_dir, layouts_dir=None):
+    """Issue 7's targets on one table run. On a card other than FlashInfer's H100, each bandwidth
+    figure is also given scaled by 3.10 TB/s over this card's calibrated read: what the same
+    fraction of bandwidth would give on the H100 (a prediction for bandwidth-bound cells only)."""
+    rs = [r for r in rows(table_dir) if r["kernel"] == "optimized"]
+    cells = defaultdict(dict)
+    for r in rs:
+        cells[mode(r)][(int(r["batch_size"]), int(r["max_seq_len"]))] = r
+    cards = sorted({r.get("device_name", "") for r in rs})
+    cal = sorted(num(r, "device_calibrated_read_gbps") or 0 for r in rs)
+    cal_tbs = cal[len(cal) // 2] / 1000 if cal else 0
+    other = cards != [FLASHINFER_CARD] and cal_tbs > 0
+    scale = FLASHINFER_CARD_READ_TBS / cal_tbs if other else 1.0
+    ok = lambda r: r is not None and r["status"] == "ok"
+    tbs = lambda r: (num(r, "bandwidth_gbps") or 0) / 1000
+    failed = [r for r in rs if r["status"] != "ok"]
+    print(f"card: {', '.join(cards)}, streaming read {cal_tbs:.2f} TB/s" +
+          (f"; 'H100-scaled' = x {scale:.3f}" if other else ""))
+    # 1. No slower than FlashInfer in every cell; geomean over the 50 cells >= 1.15.
+    raw, norm = [], []
+    for m in ("bf16/bf16/bf16", "bf16/fp8/bf16"):
+        for key, fi_ms in FLASHINFER_MS[m].items():
+            r = cells[m].get(key)
+            if not ok(r):
+                continue
+            raw.append(fi_ms / num(r, "mean_ms"))
+            norm.append(tbs(r) * scale / FLASHINFER_TBS[m][key])
+    print(f"1. FlashInfer÷ours over {len(raw)} cells: geomean {geomean(raw):.3f}, min {min(raw):.2f}, "
+          f"{sum(1 for x in raw if x < 1)} below 1 (target: none, geomean >= 1.15)")
+    if other:
+        print(f"   bandwidth-normalized: geomean {geomean(norm):.3f}, min {min(norm):.2f}, "
+              f"{sum(1 for x in norm if x < 1)} below 1")
+    # 2. FP8 KV: >= 2.8 TB/s logical where a call reads >= 256 MB.
+    big = [r for r in cells["bf16/fp8/bf16"].values() if ok(r) and (num(r, "bytes_per_call") or 0) >= 256e6]
+    if big:
+        print(f"2. FP8 KV cells reading >= 256 MB: {sum(1 for r in big if tbs(r) >= 2.8)} of {len(big)} "
+              f">= 2.8 TB/s (min {min(map(tbs, big)):.2f})" +
+              (f"; H100-scaled {sum(1 for r in big if tbs(r) * scale >= 2.8)} of {len(big)}" if other else ""))
+    # 3. FP8-query modes within 5 % of the FP8-KV time.
+    for m in ("fp8/fp8/bf16", "fp8/fp8/fp8", "fp8/fp8/nvfp4"):
+        rel = {k: num(r, "mean_ms") / num(cells["bf16/fp8/bf16"][k], "mean_ms")
+               for k, r in cells[m].items() if ok(r) and ok(cells["bf16/fp8/bf16"].get(k))}
+        if rel:
+            over = sorted(k for k, x in rel.items() if x > 1.05)
+            print(f"3. {m} / FP8 KV: {min(rel.values()):.2f}-{max(rel.values()):.2f}, {len(over)} of "
+                  f"{len(rel)} cells over 1.05" + (f": {', '.join(f'b{b} s{l}' for b, l in over)}" if over else ""))
+    # 4. BF16 at batch 1 and 4, 64k and 128k: >= 2.9 TB/s logical.
+    t4 = [(k, tbs(r)) for k, r in sorted(cells["bf16/bf16/bf16"].items())
+          if ok(r) and k[0] in (1, 4) and k[1] in (65536, 131072)]
+    if t4:
+        print("4. BF16 b1/b4 s64k/128k TB/s: " + ", ".join(
+            f"b{b} s{l} {x:.2f}" + (f" ({x * scale:.2f} H100-scaled)" if other else "") for (b, l), x in t4)
+              + " (target >= 2.9)")
+    # 5. Layouts and block sizes within 10 % of HND/16.
+    if layouts_dir:
+        worst = {k: max(v) for k, v in layout_ratios(layouts_dir).items()}
+        (lay, blk), w = max(worst.items(), key=lambda kv: kv[1])
+        print(f"5. layouts / HND,16: worst {w:.3f} ({lay} block {blk}; target <= 1.10)")
+    # 6. Every case verified before it was timed.
+    print(f"6. {len(rs) - len(failed)} of {len(rs)} table cases verified and timed"
+          + (f"; not ok: {', '.join(sorted({r['status'] for r in failed}))}" if failed else ""))
+
+
 def status(d):
     rs = rows(d)
     counts = defaultdict(int)
@@ -238,6 +324,8 @@ if __name__ == "__main__":
         status(sys.argv[2])
     elif cmd == "layouts":
         layouts(sys.argv[2])
+    elif cmd == "targets":
+        targets(*sys.argv[2:4])
     else:
         print(__doc__)
         sys.exit(2)

@@ -55,6 +55,7 @@ for step in $STEPS; do
       ( time timeout 560 $B run --grid bench/grids/flashinfer_$G.toml --kernels optimized --out $W/$G ) > "$OUT/$G.log" 2>&1; echo "$G exit $?"
       grep -E "^real|units done" "$OUT/$G.log"
       $S table $W/$G | tee "$OUT/$G.md"
+      [ "$G" = table ] && $S targets $W/$G | tee "$OUT/targets.txt"
       $S status $W/$G | head -20
       cp $W/$G/results.csv "$OUT/${G}_results.csv" ;;
     layouts)
