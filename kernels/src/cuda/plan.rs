@@ -37,7 +37,9 @@ pub const MIN_CHUNK_TOKENS: u32 = 128;
 
 /// Fixed cost of one CTA, in tokens of work: loading the query, filling the pipeline, merging
 /// warps and writing the output. From the H100 runs of the tensor-core kernel: 192 with a
-/// 128-token minimum chunk matched or beat 256 and 512 in every cell of the table.
+/// 128-token minimum chunk matched or beat 256 and 512 in every cell of the table. Re-checked on
+/// an H200 after a CTA's fixed cost fell from about 7 to 3 us: 96 and 384 were within 0.3 %
+/// (bench/gpu/NOTES.md, run 21).
 pub const CTA_OVERHEAD_TOKENS: u64 = 192;
 
 /// Set in a launch entry's `slot` when its sequence is not split (one item): the CTA writes the
