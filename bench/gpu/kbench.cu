@@ -564,42 +564,34 @@ int main(int argc, char** argv) {
     // The production configuration in both launch orders (decodebench times both on each case
     // and keeps the faster), then alternatives.
     std::vector<Variant> variants;
-    auto add = [&](const char* name, std::function<Kernel(int)> get, int order) {
+    // Adds a variant and returns it, for the knobs that differ from production.
+    auto add = [&](const char* name, std::function<Kernel(int)> get, int order) -> Variant& {
         Variant v{name, get};
         v.order = order;
         variants.push_back(v);
+        return variants.back();
     };
     // The previous kernel in both launch orders (decodebench times both on each case and keeps
     // the faster), then the current one.
 #ifdef KBENCH_HAVE_PREV
     // (The previous kernel predates DB_DIRECT_ITEM: its plans flag nothing, and the merge covers
     // every sequence.)
-    add("prev_lf", tc<4, 1, 2, 4, true>, 1);
-    variants.back().direct_items = false;
-    add("prev_hm", tc<4, 1, 2, 4, true>, 2);
-    variants.back().direct_items = false;
+    add("prev_lf", tc<4, 1, 2, 4, true>, 1).direct_items = false;
+    add("prev_hm", tc<4, 1, 2, 4, true>, 2).direct_items = false;
 #endif
     add("cur_lf", tc<4, 1, 2, 4>, 1);
     add("cur_hm", tc<4, 1, 2, 4>, 2);
     // What the merge costs (bf16 output only; the output is wrong, so diffB counts it).
-    add("nomerge_lf", tc<4, 1, 2, 4>, 1);
-    variants.back().merge = false;
+    add("nomerge_lf", tc<4, 1, 2, 4>, 1).merge = false;
     // Planner constants (production: minimum chunk 128 tokens, per-CTA cost 192).
-    add("cur_lf_ov96", tc<4, 1, 2, 4>, 1);
-    variants.back().overhead = 96;
-    add("cur_lf_ov384", tc<4, 1, 2, 4>, 1);
-    variants.back().overhead = 384;
+    add("cur_lf_ov96", tc<4, 1, 2, 4>, 1).overhead = 96;
+    add("cur_lf_ov384", tc<4, 1, 2, 4>, 1).overhead = 384;
     // Every sequence through the merge, as before DB_DIRECT_ITEM.
-    add("cur_lf_nodi", tc<4, 1, 2, 4>, 1);
-    variants.back().direct_items = false;
-    add("cur_hm_nodi", tc<4, 1, 2, 4>, 2);
-    variants.back().direct_items = false;
-    add("cur_lf_c64", tc<4, 1, 2, 4>, 1);
-    variants.back().min_chunk = 64;
-    add("cur_lf_c256", tc<4, 1, 2, 4>, 1);
-    variants.back().min_chunk = 256;
-    add("cur_lf_c1024", tc<4, 1, 2, 4>, 1);
-    variants.back().min_chunk = 1024;
+    add("cur_lf_nodi", tc<4, 1, 2, 4>, 1).direct_items = false;
+    add("cur_hm_nodi", tc<4, 1, 2, 4>, 2).direct_items = false;
+    add("cur_lf_c64", tc<4, 1, 2, 4>, 1).min_chunk = 64;
+    add("cur_lf_c256", tc<4, 1, 2, 4>, 1).min_chunk = 256;
+    add("cur_lf_c1024", tc<4, 1, 2, 4>, 1).min_chunk = 1024;
     // Two warps of two 16-token tiles each: same stage (64 tokens) and shared memory, half the warps.
     add("w2t2_lf", tc<2, 2, 2, 4>, 1);
     add("w2t2_hm", tc<2, 2, 2, 4>, 2);

@@ -204,37 +204,39 @@ def compare(a, b):
         print(f"| {' | '.join(k)} | {x:.4f} | {y:.4f} | {y / x:.3f} |")
 
 
-def layouts(d):
+def layout_cases(d):
+    """The optimized kernel's ok rows of a layouts run, each with its time over HND/block 16 of the
+    same (mode, batch, length) (NaN where that baseline is missing)."""
     rs = [r for r in rows(d) if r["kernel"] == "optimized" and r["status"] == "ok"]
     base = {(mode(r), r["batch_size"], r["max_seq_len"]): num(r, "mean_ms")
             for r in rs if r["kv_layout"] == "HND" and r["block_size"] == "16"}
-    ratios = defaultdict(list)
-    print("| mode | batch | max_seq_len | layout | block | ms | / HND,16 |")
-    print("|---|---|---|---|---|---|---|")
-    for r in sorted(rs, key=lambda r: (mode(r), int(r["batch_size"]), int(r["max_seq_len"]),
-                                       r["kv_layout"], int(r["block_size"]))):
+    out = []
+    for r in rs:
         ref = base.get((mode(r), r["batch_size"], r["max_seq_len"]))
-        ms = num(r, "mean_ms")
-        rel = ms / ref if ref else float("nan")
-        ratios[(r["kv_layout"], int(r["block_size"]))].append(rel)
-        print(f"| {mode(r)} | {r['batch_size']} | {r['max_seq_len']} | {r['kv_layout']} | "
-              f"{r['block_size']} | {ms:.4f} | {rel:.3f} |")
-    print()
-    for (layout, block), xs in sorted(ratios.items()):
-        print(f"{layout} block {block}: worst {max(xs):.3f}, geomean {geomean(xs):.3f} over {len(xs)} cases")
+        out.append((r, num(r, "mean_ms") / ref if ref else float("nan")))
+    return out
 
 
 def layout_ratios(d):
-    """Optimized time over HND/block 16 of the same (mode, batch, length), per (layout, block)."""
-    rs = [r for r in rows(d) if r["kernel"] == "optimized" and r["status"] == "ok"]
-    base = {(mode(r), r["batch_size"], r["max_seq_len"]): num(r, "mean_ms")
-            for r in rs if r["kv_layout"] == "HND" and r["block_size"] == "16"}
+    """Time over HND/block 16, per (layout, block)."""
     out = defaultdict(list)
-    for r in rs:
-        ref = base.get((mode(r), r["batch_size"], r["max_seq_len"]))
-        if ref:
-            out[(r["kv_layout"], int(r["block_size"]))].append(num(r, "mean_ms") / ref)
+    for r, rel in layout_cases(d):
+        if rel == rel:
+            out[(r["kv_layout"], int(r["block_size"]))].append(rel)
     return out
+
+
+def layouts(d):
+    print("| mode | batch | max_seq_len | layout | block | ms | / HND,16 |")
+    print("|---|---|---|---|---|---|---|")
+    for r, rel in sorted(layout_cases(d), key=lambda x: (mode(x[0]), int(x[0]["batch_size"]),
+                                                          int(x[0]["max_seq_len"]), x[0]["kv_layout"],
+                                                          int(x[0]["block_size"]))):
+        print(f"| {mode(r)} | {r['batch_size']} | {r['max_seq_len']} | {r['kv_layout']} | "
+              f"{r['block_size']} | {num(r, 'mean_ms'):.4f} | {rel:.3f} |")
+    print()
+    for (layout, block), xs in sorted(layout_ratios(d).items()):
+        print(f"{layout} block {block}: worst {max(xs):.3f}, geomean {geomean(xs):.3f} over {len(xs)} cases")
 
 
 def targets(table_dir, layouts_dir=None):
