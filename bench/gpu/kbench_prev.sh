@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # Extracts the decode kernel of a commit (default HEAD) into bench/gpu/prev/decode_mma_prev.cu as
 # `decode_mma_prev`, so that kbench times it beside the working tree's kernel (variants prev_*).
+# The commit's output-store helpers from common.cuh come along (renamed), so the epilogue is that
+# commit's too; the merge kernel and the rest of common.cuh are the working tree's.
 # Run it here, before carrying bench/gpu/prev to the GPU machine (the folder is git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rev=${1:-HEAD}
 mkdir -p bench/gpu/prev
-git show "$rev:kernels/cuda/decode_mma.cu" | python3 -c '
+{ git show "$rev:kernels/cuda/common.cuh"; echo "//@@KERNEL@@"; git show "$rev:kernels/cuda/decode_mma.cu"; } | python3 -c '
 import re, sys
-s = sys.stdin.read()
+common, s = sys.stdin.read().split("//@@KERNEL@@")
+# A function: its one line, or up to the first closing brace at the start of a line.
+fn = re.compile(r"(?:template <[^>]*>\n)?__device__ (?:__forceinline__ )?\w+ (\w+)\([^)]*\) \{(?:[^\n]*\}$|.*?\n\})", re.S | re.M)
 # The helpers the kernel of that commit used, renamed so they cannot clash with the current ones.
 helpers = ["cp_async16_zfill", "cp_async16_to", "pinned", "mma_q", "mma_q_smem"]
+stores = ["f32_to_e4m3", "f32_to_e4m3_soft", "f32x2_to_e4m3x2", "f32_to_e2m1", "e2m1_magnitude",
+          "nvfp4_sf_code", "nvfp4_scale", "nvfp4_code", "nvfp4_pack8", "store_output_rows", "store_output_vec"]
 head = s[: s.index("template <int D, int NH, bool Q_FP8")]
-keep = [m.group(0) for m in re.finditer(r"(?:template <[^>]*>\n)?__device__ __forceinline__ \w+ (\w+)\([^)]*\) \{.*?\n\}", head, re.S)
-        if m.group(1) in helpers]
+keep = [m.group(0) for m in fn.finditer(head) if m.group(1) in helpers]
+keep += [m.group(0) for m in fn.finditer(common) if m.group(1) in stores]
 body = s[s.index("template <int D, int NH, bool Q_FP8"): s.index("// Group up to 8 (one n-tile of heads)")]
 out = "\n".join(keep) + "\n" + body.replace("__device__ void decode_mma(", "__device__ void decode_mma_prev(", 1)
-for h in helpers:
+for h in helpers + stores:
     out = re.sub(r"\b%s\b" % h, h + "_prev", out)
 print(out)
 ' > bench/gpu/prev/decode_mma_prev.cu

@@ -83,8 +83,9 @@ __device__ __forceinline__ float e4m3_to_f32(u8 x) {
     return (x & 0x80u) ? -v : v;
 }
 
-// f32 to e4m3, saturating to +-448, round to nearest even.
-__device__ __forceinline__ u8 f32_to_e4m3(float x) {
+// f32 to e4m3, saturating to +-448, round to nearest even; NaN gives sign | 0x7f. Written out in
+// integer and f32 arithmetic (the rounding the CPU reference defines, kernels/src/formats.rs).
+__device__ __forceinline__ u8 f32_to_e4m3_soft(float x) {
     u8 sign = (u8)((__float_as_uint(x) >> 24) & 0x80u);
     float a = fabsf(x);
     if (a != a) return sign | 0x7f;
@@ -106,21 +107,42 @@ __device__ __forceinline__ u8 f32_to_e4m3(float x) {
     return sign | (u8)code;
 }
 
-// f32 to an e2m1 code (bit 3 sign, low bits index {0, .5, 1, 1.5, 2, 3, 4, 6}), saturating to
-// +-6, round to nearest even (ties go to the even code).
+// The conversion the kernels use. sm_89 and later convert two at a time in hardware
+// (`cvt.rn.satfinite.e4m3x2.f32`: round to nearest even, saturating to the largest finite value,
+// as the software above; the self-test compares the two on every f32 bit pattern,
+// `check_e4m3_conversion` in reference.cu). DB_SOFT_E4M3 forces the software path (kbench A/B).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890 && !defined(DB_SOFT_E4M3)
+#define DB_HW_E4M3 1
+// lo in bits 0-7, hi in bits 8-15.
+__device__ __forceinline__ u32 f32x2_to_e4m3x2(float lo, float hi) {
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return (u32)r;
+}
+__device__ __forceinline__ u8 f32_to_e4m3(float x) { return (u8)f32x2_to_e4m3x2(x, 0.0f); }
+#else
+#define DB_HW_E4M3 0
+__device__ __forceinline__ u32 f32x2_to_e4m3x2(float lo, float hi) {
+    return (u32)f32_to_e4m3_soft(lo) | ((u32)f32_to_e4m3_soft(hi) << 8);
+}
+__device__ __forceinline__ u8 f32_to_e4m3(float x) { return f32_to_e4m3_soft(x); }
+#endif
+
+// e2m1 magnitude code (index into {0, .5, 1, 1.5, 2, 3, 4, 6}) of a >= 0 (or NaN), saturating
+// to 6, round to nearest even (ties go to the even code). From 1 up, e2m1 is an f32 with one
+// mantissa bit: round the bits to one mantissa bit (nearest even, the carry may bump the
+// exponent) and read exponent and bit as the code (1.0 = 0x3f800000 gives 254 - 252 = 2). Below 1
+// the codes are the multiples of 1/2: rint(2a). NaN takes the second path and gives 0.
+__device__ __forceinline__ u32 e2m1_magnitude(float a) {
+    const u32 b = __float_as_uint(a);
+    const int hi = min((int)((b + 0x1fffffu + ((b >> 22) & 1u)) >> 22) - 252, 7);
+    const int lo = __float2int_rn(a * 2.0f);
+    return (u32)(a >= 1.0f ? hi : lo);
+}
+
+// f32 to an e2m1 code: bit 3 the sign, the low bits e2m1_magnitude(|x|).
 __device__ __forceinline__ u8 f32_to_e2m1(float x) {
-    u8 sign = (u8)((__float_as_uint(x) >> 28) & 0x8u);
-    float a = fabsf(x);
-    u8 c;
-    if (!(a > 0.25f)) c = 0;
-    else if (a < 0.75f) c = 1;
-    else if (a <= 1.25f) c = 2;
-    else if (a < 1.75f) c = 3;
-    else if (a <= 2.5f) c = 4;
-    else if (a < 3.5f) c = 5;
-    else if (a <= 5.0f) c = 6;
-    else c = 7;
-    return sign | c;
+    return (u8)(((__float_as_uint(x) >> 28) & 0x8u) | e2m1_magnitude(fabsf(x)));
 }
 
 // Offset of scale factor (row m, column k) in the 128x4 swizzled layout with `cols` columns
@@ -221,19 +243,98 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // NVFP4 pieces shared by every store layout below. A group of 16 elements gets the scale factor
-// e4m3(g * amax / 6) (g: the global scale); each element is e2m1(x * g / SF), 0 when SF is 0.
+// SF = e4m3(g * amax / 6) (g: the global scale); each element is e2m1(x * g / SF) (the f32
+// quotient, correctly rounded), 0 when SF is 0.
 __device__ __forceinline__ u8 nvfp4_sf_code(float amax, float g) { return f32_to_e4m3(g * amax / 6.0f); }
 
-__device__ __forceinline__ u32 nvfp4_code(float x, float g, float sf) {
-    return (sf > 0.0f) ? (u32)f32_to_e2m1(x * g / sf) : 0u;
+// A group's scale factor, its correctly rounded reciprocal and 8 SF (both 0 unless SF > 0), and
+// the sign bit kept in its codes (none unless SF > 0: then every code is 0).
+struct Nvfp4Scale {
+    float sf, rcp, cap;
+    u32 sign;
+};
+
+__device__ __forceinline__ Nvfp4Scale nvfp4_scale(u8 sf_code) {
+    const float sf = e4m3_to_f32(sf_code);
+    const bool ok = sf > 0.0f;
+    return {sf, ok ? __frcp_rn(sf) : 0.0f, ok ? 8.0f * sf : 0.0f, ok ? 0x8u : 0u};
+}
+
+// The element's code without a division per element: with r = RN(1 / SF), q0 = RN(y r) is within
+// an ulp of y / SF, and q0 corrected by the exact remainder y - q0 SF (one fma) is the correctly
+// rounded quotient (Markstein's theorem; overflow and underflow cannot interfere: |y| is clamped
+// to 8 SF first, which changes no code since everything from 8 SF up saturates to 6, and
+// quotients below 2^-126 give code 0 however they round). Branch-free: when SF is not positive,
+// cap = r = 0 makes q 0 or NaN, both code 0, and the sign is dropped. The self-test compares this
+// with e2m1(y / SF) for every scale factor and every y from SF / 16 to 16 SF (check_nvfp4_codes
+// in reference.cu).
+__device__ __forceinline__ u32 nvfp4_code(float x, float g, Nvfp4Scale s) {
+    const float y = x * g;
+    const float a = fabsf(y) > s.cap ? s.cap : fabsf(y);  // NaN stays NaN
+    const float q0 = a * s.rcp;
+    const float q = fmaf(fmaf(-q0, s.sf, a), s.rcp, q0);
+    return ((__float_as_uint(y) >> 28) & s.sign) | e2m1_magnitude(q);
 }
 
 // Eight consecutive elements' codes, element i in nibble i.
-__device__ __forceinline__ u32 nvfp4_pack8(const float* x, float g, float sf) {
+__device__ __forceinline__ u32 nvfp4_pack8(const float* x, float g, Nvfp4Scale sf) {
     u32 packed = 0u;
 #pragma unroll
     for (int i = 0; i < 8; ++i) packed |= nvfp4_code(x[i], g, sf) << (4 * i);
     return packed;
+}
+
+// N consecutive elements (N = 2, 4 or 8) of final output row `row` (b * qo_heads + h, where h is
+// that row's qo head), columns col .. col + N - 1 (col a multiple of N), in f32 before the output
+// dtype's scale; stored straight from registers, with the same arithmetic as store_output_rows
+// below (so the same bits). NVFP4: the 16 / N lanes that hold a scale-factor group must be
+// consecutive lanes of one warp, and every lane of the warp must call this together (the group's
+// amax is found by shuffles); lanes with `active` false take part in the shuffles only. Their
+// groups must be inactive as a whole.
+template <int OUT, int N>
+__device__ __forceinline__ void store_output_vec(const AttnParams& p, const float* x, int b, int h, int col,
+                                                 bool active) {
+    static_assert(N == 2 || N == 4 || N == 8, "2, 4 or 8 elements per lane");
+    const int D = p.head_size;
+    const i64 row = (i64)b * p.num_qo_heads + h;
+    if constexpr (OUT == OUT_BF16) {
+        u32 w[N / 2];
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) w[i] = (u32)f32_to_bf16(x[2 * i]) | ((u32)f32_to_bf16(x[2 * i + 1]) << 16);
+        if (!active) return;
+        u16* out = (u16*)p.out + row * D + col;
+        if constexpr (N == 2) *(u32*)out = w[0];
+        else if constexpr (N == 4) *(uint2*)out = make_uint2(w[0], w[1]);
+        else *(uint4*)out = make_uint4(w[0], w[1], w[2], w[3]);
+    } else if constexpr (OUT == OUT_FP8) {
+        const float inv = 1.0f / p.o_scale;
+        u32 w[(N + 3) / 4] = {};
+#pragma unroll
+        for (int i = 0; i < N; i += 2) w[i / 4] |= f32x2_to_e4m3x2(x[i] * inv, x[i + 1] * inv) << (8 * (i % 4));
+        if (!active) return;
+        u8* out = (u8*)p.out + row * D + col;
+        if constexpr (N == 2) *(u16*)out = (u16)w[0];
+        else if constexpr (N == 4) *(u32*)out = w[0];
+        else *(uint2*)out = make_uint2(w[0], w[1]);
+    } else {
+        constexpr int LANES = 16 / N;  // lanes per scale-factor group
+        float amax = 0.0f;
+#pragma unroll
+        for (int i = 0; i < N; ++i) amax = fmaxf(amax, fabsf(x[i]));
+#pragma unroll
+        for (int off = 1; off < LANES; off <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        if (!active) return;
+        const u8 sf_code = nvfp4_sf_code(amax, p.o_sf_scale);
+        const Nvfp4Scale sf = nvfp4_scale(sf_code);
+        u32 packed = 0u;
+#pragma unroll
+        for (int i = 0; i < N; ++i) packed |= nvfp4_code(x[i], p.o_sf_scale, sf) << (4 * i);
+        u8* out = (u8*)p.out + row * (D / 2) + col / 2;
+        if constexpr (N == 2) *out = (u8)packed;
+        else if constexpr (N == 4) *(u16*)out = (u16)packed;
+        else *(u32*)out = packed;
+        if (col % 16 == 0) p.out_sf[nvfp4_sf_offset(b, h * (D / 16) + col / 16, p.sf_cols)] = sf_code;
+    }
 }
 
 // Programmatic dependent launch (sm_90+). A kernel launched with the programmatic-serialization
@@ -256,7 +357,9 @@ __device__ __forceinline__ void grid_dependency_launch() {
 
 // ---------------------------------------------------------------------------------------------
 // Output stores: rows of final attention output (already scaled, f32 in shared memory) written
-// in the output dtype. Rows are consecutive qo heads h0.. of sequence b.
+// in the output dtype. Rows are consecutive qo heads h0.. of sequence b. The FMA kernel's (its
+// threads of a row need not be whole warps); the tensor-core kernel and the merge store from
+// registers (store_output_vec), with the same arithmetic.
 // ---------------------------------------------------------------------------------------------
 
 template <int OUT>
@@ -271,29 +374,6 @@ __device__ void store_output_rows(const AttnParams& p, const float* rows, int nr
         u8* out = (u8*)p.out + row0 * D;
         const float inv = 1.0f / p.o_scale;
         for (int i = tid; i < nrows * D; i += nthreads) out[i] = f32_to_e4m3(rows[i] * inv);
-    } else if ((nthreads & 31) == 0 && nrows * (D / 16) * 4 <= nthreads) {
-        // Few groups for the threads (the merge kernel writes one row with a whole CTA): one
-        // element per lane, a 16-lane half-warp is one scale-factor group (amax by shuffles), and
-        // 8 lanes' 4-bit codes are packed into one 32-bit store. nrows * D is a multiple of 32, so
-        // every warp runs whole. (With a group per thread to spare, the loop below is faster: on an
-        // H100 this path made b=256 s=1024 8 % slower when used for the decode kernel's 8 rows.)
-        const int lane = tid & 31;
-        const int groups_per_row = D / 16;
-        u8* out = (u8*)p.out + row0 * (D / 2);
-        for (int base = tid & ~31; base < nrows * D; base += nthreads) {
-            const int i = base + lane;
-            const int r = i / D, col = i % D;
-            const float x = rows[i];
-            float amax = fabsf(x);
-#pragma unroll
-            for (int off = 1; off < 16; off <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-            const u8 sf_code = nvfp4_sf_code(amax, p.o_sf_scale);
-            u32 packed = nvfp4_code(x, p.o_sf_scale, e4m3_to_f32(sf_code)) << (4 * (lane & 7));
-#pragma unroll
-            for (int off = 1; off < 8; off <<= 1) packed |= __shfl_xor_sync(0xffffffffu, packed, off);
-            if ((lane & 7) == 0) *(u32*)(out + (i64)r * (D / 2) + col / 2) = packed;
-            if ((lane & 15) == 0) p.out_sf[nvfp4_sf_offset(b, (h0 + r) * groups_per_row + col / 16, p.sf_cols)] = sf_code;
-        }
     } else if ((nthreads & 31) == 0 && (nrows * (D / 16) * 2) % 32 == 0 && ((u64)rows & 15) == 0) {
         // Two threads per scale-factor group (8 elements each, the group's amax by one shuffle;
         // whole warps, since the half-groups fill them; rows read as float4): half the serial
@@ -312,7 +392,7 @@ __device__ void store_output_rows(const AttnParams& p, const float* rows, int nr
             for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(x[i]));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
             const u8 sf_code = nvfp4_sf_code(amax, p.o_sf_scale);
-            *(u32*)(out + (i64)r * (D / 2) + kg * 8 + half * 4) = nvfp4_pack8(x, p.o_sf_scale, e4m3_to_f32(sf_code));
+            *(u32*)(out + (i64)r * (D / 2) + kg * 8 + half * 4) = nvfp4_pack8(x, p.o_sf_scale, nvfp4_scale(sf_code));
             if (half == 0) p.out_sf[nvfp4_sf_offset(b, (h0 + r) * groups_per_row + kg, p.sf_cols)] = sf_code;
         }
     } else {
@@ -325,7 +405,7 @@ __device__ void store_output_rows(const AttnParams& p, const float* rows, int nr
 #pragma unroll
             for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(x[i]));
             const u8 sf_code = nvfp4_sf_code(amax, p.o_sf_scale);
-            const float sf = e4m3_to_f32(sf_code);
+            const Nvfp4Scale sf = nvfp4_scale(sf_code);
             uint2 word;
             word.x = nvfp4_pack8(x, p.o_sf_scale, sf);
             word.y = nvfp4_pack8(x + 8, p.o_sf_scale, sf);

@@ -205,7 +205,8 @@ __device__ void decode_split(const AttnParams& p) {
 // the shape from the plan's longest split list (launch.rs merge_block), so that a row's splits
 // take one round of loads. Each warp reads MERGE_UNROLL whole partial rows (D / 32 floats per lane)
 // at once and folds them into a running (max, sum, weighted row) - an online softmax over splits;
-// the warps of a row then meet in shared memory, and the CTA writes its rows together. Sequences
+// a row of one warp is written by that warp; the warps of a row shared by several meet in shared
+// memory, and write it four columns per lane (both from registers, store_output_vec). Sequences
 // that were not split are skipped (their decode CTA wrote the output; DB_DIRECT_ITEM). On sm_90
 // the kernel may be launched as a programmatic dependent of the decode kernel (PDL): it starts
 // while the decode kernel's last CTAs run and waits, after reading what the host wrote, until
@@ -215,14 +216,12 @@ __device__ void decode_split(const AttnParams& p) {
 template <int D, int OUT>
 __device__ void merge_partials(const AttnParams& p) {
     constexpr int VEC = D / 32;
-    __shared__ __align__(16) float rows[MERGE_MAX_WARPS * D];
     __shared__ float part_num[MERGE_MAX_WARPS][D];
     __shared__ float part_den[MERGE_MAX_WARPS];
     __shared__ float part_max[MERGE_MAX_WARPS];
     const int row_warps = (int)(blockDim.x >> 5), nrows = (int)blockDim.y;
     const int lane = threadIdx.x & 31, rw = threadIdx.x >> 5, r = threadIdx.y;
     const int warp = r * row_warps + rw;
-    const int tid = r * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
     const int b = blockIdx.y, h0 = blockIdx.x * nrows, h = h0 + r;
     const int first = p.split_offsets[b], last = p.split_offsets[b + 1];  // written by the host
     if (p.direct_items && last - first == 1) return;  // written by its decode CTA
@@ -276,18 +275,21 @@ __device__ void merge_partials(const AttnParams& p) {
             m = mu;
         }
         if (row_warps == 1) {
-            // The row is this warp's alone: finish it here.
+            // The row is this warp's alone: finish it and write it from registers (the whole warp
+            // calls the store: NVFP4 groups are found by shuffles).
             const float inv = den > 0.0f ? 1.0f / den : 0.0f;
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) rows[r * D + lane * VEC + k] = num[k] * inv;
+            for (int k = 0; k < VEC; ++k) num[k] *= inv;
+            store_output_vec<OUT, VEC>(p, num, b, h, lane * VEC, h < p.num_qo_heads);
         } else {
 #pragma unroll
             for (int k = 0; k < VEC; ++k) part_num[warp][lane * VEC + k] = num[k];
             if (lane == 0) part_den[warp] = den, part_max[warp] = m;
         }
     }
+    if (row_warps == 1) return;  // the same for the whole CTA (blockDim)
     __syncthreads();
-    if (row_warps > 1) {
+    if (warp < MERGE_MAX_WARPS) {
         // Unrolled to the largest count with a guard, so that the weights stay in registers.
         float mm = -DB_INF;
 #pragma unroll
@@ -301,16 +303,25 @@ __device__ void merge_partials(const AttnParams& p) {
             if (w < row_warps) den += c[w] * part_den[r * row_warps + w];
         }
         const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-        for (int d = threadIdx.x; d < D; d += blockDim.x) {
-            float num = 0.0f;
+        // Four columns per lane, written from registers; every lane of the row's warps runs each
+        // step (NVFP4 groups are found by shuffles; a step's tail is whole 16-column groups).
+        for (int d0 = 0; d0 < D; d0 += blockDim.x * 4) {
+            const int d = d0 + threadIdx.x * 4;
+            const bool active = d < D && h < p.num_qo_heads;
+            float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (active) {
 #pragma unroll
-            for (int w = 0; w < MERGE_MAX_WARPS; ++w)
-                if (w < row_warps) num += c[w] * part_num[r * row_warps + w][d];
-            rows[r * D + d] = num * inv;
+                for (int k = 0; k < 4; ++k) {
+                    float num = 0.0f;
+#pragma unroll
+                    for (int w = 0; w < MERGE_MAX_WARPS; ++w)
+                        if (w < row_warps) num += c[w] * part_num[r * row_warps + w][d + k];
+                    x[k] = num * inv;
+                }
+            }
+            store_output_vec<OUT, 4>(p, x, b, h, d, active);
         }
-        __syncthreads();
     }
-    store_output_rows<OUT>(p, rows, min(nrows, p.num_qo_heads - h0), b, h0, tid, nthreads);
 }
 
 #define DB_DECODE(D, QN, QF, KN, KF, ON, OV)                                                       \

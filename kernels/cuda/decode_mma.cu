@@ -504,7 +504,6 @@ __device__ void decode_mma(const AttnParams& p) {
     float* red_o = (float*)smem;
     float* red_m = red_o + WARPS * G * D;
     float* red_l = red_m + WARPS * G;
-    float* rows = red_l + WARPS * G;
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -551,30 +550,34 @@ __device__ void decode_mma(const AttnParams& p) {
         if (!direct) p.partial_lse[prow_base + tid] = den > 0.0f ? mm + log2f(den) : -DB_INF;
     }
     __syncthreads();
-    // The rows, four elements per thread and step (rows are contiguous, D a multiple of 4).
-    for (int e = tid * 4; e < G * D; e += THREADS * 4) {
-        const int row = e / D;
+    // The rows, four elements per thread and step (rows are contiguous, D a multiple of 4), written
+    // straight from registers: the final output in its dtype (store_output_vec), or the partial.
+    // Every thread runs every step (NVFP4's scale-factor groups are found by shuffles); a step's
+    // tail is whole 16-element groups, since G * D is a multiple of 16.
+    for (int e0 = 0; e0 < G * D; e0 += THREADS * 4) {
+        const int e = e0 + tid * 4;
+        const bool active = e < G * D;
+        const int row = active ? e / D : 0;
         float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (active) {
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            const float wt = red_m[w * G + row];
-            const float4 x = *(const float4*)&red_o[w * G * D + e];
-            acc.x += x.x * wt;
-            acc.y += x.y * wt;
-            acc.z += x.z * wt;
-            acc.w += x.w * wt;
+            for (int w = 0; w < WARPS; ++w) {
+                const float wt = red_m[w * G + row];
+                const float4 x = *(const float4*)&red_o[w * G * D + e];
+                acc.x += x.x * wt;
+                acc.y += x.y * wt;
+                acc.z += x.z * wt;
+                acc.w += x.w * wt;
+            }
         }
         if (direct) {
-            *(float4*)&rows[e] = acc;
-        } else {
+            const float x[4] = {acc.x, acc.y, acc.z, acc.w};
+            store_output_vec<OUT, 4>(p, x, b, kv_head * G + row, e % D, active);
+        } else if (active) {
             *(float4*)&p.partial_o[prow_base * D + e] = acc;
         }
     }
     DB_TRACE(9, 0u);
-    if (direct) {
-        __syncthreads();
-        store_output_rows<OUT>(p, rows, G, b, kv_head * G, tid, THREADS);
-    }
     DB_TRACE(10, 0u);
 }
 

@@ -20,7 +20,8 @@ use super::device::{
 };
 use super::launch::{
     case_params, choose_decode_geometry, decode_ctas_per_sm, launch_baseline, launch_decode,
-    launch_reference, prepare_decode, AttnParams, DecodeNames, SUPPORTED_HEAD_SIZES,
+    launch_format_check, launch_reference, prepare_decode, AttnParams, DecodeNames,
+    SUPPORTED_HEAD_SIZES,
 };
 use super::plan::{plan_splits, LaunchOrder, SplitPlan, MIN_CHUNK_TOKENS};
 use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, quick_call_ms, time_calls};
@@ -590,7 +591,56 @@ pub(crate) struct SelftestCaseResult {
     pub kernels: Vec<(String, KernelMeasurement)>,
 }
 
+/// What `check_conversions` (reference.cu) found over every f32 bit pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConversionCheck {
+    /// e4m3 codes of the kernels' conversion (hardware on sm_89+) that differ from the software
+    /// rounding, over non-NaN inputs.
+    pub e4m3_mismatches: u32,
+    /// NaN inputs whose e4m3 code is not a NaN.
+    pub e4m3_nan_mismatches: u32,
+    /// e2m1 codes that differ from the nearest-magnitude formulation.
+    pub e2m1_mismatches: u32,
+    /// The smallest mismatching input bit patterns, if any.
+    pub first_e4m3: Option<u32>,
+    pub first_e2m1: Option<u32>,
+    /// NVFP4 element codes (reciprocal and correction) that differ from e2m1 of the correctly
+    /// rounded quotient, and the first such (element bits, scale-factor code).
+    pub nvfp4_mismatches: u32,
+    pub first_nvfp4: Option<(u32, u8)>,
+}
+
 impl CudaBackend {
+    /// Runs the exhaustive number-format checks (every f32 bit pattern; every NVFP4 scale factor
+    /// with every element value up to 16 times it): a few tens of milliseconds.
+    pub(crate) fn check_conversions(&mut self) -> Result<ConversionCheck, CudaError> {
+        self.ensure_session()?;
+        let session = self.session.as_ref().ok_or_else(no_session)?;
+        let run = |name: &str, init: &[u32]| -> Result<Vec<u32>, CudaError> {
+            let result = session
+                .stream
+                .clone_htod(init)
+                .map_err(CudaError::driver("copying a format check's counters"))?;
+            launch_format_check(session, name, dptr(session, &result))?;
+            session
+                .stream
+                .clone_dtoh(&result)
+                .map_err(CudaError::driver("copying a format check's counts"))
+        };
+        let c = run("check_conversions", &[0, 0, 0, u32::MAX, u32::MAX])?;
+        let n = run("check_nvfp4_codes", &[0, u32::MAX, 0])?;
+        let first = |v: u32| (v != u32::MAX).then_some(v);
+        Ok(ConversionCheck {
+            e4m3_mismatches: c[0],
+            e4m3_nan_mismatches: c[1],
+            e2m1_mismatches: c[2],
+            first_e4m3: first(c[3]),
+            first_e2m1: first(c[4]),
+            nvfp4_mismatches: n[0],
+            first_nvfp4: first(n[1]).map(|y| (y, n[2] as u8)),
+        })
+    }
+
     /// Runs `case` for the self-test: the GPU reference is compared with the CPU reference on
     /// host copies of the device inputs, then the baseline and the optimized kernel (once per
     /// entry of `min_chunks`, to cover both the direct and the split-KV path) are verified

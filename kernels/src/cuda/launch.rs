@@ -217,6 +217,8 @@ pub(crate) fn all_kernel_names() -> Vec<String> {
         "calibrate_stream_read",
         "reference_decode",
         "inject_fault",
+        "check_conversions",
+        "check_nvfp4_codes",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -309,7 +311,8 @@ pub(crate) fn mma_geometry(head: u32, group: u32, kv: Dtype) -> Option<DecodeGeo
     // stages while the prologue builds the fragments (`QS` in decode_mma.cu).
     let query = group * (head + 8) * 2;
     let warps = MMA_THREADS / 32;
-    let merge = 4 * group * (warps * head + 2 * warps + head);
+    // The warps' partial rows and their (max, sum) pairs, for the epilogue (over the stages).
+    let merge = 4 * group * (warps * head + 2 * warps);
     Some(DecodeGeometry {
         variant: DecodeVariant::Mma,
         block: (MMA_THREADS, 1, 1),
@@ -702,6 +705,27 @@ pub(crate) fn launch_stream_read(
     b.arg(&buf).arg(&n16).arg(&sink);
     // SAFETY: calibrate_stream_read(const uint4*, u64, u32*); `buf` holds n16 16-byte words and
     // `sink` one u32.
+    unsafe { b.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+/// Launches one of the exhaustive number-format checks of reference.cu (`check_conversions`,
+/// `check_nvfp4_codes`); `result` holds the u32 counters it expects, set up by the caller.
+pub(crate) fn launch_format_check(
+    session: &DeviceSession,
+    name: &str,
+    result: u64,
+) -> Result<(), CudaError> {
+    let f = session.function(name).ok_or_else(|| missing(name))?;
+    let cfg = LaunchConfig {
+        grid_dim: (session.props.sm_count * 8, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = session.stream.launch_builder(f);
+    b.arg(&result);
+    // SAFETY: check_*(u32* result); `result` holds the counters the kernel writes (five for
+    // check_conversions, three for check_nvfp4_codes).
     unsafe { b.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
     Ok(())
 }

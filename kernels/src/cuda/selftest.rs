@@ -4,7 +4,7 @@
 //! the optimized kernel runs twice per case, once whole and once forced through split-KV and
 //! the merge. `decodebench selftest` prints the table and exits non-zero when anything fails.
 
-use super::backend::{CudaBackend, SelftestCaseResult};
+use super::backend::{ConversionCheck, CudaBackend, SelftestCaseResult};
 use super::compile::CompileCache;
 use super::CudaError;
 use crate::measurement::Status;
@@ -186,6 +186,50 @@ pub fn selftest_cases(quick: bool) -> Vec<BenchCase> {
     cases
 }
 
+/// The exhaustive conversion check as a report row: the output stores' e4m3 conversion (the
+/// hardware instruction on sm_89+) must give the software rounding's code for every f32 input,
+/// and the e2m1 rounding the nearest magnitude's.
+fn conversion_row(result: Result<ConversionCheck, CudaError>) -> SelftestRow {
+    let (passed, detail) = match result {
+        Ok(c) => {
+            let passed = c.e4m3_mismatches == 0
+                && c.e4m3_nan_mismatches == 0
+                && c.e2m1_mismatches == 0
+                && c.nvfp4_mismatches == 0;
+            let mut detail = format!(
+                "every f32 bit pattern: {} e4m3 codes differ from the software rounding, {} NaN \
+                 inputs without a NaN code, {} e2m1 codes differ from the nearest magnitude; \
+                 every scale factor: {} nvfp4 element codes differ from e2m1(x / SF)",
+                c.e4m3_mismatches, c.e4m3_nan_mismatches, c.e2m1_mismatches, c.nvfp4_mismatches
+            );
+            for (what, first) in [("e4m3", c.first_e4m3), ("e2m1", c.first_e2m1)] {
+                if let Some(bits) = first {
+                    detail.push_str(&format!(
+                        "; first {what} mismatch at 0x{bits:08x} ({:e})",
+                        f32::from_bits(bits)
+                    ));
+                }
+            }
+            if let Some((bits, sf)) = c.first_nvfp4 {
+                detail.push_str(&format!(
+                    "; first nvfp4 mismatch at x = 0x{bits:08x} ({:e}), SF code 0x{sf:02x}",
+                    f32::from_bits(bits)
+                ));
+            }
+            (passed, detail)
+        }
+        Err(e) => (false, format!("could not run: {e}")),
+    };
+    SelftestRow {
+        case: "number formats".into(),
+        check: "conversions".into(),
+        passed,
+        max_abs_err: f64::NAN,
+        rel_l2_err: f64::NAN,
+        detail,
+    }
+}
+
 fn rows_of(case: &BenchCase, result: SelftestCaseResult) -> Vec<SelftestRow> {
     let label = case.label();
     let mut rows = Vec::new();
@@ -238,6 +282,9 @@ pub fn selftest(options: &SelftestOptions) -> Result<SelftestReport, CudaError> 
         module: backend.module_origin(),
         rows: Vec::new(),
     };
+    report
+        .rows
+        .push(conversion_row(backend.check_conversions()));
     for case in selftest_cases(options.quick) {
         let result = backend.selftest_case(
             &case,
@@ -272,6 +319,51 @@ mod tests {
             }
         }
         assert!(selftest_cases(true).len() < cases.len());
+    }
+
+    #[test]
+    fn conversion_row_passes_only_when_nothing_differs() {
+        let clean = ConversionCheck {
+            e4m3_mismatches: 0,
+            e4m3_nan_mismatches: 0,
+            e2m1_mismatches: 0,
+            first_e4m3: None,
+            first_e2m1: None,
+            nvfp4_mismatches: 0,
+            first_nvfp4: None,
+        };
+        let row = conversion_row(Ok(clean));
+        assert!(row.passed, "{}", row.detail);
+        let bad = ConversionCheck {
+            e2m1_mismatches: 3,
+            first_e2m1: Some(0x3e80_0000),
+            ..clean
+        };
+        let row = conversion_row(Ok(bad));
+        assert!(!row.passed);
+        assert!(row.detail.contains("3 e2m1 codes differ"), "{}", row.detail);
+        assert!(row.detail.contains("0x3e800000 (2.5e-1)"), "{}", row.detail);
+        let nan = ConversionCheck {
+            e4m3_nan_mismatches: 1,
+            ..clean
+        };
+        assert!(!conversion_row(Ok(nan)).passed);
+        let nvfp4 = ConversionCheck {
+            nvfp4_mismatches: 2,
+            first_nvfp4: Some((0x3f80_0000, 0x38)),
+            ..clean
+        };
+        let row = conversion_row(Ok(nvfp4));
+        assert!(!row.passed);
+        assert!(row.detail.contains("SF code 0x38"), "{}", row.detail);
+        let err = conversion_row(Err(CudaError::Unrecoverable {
+            detail: "gone".into(),
+        }));
+        assert!(
+            !err.passed && err.detail.contains("could not run"),
+            "{}",
+            err.detail
+        );
     }
 
     #[test]
