@@ -264,7 +264,11 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
             for (int i = 0; i < EL / 2; ++i) {
                 float lo, hi;
-                if (Q_FP8) {
+                if (Q_FP8 && MMA_E4M3_F16_SCALE == 1.0f) {
+                    // sm_89+: two elements per instruction, exact (every e4m3 value is an f16).
+                    packed[i] = e4m3x2_to_f16x2(w[i / 2] >> (16 * (i % 2)));
+                    continue;
+                } else if (Q_FP8) {
                     const u32 pair = w[i / 2] >> (16 * (i % 2));
                     lo = e4m3_to_f32((u8)pair);
                     hi = e4m3_to_f32((u8)(pair >> 8));
