@@ -8,9 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 rev=${1:-HEAD}
 mkdir -p bench/gpu/prev
-{ git show "$rev:kernels/cuda/common.cuh"; echo "//@@KERNEL@@"; git show "$rev:kernels/cuda/decode_mma.cu"; } | python3 -c '
+{ git show "$rev:kernels/cuda/common.cuh"; echo "//@@KERNEL@@"; git show "$rev:kernels/cuda/decode_mma.cu";
+  echo "//@@CURRENT@@"; cat kernels/cuda/common.cuh; } | python3 -c '
 import re, sys
-common, s = sys.stdin.read().split("//@@KERNEL@@")
+common, rest = sys.stdin.read().split("//@@KERNEL@@")
+s, current = rest.split("//@@CURRENT@@")
 # A function: its one line, or up to the first closing brace at the start of a line.
 fn = re.compile(r"(?:template <[^>]*>\n)?__device__ (?:__forceinline__ )?\w+ (\w+)\([^)]*\) \{(?:[^\n]*\}$|.*?\n\})", re.S | re.M)
 # The helpers the kernel of that commit used, renamed so they cannot clash with the current ones.
@@ -19,7 +21,12 @@ stores = ["f32_to_e4m3", "f32_to_e4m3_soft", "f32x2_to_e4m3x2", "f32_to_e2m1", "
           "nvfp4_sf_code", "nvfp4_scale", "nvfp4_code", "nvfp4_pack8", "store_output_rows", "store_output_vec"]
 head = s[: s.index("template <int D, int NH, bool Q_FP8")]
 keep = [m.group(0) for m in fn.finditer(head) if m.group(1) in helpers]
-keep += [m.group(0) for m in fn.finditer(common) if m.group(1) in stores]
+# Store helpers only where that commit differs from the working tree (an unchanged one may sit in
+# an #if block, which this extraction does not carry).
+now = {m.group(0) for m in fn.finditer(current)}
+changed = [m for m in fn.finditer(common) if m.group(1) in stores and m.group(0) not in now]
+keep += [m.group(0) for m in changed]
+stores = sorted({m.group(1) for m in changed})
 body = s[s.index("template <int D, int NH, bool Q_FP8"): s.index("// Group up to 8 (one n-tile of heads)")]
 out = "\n".join(keep) + "\n" + body.replace("__device__ void decode_mma(", "__device__ void decode_mma_prev(", 1)
 for h in helpers + stores:

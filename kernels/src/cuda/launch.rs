@@ -585,9 +585,14 @@ fn elementwise_cfg(session: &DeviceSession, n: u64) -> LaunchConfig {
     let blocks = n
         .div_ceil(ELEMENTWISE_THREADS as u64)
         .clamp(1, max_blocks as u64) as u32;
+    linear_cfg(blocks, ELEMENTWISE_THREADS)
+}
+
+/// A one-dimensional grid of `blocks` CTAs of `threads` threads, without dynamic shared memory.
+fn linear_cfg(blocks: u32, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
-        block_dim: (ELEMENTWISE_THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -696,11 +701,7 @@ pub(crate) fn launch_stream_read(
 ) -> Result<(), CudaError> {
     let name = "calibrate_stream_read";
     let f = session.function(name).ok_or_else(|| missing(name))?;
-    let cfg = LaunchConfig {
-        grid_dim: (session.props.sm_count * 8, 1, 1),
-        block_dim: (512, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = linear_cfg(session.props.sm_count * 8, 512);
     let mut b = session.stream.launch_builder(f);
     b.arg(&buf).arg(&n16).arg(&sink);
     // SAFETY: calibrate_stream_read(const uint4*, u64, u32*); `buf` holds n16 16-byte words and
@@ -717,11 +718,7 @@ pub(crate) fn launch_format_check(
     result: u64,
 ) -> Result<(), CudaError> {
     let f = session.function(name).ok_or_else(|| missing(name))?;
-    let cfg = LaunchConfig {
-        grid_dim: (session.props.sm_count * 8, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = linear_cfg(session.props.sm_count * 8, 256);
     let mut b = session.stream.launch_builder(f);
     b.arg(&result);
     // SAFETY: check_*(u32* result); `result` holds the counters the kernel writes (five for
@@ -736,11 +733,7 @@ pub(crate) fn launch_fault(session: &DeviceSession) -> Result<(), CudaError> {
     let f = session.function(name).ok_or_else(|| missing(name))?;
     // Far above any allocation, and not null (a null write may be caught differently).
     let bad: u64 = 0x0000_7fff_dead_0000;
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = linear_cfg(1, 32);
     let mut b = session.stream.launch_builder(f);
     b.arg(&bad);
     // SAFETY: deliberately unsafe for the device (an illegal address fault, which the driver
