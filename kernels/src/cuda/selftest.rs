@@ -67,16 +67,25 @@ impl SelftestReport {
             "{:<58} {:<26} {:<6} {:>10} {:>10}\n",
             "case", "check", "result", "max_abs", "rel_l2"
         ));
+        // An error figure a check does not have (the format check's) prints as "-".
+        let figure = |x: f64| {
+            if x.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{x:.3e}")
+            }
+        };
         for r in &self.rows {
             s.push_str(&format!(
-                "{:<58} {:<26} {:<6} {:>10.3e} {:>10.3e}\n",
+                "{:<58} {:<26} {:<6} {:>10} {:>10}\n",
                 r.case,
                 r.check,
                 if r.passed { "ok" } else { "FAIL" },
-                r.max_abs_err,
-                r.rel_l2_err
+                figure(r.max_abs_err),
+                figure(r.rel_l2_err)
             ));
-            if !r.passed {
+            // Failures say why; a check without error figures says what it covered.
+            if !r.passed || r.max_abs_err.is_nan() {
                 s.push_str(&format!("    {}\n", r.detail));
             }
         }
@@ -364,6 +373,33 @@ mod tests {
             "{}",
             err.detail
         );
+    }
+
+    #[test]
+    fn table_prints_a_dash_for_missing_figures_and_the_format_check_detail() {
+        let row = conversion_row(Ok(ConversionCheck {
+            e4m3_mismatches: 0,
+            e4m3_nan_mismatches: 0,
+            e2m1_mismatches: 0,
+            first_e4m3: None,
+            first_e2m1: None,
+            nvfp4_mismatches: 0,
+            first_nvfp4: None,
+        }));
+        let report = SelftestReport {
+            device: "d".into(),
+            module: "m".into(),
+            rows: vec![row],
+        };
+        let table = report.table();
+        let line = table
+            .lines()
+            .find(|l| l.starts_with("number formats"))
+            .expect("the format row");
+        let figures: Vec<&str> = line.split_whitespace().rev().take(2).collect();
+        assert_eq!(figures, ["-", "-"], "{table}");
+        assert!(table.contains("0 e4m3 codes differ"), "{table}");
+        assert!(report.passed());
     }
 
     #[test]
