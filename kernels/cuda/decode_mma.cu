@@ -18,8 +18,10 @@
 // buffer is refilled as soon as the warp has consumed it, so all of them are in flight at the start
 // (a 128-token range of a bf16 cache costs one DRAM round trip, not two). The query is loaded in 16-byte
 // pieces, converted once per element into shared memory and read back as fragments, and the
-// epilogue weighs each row once: before that, scalar
-// query loads and per-element divisions made up 6 of a short CTA's 9 us (bench/gpu/NOTES.md).
+// epilogue weighs each row once: before that, scalar query loads and per-element divisions made
+// up 6 of a short CTA's 9 us (bench/gpu/NOTES.md). The epilogue then stores each thread's four
+// columns from registers in the output dtype (store_output_vec in common.cuh), with no second
+// pass over shared memory: in the issue-bound e4m3 path every instruction there is time.
 //
 // For e4m3, the MMA's k index need not follow the head dimension in order (Q and K just have to
 // agree), which lets one ldmatrix feed four consecutive bytes per thread; likewise the output rows
