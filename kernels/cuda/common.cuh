@@ -276,18 +276,10 @@ __device__ __forceinline__ u32 nvfp4_code(float x, float g, Nvfp4Scale s) {
     return ((__float_as_uint(y) >> 28) & s.sign) | e2m1_magnitude(q);
 }
 
-// Eight consecutive elements' codes, element i in nibble i.
-__device__ __forceinline__ u32 nvfp4_pack8(const float* x, float g, Nvfp4Scale sf) {
-    u32 packed = 0u;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) packed |= nvfp4_code(x[i], g, sf) << (4 * i);
-    return packed;
-}
-
 // N consecutive elements (N = 2, 4 or 8) of final output row `row` (b * qo_heads + h, where h is
 // that row's qo head), columns col .. col + N - 1 (col a multiple of N), in f32 before the output
-// dtype's scale; stored straight from registers, with the same arithmetic as store_output_rows
-// below (so the same bits). NVFP4: the 16 / N lanes that hold a scale-factor group must be
+// dtype's scale, stored straight from registers (every output store goes through here, so every
+// kernel writes the same bits). NVFP4: the 16 / N lanes that hold a scale-factor group must be
 // consecutive lanes of one warp, and every lane of the warp must call this together (the group's
 // amax is found by shuffles); lanes with `active` false take part in the shuffles only. Their
 // groups must be inactive as a whole.
@@ -357,62 +349,26 @@ __device__ __forceinline__ void grid_dependency_launch() {
 
 // ---------------------------------------------------------------------------------------------
 // Output stores: rows of final attention output (already scaled, f32 in shared memory) written
-// in the output dtype. Rows are consecutive qo heads h0.. of sequence b. The FMA kernel's (its
-// threads of a row need not be whole warps); the tensor-core kernel and the merge store from
-// registers (store_output_vec), with the same arithmetic.
+// in the output dtype. Rows are consecutive qo heads h0.. of sequence b. The FMA kernel's, whose
+// threads do not hold whole output chunks in registers; the tensor-core kernel and the merge call
+// store_output_vec directly.
 // ---------------------------------------------------------------------------------------------
 
 template <int OUT>
 __device__ void store_output_rows(const AttnParams& p, const float* rows, int nrows, int b, int h0,
                                   int tid, int nthreads) {
-    const int D = p.head_size;
-    const i64 row0 = (i64)b * p.num_qo_heads + h0;
-    if (OUT == OUT_BF16) {
-        u16* out = (u16*)p.out + row0 * D;
-        for (int i = tid; i < nrows * D; i += nthreads) out[i] = f32_to_bf16(rows[i]);
-    } else if (OUT == OUT_FP8) {
-        u8* out = (u8*)p.out + row0 * D;
-        const float inv = 1.0f / p.o_scale;
-        for (int i = tid; i < nrows * D; i += nthreads) out[i] = f32_to_e4m3(rows[i] * inv);
-    } else if ((nthreads & 31) == 0 && (nrows * (D / 16) * 2) % 32 == 0 && ((u64)rows & 15) == 0) {
-        // Two threads per scale-factor group (8 elements each, the group's amax by one shuffle;
-        // whole warps, since the half-groups fill them; rows read as float4): half the serial
-        // work of a group per thread, which is what a CTA writing its 8 rows waits on (on an
-        // H200, NVFP4 output cost b=256 s=1024 13 % over bf16 with one group per thread).
-        const int groups_per_row = D / 16;
-        u8* out = (u8*)p.out + row0 * (D / 2);
-        for (int hi = tid; hi < nrows * groups_per_row * 2; hi += nthreads) {
-            const int gi = hi >> 1, half = hi & 1;
-            const int r = gi / groups_per_row, kg = gi % groups_per_row;
-            const float4* x4 = (const float4*)(rows + r * D + kg * 16 + half * 8);
-            const float4 a = x4[0], c = x4[1];
-            const float x[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-            float amax = 0.0f;
+    // Four elements per thread and step, through store_output_vec; nthreads is a multiple of 32
+    // (whole warps, for NVFP4's shuffles) and every thread runs every step.
+    const int D = p.head_size, n = nrows * D;
+    for (int base = 0; base < n; base += nthreads * 4) {
+        const int i = base + tid * 4;
+        const bool active = i < n;
+        float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (active) {
 #pragma unroll
-            for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(x[i]));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-            const u8 sf_code = nvfp4_sf_code(amax, p.o_sf_scale);
-            *(u32*)(out + (i64)r * (D / 2) + kg * 8 + half * 4) = nvfp4_pack8(x, p.o_sf_scale, nvfp4_scale(sf_code));
-            if (half == 0) p.out_sf[nvfp4_sf_offset(b, (h0 + r) * groups_per_row + kg, p.sf_cols)] = sf_code;
+            for (int k = 0; k < 4; ++k) x[k] = rows[i + k];
         }
-    } else {
-        const int groups_per_row = D / 16;
-        u8* out = (u8*)p.out + row0 * (D / 2);
-        for (int gi = tid; gi < nrows * groups_per_row; gi += nthreads) {
-            const int r = gi / groups_per_row, kg = gi % groups_per_row;
-            const float* x = rows + r * D + kg * 16;
-            float amax = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(x[i]));
-            const u8 sf_code = nvfp4_sf_code(amax, p.o_sf_scale);
-            const Nvfp4Scale sf = nvfp4_scale(sf_code);
-            uint2 word;
-            word.x = nvfp4_pack8(x, p.o_sf_scale, sf);
-            word.y = nvfp4_pack8(x + 8, p.o_sf_scale, sf);
-            *(uint2*)(out + (i64)r * (D / 2) + kg * 8) = word;
-            const int col = (h0 + r) * groups_per_row + kg;
-            p.out_sf[nvfp4_sf_offset(b, col, p.sf_cols)] = sf_code;
-        }
+        store_output_vec<OUT, 4>(p, x, b, h0 + (active ? i / D : 0), active ? i % D : 0, active);
     }
 }
 

@@ -592,7 +592,7 @@ pub(crate) struct SelftestCaseResult {
 }
 
 /// What `check_conversions` (reference.cu) found over every f32 bit pattern.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct ConversionCheck {
     /// e4m3 codes of the kernels' conversion (hardware on sm_89+) that differ from the software
     /// rounding, over non-NaN inputs.

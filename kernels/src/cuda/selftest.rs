@@ -332,15 +332,7 @@ mod tests {
 
     #[test]
     fn conversion_row_passes_only_when_nothing_differs() {
-        let clean = ConversionCheck {
-            e4m3_mismatches: 0,
-            e4m3_nan_mismatches: 0,
-            e2m1_mismatches: 0,
-            first_e4m3: None,
-            first_e2m1: None,
-            nvfp4_mismatches: 0,
-            first_nvfp4: None,
-        };
+        let clean = ConversionCheck::default();
         let row = conversion_row(Ok(clean));
         assert!(row.passed, "{}", row.detail);
         let bad = ConversionCheck {
@@ -377,15 +369,7 @@ mod tests {
 
     #[test]
     fn table_prints_a_dash_for_missing_figures_and_the_format_check_detail() {
-        let row = conversion_row(Ok(ConversionCheck {
-            e4m3_mismatches: 0,
-            e4m3_nan_mismatches: 0,
-            e2m1_mismatches: 0,
-            first_e4m3: None,
-            first_e2m1: None,
-            nvfp4_mismatches: 0,
-            first_nvfp4: None,
-        }));
+        let row = conversion_row(Ok(ConversionCheck::default()));
         let report = SelftestReport {
             device: "d".into(),
             module: "m".into(),
