@@ -14,11 +14,12 @@ import re, sys
 common, rest = sys.stdin.read().split("//@@KERNEL@@")
 s, current = rest.split("//@@CURRENT@@")
 # A function: its one line, or up to the first closing brace at the start of a line.
-fn = re.compile(r"(?:template <[^>]*>\n)?__device__ (?:__forceinline__ )?\w+ (\w+)\([^)]*\) \{(?:[^\n]*\}$|.*?\n\})", re.S | re.M)
+fn = re.compile(r"(?:template <[^>]*>\n)?__device__ (?:__forceinline__ )?[\w<>, ]+? (\w+)\([^)]*\) \{(?:[^\n]*\}$|.*?\n\})", re.S | re.M)
 # The helpers the kernel of that commit used, renamed so they cannot clash with the current ones.
 helpers = ["cp_async16_zfill", "cp_async16_to", "pinned", "mma_q", "mma_q_smem"]
 stores = ["f32_to_e4m3", "f32_to_e4m3_soft", "f32x2_to_e4m3x2", "f32_to_e2m1", "e2m1_magnitude",
-          "nvfp4_sf_code", "nvfp4_scale", "nvfp4_code", "nvfp4_pack8", "store_output_rows", "store_output_vec"]
+          "nvfp4_sf_code", "nvfp4_scale", "nvfp4_code", "nvfp4_pack8", "store_output_rows", "store_output_vec",
+          "e4m3_value_rcp", "convert_output_vec", "write_output_vec"]
 head = s[: s.index("template <int D, int NH, bool Q_FP8")]
 keep = [m.group(0) for m in fn.finditer(head) if m.group(1) in helpers]
 # Store helpers only where that commit differs from the working tree (an unchanged one may sit in

@@ -245,7 +245,36 @@ __device__ __forceinline__ void cp_async_wait() {
 // NVFP4 pieces shared by every store layout below. A group of 16 elements gets the scale factor
 // SF = e4m3(g * amax / 6) (g: the global scale); each element is e2m1(x * g / SF) (the f32
 // quotient, correctly rounded), 0 when SF is 0.
-__device__ __forceinline__ u8 nvfp4_sf_code(float amax, float g) { return f32_to_e4m3(g * amax / 6.0f); }
+//
+// The scale factor's code without a division: t / 6 correctly rounded is q0 = RN(t RN(1/6))
+// (within an ulp of t / 6, since RN(1/6) is within 2^-25 of 1/6 relatively) corrected by the exact
+// remainder (Markstein's theorem, as for the element codes below). |t| is clamped to 4096 first,
+// which keeps overflow out and changes no code (t / 6 >= 448 saturates), and the quotient is taken
+// of |t| with t's sign put back on the code, so that a quotient that underflows keeps its sign (any
+// quotient below 2^-10 has code 0 however it rounds). NaN stays NaN. The self-test compares this
+// with e4m3(t / 6) for every f32 t (check_conversions in reference.cu). Branch-free, unlike the
+// IEEE division it replaces, whose slow-path test sat on the epilogue's critical path.
+#define DB_RCP6 __uint_as_float(0x3e2aaaabu)  // RN(1 / 6)
+__device__ __forceinline__ u8 nvfp4_sf_code(float amax, float g) {
+    const float t = g * amax;
+    const float a = fabsf(t) > 4096.0f ? 4096.0f : fabsf(t);
+    const float q0 = a * DB_RCP6;
+    const float q = fmaf(fmaf(-q0, 6.0f, a), DB_RCP6, q0);
+    return f32_to_e4m3(q) | (u8)((__float_as_uint(t) >> 24) & 0x80u);
+}
+
+// 1 / SF correctly rounded for every positive finite e4m3 value SF, branch-free: the hardware
+// approximation (relative error below 2^-22) and one Newton step, which lands within 2^-40 of 1 / SF
+// relatively, while 1 / SF (8 / (8 + k) times a power of two, k = 0..7) is exact or at least
+// 2^-29 from the nearest rounding boundary; so the step's single rounding is the correct one.
+// (__frcp_rn's test for operands outside the normal range was on the critical path too.) NaN or
+// infinity for SF 0 and NaN, which nvfp4_scale replaces. The self-test compares it with
+// __frcp_rn for every e4m3 code (check_nvfp4_codes).
+__device__ __forceinline__ float e4m3_value_rcp(float sf) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(sf));
+    return fmaf(r, fmaf(-sf, r, 1.0f), r);
+}
 
 // A group's scale factor, its correctly rounded reciprocal and 8 SF (both 0 unless SF > 0), and
 // the sign bit kept in its codes (none unless SF > 0: then every code is 0).
@@ -255,9 +284,17 @@ struct Nvfp4Scale {
 };
 
 __device__ __forceinline__ Nvfp4Scale nvfp4_scale(u8 sf_code) {
+#if DB_HW_E4M3
+    // Two instructions on sm_89+ (e4m3 -> f16 -> f32, both exact; the NaN code gives NaN).
+    u32 h;
+    float sf;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((u16)sf_code));
+    asm("{.reg .f16 l, u; mov.b32 {l, u}, %1; cvt.f32.f16 %0, l;}" : "=f"(sf) : "r"(h));
+#else
     const float sf = e4m3_to_f32(sf_code);
+#endif
     const bool ok = sf > 0.0f;
-    return {sf, ok ? __frcp_rn(sf) : 0.0f, ok ? 8.0f * sf : 0.0f, ok ? 0x8u : 0u};
+    return {sf, ok ? e4m3_value_rcp(sf) : 0.0f, ok ? 8.0f * sf : 0.0f, ok ? 0x8u : 0u};
 }
 
 // The element's code without a division per element: with r = RN(1 / SF), q0 = RN(y r) is within
@@ -276,38 +313,32 @@ __device__ __forceinline__ u32 nvfp4_code(float x, float g, Nvfp4Scale s) {
     return ((__float_as_uint(y) >> 28) & s.sign) | e2m1_magnitude(q);
 }
 
-// N consecutive elements (N = 2, 4 or 8) of final output row `row` (b * qo_heads + h, where h is
-// that row's qo head), columns col .. col + N - 1 (col a multiple of N), in f32 before the output
-// dtype's scale, stored straight from registers (every output store goes through here, so every
-// kernel writes the same bits). NVFP4: the 16 / N lanes that hold a scale-factor group must be
-// consecutive lanes of one warp, and every lane of the warp must call this together (the group's
-// amax is found by shuffles); lanes with `active` false take part in the shuffles only. Their
-// groups must be inactive as a whole.
+// N consecutive elements (N = 2, 4 or 8) of a final output row in the output dtype, as
+// store_output_vec writes them: the dtype's words and, for NVFP4, the group's scale-factor code.
 template <int OUT, int N>
-__device__ __forceinline__ void store_output_vec(const AttnParams& p, const float* x, int b, int h, int col,
-                                                 bool active) {
+struct OutputVec {
     static_assert(N == 2 || N == 4 || N == 8, "2, 4 or 8 elements per lane");
-    const int D = p.head_size;
-    const i64 row = (i64)b * p.num_qo_heads + h;
+    static constexpr int WORDS = OUT == OUT_BF16 ? N / 2 : OUT == OUT_FP8 ? (N + 3) / 4 : 1;
+    u32 w[WORDS];
+    u8 sf;
+};
+
+// The conversion half of store_output_vec: N consecutive elements in f32 before the output
+// dtype's scale, columns col .. col + N - 1 of a row (col a multiple of N). Arithmetic only (and,
+// for NVFP4, the shuffles that find a scale-factor group's amax: the 16 / N lanes that hold a
+// group must be consecutive lanes of one warp, and every lane of the warp must call this
+// together; lanes with nothing to store pass zeros). No branch, so that a caller converting
+// several vectors before writing them gets their chains overlapped.
+template <int OUT, int N>
+__device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams& p, const float* x) {
+    OutputVec<OUT, N> v{};
     if constexpr (OUT == OUT_BF16) {
-        u32 w[N / 2];
 #pragma unroll
-        for (int i = 0; i < N / 2; ++i) w[i] = (u32)f32_to_bf16(x[2 * i]) | ((u32)f32_to_bf16(x[2 * i + 1]) << 16);
-        if (!active) return;
-        u16* out = (u16*)p.out + row * D + col;
-        if constexpr (N == 2) *(u32*)out = w[0];
-        else if constexpr (N == 4) *(uint2*)out = make_uint2(w[0], w[1]);
-        else *(uint4*)out = make_uint4(w[0], w[1], w[2], w[3]);
+        for (int i = 0; i < N / 2; ++i) v.w[i] = (u32)f32_to_bf16(x[2 * i]) | ((u32)f32_to_bf16(x[2 * i + 1]) << 16);
     } else if constexpr (OUT == OUT_FP8) {
         const float inv = 1.0f / p.o_scale;
-        u32 w[(N + 3) / 4] = {};
 #pragma unroll
-        for (int i = 0; i < N; i += 2) w[i / 4] |= f32x2_to_e4m3x2(x[i] * inv, x[i + 1] * inv) << (8 * (i % 4));
-        if (!active) return;
-        u8* out = (u8*)p.out + row * D + col;
-        if constexpr (N == 2) *(u16*)out = (u16)w[0];
-        else if constexpr (N == 4) *(u32*)out = w[0];
-        else *(uint2*)out = make_uint2(w[0], w[1]);
+        for (int i = 0; i < N; i += 2) v.w[i / 4] |= f32x2_to_e4m3x2(x[i] * inv, x[i + 1] * inv) << (8 * (i % 4));
     } else {
         constexpr int LANES = 16 / N;  // lanes per scale-factor group
         float amax = 0.0f;
@@ -315,18 +346,50 @@ __device__ __forceinline__ void store_output_vec(const AttnParams& p, const floa
         for (int i = 0; i < N; ++i) amax = fmaxf(amax, fabsf(x[i]));
 #pragma unroll
         for (int off = 1; off < LANES; off <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        if (!active) return;
-        const u8 sf_code = nvfp4_sf_code(amax, p.o_sf_scale);
-        const Nvfp4Scale sf = nvfp4_scale(sf_code);
-        u32 packed = 0u;
+        v.sf = nvfp4_sf_code(amax, p.o_sf_scale);
+        const Nvfp4Scale sf = nvfp4_scale(v.sf);
 #pragma unroll
-        for (int i = 0; i < N; ++i) packed |= nvfp4_code(x[i], p.o_sf_scale, sf) << (4 * i);
-        u8* out = (u8*)p.out + row * (D / 2) + col / 2;
-        if constexpr (N == 2) *out = (u8)packed;
-        else if constexpr (N == 4) *(u16*)out = (u16)packed;
-        else *(u32*)out = packed;
-        if (col % 16 == 0) p.out_sf[nvfp4_sf_offset(b, h * (D / 16) + col / 16, p.sf_cols)] = sf_code;
+        for (int i = 0; i < N; ++i) v.w[0] |= nvfp4_code(x[i], p.o_sf_scale, sf) << (4 * i);
     }
+    return v;
+}
+
+// The store half: v at final output row `row` (b * qo_heads + h, where h is that row's qo head),
+// columns col .. col + N - 1; NVFP4's scale factor by the lane that holds the group's first column.
+template <int OUT, int N>
+__device__ __forceinline__ void write_output_vec(const AttnParams& p, const OutputVec<OUT, N>& v, int b, int h,
+                                                 int col) {
+    const int D = p.head_size;
+    const i64 row = (i64)b * p.num_qo_heads + h;
+    if constexpr (OUT == OUT_BF16) {
+        u16* out = (u16*)p.out + row * D + col;
+        if constexpr (N == 2) *(u32*)out = v.w[0];
+        else if constexpr (N == 4) *(uint2*)out = make_uint2(v.w[0], v.w[1]);
+        else *(uint4*)out = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
+    } else if constexpr (OUT == OUT_FP8) {
+        u8* out = (u8*)p.out + row * D + col;
+        if constexpr (N == 2) *(u16*)out = (u16)v.w[0];
+        else if constexpr (N == 4) *(u32*)out = v.w[0];
+        else *(uint2*)out = make_uint2(v.w[0], v.w[1]);
+    } else {
+        u8* out = (u8*)p.out + row * (D / 2) + col / 2;
+        if constexpr (N == 2) *out = (u8)v.w[0];
+        else if constexpr (N == 4) *(u16*)out = (u16)v.w[0];
+        else *(u32*)out = v.w[0];
+        if (col % 16 == 0) p.out_sf[nvfp4_sf_offset(b, h * (D / 16) + col / 16, p.sf_cols)] = v.sf;
+    }
+}
+
+// N consecutive elements (N = 2, 4 or 8) of final output row b * qo_heads + h, columns col ..
+// col + N - 1, in f32 before the output dtype's scale, stored straight from registers (every
+// output store goes through convert_output_vec and write_output_vec, so every kernel writes the
+// same bits). Every lane of the warp must call this together (NVFP4's shuffles); lanes with
+// `active` false take part in the shuffles only, and their groups must be inactive as a whole.
+template <int OUT, int N>
+__device__ __forceinline__ void store_output_vec(const AttnParams& p, const float* x, int b, int h, int col,
+                                                 bool active) {
+    const OutputVec<OUT, N> v = convert_output_vec<OUT, N>(p, x);
+    if (active) write_output_vec<OUT, N>(p, v, b, h, col);
 }
 
 // Programmatic dependent launch (sm_90+). A kernel launched with the programmatic-serialization

@@ -559,28 +559,46 @@ __device__ void decode_mma(const AttnParams& p) {
     // The rows, four elements per thread and step (rows are contiguous, D a multiple of 4), written
     // straight from registers: the final output in its dtype (store_output_vec), or the partial.
     // Every thread runs every step (NVFP4's scale-factor groups are found by shuffles); a step's
-    // tail is whole 16-element groups, since G * D is a multiple of 16.
-    for (int e0 = 0; e0 < G * D; e0 += THREADS * 4) {
-        const int e = e0 + tid * 4;
-        const bool active = e < G * D;
-        const int row = active ? e / D : 0;
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (active) {
+    // tail is whole 16-element groups, since G * D is a multiple of 16. All steps' rows are
+    // weighed and converted first and stored after, so that the steps' conversion chains (NVFP4's
+    // amax -> scale factor -> reciprocal -> codes is a long one) overlap.
+    constexpr int STEP = THREADS * 4;
+    constexpr int STEPS = (NH * 8 * D + STEP - 1) / STEP;
+    float4 acc[STEPS];
+#pragma unroll
+    for (int st = 0; st < STEPS; ++st) {
+        const int e = st * STEP + tid * 4;
+        const int row = e < G * D ? e / D : 0;
+        acc[st] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (e < G * D) {
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) {
                 const float wt = red_m[w * G + row];
                 const float4 x = *(const float4*)&red_o[w * G * D + e];
-                acc.x += x.x * wt;
-                acc.y += x.y * wt;
-                acc.z += x.z * wt;
-                acc.w += x.w * wt;
+                acc[st].x += x.x * wt;
+                acc[st].y += x.y * wt;
+                acc[st].z += x.z * wt;
+                acc[st].w += x.w * wt;
             }
         }
-        if (direct) {
-            const float x[4] = {acc.x, acc.y, acc.z, acc.w};
-            store_output_vec<OUT, 4>(p, x, b, kv_head * G + row, e % D, active);
-        } else if (active) {
-            *(float4*)&p.partial_o[prow_base * D + e] = acc;
+    }
+    if (direct) {
+        OutputVec<OUT, 4> v[STEPS];
+#pragma unroll
+        for (int st = 0; st < STEPS; ++st) {
+            const float x[4] = {acc[st].x, acc[st].y, acc[st].z, acc[st].w};
+            v[st] = convert_output_vec<OUT, 4>(p, x);
+        }
+#pragma unroll
+        for (int st = 0; st < STEPS; ++st) {
+            const int e = st * STEP + tid * 4;
+            if (e < G * D) write_output_vec<OUT, 4>(p, v[st], b, kv_head * G + e / D, e % D);
+        }
+    } else {
+#pragma unroll
+        for (int st = 0; st < STEPS; ++st) {
+            const int e = st * STEP + tid * 4;
+            if (e < G * D) *(float4*)&p.partial_o[prow_base * D + e] = acc[st];
         }
     }
     DB_TRACE(9, 0u);

@@ -82,9 +82,11 @@ extern "C" __global__ void __launch_bounds__(REF_THREADS)
 // on sm_89+) against f32_to_e4m3_soft, the software rounding the CPU reference defines, with both
 // halves of the pair checked (x = pattern i in the low byte, y = pattern ~i in the high byte);
 // f32_to_e2m1 against the nearest of the eight e2m1 magnitudes by distance (ties to the even
-// code; saturating at 6, NaN 0), a second formulation of the same rounding. result: [0] e4m3 codes that differ (non-NaN
+// code; saturating at 6, NaN 0), a second formulation of the same rounding; nvfp4_sf_code (no
+// division) against e4m3 of the IEEE quotient t / 6. result: [0] e4m3 codes that differ (non-NaN
 // inputs), [1] NaN inputs without a NaN code, [2] e2m1 codes that differ, [3] / [4] the smallest
-// such e4m3 / e2m1 input pattern (0xffffffff when none; the host fills it so).
+// such e4m3 / e2m1 input pattern (0xffffffff when none; the host fills it so), [5] NVFP4
+// scale-factor codes that differ (a NaN t must give a NaN code), [6] the smallest such t.
 __device__ __forceinline__ u8 e2m1_by_distance(float x) {
     const float mags[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
     const float a = fabsf(x);
@@ -99,7 +101,7 @@ __device__ __forceinline__ u8 e2m1_by_distance(float x) {
 }
 
 extern "C" __global__ void check_conversions(u32* result) {
-    u32 e4m3_bad = 0, nan_bad = 0, e2m1_bad = 0;
+    u32 e4m3_bad = 0, nan_bad = 0, e2m1_bad = 0, sf_bad = 0;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (1ull << 32); i += (u64)gridDim.x * blockDim.x) {
         const u32 bits = (u32)i;
         const float x = __uint_as_float(bits), y = __uint_as_float(~bits);
@@ -118,7 +120,13 @@ extern "C" __global__ void check_conversions(u32* result) {
             ++e2m1_bad;
             atomicMin(&result[4], bits);
         }
+        const u32 sf = nvfp4_sf_code(x, 1.0f);
+        if (x != x ? (sf & 0x7fu) != 0x7fu : sf != f32_to_e4m3_soft(__fdiv_rn(x, 6.0f))) {
+            ++sf_bad;
+            atomicMin(&result[6], bits);
+        }
     }
+    if (sf_bad) atomicAdd(&result[5], sf_bad);
     if (e4m3_bad) atomicAdd(&result[0], e4m3_bad);
     if (nan_bad) atomicAdd(&result[1], nan_bad);
     if (e2m1_bad) atomicAdd(&result[2], e2m1_bad);
@@ -129,8 +137,9 @@ extern "C" __global__ void check_conversions(u32* result) {
 // factor code (0 and NaN included) and every f32 y from R / 16 to 16 R (8 binades: every code
 // boundary and the saturation; R = SF, or 1 for SF 0 and NaN), with the sign checked on one y in
 // 64 and the special values (zeros, infinities, NaN, huge and subnormal y) for every SF. result:
-// [0] codes that differ, [1] / [2] the first mismatch found (y's bits, SF's code). Below SF / 16
-// the quotient is under 1/16 however it rounds, and its code 0.
+// [0] codes that differ, [1] / [2] the first mismatch found (y's bits, SF's code), [3] positive
+// scale factors whose reciprocal (e4m3_value_rcp) differs from __frcp_rn. Below SF / 16 the
+// quotient is under 1/16 however it rounds, and its code 0.
 extern "C" __global__ void check_nvfp4_codes(u32* result) {
     const u64 per_sf = 1ull << 26;
     const u64 total = 128 * per_sf;
@@ -142,6 +151,7 @@ extern "C" __global__ void check_nvfp4_codes(u32* result) {
         const Nvfp4Scale s = nvfp4_scale(code);
         const bool positive = s.sf > 0.0f;
         const u64 j = i % per_sf;
+        if (j == 0 && positive && s.rcp != __frcp_rn(s.sf)) atomicAdd(&result[3], 1u);
         const u32 bits = __float_as_uint((positive ? s.sf : 1.0f) * 0.0625f) + (u32)j;
         float y = __uint_as_float(bits);
         int n_try = (j % 64 == 0) ? 2 : 1;

@@ -608,6 +608,12 @@ pub(crate) struct ConversionCheck {
     /// rounded quotient, and the first such (element bits, scale-factor code).
     pub nvfp4_mismatches: u32,
     pub first_nvfp4: Option<(u32, u8)>,
+    /// NVFP4 scale-factor codes computed without a division that differ from e4m3(t / 6), over
+    /// every f32 t, and the smallest such t's bits.
+    pub sf_mismatches: u32,
+    pub first_sf: Option<u32>,
+    /// Positive e4m3 scale factors whose fast reciprocal is not the correctly rounded one.
+    pub rcp_mismatches: u32,
 }
 
 impl CudaBackend {
@@ -627,8 +633,11 @@ impl CudaBackend {
                 .clone_dtoh(&result)
                 .map_err(CudaError::driver("copying a format check's counts"))
         };
-        let c = run("check_conversions", &[0, 0, 0, u32::MAX, u32::MAX])?;
-        let n = run("check_nvfp4_codes", &[0, u32::MAX, 0])?;
+        let c = run(
+            "check_conversions",
+            &[0, 0, 0, u32::MAX, u32::MAX, 0, u32::MAX],
+        )?;
+        let n = run("check_nvfp4_codes", &[0, u32::MAX, 0, 0])?;
         let first = |v: u32| (v != u32::MAX).then_some(v);
         Ok(ConversionCheck {
             e4m3_mismatches: c[0],
@@ -638,6 +647,9 @@ impl CudaBackend {
             first_e2m1: first(c[4]),
             nvfp4_mismatches: n[0],
             first_nvfp4: first(n[1]).map(|y| (y, n[2] as u8)),
+            sf_mismatches: c[5],
+            first_sf: first(c[6]),
+            rcp_mismatches: n[3],
         })
     }
 

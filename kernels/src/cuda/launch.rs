@@ -721,8 +721,8 @@ pub(crate) fn launch_format_check(
     let cfg = linear_cfg(session.props.sm_count * 8, 256);
     let mut b = session.stream.launch_builder(f);
     b.arg(&result);
-    // SAFETY: check_*(u32* result); `result` holds the counters the kernel writes (five for
-    // check_conversions, three for check_nvfp4_codes).
+    // SAFETY: check_*(u32* result); `result` holds the counters the kernel writes (seven for
+    // check_conversions, four for check_nvfp4_codes).
     unsafe { b.launch(cfg) }.map_err(CudaError::driver(format!("launching {name}")))?;
     Ok(())
 }

@@ -204,14 +204,27 @@ fn conversion_row(result: Result<ConversionCheck, CudaError>) -> SelftestRow {
             let passed = c.e4m3_mismatches == 0
                 && c.e4m3_nan_mismatches == 0
                 && c.e2m1_mismatches == 0
-                && c.nvfp4_mismatches == 0;
+                && c.nvfp4_mismatches == 0
+                && c.sf_mismatches == 0
+                && c.rcp_mismatches == 0;
             let mut detail = format!(
                 "every f32 bit pattern: {} e4m3 codes differ from the software rounding, {} NaN \
-                 inputs without a NaN code, {} e2m1 codes differ from the nearest magnitude; \
-                 every scale factor: {} nvfp4 element codes differ from e2m1(x / SF)",
-                c.e4m3_mismatches, c.e4m3_nan_mismatches, c.e2m1_mismatches, c.nvfp4_mismatches
+                 inputs without a NaN code, {} e2m1 codes differ from the nearest magnitude, {} \
+                 nvfp4 scale-factor codes differ from e4m3(t / 6); every scale factor: {} nvfp4 \
+                 element codes differ from e2m1(x / SF), {} reciprocals from the correctly \
+                 rounded one",
+                c.e4m3_mismatches,
+                c.e4m3_nan_mismatches,
+                c.e2m1_mismatches,
+                c.sf_mismatches,
+                c.nvfp4_mismatches,
+                c.rcp_mismatches
             );
-            for (what, first) in [("e4m3", c.first_e4m3), ("e2m1", c.first_e2m1)] {
+            for (what, first) in [
+                ("e4m3", c.first_e4m3),
+                ("e2m1", c.first_e2m1),
+                ("nvfp4 scale-factor", c.first_sf),
+            ] {
                 if let Some(bits) = first {
                     detail.push_str(&format!(
                         "; first {what} mismatch at 0x{bits:08x} ({:e})",
@@ -357,6 +370,26 @@ mod tests {
         let row = conversion_row(Ok(nvfp4));
         assert!(!row.passed);
         assert!(row.detail.contains("SF code 0x38"), "{}", row.detail);
+        let sf = ConversionCheck {
+            sf_mismatches: 1,
+            first_sf: Some(0x4040_0000),
+            ..clean
+        };
+        let row = conversion_row(Ok(sf));
+        assert!(!row.passed);
+        assert!(
+            row.detail
+                .contains("first nvfp4 scale-factor mismatch at 0x40400000 (3e0)"),
+            "{}",
+            row.detail
+        );
+        let rcp = ConversionCheck {
+            rcp_mismatches: 4,
+            ..clean
+        };
+        let row = conversion_row(Ok(rcp));
+        assert!(!row.passed);
+        assert!(row.detail.contains("4 reciprocals"), "{}", row.detail);
         let err = conversion_row(Err(CudaError::Unrecoverable {
             detail: "gone".into(),
         }));
