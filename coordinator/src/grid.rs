@@ -6,7 +6,8 @@
 //! time with a message naming the key, the value and what to do about it.
 //!
 //! Expansion order is deterministic and follows the reference script's loops (quant mode, then
-//! max_seq_len, then batch size innermost), with the extra axes of this project in between.
+//! max_seq_len, then batch size innermost), with the extra axes of this project in between; a grid
+//! may put the quant mode innermost instead (`order = "modes-adjacent"`, [`CaseOrder`]).
 
 use decodebench_kernels::workload::REFERENCE_POOL_TOKENS;
 use decodebench_kernels::{
@@ -61,7 +62,7 @@ const PRESETS: [(&str, &str); 2] = [
 ];
 
 /// Keys accepted at the top level of a grid file.
-const TOP_LEVEL_KEYS: [&str; 14] = [
+const TOP_LEVEL_KEYS: [&str; 15] = [
     "name",
     "description",
     "batch_sizes",
@@ -74,6 +75,7 @@ const TOP_LEVEL_KEYS: [&str; 14] = [
     "pools",
     "pool_tokens",
     "seed",
+    "order",
     "method",
     // Accepted so a grid can carry free-form notes without tripping the unknown-key check.
     "notes",
@@ -175,7 +177,40 @@ pub struct Grid {
     block_sizes: Vec<u32>,
     pools: Vec<KvPool>,
     seed: u64,
+    order: CaseOrder,
     method: MeasureMethod,
+}
+
+/// The order in which a grid's cases are handed out (the `order` key). Agents run a shard's cases
+/// in this order, and the scheduler keeps it within each KV pool set-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CaseOrder {
+    /// `"script"`: the reference script's nesting, quant mode outermost, then the other axes, and
+    /// max_seq_len and batch size innermost. The default.
+    #[default]
+    Script,
+    /// `"modes-adjacent"`: quant mode innermost, so that one cell's modes run back to back. Use it
+    /// when modes are compared with each other (FP8 query against FP8 KV, say): under the script's
+    /// order a mode's cells run minutes after the other's, on a GPU whose clocks and temperature
+    /// have moved in between (a power-capped GPU slows down as it heats up).
+    ModesAdjacent,
+}
+
+impl CaseOrder {
+    fn parse(s: &str) -> Option<CaseOrder> {
+        match s {
+            "script" => Some(CaseOrder::Script),
+            "modes-adjacent" => Some(CaseOrder::ModesAdjacent),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            CaseOrder::Script => "script",
+            CaseOrder::ModesAdjacent => "modes-adjacent",
+        }
+    }
 }
 
 /// The grid file as written, before validation. Numbers are read as `i64` so that a negative or
@@ -195,6 +230,7 @@ struct GridFile {
     pools: Option<Vec<String>>,
     pool_tokens: Option<i64>,
     seed: Option<i64>,
+    order: Option<String>,
     method: Option<MethodFile>,
     #[allow(dead_code)]
     notes: Option<String>,
@@ -213,6 +249,17 @@ struct MethodFile {
     max_time_s: Option<f64>,
     throttle_retries: Option<i64>,
     kernels: Option<String>,
+}
+
+/// One combination of every axis but the quant mode.
+struct Cell {
+    heads: (u32, u32),
+    head_size: u32,
+    layout: KvLayout,
+    block_size: u32,
+    pool: KvPool,
+    max_seq_len: u32,
+    batch_size: u32,
 }
 
 impl Grid {
@@ -302,6 +349,9 @@ impl Grid {
     pub fn method(&self) -> &MeasureMethod {
         &self.method
     }
+    pub fn order(&self) -> CaseOrder {
+        self.order
+    }
 
     /// Number of cases [`Grid::expand`] yields.
     pub fn case_count(&self) -> usize {
@@ -315,9 +365,10 @@ impl Grid {
             * self.pools.len()
     }
 
-    /// Every case of the grid, each with its id, in a deterministic order: quant mode outermost,
-    /// then heads, head size, layout, block size, pool, max_seq_len, and batch size innermost (the
-    /// reference script's quant / max_seq_len / batch nesting). Ids are unique: validation refused
+    /// Every case of the grid, each with its id, in a deterministic order: heads, head size,
+    /// layout, block size, pool, max_seq_len, and batch size innermost (the reference script's
+    /// max_seq_len / batch nesting), with the quant mode outermost ([`CaseOrder::Script`], the
+    /// script's nesting) or innermost ([`CaseOrder::ModesAdjacent`]). Ids are unique: validation refused
     /// any grid where two cases would share one, and duplicates are dropped here regardless.
     pub fn expand(&self) -> Vec<BenchCase> {
         let mut cases = Vec::with_capacity(self.case_count());
@@ -331,29 +382,25 @@ impl Grid {
     }
 
     fn cases_in_order(&self) -> impl Iterator<Item = BenchCase> + '_ {
-        self.quant_modes.iter().flat_map(move |&quant| {
-            self.heads.iter().flat_map(move |&(qo, kv)| {
+        // Every combination of the axes other than the quant mode, in the script's nesting (batch
+        // size innermost); the order puts the quant mode outside or inside them.
+        let cells: Vec<Cell> = self
+            .heads
+            .iter()
+            .flat_map(|&heads| {
                 self.head_sizes.iter().flat_map(move |&head_size| {
                     self.layouts.iter().flat_map(move |&layout| {
                         self.block_sizes.iter().flat_map(move |&block_size| {
                             self.pools.iter().flat_map(move |&pool| {
                                 self.max_seq_lens.iter().flat_map(move |&max_seq_len| {
-                                    self.batch_sizes.iter().map(move |&batch_size| {
-                                        BenchCase {
-                                            id: String::new(),
-                                            batch_size,
-                                            max_seq_len,
-                                            quant,
-                                            num_qo_heads: qo,
-                                            num_kv_heads: kv,
-                                            head_size,
-                                            layout,
-                                            block_size,
-                                            pool,
-                                            seed: self.seed,
-                                            method: self.method.clone(),
-                                        }
-                                        .with_id()
+                                    self.batch_sizes.iter().map(move |&batch_size| Cell {
+                                        heads,
+                                        head_size,
+                                        layout,
+                                        block_size,
+                                        pool,
+                                        max_seq_len,
+                                        batch_size,
                                     })
                                 })
                             })
@@ -361,6 +408,28 @@ impl Grid {
                     })
                 })
             })
+            .collect();
+        let (modes, n_cells) = (self.quant_modes.len(), cells.len());
+        (0..modes * n_cells).map(move |i| {
+            let (quant, cell) = match self.order {
+                CaseOrder::Script => (self.quant_modes[i / n_cells], &cells[i % n_cells]),
+                CaseOrder::ModesAdjacent => (self.quant_modes[i % modes], &cells[i / modes]),
+            };
+            BenchCase {
+                id: String::new(),
+                batch_size: cell.batch_size,
+                max_seq_len: cell.max_seq_len,
+                quant,
+                num_qo_heads: cell.heads.0,
+                num_kv_heads: cell.heads.1,
+                head_size: cell.head_size,
+                layout: cell.layout,
+                block_size: cell.block_size,
+                pool: cell.pool,
+                seed: self.seed,
+                method: self.method.clone(),
+            }
+            .with_id()
         })
     }
 
@@ -409,6 +478,7 @@ impl Grid {
             self.pools.iter().map(|p| p.label()).collect(),
         );
         let _ = writeln!(out, "  {:<16} {}", "seed", self.seed);
+        let _ = writeln!(out, "  {:<16} {}", "order", self.order.as_str());
         let _ = writeln!(out, "  {:<16} {}", "method", describe_method(&self.method));
 
         let pool_setups: HashSet<String> = cases.iter().map(|c| c.pool_key()).collect();
@@ -507,6 +577,17 @@ impl Grid {
                 reason: "the seed must be >= 0".into(),
             })?,
         };
+        let order = match file.order {
+            None => CaseOrder::default(),
+            Some(raw) => CaseOrder::parse(raw.trim()).ok_or_else(|| {
+                invalid(
+                    "grid.order".to_string(),
+                    format!("{raw:?}"),
+                    "unknown order; use \"script\" (quant mode outermost, the default) or \
+                     \"modes-adjacent\" (each cell's quant modes back to back)",
+                )
+            })?,
+        };
         let method = parse_method(file.method)?;
         let name = file.name.unwrap_or_else(|| "custom".to_string());
         if name.trim().is_empty() {
@@ -528,6 +609,7 @@ impl Grid {
             block_sizes,
             pools,
             seed,
+            order,
             method,
         })
     }
@@ -1204,6 +1286,45 @@ mod tests {
         let ids: HashSet<&str> = cases.iter().map(|c| c.id.as_str()).collect();
         assert_eq!(ids.len(), 320);
         assert!(cases.iter().all(|c| c.id == c.compute_id()));
+    }
+
+    #[test]
+    fn modes_adjacent_order_runs_each_cells_modes_back_to_back() {
+        let text = "batch_sizes = [1, 4]\nmax_seq_lens = [1024, 4096]\n\
+                    quant_modes = [\"bf16/fp8/bf16\", \"fp8/fp8/nvfp4\"]\n";
+        let script = Grid::from_toml_str(text).unwrap();
+        let adjacent = Grid::from_toml_str(&format!("{text}order = \"modes-adjacent\"\n")).unwrap();
+        assert_eq!(script.order(), CaseOrder::Script);
+        assert_eq!(adjacent.order(), CaseOrder::ModesAdjacent);
+        let key = |c: &BenchCase| (c.batch_size, c.max_seq_len, c.quant.out);
+        let a: Vec<_> = adjacent.expand().iter().map(key).collect();
+        assert_eq!(
+            a,
+            [
+                (1, 1024, Dtype::Bf16),
+                (1, 1024, Dtype::Nvfp4),
+                (4, 1024, Dtype::Bf16),
+                (4, 1024, Dtype::Nvfp4),
+                (1, 4096, Dtype::Bf16),
+                (1, 4096, Dtype::Nvfp4),
+                (4, 4096, Dtype::Bf16),
+                (4, 4096, Dtype::Nvfp4),
+            ]
+        );
+        let s: Vec<_> = script.expand().iter().map(key).collect();
+        assert_eq!(s[..4].iter().filter(|k| k.2 == Dtype::Bf16).count(), 4);
+        // The same cases and ids either way: the order is no part of a case, and a journal
+        // written under one order resumes under the other.
+        let ids = |g: &Grid| -> BTreeSet<String> { g.expand().into_iter().map(|c| c.id).collect() };
+        assert_eq!(ids(&script), ids(&adjacent));
+        assert_eq!(script.grid_hash(), adjacent.grid_hash());
+        assert!(adjacent.summary().contains("modes-adjacent"));
+        let e = err("order = \"random\"");
+        assert!(
+            e.contains("grid.order") && e.contains("\"random\"") && e.contains("modes-adjacent"),
+            "{e}"
+        );
+        assert!(err("ordr = \"script\"").contains("did you mean `order`"));
     }
 
     #[test]
