@@ -23,7 +23,9 @@ use super::launch::{
     launch_format_check, launch_reference, prepare_decode, AttnParams, DecodeNames,
     SUPPORTED_HEAD_SIZES,
 };
-use super::plan::{plan_splits, LaunchOrder, SplitPlan, MIN_CHUNK_TOKENS};
+use super::plan::{
+    plan_candidates, plan_splits, LaunchOrder, SplitPlan, WorkItem, MIN_CHUNK_TOKENS,
+};
 use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, quick_call_ms, time_calls};
 use super::verify::{check, decode_device_output, OutputBuffers};
 use super::CudaError;
@@ -445,15 +447,28 @@ impl CudaBackend {
             let names = DecodeNames::for_case(case, geometry.variant);
             prepare_decode(session, &names, &geometry)?;
             let per_sm = decode_ctas_per_sm(session, &names, &geometry)?;
-            let plan = plan_splits(
-                &prepared.inputs.seq_lens,
-                case.num_kv_heads,
-                session.props.sm_count * per_sm,
-                geometry.stage_tokens,
-                min_chunk,
-            );
+            // A chunking forced through set_min_chunk_tokens (tests, the self-test's split path)
+            // is kept as is; otherwise the planner's plan may have a whole-sequence rival.
+            let concurrent = session.props.sm_count * per_sm;
+            let plans = if min_chunk == MIN_CHUNK_TOKENS {
+                plan_candidates(
+                    &prepared.inputs.seq_lens,
+                    case.num_kv_heads,
+                    concurrent,
+                    geometry.stage_tokens,
+                    min_chunk,
+                )
+            } else {
+                vec![plan_splits(
+                    &prepared.inputs.seq_lens,
+                    case.num_kv_heads,
+                    concurrent,
+                    geometry.stage_tokens,
+                    min_chunk,
+                )]
+            };
             let (bytes, sf_bytes) = output_bytes(case, case.quant.out);
-            let workspace = workspace_bytes(case, &plan);
+            let workspace: u64 = plans.iter().map(|p| workspace_bytes(case, p)).sum();
             ensure_free(
                 session,
                 bytes + sf_bytes + workspace,
@@ -468,43 +483,9 @@ impl CudaBackend {
                     None
                 },
             };
-            // One device list per distinct launch order (with one kv head both orders are the
-            // same list, and only it is uploaded and timed).
-            let mut host_lists: Vec<(LaunchOrder, Vec<_>)> = Vec::new();
-            for order in LaunchOrder::ALL {
-                let list = plan.launch_list(order);
-                if !host_lists.iter().any(|(_, l)| *l == list) {
-                    host_lists.push((order, list));
-                }
-            }
-            let mut work_lists = Vec::with_capacity(host_lists.len());
-            for (order, list) in &host_lists {
-                let list = session
-                    .stream
-                    .clone_htod(list)
-                    .map_err(CudaError::driver("copying the split plan"))?;
-                work_lists.push((*order, list));
-            }
-            let d_offsets = session
-                .stream
-                .clone_htod(&plan.split_offsets)
-                .map_err(CudaError::driver("copying the split offsets"))?;
-            let rows = plan.items.len() as u64 * case.num_qo_heads as u64;
-            let partials = if plan.direct {
-                None
-            } else {
-                Some((
-                    alloc_bytes(
-                        session,
-                        rows * case.head_size as u64 * 4,
-                        "split partial outputs",
-                    )?,
-                    alloc_bytes(session, rows * 4, "split log-sum-exps")?,
-                ))
-            };
-            let mut params = base_params(session, case, &prepared.inputs);
-            params.q = dptr(session, &prepared.inputs.q);
-            params.kv = dptr(
+            let mut base = base_params(session, case, &prepared.inputs);
+            base.q = dptr(session, &prepared.inputs.q);
+            base.kv = dptr(
                 session,
                 &self
                     .pool
@@ -512,38 +493,41 @@ impl CudaBackend {
                     .ok_or_else(|| CaseError::Device(no_session()))?
                     .kv,
             );
-            params.out = dptr(session, &out.values);
-            params.out_sf = out.scale_factors.as_ref().map_or(0, |s| dptr(session, s));
-            params.split_offsets = dptr(session, &d_offsets);
-            params.direct = plan.direct as i32;
-            params.direct_items = 1;
-            if let Some((po, lse)) = &partials {
-                params.partial_o = dptr(session, po);
-                params.partial_lse = dptr(session, lse);
-            }
-            let ctas = plan.launch.len() as u32;
-            let max_splits = plan.max_splits();
-            // Launch order: where the orders differ, each is tried on this case (a few calls)
-            // and the faster kept.
-            let mut best = (
-                work_lists[0].0,
-                f64::INFINITY,
-                dptr(session, &work_lists[0].1),
-            );
-            let mut timings = Vec::with_capacity(work_lists.len());
-            for (order, list) in work_lists.iter().filter(|_| work_lists.len() > 1) {
-                let mut trial = params;
-                trial.work = dptr(session, list);
+            base.out = dptr(session, &out.values);
+            base.out_sf = out.scale_factors.as_ref().map_or(0, |s| dptr(session, s));
+            base.direct_items = 1;
+            let uploaded = plans
+                .iter()
+                .map(|plan| upload_plan(session, case, plan, base))
+                .collect::<Result<Vec<_>, _>>()?;
+            // Plan and launch order: where there is more than one (plan, order) pair, each is
+            // tried on this case (a few calls) and the fastest kept.
+            let pairs: Vec<(usize, LaunchOrder, AttnParams)> = uploaded
+                .iter()
+                .enumerate()
+                .flat_map(|(i, u)| u.orders.iter().map(move |(o, p)| (i, *o, *p)))
+                .collect();
+            let mut best = (pairs[0].0, pairs[0].1, f64::INFINITY, pairs[0].2);
+            let mut timings = Vec::with_capacity(pairs.len());
+            for &(i, order, trial) in pairs.iter().filter(|_| pairs.len() > 1) {
+                let plan = &plans[i];
+                let (ctas, splits) = (plan.launch.len() as u32, plan.max_splits());
                 let ms = quick_call_ms(session, &|| {
-                    launch_decode(session, &trial, &geometry, ctas, max_splits, &names)
+                    launch_decode(session, &trial, &geometry, ctas, splits, &names)
                 })?;
-                timings.push(format!("{} {ms:.4} ms", order.as_str()));
-                if ms < best.1 {
-                    best = (*order, ms, trial.work);
+                timings.push(if plans.len() > 1 {
+                    format!("{} {} {ms:.4} ms", plan_label(plan), order.as_str())
+                } else {
+                    format!("{} {ms:.4} ms", order.as_str())
+                });
+                if ms < best.2 {
+                    best = (i, order, ms, trial);
                 }
             }
-            let (order, _, work) = best;
-            params.work = work;
+            let (chosen, order, _, params) = best;
+            let plan = &plans[chosen];
+            let ctas = plan.launch.len() as u32;
+            let max_splits = plan.max_splits();
             let tried_note = if timings.is_empty() {
                 String::new()
             } else {
@@ -559,7 +543,7 @@ impl CudaBackend {
                 geometry.block.2,
                 geometry.smem_bytes,
                 per_sm,
-                describe_plan(&plan),
+                describe_plan(plan),
                 order.as_str(),
                 tried_note
             );
@@ -797,6 +781,84 @@ fn describe_plan(plan: &SplitPlan) -> String {
             plan.max_splits()
         )
     }
+}
+
+/// A plan's short name in the launch-choice note.
+fn plan_label(plan: &SplitPlan) -> String {
+    if plan.direct {
+        "whole".to_string()
+    } else {
+        format!("split<={}", plan.chunk_tokens)
+    }
+}
+
+/// A plan on the device: its launch list in each distinct order (as kernel parameters, ready to
+/// launch), and the buffers they point at, which live as long as this.
+struct UploadedPlan {
+    orders: Vec<(LaunchOrder, AttnParams)>,
+    _lists: Vec<CudaSlice<WorkItem>>,
+    _offsets: CudaSlice<i32>,
+    _partials: Option<(CudaSlice<u8>, CudaSlice<u8>)>,
+}
+
+/// Uploads `plan` (launch lists, split offsets, partial-output workspace) and fills in the
+/// parameters that depend on it over `base`. With one kv head both orders are the same list,
+/// and only it is uploaded.
+fn upload_plan(
+    session: &DeviceSession,
+    case: &BenchCase,
+    plan: &SplitPlan,
+    base: AttnParams,
+) -> Result<UploadedPlan, CaseError> {
+    let offsets = session
+        .stream
+        .clone_htod(&plan.split_offsets)
+        .map_err(CudaError::driver("copying the split offsets"))?;
+    let rows = plan.items.len() as u64 * case.num_qo_heads as u64;
+    let partials = if plan.direct {
+        None
+    } else {
+        Some((
+            alloc_bytes(
+                session,
+                rows * case.head_size as u64 * 4,
+                "split partial outputs",
+            )?,
+            alloc_bytes(session, rows * 4, "split log-sum-exps")?,
+        ))
+    };
+    let mut params = base;
+    params.split_offsets = dptr(session, &offsets);
+    params.direct = plan.direct as i32;
+    if let Some((po, lse)) = &partials {
+        params.partial_o = dptr(session, po);
+        params.partial_lse = dptr(session, lse);
+    }
+    let mut host_lists: Vec<(LaunchOrder, Vec<WorkItem>)> = Vec::new();
+    for order in LaunchOrder::ALL {
+        let list = plan.launch_list(order);
+        if !host_lists.iter().any(|(_, l)| *l == list) {
+            host_lists.push((order, list));
+        }
+    }
+    let mut orders = Vec::with_capacity(host_lists.len());
+    let mut lists = Vec::with_capacity(host_lists.len());
+    for (order, list) in &host_lists {
+        let list = session
+            .stream
+            .clone_htod(list)
+            .map_err(CudaError::driver("copying the split plan"))?;
+        let mut p = params;
+        p.work = dptr(session, &list);
+        orders.push((*order, p));
+        lists.push(list);
+    }
+    Ok(UploadedPlan {
+        orders,
+        _lists: lists,
+        _offsets: offsets,
+        _partials: partials,
+    })
 }
 
 fn workspace_bytes(case: &BenchCase, plan: &SplitPlan) -> u64 {

@@ -21,7 +21,7 @@ mod verify;
 pub use backend::CudaBackend;
 pub use compile::{kernel_source_hash, precompile, CompileCache};
 pub use device::DeviceSummary;
-pub use plan::{plan_splits, SplitPlan, MIN_CHUNK_TOKENS};
+pub use plan::{plan_candidates, plan_splits, SplitPlan, MIN_CHUNK_TOKENS};
 pub use selftest::{selftest, SelftestOptions, SelftestReport, SelftestRow};
 
 use cudarc::driver::DriverError;

@@ -177,6 +177,37 @@ pub fn plan_splits(
         .unwrap_or_else(|| plan_with_chunk(seq_lens, max_len.max(1), num_kv_heads))
 }
 
+/// The plans the backend times on a case before keeping the faster: the planner's
+/// ([`plan_splits`]), and, when that one splits while the batch alone has a CTA for every slot
+/// (`concurrent_ctas`), every sequence whole, with no partials and no merge. The simulated
+/// makespan does not see what a split costs beyond its CTAs (the partial outputs' round trip and
+/// the merge kernel, about 2.5 us on an H200) nor that a CTA's fixed cost grows when every SM
+/// is already streaming: at 64 sequences of up to 1024 tokens the whole plan was 13 % faster on
+/// an H200 (bench/gpu/NOTES.md, run 31), at 64 of up to 64k tokens much slower (one long
+/// sequence per CTA runs alone at the end). So the choice is measured, as the launch order is.
+pub fn plan_candidates(
+    seq_lens: &[u32],
+    num_kv_heads: u32,
+    concurrent_ctas: u32,
+    stage_tokens: u32,
+    min_chunk_tokens: u32,
+) -> Vec<SplitPlan> {
+    let best = plan_splits(
+        seq_lens,
+        num_kv_heads,
+        concurrent_ctas,
+        stage_tokens,
+        min_chunk_tokens,
+    );
+    let fills = seq_lens.len() as u64 * num_kv_heads.max(1) as u64 >= concurrent_ctas.max(1) as u64;
+    if best.direct || !fills {
+        return vec![best];
+    }
+    let max_len = seq_lens.iter().copied().max().unwrap_or(0) as u64;
+    let whole = plan_with_chunk(seq_lens, max_len.max(1), num_kv_heads);
+    vec![best, whole]
+}
+
 /// Work items for chunks of `chunk` tokens, and their launch list over `num_kv_heads` heads.
 fn plan_with_chunk(seq_lens: &[u32], chunk: u64, num_kv_heads: u32) -> SplitPlan {
     let mut items = Vec::new();
@@ -241,6 +272,35 @@ fn simulated_makespan(plan: &SplitPlan, slots: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_sequences_are_a_candidate_only_when_the_batch_fills_the_gpu() {
+        // 64 sequences x 8 kv heads = 512 CTAs on 396 slots: the planner splits (its chunk is
+        // below the longest sequence), and the whole plan is offered beside it.
+        let lens: Vec<u32> = (0..64).map(|i| 16 + (i * 997) % 1009).collect();
+        let c = plan_candidates(&lens, 8, 396, 64, MIN_CHUNK_TOKENS);
+        assert_eq!(
+            c.len(),
+            2,
+            "{:?}",
+            c.iter().map(|p| p.chunk_tokens).collect::<Vec<_>>()
+        );
+        assert!(!c[0].direct);
+        assert!(c[1].direct);
+        assert_eq!(c[1].items.len(), 64);
+        assert_eq!(c[1].launch.len(), 512);
+        assert!(c[1].launch.iter().all(|w| w.is_direct()));
+        covers_every_token(&c[1], &lens);
+        assert_eq!(c[0], plan_splits(&lens, 8, 396, 64, MIN_CHUNK_TOKENS));
+        // One long sequence: 8 CTAs cannot fill the GPU, so only the split plan.
+        let one = plan_candidates(&[65536], 8, 396, 64, MIN_CHUNK_TOKENS);
+        assert_eq!(one.len(), 1);
+        assert!(!one[0].direct);
+        // Already whole: nothing else to try.
+        let short = plan_candidates(&[100; 256], 8, 396, 64, MIN_CHUNK_TOKENS);
+        assert_eq!(short.len(), 1);
+        assert!(short[0].direct);
+    }
 
     fn covers_every_token(plan: &SplitPlan, seq_lens: &[u32]) {
         for (b, &len) in seq_lens.iter().enumerate() {
