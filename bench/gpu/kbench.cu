@@ -139,6 +139,7 @@ struct Variant {
     int order = 2;  // launch order: 0 = sequence order, 1 = longest first, 2 = head by head, longest first
     bool merge = true;  // false: the merge is skipped (a timing diagnostic only: the output is wrong)
     bool direct_items = true;  // unsplit sequences written by their decode CTA (DB_DIRECT_ITEM)
+    int fused_max = 0;  // fused merge (merge_group_if_last) when no sequence has more splits
 };
 
 template <int W, int TPW, int STG_BF16, int STG_FP8, bool PREV = false>
@@ -394,13 +395,22 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     p.partial_lse = plse;
     p.direct = pl.direct ? 1 : 0;
     p.direct_items = v.direct_items ? 1 : 0;
+    // The fused merge (launch.rs FUSED_MERGE_MAX_SPLITS): tickets per (sequence, kv head), zero.
+    u32* counters = nullptr;
+    const bool fused = !pl.direct && max_splits <= v.fused_max;
+    if (fused) {
+        CK(cudaMalloc(&counters, (size_t)batch * KVH * 4));
+        CK(cudaMemset(counters, 0, (size_t)batch * KVH * 4));
+        p.merge_counters = counters;
+        p.fused_merge = 1;
+    }
     void* args[] = {&p};
     const void* mfn = merge_fn(mode);
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     auto launch = [&]() {
         CK(cudaLaunchKernel(k.fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), args, k.smem, s));
-        if (pl.direct || !v.merge) return;
+        if (pl.direct || !v.merge || fused) return;
         // The merge as decodebench launches it on sm_90+: a programmatic dependent of the decode
         // kernel (see launch.rs).
         cudaLaunchConfig_t cfg = {};
@@ -499,6 +509,7 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     cudaFree(d_work);
     cudaFree(d_off);
     if (po) cudaFree(po), cudaFree(plse);
+    if (counters) cudaFree(counters);
     cudaFree(out);
     cudaFree(sf);
     return r;
@@ -589,6 +600,10 @@ int main(int argc, char** argv) {
     // Every sequence through the merge, as before DB_DIRECT_ITEM.
     add("cur_lf_nodi", tc<4, 1, 2, 4>, 1).direct_items = false;
     add("cur_hm_nodi", tc<4, 1, 2, 4>, 2).direct_items = false;
+    // The fused merge wherever a sequence has at most 8 splits (production) or 64.
+    add("cur_lf_fm8", tc<4, 1, 2, 4>, 1).fused_max = 8;
+    add("cur_hm_fm8", tc<4, 1, 2, 4>, 2).fused_max = 8;
+    add("cur_lf_fm64", tc<4, 1, 2, 4>, 1).fused_max = 64;
     add("cur_lf_c64", tc<4, 1, 2, 4>, 1).min_chunk = 64;
     add("cur_lf_c256", tc<4, 1, 2, 4>, 1).min_chunk = 256;
     add("cur_lf_c1024", tc<4, 1, 2, 4>, 1).min_chunk = 1024;

@@ -33,6 +33,7 @@ struct AttnParams {
     float* partial_lse;       // [items, qo_heads] base-2 log-sum-exp of each partial
     const int4* work;         // [ctas] {batch, token_begin, token_end, partial row * kv heads + kv head}
     const int* split_offsets; // [batch + 1] first work item of each sequence
+    u32* merge_counters;      // [batch, kv_heads] fused merge: partials written so far (0 between launches)
     i64 page_stride;          // elements per page (both halves)
     i64 half_stride;          // elements from K to V inside a page
     i64 head_stride;          // elements between kv heads at one slot
@@ -48,6 +49,8 @@ struct AttnParams {
     int direct;               // optimized kernel: 1 = write final outputs, 0 = write partials
     int direct_items;         // 1: work items flagged DB_DIRECT_ITEM write final outputs and the
                               // merge skips their (unsplit) sequences
+    int fused_merge;          // tensor-core kernel, split plans: the last CTA of each (sequence, kv
+                              // head) merges its partials (no merge kernel; merge_counters)
     float q_scale;
     float k_scale;
     float v_scale;
@@ -390,6 +393,106 @@ __device__ __forceinline__ void store_output_vec(const AttnParams& p, const floa
                                                  bool active) {
     const OutputVec<OUT, N> v = convert_output_vec<OUT, N>(p, x);
     if (active) write_output_vec<OUT, N>(p, v, b, h, col);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split-KV merge of one output row: the partials of items begin, begin + stride, .. < last of qo
+// head h, folded into a running (max, sum, weighted row) - an online softmax over splits, with
+// weights 2^(lse_i - max). Each lane holds D / 32 consecutive columns (lane * D / 32 ..), and
+// MERGE_UNROLL whole partial rows are loaded at once. The loads bypass L1 (ld.global.cg): in the
+// fused merge the partials were written by other CTAs of the same kernel, and a line another CTA
+// on this SM read earlier (the log-sum-exps of neighbouring heads share lines) may be stale there.
+// Used by the merge kernel (decode.cu) and the fused merge below.
+// ---------------------------------------------------------------------------------------------
+
+#define MERGE_UNROLL 8
+
+template <int D>
+__device__ __forceinline__ void merge_accumulate(const AttnParams& p, int h, int begin, int last, int stride,
+                                                 int lane, float& m, float& den, float* num) {
+    constexpr int VEC = D / 32;
+    for (int i0 = begin; i0 < last; i0 += stride * MERGE_UNROLL) {
+        float lse[MERGE_UNROLL], x[MERGE_UNROLL][VEC];
+#pragma unroll
+        for (int u = 0; u < MERGE_UNROLL; ++u) {
+            const int i = i0 + u * stride;
+            lse[u] = -DB_INF;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) x[u][k] = 0.0f;
+            if (i < last) {
+                const i64 prow = (i64)i * p.num_qo_heads + h;
+                lse[u] = __ldcg(p.partial_lse + prow);
+                const float* src = p.partial_o + prow * D + lane * VEC;
+                if (VEC % 4 == 0) {
+#pragma unroll
+                    for (int k = 0; k < VEC; k += 4) {
+                        const float4 v = __ldcg((const float4*)(src + k));
+                        x[u][k] = v.x, x[u][k + 1] = v.y, x[u][k + 2] = v.z, x[u][k + 3] = v.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int k = 0; k < VEC; k += 2) {
+                        const float2 v = __ldcg((const float2*)(src + k));
+                        x[u][k] = v.x, x[u][k + 1] = v.y;
+                    }
+                }
+            }
+        }
+        float mu = m;
+#pragma unroll
+        for (int u = 0; u < MERGE_UNROLL; ++u) mu = fmaxf(mu, lse[u]);
+        if (mu == -DB_INF) continue;  // nothing but empty partials so far
+        const float c = (m == -DB_INF) ? 0.0f : exp2f(m - mu);
+        den *= c;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) num[k] *= c;
+#pragma unroll
+        for (int u = 0; u < MERGE_UNROLL; ++u) {
+            const float w = (lse[u] == -DB_INF) ? 0.0f : exp2f(lse[u] - mu);
+            den += w;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) num[k] += w * x[u][k];
+        }
+        m = mu;
+    }
+}
+
+// The fused merge (p.fused_merge), called by every thread of a CTA that has just written its
+// partial rows for (sequence b, kv head kv_head): the CTA takes a ticket, and the one that takes
+// the last (every split of the group written) merges the group's G rows, a warp per row, and
+// writes them in the output dtype. So the merge costs neither a second kernel nor the wait for the
+// whole grid that a dependent kernel has: each group is finished as soon as its own splits are.
+// The usual pattern (each CTA fences its writes before its ticket; the last fences again before
+// reading, and reads past L1). The last CTA sets the counter back to 0 for the next launch.
+template <int D, int OUT, int WARPS>
+__device__ void merge_group_if_last(const AttnParams& p, int b, int kv_head, int tid) {
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    const int first = p.split_offsets[b], last = p.split_offsets[b + 1];
+    if (tid == 0) {
+        u32* count = p.merge_counters + (i64)b * p.num_kv_heads + kv_head;
+        const u32 ticket = atomicAdd(count, 1u);
+        const int is_last = ticket == (u32)(last - first - 1);
+        if (is_last) *count = 0u;
+        s_last = is_last;
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    constexpr int VEC = D / 32;
+    const int lane = tid & 31, warp = tid >> 5, G = p.group;
+    for (int r = warp; r < G; r += WARPS) {  // whole warps: NVFP4's shuffles
+        const int h = kv_head * G + r;
+        float m = -DB_INF, den = 0.0f, num[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) num[k] = 0.0f;
+        merge_accumulate<D>(p, h, first, last, 1, lane, m, den, num);
+        const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) num[k] *= inv;
+        store_output_vec<OUT, VEC>(p, num, b, h, lane * VEC, true);
+    }
 }
 
 // Programmatic dependent launch (sm_90+). A kernel launched with the programmatic-serialization

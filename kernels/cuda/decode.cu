@@ -203,8 +203,8 @@ __device__ void decode_split(const AttnParams& p) {
 // Combines the partial outputs of each (qo head, sequence): weights 2^(lse_i - max). A CTA has
 // blockDim.y rows (qo heads of one sequence) and blockDim.x / 32 warps per row; the host picks
 // the shape from the plan's longest split list (launch.rs merge_block), so that a row's splits
-// take one round of loads. Each warp reads MERGE_UNROLL whole partial rows (D / 32 floats per lane)
-// at once and folds them into a running (max, sum, weighted row) - an online softmax over splits;
+// take one round of loads. Each warp folds its share of a row's splits into a running (max, sum,
+// weighted row), MERGE_UNROLL whole partial rows at a time (merge_accumulate in common.cuh);
 // a row of one warp is written by that warp; the warps of a row shared by several meet in shared
 // memory, and write it four columns per lane (both from registers, store_output_vec). Sequences
 // that were not split are skipped (their decode CTA wrote the output; DB_DIRECT_ITEM). On sm_90
@@ -212,7 +212,6 @@ __device__ void decode_split(const AttnParams& p) {
 // while the decode kernel's last CTAs run and waits, after reading what the host wrote, until
 // their partials are visible.
 #define MERGE_MAX_WARPS 8
-#define MERGE_UNROLL 8
 template <int D, int OUT>
 __device__ void merge_partials(const AttnParams& p) {
     constexpr int VEC = D / 32;
@@ -230,50 +229,7 @@ __device__ void merge_partials(const AttnParams& p) {
         float m = -DB_INF, den = 0.0f, num[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) num[k] = 0.0f;
-        for (int i0 = first + rw; h < p.num_qo_heads && i0 < last; i0 += row_warps * MERGE_UNROLL) {
-            float lse[MERGE_UNROLL], x[MERGE_UNROLL][VEC];
-#pragma unroll
-            for (int u = 0; u < MERGE_UNROLL; ++u) {
-                const int i = i0 + u * row_warps;
-                lse[u] = -DB_INF;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) x[u][k] = 0.0f;
-                if (i < last) {
-                    const i64 prow = (i64)i * p.num_qo_heads + h;
-                    lse[u] = p.partial_lse[prow];
-                    const float* src = p.partial_o + prow * D + lane * VEC;
-                    if (VEC % 4 == 0) {
-#pragma unroll
-                        for (int k = 0; k < VEC; k += 4) {
-                            const float4 v = *(const float4*)(src + k);
-                            x[u][k] = v.x, x[u][k + 1] = v.y, x[u][k + 2] = v.z, x[u][k + 3] = v.w;
-                        }
-                    } else {
-#pragma unroll
-                        for (int k = 0; k < VEC; k += 2) {
-                            const float2 v = *(const float2*)(src + k);
-                            x[u][k] = v.x, x[u][k + 1] = v.y;
-                        }
-                    }
-                }
-            }
-            float mu = m;
-#pragma unroll
-            for (int u = 0; u < MERGE_UNROLL; ++u) mu = fmaxf(mu, lse[u]);
-            if (mu == -DB_INF) continue;  // nothing but empty partials so far
-            const float c = (m == -DB_INF) ? 0.0f : exp2f(m - mu);
-            den *= c;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) num[k] *= c;
-#pragma unroll
-            for (int u = 0; u < MERGE_UNROLL; ++u) {
-                const float w = (lse[u] == -DB_INF) ? 0.0f : exp2f(lse[u] - mu);
-                den += w;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) num[k] += w * x[u][k];
-            }
-            m = mu;
-        }
+        if (h < p.num_qo_heads) merge_accumulate<D>(p, h, first + rw, last, row_warps, lane, m, den, num);
         if (row_warps == 1) {
             // The row is this warp's alone: finish it and write it from registers (the whole warp
             // calls the store: NVFP4 groups are found by shuffles).

@@ -600,6 +600,8 @@ __device__ void decode_mma(const AttnParams& p) {
             const int e = st * STEP + tid * 4;
             if (e < G * D) *(float4*)&p.partial_o[prow_base * D + e] = acc[st];
         }
+        // The fused merge: the group's last CTA merges it here (the same for the whole CTA).
+        if (p.fused_merge) merge_group_if_last<D, OUT, WARPS>(p, b, kv_head, tid);
     }
     DB_TRACE(9, 0u);
     DB_TRACE(10, 0u);

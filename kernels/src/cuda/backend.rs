@@ -20,14 +20,14 @@ use super::device::{
 };
 use super::launch::{
     case_params, choose_decode_geometry, decode_ctas_per_sm, launch_baseline, launch_decode,
-    launch_format_check, launch_reference, prepare_decode, AttnParams, DecodeNames,
-    SUPPORTED_HEAD_SIZES,
+    launch_format_check, launch_reference, prepare_decode, AttnParams, DecodeNames, DecodeVariant,
+    FUSED_MERGE_MAX_SPLITS, SUPPORTED_HEAD_SIZES,
 };
 use super::plan::{
     plan_candidates, plan_splits, LaunchOrder, SplitPlan, WorkItem, MIN_CHUNK_TOKENS,
 };
 use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, quick_call_ms, time_calls};
-use super::verify::{check, decode_device_output, OutputBuffers};
+use super::verify::{check, decode_device_output, memset, OutputBuffers};
 use super::CudaError;
 use crate::backend::{Backend, TelemetryProbe};
 use crate::measurement::{CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement, Status};
@@ -496,12 +496,13 @@ impl CudaBackend {
             base.out = dptr(session, &out.values);
             base.out_sf = out.scale_factors.as_ref().map_or(0, |s| dptr(session, s));
             base.direct_items = 1;
+            let fused = geometry.variant == DecodeVariant::Mma;
             let uploaded = plans
                 .iter()
-                .map(|plan| upload_plan(session, case, plan, base))
+                .map(|plan| upload_plan(session, case, plan, base, fused))
                 .collect::<Result<Vec<_>, _>>()?;
-            // Plan and launch order: where there is more than one (plan, order) pair, each is
-            // tried on this case (a few calls) and the fastest kept.
+            // Plan, launch order and merge (fused or the merge kernel): where there is more than
+            // one combination, each is tried on this case (a few calls) and the fastest kept.
             let pairs: Vec<(usize, LaunchOrder, AttnParams)> = uploaded
                 .iter()
                 .enumerate()
@@ -515,10 +516,11 @@ impl CudaBackend {
                 let ms = quick_call_ms(session, &|| {
                     launch_decode(session, &trial, &geometry, ctas, splits, &names)
                 })?;
+                let merge = if trial.fused_merge != 0 { " fused" } else { "" };
                 timings.push(if plans.len() > 1 {
-                    format!("{} {} {ms:.4} ms", plan_label(plan), order.as_str())
+                    format!("{} {}{merge} {ms:.4} ms", plan_label(plan), order.as_str())
                 } else {
-                    format!("{} {ms:.4} ms", order.as_str())
+                    format!("{}{merge} {ms:.4} ms", order.as_str())
                 });
                 if ms < best.2 {
                     best = (i, order, ms, trial);
@@ -543,7 +545,7 @@ impl CudaBackend {
                 geometry.block.2,
                 geometry.smem_bytes,
                 per_sm,
-                describe_plan(plan),
+                describe_plan(plan, params.fused_merge != 0),
                 order.as_str(),
                 tried_note
             );
@@ -770,15 +772,16 @@ fn no_session() -> CudaError {
     }
 }
 
-fn describe_plan(plan: &SplitPlan) -> String {
+fn describe_plan(plan: &SplitPlan, fused_merge: bool) -> String {
     if plan.direct {
         format!("{} items, no split", plan.items.len())
     } else {
         format!(
-            "split-KV: {} items of <= {} tokens (up to {} per sequence) + merge",
+            "split-KV: {} items of <= {} tokens (up to {} per sequence) + {}",
             plan.items.len(),
             plan.chunk_tokens,
-            plan.max_splits()
+            plan.max_splits(),
+            if fused_merge { "fused merge" } else { "merge" }
         )
     }
 }
@@ -792,23 +795,27 @@ fn plan_label(plan: &SplitPlan) -> String {
     }
 }
 
-/// A plan on the device: its launch list in each distinct order (as kernel parameters, ready to
-/// launch), and the buffers they point at, which live as long as this.
+/// A plan on the device: its launch list in each distinct order, with the fused merge and with the
+/// merge kernel where the fused one applies (as kernel parameters, ready to launch), and the
+/// buffers they point at, which live as long as this.
 struct UploadedPlan {
     orders: Vec<(LaunchOrder, AttnParams)>,
     _lists: Vec<CudaSlice<WorkItem>>,
     _offsets: CudaSlice<i32>,
     _partials: Option<(CudaSlice<u8>, CudaSlice<u8>)>,
+    _counters: Option<CudaSlice<u8>>,
 }
 
-/// Uploads `plan` (launch lists, split offsets, partial-output workspace) and fills in the
-/// parameters that depend on it over `base`. With one kv head both orders are the same list,
-/// and only it is uploaded.
+/// Uploads `plan` (launch lists, split offsets, partial-output workspace, the fused merge's
+/// counters) and fills in the parameters that depend on it over `base`. With one kv head both
+/// orders are the same list, and only it is uploaded. `fusable`: the kernel has the fused merge
+/// (the tensor-core one), used when no sequence has more than [`FUSED_MERGE_MAX_SPLITS`] splits.
 fn upload_plan(
     session: &DeviceSession,
     case: &BenchCase,
     plan: &SplitPlan,
     base: AttnParams,
+    fusable: bool,
 ) -> Result<UploadedPlan, CaseError> {
     let offsets = session
         .stream
@@ -827,12 +834,25 @@ fn upload_plan(
             alloc_bytes(session, rows * 4, "split log-sum-exps")?,
         ))
     };
+    let fused = fusable && !plan.direct && plan.max_splits() <= FUSED_MERGE_MAX_SPLITS;
+    let counters = if fused {
+        let bytes = case.batch_size as u64 * case.num_kv_heads as u64 * 4;
+        let mut c = alloc_bytes(session, bytes, "the fused merge's counters")?;
+        memset(session, &mut c, 0)?;
+        Some(c)
+    } else {
+        None
+    };
     let mut params = base;
     params.split_offsets = dptr(session, &offsets);
     params.direct = plan.direct as i32;
     if let Some((po, lse)) = &partials {
         params.partial_o = dptr(session, po);
         params.partial_lse = dptr(session, lse);
+    }
+    if let Some(c) = &counters {
+        params.merge_counters = dptr(session, c);
+        params.fused_merge = 1;
     }
     let mut host_lists: Vec<(LaunchOrder, Vec<WorkItem>)> = Vec::new();
     for order in LaunchOrder::ALL {
@@ -851,6 +871,12 @@ fn upload_plan(
         let mut p = params;
         p.work = dptr(session, &list);
         orders.push((*order, p));
+        if counters.is_some() {
+            // The same list with the merge kernel instead of the fused merge.
+            let mut k = p;
+            k.fused_merge = 0;
+            orders.push((*order, k));
+        }
         lists.push(list);
     }
     Ok(UploadedPlan {
@@ -858,6 +884,7 @@ fn upload_plan(
         _lists: lists,
         _offsets: offsets,
         _partials: partials,
+        _counters: counters,
     })
 }
 
@@ -868,9 +895,10 @@ fn workspace_bytes(case: &BenchCase, plan: &SplitPlan) -> u64 {
     } else {
         rows * case.head_size as u64 * 4 + rows * 4
     };
-    // At most one launch list per launch order, and the split offsets.
+    // At most one launch list per launch order, the split offsets and the fused merge's counters.
     let lists = LaunchOrder::ALL.len() as u64 * plan.launch.len() as u64;
-    partials + (lists + plan.split_offsets.len() as u64) * 16
+    let counters = case.batch_size as u64 * case.num_kv_heads as u64 * 4;
+    partials + (lists + plan.split_offsets.len() as u64) * 16 + counters
 }
 
 fn into_outcome(kind: KernelKind, result: Result<KernelMeasurement, CaseError>) -> KernelOutcome {

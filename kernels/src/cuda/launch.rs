@@ -39,6 +39,15 @@ pub(crate) const REFERENCE_THREADS: u32 = 256;
 const MERGE_WARPS: u32 = 8;
 const MERGE_UNROLL: u32 = 8;
 
+/// Longest split list the tensor-core kernel may merge itself (`merge_group_if_last` in
+/// common.cuh) rather than the merge kernel. The fused merge finishes each (sequence, kv head) as
+/// soon as its own splits are written, without a second kernel and its wait for the whole grid;
+/// but one CTA then reads all the group's partial rows (G x splits x head x 4 bytes), where the
+/// merge kernel spreads them over many CTAs: with 32 splits it was 1.6x slower at b=1 s=4096 on
+/// an H200, and with up to 8 it won or lost by a few percent depending on the case
+/// (bench/gpu/NOTES.md, run 32). So up to this many the backend times both on the case.
+pub(crate) const FUSED_MERGE_MAX_SPLITS: usize = 8;
+
 /// Block shape of the merge kernel, (32 x warps per row, rows per CTA), for a plan whose longest
 /// split list has `max_splits` items and `rows` output rows (qo heads x sequences) on `sm_count`
 /// SMs. Enough warps per qo head that its splits take one round of loads, and the rest of the
@@ -80,6 +89,8 @@ pub(crate) struct AttnParams {
     pub partial_lse: u64,
     pub work: u64,
     pub split_offsets: u64,
+    /// `[batch, kv_heads]` u32 tickets of the fused merge, 0 between launches.
+    pub merge_counters: u64,
     pub page_stride: i64,
     pub half_stride: i64,
     pub head_stride: i64,
@@ -96,6 +107,9 @@ pub(crate) struct AttnParams {
     /// 1: launch entries flagged [`super::plan::DIRECT_ITEM`] write final outputs and the merge
     /// skips their sequences.
     pub direct_items: i32,
+    /// 1 (tensor-core kernel, split plans): the last CTA of each (sequence, kv head) merges its
+    /// partials, and no merge kernel runs (see [`FUSED_MERGE_MAX_SPLITS`]).
+    pub fused_merge: i32,
     pub q_scale: f32,
     pub k_scale: f32,
     pub v_scale: f32,
@@ -496,7 +510,7 @@ pub(crate) fn launch_decode(
         shared_mem_bytes: geometry.smem_bytes,
     };
     launch_params(session, &names.decode, cfg, params, LaunchAfter::Completion)?;
-    if params.direct == 0 {
+    if params.direct == 0 && params.fused_merge == 0 {
         let (x, rows) = merge_block(
             max_splits,
             params.num_qo_heads as u32 * params.batch as u32,
