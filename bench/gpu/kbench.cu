@@ -607,6 +607,10 @@ int main(int argc, char** argv) {
     add("cur_lf_c64", tc<4, 1, 2, 4>, 1).min_chunk = 64;
     add("cur_lf_c256", tc<4, 1, 2, 4>, 1).min_chunk = 256;
     add("cur_lf_c1024", tc<4, 1, 2, 4>, 1).min_chunk = 1024;
+    // Fewer e4m3 stages, more CTAs per SM (3 stages: 4 CTAs/SM on an H100/H200; 2: 5, by registers).
+    add("s3_lf", tc<4, 1, 2, 3>, 1);
+    add("s3_hm", tc<4, 1, 2, 3>, 2);
+    add("s2_lf", tc<4, 1, 2, 2>, 1);
     // Two warps of two 16-token tiles each: same stage (64 tokens) and shared memory, half the warps.
     add("w2t2_lf", tc<2, 2, 2, 4>, 1);
     add("w2t2_hm", tc<2, 2, 2, 4>, 2);
