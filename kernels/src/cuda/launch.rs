@@ -34,8 +34,8 @@ const DEFAULT_SMEM_LIMIT_BYTES: u32 = 48 * 1024;
 pub(crate) const BASELINE_THREADS: u32 = 128;
 /// Threads of the reference kernel (`REF_THREADS` in reference.cu).
 pub(crate) const REFERENCE_THREADS: u32 = 256;
-/// Warps of one merge CTA (`MERGE_MAX_WARPS`), and partial rows each warp loads at once
-/// (`MERGE_UNROLL` in decode.cu).
+/// Warps of one merge CTA (`MERGE_MAX_WARPS` in decode.cu), and partial rows each warp loads at
+/// once (`MERGE_UNROLL` in common.cuh).
 const MERGE_WARPS: u32 = 8;
 const MERGE_UNROLL: u32 = 8;
 
@@ -75,7 +75,8 @@ const ELEMENTWISE_BLOCKS_PER_SM: u32 = 16;
 pub(crate) const SUPPORTED_HEAD_SIZES: [u32; 3] = [64, 128, 256];
 
 /// Parameters of every attention kernel; must match `struct AttnParams` in common.cuh field for
-/// field (8-byte fields first, so neither side pads).
+/// field (8-byte fields first, so neither side pads between fields; both round the size up to 8
+/// bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct AttnParams {
@@ -801,10 +802,11 @@ mod tests {
 
     #[test]
     fn params_block_has_the_c_layout_size() {
-        // 10 pointers + 4 i64 + 10 i32 + 6 f32.
+        // 11 pointers + 4 i64 + 11 i32 + 6 f32, and 4 bytes of tail padding to the 8-byte
+        // alignment (the same in C).
         assert_eq!(
             std::mem::size_of::<AttnParams>(),
-            10 * 8 + 4 * 8 + 10 * 4 + 6 * 4
+            11 * 8 + 4 * 8 + 11 * 4 + 6 * 4 + 4
         );
         assert_eq!(std::mem::size_of::<WorkItem>(), 16);
     }
@@ -891,7 +893,8 @@ mod tests {
         assert!(decode.contains(&format!("#define DEC_TILE {DECODE_TILE_TOKENS}")));
         assert!(decode.contains(&format!("#define DEC_STAGES {DECODE_STAGES}")));
         assert!(decode.contains(&format!("#define MERGE_MAX_WARPS {MERGE_WARPS}")));
-        assert!(decode.contains(&format!("#define MERGE_UNROLL {MERGE_UNROLL}")));
+        let common = include_str!("../../cuda/common.cuh");
+        assert!(common.contains(&format!("#define MERGE_UNROLL {MERGE_UNROLL}")));
         assert!(decode.contains(&format!("__launch_bounds__({DECODE_MAX_THREADS})")));
         let baseline = include_str!("../../cuda/baseline.cu");
         assert!(baseline.contains(&format!("#define BASE_WARPS {}", BASELINE_THREADS / 32)));
