@@ -496,10 +496,19 @@ impl CudaBackend {
             base.out = dptr(session, &out.values);
             base.out_sf = out.scale_factors.as_ref().map_or(0, |s| dptr(session, s));
             base.direct_items = 1;
-            let fused = geometry.variant == DecodeVariant::Mma;
+            // With a forced chunking the fused merge, where it applies, is not timed against the
+            // merge kernel either: the self-test's split runs then cover the fused merge (up to
+            // FUSED_MERGE_MAX_SPLITS splits) and the merge kernel (its long cases) every time.
+            let merge = if geometry.variant != DecodeVariant::Mma {
+                MergeOffer::KernelOnly
+            } else if min_chunk == MIN_CHUNK_TOKENS {
+                MergeOffer::Both
+            } else {
+                MergeOffer::FusedWhereItApplies
+            };
             let uploaded = plans
                 .iter()
-                .map(|plan| upload_plan(session, case, plan, base, fused))
+                .map(|plan| upload_plan(session, case, plan, base, merge))
                 .collect::<Result<Vec<_>, _>>()?;
             // Plan, launch order and merge (fused or the merge kernel): where there is more than
             // one combination, each is tried on this case (a few calls) and the fastest kept.
@@ -806,16 +815,28 @@ struct UploadedPlan {
     _counters: Option<CudaSlice<u8>>,
 }
 
+/// Which merges a split plan is offered with. The fused merge exists in the tensor-core kernel
+/// only, and applies where no sequence has more than [`FUSED_MERGE_MAX_SPLITS`] splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MergeOffer {
+    /// The merge kernel (the FMA kernel).
+    KernelOnly,
+    /// The fused merge where it applies, and the merge kernel beside it (timed, the faster kept).
+    Both,
+    /// The fused merge where it applies, else the merge kernel.
+    FusedWhereItApplies,
+}
+
 /// Uploads `plan` (launch lists, split offsets, partial-output workspace, the fused merge's
-/// counters) and fills in the parameters that depend on it over `base`. With one kv head both
-/// orders are the same list, and only it is uploaded. `fusable`: the kernel has the fused merge
-/// (the tensor-core one), used when no sequence has more than [`FUSED_MERGE_MAX_SPLITS`] splits.
+/// counters) and fills in the parameters that depend on it over `base`: one launch per distinct
+/// order (with one kv head both orders are the same list, and only it is uploaded) and offered
+/// merge.
 fn upload_plan(
     session: &DeviceSession,
     case: &BenchCase,
     plan: &SplitPlan,
     base: AttnParams,
-    fusable: bool,
+    merge: MergeOffer,
 ) -> Result<UploadedPlan, CaseError> {
     let offsets = session
         .stream
@@ -834,7 +855,9 @@ fn upload_plan(
             alloc_bytes(session, rows * 4, "split log-sum-exps")?,
         ))
     };
-    let fused = fusable && !plan.direct && plan.max_splits() <= FUSED_MERGE_MAX_SPLITS;
+    let fused = merge != MergeOffer::KernelOnly
+        && !plan.direct
+        && plan.max_splits() <= FUSED_MERGE_MAX_SPLITS;
     let counters = if fused {
         let bytes = case.batch_size as u64 * case.num_kv_heads as u64 * 4;
         let mut c = alloc_bytes(session, bytes, "the fused merge's counters")?;
@@ -871,7 +894,7 @@ fn upload_plan(
         let mut p = params;
         p.work = dptr(session, &list);
         orders.push((*order, p));
-        if counters.is_some() {
+        if counters.is_some() && merge == MergeOffer::Both {
             // The same list with the merge kernel instead of the fused merge.
             let mut k = p;
             k.fused_merge = 0;
