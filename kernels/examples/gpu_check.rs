@@ -76,6 +76,9 @@ fn bench_cases(quick: bool) -> Vec<(String, BenchCase)> {
             }
         }
     }
+    // The measurement-method checks: one bf16 case (b16 s4096, shared pool) under each method.
+    let method_case =
+        |method: MeasureMethod| case(16, 4096, QuantMode::BF16, KvLayout::Hnd, 16, shared, method);
     let variants: Vec<(&str, BenchCase)> = vec![
         (
             "unique",
@@ -103,62 +106,27 @@ fn bench_cases(quick: bool) -> Vec<(String, BenchCase)> {
         ),
         (
             "cold-l2",
-            case(
-                16,
-                4096,
-                QuantMode::BF16,
-                KvLayout::Hnd,
-                16,
-                shared,
-                MeasureMethod {
-                    l2: L2Mode::Cold,
-                    ..m.clone()
-                },
-            ),
+            method_case(MeasureMethod {
+                l2: L2Mode::Cold,
+                ..m.clone()
+            }),
         ),
-        (
-            "hot-l2",
-            case(
-                16,
-                4096,
-                QuantMode::BF16,
-                KvLayout::Hnd,
-                16,
-                shared,
-                m.clone(),
-            ),
-        ),
+        ("hot-l2", method_case(m.clone())),
         (
             "graph",
-            case(
-                16,
-                4096,
-                QuantMode::BF16,
-                KvLayout::Hnd,
-                16,
-                shared,
-                MeasureMethod {
-                    timing: TimingMode::Graph,
-                    ..m.clone()
-                },
-            ),
+            method_case(MeasureMethod {
+                timing: TimingMode::Graph,
+                ..m.clone()
+            }),
         ),
         (
             "rse0.005",
-            case(
-                16,
-                4096,
-                QuantMode::BF16,
-                KvLayout::Hnd,
-                16,
-                shared,
-                MeasureMethod {
-                    target_rse: Some(0.005),
-                    max_trials: 500,
-                    max_time_s: 3.0,
-                    ..m.clone()
-                },
-            ),
+            method_case(MeasureMethod {
+                target_rse: Some(0.005),
+                max_trials: 500,
+                max_time_s: 3.0,
+                ..m.clone()
+            }),
         ),
         (
             "nhd-blk64",

@@ -23,9 +23,7 @@ use super::launch::{
     launch_format_check, launch_reference, prepare_decode, AttnParams, DecodeNames, DecodeVariant,
     FUSED_MERGE_MAX_SPLITS, SUPPORTED_HEAD_SIZES,
 };
-use super::plan::{
-    plan_candidates, plan_splits, LaunchOrder, SplitPlan, WorkItem, MIN_CHUNK_TOKENS,
-};
+use super::plan::{plan_candidates, LaunchOrder, SplitPlan, WorkItem, MIN_CHUNK_TOKENS};
 use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, quick_call_ms, time_calls};
 use super::verify::{check, decode_device_output, memset, OutputBuffers};
 use super::CudaError;
@@ -448,25 +446,19 @@ impl CudaBackend {
             prepare_decode(session, &names, &geometry)?;
             let per_sm = decode_ctas_per_sm(session, &names, &geometry)?;
             // A chunking forced through set_min_chunk_tokens (tests, the self-test's split path)
-            // is kept as is; otherwise the planner's plan may have a whole-sequence rival.
-            let concurrent = session.props.sm_count * per_sm;
-            let plans = if min_chunk == MIN_CHUNK_TOKENS {
-                plan_candidates(
-                    &prepared.inputs.seq_lens,
-                    case.num_kv_heads,
-                    concurrent,
-                    geometry.stage_tokens,
-                    min_chunk,
-                )
-            } else {
-                vec![plan_splits(
-                    &prepared.inputs.seq_lens,
-                    case.num_kv_heads,
-                    concurrent,
-                    geometry.stage_tokens,
-                    min_chunk,
-                )]
-            };
+            // is kept as is (the planner's plan, the first candidate); otherwise the planner's
+            // plan may have a whole-sequence rival.
+            let forced = min_chunk != MIN_CHUNK_TOKENS;
+            let mut plans = plan_candidates(
+                &prepared.inputs.seq_lens,
+                case.num_kv_heads,
+                session.props.sm_count * per_sm,
+                geometry.stage_tokens,
+                min_chunk,
+            );
+            if forced {
+                plans.truncate(1);
+            }
             let (bytes, sf_bytes) = output_bytes(case, case.quant.out);
             let workspace: u64 = plans.iter().map(|p| workspace_bytes(case, p)).sum();
             ensure_free(
@@ -501,10 +493,10 @@ impl CudaBackend {
             // FUSED_MERGE_MAX_SPLITS splits) and the merge kernel (its long cases) every time.
             let merge = if geometry.variant != DecodeVariant::Mma {
                 MergeOffer::KernelOnly
-            } else if min_chunk == MIN_CHUNK_TOKENS {
-                MergeOffer::Both
-            } else {
+            } else if forced {
                 MergeOffer::FusedWhereItApplies
+            } else {
+                MergeOffer::Both
             };
             let uploaded = plans
                 .iter()
@@ -515,7 +507,7 @@ impl CudaBackend {
             let pairs: Vec<(usize, LaunchOrder, AttnParams)> = uploaded
                 .iter()
                 .enumerate()
-                .flat_map(|(i, u)| u.orders.iter().map(move |(o, p)| (i, *o, *p)))
+                .flat_map(|(i, u)| u.launches.iter().map(move |(o, p)| (i, *o, *p)))
                 .collect();
             let mut best = (pairs[0].0, pairs[0].1, f64::INFINITY, pairs[0].2);
             let mut timings = Vec::with_capacity(pairs.len());
@@ -808,7 +800,7 @@ fn plan_label(plan: &SplitPlan) -> String {
 /// merge kernel where the fused one applies (as kernel parameters, ready to launch), and the
 /// buffers they point at, which live as long as this.
 struct UploadedPlan {
-    orders: Vec<(LaunchOrder, AttnParams)>,
+    launches: Vec<(LaunchOrder, AttnParams)>,
     _lists: Vec<CudaSlice<WorkItem>>,
     _offsets: CudaSlice<i32>,
     _partials: Option<(CudaSlice<u8>, CudaSlice<u8>)>,
@@ -884,7 +876,7 @@ fn upload_plan(
             host_lists.push((order, list));
         }
     }
-    let mut orders = Vec::with_capacity(host_lists.len());
+    let mut launches = Vec::with_capacity(2 * host_lists.len());
     let mut lists = Vec::with_capacity(host_lists.len());
     for (order, list) in &host_lists {
         let list = session
@@ -893,17 +885,17 @@ fn upload_plan(
             .map_err(CudaError::driver("copying the split plan"))?;
         let mut p = params;
         p.work = dptr(session, &list);
-        orders.push((*order, p));
+        launches.push((*order, p));
         if counters.is_some() && merge == MergeOffer::Both {
             // The same list with the merge kernel instead of the fused merge.
             let mut k = p;
             k.fused_merge = 0;
-            orders.push((*order, k));
+            launches.push((*order, k));
         }
         lists.push(list);
     }
     Ok(UploadedPlan {
-        orders,
+        launches,
         _lists: lists,
         _offsets: offsets,
         _partials: partials,
