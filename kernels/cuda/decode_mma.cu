@@ -35,10 +35,15 @@
 #define MMA_TILE 16
 #define MMA_STAGE_TOKENS (MMA_WARPS * MMA_TILE)
 // Pipeline depth (stages of MMA_STAGE_TOKENS tokens; each warp has MMA_TILE rows of each): bf16
-// stages are 32 KiB (head 128) and two keep enough bytes in flight at three CTAs per SM; e4m3
-// stages are half as big, so four.
+// stages are 32 KiB (head 128) and two keep enough bytes in flight at three CTAs per SM. e4m3
+// stages are half as big, and the best depth depends on the case: fewer stages fit more CTAs per
+// SM, which hides more of short CTAs' prologues (3 stages: 4 CTAs/SM, b256 s1024 10 % faster on an
+// H200), more keep more bytes in flight per CTA on long ones (2 stages lost 10 % at b64 s65536;
+// bench/gpu/NOTES.md run 34). So 2, 3 and 4 are compiled (each name ends in _s<stages>) and the
+// backend times them on the case.
 #define MMA_STAGES_BF16 2
-#define MMA_STAGES_FP8 4
+#define MMA_STAGES_FP8_MIN 2
+#define MMA_STAGES_FP8_MAX 4
 #define MMA_MAX_GROUP 16
 
 // Phase trace points: bench/gpu/kbench.cu defines DB_TRACE to time the phases of a CTA (point,
@@ -607,22 +612,30 @@ __device__ void decode_mma(const AttnParams& p) {
     DB_TRACE(10, 0u);
 }
 
-// Group up to 8 (one n-tile of heads) and up to 16 (two).
-#define DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, ON, OV)                                           \
+// Group up to 8 (one n-tile of heads) and up to 16 (two); S pipeline stages.
+#define DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, ON, OV, S)                                        \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                      \
-        decode_mma_d##D##_g##GN##_##QN##_##KN##_##ON(AttnParams p) {                               \
-        decode_mma<D, NH, QF, KF, OV, MMA_WARPS, 1, KF ? MMA_STAGES_FP8 : MMA_STAGES_BF16>(p);     \
+        decode_mma_d##D##_g##GN##_##QN##_##KN##_##ON##_s##S(AttnParams p) {                        \
+        static_assert(KF ? (S >= MMA_STAGES_FP8_MIN && S <= MMA_STAGES_FP8_MAX)                    \
+                         : S == MMA_STAGES_BF16, "a stage count the host does not know");          \
+        decode_mma<D, NH, QF, KF, OV, MMA_WARPS, 1, S>(p);                                         \
     }
 
-#define DB_DECODE_MMA_OUTS(D, GN, NH, QN, QF, KN, KF)                                              \
-    DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, bf16, OUT_BF16)                                       \
-    DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, fp8, OUT_FP8)                                         \
-    DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, nvfp4, OUT_NVFP4)
+#define DB_DECODE_MMA_OUTS(D, GN, NH, QN, QF, KN, KF, S)                                           \
+    DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, bf16, OUT_BF16, S)                                    \
+    DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, fp8, OUT_FP8, S)                                      \
+    DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, nvfp4, OUT_NVFP4, S)
+
+// Every e4m3 depth from MMA_STAGES_FP8_MIN to MMA_STAGES_FP8_MAX.
+#define DB_DECODE_MMA_FP8_STAGES(D, GN, NH, QN, QF)                                                \
+    DB_DECODE_MMA_OUTS(D, GN, NH, QN, QF, fp8, true, 2)                                            \
+    DB_DECODE_MMA_OUTS(D, GN, NH, QN, QF, fp8, true, 3)                                            \
+    DB_DECODE_MMA_OUTS(D, GN, NH, QN, QF, fp8, true, 4)
 
 #define DB_DECODE_MMA_GROUP(D, GN, NH)                                                             \
-    DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, bf16, false)                                        \
-    DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, fp8, true)                                          \
-    DB_DECODE_MMA_OUTS(D, GN, NH, fp8, true, fp8, true)
+    DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, bf16, false, 2)                                     \
+    DB_DECODE_MMA_FP8_STAGES(D, GN, NH, bf16, false)                                               \
+    DB_DECODE_MMA_FP8_STAGES(D, GN, NH, fp8, true)
 
 #ifndef DB_NO_KERNEL_EXPORTS
 DB_DECODE_MMA_GROUP(64, 8, 1)

@@ -19,12 +19,13 @@ use super::device::{
     probe_devices, reset_primary_context, ContextKind, DeviceSession, DeviceSummary, ModuleOrigin,
 };
 use super::launch::{
-    case_params, choose_decode_geometry, decode_ctas_per_sm, launch_baseline, launch_decode,
-    launch_format_check, launch_reference, prepare_decode, AttnParams, DecodeNames, DecodeVariant,
-    FUSED_MERGE_MAX_SPLITS, SUPPORTED_HEAD_SIZES,
+    case_params, choose_decode_geometries, decode_ctas_per_sm, launch_baseline, launch_decode,
+    launch_format_check, launch_reference, mma_geometry, mma_stage_counts, prepare_decode,
+    AttnParams, DecodeGeometry, DecodeNames, DecodeVariant, FUSED_MERGE_MAX_SPLITS,
+    MMA_MIN_COMPUTE_MAJOR, SUPPORTED_HEAD_SIZES,
 };
 use super::plan::{plan_candidates, LaunchOrder, SplitPlan, WorkItem, MIN_CHUNK_TOKENS};
-use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, quick_call_ms, time_calls};
+use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, quick_compare_ms, time_calls};
 use super::verify::{check, decode_device_output, memset, OutputBuffers};
 use super::CudaError;
 use crate::backend::{Backend, TelemetryProbe};
@@ -48,6 +49,9 @@ pub struct CudaBackend {
     min_chunk_tokens: u32,
     /// Use the FMA kernel even where the tensor-core one applies (self-test coverage).
     prefer_fma: bool,
+    /// Only this pipeline depth of the tensor-core kernel, rather than timing every compiled one
+    /// (self-test coverage).
+    mma_stages: Option<u32>,
     origin: Option<ModuleOrigin>,
     rebuilds: u32,
     /// What went wrong resetting the context after the last device error, if anything.
@@ -104,6 +108,7 @@ impl CudaBackend {
             flush: None,
             min_chunk_tokens: MIN_CHUNK_TOKENS,
             prefer_fma: false,
+            mma_stages: None,
             origin,
             rebuilds: 0,
             reset_error: None,
@@ -420,12 +425,13 @@ impl CudaBackend {
     ) -> KernelOutcome {
         let kind = KernelKind::Optimized;
         let compute_major = self.session.as_ref().map_or(0, |s| s.props.compute_major);
-        let geometry = match choose_decode_geometry(
+        let geometries = match choose_decode_geometries(
             case.head_size,
             case.group_size(),
             case.quant.kv,
             compute_major,
             self.prefer_fma,
+            self.mma_stages,
         ) {
             Ok(g) => g,
             Err(reason) => {
@@ -442,25 +448,20 @@ impl CudaBackend {
                 .session
                 .as_ref()
                 .ok_or_else(|| CaseError::Device(no_session()))?;
-            let names = DecodeNames::for_case(case, geometry.variant);
-            prepare_decode(session, &names, &geometry)?;
-            let per_sm = decode_ctas_per_sm(session, &names, &geometry)?;
             // A chunking forced through set_min_chunk_tokens (tests, the self-test's split path)
             // is kept as is (the planner's plan, the first candidate); otherwise the planner's
             // plan may have a whole-sequence rival.
             let forced = min_chunk != MIN_CHUNK_TOKENS;
-            let mut plans = plan_candidates(
-                &prepared.inputs.seq_lens,
-                case.num_kv_heads,
-                session.props.sm_count * per_sm,
-                geometry.stage_tokens,
-                min_chunk,
-            );
-            if forced {
-                plans.truncate(1);
-            }
+            let variants = geometries
+                .iter()
+                .map(|g| KernelVariant::prepare(session, case, g, &prepared.inputs, min_chunk))
+                .collect::<Result<Vec<_>, CaseError>>()?;
             let (bytes, sf_bytes) = output_bytes(case, case.quant.out);
-            let workspace: u64 = plans.iter().map(|p| workspace_bytes(case, p)).sum();
+            let workspace: u64 = variants
+                .iter()
+                .flat_map(|v| &v.plans)
+                .map(|p| workspace_bytes(case, p))
+                .sum();
             ensure_free(
                 session,
                 bytes + sf_bytes + workspace,
@@ -491,44 +492,74 @@ impl CudaBackend {
             // With a forced chunking the fused merge, where it applies, is not timed against the
             // merge kernel either: the self-test's split runs then cover the fused merge (up to
             // FUSED_MERGE_MAX_SPLITS splits) and the merge kernel (its long cases) every time.
-            let merge = if geometry.variant != DecodeVariant::Mma {
-                MergeOffer::KernelOnly
-            } else if forced {
-                MergeOffer::FusedWhereItApplies
-            } else {
-                MergeOffer::Both
-            };
-            let uploaded = plans
-                .iter()
-                .map(|plan| upload_plan(session, case, plan, base, merge))
-                .collect::<Result<Vec<_>, _>>()?;
-            // Plan, launch order and merge (fused or the merge kernel): where there is more than
-            // one combination, each is tried on this case (a few calls) and the fastest kept.
-            let pairs: Vec<(usize, LaunchOrder, AttnParams)> = uploaded
-                .iter()
-                .enumerate()
-                .flat_map(|(i, u)| u.launches.iter().map(move |(o, p)| (i, *o, *p)))
-                .collect();
-            let mut best = (pairs[0].0, pairs[0].1, f64::INFINITY, pairs[0].2);
-            let mut timings = Vec::with_capacity(pairs.len());
-            for &(i, order, trial) in pairs.iter().filter(|_| pairs.len() > 1) {
-                let plan = &plans[i];
-                let (ctas, splits) = (plan.launch.len() as u32, plan.max_splits());
-                let ms = quick_call_ms(session, &|| {
-                    launch_decode(session, &trial, &geometry, ctas, splits, &names)
-                })?;
-                let merge = if trial.fused_merge != 0 { " fused" } else { "" };
-                timings.push(if plans.len() > 1 {
-                    format!("{} {}{merge} {ms:.4} ms", plan_label(plan), order.as_str())
+            let merge_offer = |g: &DecodeGeometry| {
+                if g.variant != DecodeVariant::Mma {
+                    MergeOffer::KernelOnly
+                } else if forced {
+                    MergeOffer::FusedWhereItApplies
                 } else {
-                    format!("{}{merge} {ms:.4} ms", order.as_str())
-                });
-                if ms < best.2 {
-                    best = (i, order, ms, trial);
+                    MergeOffer::Both
+                }
+            };
+            // Every variant's plans on the device: (variant, plan) -> uploaded.
+            let mut uploaded = Vec::new();
+            for (vi, v) in variants.iter().enumerate() {
+                for (pi, plan) in v.plans.iter().enumerate() {
+                    let u = upload_plan(session, case, plan, base, merge_offer(&v.geometry))?;
+                    uploaded.push((vi, pi, u));
                 }
             }
-            let (chosen, order, _, params) = best;
-            let plan = &plans[chosen];
+            // Pipeline depth, plan, launch order and merge (fused or the merge kernel): where
+            // there is more than one combination, each is tried on this case (a few calls) and
+            // the fastest kept.
+            let trials: Vec<Trial> = uploaded
+                .iter()
+                .flat_map(|(vi, pi, u)| {
+                    u.launches.iter().map(move |(order, params)| Trial {
+                        variant: *vi,
+                        plan: *pi,
+                        order: *order,
+                        params: *params,
+                    })
+                })
+                .collect();
+            let many_depths = variants.len() > 1;
+            let many_plans = variants.iter().any(|v| v.plans.len() > 1);
+            let quick = if trials.len() > 1 {
+                quick_compare_ms(session, trials.len(), &|i| {
+                    let (trial, v) = (&trials[i], &variants[trials[i].variant]);
+                    let plan = &v.plans[trial.plan];
+                    let (ctas, splits) = (plan.launch.len() as u32, plan.max_splits());
+                    launch_decode(session, &trial.params, &v.geometry, ctas, splits, &v.names)
+                })?
+            } else {
+                Vec::new()
+            };
+            let mut best = (trials[0], f64::INFINITY);
+            let mut timings = Vec::with_capacity(trials.len());
+            for (trial, &ms) in trials.iter().zip(&quick) {
+                let v = &variants[trial.variant];
+                let mut label = Vec::new();
+                if many_depths {
+                    label.push(format!("s{}", v.geometry.stages));
+                }
+                if many_plans {
+                    label.push(plan_label(&v.plans[trial.plan]));
+                }
+                label.push(trial.order.as_str().to_string());
+                if trial.params.fused_merge != 0 {
+                    label.push("fused".to_string());
+                }
+                timings.push(format!("{} {ms:.4} ms", label.join(" ")));
+                if ms < best.1 {
+                    best = (*trial, ms);
+                }
+            }
+            let chosen = best.0;
+            let variant = &variants[chosen.variant];
+            let (geometry, names) = (&variant.geometry, &variant.names);
+            let plan = &variant.plans[chosen.plan];
+            let params = chosen.params;
             let ctas = plan.launch.len() as u32;
             let max_splits = plan.max_splits();
             let tried_note = if timings.is_empty() {
@@ -536,18 +567,19 @@ impl CudaBackend {
             } else {
                 format!(" (tried {})", timings.join(", "))
             };
-            let call = || launch_decode(session, &params, &geometry, ctas, max_splits, &names);
+            let call = || launch_decode(session, &params, geometry, ctas, max_splits, names);
             let note = format!(
-                "{} ({}); block {}x{}x{}, {} B smem, {} CTAs/SM; {}; launch order {}{}",
+                "{} ({}); block {}x{}x{}, {} stages, {} B smem, {} CTAs/SM; {}; launch order {}{}",
                 names.decode,
                 geometry.variant.as_str(),
                 geometry.block.0,
                 geometry.block.1,
                 geometry.block.2,
+                geometry.stages,
                 geometry.smem_bytes,
-                per_sm,
+                variant.ctas_per_sm,
                 describe_plan(plan, params.fused_merge != 0),
-                order.as_str(),
+                chosen.order.as_str(),
                 tried_note
             );
             let flush = &mut self.flush;
@@ -557,6 +589,55 @@ impl CudaBackend {
         })();
         into_outcome(kind, result)
     }
+}
+
+/// One compiled form of the optimized kernel for a case (its geometry, at one pipeline depth),
+/// with the split plans it is offered: the plans depend on how many of its CTAs fit an SM.
+struct KernelVariant {
+    geometry: DecodeGeometry,
+    names: DecodeNames,
+    ctas_per_sm: u32,
+    plans: Vec<SplitPlan>,
+}
+
+impl KernelVariant {
+    fn prepare(
+        session: &DeviceSession,
+        case: &BenchCase,
+        geometry: &DecodeGeometry,
+        inputs: &CaseInputs,
+        min_chunk: u32,
+    ) -> Result<KernelVariant, CaseError> {
+        let names = DecodeNames::for_case(case, geometry);
+        prepare_decode(session, &names, geometry)?;
+        let ctas_per_sm = decode_ctas_per_sm(session, &names, geometry)?;
+        let mut plans = plan_candidates(
+            &inputs.seq_lens,
+            case.num_kv_heads,
+            session.props.sm_count * ctas_per_sm,
+            geometry.stage_tokens,
+            min_chunk,
+        );
+        // A forced chunking keeps the planner's plan alone.
+        if min_chunk != MIN_CHUNK_TOKENS {
+            plans.truncate(1);
+        }
+        Ok(KernelVariant {
+            geometry: *geometry,
+            names,
+            ctas_per_sm,
+            plans,
+        })
+    }
+}
+
+/// One launch configuration the optimized kernel may be timed with.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    variant: usize,
+    plan: usize,
+    order: LaunchOrder,
+    params: AttnParams,
 }
 
 /// The GPU reference checked against the CPU reference on one case.
@@ -640,6 +721,22 @@ impl CudaBackend {
         })
     }
 
+    /// Pipeline depths of the tensor-core kernel compiled for `case` (none where it does not
+    /// apply).
+    fn mma_depths(&self, case: &BenchCase) -> Vec<u32> {
+        let major = self.session.as_ref().map_or(0, |s| s.props.compute_major);
+        if major < MMA_MIN_COMPUTE_MAJOR {
+            return Vec::new();
+        }
+        mma_stage_counts(case.quant.kv)
+            .iter()
+            .copied()
+            .filter(|&d| {
+                mma_geometry(case.head_size, case.group_size(), case.quant.kv, d).is_some()
+            })
+            .collect()
+    }
+
     /// Runs `case` for the self-test: the GPU reference is compared with the CPU reference on
     /// host copies of the device inputs, then the baseline and the optimized kernel (once per
     /// entry of `min_chunks`, to cover both the direct and the split-KV path) are verified
@@ -686,21 +783,46 @@ impl CudaBackend {
         let mut kernels = Vec::new();
         let saved = self.min_chunk_tokens;
         let saved_fma = self.prefer_fma;
-        let mut runs: Vec<(String, Option<(u32, bool)>)> = vec![("baseline".to_string(), None)];
-        for &c in min_chunks {
-            runs.push((format!("optimized(chunk>={c})"), Some((c, false))));
+        // The last chunking runs once per pipeline depth of the tensor-core kernel (the depth
+        // changes only the pipeline, which split and whole-sequence items share), so every
+        // compiled depth is checked whichever one the timing picks.
+        let depths: Vec<u32> = self.mma_depths(case);
+        let optimized = |min_chunk, prefer_fma, stages| {
+            Some(OptimizedSettings {
+                min_chunk,
+                prefer_fma,
+                stages,
+            })
+        };
+        let mut runs = vec![("baseline".to_string(), None)];
+        for (i, &c) in min_chunks.iter().enumerate() {
+            if i + 1 == min_chunks.len() && depths.len() > 1 {
+                for &d in &depths {
+                    runs.push((
+                        format!("optimized(chunk>={c},s{d})"),
+                        optimized(c, false, Some(d)),
+                    ));
+                }
+            } else {
+                runs.push((format!("optimized(chunk>={c})"), optimized(c, false, None)));
+            }
         }
         if let Some(&c) = min_chunks.last() {
-            runs.push((format!("optimized-fma(chunk>={c})"), Some((c, true))));
+            runs.push((
+                format!("optimized-fma(chunk>={c})"),
+                optimized(c, true, None),
+            ));
         }
         for (label, setting) in runs {
             let outcome = match setting {
                 None => self.run_baseline(case, &prepared, &mut probe),
-                Some((c, fma)) => {
-                    self.min_chunk_tokens = c;
-                    self.prefer_fma = fma;
+                Some(o) => {
+                    self.min_chunk_tokens = o.min_chunk;
+                    self.prefer_fma = o.prefer_fma;
+                    self.mma_stages = o.stages;
                     let out = self.run_optimized(case, &prepared, &mut probe);
                     self.prefer_fma = saved_fma;
+                    self.mma_stages = None;
                     out
                 }
             };
@@ -724,6 +846,14 @@ impl CudaBackend {
             kernels,
         }
     }
+}
+
+/// How the self-test runs the optimized kernel once.
+#[derive(Debug, Clone, Copy)]
+struct OptimizedSettings {
+    min_chunk: u32,
+    prefer_fma: bool,
+    stages: Option<u32>,
 }
 
 /// Compares the GPU reference (f32, held as f64) with the CPU one.

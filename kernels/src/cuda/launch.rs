@@ -17,13 +17,14 @@ pub(crate) const DECODE_STAGES: u32 = 3;
 const DECODE_TARGET_THREADS: u32 = 128;
 /// `__launch_bounds__` of the optimized kernel.
 pub(crate) const DECODE_MAX_THREADS: u32 = 512;
-/// Tensor-core kernel (decode_mma.cu): threads, tokens per stage, pipeline depth per cache dtype,
+/// Tensor-core kernel (decode_mma.cu): threads, tokens per stage, pipeline depths per cache dtype,
 /// largest group, head sizes (`MMA_THREADS`, `MMA_STAGE_TOKENS`, `MMA_STAGES_*`, `MMA_MAX_GROUP`
-/// there).
+/// there). Every e4m3 depth is compiled, and the backend times them on each case: fewer stages
+/// fit more CTAs per SM (short CTAs), more keep more bytes in flight per CTA (long ones).
 pub(crate) const MMA_THREADS: u32 = 128;
 pub(crate) const MMA_STAGE_TOKENS: u32 = 64;
-pub(crate) const MMA_STAGES_BF16: u32 = 2;
-pub(crate) const MMA_STAGES_FP8: u32 = 4;
+pub(crate) const MMA_STAGES_BF16: [u32; 1] = [2];
+pub(crate) const MMA_STAGES_FP8: [u32; 3] = [2, 3, 4];
 pub(crate) const MMA_MAX_GROUP: u32 = 16;
 pub(crate) const MMA_HEAD_SIZES: [u32; 2] = [64, 128];
 /// Compute capability the tensor-core kernel needs (bf16 `mma.sync`, `ldmatrix`, `cp.async`).
@@ -194,6 +195,7 @@ pub(crate) fn decode_mma_kernel_name(
     q: Dtype,
     kv: Dtype,
     out: Dtype,
+    stages: u32,
 ) -> String {
     let width = if group <= MMA_GROUP_WIDTHS[0] {
         MMA_GROUP_WIDTHS[0]
@@ -201,7 +203,7 @@ pub(crate) fn decode_mma_kernel_name(
         MMA_GROUP_WIDTHS[1]
     };
     format!(
-        "decode_mma_d{head}_g{width}_{}_{}_{}",
+        "decode_mma_d{head}_g{width}_{}_{}_{}_s{stages}",
         dtype_tag(q),
         dtype_tag(kv),
         dtype_tag(out)
@@ -252,7 +254,9 @@ pub(crate) fn all_kernel_names() -> Vec<String> {
             for group in MMA_GROUP_WIDTHS {
                 for (q, kv) in DECODE_INPUTS {
                     for out in OUTPUTS {
-                        names.push(decode_mma_kernel_name(head, group, q, kv, out));
+                        for &stages in mma_stage_counts(kv) {
+                            names.push(decode_mma_kernel_name(head, group, q, kv, out, stages));
+                        }
                     }
                 }
             }
@@ -285,6 +289,8 @@ pub(crate) struct DecodeGeometry {
     pub variant: DecodeVariant,
     pub block: (u32, u32, u32),
     pub stage_tokens: u32,
+    /// Pipeline depth (stages of `stage_tokens` tokens in shared memory).
+    pub stages: u32,
     pub smem_bytes: u32,
 }
 
@@ -294,33 +300,58 @@ impl DecodeGeometry {
     }
 }
 
-/// The optimized kernel for a case: the tensor-core variant when the shape and the device allow
-/// it (and `prefer_fma` is off), else the FMA variant; or why neither fits.
-pub(crate) fn choose_decode_geometry(
+/// Pipeline depths the tensor-core kernel is compiled with for a cache dtype.
+pub(crate) fn mma_stage_counts(kv: Dtype) -> &'static [u32] {
+    if kv == Dtype::Fp8 {
+        &MMA_STAGES_FP8
+    } else {
+        &MMA_STAGES_BF16
+    }
+}
+
+/// The optimized kernel's candidates for a case, to be timed against each other: the tensor-core
+/// variant at each compiled pipeline depth (only `stages`, when given) when the shape and the
+/// device allow it and `prefer_fma` is off, else the FMA variant; or why none fits.
+pub(crate) fn choose_decode_geometries(
     head: u32,
     group: u32,
     kv: Dtype,
     compute_major: i32,
     prefer_fma: bool,
-) -> Result<DecodeGeometry, String> {
+    stages: Option<u32>,
+) -> Result<Vec<DecodeGeometry>, String> {
     if !prefer_fma && compute_major >= MMA_MIN_COMPUTE_MAJOR {
-        if let Some(g) = mma_geometry(head, group, kv) {
-            return Ok(g);
+        let depths = mma_stage_counts(kv);
+        let mma: Vec<DecodeGeometry> = depths
+            .iter()
+            .filter(|&&d| stages.is_none_or(|s| s == d))
+            .filter_map(|&d| mma_geometry(head, group, kv, d))
+            .collect();
+        if !mma.is_empty() {
+            return Ok(mma);
+        }
+        if let Some(s) = stages {
+            if mma_geometry(head, group, kv, depths[0]).is_some() {
+                return Err(format!(
+                    "the tensor-core kernel has no {s}-stage build for a {} cache (compiled: \
+                     {depths:?})",
+                    kv.as_str()
+                ));
+            }
         }
     }
-    decode_geometry(head, group, kv)
+    decode_geometry(head, group, kv).map(|g| vec![g])
 }
 
-/// Geometry of the tensor-core kernel, when it supports the shape.
-pub(crate) fn mma_geometry(head: u32, group: u32, kv: Dtype) -> Option<DecodeGeometry> {
+/// Geometry of the tensor-core kernel at pipeline depth `depth`, when it supports the shape.
+pub(crate) fn mma_geometry(head: u32, group: u32, kv: Dtype, depth: u32) -> Option<DecodeGeometry> {
     if !MMA_HEAD_SIZES.contains(&head) || group == 0 || group > MMA_MAX_GROUP {
         return None;
     }
-    let (elem, depth) = if kv == Dtype::Fp8 {
-        (1, MMA_STAGES_FP8)
-    } else {
-        (2, MMA_STAGES_BF16)
-    };
+    if !mma_stage_counts(kv).contains(&depth) {
+        return None;
+    }
+    let elem = if kv == Dtype::Fp8 { 1 } else { 2 };
     let stages = depth * 2 * MMA_STAGE_TOKENS * head * elem;
     // The group's query rows, in 16-bit halves with 8 halves of padding per row, sit behind the
     // stages while the prologue builds the fragments (`QS` in decode_mma.cu).
@@ -332,6 +363,7 @@ pub(crate) fn mma_geometry(head: u32, group: u32, kv: Dtype) -> Option<DecodeGeo
         variant: DecodeVariant::Mma,
         block: (MMA_THREADS, 1, 1),
         stage_tokens: MMA_STAGE_TOKENS,
+        stages: depth,
         smem_bytes: (stages + query).max(merge),
     })
 }
@@ -369,6 +401,7 @@ pub(crate) fn decode_geometry(head: u32, group: u32, kv: Dtype) -> Result<Decode
         variant: DecodeVariant::Fma,
         block: (bdx, group, bdz),
         stage_tokens,
+        stages: DECODE_STAGES,
         smem_bytes: stages.max(reduce),
     })
 }
@@ -544,11 +577,13 @@ pub(crate) struct DecodeNames {
 }
 
 impl DecodeNames {
-    pub fn for_case(case: &BenchCase, variant: DecodeVariant) -> DecodeNames {
+    pub fn for_case(case: &BenchCase, geometry: &DecodeGeometry) -> DecodeNames {
         let (h, q, kv, out) = (case.head_size, case.quant.q, case.quant.kv, case.quant.out);
         DecodeNames {
-            decode: match variant {
-                DecodeVariant::Mma => decode_mma_kernel_name(h, case.group_size(), q, kv, out),
+            decode: match geometry.variant {
+                DecodeVariant::Mma => {
+                    decode_mma_kernel_name(h, case.group_size(), q, kv, out, geometry.stages)
+                }
                 DecodeVariant::Fma => decode_kernel_name(h, q, kv, out),
             },
             merge: merge_kernel_name(h, out),
@@ -821,28 +856,58 @@ mod tests {
                     assert!(g.threads() <= DECODE_MAX_THREADS);
                     assert!(g.smem_bytes <= DEFAULT_SMEM_LIMIT_BYTES, "{g:?}");
                     assert_eq!(32 % g.block.0, 0, "a token's lanes must sit in one warp");
-                    if let Some(m) = mma_geometry(head, group, kv) {
-                        assert_eq!(m.threads(), MMA_THREADS);
-                        // Hopper/Ampere allow up to 227/163 KiB per block after opting in.
-                        assert!(m.smem_bytes <= 160 * 1024, "{m:?}");
-                        assert_eq!(m.stage_tokens, MMA_STAGE_TOKENS);
+                    for &depth in mma_stage_counts(kv) {
+                        if let Some(m) = mma_geometry(head, group, kv, depth) {
+                            assert_eq!(m.threads(), MMA_THREADS);
+                            // Hopper/Ampere allow up to 227/163 KiB per block after opting in.
+                            assert!(m.smem_bytes <= 160 * 1024, "{m:?}");
+                            assert_eq!(m.stage_tokens, MMA_STAGE_TOKENS);
+                            assert_eq!(m.stages, depth);
+                        }
                     }
                 }
             }
         }
         assert!(decode_geometry(96, 8, Dtype::Bf16).is_err());
         assert!(decode_geometry(256, 17, Dtype::Bf16).is_err());
-        // Tensor cores where they fit, FMA elsewhere or when asked.
-        let pick = |h, g, cc, fma| {
-            choose_decode_geometry(h, g, Dtype::Fp8, cc, fma)
-                .unwrap()
-                .variant
+        // Tensor cores where they fit (every compiled depth), FMA elsewhere or when asked.
+        let pick = |h, g, kv, cc, fma, stages| {
+            choose_decode_geometries(h, g, kv, cc, fma, stages)
+                .map(|v| v.iter().map(|g| (g.variant, g.stages)).collect::<Vec<_>>())
         };
-        assert_eq!(pick(128, 8, 9, false), DecodeVariant::Mma);
-        assert_eq!(pick(128, 8, 9, true), DecodeVariant::Fma);
-        assert_eq!(pick(256, 8, 9, false), DecodeVariant::Fma);
-        assert_eq!(pick(128, 8, 7, false), DecodeVariant::Fma);
-        assert!(mma_geometry(64, 17, Dtype::Bf16).is_none());
+        let mma = DecodeVariant::Mma;
+        let fma = DecodeVariant::Fma;
+        let fp8 = Dtype::Fp8;
+        assert_eq!(
+            pick(128, 8, fp8, 9, false, None).unwrap(),
+            [(mma, 2), (mma, 3), (mma, 4)]
+        );
+        assert_eq!(pick(128, 8, fp8, 9, false, Some(3)).unwrap(), [(mma, 3)]);
+        assert_eq!(
+            pick(128, 8, Dtype::Bf16, 9, false, None).unwrap(),
+            [(mma, 2)]
+        );
+        let err = pick(128, 8, Dtype::Bf16, 9, false, Some(3)).unwrap_err();
+        assert!(err.contains("no 3-stage build for a bf16 cache"), "{err}");
+        assert_eq!(
+            pick(128, 8, fp8, 9, true, None).unwrap(),
+            [(fma, DECODE_STAGES)]
+        );
+        // A forced depth does not apply to the FMA kernel (one depth).
+        assert_eq!(
+            pick(256, 8, fp8, 9, false, Some(3)).unwrap(),
+            [(fma, DECODE_STAGES)]
+        );
+        assert_eq!(
+            pick(128, 8, fp8, 7, false, None).unwrap(),
+            [(fma, DECODE_STAGES)]
+        );
+        assert!(mma_geometry(64, 17, Dtype::Bf16, 2).is_none());
+        assert!(mma_geometry(128, 8, Dtype::Bf16, 4).is_none());
+        // Fewer stages, less shared memory: that is what buys the extra CTAs per SM.
+        let smem = |d| mma_geometry(128, 8, fp8, d).unwrap().smem_bytes;
+        assert!(smem(2) < smem(3) && smem(3) < smem(4));
+        assert_eq!(smem(3), 3 * 2 * 64 * 128 + 8 * 136 * 2);
     }
 
     #[test]
@@ -882,8 +947,21 @@ mod tests {
             "#define MMA_TILE {}",
             MMA_STAGE_TOKENS / (MMA_THREADS / 32)
         )));
-        assert!(mma.contains(&format!("#define MMA_STAGES_BF16 {MMA_STAGES_BF16}")));
-        assert!(mma.contains(&format!("#define MMA_STAGES_FP8 {MMA_STAGES_FP8}")));
+        assert!(mma.contains(&format!("#define MMA_STAGES_BF16 {}", MMA_STAGES_BF16[0])));
+        assert!(mma.contains(&format!("#define MMA_STAGES_FP8_MIN {}", MMA_STAGES_FP8[0])));
+        assert!(mma.contains(&format!(
+            "#define MMA_STAGES_FP8_MAX {}",
+            MMA_STAGES_FP8[MMA_STAGES_FP8.len() - 1]
+        )));
+        for depth in MMA_STAGES_FP8 {
+            assert!(mma.contains(&format!(
+                "DB_DECODE_MMA_OUTS(D, GN, NH, QN, QF, fp8, true, {depth})"
+            )));
+        }
+        assert!(mma.contains(&format!(
+            "DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, bf16, false, {})",
+            MMA_STAGES_BF16[0]
+        )));
         assert!(mma.contains(&format!("#define MMA_MAX_GROUP {MMA_MAX_GROUP}")));
         assert_eq!(MMA_GROUP_WIDTHS[1], MMA_MAX_GROUP);
         for width in MMA_GROUP_WIDTHS {
@@ -906,15 +984,19 @@ mod tests {
     fn kernel_names_follow_the_root_dtype_pattern() {
         let names = all_kernel_names();
         assert!(names.contains(&"decode_d128_fp8_fp8_nvfp4".to_string()));
-        assert!(names.contains(&"decode_mma_d128_g8_bf16_fp8_bf16".to_string()));
-        assert!(names.contains(&"decode_mma_d64_g16_fp8_fp8_nvfp4".to_string()));
+        for depth in [2, 3, 4] {
+            assert!(names.contains(&format!("decode_mma_d128_g8_bf16_fp8_bf16_s{depth}")));
+            assert!(names.contains(&format!("decode_mma_d64_g16_fp8_fp8_nvfp4_s{depth}")));
+        }
+        assert!(names.contains(&"decode_mma_d128_g8_bf16_bf16_fp8_s2".to_string()));
+        assert!(!names.contains(&"decode_mma_d128_g8_bf16_bf16_fp8_s3".to_string()));
         assert_eq!(
-            decode_mma_kernel_name(128, 5, Dtype::Bf16, Dtype::Bf16, Dtype::Bf16),
-            "decode_mma_d128_g8_bf16_bf16_bf16"
+            decode_mma_kernel_name(128, 5, Dtype::Bf16, Dtype::Bf16, Dtype::Bf16, 2),
+            "decode_mma_d128_g8_bf16_bf16_bf16_s2"
         );
         assert_eq!(
-            decode_mma_kernel_name(128, 9, Dtype::Bf16, Dtype::Bf16, Dtype::Bf16),
-            "decode_mma_d128_g16_bf16_bf16_bf16"
+            decode_mma_kernel_name(128, 9, Dtype::Bf16, Dtype::Fp8, Dtype::Bf16, 3),
+            "decode_mma_d128_g16_bf16_fp8_bf16_s3"
         );
         assert!(names.contains(&"baseline_d128_bf16_bf16_bf16".to_string()));
         assert!(names.contains(&"merge_d256_fp8".to_string()));

@@ -1,8 +1,10 @@
 //! The GPU self-test: every kernel in every quant mode, both layouts, every block size, and a
 //! spread of head sizes and GQA groups, on small shapes checked against the CPU reference. The
 //! GPU reference is checked against the CPU reference on the same (device-generated) inputs, and
-//! the optimized kernel runs twice per case, once whole and once forced through split-KV and
-//! the merge. `decodebench selftest` prints the table and exits non-zero when anything fails.
+//! the optimized kernel runs at least twice per case, once as the timing picks it and once forced
+//! through split-KV and the merge (once per compiled pipeline depth of the tensor-core kernel,
+//! where it has several). `decodebench selftest` prints the table and exits non-zero when
+//! anything fails.
 
 use super::backend::{ConversionCheck, CudaBackend, SelftestCaseResult};
 use super::compile::CompileCache;

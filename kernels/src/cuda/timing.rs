@@ -81,32 +81,46 @@ fn event_timed_ms(
         .map_err(CudaError::driver("reading a timing event"))? as f64)
 }
 
-/// Calls per batch and batches of [`quick_call_ms`].
+/// Calls per batch and batches of [`quick_compare_ms`].
 const QUICK_CALLS: usize = 5;
 const QUICK_BATCHES: usize = 3;
 
-/// Rough time of one `call` (ms): the median over a few batches of back-to-back calls, after one
-/// warm-up batch. For choosing between equivalent launch configurations, never for a reported
-/// figure.
-pub(crate) fn quick_call_ms(
+/// Rough time of one call (ms) of each of `candidates` launch configurations (`call(i)` runs
+/// candidate i once): the median over a few batches of back-to-back calls, after one warm-up
+/// batch each. The batches are interleaved, round by round (each round starting one candidate
+/// later), so that a clock or power drift over the comparison (an H200 at its power cap drifts by
+/// several percent within a second) is shared by all candidates instead of favouring whichever
+/// ran at the best moment. For choosing between equivalent launch configurations, never for a
+/// reported figure.
+pub(crate) fn quick_compare_ms(
     session: &DeviceSession,
-    call: &dyn Fn() -> Result<(), CudaError>,
-) -> Result<f64, CudaError> {
-    for _ in 0..QUICK_CALLS {
-        call()?;
+    candidates: usize,
+    call: &dyn Fn(usize) -> Result<(), CudaError>,
+) -> Result<Vec<f64>, CudaError> {
+    let batch = |i: usize| -> Result<(), CudaError> {
+        for _ in 0..QUICK_CALLS {
+            call(i)?;
+        }
+        Ok(())
+    };
+    for i in 0..candidates {
+        batch(i)?;
     }
-    let mut per_call = Vec::with_capacity(QUICK_BATCHES);
-    for _ in 0..QUICK_BATCHES {
-        let ms = event_timed_ms(session, || {
-            for _ in 0..QUICK_CALLS {
-                call()?;
-            }
-            Ok(())
-        })?;
-        per_call.push(ms / QUICK_CALLS as f64);
+    let mut per_call = vec![Vec::with_capacity(QUICK_BATCHES); candidates];
+    for round in 0..QUICK_BATCHES {
+        for k in 0..candidates {
+            let i = (k + round) % candidates;
+            let ms = event_timed_ms(session, || batch(i))?;
+            per_call[i].push(ms / QUICK_CALLS as f64);
+        }
     }
-    per_call.sort_by(f64::total_cmp);
-    Ok(per_call[per_call.len() / 2])
+    Ok(per_call
+        .into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect())
 }
 
 /// Whether noise-based stopping says to stop after `samples`.
