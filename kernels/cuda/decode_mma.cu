@@ -34,14 +34,15 @@
 #define MMA_THREADS (MMA_WARPS * 32)
 #define MMA_TILE 16
 #define MMA_STAGE_TOKENS (MMA_WARPS * MMA_TILE)
-// Pipeline depth (stages of MMA_STAGE_TOKENS tokens; each warp has MMA_TILE rows of each): bf16
-// stages are 32 KiB (head 128) and two keep enough bytes in flight at three CTAs per SM. e4m3
-// stages are half as big, and the best depth depends on the case: fewer stages fit more CTAs per
-// SM, which hides more of short CTAs' prologues (3 stages: 4 CTAs/SM, b256 s1024 10 % faster on an
-// H200), more keep more bytes in flight per CTA on long ones (2 stages lost 10 % at b64 s65536;
-// bench/gpu/NOTES.md run 34). So 2, 3 and 4 are compiled (each name ends in _s<stages>) and the
-// backend times them on the case.
-#define MMA_STAGES_BF16 2
+// Pipeline depth (stages of MMA_STAGE_TOKENS tokens; each warp has MMA_TILE rows of each). The best
+// depth depends on the case: fewer stages fit more CTAs per SM, which hides more of short CTAs'
+// prologues (e4m3, 3 stages: 4 CTAs/SM, b256 s1024 10 % faster on an H200), more keep more bytes in
+// flight per CTA on long ones (e4m3, 2 stages lost 10 % at b64 s65536; bench/gpu/NOTES.md run 34).
+// So several are compiled (each name ends in _s<stages>) and the backend times them on the case:
+// bf16 stages are 32 KiB (head 128), so 2 (3 CTAs per SM) and 3 (2 CTAs per SM, for batch 1);
+// e4m3 stages are half as big, so 2, 3 and 4.
+#define MMA_STAGES_BF16_MIN 2
+#define MMA_STAGES_BF16_MAX 3
 #define MMA_STAGES_FP8_MIN 2
 #define MMA_STAGES_FP8_MAX 4
 #define MMA_MAX_GROUP 16
@@ -617,7 +618,8 @@ __device__ void decode_mma(const AttnParams& p) {
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                      \
         decode_mma_d##D##_g##GN##_##QN##_##KN##_##ON##_s##S(AttnParams p) {                        \
         static_assert(KF ? (S >= MMA_STAGES_FP8_MIN && S <= MMA_STAGES_FP8_MAX)                    \
-                         : S == MMA_STAGES_BF16, "a stage count the host does not know");          \
+                         : (S >= MMA_STAGES_BF16_MIN && S <= MMA_STAGES_BF16_MAX),                 \
+                      "a stage count the host does not know");                                     \
         decode_mma<D, NH, QF, KF, OV, MMA_WARPS, 1, S>(p);                                         \
     }
 
@@ -634,6 +636,7 @@ __device__ void decode_mma(const AttnParams& p) {
 
 #define DB_DECODE_MMA_GROUP(D, GN, NH)                                                             \
     DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, bf16, false, 2)                                     \
+    DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, bf16, false, 3)                                     \
     DB_DECODE_MMA_FP8_STAGES(D, GN, NH, bf16, false)                                               \
     DB_DECODE_MMA_FP8_STAGES(D, GN, NH, fp8, true)
 

@@ -23,7 +23,7 @@ pub(crate) const DECODE_MAX_THREADS: u32 = 512;
 /// fit more CTAs per SM (short CTAs), more keep more bytes in flight per CTA (long ones).
 pub(crate) const MMA_THREADS: u32 = 128;
 pub(crate) const MMA_STAGE_TOKENS: u32 = 64;
-pub(crate) const MMA_STAGES_BF16: [u32; 1] = [2];
+pub(crate) const MMA_STAGES_BF16: [u32; 2] = [2, 3];
 pub(crate) const MMA_STAGES_FP8: [u32; 3] = [2, 3, 4];
 pub(crate) const MMA_MAX_GROUP: u32 = 16;
 pub(crate) const MMA_HEAD_SIZES: [u32; 2] = [64, 128];
@@ -885,10 +885,10 @@ mod tests {
         assert_eq!(pick(128, 8, fp8, 9, false, Some(3)).unwrap(), [(mma, 3)]);
         assert_eq!(
             pick(128, 8, Dtype::Bf16, 9, false, None).unwrap(),
-            [(mma, 2)]
+            [(mma, 2), (mma, 3)]
         );
-        let err = pick(128, 8, Dtype::Bf16, 9, false, Some(3)).unwrap_err();
-        assert!(err.contains("no 3-stage build for a bf16 cache"), "{err}");
+        let err = pick(128, 8, Dtype::Bf16, 9, false, Some(4)).unwrap_err();
+        assert!(err.contains("no 4-stage build for a bf16 cache"), "{err}");
         assert_eq!(
             pick(128, 8, fp8, 9, true, None).unwrap(),
             [(fma, DECODE_STAGES)]
@@ -904,6 +904,9 @@ mod tests {
         );
         assert!(mma_geometry(64, 17, Dtype::Bf16, 2).is_none());
         assert!(mma_geometry(128, 8, Dtype::Bf16, 4).is_none());
+        // Three bf16 stages still fit two CTAs per SM (228 KiB of shared memory on Hopper).
+        let bf16_3 = mma_geometry(128, 16, Dtype::Bf16, 3).unwrap().smem_bytes;
+        assert!(2 * (bf16_3 + 1024) <= 228 * 1024, "{bf16_3}");
         // Fewer stages, less shared memory: that is what buys the extra CTAs per SM.
         let smem = |d| mma_geometry(128, 8, fp8, d).unwrap().smem_bytes;
         assert!(smem(2) < smem(3) && smem(3) < smem(4));
@@ -947,7 +950,14 @@ mod tests {
             "#define MMA_TILE {}",
             MMA_STAGE_TOKENS / (MMA_THREADS / 32)
         )));
-        assert!(mma.contains(&format!("#define MMA_STAGES_BF16 {}", MMA_STAGES_BF16[0])));
+        assert!(mma.contains(&format!(
+            "#define MMA_STAGES_BF16_MIN {}",
+            MMA_STAGES_BF16[0]
+        )));
+        assert!(mma.contains(&format!(
+            "#define MMA_STAGES_BF16_MAX {}",
+            MMA_STAGES_BF16[MMA_STAGES_BF16.len() - 1]
+        )));
         assert!(mma.contains(&format!("#define MMA_STAGES_FP8_MIN {}", MMA_STAGES_FP8[0])));
         assert!(mma.contains(&format!(
             "#define MMA_STAGES_FP8_MAX {}",
@@ -958,10 +968,11 @@ mod tests {
                 "DB_DECODE_MMA_OUTS(D, GN, NH, QN, QF, fp8, true, {depth})"
             )));
         }
-        assert!(mma.contains(&format!(
-            "DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, bf16, false, {})",
-            MMA_STAGES_BF16[0]
-        )));
+        for depth in MMA_STAGES_BF16 {
+            assert!(mma.contains(&format!(
+                "DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, bf16, false, {depth})"
+            )));
+        }
         assert!(mma.contains(&format!("#define MMA_MAX_GROUP {MMA_MAX_GROUP}")));
         assert_eq!(MMA_GROUP_WIDTHS[1], MMA_MAX_GROUP);
         for width in MMA_GROUP_WIDTHS {
@@ -988,8 +999,8 @@ mod tests {
             assert!(names.contains(&format!("decode_mma_d128_g8_bf16_fp8_bf16_s{depth}")));
             assert!(names.contains(&format!("decode_mma_d64_g16_fp8_fp8_nvfp4_s{depth}")));
         }
-        assert!(names.contains(&"decode_mma_d128_g8_bf16_bf16_fp8_s2".to_string()));
-        assert!(!names.contains(&"decode_mma_d128_g8_bf16_bf16_fp8_s3".to_string()));
+        assert!(names.contains(&"decode_mma_d128_g8_bf16_bf16_fp8_s3".to_string()));
+        assert!(!names.contains(&"decode_mma_d128_g8_bf16_bf16_fp8_s4".to_string()));
         assert_eq!(
             decode_mma_kernel_name(128, 5, Dtype::Bf16, Dtype::Bf16, Dtype::Bf16, 2),
             "decode_mma_d128_g8_bf16_bf16_bf16_s2"
