@@ -178,8 +178,11 @@ pub fn plan_splits(
 }
 
 /// The plans the backend times on a case before keeping the faster: the planner's
-/// ([`plan_splits`]), and, when that one splits while the batch alone has a CTA for every slot
-/// (`concurrent_ctas`), every sequence whole, with no partials and no merge. The simulated
+/// ([`plan_splits`]), and, when that one splits while the batch alone has a CTA for at least half
+/// the slots (`concurrent_ctas`), every sequence whole, with no partials and no merge. (Half: the
+/// 2-stage e4m3 kernel fits 5 CTAs per SM, 660 slots on 132 SMs, and b64's 512 whole-sequence
+/// CTAs then all start at once; with the 4-stage kernel's 396 slots the whole plan was 10 %
+/// faster than the split one at b64 s1024, bench/gpu/NOTES.md run 36.) The simulated
 /// makespan does not see what a split costs beyond its CTAs (the partial outputs' round trip and
 /// the merge kernel, about 2.5 us on an H200) nor that a CTA's fixed cost grows when every SM
 /// is already streaming: at 64 sequences of up to 1024 tokens the whole plan was 13 % faster on
@@ -199,7 +202,8 @@ pub fn plan_candidates(
         stage_tokens,
         min_chunk_tokens,
     );
-    let fills = seq_lens.len() as u64 * num_kv_heads.max(1) as u64 >= concurrent_ctas.max(1) as u64;
+    let fills =
+        2 * seq_lens.len() as u64 * num_kv_heads.max(1) as u64 >= concurrent_ctas.max(1) as u64;
     if best.direct || !fills {
         return vec![best];
     }
@@ -274,7 +278,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn whole_sequences_are_a_candidate_only_when_the_batch_fills_the_gpu() {
+    fn whole_sequences_are_a_candidate_only_when_the_batch_fills_half_the_gpu() {
         // 64 sequences x 8 kv heads = 512 CTAs on 396 slots: the planner splits (its chunk is
         // below the longest sequence), and the whole plan is offered beside it.
         let lens: Vec<u32> = (0..64).map(|i| 16 + (i * 997) % 1009).collect();
@@ -292,6 +296,15 @@ mod tests {
         assert!(c[1].launch.iter().all(|w| w.is_direct()));
         covers_every_token(&c[1], &lens);
         assert_eq!(c[0], plan_splits(&lens, 8, 396, 64, MIN_CHUNK_TOKENS));
+        // The same batch on 660 slots (5 CTAs per SM) still gets it; on 1100 it does not.
+        assert_eq!(
+            plan_candidates(&lens, 8, 660, 64, MIN_CHUNK_TOKENS).len(),
+            2
+        );
+        assert_eq!(
+            plan_candidates(&lens, 8, 1100, 64, MIN_CHUNK_TOKENS).len(),
+            1
+        );
         // One long sequence: 8 CTAs cannot fill the GPU, so only the split plan.
         let one = plan_candidates(&[65536], 8, 396, 64, MIN_CHUNK_TOKENS);
         assert_eq!(one.len(), 1);
