@@ -41,6 +41,9 @@ pub enum Command {
     Compare(CompareArgs),
     /// Per-GPU or per-SKU report of one run (slow-card finder) and the optimized-vs-baseline speedups.
     Report(ReportArgs),
+    /// Compile the CUDA kernels into the compiled-module cache with NVRTC alone (no GPU needed),
+    /// e.g. while building a container image, so that agents skip the first run's compile.
+    Precompile(PrecompileArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,6 +296,35 @@ pub struct SelftestArgs {
     pub quick: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct PrecompileArgs {
+    /// Compute capability to compile for, as MAJOR.MINOR (9.0: H100/H200, 8.0: A100, 8.9: L4/L40S,
+    /// 10.0: B200); repeat for several. Default: those of the GPUs visible here.
+    #[arg(long = "cc", value_name = "MAJOR.MINOR", value_parser = parse_compute_capability)]
+    pub compute_capabilities: Vec<(i32, i32)>,
+    /// Cache directory (default: $DECODEBENCH_CACHE_DIR, else $XDG_CACHE_HOME/decodebench, else
+    /// ~/.cache/decodebench: where agents look).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// "9.0" -> (9, 0).
+pub fn parse_compute_capability(s: &str) -> Result<(i32, i32), String> {
+    let bad = || {
+        format!(
+            "'{s}' is not a compute capability: write MAJOR.MINOR, e.g. 9.0 for an H100 or H200 \
+             (nvidia-smi --query-gpu=compute_cap --format=csv prints it)"
+        )
+    };
+    let (major, minor) = s.trim().split_once('.').ok_or_else(bad)?;
+    let major: i32 = major.parse().map_err(|_| bad())?;
+    let minor: i32 = minor.parse().map_err(|_| bad())?;
+    if !(3..=20).contains(&major) || !(0..=9).contains(&minor) {
+        return Err(bad());
+    }
+    Ok((major, minor))
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FormatArg {
     Table,
@@ -351,4 +383,22 @@ pub struct ReportArgs {
     /// Flag a GPU slower than its SKU's median by more than this fraction.
     #[arg(long, default_value_t = 0.03)]
     pub slow_threshold: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_capabilities_parse_as_major_dot_minor() {
+        assert_eq!(parse_compute_capability("9.0"), Ok((9, 0)));
+        assert_eq!(parse_compute_capability(" 10.0 "), Ok((10, 0)));
+        assert_eq!(parse_compute_capability("8.9"), Ok((8, 9)));
+        for bad in [
+            "90", "9", "9.", ".0", "nine", "9.0.1", "-9.0", "99.0", "9.10",
+        ] {
+            let err = parse_compute_capability(bad).unwrap_err();
+            assert!(err.contains("MAJOR.MINOR"), "{bad}: {err}");
+        }
+    }
 }

@@ -46,6 +46,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Selftest(a) => selftest(a),
         Command::Compare(a) => compare(a),
         Command::Report(a) => report(a),
+        Command::Precompile(a) => precompile(a),
     }
 }
 
@@ -660,6 +661,48 @@ fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(EXIT_SELFTEST_FAILED)
     })
+}
+
+fn precompile(a: PrecompileArgs) -> Result<ExitCode> {
+    use decodebench_kernels::cuda::{CompileCache, CudaBackend};
+    let cache = match a.cache_dir {
+        Some(dir) => CompileCache::at(Some(dir)),
+        None => CompileCache::from_env(),
+    };
+    let Some(dir) = cache.dir().map(Path::to_path_buf) else {
+        bail!(
+            "no cache directory to compile into: set --cache-dir or DECODEBENCH_CACHE_DIR (HOME \
+             and XDG_CACHE_HOME are unset)"
+        );
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating the cache directory {}", dir.display()))?;
+    let mut targets = a.compute_capabilities;
+    if targets.is_empty() {
+        let devices = CudaBackend::probe().map_err(|e| {
+            anyhow!("no GPU to take a compute capability from ({e}); name the targets with --cc, e.g. --cc 9.0")
+        })?;
+        for d in devices {
+            let cc = parse_compute_capability(&d.compute_capability).map_err(|e| anyhow!(e))?;
+            if !targets.contains(&cc) {
+                targets.push(cc);
+            }
+        }
+        if targets.is_empty() {
+            bail!("no GPU is visible here: name the targets with --cc, e.g. --cc 9.0");
+        }
+    }
+    for (major, minor) in targets {
+        let done = decodebench_kernels::cuda::precompile(major, minor, &cache).map_err(|e| {
+            anyhow!("compiling the kernels for compute capability {major}.{minor}: {e}")
+        })?;
+        emit(&format!(
+            "cc {major}.{minor}: {} -> {}\n",
+            done.trim(),
+            dir.display()
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn output_format(f: FormatArg) -> OutputFormat {

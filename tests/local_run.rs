@@ -154,3 +154,32 @@ fn kernels_optimized_runs_only_the_optimized_kernel() {
         assert_eq!(&cells[3..6], &["", "", ""], "{line:?}");
     }
 }
+
+/// `precompile` refuses a malformed target naming the expected form, and with a well-formed one
+/// either fills the cache (where NVRTC is installed) or says that NVRTC is what is missing.
+#[test]
+fn precompile_fills_the_cache_or_names_what_is_missing() {
+    let s = Scratch::new("precompile");
+    let (status, _, stderr) = run_to_end(&["precompile", "--cc", "nine"], Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(stderr.contains("MAJOR.MINOR"), "{stderr}");
+
+    let cache = s.path().join("cache");
+    let dir = cache.display().to_string();
+    let (status, stdout, stderr) = run_to_end(
+        &["precompile", "--cc", "9.0", "--cache-dir", &dir],
+        Duration::from_secs(600),
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if status.success() {
+        let entries: Vec<_> = std::fs::read_dir(&cache)
+            .expect("the cache directory exists")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cubin"))
+            .collect();
+        assert_eq!(entries.len(), 1, "one sm_90a module: {stdout}");
+        assert!(stdout.contains("sm_90a"), "{stdout}");
+    } else {
+        assert!(stderr.to_lowercase().contains("nvrtc"), "{stderr}");
+    }
+}

@@ -344,6 +344,15 @@ impl CompileCache {
     }
 }
 
+/// The program text, NVRTC options and cache key for `target`.
+fn program_key(target: &CompileTarget, nvrtc_version: &str) -> (String, Vec<String>, String) {
+    let source = program_source();
+    let include = include_dir();
+    let options = compile_options(target, include.as_deref());
+    let key = cache_key(&source, target, nvrtc_version, &options);
+    (source, options, key)
+}
+
 /// Compiles the kernel program for `target` (or takes it from `cache`). Returns the module,
 /// whether it came from the cache, and NVRTC's log (empty from the cache).
 pub(crate) fn compile_program_cached(
@@ -351,10 +360,7 @@ pub(crate) fn compile_program_cached(
     target: &CompileTarget,
     nvrtc_version: &str,
 ) -> Result<(CompiledModule, bool, String), CudaError> {
-    let source = program_source();
-    let include = include_dir();
-    let options = compile_options(target, include.as_deref());
-    let key = cache_key(&source, target, nvrtc_version, &options);
+    let (source, options, key) = program_key(target, nvrtc_version);
     if let Some(module) = cache.load(&key, target) {
         return Ok((module, true, String::new()));
     }
@@ -373,7 +379,24 @@ pub fn precompile(major: i32, minor: i32, cache: &CompileCache) -> Result<String
     let supported = nvrtc_supported_archs()?;
     let target = target_for(major, minor, &supported);
     let started = std::time::Instant::now();
-    let (module, from_cache, log) = compile_program_cached(cache, &target, &nvrtc_version()?)?;
+    let version = nvrtc_version()?;
+    let (module, from_cache, log) = compile_program_cached(cache, &target, &version)?;
+    // Storing only warns (a run goes on without its cache); here the cache is the whole point.
+    if cache
+        .load(&program_key(&target, &version).2, &target)
+        .is_none()
+    {
+        return Err(CudaError::Nvrtc {
+            context: "storing the compiled kernels".into(),
+            message: format!(
+                "the module compiled but could not be written to the cache at {} (see the warning \
+                 above): make the directory writable or choose another with DECODEBENCH_CACHE_DIR",
+                cache
+                    .dir()
+                    .map_or("(none)".to_string(), |d| d.display().to_string())
+            ),
+        });
+    }
     let size = match &module {
         CompiledModule::Cubin(b) => b.len(),
         CompiledModule::Ptx(s) => s.len(),
