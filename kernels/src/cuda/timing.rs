@@ -81,40 +81,92 @@ fn event_timed_ms(
         .map_err(CudaError::driver("reading a timing event"))? as f64)
 }
 
-/// Calls per batch and batches of [`quick_compare_ms`].
-const QUICK_CALLS: usize = 5;
-const QUICK_BATCHES: usize = 3;
+/// The quick comparison ([`quick_compare_ms`]): the least GPU time of its warm-up, the GPU time
+/// one timed batch aims for (sizing the batch: at most `QUICK_MAX_CALLS` calls, at least one),
+/// the rounds of batches, and how much slower than the fastest a candidate may be in the first
+/// round and still be timed in the others.
+const QUICK_WARMUP_MS: f64 = 2.0;
+const QUICK_MAX_WARMUP_CALLS: f64 = 1000.0;
+const QUICK_BATCH_MS: f64 = 0.5;
+const QUICK_MAX_CALLS: usize = 5;
+const QUICK_ROUNDS: usize = 3;
+const QUICK_PRUNE_RATIO: f64 = 1.10;
 
 /// Rough time of one call (ms) of each of `candidates` launch configurations (`call(i)` runs
-/// candidate i once): the median over a few batches of back-to-back calls, after one warm-up
-/// batch each. The batches are interleaved, round by round (each round starting one candidate
-/// later), so that a clock or power drift over the comparison (an H200 at its power cap drifts by
-/// several percent within a second) is shared by all candidates instead of favouring whichever
-/// ran at the best moment. For choosing between equivalent launch configurations, never for a
-/// reported figure.
+/// candidate i once). For choosing between equivalent launch configurations, never for a
+/// reported figure; see [`quick_compare`] for the schedule.
 pub(crate) fn quick_compare_ms(
     session: &DeviceSession,
     candidates: usize,
     call: &dyn Fn(usize) -> Result<(), CudaError>,
 ) -> Result<Vec<f64>, CudaError> {
-    let batch = |i: usize| -> Result<(), CudaError> {
-        for _ in 0..QUICK_CALLS {
-            call(i)?;
+    quick_compare(candidates, &mut |i, calls| {
+        event_timed_ms(session, || {
+            for _ in 0..calls {
+                call(i)?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// The quick comparison's schedule over `time_batch(i, calls)` (the ms that `calls` back-to-back
+/// calls of candidate i take). Two single calls of each candidate (the second is the estimate),
+/// then, where that kept the GPU busy less than `QUICK_WARMUP_MS`, a batch of each until it has
+/// been (so an idle clock does not slow the first candidates); batches sized from the fastest
+/// single call (5 calls of a 7-us kernel, 1 of a 7-ms one: the
+/// comparison took a fifth of a default run's time when every batch was 5 calls); then rounds of
+/// one batch per candidate, interleaved (each round starting one candidate later) so that a
+/// clock or power drift (an H200 at its power cap drifts by several percent within a second) is
+/// shared instead of favouring whichever ran at the best moment. After the first round only the
+/// candidates within `QUICK_PRUNE_RATIO` of the fastest are timed again. Returns each
+/// candidate's median per-call time over its batches.
+pub(crate) fn quick_compare(
+    candidates: usize,
+    time_batch: &mut dyn FnMut(usize, usize) -> Result<f64, CudaError>,
+) -> Result<Vec<f64>, CudaError> {
+    if candidates == 0 {
+        return Ok(Vec::new());
+    }
+    let mut single = vec![f64::INFINITY; candidates];
+    let mut warm_ms = 0.0;
+    for _ in 0..2 {
+        for (i, t) in single.iter_mut().enumerate() {
+            *t = time_batch(i, 1)?;
+            warm_ms += *t;
         }
-        Ok(())
+    }
+    let pass_ms: f64 = single.iter().sum();
+    if warm_ms < QUICK_WARMUP_MS && pass_ms > 0.0 {
+        let calls = ((QUICK_WARMUP_MS - warm_ms) / pass_ms)
+            .ceil()
+            .min(QUICK_MAX_WARMUP_CALLS) as usize;
+        for i in 0..candidates {
+            time_batch(i, calls)?;
+        }
+    }
+    let fastest = single.iter().copied().fold(f64::INFINITY, f64::min);
+    let calls = if fastest > 0.0 && fastest.is_finite() {
+        ((QUICK_BATCH_MS / fastest).ceil() as usize).clamp(1, QUICK_MAX_CALLS)
+    } else {
+        QUICK_MAX_CALLS
     };
-    for i in 0..candidates {
-        batch(i)?;
-    }
-    let mut per_call = vec![Vec::with_capacity(QUICK_BATCHES); candidates];
-    for round in 0..QUICK_BATCHES {
-        for k in 0..candidates {
-            let i = (k + round) % candidates;
-            let ms = event_timed_ms(session, || batch(i))?;
-            per_call[i].push(ms / QUICK_CALLS as f64);
+    let mut samples = vec![Vec::with_capacity(QUICK_ROUNDS); candidates];
+    let mut active: Vec<usize> = (0..candidates).collect();
+    for round in 0..QUICK_ROUNDS {
+        for k in 0..active.len() {
+            let i = active[(k + round) % active.len()];
+            samples[i].push(time_batch(i, calls)? / calls as f64);
+        }
+        if round == 0 {
+            let best = active
+                .iter()
+                .map(|&i| samples[i][0])
+                .fold(f64::INFINITY, f64::min);
+            active.retain(|&i| samples[i][0] <= QUICK_PRUNE_RATIO * best);
         }
     }
-    Ok(per_call
+    Ok(samples
         .into_iter()
         .map(|mut v| {
             v.sort_by(f64::total_cmp);
@@ -295,6 +347,100 @@ pub(crate) fn calibrate_read_bandwidth(session: &DeviceSession) -> Result<f64, C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake device for the comparison's schedule: candidate i's call takes `per_call[i]` ms,
+    /// scaled by a clock that `drift` slows a little with every call made (a power-capped GPU);
+    /// it counts the calls each candidate got.
+    struct FakeGpu {
+        per_call: Vec<f64>,
+        drift: f64,
+        clock: f64,
+        calls: Vec<usize>,
+    }
+
+    impl FakeGpu {
+        fn new(per_call: &[f64], drift: f64) -> FakeGpu {
+            FakeGpu {
+                per_call: per_call.to_vec(),
+                drift,
+                clock: 1.0,
+                calls: vec![0; per_call.len()],
+            }
+        }
+
+        fn compare(&mut self) -> Vec<f64> {
+            let n = self.per_call.len();
+            quick_compare(n, &mut |i, calls| {
+                let mut ms = 0.0;
+                for _ in 0..calls {
+                    ms += self.per_call[i] * self.clock;
+                    self.clock *= 1.0 + self.drift;
+                    self.calls[i] += 1;
+                }
+                Ok(ms)
+            })
+            .unwrap()
+        }
+    }
+
+    fn fastest(times: &[f64]) -> usize {
+        (0..times.len())
+            .min_by(|&a, &b| times[a].total_cmp(&times[b]))
+            .unwrap()
+    }
+
+    #[test]
+    fn quick_comparison_keeps_the_fastest_and_stops_timing_the_slow() {
+        // A 7-ms kernel: one call per batch; the two candidates 15 % and 40 % slower get the
+        // warm-up and one round, the two within 10 % all three rounds.
+        let mut gpu = FakeGpu::new(&[7.0, 6.9, 8.0, 9.8], 0.0);
+        let t = gpu.compare();
+        assert_eq!(fastest(&t), 1);
+        assert!(
+            (t[1] - 6.9).abs() < 1e-9 && (t[3] - 9.8).abs() < 1e-9,
+            "{t:?}"
+        );
+        // Two single calls each (7 ms is past the warm-up time already), then the rounds.
+        assert_eq!(gpu.calls, vec![2 + 3, 2 + 3, 2 + 1, 2 + 1]);
+    }
+
+    #[test]
+    fn quick_comparison_batches_short_kernels_and_warms_the_clock_up() {
+        // A 7-us kernel: batches of 5 calls, after 2 single calls each and a warm-up batch of
+        // each that brings the GPU time to 2 ms: (2 - 4 x ~7 us) / (2 x ~7 us) -> 140 calls.
+        let mut gpu = FakeGpu::new(&[0.007, 0.0071], 0.0);
+        let t = gpu.compare();
+        assert_eq!(fastest(&t), 0);
+        assert_eq!(gpu.calls, vec![2 + 140 + 3 * 5; 2]);
+        // A 0.2-ms kernel: batches of 3 calls (0.5 ms); warm-up (2 - 0.8) / 0.4 -> 3 calls.
+        let mut gpu = FakeGpu::new(&[0.2, 0.2], 0.0);
+        gpu.compare();
+        assert_eq!(gpu.calls, vec![2 + 3 + 3 * 3; 2]);
+    }
+
+    #[test]
+    fn quick_comparison_shares_a_drift_between_equal_candidates() {
+        // Three equal candidates on a clock slowing 1 % per call: interleaved rounds keep their
+        // medians within a few percent of each other; back to back, the last would be 10 %+
+        // slower than the first.
+        let mut gpu = FakeGpu::new(&[1.0, 1.0, 1.0], 0.01);
+        let t = gpu.compare();
+        let (lo, hi) = (
+            t.iter().copied().fold(f64::INFINITY, f64::min),
+            t.iter().copied().fold(0.0, f64::max),
+        );
+        assert!(hi / lo < 1.03, "{t:?}");
+        // And a candidate 5 % faster still wins under the drift.
+        let mut gpu = FakeGpu::new(&[1.0, 1.0, 0.95, 1.0], 0.01);
+        assert_eq!(fastest(&gpu.compare()), 2);
+    }
+
+    #[test]
+    fn quick_comparison_of_one_or_none() {
+        assert!(quick_compare(0, &mut |_, _| Ok(1.0)).unwrap().is_empty());
+        let mut gpu = FakeGpu::new(&[3.0], 0.0);
+        assert_eq!(gpu.compare(), vec![3.0]);
+    }
 
     #[test]
     fn fixed_trials_stop_at_the_count() {
