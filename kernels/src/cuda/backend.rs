@@ -20,9 +20,8 @@ use super::device::{
 };
 use super::launch::{
     case_params, choose_decode_geometries, decode_ctas_per_sm, launch_baseline, launch_decode,
-    launch_format_check, launch_reference, mma_geometry, mma_stage_counts, prepare_decode,
-    AttnParams, DecodeGeometry, DecodeNames, DecodeVariant, FUSED_MERGE_MAX_SPLITS,
-    MMA_MIN_COMPUTE_MAJOR, SUPPORTED_HEAD_SIZES,
+    launch_format_check, launch_reference, prepare_decode, AttnParams, DecodeGeometry, DecodeNames,
+    DecodeVariant, KernelLimits, FUSED_MERGE_MAX_SPLITS, SUPPORTED_HEAD_SIZES,
 };
 use super::plan::{plan_candidates, LaunchOrder, SplitPlan, WorkItem, MIN_CHUNK_TOKENS};
 use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, quick_compare_ms, time_calls};
@@ -424,12 +423,11 @@ impl CudaBackend {
         probe: &mut dyn TelemetryProbe,
     ) -> KernelOutcome {
         let kind = KernelKind::Optimized;
-        let compute_major = self.session.as_ref().map_or(0, |s| s.props.compute_major);
         let geometries = match choose_decode_geometries(
             case.head_size,
             case.group_size(),
             case.quant.kv,
-            compute_major,
+            self.kernel_limits(),
             self.prefer_fma,
             self.mma_stages,
         ) {
@@ -721,19 +719,23 @@ impl CudaBackend {
         })
     }
 
-    /// Pipeline depths of the tensor-core kernel compiled for `case` (none where it does not
-    /// apply).
+    /// What the open device allows the optimized kernel (nothing without a session: the FMA
+    /// kernel then, which needs no opt-in).
+    fn kernel_limits(&self) -> KernelLimits {
+        self.session
+            .as_ref()
+            .map_or(KernelLimits::default(), |s| s.props.kernel_limits())
+    }
+
+    /// Pipeline depths of the tensor-core kernel that `case` may run with on this device (none
+    /// where the kernel does not apply).
     fn mma_depths(&self, case: &BenchCase) -> Vec<u32> {
-        let major = self.session.as_ref().map_or(0, |s| s.props.compute_major);
-        if major < MMA_MIN_COMPUTE_MAJOR {
-            return Vec::new();
-        }
-        mma_stage_counts(case.quant.kv)
+        let (h, g, kv) = (case.head_size, case.group_size(), case.quant.kv);
+        choose_decode_geometries(h, g, kv, self.kernel_limits(), false, None)
+            .unwrap_or_default()
             .iter()
-            .copied()
-            .filter(|&d| {
-                mma_geometry(case.head_size, case.group_size(), case.quant.kv, d).is_some()
-            })
+            .filter(|g| g.variant == DecodeVariant::Mma)
+            .map(|g| g.stages)
             .collect()
     }
 

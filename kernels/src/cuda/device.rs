@@ -6,6 +6,7 @@ use super::compile::{
     CompileCache, CompileTarget, CompiledModule,
 };
 use super::launch::all_kernel_names;
+use super::launch::KernelLimits;
 use super::library::{guarded, require_driver};
 use super::CudaError;
 use crate::measurement::DeviceIdentity;
@@ -137,6 +138,18 @@ pub(crate) struct DeviceProps {
     pub l2_bytes: u64,
     pub compute_major: i32,
     pub compute_minor: i32,
+    /// The most dynamic shared memory one CTA may opt in to (227 KiB on Hopper, 163 KiB on an
+    /// A100, 99 KiB on sm_86/sm_89).
+    pub max_smem_per_block: u32,
+}
+
+impl DeviceProps {
+    pub fn kernel_limits(&self) -> KernelLimits {
+        KernelLimits {
+            compute_major: self.compute_major,
+            max_smem_per_block: self.max_smem_per_block,
+        }
+    }
 }
 
 /// How the module was obtained at this start.
@@ -203,11 +216,17 @@ impl DeviceSession {
             let l2 = ctx
                 .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
                 .map_err(CudaError::driver("reading the L2 size"))?;
+            let smem = ctx
+                .attribute(
+                    CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )
+                .map_err(CudaError::driver("reading the shared memory per block"))?;
             let props = DeviceProps {
                 sm_count: sm_count.max(1) as u32,
                 l2_bytes: l2.max(0) as u64,
                 compute_major: major,
                 compute_minor: minor,
+                max_smem_per_block: smem.max(0) as u32,
             };
 
             let started = Instant::now();

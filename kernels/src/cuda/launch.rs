@@ -309,28 +309,46 @@ pub(crate) fn mma_stage_counts(kv: Dtype) -> &'static [u32] {
     }
 }
 
+/// What a device allows the optimized kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct KernelLimits {
+    pub compute_major: i32,
+    /// The most dynamic shared memory one CTA may opt in to.
+    pub max_smem_per_block: u32,
+}
+
 /// The optimized kernel's candidates for a case, to be timed against each other: the tensor-core
-/// variant at each compiled pipeline depth (only `stages`, when given) when the shape and the
-/// device allow it and `prefer_fma` is off, else the FMA variant; or why none fits.
+/// variant at each compiled pipeline depth (only `stages`, when given) whose shared memory the
+/// device allows, when the shape and the device's architecture allow it and `prefer_fma` is off
+/// (3 bf16 stages of a 16-head group need 100 KiB: not on an L4 or L40S); else the FMA variant;
+/// or why none fits.
 pub(crate) fn choose_decode_geometries(
     head: u32,
     group: u32,
     kv: Dtype,
-    compute_major: i32,
+    limits: KernelLimits,
     prefer_fma: bool,
     stages: Option<u32>,
 ) -> Result<Vec<DecodeGeometry>, String> {
-    if !prefer_fma && compute_major >= MMA_MIN_COMPUTE_MAJOR {
+    if !prefer_fma && limits.compute_major >= MMA_MIN_COMPUTE_MAJOR {
         let depths = mma_stage_counts(kv);
         let mma: Vec<DecodeGeometry> = depths
             .iter()
             .filter(|&&d| stages.is_none_or(|s| s == d))
             .filter_map(|&d| mma_geometry(head, group, kv, d))
+            .filter(|g| g.smem_bytes <= limits.max_smem_per_block)
             .collect();
         if !mma.is_empty() {
             return Ok(mma);
         }
         if let Some(s) = stages {
+            if let Some(g) = mma_geometry(head, group, kv, s) {
+                return Err(format!(
+                    "the {s}-stage tensor-core kernel needs {} bytes of shared memory per CTA; \
+                     this device allows {}",
+                    g.smem_bytes, limits.max_smem_per_block
+                ));
+            }
             if mma_geometry(head, group, kv, depths[0]).is_some() {
                 return Err(format!(
                     "the tensor-core kernel has no {s}-stage build for a {} cache (compiled: \
@@ -871,10 +889,16 @@ mod tests {
         assert!(decode_geometry(96, 8, Dtype::Bf16).is_err());
         assert!(decode_geometry(256, 17, Dtype::Bf16).is_err());
         // Tensor cores where they fit (every compiled depth), FMA elsewhere or when asked.
-        let pick = |h, g, kv, cc, fma, stages| {
-            choose_decode_geometries(h, g, kv, cc, fma, stages)
+        // Hopper: 227 KiB of shared memory per CTA.
+        let hopper = |cc| KernelLimits {
+            compute_major: cc,
+            max_smem_per_block: 227 * 1024,
+        };
+        let pick_on = |h, g, kv, limits, fma, stages| {
+            choose_decode_geometries(h, g, kv, limits, fma, stages)
                 .map(|v| v.iter().map(|g| (g.variant, g.stages)).collect::<Vec<_>>())
         };
+        let pick = |h, g, kv, cc, fma, stages| pick_on(h, g, kv, hopper(cc), fma, stages);
         let mma = DecodeVariant::Mma;
         let fma = DecodeVariant::Fma;
         let fp8 = Dtype::Fp8;
@@ -900,6 +924,31 @@ mod tests {
         );
         assert_eq!(
             pick(128, 8, fp8, 7, false, None).unwrap(),
+            [(fma, DECODE_STAGES)]
+        );
+        // sm_89 (L4, L40S): 99 KiB per CTA, so no 3-stage bf16 kernel for a 16-head group (100
+        // KiB), which the self-test then does not force either.
+        let ada = KernelLimits {
+            compute_major: 8,
+            max_smem_per_block: 99 * 1024,
+        };
+        let bf16 = Dtype::Bf16;
+        assert_eq!(
+            pick_on(128, 16, bf16, ada, false, None).unwrap(),
+            [(mma, 2)]
+        );
+        assert_eq!(
+            pick_on(128, 8, bf16, ada, false, None).unwrap(),
+            [(mma, 2), (mma, 3)]
+        );
+        let err = pick_on(128, 16, bf16, ada, false, Some(3)).unwrap_err();
+        assert!(
+            err.contains("shared memory") && err.contains("101376"),
+            "{err}"
+        );
+        // Without a device (no limits known) only the FMA kernel.
+        assert_eq!(
+            pick_on(128, 8, fp8, KernelLimits::default(), false, None).unwrap(),
             [(fma, DECODE_STAGES)]
         );
         assert!(mma_geometry(64, 17, Dtype::Bf16, 2).is_none());
