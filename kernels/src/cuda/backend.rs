@@ -452,7 +452,9 @@ impl CudaBackend {
             let forced = min_chunk != MIN_CHUNK_TOKENS;
             let variants = geometries
                 .iter()
-                .map(|g| KernelVariant::prepare(session, case, g, &prepared.inputs, min_chunk))
+                .map(|g| {
+                    KernelVariant::prepare(session, case, g, &prepared.inputs, min_chunk, forced)
+                })
                 .collect::<Result<Vec<_>, CaseError>>()?;
             let (bytes, sf_bytes) = output_bytes(case, case.quant.out);
             let workspace: u64 = variants
@@ -605,6 +607,7 @@ impl KernelVariant {
         geometry: &DecodeGeometry,
         inputs: &CaseInputs,
         min_chunk: u32,
+        forced: bool,
     ) -> Result<KernelVariant, CaseError> {
         let names = DecodeNames::for_case(case, geometry);
         prepare_decode(session, &names, geometry)?;
@@ -617,7 +620,7 @@ impl KernelVariant {
             min_chunk,
         );
         // A forced chunking keeps the planner's plan alone.
-        if min_chunk != MIN_CHUNK_TOKENS {
+        if forced {
             plans.truncate(1);
         }
         Ok(KernelVariant {

@@ -331,9 +331,11 @@ impl CompileCache {
 
     /// Stores a module (written to a temporary file and renamed, so a reader never sees half a
     /// file). Failures only cost the next start a compile, so they are logged, not returned.
-    pub(crate) fn store(&self, key: &str, target: &CompileTarget, module: &CompiledModule) {
+    /// Writes `module` under `key`; whether it is there now (a failure is only a warning: a
+    /// run goes on without its cache).
+    pub(crate) fn store(&self, key: &str, target: &CompileTarget, module: &CompiledModule) -> bool {
         let Some(path) = self.path_of(key, target) else {
-            return;
+            return false;
         };
         let bytes: &[u8] = match module {
             CompiledModule::Cubin(b) => b,
@@ -348,36 +350,52 @@ impl CompileCache {
         if let Err(e) = result {
             let _ = std::fs::remove_file(&tmp);
             tracing::warn!(path = %path.display(), error = %e, "could not cache compiled kernels");
+            return false;
         }
+        true
     }
 }
 
-/// The program text, NVRTC options and cache key for `target`.
-fn program_key(target: &CompileTarget, nvrtc_version: &str) -> (String, Vec<String>, String) {
-    let source = program_source();
-    let include = include_dir();
-    let options = compile_options(target, include.as_deref());
-    let key = cache_key(&source, target, nvrtc_version, &options);
-    (source, options, key)
+/// A compiled module and where it came from.
+pub(crate) struct ProgramBuild {
+    pub module: CompiledModule,
+    /// Taken from the cache rather than compiled.
+    pub from_cache: bool,
+    /// In the cache now (taken from it, or stored there after compiling).
+    pub cached: bool,
+    /// NVRTC's log (empty from the cache).
+    pub log: String,
 }
 
-/// Compiles the kernel program for `target` (or takes it from `cache`). Returns the module,
-/// whether it came from the cache, and NVRTC's log (empty from the cache).
+/// Compiles the kernel program for `target` (or takes it from `cache`).
 pub(crate) fn compile_program_cached(
     cache: &CompileCache,
     target: &CompileTarget,
     nvrtc_version: &str,
-) -> Result<(CompiledModule, bool, String), CudaError> {
-    let (source, options, key) = program_key(target, nvrtc_version);
+) -> Result<ProgramBuild, CudaError> {
+    let source = program_source();
+    let include = include_dir();
+    let options = compile_options(target, include.as_deref());
+    let key = cache_key(&source, target, nvrtc_version, &options);
     if let Some(module) = cache.load(&key, target) {
-        return Ok((module, true, String::new()));
+        return Ok(ProgramBuild {
+            module,
+            from_cache: true,
+            cached: true,
+            log: String::new(),
+        });
     }
     let (module, log) = nvrtc_compile(&source, target, &options)?;
     if !log.trim().is_empty() {
         tracing::info!(target = %target.label(), log = %log.trim(), "NVRTC messages");
     }
-    cache.store(&key, target, &module);
-    Ok((module, false, log))
+    let cached = cache.store(&key, target, &module);
+    Ok(ProgramBuild {
+        module,
+        from_cache: false,
+        cached,
+        log,
+    })
 }
 
 /// Compiles the kernels for a device of compute capability `major.minor` without needing that
@@ -387,13 +405,9 @@ pub fn precompile(major: i32, minor: i32, cache: &CompileCache) -> Result<String
     let supported = nvrtc_supported_archs()?;
     let target = target_for(major, minor, &supported);
     let started = std::time::Instant::now();
-    let version = nvrtc_version()?;
-    let (module, from_cache, log) = compile_program_cached(cache, &target, &version)?;
+    let build = compile_program_cached(cache, &target, &nvrtc_version()?)?;
     // Storing only warns (a run goes on without its cache); here the cache is the whole point.
-    if cache
-        .load(&program_key(&target, &version).2, &target)
-        .is_none()
-    {
+    if !build.cached {
         return Err(CudaError::Nvrtc {
             context: "storing the compiled kernels".into(),
             message: format!(
@@ -405,20 +419,20 @@ pub fn precompile(major: i32, minor: i32, cache: &CompileCache) -> Result<String
             ),
         });
     }
-    let size = match &module {
+    let size = match &build.module {
         CompiledModule::Cubin(b) => b.len(),
         CompiledModule::Ptx(s) => s.len(),
     };
     Ok(format!(
         "{} ({size} bytes) {} in {:.2} s\n{}",
         target.label(),
-        if from_cache {
+        if build.from_cache {
             "from the cache"
         } else {
             "compiled"
         },
         started.elapsed().as_secs_f64(),
-        log.trim()
+        build.log.trim()
     ))
 }
 

@@ -5,8 +5,7 @@ use super::compile::{
     compile_program_cached, kernel_source_hash, nvrtc_supported_archs, nvrtc_version, target_for,
     CompileCache, CompileTarget, CompiledModule,
 };
-use super::launch::all_kernel_names;
-use super::launch::KernelLimits;
+use super::launch::{all_kernel_names, KernelLimits};
 use super::library::{guarded, require_driver};
 use super::CudaError;
 use crate::measurement::DeviceIdentity;
@@ -232,9 +231,9 @@ impl DeviceSession {
             let started = Instant::now();
             let supported = nvrtc_supported_archs()?;
             let target = target_for(major, minor, &supported);
-            let (compiled, from_cache, _log) =
-                compile_program_cached(cache, &target, &nvrtc_version()?)?;
-            let ptx = match compiled {
+            let build = compile_program_cached(cache, &target, &nvrtc_version()?)?;
+            let from_cache = build.from_cache;
+            let ptx = match build.module {
                 CompiledModule::Cubin(bytes) => Ptx::from_binary(bytes),
                 CompiledModule::Ptx(text) => Ptx::from_src(text),
             };

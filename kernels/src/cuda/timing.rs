@@ -114,9 +114,9 @@ pub(crate) fn quick_compare_ms(
 /// calls of candidate i take). Two single calls of each candidate (the second is the estimate),
 /// then, where that kept the GPU busy less than `QUICK_WARMUP_MS`, a batch of each until it has
 /// been (so an idle clock does not slow the first candidates); batches sized from the fastest
-/// single call (5 calls of a 7-us kernel, 1 of a 7-ms one: the
-/// comparison took a fifth of a default run's time when every batch was 5 calls); then rounds of
-/// one batch per candidate, interleaved (each round starting one candidate later) so that a
+/// single call (5 calls of a 7-us kernel, 1 of a 7-ms one: the comparison took a fifth of a
+/// default run's time when every batch was 5 calls); then rounds of one batch per candidate,
+/// interleaved (each round starting one candidate later) so that a
 /// clock or power drift (an H200 at its power cap drifts by several percent within a second) is
 /// shared instead of favouring whichever ran at the best moment. After the first round only the
 /// candidates within `QUICK_PRUNE_RATIO` of the fastest are timed again. Returns each
