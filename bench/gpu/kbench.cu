@@ -140,6 +140,7 @@ struct Variant {
     bool merge = true;  // false: the merge is skipped (a timing diagnostic only: the output is wrong)
     bool direct_items = true;  // unsplit sequences written by their decode CTA (DB_DIRECT_ITEM)
     int fused_max = 0;  // fused merge (merge_group_if_last) when no sequence has more splits
+    int merge_cta_warps = 4;  // the merge kernel's warps per CTA unless a row needs 8 (launch.rs merge_block)
 };
 
 template <int W, int TPW, int STG_BF16, int STG_FP8, bool PREV = false>
@@ -361,12 +362,13 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     int max_splits = 1;
     for (size_t b = 0; b + 1 < pl.offsets.size(); ++b) max_splits = std::max(max_splits, pl.offsets[b + 1] - pl.offsets[b]);
     // The merge's block as launch.rs merge_block picks it.
-    int row_warps = 1;
-    while (row_warps < 8 && row_warps * 8 < max_splits) row_warps *= 2;
-    int per_cta = 8 / row_warps;
+    int needed = 1;
+    while (needed < 8 && needed * 8 < max_splits) needed *= 2;
+    const int cta_warps = std::max(needed, v.merge_cta_warps);
+    int per_cta = cta_warps / needed;
     const int merged_rows = QO * (int)c.lens.size();
     while (per_cta > 1 && (merged_rows + per_cta - 1) / per_cta < dev.sms) per_cta /= 2;
-    const dim3 merge_block(32 * (8 / per_cta), per_cta);
+    const dim3 merge_block(32 * (cta_warps / per_cta), per_cta);
     AttnParams p = base_params(dev, c, mode);
     const int batch = (int)c.lens.size();
     int4* d_work;
@@ -604,6 +606,10 @@ int main(int argc, char** argv) {
     add("cur_lf_fm8", tc<4, 1, 2, 4>, 1).fused_max = 8;
     add("cur_hm_fm8", tc<4, 1, 2, 4>, 2).fused_max = 8;
     add("cur_lf_fm64", tc<4, 1, 2, 4>, 1).fused_max = 64;
+    // The merge in 8-warp CTAs (before run 46: placed beside fewer decode CTAs).
+    add("cur_lf_m8", tc<4, 1, 2, 4>, 1).merge_cta_warps = 8;
+    add("s2_lf_m8", tc<4, 1, 2, 2>, 1).merge_cta_warps = 8;
+    add("s2_nomerge", tc<4, 1, 2, 2>, 1).merge = false;
     add("cur_lf_c64", tc<4, 1, 2, 4>, 1).min_chunk = 64;
     add("cur_lf_c256", tc<4, 1, 2, 4>, 1).min_chunk = 256;
     add("cur_lf_c1024", tc<4, 1, 2, 4>, 1).min_chunk = 1024;

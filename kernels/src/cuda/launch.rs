@@ -35,10 +35,12 @@ const DEFAULT_SMEM_LIMIT_BYTES: u32 = 48 * 1024;
 pub(crate) const BASELINE_THREADS: u32 = 128;
 /// Threads of the reference kernel (`REF_THREADS` in reference.cu).
 pub(crate) const REFERENCE_THREADS: u32 = 256;
-/// Warps of one merge CTA (`MERGE_MAX_WARPS` in decode.cu), and partial rows each warp loads at
-/// once (`MERGE_UNROLL` in common.cuh).
+/// Warps of one merge CTA at most (`MERGE_MAX_WARPS` in decode.cu), and partial rows each warp
+/// loads at once (`MERGE_UNROLL` in common.cuh).
 const MERGE_WARPS: u32 = 8;
 const MERGE_UNROLL: u32 = 8;
+/// Warps of a merge CTA whose rows need no more than this many each (see [`merge_block`]).
+const MERGE_SMALL_CTA_WARPS: u32 = 4;
 
 /// Longest split list the tensor-core kernel may merge itself (`merge_group_if_last` in
 /// common.cuh) rather than the merge kernel. The fused merge finishes each (sequence, kv head) as
@@ -51,18 +53,27 @@ pub(crate) const FUSED_MERGE_MAX_SPLITS: usize = 8;
 
 /// Block shape of the merge kernel, (32 x warps per row, rows per CTA), for a plan whose longest
 /// split list has `max_splits` items and `rows` output rows (qo heads x sequences) on `sm_count`
-/// SMs. Enough warps per qo head that its splits take one round of loads, and the rest of the
-/// CTA's 8 warps on further qo heads of the sequence (a CTA per qo head left 3 of 4 warps idle on
-/// short lists and made 4096 CTAs at b=64) - but not fewer CTAs than SMs, since each CTA also
-/// converts its rows (eight rows per CTA left 8 CTAs to quantize all of b=1's NVFP4 output).
+/// SMs. Enough warps per qo head that its splits take one round of loads (up to 8), and the rest
+/// of the CTA's warps on further qo heads of the sequence (a CTA per qo head left 3 of 4 warps
+/// idle on short lists and made 4096 CTAs at b=64) - but not fewer CTAs than SMs, since each CTA
+/// also converts its rows (eight rows per CTA left 8 CTAs to quantize all of b=1's NVFP4 output).
+///
+/// A CTA has 4 warps unless a row needs 8. The merge is launched while the decode kernel runs
+/// (PDL) and its CTAs wait for it where they are placed; a decode kernel at 3 CTAs per SM leaves
+/// 16 K of the SM's 64 K registers, room for one 8-warp merge CTA (64 registers a thread) or two of
+/// 4 warps, and at 4 or 5 CTAs per SM less. CTAs that do not fit are placed only as decode CTAs
+/// leave. With 4-warp CTAs the merge after the decode grid took 8 % less at b4 s4096 (21.5 ->
+/// 19.7 us), 7 % at b4 s16384, 10 % for FP8 b4 s4096 (bench/gpu/NOTES.md run 46); at b1 a row of
+/// 33-64 splits keeps its 8 warps (with 4 it takes two rounds of loads: b1 s16384 +3.5 %).
 pub(crate) fn merge_block(max_splits: usize, rows: u32, sm_count: u32) -> (u32, u32) {
     let rounds = (max_splits.max(1) as u32).div_ceil(MERGE_UNROLL);
     let needed = rounds.next_power_of_two().min(MERGE_WARPS);
-    let mut per_cta = MERGE_WARPS / needed;
+    let cta_warps = needed.max(MERGE_SMALL_CTA_WARPS);
+    let mut per_cta = cta_warps / needed;
     while per_cta > 1 && rows.div_ceil(per_cta) < sm_count {
         per_cta /= 2;
     }
-    (32 * (MERGE_WARPS / per_cta), per_cta)
+    (32 * (cta_warps / per_cta), per_cta)
 }
 /// Compute capability from which the merge is launched as a programmatic dependent of the decode
 /// kernel (PDL, `griddepcontrol` in the kernels): its CTAs start while the decode kernel's last
@@ -969,7 +980,18 @@ mod tests {
                 let (x, per_cta) = merge_block(splits, rows, 132);
                 let row_warps = x / 32;
                 assert_eq!(x % 32, 0);
-                assert_eq!(row_warps * per_cta, MERGE_WARPS, "{splits}");
+                // 4 warps a CTA, or 8 where a row needs more than 4 for one round of loads.
+                let cta_warps = row_warps * per_cta;
+                let one_round_in_4 = splits <= (MERGE_SMALL_CTA_WARPS * MERGE_UNROLL) as usize;
+                assert_eq!(
+                    cta_warps,
+                    if one_round_in_4 {
+                        MERGE_SMALL_CTA_WARPS
+                    } else {
+                        MERGE_WARPS
+                    },
+                    "{splits}"
+                );
                 // One round of MERGE_UNROLL loads per warp, while 8 warps can cover the list.
                 if splits <= (MERGE_WARPS * MERGE_UNROLL) as usize {
                     assert!(row_warps * MERGE_UNROLL >= splits as u32, "{splits}");
@@ -983,11 +1005,12 @@ mod tests {
                 );
             }
         }
-        // Short lists at large batch: one warp per qo head, 8 heads per CTA.
-        assert_eq!(merge_block(2, 4096, 132), (32, 8));
-        assert_eq!(merge_block(32, 4096, 132), (128, 2));
-        // b=1 (64 rows): one row per CTA, all 8 warps on it.
-        assert_eq!(merge_block(8, 64, 132), (256, 1));
+        // Short lists at large batch: one warp per qo head, 4 heads per CTA.
+        assert_eq!(merge_block(2, 4096, 132), (32, 4));
+        assert_eq!(merge_block(32, 4096, 132), (128, 1));
+        // b=1 (64 rows): one row per CTA, 4 warps on it, or 8 for a list of 33 to 64 splits.
+        assert_eq!(merge_block(8, 64, 132), (128, 1));
+        assert_eq!(merge_block(49, 64, 132), (256, 1));
     }
 
     #[test]
