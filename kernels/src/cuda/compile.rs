@@ -124,9 +124,10 @@ pub(crate) fn compile_options(target: &CompileTarget, include: Option<&Path>) ->
         "--prec-div=true".to_string(),
         "--prec-sqrt=true".to_string(),
         // NVVM's optimizations on every core: the module (about 140 kernels, 96 of them the
-        // tensor-core kernel at each pipeline depth) compiled in 56 s instead of 100 on 2 cores;
+        // tensor-core kernel at each pipeline depth) compiled in 54 s instead of 100 on 2 cores,
+        // and in 21 s instead of 46-59 on an H200 host's 16 (bench/gpu/NOTES.md, run 41);
         // the optimized kernels' SASS came out identical, a few instructions of the baseline and
-        // reference kernels were chosen differently (bench/gpu/NOTES.md, run 40).
+        // reference kernels were chosen differently (run 40).
         SPLIT_COMPILE_OPTION.to_string(),
     ];
     if let Some(dir) = include {
@@ -330,9 +331,8 @@ impl CompileCache {
     }
 
     /// Stores a module (written to a temporary file and renamed, so a reader never sees half a
-    /// file). Failures only cost the next start a compile, so they are logged, not returned.
-    /// Writes `module` under `key`; whether it is there now (a failure is only a warning: a
-    /// run goes on without its cache).
+    /// file) and says whether it is there now. A failure is logged as a warning, not an error:
+    /// a run goes on without its cache (`precompile`, whose point the cache is, fails on it).
     pub(crate) fn store(&self, key: &str, target: &CompileTarget, module: &CompiledModule) -> bool {
         let Some(path) = self.path_of(key, target) else {
             return false;
