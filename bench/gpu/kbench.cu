@@ -26,6 +26,7 @@
 #include <random>
 #include <string>
 #include <vector>
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include "../../kernels/cuda/common.cuh"
@@ -298,6 +299,16 @@ static CaseBufs make_case(int batch, int max_seq, unsigned seed) {
     std::vector<int> tables((size_t)batch * c.max_blocks, 0);
     for (int b = 0; b < batch; ++b)
         for (int j = 0; j < (c.lens[b] + BLK - 1) / BLK; ++j) tables[(size_t)b * c.max_blocks + j] = (int)(rng() % PAGES);
+    // KBENCH_TABLE=file: the block table from a file (comma-separated page ids, row-major, rows
+    // of max_blocks), e.g. decodebench's own draw of the case.
+    if (const char* path = getenv("KBENCH_TABLE")) {
+        FILE* f = fopen(path, "r");
+        size_t i = 0;
+        int v;
+        while (f && i < tables.size() && fscanf(f, "%d,", &v) == 1) tables[i++] = v;
+        if (f) fclose(f);
+        fprintf(stderr, "KBENCH_TABLE: %zu of %zu entries from %s\n", i, tables.size(), path);
+    }
     CK(cudaMalloc(&c.d_tables, tables.size() * 4));
     CK(cudaMemcpy(c.d_tables, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
     CK(cudaMalloc(&c.d_lens, batch * 4));
@@ -410,8 +421,31 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     const void* mfn = merge_fn(mode);
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    // KBENCH_CUBIN=file KBENCH_CUBIN_FN=name: the decode kernel from a cubin (e.g. decodebench's
+    // NVRTC module from its compile cache) instead of this build's, launched with the same
+    // arguments: whether a difference between the two programs is the compiler's or the harness's.
+    CUfunction cubin_fn = nullptr;
+    if (getenv("KBENCH_CUBIN") && getenv("KBENCH_CUBIN_FN")) {
+        static CUmodule mod = nullptr;
+        if (!mod && cuModuleLoad(&mod, getenv("KBENCH_CUBIN")) != CUDA_SUCCESS) {
+            fprintf(stderr, "KBENCH_CUBIN: cannot load %s\n", getenv("KBENCH_CUBIN"));
+            exit(1);
+        }
+        if (cuModuleGetFunction(&cubin_fn, mod, getenv("KBENCH_CUBIN_FN")) != CUDA_SUCCESS) {
+            fprintf(stderr, "KBENCH_CUBIN_FN: no %s\n", getenv("KBENCH_CUBIN_FN"));
+            exit(1);
+        }
+        cuFuncSetAttribute(cubin_fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k.smem);
+    }
     auto launch = [&]() {
-        CK(cudaLaunchKernel(k.fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), args, k.smem, s));
+        if (cubin_fn) {
+            if (cuLaunchKernel(cubin_fn, (unsigned)pl.launch.size(), 1, 1, k.threads, 1, 1, k.smem, s, args, nullptr) !=
+                CUDA_SUCCESS) {
+                fprintf(stderr, "cuLaunchKernel failed\n");
+                exit(1);
+            }
+        } else
+            CK(cudaLaunchKernel(k.fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), args, k.smem, s));
         if (pl.direct || !v.merge || fused) return;
         // The merge as decodebench launches it on sm_90+: a programmatic dependent of the decode
         // kernel (see launch.rs).
@@ -555,6 +589,8 @@ static bool selected(const char* filter, const std::string& name) {
     return false;
 }
 
+#include "kbench_probe.cuh"
+
 int main(int argc, char** argv) {
     // kbench [variant filter] [modes, e.g. 01] [batch seq]: one case only when batch and seq are given.
     const char* filter = argc > 1 ? argv[1] : "";
@@ -563,8 +599,17 @@ int main(int argc, char** argv) {
     Device dev;
     CK(cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, 0));
     const size_t pool_elems = (size_t)PAGES * 2 * KVH * BLK * HD;
-    CK(cudaMalloc(&dev.kv_bf16, pool_elems * 2));
-    CK(cudaMalloc(&dev.kv_fp8, pool_elems));
+    // KBENCH_ALLOC=async: the pools from the stream-ordered allocator (cudaMallocAsync), as
+    // decodebench allocates them (cudarc's stream.alloc), instead of cudaMalloc.
+    if (getenv("KBENCH_ALLOC") && std::string(getenv("KBENCH_ALLOC")) == "async") {
+        CK(cudaMallocAsync((void**)&dev.kv_bf16, pool_elems * 2, 0));
+        CK(cudaMallocAsync((void**)&dev.kv_fp8, pool_elems, 0));
+        CK(cudaStreamSynchronize(0));
+        fprintf(stderr, "KBENCH_ALLOC=async: pools from cudaMallocAsync\n");
+    } else {
+        CK(cudaMalloc(&dev.kv_bf16, pool_elems * 2));
+        CK(cudaMalloc(&dev.kv_fp8, pool_elems));
+    }
     const size_t q_elems = (size_t)256 * QO * HD;
     CK(cudaMalloc(&dev.q_bf16, q_elems * 2));
     CK(cudaMalloc(&dev.q_fp8, q_elems));
@@ -572,6 +617,12 @@ int main(int argc, char** argv) {
     generate_kv_fp8<<<4096, 256>>>(dev.kv_fp8, pool_elems, 7, 1, 0, KVH, BLK, HD, 0.5f, 0.5f);
     generate_q_bf16<<<1024, 256>>>(dev.q_bf16, q_elems, 7, 2, 1.0f);
     generate_q_fp8<<<1024, 256>>>(dev.q_fp8, q_elems, 7, 2, 0.5f);
+    // KBENCH_ZERO_POOL=1: an all-zero cache instead (whether the data's bit patterns change the
+    // timing, e.g. through power; the outputs are then not checked against anything meaningful).
+    if (getenv("KBENCH_ZERO_POOL")) {
+        CK(cudaMemset(dev.kv_bf16, 0, pool_elems * 2));
+        CK(cudaMemset(dev.kv_fp8, 0, pool_elems));
+    }
     CK(cudaDeviceSynchronize());
 
     // The production configuration in both launch orders (decodebench times both on each case
@@ -623,6 +674,10 @@ int main(int argc, char** argv) {
     std::vector<int> modes;
     for (const char* m = mode_arg; *m; ++m)
         if (*m >= '0' && *m <= '4') modes.push_back(*m - '0');
+    if (std::string(filter) == "probe") {
+        run_probes(dev, variants, modes);
+        return 0;
+    }
     printf("%-16s %-14s %5s %7s", "variant", "mode", "batch", "seq");
     printf(" %9s %6s %7s %8s %6s %s\n", "ms", "TB/s", "FI_x", "maxerr", "diffB", "plan");
     std::vector<std::vector<double>> logs(variants.size() * 5);

@@ -18,6 +18,12 @@ on the GPU machine as it is).
                               on this card and, on another card than FlashInfer's H100, normalized
                               to the H100's bandwidth
 
+  summarize.py model-check OTHER_MD H100_MD [OTHER_READ_TBS]
+                              how well the H100 predictions of 'targets' did: one kernel's table
+                              on another card (markdown as 'table' prints it) against the same
+                              kernel's table measured on the H100, cell by cell: H100 time over
+                              the 'H100 model' and over plain bandwidth scaling
+
 DIR may also name a results.csv or a results.csv.gz (as kept in bench/gpu/logs).
 """
 import csv
@@ -319,6 +325,49 @@ def targets(table_dir, layouts_dir=None):
           + (f"; not ok: {', '.join(sorted({r['status'] for r in failed}))}" if failed else ""))
 
 
+def markdown_cells(path):
+    """{mode: {(batch, max_seq_len index): (ms, TB/s)}} from a table as `table` prints it."""
+    import re
+    cells, current = defaultdict(dict), None
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"#+ (\S+):", line)
+            if m:
+                current = m.group(1)
+                continue
+            m = re.match(r"\| (\d+) \| (.*)", line)
+            if m and current:
+                for i, cell in enumerate(m.group(2).split(" | ")):
+                    v = re.match(r"\s*([\d.]+) \(([\d.]+)\)", cell)
+                    if v:
+                        cells[current][(int(m.group(1)), i)] = (float(v.group(1)), float(v.group(2)))
+    return cells
+
+
+def model_check(other_md, h100_md, other_read_tbs=4.53):
+    """The 'H100 model' of `targets` (fixed part kept, bytes at 3.10 TB/s) and plain scaling,
+    applied to a table from another card and checked against the same kernel's H100 table."""
+    other, h100 = markdown_cells(other_md), markdown_cells(h100_md)
+    for m in sorted(set(other) & set(h100)):
+        print(m)
+        by_model, by_plain = [], []
+        for key in sorted(set(other[m]) & set(h100[m])):
+            ms, tbs = other[m][key]
+            nbytes = ms * 1e-3 * tbs * 1e12
+            plain = ms * other_read_tbs / FLASHINFER_CARD_READ_TBS
+            fixed_ms = ms - nbytes / (other_read_tbs * 1e9)
+            # As in `targets`: a call faster than the card's read rate has no fixed part to keep.
+            model = fixed_ms + nbytes / (FLASHINFER_CARD_READ_TBS * 1e9) if fixed_ms > 0 else plain
+            measured = h100[m][key][0]
+            by_model.append(measured / model)
+            by_plain.append(measured / plain)
+            print(f"  b{key[0]:<4} col {key[1]}  other {ms:.4f}  H100 {measured:.4f}  "
+                  f"model {model:.4f} ({measured / model:.3f})  plain {plain:.4f} ({measured / plain:.3f})")
+        if by_model:
+            print(f"  H100 / model: geomean {geomean(by_model):.3f}, {min(by_model):.3f}-{max(by_model):.3f}; "
+                  f"H100 / plain: geomean {geomean(by_plain):.3f}, {min(by_plain):.3f}-{max(by_plain):.3f}")
+
+
 def status(d):
     rs = rows(d)
     counts = defaultdict(int)
@@ -343,6 +392,8 @@ if __name__ == "__main__":
         status(sys.argv[2])
     elif cmd == "layouts":
         layouts(sys.argv[2])
+    elif cmd == "model-check":
+        model_check(sys.argv[2], sys.argv[3], *(float(x) for x in sys.argv[4:5]))
     elif cmd == "targets":
         targets(*sys.argv[2:4])
     else:

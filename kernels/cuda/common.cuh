@@ -13,6 +13,20 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef long long i64;
 
+// The dynamic shared memory, declared here and nowhere else. Every `extern __shared__` array of a
+// program names the same memory, and where two declarations ask for different alignments the
+// compiler may keep either: nvcc kept the first (16, in decode.cu) where decode_mma.cu asked for
+// 128, so in kbench's build the tensor-core kernel's swizzled stages started 16 bytes past a
+// 128-byte boundary behind its 16 bytes of static shared memory (the fused merge's ticket). Its
+// copies then conflicted in shared memory and took twice the L2 requests: 16 % slower at b1
+// s65536 than NVRTC's build of the same source, which kept 128 (bench/gpu/NOTES.md, run 47).
+// 128: the swizzle's row of 8 16-byte chunks.
+#define DB_DYNAMIC_SMEM_ALIGN 128
+__device__ __forceinline__ u8* dynamic_smem() {
+    extern __shared__ __align__(DB_DYNAMIC_SMEM_ALIGN) u8 db_dynamic_smem[];
+    return db_dynamic_smem;
+}
+
 #define DB_INF __int_as_float(0x7f800000)
 #define DB_LOG2E 1.4426950408889634f
 

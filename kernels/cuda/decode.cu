@@ -49,7 +49,7 @@ __device__ void decode_split(const AttnParams& p) {
     constexpr int CHUNKS_PER_ROW = ROW_BYTES / 16;
     const float kv_raw = KV_FP8 ? DB_KV_RAW_SCALE : 1.0f;
 
-    extern __shared__ __align__(16) u8 smem[];
+    u8* const smem = dynamic_smem();
     const int G = p.group;
     const int BDZ = blockDim.z;
     const int tx = threadIdx.x, g = threadIdx.y, tz = threadIdx.z;

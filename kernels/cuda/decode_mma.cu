@@ -169,7 +169,7 @@ __device__ void decode_mma(const AttnParams& p) {
     constexpr int COPIES = WTOK / ROWS_PER_COPY;  // per stage, of K and of V
     static_assert(STAGES >= 2, "at least double buffering");
 
-    extern __shared__ __align__(128) u8 smem[];
+    u8* const smem = dynamic_smem();
     // The merge kernel (split plans) may launch as soon as every CTA of this grid is running.
     grid_dependency_launch();
     DB_TRACE(0, 0u);

@@ -441,6 +441,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dynamic_shared_memory_is_declared_once_with_the_swizzle_alignment() {
+        // Two `extern __shared__` declarations with different alignments leave the compiler to
+        // pick one (common.cuh, dynamic_smem): the program has exactly one, in common.cuh.
+        let program = program_source();
+        let declarations: Vec<&str> = program
+            .lines()
+            .filter(|l| l.trim_start().starts_with("extern __shared__"))
+            .collect();
+        assert_eq!(declarations.len(), 1, "{declarations:?}");
+        assert!(declarations[0].contains("__align__(DB_DYNAMIC_SMEM_ALIGN)"));
+        assert!(program.contains("#define DB_DYNAMIC_SMEM_ALIGN 128"));
+        let (common, common_text) = SOURCES[0];
+        assert_eq!(common, "common.cuh");
+        assert!(common_text.contains(declarations[0]));
+    }
+
+    #[test]
     fn hopper_gets_sm_90a_and_others_their_own_arch() {
         let archs = [75, 80, 86, 89, 90, 100, 120];
         assert_eq!(
