@@ -12,6 +12,13 @@
 // max |reference|) and with the first variant (diffB = bytes that differ; different chunkings
 // round differently). Times: CUDA-graph replays of 10 launches, median per launch.
 //
+// `kbench probe [modes]` (kbench_probe.cuh): read-rate probes on the long small-batch cells, the
+// decode kernel's own page gather with nothing else in the way, beside the kernel.
+// Knobs (environment): KBENCH_LENS and KBENCH_TABLE (a case's lengths, its block table from a
+// file), KBENCH_CUBIN + KBENCH_CUBIN_FN (the decode kernel from a cubin, e.g. decodebench's NVRTC
+// module out of its compile cache, launched with the same arguments), KBENCH_ALLOC=async (pools
+// from cudaMallocAsync, as decodebench allocates), KBENCH_ZERO_POOL (an all-zero cache).
+//
 // A/B against a committed kernel: `bash bench/gpu/kbench_prev.sh [commit]` here writes
 // bench/gpu/prev/decode_mma_prev.cu; carried with the call, it adds the prev_* variants, timed
 // cell by cell beside the working tree's kernel.

@@ -51,6 +51,34 @@ __global__ void __launch_bounds__(128) probe_gather(AttnParams p, u32* sink) {
     if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9e3779b9u) sink[threadIdx.x] = acc.x;  // keeps the loads
 }
 
+// The same bytes as probe_gather, but each CTA reads whole pages (every kv head's K and V slices,
+// two contiguous halves) of an eighth of its item's pages: what reading a page all at once, as a
+// CTA that served every kv head would, gains over eight CTAs reading 4 KB slices of it.
+template <bool KF>
+__global__ void __launch_bounds__(128) probe_gather_pages(AttnParams p, u32* sink) {
+    const int4 w = p.work[blockIdx.x];
+    const int part = (w.w & ~DB_DIRECT_ITEM) % p.num_kv_heads, parts = p.num_kv_heads;
+    constexpr int ELEM = KF ? 1 : 2;
+    const int half_vecs = (int)(p.half_stride * ELEM / 16);
+    const char* kv = (const char*)p.kv;
+    const int* table = p.block_tables + (i64)w.x * p.max_blocks;
+    const int first = w.y >> 4, last = (w.z + 15) >> 4;
+    const int per = (last - first + parts - 1) / parts;
+    const int lo = first + part * per, hi = min(last, lo + per);
+    uint4 acc = make_uint4(0, 0, 0, 0);
+    for (int pg = lo; pg < hi; ++pg) {
+        const uint4* page = (const uint4*)(kv + (i64)table[pg] * p.page_stride * ELEM);
+        for (int i = threadIdx.x; i < 2 * half_vecs; i += 128 * 8) {
+            uint4 v[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) v[u] = i + u * 128 < 2 * half_vecs ? __ldcg(page + i + u * 128) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int u = 0; u < 8; ++u) acc.x ^= v[u].x, acc.y ^= v[u].y, acc.z ^= v[u].z, acc.w ^= v[u].w;
+        }
+    }
+    if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9e3779b9u) sink[threadIdx.x] = acc.x;
+}
+
 __global__ void __launch_bounds__(128) probe_stream(const uint4* buf, i64 vecs_per_cta, u32* sink) {
     const uint4* base = buf + (i64)blockIdx.x * vecs_per_cta;
     uint4 acc = make_uint4(0, 0, 0, 0);
@@ -131,7 +159,7 @@ static void run_probes(const Device& dev, const std::vector<Variant>& variants, 
                 }
             // The decode kernel's plan at its occupancy (bf16 2 stages: 3 CTAs/SM; e4m3 4 stages: 3).
             const int stage = 64;
-            for (int per_sm : {3, 4, 6}) {
+            for (int per_sm : {3, 6}) {
                 Plan pl = plan(c.lens, KVH, (long)dev.sms * per_sm, stage, 128, 192, 1, true);
                 AttnParams p = base_params(dev, c, mode);
                 int4* d_work;
@@ -144,10 +172,12 @@ static void run_probes(const Device& dev, const std::vector<Variant>& variants, 
                     row(std::string(name) + " plan/" + std::to_string(per_sm), ms, grid, kv_bytes);
                 };
                 if (kf) {
+                    gather(probe_gather_pages<true>, "gather whole pages");
                     gather(probe_gather<4, true>, "gather U4");
                     gather(probe_gather<8, true>, "gather U8");
                     gather(probe_gather<16, true>, "gather U16");
                 } else {
+                    gather(probe_gather_pages<false>, "gather whole pages");
                     gather(probe_gather<2, false>, "gather U2");
                     gather(probe_gather<4, false>, "gather U4");
                     gather(probe_gather<8, false>, "gather U8");
