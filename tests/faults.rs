@@ -5,6 +5,7 @@
 use crate::util::*;
 use decodebench_proto::wire;
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::Duration;
 
 /// Cases per shard in these tests: a shard is several cases long, so "mid-shard" exists.
@@ -24,6 +25,36 @@ fn mid_first_shard(st: &wire::StatusResponse, name: &str) -> bool {
     })
 }
 
+/// A coordinator with shards of [`SHARD_CASES`], leases that expire after `lease_s` seconds
+/// without a heartbeat, agents told to beat every `heartbeat_s`, and `extra` flags.
+fn fault_coordinator(
+    s: &Scratch,
+    grid: &Path,
+    port: u16,
+    (lease_s, heartbeat_s): (&str, &str),
+    extra: &[&str],
+) -> Proc {
+    let mut flags = vec![
+        "--lease-timeout-s",
+        lease_s,
+        "--heartbeat-s",
+        heartbeat_s,
+        "--shard-cases",
+        SHARD_CASES_ARG,
+    ];
+    flags.extend_from_slice(extra);
+    coordinator(s, "coordinator", grid, port, &flags)
+}
+
+/// Waits until agent `name` is half-way through its first shard ([`mid_first_shard`]).
+fn wait_mid_first_shard(probe: &StatusProbe, name: &str) -> wire::StatusResponse {
+    probe.wait_for(
+        Duration::from_secs(60),
+        &format!("{name} to be half-way through a shard"),
+        |st| mid_first_shard(st, name),
+    )
+}
+
 #[test]
 fn a_killed_agents_cases_finish_on_other_agents() {
     let _serial = exclusive();
@@ -31,27 +62,10 @@ fn a_killed_agents_cases_finish_on_other_agents() {
     let grid = s.grid(&GridSpec::slow());
     let ids = grid_case_ids(&grid);
     let port = free_port();
-    let mut coord = coordinator(
-        &s,
-        "coordinator",
-        &grid,
-        port,
-        &[
-            "--lease-timeout-s",
-            "2",
-            "--heartbeat-s",
-            "0.5",
-            "--shard-cases",
-            SHARD_CASES_ARG,
-        ],
-    );
+    let mut coord = fault_coordinator(&s, &grid, port, ("2", "0.5"), &[]);
     let probe = StatusProbe::new(port);
     let mut victim = agent(&s, "victim", port, &[]);
-    let st = probe.wait_for(
-        Duration::from_secs(60),
-        "the victim to be half-way through a shard",
-        |st| mid_first_shard(st, "victim"),
-    );
+    let st = wait_mid_first_shard(&probe, "victim");
     victim.kill9();
     let victim_id = agent_named(&st, "victim")
         .map(|a| a.agent_id.clone())
@@ -168,32 +182,14 @@ fn a_frozen_agents_late_results_are_counted_once() {
     let ids = grid_case_ids(&grid);
     let port = free_port();
     // --keep-serving: the coordinator is still there when the frozen agent wakes up.
-    let mut coord = coordinator(
-        &s,
-        "coordinator",
-        &grid,
-        port,
-        &[
-            "--lease-timeout-s",
-            "2",
-            "--heartbeat-s",
-            "0.5",
-            "--shard-cases",
-            SHARD_CASES_ARG,
-            "--keep-serving",
-        ],
-    );
+    let mut coord = fault_coordinator(&s, &grid, port, ("2", "0.5"), &["--keep-serving"]);
     let probe = StatusProbe::new(port);
     let mut frozen = agent(&s, "frozen", port, &[]);
     // Freeze it half-way through its first shard (re-check after the freeze: a report may have
     // been in flight).
     let mut attempts = 0;
     loop {
-        probe.wait_for(
-            Duration::from_secs(60),
-            "the agent to be half-way through a shard",
-            |st| mid_first_shard(st, "frozen"),
-        );
+        wait_mid_first_shard(&probe, "frozen");
         frozen.signal("STOP");
         std::thread::sleep(Duration::from_millis(200));
         if probe.get().is_some_and(|st| mid_first_shard(&st, "frozen")) {
@@ -303,27 +299,10 @@ fn sigterm_to_an_agent_finishes_its_case_and_hands_its_lease_back() {
     let ids = grid_case_ids(&grid);
     let port = free_port();
     // A lease that would take a minute to expire: only a hand-back lets the grid finish in time.
-    let mut coord = coordinator(
-        &s,
-        "coordinator",
-        &grid,
-        port,
-        &[
-            "--lease-timeout-s",
-            "60",
-            "--heartbeat-s",
-            "1",
-            "--shard-cases",
-            SHARD_CASES_ARG,
-        ],
-    );
+    let mut coord = fault_coordinator(&s, &grid, port, ("60", "1"), &[]);
     let probe = StatusProbe::new(port);
     let mut leaving = agent(&s, "leaving", port, &[]);
-    probe.wait_for(
-        Duration::from_secs(60),
-        "the agent to be half-way through a shard",
-        |st| mid_first_shard(st, "leaving"),
-    );
+    wait_mid_first_shard(&probe, "leaving");
     leaving.signal("TERM");
     leaving.wait_success(Duration::from_secs(30));
     let (run, accepted, _, handed_back) = agent_summary(&leaving.log())

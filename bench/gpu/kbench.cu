@@ -369,6 +369,46 @@ struct Run {
     size_t items;
 };
 
+// A graph of GRAPH_LAUNCHES launches of `launch` captured on `s`, warmed up for at least 25 ms and
+// replayed `trials_hint` times (at least 5, and no more than about 300 ms in all): the median ms per
+// launch. The caller destroys the graph and its instance.
+static const int GRAPH_LAUNCHES = 10;
+struct GraphTiming {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    double ms;
+};
+static GraphTiming time_graph(cudaStream_t s, const std::function<void()>& launch, int trials_hint) {
+    GraphTiming g;
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < GRAPH_LAUNCHES; ++i) launch();
+    CK(cudaStreamEndCapture(s, &g.graph));
+    CK(cudaGraphInstantiate(&g.exec, g.graph, 0));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    auto replay_ms = [&]() {
+        float ms = 0;
+        CK(cudaEventRecord(e0, s));
+        CK(cudaGraphLaunch(g.exec, s));
+        CK(cudaEventRecord(e1, s));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        return ms;
+    };
+    const float first = std::max(replay_ms(), 0.001f);
+    const int warm = std::max(1, (int)(25.0 / first));
+    for (int i = 0; i < warm; ++i) CK(cudaGraphLaunch(g.exec, s));
+    const int trials = std::max(5, std::min(trials_hint, (int)(300.0 / first)));
+    std::vector<double> t;
+    for (int i = 0; i < trials; ++i) t.push_back(replay_ms() / GRAPH_LAUNCHES);
+    std::sort(t.begin(), t.end());
+    g.ms = t[t.size() / 2];
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return g;
+}
+
 static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Variant& v, int trials_hint) {
     Kernel k = v.get(mode);
     CK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
@@ -475,38 +515,9 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     r.sf.resize(sfb);
     CK(cudaMemcpy(r.out.data(), out, ob, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(r.sf.data(), sf, sfb, cudaMemcpyDeviceToHost));
-    // Graph of 10 launches.
-    const int L = 10;
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    for (int i = 0; i < L; ++i) launch();
-    CK(cudaStreamEndCapture(s, &graph));
-    CK(cudaGraphInstantiate(&exec, graph, 0));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    // Warm-up: at least 25 ms.
-    float ms = 0;
-    CK(cudaEventRecord(e0, s));
-    CK(cudaGraphLaunch(exec, s));
-    CK(cudaEventRecord(e1, s));
-    CK(cudaEventSynchronize(e1));
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    int warm = std::max(1, (int)(25.0 / std::max(ms, 0.001f)));
-    for (int i = 0; i < warm; ++i) CK(cudaGraphLaunch(exec, s));
-    int trials = std::max(5, std::min(trials_hint, (int)(300.0 / std::max(ms, 0.001f))));
-    std::vector<double> t;
-    for (int i = 0; i < trials; ++i) {
-        CK(cudaEventRecord(e0, s));
-        CK(cudaGraphLaunch(exec, s));
-        CK(cudaEventRecord(e1, s));
-        CK(cudaEventSynchronize(e1));
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(ms / L);
-    }
-    std::sort(t.begin(), t.end());
-    r.ms = t[t.size() / 2];
+    GraphTiming g = time_graph(s, launch, trials_hint);
+    r.ms = g.ms;
+    cudaGraphExec_t exec = g.exec;
     if (getenv("KBENCH_TIMELINE") && getenv("KBENCH_TIMELINE_FILE")) {
         // One more launch outside the graph, after the timed replays (clocks and L2 as they were).
         CK(cudaDeviceSynchronize());
@@ -544,10 +555,8 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     }
     r.ctas_per_sm = per_sm;
     r.items = pl.items.size();
-    CK(cudaGraphExecDestroy(exec));
-    CK(cudaGraphDestroy(graph));
-    CK(cudaEventDestroy(e0));
-    CK(cudaEventDestroy(e1));
+    CK(cudaGraphExecDestroy(g.exec));
+    CK(cudaGraphDestroy(g.graph));
     CK(cudaStreamDestroy(s));
     cudaFree(d_work);
     cudaFree(d_off);

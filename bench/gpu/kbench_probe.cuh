@@ -96,34 +96,12 @@ __global__ void __launch_bounds__(128) probe_stream(const uint4* buf, i64 vecs_p
 
 __global__ void probe_empty() {}
 
-// Median ms per launch of `launch` (10 launches captured in a graph), after a warm-up.
-static double time_graph(cudaStream_t s, const std::function<void()>& launch) {
-    const int L = 10;
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    for (int i = 0; i < L; ++i) launch();
-    CK(cudaStreamEndCapture(s, &graph));
-    CK(cudaGraphInstantiate(&exec, graph, 0));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    float ms = 0;
-    std::vector<double> t;
-    for (int i = 0; i < 60; ++i) {
-        CK(cudaEventRecord(e0, s));
-        CK(cudaGraphLaunch(exec, s));
-        CK(cudaEventRecord(e1, s));
-        CK(cudaEventSynchronize(e1));
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        if (i >= 10) t.push_back(ms / L);
-    }
-    std::sort(t.begin(), t.end());
-    CK(cudaGraphExecDestroy(exec));
-    CK(cudaGraphDestroy(graph));
-    CK(cudaEventDestroy(e0));
-    CK(cudaEventDestroy(e1));
-    return t[t.size() / 2];
+// Median ms per launch of `launch` in kbench's graph timing (time_graph in kbench.cu).
+static double probe_ms(cudaStream_t s, const std::function<void()>& launch) {
+    GraphTiming g = time_graph(s, launch, 50);
+    CK(cudaGraphExecDestroy(g.exec));
+    CK(cudaGraphDestroy(g.graph));
+    return g.ms;
 }
 
 // `kbench probe [modes]`: the long small-batch cells, the production decode (with and without
@@ -134,7 +112,7 @@ static void run_probes(const Device& dev, const std::vector<Variant>& variants, 
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     printf("%-26s %-14s %5s %7s %9s %6s %s\n", "probe", "mode", "batch", "seq", "ms", "TB/s", "grid");
-    const double empty = time_graph(s, [&] { probe_empty<<<1, 32, 0, s>>>(); });
+    const double empty = probe_ms(s, [&] { probe_empty<<<1, 32, 0, s>>>(); });
     printf("%-26s %-14s %5s %7s %9.4f\n", "empty kernel", "-", "-", "-", empty);
     printf("(decode kernel rows: logical bytes incl. q/o; probes: the K/V bytes they read)\n");
     const int cells[][2] = {{1, 16384}, {1, 65536}, {1, 131072}, {4, 65536}, {4, 131072}, {16, 16384}};
@@ -168,7 +146,7 @@ static void run_probes(const Device& dev, const std::vector<Variant>& variants, 
                 p.work = d_work;
                 const unsigned grid = (unsigned)pl.launch.size();
                 auto gather = [&](auto kernel, const char* name) {
-                    const double ms = time_graph(s, [&] { kernel<<<grid, 128, 0, s>>>(p, sink); });
+                    const double ms = probe_ms(s, [&] { kernel<<<grid, 128, 0, s>>>(p, sink); });
                     row(std::string(name) + " plan/" + std::to_string(per_sm), ms, grid, kv_bytes);
                 };
                 if (kf) {
@@ -190,7 +168,7 @@ static void run_probes(const Device& dev, const std::vector<Variant>& variants, 
                 if (kv_bytes > pool_bytes) break;
                 const i64 vecs = (i64)(kv_bytes / 16) / grid;
                 const uint4* buf = (const uint4*)(kf ? (const void*)dev.kv_fp8 : (const void*)dev.kv_bf16);
-                const double ms = time_graph(s, [&] { probe_stream<<<grid, 128, 0, s>>>(buf, vecs, sink); });
+                const double ms = probe_ms(s, [&] { probe_stream<<<grid, 128, 0, s>>>(buf, vecs, sink); });
                 row("stream", ms, grid, (double)vecs * grid * 16);
             }
             cudaFree(c.d_tables);
