@@ -299,6 +299,11 @@ def targets(table_dir, layouts_dir=None):
               (f"; H100-scaled {sum(1 for r in big if tbs(r) * scale >= 2.8)} of {len(big)}, H100 model "
                f"{sum(1 for r in big if modelled(r) >= 2.8)} of {len(big)} (min {min(map(modelled, big)):.2f})"
                if other else ""))
+        short = sorted((int(r["batch_size"]), int(r["max_seq_len"]), modelled(r) if other else tbs(r))
+                       for r in big if (modelled(r) if other else tbs(r)) < 2.8)
+        if short:
+            print("   under 2.8" + (" by the H100 model" if other else "") + ": "
+                  + ", ".join(f"b{b} s{l} {x:.3f}" for b, l, x in short))
     # 3. FP8-query modes within 5 % of the FP8-KV time.
     for m in ("fp8/fp8/bf16", "fp8/fp8/fp8", "fp8/fp8/nvfp4"):
         rel = {k: num(r, "mean_ms") / num(cells["bf16/fp8/bf16"][k], "mean_ms")
