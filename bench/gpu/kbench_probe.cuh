@@ -136,9 +136,11 @@ static void run_probes(const Device& dev, const std::vector<Variant>& variants, 
                     row(v.name + " (decode kernel)", r.ms, r.items * KVH, c.bytes[kf]);
                 }
             // The decode kernel's plan at its occupancy (bf16 2 stages: 3 CTAs/SM; e4m3 4 stages: 3).
-            const int stage = 64;
+            const Variant production;  // the planner's constants as the variants use them
+            const int stage = tc<4, 1, 2, 4>(mode).stage_tokens;
             for (int per_sm : {3, 6}) {
-                Plan pl = plan(c.lens, KVH, (long)dev.sms * per_sm, stage, 128, 192, 1, true);
+                Plan pl = plan(c.lens, KVH, (long)dev.sms * per_sm, stage, production.min_chunk, production.overhead, 1,
+                               production.direct_items);
                 AttnParams p = base_params(dev, c, mode);
                 int4* d_work;
                 CK(cudaMalloc(&d_work, pl.launch.size() * sizeof(int4)));

@@ -29,6 +29,7 @@ DIR may also name a results.csv or a results.csv.gz (as kept in bench/gpu/logs).
 import csv
 import gzip
 import math
+import re
 import sys
 from collections import defaultdict
 
@@ -245,6 +246,18 @@ def layouts(d):
         print(f"{layout} block {block}: worst {max(xs):.3f}, geomean {geomean(xs):.3f} over {len(xs)} cases")
 
 
+def h100_model_ms(ms, nbytes, read_tbs):
+    """A call's time on FlashInfer's H100 by the 'H100 model': its fixed part on a card reading
+    `read_tbs` TB/s (its time less its bytes at that rate: launch, first loads, tail, merge, which
+    depend on clocks and latencies) kept, its bytes at the H100's read rate added. A call faster
+    than the card's read rate (the pool re-read from L2) has no fixed part to find: plain scaling
+    by the two read rates then."""
+    fixed_ms = ms - nbytes / (read_tbs * 1e9)
+    if fixed_ms <= 0:
+        return ms * read_tbs / FLASHINFER_CARD_READ_TBS
+    return fixed_ms + nbytes / (FLASHINFER_CARD_READ_TBS * 1e9)
+
+
 def targets(table_dir, layouts_dir=None):
     """Issue 7's targets on one table run. On a card other than FlashInfer's H100, each bandwidth
     figure is also given scaled by 3.10 TB/s over this card's calibrated read: what the same
@@ -266,14 +279,9 @@ def targets(table_dir, layouts_dir=None):
     tbs = lambda r: (num(r, "bandwidth_gbps") or 0) / 1000
 
     def modelled(r):
-        # TB/s on FlashInfer's card with this call's fixed part kept (see the docstring). A call
-        # faster than the card's read rate (the pool re-read from L2) has no fixed part to find:
-        # plain scaling then.
-        ms, nbytes = num(r, "mean_ms"), num(r, "bytes_per_call") or 0
-        fixed_ms = ms - nbytes / (cal_tbs * 1e9)
-        if fixed_ms <= 0:
-            return tbs(r) * scale
-        return nbytes / ((fixed_ms + nbytes / (FLASHINFER_CARD_READ_TBS * 1e9)) * 1e9)
+        # TB/s on FlashInfer's card by the H100 model (see the docstring and h100_model_ms).
+        nbytes = num(r, "bytes_per_call") or 0
+        return nbytes / (h100_model_ms(num(r, "mean_ms"), nbytes, cal_tbs) * 1e9)
     failed = [r for r in rs if r["status"] != "ok"]
     print(f"card: {', '.join(cards)}, streaming read {cal_tbs:.2f} TB/s" +
           (f"; 'H100-scaled' = x {scale:.3f}" if other else ""))
@@ -332,7 +340,6 @@ def targets(table_dir, layouts_dir=None):
 
 def markdown_cells(path):
     """{mode: {(batch, max_seq_len index): (ms, TB/s)}} from a table as `table` prints it."""
-    import re
     cells, current = defaultdict(dict), None
     with open(path) as f:
         for line in f:
@@ -360,9 +367,7 @@ def model_check(other_md, h100_md, other_read_tbs=4.53):
             ms, tbs = other[m][key]
             nbytes = ms * 1e-3 * tbs * 1e12
             plain = ms * other_read_tbs / FLASHINFER_CARD_READ_TBS
-            fixed_ms = ms - nbytes / (other_read_tbs * 1e9)
-            # As in `targets`: a call faster than the card's read rate has no fixed part to keep.
-            model = fixed_ms + nbytes / (FLASHINFER_CARD_READ_TBS * 1e9) if fixed_ms > 0 else plain
+            model = h100_model_ms(ms, nbytes, other_read_tbs)
             measured = h100[m][key][0]
             by_model.append(measured / model)
             by_plain.append(measured / plain)
