@@ -39,12 +39,28 @@
 #include "../../kernels/cuda/common.cuh"
 #include "../../kernels/cuda/generate.cu"
 #include "../../kernels/cuda/reference.cu"
+#define TL_MAX 16384
+#define TL_POINTS 11
+#define TL_MERGE_POINTS 5
+// The merge kernel's trace points (DB_MERGE_TRACE in decode.cu): after its wait for the decode
+// grid (0), after its loads and sums (1); for rows of several warps, after the barrier before
+// their sums are combined (2), the combined weights (3) and the stores (4); thread (0, 0) of each CTA.
+__device__ unsigned long long tl_mphase[TL_MAX][TL_MERGE_POINTS];
+#ifdef KBENCH_TRACE
+#define DB_MERGE_TRACE(point)                                                                \
+    do {                                                                                     \
+        const unsigned i_ = blockIdx.y * gridDim.x + blockIdx.x;                             \
+        if (threadIdx.x == 0 && threadIdx.y == 0 && i_ < TL_MAX) {                           \
+            unsigned long long t_;                                                           \
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)::"memory");                \
+            tl_mphase[i_][point] = t_;                                                       \
+        }                                                                                    \
+    } while (0)
+#endif
 #include "../../kernels/cuda/decode.cu"
 #define DB_NO_KERNEL_EXPORTS  // only the variants below are instantiated from decode_mma.cu
 // Phase trace (KBENCH_TIMELINE): the value a point depends on is stored first, so the timer is
 // read only once that value is there (a warp issues in order).
-#define TL_MAX 16384
-#define TL_POINTS 11
 __device__ unsigned long long tl_phase[TL_MAX][TL_POINTS];
 __device__ unsigned tl_dep[TL_MAX][TL_POINTS];
 #ifdef KBENCH_TRACE  // built so by timeline.sh; the timed builds have no trace points
@@ -157,7 +173,7 @@ static Kernel tc(int mode) {
     const bool kf = MODES[mode].kf;
     const int stages = kf ? STG_FP8 : STG_BF16;
     const int pipe = stages * 2 * ST * 128 * (kf ? 1 : 2) + 8 * (128 + 8) * 2;  // + the query rows
-    const int merge = (W * 8 * 128 + 2 * W * 8 + 8 * 128) * 4;
+    const int merge = (W * 8 * (128 + 4) + 2 * W * 8 + 8 * 128) * 4;
     const void* f[5] = {(const void*)k_tc<128, 1, false, false, OUT_BF16, W, TPW, STG_BF16, PREV>,
                         (const void*)k_tc<128, 1, false, true, OUT_BF16, W, TPW, STG_FP8, PREV>,
                         (const void*)k_tc<128, 1, true, true, OUT_BF16, W, TPW, STG_FP8, PREV>,
@@ -526,13 +542,15 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         CK(cudaMemcpyToSymbol(tl_merge, zero.data(), zero.size() * 8));
         std::vector<unsigned long long> zp((size_t)TL_MAX * TL_POINTS, 0);
         CK(cudaMemcpyToSymbol(tl_phase, zp.data(), zp.size() * 8));
+        CK(cudaMemcpyToSymbol(tl_mphase, zp.data(), (size_t)TL_MAX * TL_MERGE_POINTS * 8));
         CK(cudaGraphLaunch(exec, s));
         CK(cudaStreamSynchronize(s));
         std::vector<unsigned long long> d((size_t)TL_MAX * 3), m((size_t)TL_MAX * 3);
         CK(cudaMemcpyFromSymbol(d.data(), tl_decode, d.size() * 8));
         CK(cudaMemcpyFromSymbol(m.data(), tl_merge, m.size() * 8));
-        std::vector<unsigned long long> ph((size_t)TL_MAX * TL_POINTS);
+        std::vector<unsigned long long> ph((size_t)TL_MAX * TL_POINTS), mph((size_t)TL_MAX * TL_MERGE_POINTS);
         CK(cudaMemcpyFromSymbol(ph.data(), tl_phase, ph.size() * 8));
+        CK(cudaMemcpyFromSymbol(mph.data(), tl_mphase, mph.size() * 8));
         FILE* f = fopen(getenv("KBENCH_TIMELINE_FILE"), "a");
         if (f) {
             // The graph's last launch: each CTA index holds its last run.
@@ -543,6 +561,12 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
                 for (size_t i = 0; i < (size_t)QO * batch && i < TL_MAX; ++i)
                     fprintf(f, "%s,%d,%zu,merge,%zu,%llu,%llu,%llu,0\n", v.name.c_str(), mode, c.lens.size(), i, m[i * 3],
                             m[i * 3 + 1], m[i * 3 + 2]);
+            if (!pl.direct && v.merge)
+                for (size_t i = 0; i < (size_t)QO * batch && i < TL_MAX; ++i)
+                    for (int k = 0; k < TL_MERGE_POINTS; ++k)
+                        if (mph[i * TL_MERGE_POINTS + k])
+                            fprintf(f, "%s,%d,%zu,mphase%d,%zu,%llu,%llu,%llu,0\n", v.name.c_str(), mode, c.lens.size(), k,
+                                    i, m[i * 3], m[i * 3 + 1], mph[i * TL_MERGE_POINTS + k]);
             for (size_t i = 0; i < pl.launch.size() && i < TL_MAX; ++i)
                 for (int k = 0; k < TL_POINTS; ++k)
                     if (ph[i * TL_POINTS + k])
@@ -687,6 +711,9 @@ int main(int argc, char** argv) {
     // Two warps of two 16-token tiles each: same stage (64 tokens) and shared memory, half the warps.
     add("w2t2_lf", tc<2, 2, 2, 4>, 1);
     add("w2t2_hm", tc<2, 2, 2, 4>, 2);
+    // KBENCH_REVERSE=1: the variants in the opposite order (each cell runs them back to back, and
+    // at the H200's power cap a later one can run at lower clocks: an A/B is read both ways).
+    if (getenv("KBENCH_REVERSE")) std::reverse(variants.begin(), variants.end());
     std::vector<int> modes;
     for (const char* m = mode_arg; *m; ++m)
         if (*m >= '0' && *m <= '4') modes.push_back(*m - '0');

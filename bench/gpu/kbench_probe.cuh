@@ -79,6 +79,42 @@ __global__ void __launch_bounds__(128) probe_gather_pages(AttnParams p, u32* sin
     if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9e3779b9u) sink[threadIdx.x] = acc.x;
 }
 
+// Whole pages (every kv head's K and V: one contiguous page_bytes block) from a flat list of the
+// batch's pages, in claims of CLAIM consecutive entries. DYN: claimed from a global counter (the
+// next claim taken while the current one loads), so that CTAs that read faster take more and
+// the wave ends together; otherwise CTA c takes claims c, c + grid, .. (the same code, balanced
+// statically). What balancing by claims would gain over static chunks if a CTA served every kv
+// head of a page (target 4: equal chunks end 2.9 us apart at b1 s65536, bench/gpu/NOTES.md).
+// ctr[0] (next claim) and ctr[1] (CTAs done) are reset by the last CTA to finish.
+template <bool DYN, int CLAIM>
+__global__ void __launch_bounds__(128) probe_gather_claims(const char* kv, i64 page_bytes, const int* pages, int n,
+                                                           u32* ctr, u32* sink) {
+    __shared__ int s_next;
+    const int vecs = (int)(page_bytes / 16), claims = (n + CLAIM - 1) / CLAIM;
+    uint4 acc = make_uint4(0, 0, 0, 0);
+    if (DYN && threadIdx.x == 0) s_next = (int)atomicAdd(&ctr[0], 1u);
+    __syncthreads();
+    int cur = DYN ? s_next : (int)blockIdx.x;
+    while (cur < claims) {
+        __syncthreads();  // every thread has read s_next
+        if (DYN && threadIdx.x == 0) s_next = (int)atomicAdd(&ctr[0], 1u);
+        for (int c = cur * CLAIM; c < min(cur * CLAIM + CLAIM, n); ++c) {
+            const uint4* page = (const uint4*)(kv + (i64)pages[c] * page_bytes);
+            for (int i = threadIdx.x; i < vecs; i += 128 * 8) {
+                uint4 v[8];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) v[u] = i + u * 128 < vecs ? __ldcg(page + i + u * 128) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                for (int u = 0; u < 8; ++u) acc.x ^= v[u].x, acc.y ^= v[u].y, acc.z ^= v[u].z, acc.w ^= v[u].w;
+            }
+        }
+        __syncthreads();
+        cur = DYN ? s_next : cur + (int)gridDim.x;
+    }
+    if (DYN && threadIdx.x == 0 && atomicAdd(&ctr[1], 1u) == gridDim.x - 1) ctr[0] = ctr[1] = 0u;
+    if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9e3779b9u) sink[threadIdx.x] = acc.x;
+}
+
 __global__ void __launch_bounds__(128) probe_stream(const uint4* buf, i64 vecs_per_cta, u32* sink) {
     const uint4* base = buf + (i64)blockIdx.x * vecs_per_cta;
     uint4 acc = make_uint4(0, 0, 0, 0);
@@ -163,6 +199,35 @@ static void run_probes(const Device& dev, const std::vector<Variant>& variants, 
                     gather(probe_gather<8, false>, "gather U8");
                 }
                 cudaFree(d_work);
+            }
+            // Whole pages in claims, static against dynamic, over 3 and 6 CTAs per SM.
+            {
+                std::vector<int> table((size_t)c.lens.size() * c.max_blocks), flat;
+                CK(cudaMemcpy(table.data(), c.d_tables, table.size() * 4, cudaMemcpyDeviceToHost));
+                for (size_t b = 0; b < c.lens.size(); ++b)
+                    for (int j = 0; j < (c.lens[b] + BLK - 1) / BLK; ++j) flat.push_back(table[b * c.max_blocks + j]);
+                int* d_pages;
+                u32* ctr;
+                CK(cudaMalloc(&d_pages, flat.size() * 4));
+                CK(cudaMemcpy(d_pages, flat.data(), flat.size() * 4, cudaMemcpyHostToDevice));
+                CK(cudaMalloc(&ctr, 8));
+                CK(cudaMemset(ctr, 0, 8));
+                const char* kvp = (const char*)(kf ? (const void*)dev.kv_fp8 : (const void*)dev.kv_bf16);
+                const i64 page_bytes = (i64)2 * KVH * BLK * HD * (kf ? 1 : 2);
+                const int n = (int)flat.size();
+                for (int per_sm : {3, 6}) {
+                    const unsigned grid = (unsigned)dev.sms * per_sm;
+                    auto claims = [&](auto kernel, const std::string& name) {
+                        const double ms = probe_ms(s, [&] { kernel<<<grid, 128, 0, s>>>(kvp, page_bytes, d_pages, n, ctr, sink); });
+                        row(name + " x" + std::to_string(per_sm), ms, grid, (double)n * page_bytes);
+                    };
+                    claims(probe_gather_claims<false, 1>, "pages static 1");
+                    claims(probe_gather_claims<true, 1>, "pages dynamic 1");
+                    claims(probe_gather_claims<true, 2>, "pages dynamic 2");
+                    claims(probe_gather_claims<true, 4>, "pages dynamic 4");
+                }
+                cudaFree(d_pages);
+                cudaFree(ctr);
             }
             // The same bytes, contiguous, from the start of the pool (where they fit in it).
             const double pool_bytes = (double)PAGES * 2 * KVH * BLK * HD * (kf ? 1 : 2);

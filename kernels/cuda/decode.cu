@@ -212,10 +212,15 @@ __device__ void decode_split(const AttnParams& p) {
 // while the decode kernel's last CTAs run and waits, after reading what the host wrote, until
 // their partials are visible.
 #define MERGE_MAX_WARPS 8
+// Phase trace points of the merge kernel, as DB_TRACE in decode_mma.cu: kbench's traced build
+// defines them; decodebench's compiles them to nothing.
+#ifndef DB_MERGE_TRACE
+#define DB_MERGE_TRACE(point)
+#endif
 template <int D, int OUT>
 __device__ void merge_partials(const AttnParams& p) {
     constexpr int VEC = D / 32;
-    __shared__ float part_num[MERGE_MAX_WARPS][D];
+    __shared__ __align__(16) float part_num[MERGE_MAX_WARPS][D];
     __shared__ float part_den[MERGE_MAX_WARPS];
     __shared__ float part_max[MERGE_MAX_WARPS];
     const int row_warps = (int)(blockDim.x >> 5), nrows = (int)blockDim.y;
@@ -225,11 +230,13 @@ __device__ void merge_partials(const AttnParams& p) {
     const int first = p.split_offsets[b], last = p.split_offsets[b + 1];  // written by the host
     if (p.direct_items && last - first == 1) return;  // written by its decode CTA
     grid_dependency_wait();
+    DB_MERGE_TRACE(0);
     if (warp < MERGE_MAX_WARPS) {
         float m = -DB_INF, den = 0.0f, num[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) num[k] = 0.0f;
         if (h < p.num_qo_heads) merge_accumulate<D>(p, h, first + rw, last, row_warps, lane, m, den, num);
+        DB_MERGE_TRACE(1);
         if (row_warps == 1) {
             // The row is this warp's alone: finish it and write it from registers (the whole warp
             // calls the store: NVFP4 groups are found by shuffles).
@@ -238,45 +245,62 @@ __device__ void merge_partials(const AttnParams& p) {
             for (int k = 0; k < VEC; ++k) num[k] *= inv;
             store_output_vec<OUT, VEC>(p, num, b, h, lane * VEC, h < p.num_qo_heads);
         } else {
+            if (VEC % 4 == 0) {  // 16-byte stores: a warp's 512 bytes in 4 wavefronts
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) part_num[warp][lane * VEC + k] = num[k];
+                for (int k = 0; k < VEC; k += 4)
+                    *(float4*)&part_num[warp][lane * VEC + k] = make_float4(num[k], num[k + 1], num[k + 2], num[k + 3]);
+            } else {
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) part_num[warp][lane * VEC + k] = num[k];
+            }
             if (lane == 0) part_den[warp] = den, part_max[warp] = m;
         }
     }
     if (row_warps == 1) return;  // the same for the whole CTA (blockDim)
     __syncthreads();
+    DB_MERGE_TRACE(2);
     if (warp < MERGE_MAX_WARPS) {
-        // Unrolled to the largest count with a guard, so that the weights stay in registers.
-        float mm = -DB_INF;
+        // The row's weights by shuffles: lane w holds warp w's (max, sum) (row_warps <= 8 lanes;
+        // the others the identities), the max and the sum over lanes 0..7 by xor steps within
+        // each group of 8, and each warp's weight broadcast from its lane. (Unrolled over all 8
+        // warps with guards, this was ~200 dependent instructions: 0.5 us of a b1 merge's 2 us
+        // after its release, bench/gpu/NOTES.md run 53.)
+        const int rb = r * row_warps;
+        const float mw = lane < row_warps ? part_max[rb + lane] : -DB_INF;
+        const float dw = lane < row_warps ? part_den[rb + lane] : 0.0f;
+        float mm = mw;
 #pragma unroll
-        for (int w = 0; w < MERGE_MAX_WARPS; ++w)
-            if (w < row_warps) mm = fmaxf(mm, part_max[r * row_warps + w]);
-        float c[MERGE_MAX_WARPS], den = 0.0f;
+        for (int o = 1; o < MERGE_MAX_WARPS; o <<= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+        const float cw = (mw == -DB_INF) ? 0.0f : exp2f(mw - mm);
+        float den = cw * dw;
 #pragma unroll
-        for (int w = 0; w < MERGE_MAX_WARPS; ++w) {
-            const float mw = w < row_warps ? part_max[r * row_warps + w] : -DB_INF;
-            c[w] = (mw == -DB_INF) ? 0.0f : exp2f(mw - mm);
-            if (w < row_warps) den += c[w] * part_den[r * row_warps + w];
-        }
+        for (int o = 1; o < MERGE_MAX_WARPS; o <<= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+        den = __shfl_sync(0xffffffffu, den, 0);
         const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-        // Four columns per lane, written from registers; every lane of the row's warps runs each
-        // step (NVFP4 groups are found by shuffles; a step's tail is whole 16-column groups).
+        float c[MERGE_MAX_WARPS];
+#pragma unroll
+        for (int w = 0; w < MERGE_MAX_WARPS; ++w) c[w] = __shfl_sync(0xffffffffu, cw, w);
+        DB_MERGE_TRACE(3);
+        // Four columns per lane (one 16-byte load per warp's sum), written from registers; every
+        // lane of the row's warps runs each step (NVFP4 groups are found by shuffles; a step's
+        // tail is whole 16-column groups).
         for (int d0 = 0; d0 < D; d0 += blockDim.x * 4) {
             const int d = d0 + threadIdx.x * 4;
             const bool active = d < D && h < p.num_qo_heads;
             float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             if (active) {
 #pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    float num = 0.0f;
+                for (int w = 0; w < MERGE_MAX_WARPS; ++w)
+                    if (w < row_warps) {
+                        const float4 v = *(const float4*)&part_num[rb + w][d];
+                        x[0] += c[w] * v.x, x[1] += c[w] * v.y, x[2] += c[w] * v.z, x[3] += c[w] * v.w;
+                    }
 #pragma unroll
-                    for (int w = 0; w < MERGE_MAX_WARPS; ++w)
-                        if (w < row_warps) num += c[w] * part_num[r * row_warps + w][d + k];
-                    x[k] = num * inv;
-                }
+                for (int k = 0; k < 4; ++k) x[k] *= inv;
             }
             store_output_vec<OUT, 4>(p, x, b, h, d, active);
         }
+        DB_MERGE_TRACE(4);
     }
 }
 

@@ -513,19 +513,35 @@ __device__ void decode_mma(const AttnParams& p) {
             lsum[nh][c] += __shfl_xor_sync(0xffffffffu, lsum[nh][c], 8);
             lsum[nh][c] += __shfl_xor_sync(0xffffffffu, lsum[nh][c], 16);
         }
+    // red_o's rows are padded to RS floats. A thread's values are heads 2t and 2t + 1 at dims
+    // g and g + 8 (bf16 path) or 2g and 2g + 1 (e4m3 path): with rows of D floats the four t of a
+    // column hit one bank (4-way conflicts, 512 shared-memory wavefronts per CTA). With D + 4 the
+    // bf16 path's 4-byte stores are conflict-free, and so are the e4m3 path's 8-byte ones (both
+    // dims at once; each half-warp covers 16 distinct bank pairs). The float4 reads below stay
+    // aligned.
+    constexpr int RS = D + 4;
     float* red_o = (float*)smem;
-    float* red_m = red_o + WARPS * G * D;
+    float* red_m = red_o + WARPS * G * RS;
     float* red_l = red_m + WARPS * G;
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
-        for (int nh = 0; nh < NH; ++nh)
+        for (int nh = 0; nh < NH; ++nh) {
+            if (KV_FP8) {
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const int head = nh * 8 + 2 * tq + (k & 1);
-                const int dim = KV_FP8 ? i * 16 + 2 * g + (k >> 1) : i * 16 + g + (k >> 1) * 8;
-                if (head < G) red_o[(warp * G + head) * D + dim] = o[i][nh][k];
+                for (int c = 0; c < 2; ++c) {
+                    const int head = nh * 8 + 2 * tq + c;
+                    if (head < G)
+                        *(float2*)&red_o[(warp * G + head) * RS + i * 16 + 2 * g] = make_float2(o[i][nh][c], o[i][nh][c + 2]);
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int head = nh * 8 + 2 * tq + (k & 1);
+                    if (head < G) red_o[(warp * G + head) * RS + i * 16 + g + (k >> 1) * 8] = o[i][nh][k];
+                }
             }
+        }
     if (g == 0) {
 #pragma unroll
         for (int nh = 0; nh < NH; ++nh)
@@ -574,13 +590,13 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
     for (int st = 0; st < STEPS; ++st) {
         const int e = st * STEP + tid * 4;
-        const int row = e < G * D ? e / D : 0;
+        const int row = e < G * D ? e / D : 0, col = e % D;
         acc[st] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (e < G * D) {
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) {
                 const float wt = red_m[w * G + row];
-                const float4 x = *(const float4*)&red_o[w * G * D + e];
+                const float4 x = *(const float4*)&red_o[(w * G + row) * RS + col];
                 acc[st].x += x.x * wt;
                 acc[st].y += x.y * wt;
                 acc[st].z += x.z * wt;

@@ -386,8 +386,9 @@ pub(crate) fn mma_geometry(head: u32, group: u32, kv: Dtype, depth: u32) -> Opti
     // stages while the prologue builds the fragments (`QS` in decode_mma.cu).
     let query = group * (head + 8) * 2;
     let warps = MMA_THREADS / 32;
-    // The warps' partial rows and their (max, sum) pairs, for the epilogue (over the stages).
-    let merge = 4 * group * (warps * head + 2 * warps);
+    // The warps' partial rows (padded by 4 floats, `RS` in decode_mma.cu) and their (max, sum)
+    // pairs, for the epilogue (over the stages).
+    let merge = 4 * group * (warps * (head + 4) + 2 * warps);
     Some(DecodeGeometry {
         variant: DecodeVariant::Mma,
         block: (MMA_THREADS, 1, 1),
