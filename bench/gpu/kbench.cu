@@ -17,7 +17,9 @@
 // Knobs (environment): KBENCH_LENS and KBENCH_TABLE (a case's lengths, its block table from a
 // file), KBENCH_CUBIN + KBENCH_CUBIN_FN (the decode kernel from a cubin, e.g. decodebench's NVRTC
 // module out of its compile cache, launched with the same arguments), KBENCH_ALLOC=async (pools
-// from cudaMallocAsync, as decodebench allocates), KBENCH_ZERO_POOL (an all-zero cache).
+// from cudaMallocAsync, as decodebench allocates), KBENCH_ZERO_POOL (an all-zero cache),
+// KBENCH_REVERSE (the variants in the opposite order: at the power cap a cell's later variants
+// run at lower clocks, so read a large-cell A/B both ways; bench/gpu/NOTES.md run 54).
 //
 // A/B against a committed kernel: `bash bench/gpu/kbench_prev.sh [commit]` here writes
 // bench/gpu/prev/decode_mma_prev.cu; carried with the call, it adds the prev_* variants, timed
