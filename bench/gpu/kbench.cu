@@ -19,7 +19,9 @@
 // module out of its compile cache, launched with the same arguments), KBENCH_ALLOC=async (pools
 // from cudaMallocAsync, as decodebench allocates), KBENCH_ZERO_POOL (an all-zero cache),
 // KBENCH_REVERSE (the variants in the opposite order: at the power cap a cell's later variants
-// run at lower clocks, so read a large-cell A/B both ways; bench/gpu/NOTES.md run 54).
+// run at lower clocks, so read a large-cell A/B both ways; bench/gpu/NOTES.md run 54),
+// KBENCH_ABBA (both orders in one run: each cell's variants forward, then backward, the faster
+// time of each kept; twice the run time).
 //
 // A/B against a committed kernel: `bash bench/gpu/kbench_prev.sh [commit]` here writes
 // bench/gpu/prev/decode_mma_prev.cu; carried with the call, it adds the prev_* variants, timed
@@ -716,6 +718,7 @@ int main(int argc, char** argv) {
     // KBENCH_REVERSE=1: the variants in the opposite order (each cell runs them back to back, and
     // at the H200's power cap a later one can run at lower clocks: an A/B is read both ways).
     if (getenv("KBENCH_REVERSE")) std::reverse(variants.begin(), variants.end());
+    const bool abba = getenv("KBENCH_ABBA") != nullptr;
     std::vector<int> modes;
     for (const char* m = mode_arg; *m; ++m)
         if (*m >= '0' && *m <= '4') modes.push_back(*m - '0');
@@ -734,12 +737,21 @@ int main(int argc, char** argv) {
                 CaseBufs c = make_case(batch, seq, 1000 + bi * 10 + si);
                 std::vector<float> ref;
                 if (MODES[mode].out == OUT_BF16 && batch <= 16 && !only_batch) ref = reference(dev, c, mode);
+                std::vector<size_t> sel;  // this cell's variants, in run order
+                for (size_t vi = 0; vi < variants.size(); ++vi)
+                    if (selected(filter, variants[vi].name) && (variants[vi].merge || MODES[mode].out == OUT_BF16))
+                        sel.push_back(vi);
+                std::vector<Run> runs(variants.size());
+                for (size_t vi : sel) runs[vi] = run_variant(dev, c, mode, variants[vi], 20);
+                // KBENCH_ABBA=1: the cell's variants again in the opposite order, each keeping the
+                // faster of its two times, so that no variant always runs last (NOTES run 54).
+                if (abba)
+                    for (auto it = sel.rbegin(); it != sel.rend(); ++it)
+                        runs[*it].ms = std::min(runs[*it].ms, run_variant(dev, c, mode, variants[*it], 20).ms);
                 std::vector<u8> base_out;
-                for (size_t vi = 0; vi < variants.size(); ++vi) {
+                for (size_t vi : sel) {
                     const Variant& v = variants[vi];
-                    if (!selected(filter, v.name)) continue;
-                    if (!v.merge && MODES[mode].out != OUT_BF16) continue;
-                    Run r = run_variant(dev, c, mode, v, 20);
+                    const Run& r = runs[vi];
                     double maxerr = -1, refmax = 0;
                     if (!ref.empty()) {
                         const u16* o = (const u16*)r.out.data();
