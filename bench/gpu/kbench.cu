@@ -562,15 +562,14 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
                 fprintf(f, "%s,%d,%zu,decode,%zu,%llu,%llu,%llu,%d\n", v.name.c_str(), mode, c.lens.size(), i, d[i * 3],
                         d[i * 3 + 1], d[i * 3 + 2], pl.launch[i].z - pl.launch[i].y);
             if (!pl.direct && v.merge)
-                for (size_t i = 0; i < (size_t)QO * batch && i < TL_MAX; ++i)
+                for (size_t i = 0; i < (size_t)QO * batch && i < TL_MAX; ++i) {
                     fprintf(f, "%s,%d,%zu,merge,%zu,%llu,%llu,%llu,0\n", v.name.c_str(), mode, c.lens.size(), i, m[i * 3],
                             m[i * 3 + 1], m[i * 3 + 2]);
-            if (!pl.direct && v.merge)
-                for (size_t i = 0; i < (size_t)QO * batch && i < TL_MAX; ++i)
                     for (int k = 0; k < TL_MERGE_POINTS; ++k)
                         if (mph[i * TL_MERGE_POINTS + k])
                             fprintf(f, "%s,%d,%zu,mphase%d,%zu,%llu,%llu,%llu,0\n", v.name.c_str(), mode, c.lens.size(), k,
                                     i, m[i * 3], m[i * 3 + 1], mph[i * TL_MERGE_POINTS + k]);
+                }
             for (size_t i = 0; i < pl.launch.size() && i < TL_MAX; ++i)
                 for (int k = 0; k < TL_POINTS; ++k)
                     if (ph[i * TL_POINTS + k])

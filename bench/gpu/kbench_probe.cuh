@@ -12,6 +12,18 @@
 //
 // Included by kbench.cu after its cases, plans and timing helpers.
 
+// A CTA of 128 threads reading vecs 16-byte vectors from base, 8 loads in flight per thread,
+// folded into acc (so the loads are kept): the probes' contiguous reads.
+__device__ __forceinline__ void fold_read(const uint4* base, i64 vecs, uint4& acc) {
+    for (i64 i = threadIdx.x; i < vecs; i += 128 * 8) {
+        uint4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) v[u] = i + u * 128 < vecs ? __ldcg(base + i + u * 128) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) acc.x ^= v[u].x, acc.y ^= v[u].y, acc.z ^= v[u].z, acc.w ^= v[u].w;
+    }
+}
+
 template <int U, bool KF>
 __global__ void __launch_bounds__(128) probe_gather(AttnParams p, u32* sink) {
     const int4 w = p.work[blockIdx.x];
@@ -67,14 +79,7 @@ __global__ void __launch_bounds__(128) probe_gather_pages(AttnParams p, u32* sin
     const int lo = first + part * per, hi = min(last, lo + per);
     uint4 acc = make_uint4(0, 0, 0, 0);
     for (int pg = lo; pg < hi; ++pg) {
-        const uint4* page = (const uint4*)(kv + (i64)table[pg] * p.page_stride * ELEM);
-        for (int i = threadIdx.x; i < 2 * half_vecs; i += 128 * 8) {
-            uint4 v[8];
-#pragma unroll
-            for (int u = 0; u < 8; ++u) v[u] = i + u * 128 < 2 * half_vecs ? __ldcg(page + i + u * 128) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-            for (int u = 0; u < 8; ++u) acc.x ^= v[u].x, acc.y ^= v[u].y, acc.z ^= v[u].z, acc.w ^= v[u].w;
-        }
+        fold_read((const uint4*)(kv + (i64)table[pg] * p.page_stride * ELEM), 2 * half_vecs, acc);
     }
     if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9e3779b9u) sink[threadIdx.x] = acc.x;
 }
@@ -99,14 +104,7 @@ __global__ void __launch_bounds__(128) probe_gather_claims(const char* kv, i64 p
         __syncthreads();  // every thread has read s_next
         if (DYN && threadIdx.x == 0) s_next = (int)atomicAdd(&ctr[0], 1u);
         for (int c = cur * CLAIM; c < min(cur * CLAIM + CLAIM, n); ++c) {
-            const uint4* page = (const uint4*)(kv + (i64)pages[c] * page_bytes);
-            for (int i = threadIdx.x; i < vecs; i += 128 * 8) {
-                uint4 v[8];
-#pragma unroll
-                for (int u = 0; u < 8; ++u) v[u] = i + u * 128 < vecs ? __ldcg(page + i + u * 128) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-                for (int u = 0; u < 8; ++u) acc.x ^= v[u].x, acc.y ^= v[u].y, acc.z ^= v[u].z, acc.w ^= v[u].w;
-            }
+            fold_read((const uint4*)(kv + (i64)pages[c] * page_bytes), vecs, acc);
         }
         __syncthreads();
         cur = DYN ? s_next : cur + (int)gridDim.x;
@@ -118,15 +116,7 @@ __global__ void __launch_bounds__(128) probe_gather_claims(const char* kv, i64 p
 __global__ void __launch_bounds__(128) probe_stream(const uint4* buf, i64 vecs_per_cta, u32* sink) {
     const uint4* base = buf + (i64)blockIdx.x * vecs_per_cta;
     uint4 acc = make_uint4(0, 0, 0, 0);
-    constexpr int U = 8;
-    for (i64 i = threadIdx.x; i < vecs_per_cta; i += 128 * U) {
-        uint4 v[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-            v[u] = i + u * 128 < vecs_per_cta ? __ldcg(base + i + u * 128) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int u = 0; u < U; ++u) acc.x ^= v[u].x, acc.y ^= v[u].y, acc.z ^= v[u].z, acc.w ^= v[u].w;
-    }
+    fold_read(base, vecs_per_cta, acc);
     if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9e3779b9u) sink[threadIdx.x] = acc.x;
 }
 

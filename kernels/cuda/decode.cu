@@ -264,7 +264,7 @@ __device__ void merge_partials(const AttnParams& p) {
         // the others the identities), the max and the sum over lanes 0..7 by xor steps within
         // each group of 8, and each warp's weight broadcast from its lane. (Unrolled over all 8
         // warps with guards, this was ~200 dependent instructions: 0.5 us of a b1 merge's 2 us
-        // after its release, bench/gpu/NOTES.md run 53.)
+        // after its release, bench/gpu/NOTES.md runs 55-56.)
         const int rb = r * row_warps;
         const float mw = lane < row_warps ? part_max[rb + lane] : -DB_INF;
         const float dw = lane < row_warps ? part_den[rb + lane] : 0.0f;
