@@ -21,7 +21,9 @@
 // KBENCH_REVERSE (the variants in the opposite order: at the power cap a cell's later variants
 // run at lower clocks, so read a large-cell A/B both ways; bench/gpu/NOTES.md run 54),
 // KBENCH_ABBA (both orders in one run: each cell's variants forward, then backward, the faster
-// time of each kept; twice the run time).
+// time of each kept; twice the run time), KBENCH_PREV_PDL (the prev_* kernel launched as a
+// programmatic dependent, as production launches the current one: only for kernels from run 59
+// on, which wait for the kernel before them before reading their inputs).
 //
 // A/B against a committed kernel: `bash bench/gpu/kbench_prev.sh [commit]` here writes
 // bench/gpu/prev/decode_mma_prev.cu; carried with the call, it adds the prev_* variants, timed
@@ -168,6 +170,7 @@ struct Variant {
     bool merge = true;  // false: the merge is skipped (a timing diagnostic only: the output is wrong)
     bool direct_items = true;  // unsplit sequences written by their decode CTA (DB_DIRECT_ITEM)
     int fused_max = 0;  // fused merge (merge_group_if_last) when no sequence has more splits
+    bool pdl_decode = true;  // the decode kernel a programmatic dependent of the previous kernel (launch.rs)
     int merge_cta_warps = 4;  // the merge kernel's warps per CTA unless a row needs 8 (launch.rs merge_block)
 };
 
@@ -511,6 +514,18 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
                 fprintf(stderr, "cuLaunchKernel failed\n");
                 exit(1);
             }
+        } else if (v.pdl_decode) {
+            cudaLaunchConfig_t dcfg = {};
+            dcfg.gridDim = dim3((unsigned)pl.launch.size());
+            dcfg.blockDim = dim3(k.threads);
+            dcfg.dynamicSmemBytes = k.smem;
+            dcfg.stream = s;
+            cudaLaunchAttribute dattr[1];
+            dattr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            dattr[0].val.programmaticStreamSerializationAllowed = 1;
+            dcfg.attrs = dattr;
+            dcfg.numAttrs = 1;
+            CK(cudaLaunchKernelExC(&dcfg, k.fn, args));
         } else
             CK(cudaLaunchKernel(k.fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), args, k.smem, s));
         if (pl.direct || !v.merge || fused) return;
@@ -685,9 +700,14 @@ int main(int argc, char** argv) {
     // every sequence.)
     add("prev_lf", tc<4, 1, 2, 4, true>, 1).direct_items = false;
     add("prev_hm", tc<4, 1, 2, 4, true>, 2).direct_items = false;
+    // Kernels before run 59 read their inputs without waiting for the kernel before them, so they
+    // are launched after its completion; KBENCH_PREV_PDL=1 launches a later one as production does.
+    for (Variant& v : variants) v.pdl_decode = getenv("KBENCH_PREV_PDL") != nullptr;
 #endif
     add("cur_lf", tc<4, 1, 2, 4>, 1);
     add("cur_hm", tc<4, 1, 2, 4>, 2);
+    // Each decode kernel launched after the previous kernel's completion, as before run 59.
+    add("nopdl_lf", tc<4, 1, 2, 4>, 1).pdl_decode = false;
     // What the merge costs (bf16 output only; the output is wrong, so diffB counts it).
     add("nomerge_lf", tc<4, 1, 2, 4>, 1).merge = false;
     // Planner constants (production: minimum chunk 128 tokens, per-CTA cost 192).

@@ -206,9 +206,23 @@ def compare(a, b):
     rb = {key(r): r for r in rows(b) if r["status"] == "ok"}
     print("| kernel | mode | batch | max_seq_len | pool | A median ms | B median ms | B/A |")
     print("|---|---|---|---|---|---|---|---|")
+    ratios = defaultdict(list)  # (kernel, mode) -> [(batch, max_seq_len, B/A)]
     for k in sorted(ra.keys() & rb.keys(), key=lambda k: (k[0], k[1], int(k[2]), int(k[3]), k[4])):
         x, y = num(ra[k], "median_ms"), num(rb[k], "median_ms")
         print(f"| {' | '.join(k)} | {x:.4f} | {y:.4f} | {y / x:.3f} |")
+        ratios[(k[0], k[1])].append((int(k[2]), int(k[3]), y / x))
+    # Per kernel and mode: the geomean of B/A over all cases, over the small ones (batch x length up
+    # to 16 x 16384, where a call's fixed costs weigh) and over the rest.
+    print()
+    print("| kernel | mode | cases | B/A geomean | small (b x s <= 16 x 16384) | larger | min | max |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (kernel, m), rs in sorted(ratios.items()):
+        small = [r for b, s, r in rs if b * s <= 16 * 16384]
+        large = [r for b, s, r in rs if b * s > 16 * 16384]
+        every = [r for _, _, r in rs]
+        part = lambda xs: f"{geomean(xs):.3f} ({len(xs)})" if xs else "-"
+        print(f"| {kernel} | {m} | {len(every)} | {geomean(every):.3f} | {part(small)} | {part(large)} "
+              f"| {min(every):.3f} | {max(every):.3f} |")
 
 
 def layout_cases(d):

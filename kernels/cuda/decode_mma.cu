@@ -170,14 +170,22 @@ __device__ void decode_mma(const AttnParams& p) {
     static_assert(STAGES >= 2, "at least double buffering");
 
     u8* const smem = dynamic_smem();
-    // The merge kernel (split plans) may launch as soon as every CTA of this grid is running.
-    grid_dependency_launch();
+    // The merge kernel (split plans without the fused merge) may launch as soon as every CTA of
+    // this grid is running. Otherwise the next kernel is the next call's decode kernel, which may
+    // be a programmatic dependent too: it is placed when this grid's CTAs have exited (the
+    // implicit trigger), not beside them.
+    if (!p.direct && !p.fused_merge) grid_dependency_launch();
     DB_TRACE(0, 0u);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int tq = lane & 3, g = lane >> 2;
     const int mi = lane >> 3, mr = lane & 7;
     const int G = p.group;
     const int4 item = p.work[blockIdx.x];
+    // Launched as a programmatic dependent of the kernel before it (chained calls, sm_90+), the CTA
+    // has come up while that kernel finished; only the plan (written by the host) is read before
+    // that kernel's writes are visible. Everything a previous kernel of a model step could have
+    // written (query, cache, block tables) and everything this one writes comes after.
+    grid_dependency_wait();
     const int b = item.x, t_begin = item.y, t_end = item.z;
     const bool direct = p.direct || (item.w & DB_DIRECT_ITEM);
     const int slot = item.w & ~DB_DIRECT_ITEM;

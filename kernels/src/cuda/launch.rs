@@ -449,8 +449,9 @@ enum LaunchAfter {
     /// The usual stream order: starts once the previous kernel has finished.
     Completion,
     /// Programmatic dependent launch (sm_90+): may start once every CTA of the previous kernel
-    /// has started (or called `grid_dependency_launch()`), and must call
-    /// `grid_dependency_wait()` before reading what that kernel wrote (merge_partials does).
+    /// has called `grid_dependency_launch()` or exited, and must call `grid_dependency_wait()`
+    /// before reading what that kernel wrote or writing what it reads (merge_partials and
+    /// decode_mma do).
     ProgrammaticStart,
 }
 
@@ -573,7 +574,20 @@ pub(crate) fn launch_decode(
         block_dim: geometry.block,
         shared_mem_bytes: geometry.smem_bytes,
     };
-    launch_params(session, &names.decode, cfg, params, LaunchAfter::Completion)?;
+    let pdl = session.props.compute_major >= PDL_MIN_COMPUTE_MAJOR;
+    // Chained calls: the tensor-core kernel as a programmatic dependent of the kernel before it
+    // (in a stream of calls, the previous call's merge or decode kernel), so that its launch and
+    // its plan's first read overlap that kernel's last exits and flush; it waits for that kernel
+    // before reading its inputs. Placed only when the previous kernel's CTAs have exited (neither
+    // kernel triggers its dependents early then), so its CTAs are spread as after a plain launch
+    // (run 43 triggered early and packed a one-wave grid unevenly). 1 % geomean on an H200,
+    // 3-4 % on the 7-9 us cells (bench/gpu/NOTES.md run 59). The FMA kernel has no such wait.
+    let after = if pdl && geometry.variant == DecodeVariant::Mma {
+        LaunchAfter::ProgrammaticStart
+    } else {
+        LaunchAfter::Completion
+    };
+    launch_params(session, &names.decode, cfg, params, after)?;
     if params.direct == 0 && params.fused_merge == 0 {
         let (x, rows) = merge_block(
             max_splits,
@@ -589,7 +603,7 @@ pub(crate) fn launch_decode(
             block_dim: (x, rows, 1),
             shared_mem_bytes: 0,
         };
-        let after = if session.props.compute_major >= PDL_MIN_COMPUTE_MAJOR {
+        let after = if pdl {
             LaunchAfter::ProgrammaticStart
         } else {
             LaunchAfter::Completion
