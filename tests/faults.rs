@@ -161,16 +161,19 @@ fn a_restarted_coordinator_resumes_from_its_journal() {
         kept.len()
     );
     // Each agent counts the results the coordinators accepted from it; a case re-run and accepted
-    // twice would push the total past the grid size.
-    let accepted: u64 = agents
-        .iter()
-        .filter_map(|a| agent_summary(&a.log()))
-        .map(|(_, accepted, _, _)| accepted)
-        .sum();
-    assert_eq!(
-        accepted,
-        ids.len() as u64,
-        "one accepted result per case over both coordinators"
+    // twice would push the total past the grid size. A result the first coordinator journaled but
+    // was killed before acknowledging is sent again and the second one, which resumed it from the
+    // journal, answers "duplicate": so accepted plus duplicates covers the grid, and accepted alone
+    // may fall short of it (CI saw 11 + 1 of 12 once).
+    let (_, accepted, duplicates, _) = summary_totals(&agents);
+    let cases = ids.len() as u64;
+    assert!(
+        accepted <= cases,
+        "{accepted} results accepted for {cases} cases: some case was accepted twice"
+    );
+    assert!(
+        accepted + duplicates >= cases,
+        "{accepted} accepted and {duplicates} duplicates for {cases} cases: some result was lost"
     );
 }
 

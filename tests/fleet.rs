@@ -29,13 +29,8 @@ fn three_agents_finish_a_grid_with_every_case_once() {
             a.name
         );
     }
-    let total_accepted: u64 = agents
-        .iter()
-        .filter_map(|a| agent_summary(&a.log()))
-        .map(|(_, accepted, _, _)| accepted)
-        .sum();
     assert_eq!(
-        total_accepted,
+        summary_totals(&agents).1,
         ids.len() as u64,
         "the agents together had exactly one accepted result per case"
     );
@@ -91,13 +86,8 @@ fn fifty_agent_processes_share_a_grid_with_every_case_once() {
         agent_ids.len() > 1,
         "with {MANY_AGENTS} agents the work should be spread, but only {agent_ids:?} reported"
     );
-    let accepted: u64 = agents
-        .iter()
-        .filter_map(|a| agent_summary(&a.log()))
-        .map(|(_, accepted, _, _)| accepted)
-        .sum();
     assert_eq!(
-        accepted,
+        summary_totals(&agents).1,
         ids.len() as u64,
         "one accepted result per case across all agents"
     );

@@ -687,6 +687,17 @@ pub fn agent_summary(log: &str) -> Option<(u64, u64, u64, u64)> {
     }
 }
 
+/// The agents' closing lines summed: (cases run, results accepted, duplicates, cases handed back);
+/// an agent without one counts nothing.
+pub fn summary_totals(agents: &[Proc]) -> (u64, u64, u64, u64) {
+    agents
+        .iter()
+        .filter_map(|a| agent_summary(&a.log()))
+        .fold((0, 0, 0, 0), |t, s| {
+            (t.0 + s.0, t.1 + s.1, t.2 + s.2, t.3 + s.3)
+        })
+}
+
 /// Waits until something accepts TCP connections on 127.0.0.1:`port`.
 pub fn wait_for_listener(port: u16, limit: Duration) {
     wait_until(limit, &format!("a listener on 127.0.0.1:{port}"), || {

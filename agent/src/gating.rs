@@ -55,8 +55,8 @@ pub fn run_gated(
 mod tests {
     use super::*;
     use decodebench_kernels::{
-        DeviceIdentity, KernelKind, KernelMeasurement, KvLayout, KvPool, MeasureMethod,
-        NoTelemetry, QuantMode, Status,
+        DeviceIdentity, KernelKind, KernelMeasurement, KvPool, MeasureMethod, NoTelemetry,
+        QuantMode, Status,
     };
 
     /// A backend whose first `throttled_runs` runs report a power-cap throttle reason.
@@ -91,21 +91,15 @@ mod tests {
 
     fn case(retries: u32) -> BenchCase {
         BenchCase {
-            id: String::new(),
-            batch_size: 1,
-            max_seq_len: 16,
-            quant: QuantMode::BF16,
             num_qo_heads: 8,
             num_kv_heads: 1,
             head_size: 64,
-            layout: KvLayout::Hnd,
-            block_size: 16,
             pool: KvPool::Unique,
-            seed: 0,
             method: MeasureMethod {
                 throttle_retries: retries,
                 ..Default::default()
             },
+            ..BenchCase::reference_shape(1, 16, QuantMode::BF16)
         }
         .with_id()
     }

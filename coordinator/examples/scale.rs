@@ -19,8 +19,8 @@ use clap::Parser;
 use decodebench_coordinator::run::{cases_hash, serve, CoordinatorConfig, ProgressDisplay};
 use decodebench_coordinator::scheduler::{FleetRequirement, Placement, SchedulerConfig};
 use decodebench_kernels::{
-    Accuracy, BenchCase, CaseMeasurement, KernelKind, KernelMeasurement, KvLayout, KvPool,
-    MeasureMethod, QuantMode, Status, Telemetry, TimingStats,
+    Accuracy, BenchCase, CaseMeasurement, KernelKind, KernelMeasurement, QuantMode, Status,
+    Telemetry, TimingStats,
 };
 use decodebench_proto::wire::coordinator_client::CoordinatorClient;
 use decodebench_proto::{wire, PROTOCOL_VERSION};
@@ -36,8 +36,6 @@ use tonic::transport::{Channel, Endpoint};
 const BATCH_SIZES_PER_SEQ_LEN: u32 = 1000;
 /// Sequence-length step between groups of synthetic cases, tokens.
 const SEQ_LEN_STEP_TOKENS: u32 = 16;
-/// Shared KV pool of the synthetic cases (never allocated: no kernel runs), tokens.
-const SYNTHETIC_POOL_TOKENS: u32 = 256_000;
 /// Largest latency the histograms record, microseconds (a minute: anything slower is a failure).
 const HISTOGRAM_MAX_US: u64 = 60_000_000;
 /// Significant digits kept by the latency histograms.
@@ -92,26 +90,16 @@ struct Args {
     client_workers: usize,
 }
 
-/// One synthetic case per index, all distinct, all sharing one KV-pool set-up.
+/// One synthetic case per index, all distinct, all of the reference shape and so sharing one
+/// KV-pool set-up (never allocated: no kernel runs).
 fn synthetic_cases(n: usize) -> Vec<BenchCase> {
     (0..n as u32)
         .map(|i| {
-            BenchCase {
-                id: String::new(),
-                batch_size: 1 + i % BATCH_SIZES_PER_SEQ_LEN,
-                max_seq_len: SEQ_LEN_STEP_TOKENS * (1 + i / BATCH_SIZES_PER_SEQ_LEN),
-                quant: QuantMode::BF16,
-                num_qo_heads: 64,
-                num_kv_heads: 8,
-                head_size: 128,
-                layout: KvLayout::Hnd,
-                block_size: 16,
-                pool: KvPool::Shared {
-                    tokens: SYNTHETIC_POOL_TOKENS,
-                },
-                seed: 0,
-                method: MeasureMethod::default(),
-            }
+            BenchCase::reference_shape(
+                1 + i % BATCH_SIZES_PER_SEQ_LEN,
+                SEQ_LEN_STEP_TOKENS * (1 + i / BATCH_SIZES_PER_SEQ_LEN),
+                QuantMode::BF16,
+            )
             .with_id()
         })
         .collect()

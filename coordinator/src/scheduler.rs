@@ -824,26 +824,18 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use decodebench_kernels::{
-        KernelKind, KernelMeasurement, KvLayout, KvPool, MeasureMethod, QuantMode,
-    };
+    use decodebench_kernels::{KernelKind, KernelMeasurement, KvPool, QuantMode};
 
     fn cases(n: u32) -> Vec<BenchCase> {
         (0..n)
             .map(|i| {
                 BenchCase {
-                    id: String::new(),
-                    batch_size: 1 + i,
-                    max_seq_len: 64,
-                    quant: QuantMode::BF16,
                     num_qo_heads: 8,
                     num_kv_heads: 1,
                     head_size: 64,
-                    layout: KvLayout::Hnd,
-                    block_size: 16,
                     pool: KvPool::Shared { tokens: 4096 },
                     seed: 1,
-                    method: MeasureMethod::default(),
+                    ..BenchCase::reference_shape(1 + i, 64, QuantMode::BF16)
                 }
                 .with_id()
             })

@@ -557,28 +557,13 @@ pub(crate) mod tests {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{Float64Type, UInt32Type};
     use decodebench_kernels::{
-        Accuracy, BenchCase, CaseMeasurement, DeviceIdentity, KernelKind, KvLayout, MeasureMethod,
-        QuantMode, Status,
+        Accuracy, BenchCase, CaseMeasurement, DeviceIdentity, KernelKind, QuantMode, Status,
     };
 
     /// A record with both kernels: the optimized one ok with `opt_ms` samples, the baseline ok
     /// with `base_ms`; an empty sample list makes that kernel `failed`.
     pub(crate) fn sample_record(batch: u32, opt_ms: &[f64], base_ms: &[f64]) -> ResultRecord {
-        let case = BenchCase {
-            id: String::new(),
-            batch_size: batch,
-            max_seq_len: 1024,
-            quant: QuantMode::FP8_QKV,
-            num_qo_heads: 64,
-            num_kv_heads: 8,
-            head_size: 128,
-            layout: KvLayout::Hnd,
-            block_size: 16,
-            pool: KvPool::Shared { tokens: 256_000 },
-            seed: 0,
-            method: MeasureMethod::default(),
-        }
-        .with_id();
+        let case = BenchCase::reference_shape(batch, 1024, QuantMode::FP8_QKV).with_id();
         let kernel = |kind: KernelKind, samples: &[f64]| {
             if samples.is_empty() {
                 return KernelMeasurement::not_timed(kind, Status::Failed, "launch failed, \"x\"");

@@ -345,6 +345,30 @@ pub struct BenchCase {
 }
 
 impl BenchCase {
+    /// The reference script's shape at this batch, length and quantization: 64 qo and 8 kv heads
+    /// of 128, HND pages of 16 tokens, the shared pool of [`REFERENCE_POOL_TOKENS`], seed 0 and
+    /// the default measurement method. The id is left empty: change fields with struct-update
+    /// syntax (`BenchCase { head_size: 64, ..BenchCase::reference_shape(..) }`), then
+    /// [`BenchCase::with_id`].
+    pub fn reference_shape(batch_size: u32, max_seq_len: u32, quant: QuantMode) -> BenchCase {
+        BenchCase {
+            id: String::new(),
+            batch_size,
+            max_seq_len,
+            quant,
+            num_qo_heads: 64,
+            num_kv_heads: 8,
+            head_size: 128,
+            layout: KvLayout::Hnd,
+            block_size: 16,
+            pool: KvPool::Shared {
+                tokens: REFERENCE_POOL_TOKENS,
+            },
+            seed: 0,
+            method: MeasureMethod::default(),
+        }
+    }
+
     /// A 16-hex-digit id: SHA-256 of the canonical parameter string. Stable across runs, machines
     /// and versions as long as the parameters are the same.
     pub fn compute_id(&self) -> String {
@@ -576,18 +600,9 @@ mod tests {
 
     pub(crate) fn case(batch: u32, seq: u32, pool: KvPool) -> BenchCase {
         BenchCase {
-            id: String::new(),
-            batch_size: batch,
-            max_seq_len: seq,
-            quant: QuantMode::BF16,
-            num_qo_heads: 64,
-            num_kv_heads: 8,
-            head_size: 128,
-            layout: KvLayout::Hnd,
-            block_size: 16,
             pool,
             seed: 42,
-            method: MeasureMethod::default(),
+            ..BenchCase::reference_shape(batch, seq, QuantMode::BF16)
         }
         .with_id()
     }

@@ -6,8 +6,8 @@ use crate::record::ResultRecord;
 use crate::sink::write_outputs;
 use decodebench_kernels::workload::draw_seq_lens;
 use decodebench_kernels::{
-    Accuracy, BenchCase, CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement, KvLayout,
-    KvPool, MeasureMethod, QuantMode, Status,
+    Accuracy, BenchCase, CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement, QuantMode,
+    Status,
 };
 
 /// Streaming-read bandwidth of the synthetic H100s, GB/s (the design's calibrated figure).
@@ -44,21 +44,7 @@ pub fn noisy_samples(seed: u64, n: usize, mean: f64, sd: f64) -> Vec<f64> {
 
 /// The reference workload's case with this batch, length and quantization.
 pub fn case(batch: u32, max_seq_len: u32, quant: QuantMode) -> BenchCase {
-    BenchCase {
-        id: String::new(),
-        batch_size: batch,
-        max_seq_len,
-        quant,
-        num_qo_heads: 64,
-        num_kv_heads: 8,
-        head_size: 128,
-        layout: KvLayout::Hnd,
-        block_size: 16,
-        pool: KvPool::Shared { tokens: 256_000 },
-        seed: 0,
-        method: MeasureMethod::default(),
-    }
-    .with_id()
+    BenchCase::reference_shape(batch, max_seq_len, quant).with_id()
 }
 
 /// A timed, ok kernel measurement with telemetry; an empty sample list makes it `failed`.

@@ -284,23 +284,16 @@ pub(crate) fn output_bytes(case: &BenchCase, out: Dtype) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::{KvLayout, KvPool, MeasureMethod, QuantMode};
+    use crate::workload::{KvPool, QuantMode};
 
     #[test]
     fn output_sizes_follow_the_dtype() {
         let case = BenchCase {
-            id: String::new(),
-            batch_size: 3,
-            max_seq_len: 10,
-            quant: QuantMode::FP8_QKV_NVFP4_OUT,
             num_qo_heads: 8,
             num_kv_heads: 1,
             head_size: 64,
-            layout: KvLayout::Hnd,
-            block_size: 16,
             pool: KvPool::Unique,
-            seed: 0,
-            method: MeasureMethod::default(),
+            ..BenchCase::reference_shape(3, 10, QuantMode::FP8_QKV_NVFP4_OUT)
         };
         assert_eq!(output_bytes(&case, Dtype::Bf16), (3 * 8 * 64 * 2, 0));
         assert_eq!(output_bytes(&case, Dtype::Fp8), (3 * 8 * 64, 0));
