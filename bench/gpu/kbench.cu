@@ -116,6 +116,22 @@ __device__ __forceinline__ unsigned smid() {
     return r;
 }
 
+// A launch as a programmatic dependent of the kernel before it in the stream (PDL, sm_90+), as
+// decodebench launches the merge and, in chained calls, the decode kernel (launch.rs).
+static void launch_dependent(const void* fn, dim3 grid, dim3 block, int smem, cudaStream_t s, void** args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CK(cudaLaunchKernelExC(&cfg, fn, args));
+}
+
 // PREV: the previous version of the kernel (prev/decode_mma_prev.cu) instead of the current one.
 template <int D, int NH, bool QF, bool KF, int OUT, int W, int TPW, int STG, bool PREV>
 __global__ void __launch_bounds__(W * 32) k_tc(AttnParams p) {
@@ -515,32 +531,13 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
                 exit(1);
             }
         } else if (v.pdl_decode) {
-            cudaLaunchConfig_t dcfg = {};
-            dcfg.gridDim = dim3((unsigned)pl.launch.size());
-            dcfg.blockDim = dim3(k.threads);
-            dcfg.dynamicSmemBytes = k.smem;
-            dcfg.stream = s;
-            cudaLaunchAttribute dattr[1];
-            dattr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-            dattr[0].val.programmaticStreamSerializationAllowed = 1;
-            dcfg.attrs = dattr;
-            dcfg.numAttrs = 1;
-            CK(cudaLaunchKernelExC(&dcfg, k.fn, args));
+            launch_dependent(k.fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), k.smem, s, args);
         } else
             CK(cudaLaunchKernel(k.fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), args, k.smem, s));
         if (pl.direct || !v.merge || fused) return;
         // The merge as decodebench launches it on sm_90+: a programmatic dependent of the decode
         // kernel (see launch.rs).
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3((QO + merge_block.y - 1) / merge_block.y, batch);
-        cfg.blockDim = merge_block;
-        cfg.stream = s;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        CK(cudaLaunchKernelExC(&cfg, mfn, args));
+        launch_dependent(mfn, dim3((QO + merge_block.y - 1) / merge_block.y, batch), merge_block, 0, s, args);
     };
     launch();
     CK(cudaStreamSynchronize(s));
