@@ -22,6 +22,11 @@ impl ConvertError {
             reason: reason.into(),
         }
     }
+
+    /// An enum field holding a number this build does not know (a newer peer, or garbage).
+    fn unknown(field: impl Into<String>, what: &str, value: i32) -> Self {
+        ConvertError::new(field, format!("unknown {what} {value}"))
+    }
 }
 
 fn dtype_from_wire(v: i32, field: &str) -> Result<k::Dtype, ConvertError> {
@@ -29,7 +34,7 @@ fn dtype_from_wire(v: i32, field: &str) -> Result<k::Dtype, ConvertError> {
         Ok(wire::Dtype::Bf16) => Ok(k::Dtype::Bf16),
         Ok(wire::Dtype::Fp8E4m3) => Ok(k::Dtype::Fp8),
         Ok(wire::Dtype::Nvfp4) => Ok(k::Dtype::Nvfp4),
-        _ => Err(ConvertError::new(field, format!("unknown dtype {v}"))),
+        _ => Err(ConvertError::unknown(field, "dtype", v)),
     }
 }
 
@@ -48,10 +53,7 @@ fn status_from_wire(v: i32) -> Result<k::Status, ConvertError> {
         Ok(wire::CaseStatus::Oom) => Ok(k::Status::Oom),
         Ok(wire::CaseStatus::WrongResult) => Ok(k::Status::WrongResult),
         Ok(wire::CaseStatus::Failed) => Ok(k::Status::Failed),
-        _ => Err(ConvertError::new(
-            "kernels[].status",
-            format!("unknown status {v}"),
-        )),
+        _ => Err(ConvertError::unknown("kernels[].status", "status", v)),
     }
 }
 
@@ -150,20 +152,16 @@ impl TryFrom<wire::MeasureMethod> for k::MeasureMethod {
         let l2 = match wire::L2Mode::try_from(m.l2) {
             Ok(wire::L2Mode::Hot) => k::L2Mode::Hot,
             Ok(wire::L2Mode::Cold) => k::L2Mode::Cold,
-            _ => {
-                return Err(ConvertError::new(
-                    "method.l2",
-                    format!("unknown L2 mode {}", m.l2),
-                ))
-            }
+            _ => return Err(ConvertError::unknown("method.l2", "L2 mode", m.l2)),
         };
         let timing = match wire::TimingMode::try_from(m.timing) {
             Ok(wire::TimingMode::Events) => k::TimingMode::Events,
             Ok(wire::TimingMode::Graph) => k::TimingMode::Graph,
             _ => {
-                return Err(ConvertError::new(
+                return Err(ConvertError::unknown(
                     "method.timing",
-                    format!("unknown timing mode {}", m.timing),
+                    "timing mode",
+                    m.timing,
                 ))
             }
         };
@@ -174,9 +172,10 @@ impl TryFrom<wire::MeasureMethod> for k::MeasureMethod {
             Ok(wire::KernelSelection::Optimized) => k::KernelSelection::Optimized,
             Ok(wire::KernelSelection::Baseline) => k::KernelSelection::Baseline,
             Err(_) => {
-                return Err(ConvertError::new(
+                return Err(ConvertError::unknown(
                     "method.kernels",
-                    format!("unknown kernel selection {}", m.kernels),
+                    "kernel selection",
+                    m.kernels,
                 ))
             }
         };
@@ -234,12 +233,7 @@ impl TryFrom<wire::BenchCase> for k::BenchCase {
         let layout = match wire::KvLayout::try_from(c.layout) {
             Ok(wire::KvLayout::Hnd) => k::KvLayout::Hnd,
             Ok(wire::KvLayout::Nhd) => k::KvLayout::Nhd,
-            _ => {
-                return Err(ConvertError::new(
-                    "case.layout",
-                    format!("unknown layout {}", c.layout),
-                ))
-            }
+            _ => return Err(ConvertError::unknown("case.layout", "layout", c.layout)),
         };
         let method = c
             .method
@@ -371,9 +365,10 @@ impl TryFrom<wire::KernelMeasurement> for k::KernelMeasurement {
             Ok(wire::KernelKind::Baseline) => k::KernelKind::Baseline,
             Ok(wire::KernelKind::Optimized) => k::KernelKind::Optimized,
             _ => {
-                return Err(ConvertError::new(
+                return Err(ConvertError::unknown(
                     "kernels[].kernel",
-                    format!("unknown kernel kind {}", m.kernel),
+                    "kernel kind",
+                    m.kernel,
                 ))
             }
         };
