@@ -21,7 +21,8 @@
 // KBENCH_REVERSE (the variants in the opposite order: at the power cap a cell's later variants
 // run at lower clocks, so read a large-cell A/B both ways; bench/gpu/NOTES.md run 54),
 // KBENCH_ABBA (both orders in one run: each cell's variants forward, then backward, the faster
-// time of each kept; twice the run time), KBENCH_PREV_PDL (the prev_* kernel launched as a
+// time of each kept; twice the run time), KBENCH_GRAPH_LAUNCHES (calls per timed graph, 10 by
+// default as in decodebench's table grid), KBENCH_PREV_PDL (the prev_* kernel launched as a
 // programmatic dependent, as production launches the current one: only for kernels from run 59
 // on, which wait for the kernel before them before reading their inputs).
 //
@@ -419,8 +420,10 @@ struct GraphTiming {
 };
 static GraphTiming time_graph(cudaStream_t s, const std::function<void()>& launch, int trials_hint) {
     GraphTiming g;
+    // KBENCH_GRAPH_LAUNCHES=n: calls per graph (default GRAPH_LAUNCHES, as decodebench's table grid).
+    static const int launches = getenv("KBENCH_GRAPH_LAUNCHES") ? std::max(1, atoi(getenv("KBENCH_GRAPH_LAUNCHES"))) : GRAPH_LAUNCHES;
     CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    for (int i = 0; i < GRAPH_LAUNCHES; ++i) launch();
+    for (int i = 0; i < launches; ++i) launch();
     CK(cudaStreamEndCapture(s, &g.graph));
     CK(cudaGraphInstantiate(&g.exec, g.graph, 0));
     cudaEvent_t e0, e1;
@@ -440,7 +443,7 @@ static GraphTiming time_graph(cudaStream_t s, const std::function<void()>& launc
     for (int i = 0; i < warm; ++i) CK(cudaGraphLaunch(g.exec, s));
     const int trials = std::max(5, std::min(trials_hint, (int)(300.0 / first)));
     std::vector<double> t;
-    for (int i = 0; i < trials; ++i) t.push_back(replay_ms() / GRAPH_LAUNCHES);
+    for (int i = 0; i < trials; ++i) t.push_back(replay_ms() / launches);
     std::sort(t.begin(), t.end());
     g.ms = t[t.size() / 2];
     CK(cudaEventDestroy(e0));
