@@ -502,7 +502,11 @@ impl BenchCase {
 /// Semantics: an fp8 tensor stores `e4m3(x / scale)` and means `stored * scale`; the output in
 /// fp8 is `e4m3_sat(out / o_scale)`; NVFP4 output uses `o_sf_scale` as its global scale; logits
 /// are `(q * q_scale) . (k * k_scale) * sm_scale`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+///
+/// `repr(C)`: the same six floats end the kernels' parameter block (`AttnParams` in
+/// `cuda/launch.rs` and `common.cuh`), which holds this struct as it is.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Scales {
     pub q_scale: f32,
     pub k_scale: f32,

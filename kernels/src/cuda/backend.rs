@@ -398,13 +398,13 @@ impl CudaBackend {
                 .map_or(dptr(session, &pool.kv), |s| dptr(session, s));
             // Dequantized copies carry their scales already.
             if case.quant.q == Dtype::Fp8 {
-                params.q_scale = 1.0;
+                params.scales.q_scale = 1.0;
             }
             if case.quant.kv == Dtype::Fp8 {
-                params.k_scale = 1.0;
-                params.v_scale = 1.0;
+                params.scales.k_scale = 1.0;
+                params.scales.v_scale = 1.0;
             }
-            params.o_scale = scales.o_scale;
+            params.scales.o_scale = scales.o_scale;
             params.out = dptr(session, &out.values);
             let call = || launch_baseline(session, &params);
             let note = "bf16 paged decode on dequantized inputs, one CTA per (qo head, sequence)";

@@ -123,16 +123,12 @@ pub(crate) struct AttnParams {
     /// 1 (tensor-core kernel, split plans): the last CTA of each (sequence, kv head) merges its
     /// partials, and no merge kernel runs (see [`FUSED_MERGE_MAX_SPLITS`]).
     pub fused_merge: i32,
-    pub q_scale: f32,
-    pub k_scale: f32,
-    pub v_scale: f32,
-    pub o_scale: f32,
-    pub o_sf_scale: f32,
-    pub sm_scale: f32,
+    /// The case's scales, laid out as the C struct's last six floats.
+    pub scales: crate::workload::Scales,
 }
 
 // SAFETY: plain-old-data with the same layout as the C struct (all fields are fixed-size
-// integers or floats, 8-byte ones first).
+// integers or floats, 8-byte ones first; `scales` is a repr(C) struct of six f32).
 unsafe impl DeviceRepr for AttnParams {}
 // SAFETY: four i32, the layout of CUDA's int4.
 unsafe impl DeviceRepr for WorkItem {}
@@ -170,12 +166,7 @@ pub(crate) fn case_params(case: &BenchCase) -> AttnParams {
         group: case.group_size() as i32,
         sf_cols: (case.num_qo_heads * case.head_size / 16) as i32,
         direct: 1,
-        q_scale: scales.q_scale,
-        k_scale: scales.k_scale,
-        v_scale: scales.v_scale,
-        o_scale: scales.o_scale,
-        o_sf_scale: scales.o_sf_scale,
-        sm_scale: scales.sm_scale,
+        scales,
         ..Default::default()
     }
 }
@@ -887,6 +878,12 @@ mod tests {
             std::mem::size_of::<AttnParams>(),
             11 * 8 + 4 * 8 + 11 * 4 + 6 * 4 + 4
         );
+        // The scales sit right after the i32 fields, as common.cuh's six floats do.
+        assert_eq!(
+            std::mem::offset_of!(AttnParams, scales),
+            11 * 8 + 4 * 8 + 11 * 4
+        );
+        assert_eq!(std::mem::size_of::<crate::workload::Scales>(), 6 * 4);
         assert_eq!(std::mem::size_of::<WorkItem>(), 16);
     }
 
