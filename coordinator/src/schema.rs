@@ -12,8 +12,8 @@
 
 use crate::record::ResultRecord;
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
-    UInt32Builder, UInt64Builder,
+    ArrayRef, BooleanArray, Float64Array, Float64Builder, Int64Array, ListBuilder, StringBuilder,
+    UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
@@ -506,30 +506,21 @@ pub fn record_batch(records: &[ResultRecord]) -> Result<RecordBatch, ArrowError>
                     }
                     Arc::new(b.finish())
                 }
+                // Nullable primitive columns: one array from the rows' options.
                 Extract::UInt32(f) => {
-                    let mut b = UInt32Builder::with_capacity(n);
-                    rows.iter().for_each(|&row| b.append_option(f(row)));
-                    Arc::new(b.finish())
+                    Arc::new(rows.iter().map(|&row| f(row)).collect::<UInt32Array>())
                 }
                 Extract::UInt64(f) => {
-                    let mut b = UInt64Builder::with_capacity(n);
-                    rows.iter().for_each(|&row| b.append_option(f(row)));
-                    Arc::new(b.finish())
+                    Arc::new(rows.iter().map(|&row| f(row)).collect::<UInt64Array>())
                 }
                 Extract::Int64(f) => {
-                    let mut b = Int64Builder::with_capacity(n);
-                    rows.iter().for_each(|&row| b.append_option(f(row)));
-                    Arc::new(b.finish())
+                    Arc::new(rows.iter().map(|&row| f(row)).collect::<Int64Array>())
                 }
                 Extract::Float64(f) => {
-                    let mut b = Float64Builder::with_capacity(n);
-                    rows.iter().for_each(|&row| b.append_option(f(row)));
-                    Arc::new(b.finish())
+                    Arc::new(rows.iter().map(|&row| f(row)).collect::<Float64Array>())
                 }
                 Extract::Boolean(f) => {
-                    let mut b = BooleanBuilder::with_capacity(n);
-                    rows.iter().for_each(|&row| b.append_option(f(row)));
-                    Arc::new(b.finish())
+                    Arc::new(rows.iter().map(|&row| f(row)).collect::<BooleanArray>())
                 }
                 Extract::Float64List(f) => {
                     let mut b = ListBuilder::with_capacity(Float64Builder::new(), n)
