@@ -29,6 +29,26 @@ impl ConvertError {
     }
 }
 
+/// `From` both ways between a domain struct and its wire message whose fields all have the same
+/// names and types: the field list is written once, and a field missing on either side does not
+/// compile.
+macro_rules! same_fields {
+    ($domain:path, $wire:path, [$($field:ident),+ $(,)?]) => {
+        impl From<&$domain> for $wire {
+            #[allow(clippy::clone_on_copy)]
+            fn from(d: &$domain) -> Self {
+                Self { $($field: d.$field.clone()),+ }
+            }
+        }
+
+        impl From<$wire> for $domain {
+            fn from(w: $wire) -> Self {
+                Self { $($field: w.$field),+ }
+            }
+        }
+    };
+}
+
 fn dtype_from_wire(v: i32, field: &str) -> Result<k::Dtype, ConvertError> {
     match wire::Dtype::try_from(v) {
         Ok(wire::Dtype::Bf16) => Ok(k::Dtype::Bf16),
@@ -67,57 +87,31 @@ fn status_to_wire(s: k::Status) -> i32 {
     }) as i32
 }
 
-impl From<&k::DeviceIdentity> for wire::DeviceIdentity {
-    fn from(d: &k::DeviceIdentity) -> Self {
-        wire::DeviceIdentity {
-            backend: d.backend.clone(),
-            name: d.name.clone(),
-            uuid: d.uuid.clone(),
-            serial: d.serial.clone(),
-            pci_bus_id: d.pci_bus_id.clone(),
-            sku: d.sku.clone(),
-            compute_capability: d.compute_capability.clone(),
-            sm_count: d.sm_count,
-            memory_bytes: d.memory_bytes,
-            driver_version: d.driver_version.clone(),
-            cuda_driver_version: d.cuda_driver_version.clone(),
-            nvrtc_version: d.nvrtc_version.clone(),
-            vbios_version: d.vbios_version.clone(),
-            power_limit_w: d.power_limit_w,
-            ecc_enabled: d.ecc_enabled,
-            mig_enabled: d.mig_enabled,
-            calibrated_read_gbps: d.calibrated_read_gbps,
-            kernel_source_hash: d.kernel_source_hash.clone(),
-            host: d.host.clone(),
-        }
-    }
-}
-
-impl From<wire::DeviceIdentity> for k::DeviceIdentity {
-    fn from(d: wire::DeviceIdentity) -> Self {
-        k::DeviceIdentity {
-            backend: d.backend,
-            name: d.name,
-            uuid: d.uuid,
-            serial: d.serial,
-            pci_bus_id: d.pci_bus_id,
-            sku: d.sku,
-            compute_capability: d.compute_capability,
-            sm_count: d.sm_count,
-            memory_bytes: d.memory_bytes,
-            driver_version: d.driver_version,
-            cuda_driver_version: d.cuda_driver_version,
-            nvrtc_version: d.nvrtc_version,
-            vbios_version: d.vbios_version,
-            power_limit_w: d.power_limit_w,
-            ecc_enabled: d.ecc_enabled,
-            mig_enabled: d.mig_enabled,
-            calibrated_read_gbps: d.calibrated_read_gbps,
-            kernel_source_hash: d.kernel_source_hash,
-            host: d.host,
-        }
-    }
-}
+same_fields!(
+    k::DeviceIdentity,
+    wire::DeviceIdentity,
+    [
+        backend,
+        name,
+        uuid,
+        serial,
+        pci_bus_id,
+        sku,
+        compute_capability,
+        sm_count,
+        memory_bytes,
+        driver_version,
+        cuda_driver_version,
+        nvrtc_version,
+        vbios_version,
+        power_limit_w,
+        ecc_enabled,
+        mig_enabled,
+        calibrated_read_gbps,
+        kernel_source_hash,
+        host,
+    ]
+);
 
 impl From<&k::MeasureMethod> for wire::MeasureMethod {
     fn from(m: &k::MeasureMethod) -> Self {
@@ -278,45 +272,25 @@ impl TryFrom<wire::BenchCase> for k::BenchCase {
     }
 }
 
-impl From<&k::Telemetry> for wire::Telemetry {
-    fn from(t: &k::Telemetry) -> Self {
-        wire::Telemetry {
-            power_avg_w: t.power_avg_w,
-            power_max_w: t.power_max_w,
-            energy_per_call_j: t.energy_per_call_j,
-            temp_avg_c: t.temp_avg_c,
-            temp_max_c: t.temp_max_c,
-            mem_temp_max_c: t.mem_temp_max_c,
-            sm_clock_min_mhz: t.sm_clock_min_mhz,
-            sm_clock_avg_mhz: t.sm_clock_avg_mhz,
-            mem_clock_min_mhz: t.mem_clock_min_mhz,
-            mem_clock_avg_mhz: t.mem_clock_avg_mhz,
-            gpu_util_avg_pct: t.gpu_util_avg_pct,
-            throttle_reasons: t.throttle_reasons.clone(),
-            samples: t.samples,
-        }
-    }
-}
-
-impl From<wire::Telemetry> for k::Telemetry {
-    fn from(t: wire::Telemetry) -> Self {
-        k::Telemetry {
-            power_avg_w: t.power_avg_w,
-            power_max_w: t.power_max_w,
-            energy_per_call_j: t.energy_per_call_j,
-            temp_avg_c: t.temp_avg_c,
-            temp_max_c: t.temp_max_c,
-            mem_temp_max_c: t.mem_temp_max_c,
-            sm_clock_min_mhz: t.sm_clock_min_mhz,
-            sm_clock_avg_mhz: t.sm_clock_avg_mhz,
-            mem_clock_min_mhz: t.mem_clock_min_mhz,
-            mem_clock_avg_mhz: t.mem_clock_avg_mhz,
-            gpu_util_avg_pct: t.gpu_util_avg_pct,
-            throttle_reasons: t.throttle_reasons,
-            samples: t.samples,
-        }
-    }
-}
+same_fields!(
+    k::Telemetry,
+    wire::Telemetry,
+    [
+        power_avg_w,
+        power_max_w,
+        energy_per_call_j,
+        temp_avg_c,
+        temp_max_c,
+        mem_temp_max_c,
+        sm_clock_min_mhz,
+        sm_clock_avg_mhz,
+        mem_clock_min_mhz,
+        mem_clock_avg_mhz,
+        gpu_util_avg_pct,
+        throttle_reasons,
+        samples,
+    ]
+);
 
 impl From<&k::KernelMeasurement> for wire::KernelMeasurement {
     fn from(m: &k::KernelMeasurement) -> Self {
