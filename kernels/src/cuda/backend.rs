@@ -29,7 +29,7 @@ use super::verify::{check, decode_device_output, memset, OutputBuffers};
 use super::CudaError;
 use crate::backend::{Backend, TelemetryProbe};
 use crate::measurement::{CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement, Status};
-use crate::workload::{BenchCase, Dtype, L2Mode, Scales};
+use crate::workload::{BenchCase, Dtype, L2Mode};
 use cudarc::driver::CudaSlice;
 use std::time::{Duration, Instant};
 
@@ -387,7 +387,6 @@ impl CudaBackend {
                 values: alloc_bytes(session, bytes, "the baseline's output")?,
                 scale_factors: None,
             };
-            let scales = Scales::for_case(case);
             let mut params = base_params(session, case, &prepared.inputs);
             params.q = q_bf16
                 .as_ref()
@@ -396,7 +395,7 @@ impl CudaBackend {
                 .bf16_copy
                 .as_ref()
                 .map_or(dptr(session, &pool.kv), |s| dptr(session, s));
-            // Dequantized copies carry their scales already.
+            // Dequantized copies carry their scales already (the output's stays the case's).
             if case.quant.q == Dtype::Fp8 {
                 params.scales.q_scale = 1.0;
             }
@@ -404,7 +403,6 @@ impl CudaBackend {
                 params.scales.k_scale = 1.0;
                 params.scales.v_scale = 1.0;
             }
-            params.scales.o_scale = scales.o_scale;
             params.out = dptr(session, &out.values);
             let call = || launch_baseline(session, &params);
             let note = "bf16 paged decode on dequantized inputs, one CTA per (qo head, sequence)";

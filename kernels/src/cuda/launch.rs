@@ -573,12 +573,15 @@ pub(crate) fn launch_decode(
     // kernel triggers its dependents early then), so its CTAs are spread as after a plain launch
     // (run 43 triggered early and packed a one-wave grid unevenly). 1 % geomean on an H200,
     // 3-4 % on the 7-9 us cells (bench/gpu/NOTES.md run 59). The FMA kernel has no such wait.
-    let after = if pdl && geometry.variant == DecodeVariant::Mma {
-        LaunchAfter::ProgrammaticStart
-    } else {
-        LaunchAfter::Completion
+    let after = |programmatic: bool| {
+        if programmatic {
+            LaunchAfter::ProgrammaticStart
+        } else {
+            LaunchAfter::Completion
+        }
     };
-    launch_params(session, &names.decode, cfg, params, after)?;
+    let decode_after = after(pdl && geometry.variant == DecodeVariant::Mma);
+    launch_params(session, &names.decode, cfg, params, decode_after)?;
     if params.direct == 0 && params.fused_merge == 0 {
         let (x, rows) = merge_block(
             max_splits,
@@ -594,12 +597,7 @@ pub(crate) fn launch_decode(
             block_dim: (x, rows, 1),
             shared_mem_bytes: 0,
         };
-        let after = if pdl {
-            LaunchAfter::ProgrammaticStart
-        } else {
-            LaunchAfter::Completion
-        };
-        launch_params(session, &names.merge, cfg, params, after)?;
+        launch_params(session, &names.merge, cfg, params, after(pdl))?;
     }
     Ok(())
 }
