@@ -132,6 +132,29 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 pair) {
 }
 #endif
 
+// Two e4m3 pairs, the low and high 16 bits of x, as two f16x2 (lo, hi). sm_89+: the conversion
+// reads the high half in place (F2FP ... R.H1), so no shift or byte select is spent on it.
+__device__ __forceinline__ void e4m3x2x2_to_f16x2(u32 x, u32& lo, u32& hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm("{.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.rn.f16x2.e4m3x2 %0, l;\n\tcvt.rn.f16x2.e4m3x2 %1, h;}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(x));
+#else
+    lo = e4m3x2_to_f16x2(x & 0xffffu);
+    hi = e4m3x2_to_f16x2(x >> 16);
+#endif
+}
+
+// 2^x flushing a subnormal result to zero: one MUFU.EX2, where exp2f (the module is compiled
+// with --ftz=false) adds a range test and a rescale around it. exp2(-inf) is +0. For the main
+// loop's weights, which are at most 1 and whose sum is at least 1, a weight under 2^-126 is
+// below a float's resolution of that sum anyway.
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
 __device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
     u32 r;
     asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(a), "r"(sel));
@@ -379,10 +402,8 @@ __device__ void decode_mma(const AttnParams& p) {
                     for (int h = 0; h < 2; ++h) {
                         if (kk + h < KSTEPS) {
                             u32 a[4];
-                            a[0] = e4m3x2_to_f16x2(r[2 * h] & 0xffffu);
-                            a[1] = e4m3x2_to_f16x2(r[2 * h + 1] & 0xffffu);
-                            a[2] = e4m3x2_to_f16x2(r[2 * h] >> 16);
-                            a[3] = e4m3x2_to_f16x2(r[2 * h + 1] >> 16);
+                            e4m3x2x2_to_f16x2(r[2 * h], a[0], a[2]);
+                            e4m3x2x2_to_f16x2(r[2 * h + 1], a[1], a[3]);
 #pragma unroll
                             for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk + h][nh][0], qb[kk + h][nh][1]);
                         }
@@ -456,7 +477,9 @@ __device__ void decode_mma(const AttnParams& p) {
                 float pr[4];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    pr[i] = (s[j][nh][i] == -DB_INF) ? 0.0f : exp2f(s[j][nh][i] - m[nh][i & 1]);
+                    // m is finite here (every warp tile has a valid token, and the max runs
+                    // over the tile's tokens); a masked token's -inf gives exp2 = 0.
+                    pr[i] = exp2_ftz(s[j][nh][i] - m[nh][i & 1]);
                     lsum[nh][i & 1] += pr[i];
                 }
                 pb[j][nh][0] = movmatrix_trans(pack2<F16>(pr[0], pr[1]));
@@ -473,12 +496,10 @@ __device__ void decode_mma(const AttnParams& p) {
                     ldsm_x4_trans(v_off[j][c / 2] + stage, r);
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        const u32 lo = r[2 * h], hi = r[2 * h + 1];
+                        // Bytes 0, 2 | 1, 3 of each register: one byte select, then both halves.
                         u32 a[4];
-                        a[0] = e4m3x2_to_f16x2(prmt(lo, 0x20u));
-                        a[1] = e4m3x2_to_f16x2(prmt(lo, 0x31u));
-                        a[2] = e4m3x2_to_f16x2(prmt(hi, 0x20u));
-                        a[3] = e4m3x2_to_f16x2(prmt(hi, 0x31u));
+                        e4m3x2x2_to_f16x2(prmt(r[2 * h], 0x3120u), a[0], a[1]);
+                        e4m3x2x2_to_f16x2(prmt(r[2 * h + 1], 0x3120u), a[2], a[3]);
 #pragma unroll
                         for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[c + h][nh], a, pb[j][nh][0], pb[j][nh][1]);
                     }
