@@ -83,6 +83,17 @@ __device__ __forceinline__ u32 pinned(u32 x) {
     asm volatile("" : "+r"(x));
     return x;
 }
+__device__ __forceinline__ u64 pinned64(u64 x) {
+    asm volatile("" : "+l"(x));
+    return x;
+}
+// a * b + c with a 64-bit c: one IMAD.WIDE.U32 (the compiler otherwise multiplies into zero and
+// adds the 64-bit base with two more instructions).
+__device__ __forceinline__ u64 mad_wide(u32 a, u32 b, u64 c) {
+    u64 r;
+    asm("mad.wide.u32 %0, %1, %2, %3;" : "=l"(r) : "r"(a), "r"(b), "l"(c));
+    return r;
+}
 
 template <bool F16>
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
@@ -250,8 +261,35 @@ __device__ void decode_mma(const AttnParams& p) {
         const int t = t_begin + it * ST + wrow + lane;
         return (lane < WTOK && t < t_end) ? __ldg(bt + (t >> p.block_shift)) : first_page;
     };
+    // When a stage spans whole pages (block size <= ST tokens), a copy row's slot in its page is
+    // the same in every stage, so for e4m3 caches (whose loop is issue-bound) the row's K and V
+    // addresses but for the page are fixed 64-bit bases, added to the page's offset. The bases
+    // take 16 registers: with 3 or 4 stages (at most 4 CTAs per SM by shared memory) there are
+    // enough; with 2 (5 CTAs per SM, at most 102 registers) there are not.
+    constexpr bool BASES = KV_FP8 && STAGES >= 3;
+    const u32 fixed_slots = pinned(BASES && (1 << p.block_shift) <= ST ? 1u : 0u);
+    u64 k_base[BASES ? COPIES : 1], v_base[BASES ? COPIES : 1];
+    if (BASES) {
+#pragma unroll
+        for (int k = 0; k < COPIES; ++k) {
+            const int r = k * ROWS_PER_COPY + lrow;
+            k_base[k] = pinned64((u64)cache + (lane_bytes + (u32)((t_begin + wrow + r) & slot_mask) * slot_bytes));
+            v_base[k] = pinned64(k_base[k] + half_bytes);
+        }
+    }
     auto issue = [&](int it, int pages) {
         const u32 dst = (u32)((it % STAGES) * STAGE_BYTES);
+        if (BASES && fixed_slots) {
+#pragma unroll
+            for (int k = 0; k < COPIES; ++k) {
+                const u32 page = (u32)__shfl_sync(0xffffffffu, pages, k * ROWS_PER_COPY + lrow);
+                // (V's page through an opaque copy: otherwise the compiler shares the product
+                // and adds each base with two instructions.)
+                cp_async16_to(copy_dst[k] + dst, (const u8*)mad_wide(page, page_bytes, k_base[BASES ? k : 0]));
+                cp_async16_to(copy_dst[k] + dst + (u32)(ST * RB), (const u8*)mad_wide(pinned(page), page_bytes, v_base[BASES ? k : 0]));
+            }
+            return;
+        }
         const int tw = t_begin + it * ST + wrow;
 #pragma unroll
         for (int k = 0; k < COPIES; ++k) {
