@@ -524,7 +524,7 @@ impl CudaBackend {
             let many_depths = variants.len() > 1;
             let many_plans = variants.iter().any(|v| v.plans.len() > 1);
             let quick = if trials.len() > 1 {
-                quick_compare_ms(session, trials.len(), &|i| {
+                quick_compare_ms(session, &case.method, trials.len(), &|i| {
                     let (trial, v) = (&trials[i], &variants[trials[i].variant]);
                     let plan = &v.plans[trial.plan];
                     let (ctas, splits) = (plan.launch.len() as u32, plan.max_splits());

@@ -12,7 +12,7 @@ use crate::backend::TelemetryProbe;
 use crate::measurement::{percentile, Telemetry, TimingStats};
 use crate::workload::{L2Mode, MeasureMethod, TimingMode};
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaEvent, CudaSlice};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
 use std::time::Instant;
 
 /// Trials recorded between two host synchronizations: the GPU runs them back to back, and the
@@ -91,23 +91,84 @@ const QUICK_BATCH_MS: f64 = 0.5;
 const QUICK_MAX_CALLS: usize = 5;
 const QUICK_ROUNDS: usize = 3;
 const QUICK_PRUNE_RATIO: f64 = 1.10;
+/// Below this time per call (ms), a graph-mode method's candidates are compared in graphs too.
+const QUICK_GRAPH_BELOW_MS: f64 = 0.1;
 
 /// Rough time of one call (ms) of each of `candidates` launch configurations (`call(i)` runs
 /// candidate i once). For choosing between equivalent launch configurations, never for a
 /// reported figure; see [`quick_compare`] for the schedule.
+///
+/// The candidates are first timed as separate launches. Where `method` times the reported figure
+/// in graph mode and the fastest call is under `QUICK_GRAPH_BELOW_MS`, they are timed again the
+/// way that figure is: each one's `graph_launches` calls captured once, a batch replaying that
+/// graph (a "call" of the schedule is one replay; the times are per kernel call). Timed as
+/// separate launches, a call of a few microseconds is paced by the host's launches, which favours
+/// a candidate with fewer kernels (the fused merge) that a graph then runs slower (seen: +18 % on
+/// a b4 s1024 FP8 cell); a longer call is not, and replaying its graph would only cost time.
 pub(crate) fn quick_compare_ms(
     session: &DeviceSession,
+    method: &MeasureMethod,
     candidates: usize,
     call: &dyn Fn(usize) -> Result<(), CudaError>,
 ) -> Result<Vec<f64>, CudaError> {
-    quick_compare(candidates, &mut |i, calls| {
+    let separate = quick_compare(candidates, &mut |i, calls| {
         event_timed_ms(session, || {
             for _ in 0..calls {
                 call(i)?;
             }
             Ok(())
         })
-    })
+    })?;
+    let fastest = separate.iter().copied().fold(f64::INFINITY, f64::min);
+    if method.timing == TimingMode::Graph && fastest < QUICK_GRAPH_BELOW_MS {
+        let launches = method.graph_launches.max(1);
+        let graphs = (0..candidates)
+            .map(|i| capture_graph(session, launches, &|| call(i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        return quick_compare(candidates, &mut |i, replays| {
+            let ms = event_timed_ms(session, || {
+                for _ in 0..replays {
+                    graphs[i]
+                        .launch()
+                        .map_err(CudaError::driver("replaying a candidate's graph"))?;
+                }
+                Ok(())
+            })?;
+            Ok(ms / launches as f64)
+        });
+    }
+    Ok(separate)
+}
+
+/// `launches` calls of `call` captured into a graph, instantiated and uploaded.
+fn capture_graph(
+    session: &DeviceSession,
+    launches: u32,
+    call: &dyn Fn() -> Result<(), CudaError>,
+) -> Result<CudaGraph, CudaError> {
+    let stream = &session.stream;
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(CudaError::driver("starting graph capture"))?;
+    let mut captured = Ok(());
+    for _ in 0..launches {
+        captured = call();
+        if captured.is_err() {
+            break;
+        }
+    }
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    captured?;
+    let graph = graph
+        .map_err(CudaError::driver("instantiating the captured graph"))?
+        .ok_or_else(|| CudaError::Nvrtc {
+            context: "capturing a graph".into(),
+            message: "the capture produced no graph".into(),
+        })?;
+    graph
+        .upload()
+        .map_err(CudaError::driver("uploading the graph"))?;
+    Ok(graph)
 }
 
 /// The quick comparison's schedule over `time_batch(i, calls)` (the ms that `calls` back-to-back
@@ -214,28 +275,7 @@ pub(crate) fn time_calls(
     // Graph mode: capture `graph_launches` calls once; a trial replays them.
     let launches = method.graph_launches.max(1);
     let graph = if method.timing == TimingMode::Graph {
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(CudaError::driver("starting graph capture"))?;
-        let mut captured = Ok(());
-        for _ in 0..launches {
-            captured = call();
-            if captured.is_err() {
-                break;
-            }
-        }
-        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
-        captured?;
-        let graph = graph
-            .map_err(CudaError::driver("instantiating the captured graph"))?
-            .ok_or_else(|| CudaError::Nvrtc {
-                context: "capturing a graph".into(),
-                message: "the capture produced no graph".into(),
-            })?;
-        graph
-            .upload()
-            .map_err(CudaError::driver("uploading the graph"))?;
-        Some(graph)
+        Some(capture_graph(session, launches, call)?)
     } else {
         None
     };
