@@ -87,8 +87,10 @@ __device__ __forceinline__ u64 pinned64(u64 x) {
     asm volatile("" : "+l"(x));
     return x;
 }
-// a * b + c with a 64-bit c: one IMAD.WIDE.U32 (the compiler otherwise multiplies into zero and
-// adds the 64-bit base with two more instructions).
+// a * b + c with a 64-bit c. For the fixed copy bases below: written as C (`base + (u64)page *
+// bytes`), ptxas copies each base into the multiply-add's destination pair first (two moves per
+// copy; the e4m3 loop 13 instructions longer than this way, where it multiplies once and adds
+// each base in two instructions).
 __device__ __forceinline__ u64 mad_wide(u32 a, u32 b, u64 c) {
     u64 r;
     asm("mad.wide.u32 %0, %1, %2, %3;" : "=l"(r) : "r"(a), "r"(b), "l"(c));
@@ -263,7 +265,8 @@ __device__ void decode_mma(const AttnParams& p) {
     };
     // When a stage spans whole pages (block size <= ST tokens), a copy row's slot in its page is
     // the same in every stage, so for e4m3 caches (whose loop is issue-bound) the row's K and V
-    // addresses but for the page are fixed 64-bit bases, added to the page's offset. The bases
+    // addresses but for the page are fixed 64-bit bases, added to the page's offset (5 address
+    // instructions per copied row, where the general path spends 10). The bases
     // take 16 registers: with 3 or 4 stages (at most 4 CTAs per SM by shared memory) there are
     // enough; with 2 (5 CTAs per SM, at most 102 registers) there are not.
     constexpr bool BASES = KV_FP8 && STAGES >= 3;
@@ -283,10 +286,8 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
             for (int k = 0; k < COPIES; ++k) {
                 const u32 page = (u32)__shfl_sync(0xffffffffu, pages, k * ROWS_PER_COPY + lrow);
-                // (V's page through an opaque copy: otherwise the compiler shares the product
-                // and adds each base with two instructions.)
                 cp_async16_to(copy_dst[k] + dst, (const u8*)mad_wide(page, page_bytes, k_base[BASES ? k : 0]));
-                cp_async16_to(copy_dst[k] + dst + (u32)(ST * RB), (const u8*)mad_wide(pinned(page), page_bytes, v_base[BASES ? k : 0]));
+                cp_async16_to(copy_dst[k] + dst + (u32)(ST * RB), (const u8*)mad_wide(page, page_bytes, v_base[BASES ? k : 0]));
             }
             return;
         }
