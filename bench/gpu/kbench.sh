@@ -3,6 +3,7 @@
 # variants over the table cells, then profiles one kernel with Nsight Compute (KBENCH_NCU).
 # Usage: bench/gpu/kbench.sh [variant filter] [modes] ; writes to $OUT (or /tmp/kbench_out).
 # For an A/B against a commit, run bench/gpu/kbench_prev.sh first and carry bench/gpu/prev.
+# bench/gpu/kbench_local.sh builds the same binary on a machine without a GPU, to carry instead.
 # Nsight Compute leaves the clocks as they are (--clock-control none).
 set -u
 OUT=${OUT:-/tmp/kbench_out}
