@@ -13,7 +13,7 @@
 //
 // Loads: K and V go through shared memory with 16-byte cp.async (rows XOR-swizzled so ldmatrix is
 // conflict-free). Each warp copies the rows it computes on itself (coalesced, the block-table
-// entries of its next tile loaded a stage ahead), so the warps of a CTA never synchronize inside
+// entries of a tile loaded two iterations ahead), so the warps of a CTA never synchronize inside
 // the main loop; bf16 stages are double-buffered, e4m3 stages (half the bytes) four deep. A stage's
 // buffer is refilled as soon as the warp has consumed it, so all of them are in flight at the start
 // (a 128-token range of a bf16 cache costs one DRAM round trip, not two). The query is loaded in 16-byte
@@ -317,15 +317,17 @@ __device__ void decode_mma(const AttnParams& p) {
         for (int k = 0; k < QK; ++k)
             if (tid + k * THREADS < q_chunks) q_raw[k] = __ldg(q_src + tid + k * THREADS);
     }
-    int pgs[STAGES + 1];
+    // Block-table entries are read two stages before their copies are issued: at one, an e4m3
+    // iteration is shorter than the entry's trip from DRAM, and the warps stalled on it.
+    int pgs[STAGES + 2];
 #pragma unroll
-    for (int st = 0; st <= STAGES; ++st) pgs[st] = page_of(st);
+    for (int st = 0; st < STAGES + 2; ++st) pgs[st] = page_of(st);
 #pragma unroll
     for (int st = 0; st < STAGES; ++st) {
         if (st < n_iter) issue(st, pgs[st]);
         cp_async_commit();
     }
-    int pg = pgs[STAGES];
+    int pg = pgs[STAGES], pg_next = pgs[STAGES + 1];
     DB_TRACE(3, (u32)pg);
 
     // The query rows in the MMA's 16-bit type (f16 for e4m3 caches, exact for an e4m3 query),
@@ -561,10 +563,11 @@ __device__ void decode_mma(const AttnParams& p) {
         __syncwarp();
         {
             const int nxt = it + STAGES;
-            const int pn = page_of(nxt + 1);
+            const int pn = page_of(nxt + 2);
             if (nxt < n_iter) issue(nxt, pg);
             cp_async_commit();
-            pg = pn;
+            pg = pg_next;
+            pg_next = pn;
         }
     }
     DB_TRACE(6, __float_as_uint(o[0][0][0]));
