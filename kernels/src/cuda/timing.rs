@@ -119,9 +119,7 @@ pub(crate) fn quick_compare_ms(
             Ok(())
         })
     })?;
-    let fastest = separate.iter().copied().fold(f64::INFINITY, f64::min);
-    if method.timing == TimingMode::Graph && fastest < QUICK_GRAPH_BELOW_MS {
-        let launches = method.graph_launches.max(1);
+    if let Some(launches) = compare_in_graphs(method, &separate) {
         let graphs = (0..candidates)
             .map(|i| capture_graph(session, launches, &|| call(i)))
             .collect::<Result<Vec<_>, _>>()?;
@@ -138,6 +136,15 @@ pub(crate) fn quick_compare_ms(
         });
     }
     Ok(separate)
+}
+
+/// The calls per graph to compare the candidates in, given their times as separate launches:
+/// the method's `graph_launches` where it times graph replays and the fastest call is under
+/// `QUICK_GRAPH_BELOW_MS`; otherwise none (the separate launches' times stand).
+fn compare_in_graphs(method: &MeasureMethod, separate_ms: &[f64]) -> Option<u32> {
+    let fastest = separate_ms.iter().copied().fold(f64::INFINITY, f64::min);
+    (method.timing == TimingMode::Graph && fastest < QUICK_GRAPH_BELOW_MS)
+        .then_some(method.graph_launches.max(1))
 }
 
 /// `launches` calls of `call` captured into a graph, instantiated and uploaded.
@@ -427,6 +434,33 @@ mod tests {
         (0..times.len())
             .min_by(|&a, &b| times[a].total_cmp(&times[b]))
             .unwrap()
+    }
+
+    #[test]
+    fn short_calls_under_graph_timing_are_compared_in_graphs() {
+        let graph = MeasureMethod {
+            timing: TimingMode::Graph,
+            graph_launches: 10,
+            ..MeasureMethod::default()
+        };
+        // 7-us calls: host launch pacing would decide, so graphs of the method's 10 calls.
+        assert_eq!(compare_in_graphs(&graph, &[0.0075, 0.0063]), Some(10));
+        // The fastest call decides: one long candidate does not keep the short ones out.
+        assert_eq!(compare_in_graphs(&graph, &[5.0, 0.05]), Some(10));
+        // A 2-ms call is not launch-paced; its graph replays would only cost time.
+        assert_eq!(compare_in_graphs(&graph, &[2.0, 2.1]), None);
+        // Zero calls per graph in a method is read as one.
+        let one = MeasureMethod {
+            graph_launches: 0,
+            ..graph.clone()
+        };
+        assert_eq!(compare_in_graphs(&one, &[0.007]), Some(1));
+        // Event timing times separate launches, and so does its comparison.
+        let events = MeasureMethod {
+            timing: TimingMode::Events,
+            ..graph
+        };
+        assert_eq!(compare_in_graphs(&events, &[0.007]), None);
     }
 
     #[test]
