@@ -409,9 +409,9 @@ struct Run {
     size_t items;
 };
 
-// A graph of GRAPH_LAUNCHES launches of `launch` (or KBENCH_GRAPH_LAUNCHES) captured on `s`, warmed up for at least 25 ms and
-// replayed `trials_hint` times (at least 5, and no more than about 300 ms in all): the median ms per
-// launch. The caller destroys the graph and its instance.
+// A graph of GRAPH_LAUNCHES launches of `launch` (or KBENCH_GRAPH_LAUNCHES) captured on `s`,
+// warmed up for at least 25 ms and replayed `trials_hint` times (at least 5, and no more than
+// about 300 ms in all): the median ms per launch. The caller destroys the graph and its instance.
 static const int GRAPH_LAUNCHES = 10;
 struct GraphTiming {
     cudaGraph_t graph;
