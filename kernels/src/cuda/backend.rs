@@ -325,12 +325,9 @@ impl CudaBackend {
     }
 
     fn session(&self) -> Result<&DeviceSession, CaseError> {
-        self.session.as_ref().ok_or_else(|| {
-            CaseError::Device(CudaError::Nvrtc {
-                context: "running a case".into(),
-                message: "no open device session".into(),
-            })
-        })
+        self.session
+            .as_ref()
+            .ok_or_else(|| CaseError::Device(no_session()))
     }
 
     /// Inputs (pool reused when possible) and the GPU reference output.
@@ -900,7 +897,7 @@ pub(crate) fn compare_references(gpu: &[f64], cpu: &[f64]) -> ReferenceCheck {
 }
 
 fn no_session() -> CudaError {
-    CudaError::Nvrtc {
+    CudaError::Internal {
         context: "running a case".into(),
         message: "no open device session".into(),
     }

@@ -428,7 +428,7 @@ pub(crate) fn decode_geometry(head: u32, group: u32, kv: Dtype) -> Result<Decode
 }
 
 fn missing(name: &str) -> CudaError {
-    CudaError::Nvrtc {
+    CudaError::Internal {
         context: "looking up a kernel".into(),
         message: format!("kernel {name} is not in the compiled module"),
     }

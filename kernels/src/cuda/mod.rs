@@ -65,6 +65,13 @@ pub enum CudaError {
     Unrecoverable { detail: String },
     #[error("the CUDA library panicked while {context}: {message}")]
     Panicked { context: String, message: String },
+    /// A state the GPU backend's own code should never reach (not the driver's, NVRTC's or the
+    /// input's fault).
+    #[error(
+        "internal error in decodebench's GPU backend while {context}: {message}; this is a bug, \
+         please report it with the command line and the grid"
+    )]
+    Internal { context: String, message: String },
 }
 
 impl CudaError {

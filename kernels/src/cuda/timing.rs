@@ -168,7 +168,7 @@ fn capture_graph(
     captured?;
     let graph = graph
         .map_err(CudaError::driver("instantiating the captured graph"))?
-        .ok_or_else(|| CudaError::Nvrtc {
+        .ok_or_else(|| CudaError::Internal {
             context: "capturing a graph".into(),
             message: "the capture produced no graph".into(),
         })?;
