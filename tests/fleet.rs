@@ -13,7 +13,16 @@ fn three_agents_finish_a_grid_with_every_case_once() {
     let grid = s.grid(&spec);
     let ids = grid_case_ids(&grid);
     let port = free_port();
-    let mut coord = coordinator(&s, "coordinator", &grid, port, &["--shard-cases", "2"]);
+    // Nothing is dispatched until all three have registered. Without this the first agent up can
+    // finish the whole tiny grid before the others connect, and they would retry a coordinator
+    // that has already exited until their connect timeout.
+    let mut coord = coordinator(
+        &s,
+        "coordinator",
+        &grid,
+        port,
+        &["--shard-cases", "2", "--expect-agents", "3"],
+    );
     let mut agents: Vec<Proc> = (0..3)
         .map(|i| agent(&s, &format!("agent{i}"), port, &[]))
         .collect();
