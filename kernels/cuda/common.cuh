@@ -416,10 +416,44 @@ __device__ __forceinline__ void store_output_vec(const AttnParams& p, const floa
 // MERGE_UNROLL whole partial rows are loaded at once. The loads bypass L1 (ld.global.cg): in the
 // fused merge the partials were written by other CTAs of the same kernel, and a line another CTA
 // on this SM read earlier (the log-sum-exps of neighbouring heads share lines) may be stale there.
-// Used by the merge kernel (decode.cu) and the fused merge below.
+// merge_accumulate is used by the merge kernel's rows of one warp (decode.cu) and the fused merge
+// below; load_partial_rows also by the merge kernel's rows of several warps (merge_row_share).
 // ---------------------------------------------------------------------------------------------
 
 #define MERGE_UNROLL 8
+
+// The partial rows (and log-sum-exps) of items i0, i0 + stride, .. (MERGE_UNROLL of them, those
+// < last), lane's VEC columns; items past `last` read as empty (-inf, zeros).
+template <int D>
+__device__ __forceinline__ void load_partial_rows(const AttnParams& p, int h, int i0, int last, int stride,
+                                                  int lane, float* lse, float (*x)[D / 32]) {
+    constexpr int VEC = D / 32;
+#pragma unroll
+    for (int u = 0; u < MERGE_UNROLL; ++u) {
+        const int i = i0 + u * stride;
+        lse[u] = -DB_INF;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) x[u][k] = 0.0f;
+        if (i < last) {
+            const i64 prow = (i64)i * p.num_qo_heads + h;
+            lse[u] = __ldcg(p.partial_lse + prow);
+            const float* src = p.partial_o + prow * D + lane * VEC;
+            if (VEC % 4 == 0) {
+#pragma unroll
+                for (int k = 0; k < VEC; k += 4) {
+                    const float4 v = __ldcg((const float4*)(src + k));
+                    x[u][k] = v.x, x[u][k + 1] = v.y, x[u][k + 2] = v.z, x[u][k + 3] = v.w;
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < VEC; k += 2) {
+                    const float2 v = __ldcg((const float2*)(src + k));
+                    x[u][k] = v.x, x[u][k + 1] = v.y;
+                }
+            }
+        }
+    }
+}
 
 template <int D>
 __device__ __forceinline__ void merge_accumulate(const AttnParams& p, int h, int begin, int last, int stride,
@@ -427,31 +461,7 @@ __device__ __forceinline__ void merge_accumulate(const AttnParams& p, int h, int
     constexpr int VEC = D / 32;
     for (int i0 = begin; i0 < last; i0 += stride * MERGE_UNROLL) {
         float lse[MERGE_UNROLL], x[MERGE_UNROLL][VEC];
-#pragma unroll
-        for (int u = 0; u < MERGE_UNROLL; ++u) {
-            const int i = i0 + u * stride;
-            lse[u] = -DB_INF;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) x[u][k] = 0.0f;
-            if (i < last) {
-                const i64 prow = (i64)i * p.num_qo_heads + h;
-                lse[u] = __ldcg(p.partial_lse + prow);
-                const float* src = p.partial_o + prow * D + lane * VEC;
-                if (VEC % 4 == 0) {
-#pragma unroll
-                    for (int k = 0; k < VEC; k += 4) {
-                        const float4 v = __ldcg((const float4*)(src + k));
-                        x[u][k] = v.x, x[u][k + 1] = v.y, x[u][k + 2] = v.z, x[u][k + 3] = v.w;
-                    }
-                } else {
-#pragma unroll
-                    for (int k = 0; k < VEC; k += 2) {
-                        const float2 v = __ldcg((const float2*)(src + k));
-                        x[u][k] = v.x, x[u][k + 1] = v.y;
-                    }
-                }
-            }
-        }
+        load_partial_rows<D>(p, h, i0, last, stride, lane, lse, x);
         float mu = m;
 #pragma unroll
         for (int u = 0; u < MERGE_UNROLL; ++u) mu = fmaxf(mu, lse[u]);

@@ -200,17 +200,69 @@ __device__ void decode_split(const AttnParams& p) {
     }
 }
 
+// A row's share for one of its row_warps warps (rw), when several warps share the row: every
+// warp first finds the row's statistics over all its splits (the largest log-sum-exp mx and the
+// sum of 2^(lse - mx): lanes over splits, then shuffles), with its own splits' partial rows
+// already loading, and then sums those rows with their final weights
+// 2^(lse_i - mx) / sum. The warps' sums are then added as they are: nothing is exchanged but the
+// rows. (The statistics took the place of a (max, sum) exchange after the CTA's barrier: each
+// warp's own pair through shared memory, shuffles and a division there, 0.45 us of b=1 s=65536's
+// merge, bench/gpu/NOTES.md runs 55-56 and 72.)
+template <int D>
+__device__ __forceinline__ void merge_row_share(const AttnParams& p, int h, int first, int last, int rw,
+                                                int row_warps, int lane, float* num) {
+    constexpr int VEC = D / 32;
+    float lse[MERGE_UNROLL], x[MERGE_UNROLL][VEC];
+    load_partial_rows<D>(p, h, first + rw, last, row_warps, lane, lse, x);
+    // Two splits per lane loaded at once, beside the rows (one round trip for up to 64 splits, as
+    // merge_block sizes rows for), then any further ones folded in online.
+    const float* lse_row = p.partial_lse + h;
+    const i64 lse_stride = p.num_qo_heads;
+    const float l0 = first + lane < last ? __ldcg(lse_row + (first + lane) * lse_stride) : -DB_INF;
+    const float l1 = first + lane + 32 < last ? __ldcg(lse_row + (first + lane + 32) * lse_stride) : -DB_INF;
+    float lm = fmaxf(l0, l1);
+    float ls = (lm == -DB_INF) ? 0.0f : exp2f(l0 - lm) + exp2f(l1 - lm);
+    for (int i = first + lane + 64; i < last; i += 32) {
+        const float l = __ldcg(lse_row + i * lse_stride);
+        const float nm = fmaxf(lm, l);
+        if (nm != -DB_INF) {
+            ls = ls * exp2f(lm - nm) + exp2f(l - nm);
+            lm = nm;
+        }
+    }
+    float mx = lm;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float den = (lm == -DB_INF) ? 0.0f : ls * exp2f(lm - mx);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+    const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) num[k] = 0.0f;
+    for (int i0 = first + rw;;) {
+#pragma unroll
+        for (int u = 0; u < MERGE_UNROLL; ++u) {
+            const float w = (lse[u] == -DB_INF) ? 0.0f : exp2f(lse[u] - mx) * inv;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) num[k] += w * x[u][k];
+        }
+        i0 += row_warps * MERGE_UNROLL;
+        if (i0 >= last) break;
+        load_partial_rows<D>(p, h, i0, last, row_warps, lane, lse, x);
+    }
+}
+
 // Combines the partial outputs of each (qo head, sequence): weights 2^(lse_i - max). A CTA has
 // blockDim.y rows (qo heads of one sequence) and blockDim.x / 32 warps per row; the host picks
 // the shape from the plan's longest split list (launch.rs merge_block), so that a row's splits
-// take one round of loads. Each warp folds its share of a row's splits into a running (max, sum,
-// weighted row), MERGE_UNROLL whole partial rows at a time (merge_accumulate in common.cuh);
-// a row of one warp is written by that warp; the warps of a row shared by several meet in shared
-// memory, and write it four columns per lane (both from registers, store_output_vec). Sequences
-// that were not split are skipped (their decode CTA wrote the output; DB_DIRECT_ITEM). On sm_90
-// the kernel may be launched as a programmatic dependent of the decode kernel (PDL): it starts
-// while the decode kernel's last CTAs run and waits, after reading what the host wrote, until
-// their partials are visible.
+// take one round of loads. A row of one warp is folded into a running (max, sum, weighted row),
+// MERGE_UNROLL whole partial rows at a time (merge_accumulate in common.cuh), and written by that
+// warp; the warps of a row shared by several sum their splits with final weights
+// (merge_row_share), meet in shared memory, and write it four columns per lane (both from
+// registers, store_output_vec). Sequences that were not split are skipped (their decode CTA wrote
+// the output; DB_DIRECT_ITEM). On sm_90 the kernel may be launched as a programmatic dependent of
+// the decode kernel (PDL): it starts while the decode kernel's last CTAs run and waits, after
+// reading what the host wrote, until their partials are visible.
 #define MERGE_MAX_WARPS 8
 // Phase trace points of the merge kernel, as DB_TRACE in decode_mma.cu: kbench's traced build
 // defines them; decodebench's compiles them to nothing.
@@ -221,8 +273,6 @@ template <int D, int OUT>
 __device__ void merge_partials(const AttnParams& p) {
     constexpr int VEC = D / 32;
     __shared__ __align__(16) float part_num[MERGE_MAX_WARPS][D];
-    __shared__ float part_den[MERGE_MAX_WARPS];
-    __shared__ float part_max[MERGE_MAX_WARPS];
     const int row_warps = (int)(blockDim.x >> 5), nrows = (int)blockDim.y;
     const int lane = threadIdx.x & 31, rw = threadIdx.x >> 5, r = threadIdx.y;
     const int warp = r * row_warps + rw;
@@ -232,19 +282,22 @@ __device__ void merge_partials(const AttnParams& p) {
     grid_dependency_wait();
     DB_MERGE_TRACE(0);
     if (warp < MERGE_MAX_WARPS) {
-        float m = -DB_INF, den = 0.0f, num[VEC];
+        float num[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) num[k] = 0.0f;
-        if (h < p.num_qo_heads) merge_accumulate<D>(p, h, first + rw, last, row_warps, lane, m, den, num);
-        DB_MERGE_TRACE(1);
         if (row_warps == 1) {
             // The row is this warp's alone: finish it and write it from registers (the whole warp
             // calls the store: NVFP4 groups are found by shuffles).
+            float m = -DB_INF, den = 0.0f;
+            if (h < p.num_qo_heads) merge_accumulate<D>(p, h, first, last, 1, lane, m, den, num);
+            DB_MERGE_TRACE(1);
             const float inv = den > 0.0f ? 1.0f / den : 0.0f;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) num[k] *= inv;
             store_output_vec<OUT, VEC>(p, num, b, h, lane * VEC, h < p.num_qo_heads);
         } else {
+            if (h < p.num_qo_heads) merge_row_share<D>(p, h, first, last, rw, row_warps, lane, num);
+            DB_MERGE_TRACE(1);
             if (VEC % 4 == 0) {  // 16-byte stores: a warp's 512 bytes in 4 wavefronts
 #pragma unroll
                 for (int k = 0; k < VEC; k += 4)
@@ -253,37 +306,17 @@ __device__ void merge_partials(const AttnParams& p) {
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) part_num[warp][lane * VEC + k] = num[k];
             }
-            if (lane == 0) part_den[warp] = den, part_max[warp] = m;
         }
     }
     if (row_warps == 1) return;  // the same for the whole CTA (blockDim)
     __syncthreads();
     DB_MERGE_TRACE(2);
+    DB_MERGE_TRACE(3);  // (the weights were applied before the barrier)
     if (warp < MERGE_MAX_WARPS) {
-        // The row's weights by shuffles: lane w holds warp w's (max, sum) (row_warps <= 8 lanes;
-        // the others the identities), the max and the sum over lanes 0..7 by xor steps within
-        // each group of 8, and each warp's weight broadcast from its lane. (Unrolled over all 8
-        // warps with guards, this was ~200 dependent instructions: 0.5 us of a b1 merge's 2 us
-        // after its release, bench/gpu/NOTES.md runs 55-56.)
-        const int rb = r * row_warps;
-        const float mw = lane < row_warps ? part_max[rb + lane] : -DB_INF;
-        const float dw = lane < row_warps ? part_den[rb + lane] : 0.0f;
-        float mm = mw;
-#pragma unroll
-        for (int o = 1; o < MERGE_MAX_WARPS; o <<= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-        const float cw = (mw == -DB_INF) ? 0.0f : exp2f(mw - mm);
-        float den = cw * dw;
-#pragma unroll
-        for (int o = 1; o < MERGE_MAX_WARPS; o <<= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
-        den = __shfl_sync(0xffffffffu, den, 0);
-        const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-        float c[MERGE_MAX_WARPS];
-#pragma unroll
-        for (int w = 0; w < MERGE_MAX_WARPS; ++w) c[w] = __shfl_sync(0xffffffffu, cw, w);
-        DB_MERGE_TRACE(3);
         // Four columns per lane (one 16-byte load per warp's sum), written from registers; every
         // lane of the row's warps runs each step (NVFP4 groups are found by shuffles; a step's
         // tail is whole 16-column groups).
+        const int rb = r * row_warps;
         for (int d0 = 0; d0 < D; d0 += blockDim.x * 4) {
             const int d = d0 + threadIdx.x * 4;
             const bool active = d < D && h < p.num_qo_heads;
@@ -293,10 +326,8 @@ __device__ void merge_partials(const AttnParams& p) {
                 for (int w = 0; w < MERGE_MAX_WARPS; ++w)
                     if (w < row_warps) {
                         const float4 v = *(const float4*)&part_num[rb + w][d];
-                        x[0] += c[w] * v.x, x[1] += c[w] * v.y, x[2] += c[w] * v.z, x[3] += c[w] * v.w;
+                        x[0] += v.x, x[1] += v.y, x[2] += v.z, x[3] += v.w;
                     }
-#pragma unroll
-                for (int k = 0; k < 4; ++k) x[k] *= inv;
             }
             store_output_vec<OUT, 4>(p, x, b, h, d, active);
         }
