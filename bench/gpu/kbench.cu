@@ -28,7 +28,10 @@
 //
 // A/B against a committed kernel: `bash bench/gpu/kbench_prev.sh [commit]` here writes
 // bench/gpu/prev/decode_mma_prev.cu; carried with the call, it adds the prev_* variants, timed
-// cell by cell beside the working tree's kernel.
+// cell by cell beside the working tree's kernel. That carries the decode kernel only: for a change
+// to the merge kernel or the launch code, `bash bench/gpu/kbench_ab_build.sh [commit]` here builds
+// kbench from the commit and from the working tree, `bench/gpu/kbench_ab.sh` alternates the two on
+// the GPU machine, and `bench/gpu/kbench_ab.py` reads the log.
 
 #include <algorithm>
 #include <cmath>
@@ -632,7 +635,8 @@ static float bf16f(u16 h) {
     return f;
 }
 
-// A filter is a substring of the variants' names, or a comma-separated list of whole names.
+// A filter is a comma-separated list of whole names, one variant's whole name (that variant alone),
+// or else a substring of the variants' names.
 static bool selected(const char* filter, const std::string& name) {
     const std::string f = filter;
     if (f.empty()) return true;
@@ -744,6 +748,19 @@ int main(int argc, char** argv) {
     if (std::string(filter) == "probe") {
         run_probes(dev, variants, modes);
         return 0;
+    }
+    // One variant's whole name selects it alone, not every name it is a substring of (`cur_lf`
+    // once ran ten variants, 500 s of device time): as a one-name list.
+    std::string filter_list = filter;
+    for (const auto& v : variants)
+        if (filter_list.find(',') == std::string::npos && v.name == filter_list) filter_list += ",";
+    filter = filter_list.c_str();
+    size_t n_selected = 0;
+    for (const auto& v : variants) n_selected += selected(filter, v.name);
+    fprintf(stderr, "kbench: %zu of %zu variants selected by \"%s\"\n", n_selected, variants.size(), filter);
+    if (n_selected == 0) {
+        fprintf(stderr, "kbench: no variant matches; see the add(...) list in main for the names\n");
+        return 2;
     }
     printf("%-16s %-14s %5s %7s", "variant", "mode", "batch", "seq");
     printf(" %9s %6s %7s %8s %6s %s\n", "ms", "TB/s", "FI_x", "maxerr", "diffB", "plan");
