@@ -635,20 +635,28 @@ static float bf16f(u16 h) {
     return f;
 }
 
-// A filter is a comma-separated list of whole names, one variant's whole name (that variant alone),
-// or else a substring of the variants' names.
-static bool selected(const char* filter, const std::string& name) {
-    const std::string f = filter;
-    if (f.empty()) return true;
-    if (f.find(',') == std::string::npos) return name.find(f) != std::string::npos;
-    size_t b = 0;
-    while (b <= f.size()) {
-        size_t e = f.find(',', b);
-        if (e == std::string::npos) e = f.size();
-        if (f.compare(b, e - b, name) == 0) return true;
-        b = e + 1;
+// The variants a filter selects: a comma-separated list of whole names; one variant's whole name
+// (that variant alone: `cur_lf` as a substring once ran ten variants, 500 s of device time); or
+// else every name that contains it (empty: all).
+template <class V>
+static std::vector<bool> select_variants(const std::string& filter, const std::vector<V>& variants) {
+    std::vector<std::string> names;  // the whole names asked for, if any
+    if (filter.find(',') != std::string::npos) {
+        for (size_t b = 0; b <= filter.size();) {
+            const size_t e = std::min(filter.find(',', b), filter.size());
+            names.push_back(filter.substr(b, e - b));
+            b = e + 1;
+        }
+    } else {
+        for (const auto& v : variants)
+            if (v.name == filter) names.push_back(filter);
     }
-    return false;
+    const bool exact = !names.empty();
+    std::vector<bool> chosen;
+    for (const auto& v : variants)
+        chosen.push_back(exact ? std::find(names.begin(), names.end(), v.name) != names.end()
+                               : v.name.find(filter) != std::string::npos);
+    return chosen;
 }
 
 #include "kbench_probe.cuh"
@@ -749,14 +757,8 @@ int main(int argc, char** argv) {
         run_probes(dev, variants, modes);
         return 0;
     }
-    // One variant's whole name selects it alone, not every name it is a substring of (`cur_lf`
-    // once ran ten variants, 500 s of device time): as a one-name list.
-    std::string filter_list = filter;
-    for (const auto& v : variants)
-        if (filter_list.find(',') == std::string::npos && v.name == filter_list) filter_list += ",";
-    filter = filter_list.c_str();
-    size_t n_selected = 0;
-    for (const auto& v : variants) n_selected += selected(filter, v.name);
+    const std::vector<bool> chosen = select_variants(filter, variants);
+    const size_t n_selected = std::count(chosen.begin(), chosen.end(), true);
     fprintf(stderr, "kbench: %zu of %zu variants selected by \"%s\"\n", n_selected, variants.size(), filter);
     if (n_selected == 0) {
         fprintf(stderr, "kbench: no variant matches; see the add(...) list in main for the names\n");
@@ -775,7 +777,7 @@ int main(int argc, char** argv) {
                 if (MODES[mode].out == OUT_BF16 && batch <= 16 && !only_batch) ref = reference(dev, c, mode);
                 std::vector<size_t> sel;  // this cell's variants, in run order
                 for (size_t vi = 0; vi < variants.size(); ++vi)
-                    if (selected(filter, variants[vi].name) && (variants[vi].merge || MODES[mode].out == OUT_BF16))
+                    if (chosen[vi] && (variants[vi].merge || MODES[mode].out == OUT_BF16))
                         sel.push_back(vi);
                 std::vector<Run> runs(variants.size());
                 for (size_t vi : sel) runs[vi] = run_variant(dev, c, mode, variants[vi], 20);
