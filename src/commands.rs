@@ -286,13 +286,69 @@ fn report_summary(s: &RunSummary) -> ExitCode {
         }
         if s.failed > 0 {
             eprintln!(
-                "  {} unit(s) failed after every attempt: see the `message` column",
+                "  {} unit(s) failed after every attempt: the `message` column of results.csv says \
+                 why. A rerun on the same --out keeps these failures (the journal holds them); \
+                 fix the cause and run them into a fresh --out",
                 s.failed
             );
         }
-        eprintln!("rerun the same command on the same --out directory to finish the missing cases");
+        if !s.unfinished.is_empty() {
+            eprintln!(
+                "rerun the same command on the same --out directory to finish the missing cases"
+            );
+        }
         ExitCode::from(EXIT_INCOMPLETE)
     }
+}
+
+/// An error and its causes on one line, `outer: cause: root`, as anyhow's `{:#}` prints them,
+/// but without repeating a cause whose text the line already holds (many error types put their
+/// source's message in their own, and a chain printer would print it twice).
+pub fn error_report(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+/// `run`'s coordinator listens on a loopback port that only its own local agents know, so a
+/// fleet requirement they cannot meet would wait forever: refuse it up front.
+fn check_local_fleet(fleet: &FleetRequirement, opened: &[(String, OpenedBackend)]) -> Result<()> {
+    let hint = "`decodebench run` starts only its local agents and nothing else can join its \
+                loopback coordinator; drop the flag, or serve the grid with `decodebench \
+                coordinator` and start the agents with `decodebench agent`";
+    if fleet.expect_agents > opened.len() {
+        bail!(
+            "--expect-agents {}: this run has {} local agent(s); {hint}",
+            fleet.expect_agents,
+            opened.len()
+        );
+    }
+    for (sku, n) in &fleet.wait_for {
+        let have = opened
+            .iter()
+            .filter(|(_, b)| b.backend.identity().sku == *sku)
+            .count();
+        if have < *n {
+            let skus: Vec<String> = opened
+                .iter()
+                .map(|(_, b)| b.backend.identity().sku.clone())
+                .collect();
+            bail!(
+                "--wait-for {sku}={n}: this run has {have} local agent(s) of that model (local: \
+                 {}); {hint}",
+                skus.join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn run(a: RunArgs) -> Result<ExitCode> {
@@ -349,6 +405,7 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
             opened.push((format!("local-cpu{i}"), backends::open_cpu()));
         }
     }
+    check_local_fleet(&sched.fleet, &opened)?;
     eprintln!(
         "decodebench run: grid `{}`, {} cases, {} agent(s) on {}, output in {}",
         grid.name(),
@@ -464,14 +521,23 @@ async fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
     if token.is_none() && !a.listen.ip().is_loopback() {
         tracing::warn!(listen = %a.listen, "listening beyond loopback without a bearer token: any client can register; set --token-file");
     }
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding {} (is another coordinator running there?)",
-                a.listen
-            )
-        })?;
+    let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "the port is taken: is another coordinator running there? Pick another \
+                     --listen port"
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                "that address is not one of this machine's: use 0.0.0.0:PORT to listen on \
+                     every interface, or one of this machine's addresses"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "ports below 1024 need privileges: use a higher port"
+            }
+            _ => "check the --listen address",
+        };
+        anyhow!("binding {}: {e}; {hint}", a.listen)
+    })?;
     eprintln!(
         "decodebench coordinator: grid `{}`, {} cases, placement {}, listening on {}{}",
         grid.name(),
@@ -800,5 +866,45 @@ mod tests {
             ..args
         };
         assert!(scheduler_config(&bad).is_err());
+    }
+
+    /// A cause whose text the message already holds is not printed again; others are.
+    #[test]
+    fn error_report_prints_each_cause_once() {
+        #[derive(Debug)]
+        struct Wraps {
+            path: &'static str,
+            source: std::io::Error,
+        }
+        impl std::fmt::Display for Wraps {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "journal {}: {}", self.path, self.source)
+            }
+        }
+        impl std::error::Error for Wraps {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.source)
+            }
+        }
+        let io = || {
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "File exists (os error 17)",
+            )
+        };
+        let e = anyhow::Error::new(Wraps {
+            path: "/x/j",
+            source: io(),
+        })
+        .context("opening the output");
+        assert_eq!(
+            error_report(&e),
+            "opening the output: journal /x/j: File exists (os error 17)"
+        );
+        let plain = anyhow::Error::new(io()).context("reading /x");
+        assert_eq!(
+            error_report(&plain),
+            "reading /x: File exists (os error 17)"
+        );
     }
 }

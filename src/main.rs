@@ -1,16 +1,28 @@
 //! `decodebench`: parse flags, set up logging, run the subcommand.
 
 use clap::Parser;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = decodebench::cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, bad_filter) = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+        Ok(f) => (f, None),
+        Err(e) => (tracing_subscriber::EnvFilter::new("info"), Some(e)),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log redirected to a file gets no escape codes.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some(e) = bad_filter {
+        tracing::warn!(
+            filter = %cli.log,
+            "--log / DECODEBENCH_LOG is not a valid filter ({e}); logging at `info`. \
+             Examples: `debug`, `decodebench=debug,info`"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -25,7 +37,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if decodebench::commands::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", decodebench::commands::error_report(&e));
             ExitCode::FAILURE
         }
     }

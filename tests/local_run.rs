@@ -155,6 +155,36 @@ fn kernels_optimized_runs_only_the_optimized_kernel() {
     }
 }
 
+/// A fleet requirement that `run`'s local agents cannot meet is refused at once, naming the flag
+/// and what to use instead (it used to wait forever: nothing else can join `run`'s loopback
+/// coordinator), and nothing is written.
+#[test]
+fn run_refuses_a_fleet_its_local_agents_cannot_make() {
+    let _serial = exclusive();
+    let s = Scratch::new("local-fleet");
+    let grid = s.grid(&GridSpec::tiny());
+    for (extra, flag) in [
+        (&["--expect-agents", "5"][..], "--expect-agents 5"),
+        (&["--wait-for", "NVIDIA H100 80GB HBM3=1"][..], "--wait-for"),
+    ] {
+        let out = s.out();
+        let mut run = Proc::spawn(&s, "run", &cpu_run_args(&grid, &out, extra));
+        let status = run.wait(Duration::from_secs(30));
+        assert!(!status.success(), "{flag}: {}", run.log_tail());
+        let log = run.log();
+        assert!(log.contains(flag), "{log}");
+        assert!(log.contains("decodebench coordinator"), "{log}");
+        assert!(
+            !out.join("journal.dbj").exists(),
+            "{flag}: nothing is written"
+        );
+    }
+    // Two local CPU agents do make `--expect-agents 2`.
+    let out = s.out();
+    let args = cpu_run_args(&grid, &out, &["--cpu-agents", "2", "--expect-agents", "2"]);
+    Proc::spawn(&s, "run", &args).wait_success(Duration::from_secs(90));
+}
+
 /// `precompile` refuses a malformed target naming the expected form, and with a well-formed one
 /// either fills the cache (where NVRTC is installed) or says that NVRTC is what is missing.
 #[test]

@@ -150,7 +150,7 @@ pub enum GridError {
     UnknownPreset { name: String, known: String },
     // The inner error is printed in the message and deliberately not exposed as `source`:
     // anyhow's `{:#}` would print it a second time.
-    #[error("cannot read grid file {}: {error}; check the path", path.display())]
+    #[error("cannot read grid file {}: {error}; {}", path.display(), read_hint(error))]
     Read {
         path: PathBuf,
         error: std::io::Error,
@@ -160,6 +160,17 @@ pub enum GridError {
         path: PathBuf,
         error: Box<GridError>,
     },
+}
+
+/// What to do about a grid file that cannot be read as text.
+fn read_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::InvalidData => {
+            "a grid file is UTF-8 TOML text (see `decodebench grid --preset smoke --print-toml`)"
+        }
+        std::io::ErrorKind::PermissionDenied => "make it readable by this user",
+        _ => "check the path",
+    }
 }
 
 /// A validated grid. Fields are private so that every `Grid` has passed validation; read them

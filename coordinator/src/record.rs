@@ -5,7 +5,7 @@
 //! that a record is self-describing on its own, without the grid or the agent registry at hand.
 
 use decodebench_kernels::{
-    BenchCase, CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement,
+    BenchCase, CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement, Status,
 };
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +32,15 @@ impl ResultRecord {
             .kernels
             .iter()
             .find(|k| k.kernel == Some(kind))
+    }
+
+    /// The unit failed: some kernel's status is `failed` (what the scheduler commits as a failed
+    /// unit once every attempt is used up).
+    pub fn failed(&self) -> bool {
+        self.measurement
+            .kernels
+            .iter()
+            .any(|k| k.status == Some(Status::Failed))
     }
 
     /// What makes a result unique: the case and the device it ran on. A case re-run on the same

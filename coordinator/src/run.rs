@@ -131,13 +131,23 @@ pub async fn serve(
         .iter()
         .map(|r| unit_key(&r.case.id, placement, &r.device))
         .collect();
+    let failed_keys: Vec<String> = replayed
+        .iter()
+        .filter(|r| r.failed())
+        .map(|r| unit_key(&r.case.id, placement, &r.device))
+        .collect();
     if resumed > 0 {
         tracing::info!(
             results = resumed,
             "resuming from the journal; only cases without a result run again"
         );
     }
-    let scheduler = Scheduler::new(cfg.scheduler.clone(), cfg.cases.clone(), done_keys);
+    let scheduler = Scheduler::resume(
+        cfg.scheduler.clone(),
+        cfg.cases.clone(),
+        done_keys,
+        failed_keys,
+    );
     let (journal_tx, journal_rx) = mpsc::channel::<JournalJob>(JOURNAL_BATCH_MAX * 2);
     let shared = Arc::new(Shared {
         scheduler: Mutex::new(scheduler),

@@ -273,6 +273,9 @@ pub struct Scheduler {
     queues: HashMap<Target, BTreeMap<String, VecDeque<usize>>>,
     /// Unit keys already done before this process started (journal replay).
     done_keys: HashSet<String>,
+    /// Those of `done_keys` whose replayed result is a failure: they count as failed, not done,
+    /// so that a resumed run reports (and exits on) the failures its journal holds.
+    failed_keys: HashSet<String>,
     agents: HashMap<String, AgentInfo>,
     leases: HashMap<u64, Lease>,
     next_lease: u64,
@@ -292,6 +295,18 @@ impl Scheduler {
         cases: Vec<BenchCase>,
         already_done: impl IntoIterator<Item = String>,
     ) -> Scheduler {
+        Scheduler::resume(cfg, cases, already_done, [])
+    }
+
+    /// A scheduler resumed from a journal: `already_done` unit keys have a result and are not run
+    /// again; those also in `already_failed` have a failed one (every attempt used up) and count
+    /// as failed, as they did when they were recorded.
+    pub fn resume(
+        cfg: SchedulerConfig,
+        cases: Vec<BenchCase>,
+        already_done: impl IntoIterator<Item = String>,
+        already_failed: impl IntoIterator<Item = String>,
+    ) -> Scheduler {
         let case_index = cases
             .iter()
             .enumerate()
@@ -308,6 +323,7 @@ impl Scheduler {
             unit_index: HashMap::new(),
             queues: HashMap::new(),
             done_keys: already_done.into_iter().collect(),
+            failed_keys: already_failed.into_iter().collect(),
             agents: HashMap::new(),
             leases: HashMap::new(),
             next_lease: 1,
@@ -339,20 +355,21 @@ impl Scheduler {
         for (case_idx, case) in self.cases.iter().enumerate() {
             let key = format!("{}|{}", case.id, target.key());
             let done = self.done_keys.contains(&key);
+            let state = match (done, self.failed_keys.contains(&key)) {
+                (true, true) => UnitState::Failed,
+                (true, false) => UnitState::Done,
+                (false, _) => UnitState::Pending,
+            };
             let idx = self.units.len();
-            if done {
-                self.counts.done += 1;
-            } else {
-                self.counts.pending += 1;
+            match state {
+                UnitState::Failed => self.counts.failed += 1,
+                UnitState::Done => self.counts.done += 1,
+                _ => self.counts.pending += 1,
             }
             self.units.push(Unit {
                 case_idx,
                 target: target.clone(),
-                state: if done {
-                    UnitState::Done
-                } else {
-                    UnitState::Pending
-                },
+                state,
                 lease: None,
                 attempts: 0,
                 errors: Vec::new(),
@@ -1054,6 +1071,22 @@ mod tests {
         let a = s.register("a".into(), dev("u1", "H100"), t);
         let g = grant(s.lease(&a, t).unwrap());
         assert_eq!(g.cases.len(), 3);
+    }
+
+    #[test]
+    fn resume_counts_replayed_failures_as_failed() {
+        let t = Instant::now();
+        let cs = cases(4);
+        let done = vec![format!("{}|*", cs[0].id), format!("{}|*", cs[1].id)];
+        let failed = vec![format!("{}|*", cs[1].id)];
+        let mut s = Scheduler::resume(cfg(8), cs, done, failed);
+        let p = s.progress();
+        assert_eq!((p.total, p.pending, p.done, p.failed), (4, 2, 1, 1));
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        run_to_done(&mut s, &a, t);
+        let p = s.progress();
+        assert_eq!((p.done, p.failed), (3, 1));
+        assert!(p.finished && s.unfinished().is_empty());
     }
 
     #[test]

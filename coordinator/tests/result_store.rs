@@ -190,3 +190,65 @@ fn journal_resume_and_outputs_agree() {
     let speedup: f64 = bf16.split(',').nth(5).unwrap().parse().unwrap();
     assert!((speedup - 0.5).abs() < 5e-3, "{bf16}");
 }
+
+/// A unit recorded as failed stays failed when the run is resumed: the resumed coordinator counts
+/// it as failed (not done) and the run is not complete, so a rerun of a failed run does not exit
+/// 0. (Found by QA: the failure was counted as a resumed success.)
+#[tokio::test]
+async fn a_resumed_run_keeps_the_failures_its_journal_holds() {
+    use decodebench_coordinator::run::{
+        cases_hash, serve, CoordinatorConfig, ProgressDisplay, RunSummary,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    let cases = Grid::preset("smoke").unwrap().expand();
+    let grid_hash = cases_hash(&cases);
+    let mut all: Vec<ResultRecord> = cases.iter().map(|c| synthetic_record(c, 1)).collect();
+    all[1].measurement.kernels[0] = KernelMeasurement::not_timed(
+        KernelKind::Baseline,
+        Status::Failed,
+        "attempt 3: CUDA error",
+    );
+    assert!(all[1].failed() && !all[0].failed());
+    {
+        let meta = JournalMeta {
+            run_id: "it-run".into(),
+            grid_hash: grid_hash.clone(),
+        };
+        let (mut journal, _) = Journal::open(out, &meta).unwrap();
+        journal.append_batch(&all).unwrap();
+    }
+    let resume = || async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = CoordinatorConfig {
+            out_dir: out.to_path_buf(),
+            cases: cases.clone(),
+            grid_hash: grid_hash.clone(),
+            scheduler: Default::default(),
+            token: None,
+            tls: None,
+            metrics_listen: None,
+            progress: ProgressDisplay::Quiet,
+            git_revision: "test".into(),
+            exit_when_done: true,
+        };
+        // Every unit has a result, so the coordinator finishes without any agent.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            serve(cfg, listener, std::future::pending::<()>()),
+        )
+        .await
+        .expect("a run with every unit journaled finishes at once")
+        .unwrap()
+    };
+    for _ in 0..2 {
+        let s: RunSummary = resume().await;
+        assert_eq!(s.resumed, cases.len());
+        assert_eq!(
+            (s.total, s.done, s.failed),
+            (cases.len() as u64, cases.len() as u64 - 1, 1)
+        );
+        assert!(s.unfinished.is_empty());
+        assert!(!s.complete(), "a run with a failed unit is not complete");
+    }
+}

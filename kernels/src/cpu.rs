@@ -18,7 +18,9 @@ use crate::formats::{
     f32_to_e4m3, nvfp4_sf_offset, nvfp4_sf_shape, quantize_nvfp4_block, Nvfp4Tensor, E4M3_TABLE,
     NVFP4_BLOCK_ELEMS,
 };
-use crate::inputs::{available_cores, generate_host_inputs, CaseDims, HostInputs, HostTensor};
+use crate::inputs::{
+    available_cores, generate_host_inputs, CaseDims, HostInputs, HostTensor, InputError,
+};
 use crate::measurement::{CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement, Status};
 use crate::reference::{attention_f64, decode_output, verify_output, QuantizedOutput};
 use crate::workload::{BenchCase, Dtype, MeasureMethod, Scales};
@@ -102,6 +104,11 @@ impl CpuBackend {
         }
         let inputs = match generate_host_inputs(case) {
             Ok(inputs) => inputs,
+            // A pool past the host limit is a memory limit, like a GPU's out-of-memory: recorded
+            // as `oom`, not retried on other agents as a failure.
+            Err(e @ InputError::PoolTooLarge { .. }) => {
+                return for_each_kernel(Status::Oom, &e.to_string())
+            }
             Err(e) => return for_each_kernel(Status::Failed, &e.to_string()),
         };
         let Ok(dims) = CaseDims::of(case) else {

@@ -39,7 +39,8 @@ pub const EXIT_REGRESSION: u8 = 4;
 pub enum AnalysisError {
     #[error("{}: no results.parquet in this directory; pass a run's --out directory or a results.parquet file", path.display())]
     NoResults { path: PathBuf },
-    #[error("cannot read {}: {source}", path.display())]
+    /// The sink's error names the path and the fix.
+    #[error("{source}")]
     Read { path: PathBuf, source: SinkError },
     #[error("{}: column `{column}` {reason}; the file does not match this build's result schema (rewrite it with this decodebench version)", path.display())]
     Column {

@@ -37,6 +37,16 @@ pub enum SinkError {
     Parquet(#[from] ::parquet::errors::ParquetError),
     #[error("CSV encoding failed: {0}")]
     Csv(#[from] ::csv::Error),
+    #[error("cannot read {}: {source}; pass a run's --out directory or its results.parquet", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not a readable results.parquet ({source}); pass a run's --out directory or its results.parquet", path.display())]
+    NotParquet {
+        path: PathBuf,
+        source: ::parquet::errors::ParquetError,
+    },
     #[error("{}: schema mismatch: {reason}; it was written by an incompatible decodebench version", path.display())]
     SchemaMismatch { path: PathBuf, reason: String },
 }

@@ -47,11 +47,15 @@ pub fn write_parquet<W: Write + Send>(out: W, batch: &RecordBatch) -> Result<(),
 
 /// Reads a `results.parquet` back, checking that it carries this build's schema version.
 pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
-    let file = File::open(path).map_err(|source| SinkError::Io {
+    let file = File::open(path).map_err(|source| SinkError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let not_parquet = |source| SinkError::NotParquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(not_parquet)?;
     let found = builder.schema().metadata().get(SCHEMA_VERSION_KEY).cloned();
     if found.as_deref() != Some(schema::SCHEMA_VERSION) {
         return Err(SinkError::SchemaMismatch {
@@ -63,8 +67,10 @@ pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
             ),
         });
     }
-    let reader = builder.build()?;
-    Ok(reader.collect::<Result<Vec<_>, _>>()?)
+    let reader = builder.build().map_err(not_parquet)?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| not_parquet(e.into()))
 }
 
 #[cfg(test)]
