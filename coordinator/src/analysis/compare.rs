@@ -6,6 +6,8 @@
 //! two-sided Mann-Whitney U test on the pooled samples. A change counts only when it is both
 //! larger than the threshold (the whole interval beyond it) and unlikely to be chance (p below
 //! alpha); a status change (ok -> wrong_result, ...) is reported as a regression of its own kind.
+//! A comparison with too few samples for the test to reach alpha at all is `underpowered`, not
+//! `noisy`, and the output warns about it: no data could have made it a regression.
 //! `docs/ANALYSIS.md` gives the method and its reasons.
 
 use super::load::{load_results, CaseParams, LoadedResults, ResultRow};
@@ -33,8 +35,15 @@ pub const DEFAULT_BOOTSTRAP_RESAMPLES: usize = 2000;
 pub const MIN_BOOTSTRAP_RESAMPLES: usize = 200;
 /// Default bootstrap seed ("decode" in ASCII); any fixed value makes reruns identical.
 pub const DEFAULT_BOOTSTRAP_SEED: u64 = 0x6465_636f_6465;
-/// Fewest timed samples a side needs for a verdict: with fewer, neither the bootstrap nor the
-/// U test can separate a change from noise (three of each cannot reach p < 0.05).
+/// Fewest timed samples a side needs for any interval at all (the hard floor): the bootstrap
+/// median of one or two samples takes a handful of values, and its percentiles say nothing.
+/// Below it a comparison is `underpowered` whatever alpha is.
+///
+/// This is not enough for significance. The U test has a floor of its own that depends on alpha
+/// ([`stats::mann_whitney_samples_needed`]): with n samples per side its p-value can never fall
+/// below [`stats::mann_whitney_min_p_value`]`(n, n)` (3 -> 0.081, 4 -> 0.030, 5 -> 0.0122,
+/// 6 -> 0.0051), so alpha 0.01 needs 6 per side and alpha 0.05 needs 4. A comparison between the
+/// two floors is `underpowered` unless its interval already lies within the threshold.
 pub const MIN_SAMPLES_PER_SIDE: usize = 3;
 /// Longest agent message quoted in a text table; the full message is in CSV and JSON.
 const MESSAGE_PREVIEW_CHARS: usize = 60;
@@ -112,8 +121,13 @@ pub enum Verdict {
     StatusRegression,
     /// Slower beyond the threshold, and significant.
     Regression,
-    /// Neither clearly changed nor clearly unchanged: the interval crosses the threshold, the
-    /// test is not significant, or there are too few samples.
+    /// Too few samples to decide: fewer than [`MIN_SAMPLES_PER_SIDE`] on a side, or so few that
+    /// the U test's smallest possible p-value is not below alpha (5 and 5 at alpha 0.01), so no
+    /// data could have made it a regression or an improvement; and the interval does not show it
+    /// unchanged either. Rerun with more trials or raise alpha.
+    Underpowered,
+    /// Neither clearly changed nor clearly unchanged: the interval crosses the threshold or the
+    /// test is not significant, although it could have been with these sample counts.
     Noisy,
     /// In the baseline, absent from the candidate.
     Missing,
@@ -134,6 +148,7 @@ impl Verdict {
         match self {
             Verdict::StatusRegression => "status_regression",
             Verdict::Regression => "regression",
+            Verdict::Underpowered => "underpowered",
             Verdict::Noisy => "noisy",
             Verdict::Missing => "missing",
             Verdict::New => "new",
@@ -217,6 +232,8 @@ pub struct CompareSummary {
     pub status_fixed: usize,
     pub unchanged: usize,
     pub noisy: usize,
+    /// Too few samples for the test to reach alpha (see [`Verdict::Underpowered`]).
+    pub underpowered: usize,
     pub not_timed: usize,
     /// In the baseline, absent from the candidate.
     pub missing: usize,
@@ -243,6 +260,7 @@ impl CompareSummary {
                 }
                 Verdict::Unchanged => s.unchanged += 1,
                 Verdict::Noisy => s.noisy += 1,
+                Verdict::Underpowered => s.underpowered += 1,
                 Verdict::NotTimed => s.not_timed += 1,
                 Verdict::Missing => s.missing += 1,
                 Verdict::New => s.new += 1,
@@ -260,14 +278,15 @@ impl fmt::Display for CompareSummary {
         write!(
             f,
             "{} regressions ({} status), {} improvements ({} status), {} unchanged, {} noisy, \
-             {} not timed on either side; {} missing in candidate, {} new in candidate; \
-             {} throttled",
+             {} underpowered, {} not timed on either side; {} missing in candidate, {} new in \
+             candidate; {} throttled",
             self.regressions,
             self.status_regressions,
             self.improvements,
             self.status_fixed,
             self.unchanged,
             self.noisy,
+            self.underpowered,
             self.not_timed,
             self.missing,
             self.new,
@@ -289,6 +308,9 @@ pub struct CompareOutcome {
     pub seed: u64,
     pub kernels: KernelSelection,
     pub fail_on_regression: bool,
+    /// Fewest samples per side (equal on both) with which the U test can reach p < alpha at all,
+    /// and at least [`MIN_SAMPLES_PER_SIDE`]: fewer make a comparison `underpowered`.
+    pub samples_needed_per_side: usize,
     pub summary: CompareSummary,
     pub comparisons: Vec<Comparison>,
 }
@@ -395,6 +417,9 @@ impl CompareOutcome {
                 self.table(CellStyle::Text).write_text(out)?;
                 writeln!(out)?;
                 writeln!(out, "{}", self.summary_line())?;
+                if let Some(warning) = self.power_warning() {
+                    writeln!(out, "{warning}")?;
+                }
             }
             OutputFormat::Csv => self.table(CellStyle::Csv).write_csv(out)?,
             OutputFormat::Json => {
@@ -414,6 +439,25 @@ impl CompareOutcome {
             self.alpha,
             self.confidence * 100.0
         )
+    }
+
+    /// The warning printed after the summary when any comparison is `underpowered`: how many,
+    /// and the samples per side the chosen alpha needs. `None` when there are none.
+    pub fn power_warning(&self) -> Option<String> {
+        let count = self.summary.underpowered;
+        if count == 0 {
+            return None;
+        }
+        let needed = self.samples_needed_per_side;
+        Some(format!(
+            "warning: {count} of {} comparisons are underpowered: with alpha {} the U test needs \
+             at least {needed} samples on each side (pooled over the side's GPUs) before any \
+             p-value can fall below alpha, and these have fewer on at least one side, so they can \
+             never be reported as a regression or an improvement (nor fail \
+             --fail-on-regression). Rerun with --trials {needed} or more, or raise --alpha.",
+            self.comparisons.len(),
+            self.alpha,
+        ))
     }
 }
 
@@ -447,6 +491,9 @@ pub fn run_compare(opts: &CompareOptions) -> Result<CompareOutcome, AnalysisErro
     out.flush()?;
     if opts.format != OutputFormat::Table {
         eprintln!("{}", outcome.summary_line());
+        if let Some(warning) = outcome.power_warning() {
+            eprintln!("{warning}");
+        }
     }
     Ok(outcome)
 }
@@ -544,6 +591,7 @@ pub fn compare_loaded(
         seed: opts.seed,
         kernels: opts.kernels,
         fail_on_regression: opts.fail_on_regression,
+        samples_needed_per_side: samples_needed_per_side(opts.alpha),
         summary: CompareSummary::of(&comparisons),
         comparisons,
     }
@@ -685,12 +733,18 @@ fn compare_one(
     if c.gpus_differ {
         notes.push("different GPUs: card spread included".to_string());
     }
+    let counts = format!("{}/{}", base.n_samples, cand.n_samples);
+    let needed = samples_needed_per_side(opts.alpha);
     if base.n_samples < MIN_SAMPLES_PER_SIDE || cand.n_samples < MIN_SAMPLES_PER_SIDE {
-        c.verdict = Verdict::Noisy;
-        notes.push(format!(
-            "too few samples ({}/{}, need {MIN_SAMPLES_PER_SIDE} each)",
-            base.n_samples, cand.n_samples
-        ));
+        c.verdict = Verdict::Underpowered;
+        // The verdict's reason first: the text table shows only the start of a note.
+        notes.insert(
+            0,
+            format!(
+                "too few samples ({counts}, need {needed} per side): no interval below \
+                 {MIN_SAMPLES_PER_SIDE}"
+            ),
+        );
         c.note = notes.join("; ");
         return Some(c);
     }
@@ -718,8 +772,30 @@ fn compare_one(
             Verdict::Noisy
         }
     };
+    // Not significant, and could not have been: samples that do not overlap at all give this p.
+    // (Ties can push p a little lower; a result that is significant is decided as usual.)
+    let min_p = stats::mann_whitney_min_p_value(base.n_samples, cand.n_samples);
+    let significant = c.p_value.is_some_and(|p| p < opts.alpha);
+    if c.verdict == Verdict::Noisy && c.p_value.is_some() && !significant && min_p >= opts.alpha {
+        c.verdict = Verdict::Underpowered;
+        notes.insert(
+            0,
+            format!(
+                "too few samples for alpha {} ({counts}, need {needed} per side): smallest \
+                 possible p {min_p:.1e}",
+                opts.alpha
+            ),
+        );
+    }
     c.note = notes.join("; ");
     Some(c)
+}
+
+/// Fewest samples per side (equal on both sides) that can give a verdict other than
+/// `underpowered` at `alpha`: the U test's power floor, and never below the hard floor
+/// [`MIN_SAMPLES_PER_SIDE`].
+pub fn samples_needed_per_side(alpha: f64) -> usize {
+    stats::mann_whitney_samples_needed(alpha).max(MIN_SAMPLES_PER_SIDE)
 }
 
 /// The decision rule on an interval of the ratio candidate/baseline and a p-value.
@@ -849,6 +925,194 @@ mod tests {
             out.summary.unchanged > 0,
             "80 samples a side pin most medians"
         );
+    }
+
+    /// One GPU per side, optimized kernel only: `n_base` and `n_cand` samples around 1 ms and
+    /// `shift` ms more in the candidate, 2 % spread.
+    fn shifted_runs(
+        n_base: usize,
+        n_cand: usize,
+        shift: f64,
+    ) -> (tempfile::TempDir, tempfile::TempDir, CompareOptions) {
+        let gpu = Gpu::h100(0);
+        let base_opt = noisy_samples(11, n_base, 1.0, 0.02);
+        let cand_opt = noisy_samples(12, n_cand, 1.0 + shift, 0.02 * (1.0 + shift));
+        let reference = noisy_samples(13, 20, 2.0, 0.01);
+        let base = write_run(&[record(&gpu, 4, 1024, &base_opt, &reference)]);
+        let cand = write_run(&[record(&gpu, 4, 1024, &cand_opt, &reference)]);
+        let mut o = opts(&base, &cand);
+        o.kernels = KernelSelection::Optimized;
+        o.fail_on_regression = true;
+        (base, cand, o)
+    }
+
+    fn render(out: &CompareOutcome, format: OutputFormat) -> String {
+        let mut buf = Vec::new();
+        out.write(&mut buf, format).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn analysis_power_five_against_five_is_underpowered_not_noisy() {
+        // A 90 % slowdown, plain as day, but 5 against 5 samples cannot reach p < 0.01: the
+        // separated samples' p is the test's floor, 0.0122.
+        let (_b, _c, o) = shifted_runs(5, 5, 0.9);
+        let out = compare(&o).unwrap();
+        let c = find(&out, 4, KernelKind::Optimized);
+        assert_eq!(c.verdict, Verdict::Underpowered, "{c:?}");
+        assert!(
+            c.ci_low.unwrap() > 1.03,
+            "the interval is beyond the threshold: {c:?}"
+        );
+        assert!((c.p_value.unwrap() - 0.012_185_780).abs() < 1e-7, "{c:?}");
+        assert_eq!(
+            c.note,
+            "too few samples for alpha 0.01 (5/5, need 6 per side): smallest possible p 1.2e-2"
+        );
+        assert_eq!(out.samples_needed_per_side, 6);
+        let s = out.summary;
+        assert_eq!(
+            (s.underpowered, s.noisy, s.unchanged, s.regressions),
+            (1, 0, 0, 0)
+        );
+        assert_eq!(
+            out.exit_code(),
+            0,
+            "not a regression, so --fail-on-regression stays 0"
+        );
+        let warning = out.power_warning().expect("a warning");
+        assert!(
+            warning.starts_with(
+                "warning: 1 of 1 comparisons are underpowered: with alpha 0.01 the U test needs \
+                 at least 6 samples on each side"
+            ),
+            "{warning}"
+        );
+        assert!(
+            warning.contains("Rerun with --trials 6 or more, or raise --alpha."),
+            "{warning}"
+        );
+
+        // The table starts with the row and ends with the summary and the warning.
+        let text = render(&out, OutputFormat::Table);
+        assert!(text.starts_with("verdict"), "{text}");
+        assert!(
+            text.lines().nth(1).unwrap().starts_with("underpowered"),
+            "{text}"
+        );
+        let mut tail = text.lines().rev();
+        assert_eq!(tail.next(), Some(warning.as_str()));
+        let summary = tail.next().unwrap();
+        assert!(
+            summary.contains("0 noisy, 1 underpowered, 0 not timed"),
+            "{summary}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&out, OutputFormat::Json)).unwrap();
+        assert_eq!(json["comparisons"][0]["verdict"], "underpowered");
+        assert_eq!(json["summary"]["underpowered"], 1);
+        assert_eq!(json["samples_needed_per_side"], 6);
+        let csv = render(&out, OutputFormat::Csv);
+        assert!(
+            csv.lines().nth(1).unwrap().starts_with("underpowered,"),
+            "{csv}"
+        );
+
+        // The mirror image (a 47 % speed-up) is underpowered too.
+        let swapped = compare(&CompareOptions::new(
+            o.candidate.clone(),
+            o.baseline.clone(),
+        ))
+        .unwrap();
+        assert_eq!(
+            find(&swapped, 4, KernelKind::Optimized).verdict,
+            Verdict::Underpowered
+        );
+
+        // At alpha 0.05 five a side are enough (the floor is 4): the same data is a regression.
+        let mut loose = o.clone();
+        loose.alpha = 0.05;
+        let out = compare(&loose).unwrap();
+        assert_eq!(
+            find(&out, 4, KernelKind::Optimized).verdict,
+            Verdict::Regression
+        );
+        assert_eq!(out.samples_needed_per_side, 4);
+        assert_eq!(out.power_warning(), None);
+        assert_eq!(out.exit_code(), EXIT_REGRESSION);
+    }
+
+    #[test]
+    fn analysis_power_ten_against_ten_is_a_regression() {
+        let (_b, _c, o) = shifted_runs(10, 10, 0.9);
+        let out = compare(&o).unwrap();
+        let c = find(&out, 4, KernelKind::Optimized);
+        assert_eq!(c.verdict, Verdict::Regression, "{c:?}");
+        assert!(c.p_value.unwrap() < 1e-3, "{c:?}");
+        assert_eq!(c.note, "");
+        assert_eq!(out.summary.underpowered, 0);
+        assert_eq!(out.power_warning(), None);
+        assert_eq!(out.exit_code(), EXIT_REGRESSION);
+        let text = render(&out, OutputFormat::Table);
+        assert!(text.trim_end().ends_with("% intervals)"), "{text}");
+        // Uneven sides are judged by their own floor: 5 against 20 can reach 0.00077.
+        let (_b, _c, o) = shifted_runs(5, 20, 0.9);
+        assert_eq!(
+            find(&compare(&o).unwrap(), 4, KernelKind::Optimized).verdict,
+            Verdict::Regression
+        );
+    }
+
+    #[test]
+    fn analysis_power_few_samples_can_still_be_unchanged() {
+        // The interval alone shows "unchanged"; no test is needed for that, so it is not
+        // underpowered (and no warning is printed).
+        let (_b, _c, o) = shifted_runs(5, 5, 0.0);
+        let mut o = o;
+        o.threshold = 0.2;
+        let out = compare(&o).unwrap();
+        let c = find(&out, 4, KernelKind::Optimized);
+        assert_eq!(c.verdict, Verdict::Unchanged, "{c:?}");
+        assert_eq!(out.power_warning(), None);
+    }
+
+    #[test]
+    fn analysis_power_below_the_hard_floor_is_underpowered() {
+        let (_b, _c, o) = shifted_runs(2, 2, 0.9);
+        let out = compare(&o).unwrap();
+        let c = find(&out, 4, KernelKind::Optimized);
+        assert_eq!(c.verdict, Verdict::Underpowered, "{c:?}");
+        assert_eq!(
+            c.note,
+            "too few samples (2/2, need 6 per side): no interval below 3"
+        );
+        assert_eq!((c.ci_low, c.p_value), (None, None));
+        assert!(out.power_warning().unwrap().contains("1 of 1 comparisons"));
+        // The hard floor holds even where alpha would allow fewer.
+        let mut loose = o.clone();
+        loose.alpha = 0.5;
+        let out = compare(&loose).unwrap();
+        assert_eq!(out.samples_needed_per_side, MIN_SAMPLES_PER_SIDE);
+        assert_eq!(
+            find(&out, 4, KernelKind::Optimized).note,
+            "too few samples (2/2, need 3 per side): no interval below 3"
+        );
+    }
+
+    #[test]
+    fn analysis_power_tied_samples_are_decided_as_usual() {
+        // Ties shrink the U test's variance: 5 equal values against 5 others give p = 0.004,
+        // below 0.01, so the floor for untied samples does not apply and it is a regression.
+        let gpu = Gpu::h100(0);
+        let reference = noisy_samples(13, 20, 2.0, 0.01);
+        let b = write_run(&[record(&gpu, 4, 1024, &[1.0; 5], &reference)]);
+        let c = write_run(&[record(&gpu, 4, 1024, &[1.9; 5], &reference)]);
+        let mut o = opts(&b, &c);
+        o.kernels = KernelSelection::Optimized;
+        let out = compare(&o).unwrap();
+        let c = find(&out, 4, KernelKind::Optimized);
+        assert!(c.p_value.unwrap() < 0.01, "{c:?}");
+        assert_eq!(c.verdict, Verdict::Regression, "{c:?}");
     }
 
     #[test]

@@ -100,7 +100,6 @@ pub fn mann_whitney_u(x: &[f64], y: &[f64]) -> Option<MannWhitney> {
     }
     let n1 = x.len() as f64;
     let n2 = y.len() as f64;
-    let n = n1 + n2;
     // Pool with a side marker, sort, and give tied runs their average rank.
     let mut pooled: Vec<(f64, bool)> = x
         .iter()
@@ -125,22 +124,49 @@ pub fn mann_whitney_u(x: &[f64], y: &[f64]) -> Option<MannWhitney> {
         i = j;
     }
     let u_x = rank_sum_x - n1 * (n1 + 1.0) / 2.0;
+    let (z, p_value) = asymptotic_u_test(u_x, n1, n2, tie_term);
+    Some(MannWhitney { u_x, z, p_value })
+}
+
+/// The z score and two-sided p-value of [`mann_whitney_u`]'s normal approximation, from U of the
+/// first sample, the sample sizes and the tie term (the sum of t^3 - t over tied runs). One
+/// definition for the test and for [`mann_whitney_min_p_value`], so the two cannot drift apart.
+fn asymptotic_u_test(u_x: f64, n1: f64, n2: f64, tie_term: f64) -> (f64, f64) {
+    let n = n1 + n2;
     let mu = n1 * n2 / 2.0;
     let var = n1 * n2 / 12.0 * ((n + 1.0) - tie_term / (n * (n - 1.0)));
     if var <= 0.0 || !var.is_finite() {
-        return Some(MannWhitney {
-            u_x,
-            z: 0.0,
-            p_value: 1.0,
-        });
+        return (0.0, 1.0);
     }
     let u = u_x.max(n1 * n2 - u_x);
     let z = ((u - mu - 0.5) / var.sqrt()).max(0.0);
-    Some(MannWhitney {
-        u_x,
-        z,
-        p_value: (2.0 * normal_sf(z)).min(1.0),
-    })
+    (z, (2.0 * normal_sf(z)).min(1.0))
+}
+
+/// The smallest two-sided p-value [`mann_whitney_u`] can return for samples of `n1` and `n2`
+/// values without ties: the p-value of two samples that do not overlap at all (U = 0 or
+/// n1 * n2). No data can do better, so when this is not below alpha the test cannot call any
+/// difference significant, however large: 5 against 5 gives 0.0122, above an alpha of 0.01.
+/// (Ties within a side shrink the variance and can push p a little lower; timings rarely tie.)
+/// 1 when either sample is empty.
+pub fn mann_whitney_min_p_value(n1: usize, n2: usize) -> f64 {
+    if n1 == 0 || n2 == 0 {
+        return 1.0;
+    }
+    let (n1, n2) = (n1 as f64, n2 as f64);
+    asymptotic_u_test(n1 * n2, n1, n2, 0.0).1
+}
+
+/// The fewest samples per side (equal on both sides) with which [`mann_whitney_u`] can reach
+/// p < `alpha` at all, i.e. the smallest n with `mann_whitney_min_p_value(n, n) < alpha`: 3 for
+/// alpha 0.1, 4 for 0.05, 6 for 0.01, 8 for 0.001. `alpha` must be in (0, 1).
+pub fn mann_whitney_samples_needed(alpha: f64) -> usize {
+    // The minimum p falls with n (z grows like sqrt(3n/2)) and reaches 0 in f64 near n = 1000,
+    // so the loop ends for any positive alpha; the cap only guards against a NaN alpha.
+    const MAX_SAMPLES: usize = 1 << 20;
+    (1..MAX_SAMPLES)
+        .find(|&n| mann_whitney_min_p_value(n, n) < alpha)
+        .unwrap_or(MAX_SAMPLES)
 }
 
 /// SplitMix64 (Steele, Lea and Flood, 2014): a tiny generator whose output is fixed by its
@@ -345,6 +371,57 @@ pub(crate) mod tests {
         let r = mann_whitney_u(&[2.0, 2.0], &[2.0, 2.0, 2.0]).unwrap();
         assert_eq!(r.p_value, 1.0);
         assert!(mann_whitney_u(&[], &[1.0]).is_none());
+    }
+
+    #[test]
+    fn mann_whitney_min_p_matches_hand_values() {
+        // Complete separation without ties: U = n1 n2, mean n1 n2 / 2, variance
+        // n1 n2 (n1 + n2 + 1) / 12, z = (n1 n2 / 2 - 0.5) / sqrt(variance), p = erfc(z / sqrt 2)
+        // (values from Python's math.erfc).
+        // 5 vs 5: z = 12 / sqrt(275 / 12) = 2.5067182, p = 0.0121858 > 0.01.
+        assert!((mann_whitney_min_p_value(5, 5) - 0.012_185_780).abs() < 1e-7);
+        // 6 vs 6: z = 17.5 / sqrt(39) = 2.8022427, p = 0.0050749 < 0.01.
+        assert!((mann_whitney_min_p_value(6, 6) - 0.005_074_868).abs() < 1e-7);
+        // 4 vs 4: z = 7.5 / sqrt(12) = 2.1650635, p = 0.0303828.
+        assert!((mann_whitney_min_p_value(4, 4) - 0.030_382_822).abs() < 1e-7);
+        // 3 vs 3: the separated-samples test above, p = 0.0808556.
+        assert!((mann_whitney_min_p_value(3, 3) - 0.080_855_598).abs() < 1e-7);
+        // Unbalanced: 4 vs 5, z = 9.5 / sqrt(50 / 3) = 2.3270153, p = 0.0199645; 5 vs 20 is
+        // plenty: z = 49.5 / sqrt(650 / 3) = 3.3628628, p = 0.00077139.
+        assert!((mann_whitney_min_p_value(4, 5) - 0.019_964_453).abs() < 1e-7);
+        assert!((mann_whitney_min_p_value(5, 4) - 0.019_964_453).abs() < 1e-7);
+        assert!((mann_whitney_min_p_value(5, 20) - 0.000_771_387).abs() < 1e-8);
+        // One each: U = 1, z = 0, no evidence possible.
+        assert_eq!(mann_whitney_min_p_value(1, 1), 1.0);
+        assert_eq!(mann_whitney_min_p_value(0, 5), 1.0);
+        // It is what the test returns for separated samples, in either order.
+        let (low, high) = ([1.0, 2.0, 3.0, 4.0, 5.0], [6.0, 7.0, 8.0, 9.0, 10.0]);
+        let r = mann_whitney_u(&low, &high).unwrap();
+        assert_eq!(r.p_value, mann_whitney_min_p_value(5, 5));
+        assert_eq!(mann_whitney_u(&high, &low).unwrap().p_value, r.p_value);
+        // And no untied 5 vs 5 arrangement beats it (every interleaving raises p).
+        let overlapping = mann_whitney_u(&[1.0, 2.0, 3.0, 4.0, 6.0], &[5.0, 7.0, 8.0, 9.0, 10.0]);
+        assert!(overlapping.unwrap().p_value > r.p_value);
+    }
+
+    #[test]
+    fn mann_whitney_samples_needed_per_alpha() {
+        // From the minimum p-values above: n = 3 gives 0.081, 4 gives 0.030, 5 gives 0.0122,
+        // 6 gives 0.0051, 7 gives 0.0022, 8 gives 0.00094.
+        assert_eq!(mann_whitney_samples_needed(0.1), 3);
+        assert_eq!(mann_whitney_samples_needed(0.05), 4);
+        assert_eq!(mann_whitney_samples_needed(0.01), 6);
+        assert_eq!(mann_whitney_samples_needed(0.0122), 5);
+        assert_eq!(mann_whitney_samples_needed(0.001), 8);
+        assert_eq!(mann_whitney_samples_needed(0.5), 2);
+        // Tiny alphas end too (exactly, 1e-300 needs n = 917; the tail underflows near 1000).
+        let n = mann_whitney_samples_needed(1e-300);
+        assert!((900..=1100).contains(&n), "{n}");
+        for alpha in [0.1, 0.05, 0.01, 0.001] {
+            let n = mann_whitney_samples_needed(alpha);
+            assert!(mann_whitney_min_p_value(n, n) < alpha);
+            assert!(mann_whitney_min_p_value(n - 1, n - 1) >= alpha);
+        }
     }
 
     #[test]
