@@ -185,6 +185,31 @@ fn run_refuses_a_fleet_its_local_agents_cannot_make() {
     Proc::spawn(&s, "run", &args).wait_success(Duration::from_secs(90));
 }
 
+/// An --out directory holding an earlier run's results but no journal (deleted, or written by
+/// another copy) is refused, and the results in it are left as they were.
+#[test]
+fn run_never_writes_over_results_it_cannot_resume() {
+    let _serial = exclusive();
+    let s = Scratch::new("earlier-results");
+    let grid = s.grid(&GridSpec::tiny());
+    let out = s.out();
+    let args = cpu_run_args(&grid, &out, &[]);
+    Proc::spawn(&s, "run", &args).wait_success(Duration::from_secs(90));
+    std::fs::remove_file(out.join("journal.dbj")).unwrap();
+    let before = std::fs::read(out.join("results.csv")).unwrap();
+    let mut again = Proc::spawn(&s, "run", &args);
+    let status = again.wait(Duration::from_secs(30));
+    assert!(!status.success(), "{}", again.log_tail());
+    let log = again.log();
+    assert!(
+        log.contains("holds an earlier run's results.parquet"),
+        "{log}"
+    );
+    assert!(log.contains("fresh --out"), "{log}");
+    assert_eq!(std::fs::read(out.join("results.csv")).unwrap(), before);
+    assert!(!out.join("journal.dbj").exists());
+}
+
 /// `precompile` refuses a malformed target naming the expected form, and with a well-formed one
 /// either fills the cache (where NVRTC is installed) or says that NVRTC is what is missing.
 #[test]

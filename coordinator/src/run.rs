@@ -1,12 +1,12 @@
 //! A coordinator's whole life: resume from the journal, serve agents until every unit has a result
 //! (or a shutdown signal), drain the agents, and write the outputs atomically.
 
-use crate::journal::{Journal, JournalError, JournalMeta};
+use crate::journal::{Journal, JournalError, JournalMeta, JOURNAL_FILE_NAME};
 use crate::metrics::Metrics;
 use crate::record::ResultRecord;
 use crate::scheduler::{unit_key, Scheduler, SchedulerConfig};
 use crate::service::{status_snapshot, CoordinatorService, JournalJob, Shared, MAX_MESSAGE_BYTES};
-use crate::sink::{write_outputs, OutputPaths, SinkError};
+use crate::sink::{write_outputs, OutputPaths, SinkError, CSV_FILE_NAME, PARQUET_FILE_NAME};
 use decodebench_kernels::BenchCase;
 use decodebench_proto::wire::coordinator_server::CoordinatorServer;
 use std::future::Future;
@@ -48,6 +48,14 @@ pub enum CoordinatorError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("--out {}: it is a file, not a directory; give a directory path (it is created if missing)", path.display())]
+    OutNotDir { path: PathBuf },
+    #[error(
+        "{} holds an earlier run's {file} but no journal to resume it from; a new run would \
+         overwrite it. Use a fresh --out directory, or move the earlier results away",
+        dir.display()
+    )]
+    EarlierResults { dir: PathBuf, file: &'static str },
 }
 
 /// Server-side TLS, from PEM files.
@@ -114,10 +122,26 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary, CoordinatorError> {
+    if cfg.out_dir.exists() && !cfg.out_dir.is_dir() {
+        return Err(CoordinatorError::OutNotDir {
+            path: cfg.out_dir.clone(),
+        });
+    }
     std::fs::create_dir_all(&cfg.out_dir).map_err(|source| CoordinatorError::OutDir {
         path: cfg.out_dir.clone(),
         source,
     })?;
+    // Results without a journal are an earlier run's (or another tool's): never write over them.
+    if !cfg.out_dir.join(JOURNAL_FILE_NAME).exists() {
+        for file in [PARQUET_FILE_NAME, CSV_FILE_NAME] {
+            if cfg.out_dir.join(file).exists() {
+                return Err(CoordinatorError::EarlierResults {
+                    dir: cfg.out_dir.clone(),
+                    file,
+                });
+            }
+        }
+    }
     let meta = JournalMeta {
         run_id: new_run_id(),
         grid_hash: cfg.grid_hash.clone(),
