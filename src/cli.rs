@@ -37,7 +37,7 @@ pub enum Command {
     Status(StatusArgs),
     /// Run every GPU kernel against the CPU reference on small shapes; exits non-zero on any mismatch.
     Selftest(SelftestArgs),
-    /// Compare two runs per (case, kernel, GPU SKU): regression, improvement, unchanged or noisy.
+    /// Compare two runs per (case, kernel, GPU SKU): regression, improvement, unchanged, noisy or underpowered.
     Compare(CompareArgs),
     /// Per-GPU or per-SKU report of one run (slow-card finder) and the optimized-vs-baseline speedups.
     Report(ReportArgs),
@@ -171,9 +171,10 @@ pub struct RunArgs {
     /// GPUs to use (CUDA ordinals), default all visible.
     #[arg(long, value_delimiter = ',')]
     pub gpus: Option<Vec<usize>>,
-    /// CPU agents to start with the CPU backend.
-    #[arg(long, default_value_t = 1)]
-    pub cpu_agents: usize,
+    /// CPU agents to start with the CPU backend (1 to 64; each one runs cases on every core, so
+    /// more than a few only contend).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub cpu_agents: u16,
     #[command(flatten)]
     pub method: MethodOverrides,
     #[command(flatten)]
@@ -238,11 +239,12 @@ pub struct AgentArgs {
     pub gpu: usize,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendArg,
-    /// A name for logs and status (defaults to host:gpu).
+    /// A name for logs and status (default HOST:gpuN, or HOST:cpu on the CPU backend).
     #[arg(long)]
     pub name: Option<String>,
-    /// Give up if the coordinator cannot be reached for this long, seconds.
-    #[arg(long, default_value_t = 300.0)]
+    /// Give up if the coordinator cannot be reached for this long, seconds (at least 1), at
+    /// start-up and when it goes away mid-run. SIGTERM or Ctrl-C ends the wait at once.
+    #[arg(long, default_value_t = 300.0, value_parser = decodebench_agent::client::parse_connect_timeout_s)]
     pub connect_timeout_s: f64,
     #[command(flatten)]
     pub token: TokenArgs,

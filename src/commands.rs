@@ -4,7 +4,7 @@
 use crate::cli::*;
 use anyhow::{anyhow, bail, Context, Result};
 use decodebench_agent::backends::{self, OpenedBackend};
-use decodebench_agent::client::{Agent, AgentConfig, ClientTls, DEFAULT_CONNECT_TIMEOUT};
+use decodebench_agent::client::{Agent, AgentConfig, ClientTls};
 use decodebench_coordinator::analysis::{
     self, CompareOptions, GroupBy, KernelSelection, OutputFormat, ReportOptions,
 };
@@ -353,6 +353,9 @@ fn check_local_fleet(fleet: &FleetRequirement, opened: &[(String, OpenedBackend)
 
 async fn run(a: RunArgs) -> Result<ExitCode> {
     // Decide the backends first: the default preset depends on them.
+    if a.backend == BackendArg::Cpu && a.gpus.is_some() {
+        bail!("--gpus selects CUDA devices and --backend cpu uses none; drop --gpus (the number of CPU agents is --cpu-agents)");
+    }
     let gpu_ordinals: Vec<usize> = match a.backend {
         BackendArg::Cpu => Vec::new(),
         BackendArg::Cuda | BackendArg::Auto => match backends::cuda_device_count() {
@@ -388,7 +391,7 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
     let agent_count = if on_gpu {
         gpu_ordinals.len()
     } else {
-        a.cpu_agents.max(1)
+        usize::from(a.cpu_agents)
     };
     if sched.placement != Placement::Spread && sched.fleet.expect_agents == 0 {
         sched.fleet.expect_agents = agent_count;
@@ -597,20 +600,26 @@ async fn agent(a: AgentArgs) -> Result<ExitCode> {
     let host = decodebench_agent::identity::host_name();
     let cfg = AgentConfig {
         coordinator: a.coordinator.clone(),
-        name: a.name.unwrap_or_else(|| format!("{host}:gpu{}", a.gpu)),
+        name: a.name.unwrap_or_else(|| {
+            if opened.backend.identity().backend == "cpu" {
+                format!("{host}:cpu")
+            } else {
+                format!("{host}:gpu{}", a.gpu)
+            }
+        }),
         token: read_token(&a.token)?,
         tls,
-        connect_timeout: if a.connect_timeout_s > 0.0 {
-            Duration::from_secs_f64(a.connect_timeout_s)
-        } else {
-            DEFAULT_CONNECT_TIMEOUT
-        },
+        // At least 1 s: the flag's parser refuses less.
+        connect_timeout: Duration::from_secs_f64(a.connect_timeout_s),
         version: version_string(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
-        tracing::info!("signal received: finishing the current case, then handing the lease back");
+        tracing::info!(
+            "signal received: stopping (a case in progress is finished first and the rest of its \
+             lease handed back)"
+        );
         let _ = stop_tx.send(true);
     });
     let agent = Agent::connect(cfg, opened.backend, opened.probe).await?;
@@ -654,6 +663,7 @@ fn grid(a: GridArgs) -> Result<ExitCode> {
 
 async fn status(a: StatusArgs) -> Result<ExitCode> {
     use decodebench_proto::wire;
+    decodebench_agent::client::check_coordinator_url(&a.addr)?;
     let mut endpoint = tonic::transport::Endpoint::from_shared(a.addr.clone())
         .with_context(|| format!("`{}` is not a URL like http://127.0.0.1:50051", a.addr))?
         .timeout(Duration::from_secs(10));

@@ -3,6 +3,7 @@
 //! garbage on the port), each test ending by reading the output files and checking that every
 //! case of the grid came back exactly once.
 
+mod agent_connect;
 mod faults;
 mod fleet;
 mod grid_errors;

@@ -1,6 +1,14 @@
 //! The agent's work loop: connect (retrying while the coordinator is not up yet), register, then
 //! pull shards, run each case on the backend while heartbeating, and report every result as it
 //! finishes. It survives a coordinator restart (re-registers) and drains on request.
+//!
+//! Stopping: every wait for the coordinator (the first registration, and the backoff of a call
+//! that keeps failing because the coordinator went away mid-run) also watches the stop channel
+//! given to [`Agent::run`]. A stop while the coordinator cannot be reached ends that wait at once:
+//! a finished case's report or a lease hand-back gets one last try of at most [`STOP_GRACE`], then
+//! the agent returns normally (`Ok`, [`AgentSummary::stopped_while_unreachable`] set), since being
+//! told to stop is not a failure; the coordinator re-leases whatever was left once the lease
+//! expires. A stop before the agent ever registered returns at once with nothing done.
 
 use decodebench_kernels::{Backend, BenchCase, CaseMeasurement, TelemetryProbe};
 use decodebench_proto::wire::coordinator_client::CoordinatorClient;
@@ -23,11 +31,17 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Per-RPC deadline: a coordinator that does not answer in this time is treated as unreachable.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Once a stop is requested, how long one last call (reporting the finished case, handing the
+/// lease back) may take before the agent gives up on it: well inside Kubernetes' default 30-s
+/// termination grace period, even for a coordinator that accepts connections but never answers.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The shortest `--connect-timeout-s`.
+pub const MIN_CONNECT_TIMEOUT_S: f64 = 1.0;
 
 #[derive(Debug, Error)]
 pub enum AgentError {
     #[error(
-        "invalid coordinator address `{addr}`: {reason} (expected e.g. http://127.0.0.1:50051)"
+        "invalid coordinator address `{addr}`: {reason} (expected a URL such as http://HOST:50051, or https://HOST:50051 with TLS)"
     )]
     Address { addr: String, reason: String },
     #[error("could not reach the coordinator at {addr} for {waited:?}: {last_error}; is it running and reachable?")]
@@ -46,6 +60,13 @@ pub enum AgentError {
     Backend(String),
     #[error("the device is in an unrecoverable state ({0}); this agent exits so that a fresh process (a restarted pod or agent) takes over; its unfinished cases go to other agents")]
     DeviceLost(String),
+    /// A stop was requested while the coordinator could not be reached, so the agent stopped
+    /// waiting for it. [`Agent::run`] does not return this (it logs it and returns `Ok`, as for
+    /// any stop); [`Agent::connect_with_stop`] does when stopped before registering.
+    #[error(
+        "stopped on request while waiting for the coordinator at {addr} (last error: {last_error})"
+    )]
+    Stopped { addr: String, last_error: String },
 }
 
 /// Client-side TLS, from PEM files.
@@ -64,6 +85,9 @@ pub struct AgentConfig {
     pub name: String,
     pub token: Option<String>,
     pub tls: Option<ClientTls>,
+    /// How long to keep retrying a coordinator that cannot be reached, at start-up and mid-run,
+    /// before giving up with [`AgentError::Unreachable`]. Zero means "try once". The CLI takes
+    /// at least [`MIN_CONNECT_TIMEOUT_S`] (see [`parse_connect_timeout_s`]).
     pub connect_timeout: Duration,
     /// decodebench version and git revision of this agent, sent at registration.
     pub version: String,
@@ -78,6 +102,12 @@ pub struct AgentSummary {
     pub released: u64,
     /// The agent exited because the coordinator told it to drain (rather than on a signal).
     pub drained_by_coordinator: bool,
+    /// The agent registered with the coordinator (false: stopped before it could).
+    pub registered: bool,
+    /// A stop came while the coordinator could not be reached, and the agent left without it:
+    /// a result it could not report, or a lease it could not hand back, returns to the pool
+    /// when the lease expires.
+    pub stopped_while_unreachable: bool,
 }
 
 #[derive(Clone)]
@@ -127,8 +157,26 @@ impl Backoff {
         }
     }
 
-    /// Sleeps before the next try, or says the coordinator is unreachable.
-    async fn wait_after(&mut self, s: &Status, addr: &str) -> Result<(), AgentError> {
+    /// After the transient failure `s`: sleeps before the next try, or says the coordinator is
+    /// unreachable (the connect timeout has passed) or that the agent is stopping.
+    ///
+    /// A stop already requested ends it at once: the attempt that just failed was the last one
+    /// (see [`with_grace`]). A stop arriving during the sleep ends the sleep; `on_stop` says
+    /// whether to give up right away ([`OnStop::Abort`]) or make one last try ([`OnStop::LastTry`]).
+    async fn wait_after(
+        &mut self,
+        s: &Status,
+        addr: &str,
+        stop: &mut watch::Receiver<bool>,
+        on_stop: OnStop,
+    ) -> Result<(), AgentError> {
+        let stopped = || AgentError::Stopped {
+            addr: addr.to_string(),
+            last_error: describe(s),
+        };
+        if *stop.borrow() {
+            return Err(stopped());
+        }
         if self.started.elapsed() >= self.limit {
             return Err(AgentError::Unreachable {
                 addr: addr.to_string(),
@@ -137,21 +185,78 @@ impl Backoff {
             });
         }
         tracing::info!(retry_in = ?self.delay, error = %describe(s), "coordinator not reachable; retrying");
-        tokio::time::sleep(self.delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = until_stopped(stop) => {
+                if on_stop == OnStop::Abort {
+                    return Err(stopped());
+                }
+            }
+        }
         self.delay = (self.delay * 2).min(BACKOFF_MAX);
         Ok(())
     }
 }
 
+/// What a stop does to a call that is waiting for the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnStop {
+    /// Give up at once: nothing is lost (the first registration).
+    Abort,
+    /// One last try of at most [`STOP_GRACE`]: a finished case's report, a lease hand-back.
+    LastTry,
+}
+
+impl OnStop {
+    fn grace(self) -> Duration {
+        match self {
+            OnStop::Abort => Duration::ZERO,
+            OnStop::LastTry => STOP_GRACE,
+        }
+    }
+}
+
+/// Resolves once `stop` is true; never, if its sender is gone without having said so.
+async fn until_stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Runs one RPC attempt; once a stop is requested (before or during it), the attempt gets at
+/// most `grace` more before it counts as a transient failure.
+async fn with_grace<T>(
+    attempt: impl std::future::Future<Output = Result<T, Status>>,
+    stop: &mut watch::Receiver<bool>,
+    grace: Duration,
+) -> Result<T, Status> {
+    tokio::pin!(attempt);
+    tokio::select! {
+        biased;
+        r = &mut attempt => return r,
+        _ = until_stopped(stop) => {}
+    }
+    match tokio::time::timeout(grace, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(Status::cancelled("abandoned: the agent is stopping")),
+    }
+}
+
+/// A transport error that no retry can fix: the address itself is unusable.
+fn is_bad_address(s: &Status) -> bool {
+    describe(s).contains("invalid URI")
+}
+
 fn is_transient(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::Aborted
-    )
+    !is_bad_address(s)
+        && matches!(
+            s.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Unknown
+                | Code::Cancelled
+                | Code::Aborted
+        )
 }
 
 /// A shared, blocking-safe handle on the backend (cases run on a blocking thread).
@@ -168,17 +273,23 @@ pub struct Agent {
     summary: AgentSummary,
     /// A heartbeat said the coordinator is draining: stop after the current case.
     drain_requested: bool,
+    /// Turns true when the agent should stop (set by [`Agent::run`]; never, before).
+    stop: watch::Receiver<bool>,
 }
 
 impl Agent {
-    /// Connects to the coordinator (retrying with backoff until `connect_timeout`) and registers.
+    /// Checks the configuration (the coordinator URL above all) and prepares the connection,
+    /// without waiting for the coordinator: the agent registers when [`Agent::run`] starts,
+    /// retrying with backoff until `connect_timeout`, and gives up at once on a stop request.
+    /// (Use [`Agent::connect_with_stop`] to register before `run`.)
     pub async fn connect(
         cfg: AgentConfig,
         backend: Box<dyn Backend>,
         probe: Box<dyn TelemetryProbe>,
     ) -> Result<Agent, AgentError> {
         let client = make_client(&cfg)?;
-        let mut agent = Agent {
+        let (_never, stop) = watch::channel(false);
+        Ok(Agent {
             cfg,
             backend: Arc::new(Mutex::new(backend)),
             probe: Arc::new(Mutex::new(probe)),
@@ -187,9 +298,40 @@ impl Agent {
             heartbeat_interval: Duration::from_secs(10),
             summary: AgentSummary::default(),
             drain_requested: false,
-        };
-        agent.register().await?;
+            stop,
+        })
+    }
+
+    /// [`Agent::connect`], then registers now (retrying with backoff until `connect_timeout`);
+    /// a stop request ends the wait at once with [`AgentError::Stopped`].
+    pub async fn connect_with_stop(
+        cfg: AgentConfig,
+        backend: Box<dyn Backend>,
+        probe: Box<dyn TelemetryProbe>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Agent, AgentError> {
+        let mut agent = Agent::connect(cfg, backend, probe).await?;
+        agent.stop = stop;
+        if *agent.stop.borrow() {
+            return Err(agent.stopped_before_registering());
+        }
+        agent.register(OnStop::Abort).await?;
         Ok(agent)
+    }
+
+    /// The stop came before the first attempt to register.
+    fn stopped_before_registering(&self) -> AgentError {
+        AgentError::Stopped {
+            addr: self.cfg.coordinator.clone(),
+            last_error: "none, the stop came before the first attempt".into(),
+        }
+    }
+
+    fn bad_address(&self, s: &Status) -> AgentError {
+        AgentError::Address {
+            addr: self.cfg.coordinator.clone(),
+            reason: describe(s),
+        }
     }
 
     fn device(&self) -> wire::DeviceIdentity {
@@ -197,8 +339,9 @@ impl Agent {
         b.identity().into()
     }
 
-    /// Registers (again, after a coordinator restart), retrying transient failures.
-    async fn register(&mut self) -> Result<(), AgentError> {
+    /// Registers (again, after a coordinator restart), retrying transient failures until the
+    /// connect timeout; `on_stop` says what a stop request does to the wait.
+    async fn register(&mut self, on_stop: OnStop) -> Result<(), AgentError> {
         let device = self.device();
         let req = wire::RegisterRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -207,18 +350,25 @@ impl Agent {
             device: Some(device),
         };
         let mut backoff = Backoff::new(self.cfg.connect_timeout);
+        let mut stop = self.stop.clone();
         loop {
-            match self.client.register(req.clone()).await {
+            let mut c = self.client.clone();
+            let attempt = c.register(req.clone());
+            match with_grace(attempt, &mut stop, on_stop.grace()).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     self.agent_id = r.agent_id;
+                    self.summary.registered = true;
                     self.heartbeat_interval =
                         Duration::from_millis(r.heartbeat_interval_ms.max(100) as u64);
                     tracing::info!(agent = %self.agent_id, run = %r.run_id, "registered with the coordinator");
                     return Ok(());
                 }
+                Err(s) if is_bad_address(&s) => return Err(self.bad_address(&s)),
                 Err(s) if is_transient(&s) => {
-                    backoff.wait_after(&s, &self.cfg.coordinator).await?;
+                    backoff
+                        .wait_after(&s, &self.cfg.coordinator, &mut stop, on_stop)
+                        .await?;
                 }
                 Err(s) => return Err(AgentError::Refused(s.message().to_string())),
             }
@@ -226,24 +376,31 @@ impl Agent {
     }
 
     /// Calls `f` until it succeeds, retrying transient errors with backoff (up to the connect
-    /// timeout) and re-registering when the coordinator no longer knows this agent.
+    /// timeout) and re-registering when the coordinator no longer knows this agent. Once a stop
+    /// is requested, it makes one last try of at most [`STOP_GRACE`], then returns
+    /// [`AgentError::Stopped`].
     async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, AgentError>
     where
         F: FnMut(Client, String) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let mut backoff = Backoff::new(self.cfg.connect_timeout);
+        let mut stop = self.stop.clone();
         loop {
-            match f(self.client.clone(), self.agent_id.clone()).await {
+            let attempt = f(self.client.clone(), self.agent_id.clone());
+            match with_grace(attempt, &mut stop, STOP_GRACE).await {
                 Ok(v) => return Ok(v),
                 Err(s) if s.code() == Code::NotFound && s.message().contains("unknown agent") => {
                     tracing::warn!(
                         "the coordinator does not know this agent (restarted?): registering again"
                     );
-                    self.register().await?;
+                    self.register(OnStop::LastTry).await?;
                 }
+                Err(s) if is_bad_address(&s) => return Err(self.bad_address(&s)),
                 Err(s) if is_transient(&s) => {
-                    backoff.wait_after(&s, &self.cfg.coordinator).await?;
+                    backoff
+                        .wait_after(&s, &self.cfg.coordinator, &mut stop, OnStop::LastTry)
+                        .await?;
                 }
                 Err(s) if s.code() == Code::InvalidArgument => {
                     return Err(AgentError::Rejected(s.message().to_string()))
@@ -259,15 +416,42 @@ impl Agent {
         }
     }
 
-    /// Pulls and runs shards until the coordinator says drain or `stop` turns true (then finishes
-    /// the current case, hands the rest of the lease back and returns).
-    pub async fn run(
-        mut self,
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<AgentSummary, AgentError> {
+    /// Registers (unless [`Agent::connect_with_stop`] did), then pulls and runs shards until the
+    /// coordinator says drain or `stop` turns true (then finishes the current case, hands the
+    /// rest of the lease back and returns).
+    ///
+    /// A stop is not an error: it returns `Ok`, also when it came while the coordinator could
+    /// not be reached (before registering, or mid-run); then it stops waiting at once (after one
+    /// last try of at most [`STOP_GRACE`] to report a finished case or hand a lease back), says
+    /// so in the log and sets [`AgentSummary::stopped_while_unreachable`].
+    pub async fn run(mut self, stop: watch::Receiver<bool>) -> Result<AgentSummary, AgentError> {
+        self.stop = stop;
+        match self.work().await {
+            Ok(()) => Ok(self.summary),
+            Err(AgentError::Stopped { addr, last_error }) => {
+                self.summary.stopped_while_unreachable = true;
+                if self.summary.registered {
+                    tracing::warn!(coordinator = %addr, %last_error, "stop requested while the coordinator cannot be reached: exiting without waiting for it; a result not reported and cases not handed back return to other agents when this agent's lease expires");
+                } else {
+                    tracing::warn!(coordinator = %addr, %last_error, "stop requested before this agent could register with the coordinator: exiting; it took no work, so nothing is lost");
+                }
+                Ok(self.summary)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn work(&mut self) -> Result<(), AgentError> {
+        let mut stop = self.stop.clone();
+        if self.agent_id.is_empty() {
+            if *stop.borrow() {
+                return Err(self.stopped_before_registering());
+            }
+            self.register(OnStop::Abort).await?;
+        }
         loop {
             if *stop.borrow() {
-                return Ok(self.summary);
+                return Ok(());
             }
             let resp = self
                 .call(|mut c, id| async move {
@@ -280,20 +464,20 @@ impl Agent {
                 Some(wire::lease_response::Action::Shard(shard)) => {
                     let stopped = self.run_shard(shard, &mut stop).await?;
                     if stopped {
-                        return Ok(self.summary);
+                        return Ok(());
                     }
                 }
                 Some(wire::lease_response::Action::WaitMs(ms)) => {
                     let wait = Duration::from_millis(ms.clamp(10, 10_000) as u64);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = stop.changed() => {}
+                        _ = until_stopped(&mut stop) => {}
                     }
                 }
                 Some(wire::lease_response::Action::Drain(_)) | None => {
                     tracing::info!("coordinator says drain: exiting");
                     self.summary.drained_by_coordinator = true;
-                    return Ok(self.summary);
+                    return Ok(());
                 }
             }
         }
@@ -439,7 +623,17 @@ impl Agent {
                         current_case_id: case.id.clone(),
                     };
                     let mut c = self.client.clone();
-                    match c.heartbeat(req).await {
+                    // A coordinator that hangs must not hold the finished case back for the
+                    // whole RPC timeout: the case ending abandons the heartbeat.
+                    let beat = tokio::select! {
+                        biased;
+                        r = &mut task => {
+                            let m = r.map_err(|e| AgentError::Backend(format!("case {} crashed the backend task: {e}", case.id)))?;
+                            return Ok((m, lease_lost));
+                        }
+                        b = c.heartbeat(req) => b,
+                    };
+                    match beat {
                         Ok(r) => {
                             let r = r.into_inner();
                             if !r.lease_valid {
@@ -457,7 +651,100 @@ impl Agent {
     }
 }
 
+/// Parses `--connect-timeout-s`: a number of seconds, at least [`MIN_CONNECT_TIMEOUT_S`]. Zero is
+/// refused rather than taken to mean "the default" or "forever".
+pub fn parse_connect_timeout_s(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !v.is_finite() {
+        return Err(format!("`{text}` is not a number of seconds"));
+    }
+    if v < MIN_CONNECT_TIMEOUT_S {
+        return Err(format!(
+            "must be at least {MIN_CONNECT_TIMEOUT_S} second (got {text})"
+        ));
+    }
+    Duration::try_from_secs_f64(v).map_err(|_| format!("{text} seconds is too long"))?;
+    Ok(v)
+}
+
+/// Checks a coordinator URL before any attempt to reach it: the scheme must be http or https
+/// (https with TLS), with a host and a port, e.g. `http://HOST:50051`. A bad address is reported
+/// at once, rather than retried until the connect timeout as if the coordinator were down.
+pub fn check_coordinator_url(addr: &str) -> Result<(), AgentError> {
+    coordinator_url_problem(addr).map_or(Ok(()), |reason| {
+        Err(AgentError::Address {
+            addr: addr.to_string(),
+            reason,
+        })
+    })
+}
+
+/// What is wrong with a coordinator URL, if anything.
+fn coordinator_url_problem(addr: &str) -> Option<String> {
+    use tonic::codegen::http::Uri;
+    if addr.trim().is_empty() {
+        return Some("it is empty".into());
+    }
+    if addr.trim() != addr {
+        return Some("it has spaces around it".into());
+    }
+    let uri: Uri = match addr.parse() {
+        Ok(u) => u,
+        Err(_) if addr.ends_with("://") => return Some("the host and port are missing".into()),
+        Err(e) => return Some(format!("not a URL ({e})")),
+    };
+    let Some(scheme) = uri.scheme_str() else {
+        // `127.0.0.1:50051`, `coordinator:50051`: a host and port without a scheme.
+        return Some(match uri.authority() {
+            Some(a) if a.port().is_some() && !a.host().is_empty() => {
+                format!("the scheme is missing (did you mean `http://{addr}`?)")
+            }
+            Some(_) => "the scheme (http:// or https://) and the port are missing".into(),
+            None => "it is not a URL with a scheme, a host and a port".into(),
+        });
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Some(format!(
+            "the scheme `{scheme}` is not supported: use http:// (or https:// with TLS)"
+        ));
+    }
+    if !addr.starts_with("http://") && !addr.starts_with("https://") {
+        // The CLI turns TLS on for a URL that starts with `https://`, as written.
+        return Some(format!(
+            "write the scheme in lower case (`{}://`)",
+            scheme.to_ascii_lowercase()
+        ));
+    }
+    let Some(authority) = uri.authority() else {
+        return Some("the host and port are missing".into());
+    };
+    if authority.host().is_empty() {
+        return Some("the host is missing".into());
+    }
+    match authority.port_u16() {
+        None => {
+            return Some(format!(
+                "the port is missing (e.g. `{scheme}://{}:50051`)",
+                authority.host()
+            ))
+        }
+        Some(0) => return Some("port 0 cannot be connected to".into()),
+        Some(_) => {}
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Some(format!(
+            "a coordinator address has no path or query (`{}`)",
+            uri.path_and_query().map_or("", |p| p.as_str())
+        ));
+    }
+    None
+}
+
 fn make_client(cfg: &AgentConfig) -> Result<Client, AgentError> {
+    check_coordinator_url(&cfg.coordinator)?;
     let addr_err = |reason: String| AgentError::Address {
         addr: cfg.coordinator.clone(),
         reason,
@@ -501,4 +788,305 @@ fn make_client(cfg: &AgentConfig) -> Result<Client, AgentError> {
             .max_decoding_message_size(4 * 1024 * 1024)
             .max_encoding_message_size(4 * 1024 * 1024),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use decodebench_proto::wire::coordinator_server::{Coordinator, CoordinatorServer};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tonic::Response;
+
+    fn config(coordinator: String, connect_timeout: Duration) -> AgentConfig {
+        AgentConfig {
+            coordinator,
+            name: "test-agent".into(),
+            token: None,
+            tls: None,
+            connect_timeout,
+            version: "test".into(),
+        }
+    }
+
+    async fn agent(coordinator: String, connect_timeout: Duration) -> Agent {
+        let b = crate::backends::open_cpu();
+        Agent::connect(config(coordinator, connect_timeout), b.backend, b.probe)
+            .await
+            .expect("a valid configuration")
+    }
+
+    /// A loopback URL that nothing listens on (connections are refused at once).
+    fn closed_port_url() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+        let port = l.local_addr().expect("local address").port();
+        drop(l);
+        format!("http://127.0.0.1:{port}")
+    }
+
+    #[test]
+    fn good_coordinator_urls_pass() {
+        for url in [
+            "http://127.0.0.1:50051",
+            "https://coordinator.example.com:443",
+            "http://[::1]:50051",
+            "http://coordinator:50051/",
+        ] {
+            assert!(check_coordinator_url(url).is_ok(), "{url}");
+        }
+    }
+
+    #[test]
+    fn bad_coordinator_urls_say_what_is_wrong_and_show_an_example() {
+        for (url, says) in [
+            ("127.0.0.1:51999", "did you mean `http://127.0.0.1:51999`?"),
+            ("coordinator:50051", "scheme is missing"),
+            (
+                "garbage",
+                "scheme (http:// or https://) and the port are missing",
+            ),
+            ("http://", "host and port are missing"),
+            ("http://h:50051 x", "not a URL"),
+            ("", "empty"),
+            (" http://h:1", "spaces"),
+            ("ftp://h:21", "scheme `ftp` is not supported"),
+            ("grpc://h:50051", "scheme `grpc` is not supported"),
+            ("HTTPS://h:50051", "lower case (`https://`)"),
+            (
+                "http://coordinator",
+                "port is missing (e.g. `http://coordinator:50051`)",
+            ),
+            ("https://coordinator.example.com", "port is missing"),
+            ("http://:50051", "host"),
+            ("http://h:0", "port 0"),
+            ("http://h:50051/api", "no path"),
+            ("http://h:50051?x=1", "no path"),
+        ] {
+            let e = check_coordinator_url(url).expect_err(url).to_string();
+            assert!(e.contains(says), "{url}: {e}");
+            assert!(e.contains("http://HOST:50051"), "{url}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_a_bad_address_at_once() {
+        let b = crate::backends::open_cpu();
+        let started = Instant::now();
+        let r = Agent::connect(
+            config("127.0.0.1:51999".into(), Duration::from_secs(300)),
+            b.backend,
+            b.probe,
+        )
+        .await;
+        assert!(
+            matches!(r, Err(AgentError::Address { .. })),
+            "{:?}",
+            r.err()
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn connect_timeout_is_at_least_one_second() {
+        for bad in ["0", "0.0", "0.5", "-3", "abc", "", "inf", "NaN", "1e300"] {
+            let e = parse_connect_timeout_s(bad).expect_err(bad);
+            if matches!(bad, "0" | "0.0" | "0.5" | "-3") {
+                assert!(e.contains("must be at least 1 second"), "{bad}: {e}");
+            }
+        }
+        assert_eq!(parse_connect_timeout_s("1"), Ok(1.0));
+        assert_eq!(parse_connect_timeout_s("2.5"), Ok(2.5));
+        assert_eq!(parse_connect_timeout_s("300"), Ok(300.0));
+    }
+
+    #[test]
+    fn an_invalid_uri_transport_error_is_not_transient() {
+        #[derive(Debug)]
+        struct Inner;
+        impl std::fmt::Display for Inner {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("invalid URI")
+            }
+        }
+        impl std::error::Error for Inner {}
+        let s = Status::from_error(Box::new(Inner));
+        assert!(is_bad_address(&s));
+        assert!(!is_transient(&s));
+        assert!(is_transient(&Status::unavailable("connection refused")));
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_the_wait_for_an_unreachable_coordinator() {
+        let a = agent(closed_port_url(), Duration::from_secs(300)).await;
+        let (tx, rx) = watch::channel(false);
+        let run = tokio::spawn(a.run(rx));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!run.is_finished(), "still retrying before the stop");
+        let stopped = Instant::now();
+        tx.send(true).expect("the agent listens");
+        let summary = tokio::time::timeout(Duration::from_secs(2), run)
+            .await
+            .expect("the agent returns promptly after a stop")
+            .expect("the agent task")
+            .expect("a stop is not an error");
+        assert!(stopped.elapsed() < Duration::from_secs(2));
+        assert!(!summary.registered);
+        assert!(summary.stopped_while_unreachable);
+        assert_eq!(summary.cases_run, 0);
+    }
+
+    #[tokio::test]
+    async fn a_stop_before_run_returns_at_once() {
+        let a = agent(closed_port_url(), Duration::from_secs(300)).await;
+        let (_tx, rx) = watch::channel(true);
+        let summary = tokio::time::timeout(Duration::from_secs(1), a.run(rx))
+            .await
+            .expect("no wait at all")
+            .expect("a stop is not an error");
+        assert!(!summary.registered);
+    }
+
+    #[tokio::test]
+    async fn connect_with_stop_gives_up_on_a_stop() {
+        let b = crate::backends::open_cpu();
+        let (tx, rx) = watch::channel(false);
+        let connecting = tokio::spawn(Agent::connect_with_stop(
+            config(closed_port_url(), Duration::from_secs(300)),
+            b.backend,
+            b.probe,
+            rx,
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tx.send(true).expect("the agent listens");
+        let r = tokio::time::timeout(Duration::from_secs(2), connecting)
+            .await
+            .expect("connect_with_stop returns promptly after a stop")
+            .expect("the task");
+        match r {
+            Err(e @ AgentError::Stopped { .. }) => {
+                assert!(e.to_string().contains("stopped on request"), "{e}")
+            }
+            other => panic!("expected Stopped, got {:?}", other.err()),
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_stop_an_unreachable_coordinator_still_times_out() {
+        let a = agent(closed_port_url(), Duration::from_secs(1)).await;
+        let (_tx, rx) = watch::channel(false);
+        let r = tokio::time::timeout(Duration::from_secs(10), a.run(rx))
+            .await
+            .expect("gives up after the connect timeout");
+        assert!(
+            matches!(r, Err(AgentError::Unreachable { .. })),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    /// Registers agents, then answers every lease with "ask again soon".
+    #[derive(Default)]
+    struct IdleCoordinator {
+        leases: Arc<AtomicU32>,
+    }
+
+    #[tonic::async_trait]
+    impl Coordinator for IdleCoordinator {
+        async fn register(
+            &self,
+            _: Request<wire::RegisterRequest>,
+        ) -> Result<Response<wire::RegisterResponse>, Status> {
+            Ok(Response::new(wire::RegisterResponse {
+                agent_id: "agent-1".into(),
+                protocol_version: PROTOCOL_VERSION,
+                run_id: "run".into(),
+                heartbeat_interval_ms: 1000,
+                lease_timeout_ms: 5000,
+            }))
+        }
+        async fn lease(
+            &self,
+            _: Request<wire::LeaseRequest>,
+        ) -> Result<Response<wire::LeaseResponse>, Status> {
+            self.leases.fetch_add(1, Ordering::SeqCst);
+            Ok(Response::new(wire::LeaseResponse {
+                action: Some(wire::lease_response::Action::WaitMs(20)),
+            }))
+        }
+        async fn heartbeat(
+            &self,
+            _: Request<wire::HeartbeatRequest>,
+        ) -> Result<Response<wire::HeartbeatResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn report(
+            &self,
+            _: Request<wire::ReportRequest>,
+        ) -> Result<Response<wire::ReportResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn release(
+            &self,
+            _: Request<wire::ReleaseRequest>,
+        ) -> Result<Response<wire::ReleaseResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn status(
+            &self,
+            _: Request<wire::StatusRequest>,
+        ) -> Result<Response<wire::StatusResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_the_reconnect_wait_after_the_coordinator_is_lost() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding a loopback port");
+        let url = format!("http://{}", listener.local_addr().expect("local address"));
+        let leases = Arc::new(AtomicU32::new(0));
+        let service = CoordinatorServer::new(IdleCoordinator {
+            leases: leases.clone(),
+        });
+        let (down_tx, down_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = down_rx.await;
+                    },
+                ),
+        );
+
+        let a = agent(url, Duration::from_secs(300)).await;
+        let (tx, rx) = watch::channel(false);
+        let run = tokio::spawn(a.run(rx));
+        // Registered and polling for work; then the coordinator goes away.
+        let t = Instant::now();
+        while leases.load(Ordering::SeqCst) < 3 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the agent never leased"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = down_tx.send(());
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server shuts down")
+            .expect("server task")
+            .expect("server");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(!run.is_finished(), "still retrying before the stop");
+        tx.send(true).expect("the agent listens");
+        let summary = tokio::time::timeout(Duration::from_secs(2), run)
+            .await
+            .expect("the agent returns promptly after a stop")
+            .expect("the agent task")
+            .expect("a stop is not an error");
+        assert!(summary.registered);
+        assert!(summary.stopped_while_unreachable);
+    }
 }
