@@ -273,6 +273,9 @@ pub struct Agent {
     summary: AgentSummary,
     /// A heartbeat said the coordinator is draining: stop after the current case.
     drain_requested: bool,
+    /// A shard is being worked on (its lease held, results perhaps not yet reported): what a stop
+    /// while the coordinator is unreachable leaves behind.
+    holding_lease: bool,
     /// Turns true when the agent should stop (set by [`Agent::run`]; never, before).
     stop: watch::Receiver<bool>,
 }
@@ -298,6 +301,7 @@ impl Agent {
             heartbeat_interval: Duration::from_secs(10),
             summary: AgentSummary::default(),
             drain_requested: false,
+            holding_lease: false,
             stop,
         })
     }
@@ -430,8 +434,10 @@ impl Agent {
             Ok(()) => Ok(self.summary),
             Err(AgentError::Stopped { addr, last_error }) => {
                 self.summary.stopped_while_unreachable = true;
-                if self.summary.registered {
+                if self.holding_lease {
                     tracing::warn!(coordinator = %addr, %last_error, "stop requested while the coordinator cannot be reached: exiting without waiting for it; a result not reported and cases not handed back return to other agents when this agent's lease expires");
+                } else if self.summary.registered {
+                    tracing::warn!(coordinator = %addr, %last_error, "stop requested while the coordinator cannot be reached: exiting; this agent held no lease, so nothing is lost");
                 } else {
                     tracing::warn!(coordinator = %addr, %last_error, "stop requested before this agent could register with the coordinator: exiting; it took no work, so nothing is lost");
                 }
@@ -462,7 +468,9 @@ impl Agent {
                 .await?;
             match resp.action {
                 Some(wire::lease_response::Action::Shard(shard)) => {
+                    self.holding_lease = true;
                     let stopped = self.run_shard(shard, &mut stop).await?;
+                    self.holding_lease = false;
                     if stopped {
                         return Ok(());
                     }
