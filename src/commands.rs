@@ -633,7 +633,13 @@ async fn agent(a: AgentArgs) -> Result<ExitCode> {
 
 fn grid(a: GridArgs) -> Result<ExitCode> {
     if a.print_toml {
-        let name = a.preset.as_deref().unwrap_or_default();
+        let Some(name) = a.preset.as_deref() else {
+            bail!(
+                "--print-toml prints a built-in preset's TOML: give --preset NAME (known presets: \
+                 {}); a grid file is already TOML",
+                Grid::preset_names().join(", ")
+            );
+        };
         let text = Grid::preset_toml(name).ok_or_else(|| {
             anyhow!(
                 "unknown preset `{name}`; known presets: {}",

@@ -506,7 +506,7 @@ impl Grid {
         {
             let _ = writeln!(
                 out,
-                "  {:<16} {} ({})",
+                "  {:<16} {} at most, every sequence at max_seq_len ({})",
                 "largest KV pool",
                 format_bytes(bytes),
                 case.label()
