@@ -157,6 +157,10 @@ pub struct ScheduleArgs {
     /// Most cases per shard.
     #[arg(long, default_value_t = 8)]
     pub shard_cases: usize,
+    /// Resuming an --out directory: run the cases whose recorded result is a failure again (the
+    /// new result replaces the failed one; the rest of the journal is kept).
+    #[arg(long)]
+    pub retry_failed: bool,
 }
 
 #[derive(Args, Debug)]

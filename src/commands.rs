@@ -203,6 +203,7 @@ fn scheduler_config(s: &ScheduleArgs) -> Result<SchedulerConfig> {
             expect_agents: s.expect_agents,
             wait_for,
         },
+        retry_failed: s.retry_failed,
     })
 }
 
@@ -287,8 +288,8 @@ fn report_summary(s: &RunSummary) -> ExitCode {
         if s.failed > 0 {
             eprintln!(
                 "  {} unit(s) failed after every attempt: the `message` column of results.csv says \
-                 why. A rerun on the same --out keeps these failures (the journal holds them); \
-                 fix the cause and run them into a fresh --out",
+                 why. A rerun on the same --out keeps these failures; once the cause is fixed, \
+                 rerun with --retry-failed to run only them again",
                 s.failed
             );
         }
@@ -871,6 +872,7 @@ mod tests {
             heartbeat_s: 10.0,
             max_attempts: 3,
             shard_cases: 8,
+            retry_failed: false,
         };
         let c = scheduler_config(&args).unwrap();
         assert_eq!(

@@ -413,6 +413,7 @@ async fn bench(args: Args, server_rt: tokio::runtime::Handle) -> Result<bool> {
             max_attempts: 3,
             max_shard_cases: args.shard_cases,
             fleet: FleetRequirement::default(),
+            retry_failed: false,
         },
         token: None,
         tls: None,

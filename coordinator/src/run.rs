@@ -4,7 +4,7 @@
 use crate::journal::{Journal, JournalError, JournalMeta, JOURNAL_FILE_NAME};
 use crate::metrics::Metrics;
 use crate::record::ResultRecord;
-use crate::scheduler::{unit_key, Scheduler, SchedulerConfig};
+use crate::scheduler::{unit_key, Placement, Scheduler, SchedulerConfig};
 use crate::service::{status_snapshot, CoordinatorService, JournalJob, Shared, MAX_MESSAGE_BYTES};
 use crate::sink::{write_outputs, OutputPaths, SinkError, CSV_FILE_NAME, PARQUET_FILE_NAME};
 use decodebench_kernels::BenchCase;
@@ -149,8 +149,20 @@ pub async fn serve(
     let (journal, replayed) = Journal::open(&cfg.out_dir, &meta)?;
     let run_id = journal.meta().run_id.clone();
     let stamp = run_timestamp(&run_id);
-    let resumed = replayed.len();
     let placement = cfg.scheduler.placement;
+    // A unit's latest result stands (an earlier --retry-failed appended a new one after the
+    // failure); with --retry-failed now, failures are dropped and their units run again.
+    let mut replayed = latest_result_per_unit(replayed, placement);
+    if cfg.scheduler.retry_failed {
+        let before = replayed.len();
+        replayed.retain(|r| !r.failed());
+        let retried = before - replayed.len();
+        tracing::info!(
+            units = retried,
+            "--retry-failed: the units whose recorded result is a failure run again"
+        );
+    }
+    let resumed = replayed.len();
     let done_keys: Vec<String> = replayed
         .iter()
         .map(|r| unit_key(&r.case.id, placement, &r.device))
@@ -359,6 +371,23 @@ fn durability_error(e: JournalError) -> crate::service::DurabilityError {
         message: e.to_string(),
         permanent,
     }
+}
+
+/// The journal's records with only the last one of each unit (in journal order): a unit has two
+/// when a run resumed with `--retry-failed` ran it again after a failure.
+fn latest_result_per_unit(records: Vec<ResultRecord>, placement: Placement) -> Vec<ResultRecord> {
+    let key = |r: &ResultRecord| unit_key(&r.case.id, placement, &r.device);
+    let last: std::collections::HashMap<String, usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (key(r), i))
+        .collect();
+    records
+        .into_iter()
+        .enumerate()
+        .filter(|(i, r)| last.get(&key(r)) == Some(i))
+        .map(|(_, r)| r)
+        .collect()
 }
 
 /// A fresh run id: UTC time plus random bits, readable and unique across a fleet.

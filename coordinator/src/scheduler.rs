@@ -115,6 +115,9 @@ pub struct SchedulerConfig {
     pub max_attempts: u32,
     pub max_shard_cases: usize,
     pub fleet: FleetRequirement,
+    /// On resume, run the units whose journaled result is a failure again (their new result
+    /// supersedes the failed one) instead of keeping the failures.
+    pub retry_failed: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -126,6 +129,7 @@ impl Default for SchedulerConfig {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             max_shard_cases: DEFAULT_MAX_SHARD_CASES,
             fleet: FleetRequirement::default(),
+            retry_failed: false,
         }
     }
 }

@@ -196,9 +196,7 @@ fn journal_resume_and_outputs_agree() {
 /// 0. (Found by QA: the failure was counted as a resumed success.)
 #[tokio::test]
 async fn a_resumed_run_keeps_the_failures_its_journal_holds() {
-    use decodebench_coordinator::run::{
-        cases_hash, serve, CoordinatorConfig, ProgressDisplay, RunSummary,
-    };
+    use decodebench_coordinator::run::{cases_hash, RunSummary};
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path();
     let cases = Grid::preset("smoke").unwrap().expand();
@@ -218,31 +216,10 @@ async fn a_resumed_run_keeps_the_failures_its_journal_holds() {
         let (mut journal, _) = Journal::open(out, &meta).unwrap();
         journal.append_batch(&all).unwrap();
     }
-    let resume = || async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let cfg = CoordinatorConfig {
-            out_dir: out.to_path_buf(),
-            cases: cases.clone(),
-            grid_hash: grid_hash.clone(),
-            scheduler: Default::default(),
-            token: None,
-            tls: None,
-            metrics_listen: None,
-            progress: ProgressDisplay::Quiet,
-            git_revision: "test".into(),
-            exit_when_done: true,
-        };
-        // Every unit has a result, so the coordinator finishes without any agent.
-        tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            serve(cfg, listener, std::future::pending::<()>()),
-        )
-        .await
-        .expect("a run with every unit journaled finishes at once")
-        .unwrap()
-    };
+    let resume = |retry_failed, wait| resume_run(out, &cases, &grid_hash, retry_failed, wait);
+    let forever = std::time::Duration::from_secs(3600);
     for _ in 0..2 {
-        let s: RunSummary = resume().await;
+        let s: RunSummary = resume(false, forever).await;
         assert_eq!(s.resumed, cases.len());
         assert_eq!(
             (s.total, s.done, s.failed),
@@ -251,4 +228,83 @@ async fn a_resumed_run_keeps_the_failures_its_journal_holds() {
         assert!(s.unfinished.is_empty());
         assert!(!s.complete(), "a run with a failed unit is not complete");
     }
+
+    // --retry-failed: the failed unit runs again (no agent here, so it stays without a result),
+    // the others stay done, and the outputs leave the failure out.
+    let s = resume(true, std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        (s.resumed, s.done, s.failed),
+        (cases.len() - 1, cases.len() as u64 - 1, 0)
+    );
+    assert_eq!(s.unfinished.len(), 1, "{:?}", s.unfinished);
+    assert!(
+        s.unfinished[0].starts_with(&cases[1].id),
+        "{:?}",
+        s.unfinished
+    );
+    let rows = read_parquet(&s.outputs.unwrap().parquet).unwrap();
+    let rows: usize = rows.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(
+        rows,
+        2 * (cases.len() - 1),
+        "the failed unit's rows are left out"
+    );
+
+    // Its new result is appended after the failure (as an agent's would be): the latest result
+    // stands, so a plain resume is complete.
+    {
+        let meta = JournalMeta {
+            run_id: "ignored".into(),
+            grid_hash: grid_hash.clone(),
+        };
+        let (mut journal, replayed) = Journal::open(out, &meta).unwrap();
+        assert_eq!(
+            replayed.len(),
+            cases.len(),
+            "the failure stays in the journal"
+        );
+        journal.append(&synthetic_record(&cases[1], 4)).unwrap();
+    }
+    let s = resume(false, forever).await;
+    assert_eq!(
+        (s.resumed, s.done, s.failed),
+        (cases.len(), cases.len() as u64, 0)
+    );
+    assert!(s.complete());
+}
+
+/// Serves `out`'s journal for `cases` until every unit has a result or `wait` has passed (no agent
+/// comes), and returns how the run ended.
+async fn resume_run(
+    out: &std::path::Path,
+    cases: &[BenchCase],
+    grid_hash: &str,
+    retry_failed: bool,
+    wait: std::time::Duration,
+) -> decodebench_coordinator::run::RunSummary {
+    use decodebench_coordinator::run::{serve, CoordinatorConfig, ProgressDisplay};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cfg = CoordinatorConfig {
+        out_dir: out.to_path_buf(),
+        cases: cases.to_vec(),
+        grid_hash: grid_hash.to_string(),
+        scheduler: decodebench_coordinator::scheduler::SchedulerConfig {
+            retry_failed,
+            ..Default::default()
+        },
+        token: None,
+        tls: None,
+        metrics_listen: None,
+        progress: ProgressDisplay::Quiet,
+        git_revision: "test".into(),
+        exit_when_done: true,
+    };
+    // With every unit journaled the coordinator finishes without any agent.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        serve(cfg, listener, tokio::time::sleep(wait)),
+    )
+    .await
+    .expect("the coordinator stops")
+    .unwrap()
 }
