@@ -375,6 +375,12 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
                     .unwrap_or_else(|| "no CUDA device is visible".into());
                 bail!("--backend cuda: {why}. Use --backend cpu (or auto) to run on the CPU");
             }
+            Ok(_) | Err(_) if a.gpus.is_some() => {
+                let why = backends::cuda_device_count()
+                    .err()
+                    .unwrap_or_else(|| "no CUDA device is visible".into());
+                bail!("--gpus: {why}. Drop --gpus to run on the CPU backend");
+            }
             Ok(_) => {
                 eprintln!("notice: no CUDA device is visible; running on the CPU backend instead (smoke preset by default)");
                 Vec::new()

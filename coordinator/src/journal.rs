@@ -89,6 +89,30 @@ pub struct JournalRecovery {
 }
 
 impl JournalRecovery {
+    /// What the warning says about damage in the middle of the journal (a torn tail has its own).
+    pub fn message(&self) -> String {
+        let lost = if self.lost_records_exact {
+            self.lost_records.to_string()
+        } else {
+            format!("at least {}", self.lost_records)
+        };
+        let saved = self
+            .saved_copy
+            .as_ref()
+            .map_or_else(|| "(not saved)".to_string(), |p| p.display().to_string());
+        format!(
+            "journal: damage in the middle of the journal: {lost} result(s) in {} damaged \
+             range(s) ({} bytes) were lost and those cases will be run again; the {} intact \
+             result(s) found after the damage were kept. The original file was saved as {saved} \
+             and the journal was rewritten without the damaged bytes. This is disk damage \
+             (acknowledged results lost: check the disk), or a crash that wrote a batch's pages \
+             out of order (nothing acknowledged lost)",
+            self.damaged_ranges.len(),
+            self.damaged_bytes(),
+            self.kept_after_damage,
+        )
+    }
+
     /// Bytes in `damaged_ranges`.
     pub fn damaged_bytes(&self) -> u64 {
         self.damaged_ranges.iter().map(|r| r.end - r.start).sum()
@@ -126,8 +150,9 @@ pub enum JournalError {
     NotAJournal { path: PathBuf, reason: String },
     #[error(
         "journal {}: its header frame is damaged ({reason}) but {records} intact result(s) \
-         follow it; the file was left untouched. Copy it somewhere safe, then move it out of the \
-         --out directory (or use a fresh --out directory) to start over",
+         follow it; the file was left untouched. Copy it somewhere safe, then move it and the \
+         results files beside it out of the --out directory (or use a fresh --out directory) to \
+         start over",
         path.display()
     )]
     DamagedHeader {
@@ -367,30 +392,16 @@ impl Journal {
                     torn_tail_bytes: scan.torn_tail.map_or(0, |t| (rest.len() - t) as u64),
                     saved_copy: Some(saved.clone()),
                 };
-                let lost = if recovery.lost_records_exact {
-                    recovery.lost_records.to_string()
-                } else {
-                    format!("at least {}", recovery.lost_records)
-                };
                 tracing::warn!(
                     path = %path.display(),
                     damaged_ranges = %RangesList(&recovery.damaged_ranges),
                     damaged_bytes = recovery.damaged_bytes(),
-                    lost_records = %lost,
                     kept_records_before_damage = kept_before,
                     kept_records_after_resync = recovery.kept_after_damage,
                     torn_tail_bytes = recovery.torn_tail_bytes,
                     reason = %reason,
-                    saved_copy = %saved.display(),
-                    "journal: disk damage in the middle of the journal: {lost} acknowledged \
-                     result(s) in {} damaged range(s) ({} bytes) were lost and those cases will \
-                     be run again; the {} intact result(s) found after the damage were kept. The \
-                     original file was saved as {} and the journal was rewritten without the \
-                     damaged bytes; check the disk",
-                    recovery.damaged_ranges.len(),
-                    recovery.damaged_bytes(),
-                    recovery.kept_after_damage,
-                    saved.display(),
+                    "{}",
+                    recovery.message()
                 );
                 records.extend(scan.records);
                 offset = journal.len;
@@ -1023,30 +1034,6 @@ mod tests {
         r.start as u64..r.end as u64
     }
 
-    /// Runs `f` and returns what it logged.
-    fn logs_of<T>(f: impl FnOnce() -> T) -> (T, String) {
-        #[derive(Clone, Default)]
-        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl Write for Captured {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let out = tracing::subscriber::with_default(subscriber, f);
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-        (out, text)
-    }
-
     #[test]
     fn replay_returns_records_in_append_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -1273,7 +1260,7 @@ mod tests {
         zero_bytes(&path, frames[3].start + 20, 8);
         let damaged = fs::read(&path).unwrap();
 
-        let ((j, replayed), logs) = logs_of(|| Journal::open(dir.path(), &meta("g1")).unwrap());
+        let (j, replayed) = Journal::open(dir.path(), &meta("g1")).unwrap();
         assert_eq!(replayed, without(&recs, &[3]));
         assert_eq!(j.record_count(), 6);
         let recovery = j.recovery().unwrap().clone();
@@ -1306,8 +1293,8 @@ mod tests {
         );
 
         // The warning says what happened, truthfully, and where the original is.
-        assert!(logs.contains("WARN"), "{logs}");
-        assert!(logs.contains("1 acknowledged result(s)"), "{logs}");
+        let logs = recovery.message();
+        assert!(logs.contains("1 result(s) in 1 damaged range(s)"), "{logs}");
         assert!(logs.contains("will be run again"), "{logs}");
         assert!(
             logs.contains("3 intact result(s) found after the damage"),

@@ -150,28 +150,26 @@ pub async fn serve(
     let run_id = journal.meta().run_id.clone();
     let stamp = run_timestamp(&run_id);
     let placement = cfg.scheduler.placement;
-    // A unit's latest result stands (an earlier --retry-failed appended a new one after the
-    // failure); with --retry-failed now, failures are dropped and their units run again.
-    let mut replayed = latest_result_per_unit(replayed, placement);
-    if cfg.scheduler.retry_failed {
-        let before = replayed.len();
-        replayed.retain(|r| !r.failed());
-        let retried = before - replayed.len();
+    // A failure superseded by a later result of its unit (a --retry-failed resume ran it again)
+    // is dropped; every other record is kept, whatever the placement now.
+    let replayed = drop_superseded_failures(replayed, placement);
+    let resumed = replayed.len();
+    let key = |r: &ResultRecord| unit_key(&r.case.id, placement, &r.device);
+    // With --retry-failed a failure's unit runs again: not done, not failed. Its failed record
+    // stays in the results until a new result supersedes it (its device may never come back).
+    let retry = cfg.scheduler.retry_failed;
+    let done_keys: Vec<String> = replayed
+        .iter()
+        .filter(|r| !(retry && r.failed()))
+        .map(key)
+        .collect();
+    let failed_keys: Vec<String> = replayed.iter().filter(|r| r.failed()).map(key).collect();
+    if retry {
         tracing::info!(
-            units = retried,
+            units = failed_keys.len(),
             "--retry-failed: the units whose recorded result is a failure run again"
         );
     }
-    let resumed = replayed.len();
-    let done_keys: Vec<String> = replayed
-        .iter()
-        .map(|r| unit_key(&r.case.id, placement, &r.device))
-        .collect();
-    let failed_keys: Vec<String> = replayed
-        .iter()
-        .filter(|r| r.failed())
-        .map(|r| unit_key(&r.case.id, placement, &r.device))
-        .collect();
     if resumed > 0 {
         tracing::info!(
             results = resumed,
@@ -182,7 +180,7 @@ pub async fn serve(
         cfg.scheduler.clone(),
         cfg.cases.clone(),
         done_keys,
-        failed_keys,
+        if retry { Vec::new() } else { failed_keys },
     );
     let (journal_tx, journal_rx) = mpsc::channel::<JournalJob>(JOURNAL_BATCH_MAX * 2);
     let shared = Arc::new(Shared {
@@ -277,7 +275,7 @@ pub async fn serve(
             // A long-lived coordinator (--keep-serving) publishes the outputs as soon as the grid
             // is complete, not only when it is stopped.
             wrote_on_finish = true;
-            let records = shared.records().clone();
+            let records = drop_superseded_failures(shared.records().clone(), placement);
             let dir = cfg.out_dir.clone();
             match tokio::task::spawn_blocking(move || write_outputs(&dir, &records, stamp)).await {
                 Ok(Ok(paths)) => {
@@ -337,7 +335,11 @@ pub async fn serve(
     drop(progress);
     let final_status = status_snapshot(&shared);
     let unfinished = shared.scheduler().unfinished();
-    let records: Vec<ResultRecord> = std::mem::take(&mut *shared.records());
+    let records = drop_superseded_failures(std::mem::take(&mut *shared.records()), placement);
+    // Failures are counted from the results, not the scheduler: a replayed failure whose device
+    // (per-gpu or per-sku placement) did not come back is in no scheduler count, and it is still
+    // a failure of this run.
+    let failed = records.iter().filter(|r| r.failed()).count() as u64;
     drop(shared);
     drop(journal_thread);
 
@@ -356,7 +358,7 @@ pub async fn serve(
         run_id,
         total: final_status.total,
         done: final_status.done,
-        failed: final_status.failed,
+        failed: failed.max(final_status.failed),
         unfinished,
         outputs,
         resumed,
@@ -373,9 +375,10 @@ fn durability_error(e: JournalError) -> crate::service::DurabilityError {
     }
 }
 
-/// The journal's records with only the last one of each unit (in journal order): a unit has two
-/// when a run resumed with `--retry-failed` ran it again after a failure.
-fn latest_result_per_unit(records: Vec<ResultRecord>, placement: Placement) -> Vec<ResultRecord> {
+/// The records less every failure that a later record of the same unit supersedes (a
+/// `--retry-failed` resume ran the unit again), in journal order. Nothing else is dropped: records
+/// of one case from several devices all stay, whatever the placement of this run.
+fn drop_superseded_failures(records: Vec<ResultRecord>, placement: Placement) -> Vec<ResultRecord> {
     let key = |r: &ResultRecord| unit_key(&r.case.id, placement, &r.device);
     let last: std::collections::HashMap<String, usize> = records
         .iter()
@@ -385,7 +388,7 @@ fn latest_result_per_unit(records: Vec<ResultRecord>, placement: Placement) -> V
     records
         .into_iter()
         .enumerate()
-        .filter(|(i, r)| last.get(&key(r)) == Some(i))
+        .filter(|(i, r)| !r.failed() || last.get(&key(r)) == Some(i))
         .map(|(_, r)| r)
         .collect()
 }

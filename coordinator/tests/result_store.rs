@@ -229,12 +229,12 @@ async fn a_resumed_run_keeps_the_failures_its_journal_holds() {
         assert!(!s.complete(), "a run with a failed unit is not complete");
     }
 
-    // --retry-failed: the failed unit runs again (no agent here, so it stays without a result),
-    // the others stay done, and the outputs leave the failure out.
+    // --retry-failed: the failed unit runs again (no agent here, so it gets no new result), the
+    // others stay done, and its failure stays in the outputs and the count until superseded.
     let s = resume(true, std::time::Duration::from_millis(300)).await;
     assert_eq!(
         (s.resumed, s.done, s.failed),
-        (cases.len() - 1, cases.len() as u64 - 1, 0)
+        (cases.len(), cases.len() as u64 - 1, 1)
     );
     assert_eq!(s.unfinished.len(), 1, "{:?}", s.unfinished);
     assert!(
@@ -242,12 +242,13 @@ async fn a_resumed_run_keeps_the_failures_its_journal_holds() {
         "{:?}",
         s.unfinished
     );
+    assert!(!s.complete());
     let rows = read_parquet(&s.outputs.unwrap().parquet).unwrap();
     let rows: usize = rows.iter().map(|b| b.num_rows()).sum();
     assert_eq!(
         rows,
-        2 * (cases.len() - 1),
-        "the failed unit's rows are left out"
+        2 * cases.len(),
+        "the failure is kept until a new result replaces it"
     );
 
     // Its new result is appended after the failure (as an agent's would be): the latest result
@@ -271,6 +272,62 @@ async fn a_resumed_run_keeps_the_failures_its_journal_holds() {
         (cases.len(), cases.len() as u64, 0)
     );
     assert!(s.complete());
+    let rows = read_parquet(&s.outputs.unwrap().parquet).unwrap();
+    let rows: usize = rows.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 2 * cases.len(), "the superseded failure is left out");
+}
+
+/// With per-GPU placement a unit belongs to its device: a replayed failure from a device that does
+/// not come back is in no scheduler count, and must still count as a failure of the run and stay
+/// in its outputs, with or without --retry-failed. Records of the same case from other devices
+/// are all kept (a review found a per-unit deduplication dropping them).
+#[tokio::test]
+async fn failures_of_devices_that_do_not_come_back_still_count() {
+    use decodebench_coordinator::run::cases_hash;
+    use decodebench_coordinator::scheduler::Placement;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    let cases: Vec<BenchCase> = Grid::preset("smoke").unwrap().expand()[..2].to_vec();
+    let grid_hash = cases_hash(&cases);
+    // Case 0 ran fine on two devices; case 1 failed on a third.
+    let on = |c: &BenchCase, uuid: &str| {
+        let mut r = synthetic_record(c, 1);
+        r.device.uuid = uuid.into();
+        r
+    };
+    let mut failed = on(&cases[1], "gone-2");
+    failed.measurement.kernels[0] =
+        KernelMeasurement::not_timed(KernelKind::Baseline, Status::Failed, "CUDA error");
+    {
+        let meta = JournalMeta {
+            run_id: "it-run".into(),
+            grid_hash: grid_hash.clone(),
+        };
+        let (mut journal, _) = Journal::open(out, &meta).unwrap();
+        journal
+            .append_batch(&[on(&cases[0], "gone-0"), on(&cases[0], "gone-1"), failed])
+            .unwrap();
+    }
+    for retry_failed in [false, true] {
+        let s = resume_run_placed(
+            out,
+            &cases,
+            &grid_hash,
+            retry_failed,
+            Placement::PerGpu,
+            std::time::Duration::from_millis(300),
+        )
+        .await;
+        assert_eq!((s.resumed, s.failed), (3, 1), "retry_failed {retry_failed}");
+        assert!(!s.complete(), "retry_failed {retry_failed}");
+        let rows = read_parquet(&s.outputs.unwrap().parquet).unwrap();
+        let rows: usize = rows.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(
+            rows,
+            2 * 3,
+            "retry_failed {retry_failed}: every record kept"
+        );
+    }
 }
 
 /// Serves `out`'s journal for `cases` until every unit has a result or `wait` has passed (no agent
@@ -282,6 +339,19 @@ async fn resume_run(
     retry_failed: bool,
     wait: std::time::Duration,
 ) -> decodebench_coordinator::run::RunSummary {
+    use decodebench_coordinator::scheduler::Placement;
+    resume_run_placed(out, cases, grid_hash, retry_failed, Placement::Spread, wait).await
+}
+
+/// [`resume_run`] with a placement.
+async fn resume_run_placed(
+    out: &std::path::Path,
+    cases: &[BenchCase],
+    grid_hash: &str,
+    retry_failed: bool,
+    placement: decodebench_coordinator::scheduler::Placement,
+    wait: std::time::Duration,
+) -> decodebench_coordinator::run::RunSummary {
     use decodebench_coordinator::run::{serve, CoordinatorConfig, ProgressDisplay};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cfg = CoordinatorConfig {
@@ -290,6 +360,7 @@ async fn resume_run(
         grid_hash: grid_hash.to_string(),
         scheduler: decodebench_coordinator::scheduler::SchedulerConfig {
             retry_failed,
+            placement,
             ..Default::default()
         },
         token: None,

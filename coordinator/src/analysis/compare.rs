@@ -776,7 +776,13 @@ fn compare_one(
     // (Ties can push p a little lower; a result that is significant is decided as usual.)
     let min_p = stats::mann_whitney_min_p_value(base.n_samples, cand.n_samples);
     let significant = c.p_value.is_some_and(|p| p < opts.alpha);
-    if c.verdict == Verdict::Noisy && c.p_value.is_some() && !significant && min_p >= opts.alpha {
+    // (Only a verdict the test decided: "no positive median" is noisy whatever the sample count.)
+    if c.verdict == Verdict::Noisy
+        && interval.is_some()
+        && c.p_value.is_some()
+        && !significant
+        && min_p >= opts.alpha
+    {
         c.verdict = Verdict::Underpowered;
         notes.insert(
             0,
