@@ -17,11 +17,12 @@
 //! their agents send them again. A write that fails half-way is rolled back at once for the same
 //! reason, so later appends never land behind garbage.
 //!
-//! A crash cannot damage a frame that has intact frames after it, but a disk can. When replay
+//! A crash normally damages only the tail; a disk (or a crash that persists a batch's pages out
+//! of order) can damage a frame that has intact frames after it. When replay
 //! meets a bad frame it therefore scans forward, byte by byte, for the next place where a whole
 //! record frame starts (a plausible length within the file, a JSON object payload, a matching
 //! CRC, and a record that decodes) and carries on from there. Only when nothing intact follows is
-//! the damage a torn tail. Otherwise the damaged bytes held acknowledged results: the original
+//! the damage a torn tail. Otherwise the damaged bytes may have held acknowledged results: the original
 //! file is first saved next to the journal as `journal.dbj.damaged-<unix seconds>`, then the
 //! journal is rewritten crash-safely (temporary file, sync, rename, directory sync) with every
 //! intact record, and a warning says what was lost and where the original is. The lost cases
