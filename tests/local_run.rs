@@ -238,3 +238,25 @@ fn precompile_fills_the_cache_or_names_what_is_missing() {
         assert!(stderr.to_lowercase().contains("nvrtc"), "{stderr}");
     }
 }
+
+/// A metrics port that is taken stops the coordinator before it writes anything to --out (it used
+/// to leave a journal behind), and the error names the flag.
+#[test]
+fn a_taken_metrics_port_leaves_the_output_directory_alone() {
+    let s = Scratch::new("metrics-port-taken");
+    let grid = s.grid(&GridSpec::tiny());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+    let metrics = taken.local_addr().unwrap().to_string();
+    let mut c = coordinator(
+        &s,
+        "coordinator",
+        &grid,
+        free_port(),
+        &["--metrics-listen", &metrics],
+    );
+    let status = c.wait(Duration::from_secs(20));
+    let log = c.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("--metrics-listen"), "{log}");
+    assert!(!s.out().exists(), "nothing is written: {log}");
+}

@@ -7,13 +7,23 @@ use axum::Router;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub async fn spawn_metrics_server(
-    addr: SocketAddr,
+/// Binds the metrics address (before anything is written to the output directory, so that a
+/// taken port leaves nothing behind).
+pub async fn bind_metrics(addr: SocketAddr) -> Result<tokio::net::TcpListener, CoordinatorError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        CoordinatorError::Metrics(format!(
+            "cannot bind the metrics address {addr}: {e}; pick another --metrics-listen port"
+        ))
+    })
+}
+
+pub fn spawn_metrics_server(
+    listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
-) -> Result<tokio::task::JoinHandle<()>, CoordinatorError> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        CoordinatorError::Serve(format!("cannot bind the metrics address {addr}: {e}"))
-    })?;
+) -> tokio::task::JoinHandle<()> {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
     let app = Router::new()
         .route(
             "/metrics",
@@ -34,9 +44,9 @@ pub async fn spawn_metrics_server(
         )
         .route("/healthz", get(|| async { "ok" }));
     tracing::info!(%addr, "metrics on http://{addr}/metrics");
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!(error = %e, "metrics server stopped");
         }
-    }))
+    })
 }

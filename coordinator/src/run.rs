@@ -43,6 +43,8 @@ pub enum CoordinatorError {
     Tls(String),
     #[error("gRPC server: {0}")]
     Serve(String),
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
     #[error("cannot create the output directory {path}: {source}")]
     OutDir {
         path: PathBuf,
@@ -122,6 +124,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary, CoordinatorError> {
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(crate::http::bind_metrics(addr).await?),
+        None => None,
+    };
     if cfg.out_dir.exists() && !cfg.out_dir.is_dir() {
         return Err(CoordinatorError::OutNotDir {
             path: cfg.out_dir.clone(),
@@ -234,8 +240,8 @@ pub async fn serve(
     );
     tracing::info!(addr = ?addr, run_id = %run_id, units = shared.scheduler().progress().total, "coordinator serving");
 
-    let metrics_server = match cfg.metrics_listen {
-        Some(addr) => Some(crate::http::spawn_metrics_server(addr, shared.clone()).await?),
+    let metrics_server = match metrics_listener {
+        Some(listener) => Some(crate::http::spawn_metrics_server(listener, shared.clone())),
         None => None,
     };
 
