@@ -240,10 +240,8 @@ pub async fn serve(
     );
     tracing::info!(addr = ?addr, run_id = %run_id, units = shared.scheduler().progress().total, "coordinator serving");
 
-    let metrics_server = match metrics_listener {
-        Some(listener) => Some(crate::http::spawn_metrics_server(listener, shared.clone())),
-        None => None,
-    };
+    let metrics_server =
+        metrics_listener.map(|l| crate::http::spawn_metrics_server(l, shared.clone()));
 
     // Wait for completion or shutdown, ticking lease expiry and progress.
     let progress = crate::progress::ProgressReporter::new(cfg.progress, shared.clone());
