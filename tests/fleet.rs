@@ -101,3 +101,38 @@ fn fifty_agent_processes_share_a_grid_with_every_case_once() {
         "one accepted result per case across all agents"
     );
 }
+
+/// An agent stopped while it has no work (here: waiting for a fleet that is not complete) says it
+/// leaves, so `status` stops counting it at once, not a lease timeout (30 s) later; the one left
+/// keeps being counted.
+#[test]
+fn an_idle_agent_that_stops_is_no_longer_counted_alive() {
+    let _serial = exclusive();
+    let s = Scratch::new("idle-agent-leaves");
+    let grid = s.grid(&GridSpec::tiny());
+    let port = free_port();
+    let mut coord = coordinator(&s, "coordinator", &grid, port, &["--expect-agents", "3"]);
+    let mut a = agent(&s, "agent-a", port, &[]);
+    let _b = agent(&s, "agent-b", port, &[]);
+    let probe = StatusProbe::new(port);
+    probe.wait_for(Duration::from_secs(30), "two agents alive", |st| {
+        st.agents_alive == 2
+    });
+    // The coordinator counts an agent before the agent has read its answer: wait for that too.
+    wait_until(Duration::from_secs(30), "agent-a registered", || {
+        a.log().contains("registered with the coordinator")
+    });
+    a.signal("TERM");
+    let status = a.wait(Duration::from_secs(10));
+    assert!(status.success(), "{}", a.log_tail());
+    // Well under the 30-s lease timeout.
+    let st = probe.wait_for(Duration::from_secs(5), "one agent alive", |st| {
+        st.agents_alive == 1
+    });
+    assert_eq!(
+        st.done, 0,
+        "nothing was dispatched: the fleet is not complete"
+    );
+    coord.signal("TERM");
+    coord.wait(Duration::from_secs(30));
+}

@@ -431,7 +431,12 @@ impl Agent {
     pub async fn run(mut self, stop: watch::Receiver<bool>) -> Result<AgentSummary, AgentError> {
         self.stop = stop;
         match self.work().await {
-            Ok(()) => Ok(self.summary),
+            Ok(()) => {
+                if *self.stop.borrow() && self.summary.registered && !self.holding_lease {
+                    self.say_leaving().await;
+                }
+                Ok(self.summary)
+            }
             Err(AgentError::Stopped { addr, last_error }) => {
                 self.summary.stopped_while_unreachable = true;
                 if self.holding_lease {
@@ -570,15 +575,36 @@ impl Agent {
         Ok(false)
     }
 
+    /// Tells the coordinator that this agent, stopped while holding no lease, is leaving (so that
+    /// `status` stops counting it at once). One attempt, briefly: a stop must stay prompt.
+    async fn say_leaving(&mut self) {
+        let req = wire::ReleaseRequest {
+            agent_id: self.agent_id.clone(),
+            lease_id: String::new(),
+            reason: "agent stopping (signal)".into(),
+            leaving: true,
+        };
+        let mut c = self.client.clone();
+        match tokio::time::timeout(Duration::from_secs(1), c.release(req)).await {
+            Ok(Ok(_)) => tracing::info!("told the coordinator that this agent is leaving"),
+            Ok(Err(s)) => {
+                tracing::debug!(error = %s.message(), "could not say this agent is leaving")
+            }
+            Err(_) => tracing::debug!("could not say this agent is leaving in time"),
+        }
+    }
+
     async fn release(&mut self, lease_id: &str, reason: &str) {
         let lid = lease_id.to_string();
         let reason = reason.to_string();
         let r = self
             .call(move |mut c, id| {
+                // Every hand-back is the agent's last word (a signal, a drain, a lost device).
                 let req = wire::ReleaseRequest {
                     agent_id: id,
                     lease_id: lid.clone(),
                     reason: reason.clone(),
+                    leaving: true,
                 };
                 async move { c.release(req).await.map(|r| r.into_inner()) }
             })

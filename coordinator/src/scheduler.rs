@@ -640,6 +640,13 @@ impl Scheduler {
     }
 
     /// Hands back a lease's unfinished units (a draining agent).
+    /// The agent says it is leaving: it counts as gone at once (status, fleet requirements), not
+    /// a lease timeout later. Its lease, if any, is handed back by [`Scheduler::release`].
+    pub fn leave(&mut self, agent_id: &str, now: Instant) -> Result<(), ScheduleError> {
+        self.touch(agent_id, now)?.drained = true;
+        Ok(())
+    }
+
     pub fn release(
         &mut self,
         agent_id: &str,

@@ -354,13 +354,23 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<wire::ReleaseResponse>, Status> {
         let req = request.into_inner();
         check_id("agent_id", &req.agent_id)?;
-        check_id("lease_id", &req.lease_id)?;
         check_name("reason", &req.reason)?;
-        let n = self
-            .shared
-            .scheduler()
-            .release(&req.agent_id, &req.lease_id, Instant::now())
-            .map_err(status_of)?;
+        let now = Instant::now();
+        let n = {
+            let mut s = self.shared.scheduler();
+            // A leaving agent with no lease sends none.
+            let n = if req.leaving && req.lease_id.is_empty() {
+                0
+            } else {
+                check_id("lease_id", &req.lease_id)?;
+                s.release(&req.agent_id, &req.lease_id, now)
+                    .map_err(status_of)?
+            };
+            if req.leaving {
+                s.leave(&req.agent_id, now).map_err(status_of)?;
+            }
+            n
+        };
         tracing::info!(agent = %req.agent_id, returned = n, reason = %req.reason, "lease released");
         self.shared.changed.notify_waiters();
         Ok(Response::new(wire::ReleaseResponse { cases_returned: n }))
