@@ -260,3 +260,30 @@ fn a_taken_metrics_port_leaves_the_output_directory_alone() {
     assert!(log.contains("--metrics-listen"), "{log}");
     assert!(!s.out().exists(), "nothing is written: {log}");
 }
+
+/// `DECODEBENCH_HOST` names the host in the results (under Kubernetes the manifests set it to the
+/// node's name; the rows carried the pod's name before).
+#[test]
+fn decodebench_host_names_the_host_column() {
+    let s = Scratch::new("host-env");
+    let grid = s.grid(&GridSpec::tiny());
+    let out = s.out();
+    let status = std::process::Command::new(DECODEBENCH)
+        .args(cpu_run_args(&grid, &out, &[]))
+        .env("DECODEBENCH_HOST", "gpu-node-17")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("running decodebench");
+    assert!(status.success());
+    let text = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = header
+        .iter()
+        .position(|c| *c == "host")
+        .expect("a host column");
+    let hosts: std::collections::BTreeSet<&str> =
+        lines.map(|l| l.split(',').nth(col).unwrap_or("")).collect();
+    assert_eq!(hosts.into_iter().collect::<Vec<_>>(), vec!["gpu-node-17"]);
+}

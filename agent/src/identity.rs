@@ -19,8 +19,6 @@ use crate::telemetry::TelemetryError;
 const NVML_MIG_ENABLED: u32 = 1;
 /// Milliwatts per watt, for NVML's power limits (reported in mW).
 const MILLIWATTS_PER_WATT: f64 = 1000.0;
-/// Fallback host name when the system gives none.
-const UNKNOWN_HOST: &str = "unknown-host";
 
 /// How a GPU is named to NVML.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -358,32 +356,7 @@ pub fn nvml_index_for(
     Ok(None)
 }
 
-/// The first usable host name among `candidates` (trimmed, non-empty), else `unknown-host`.
-fn first_host_name(candidates: impl IntoIterator<Item = Option<String>>) -> String {
-    candidates
-        .into_iter()
-        .flatten()
-        .map(|name| name.trim().to_string())
-        .find(|name| !name.is_empty())
-        .unwrap_or_else(|| UNKNOWN_HOST.to_string())
-}
-
-/// Environment variable that overrides the recorded host name. Under Kubernetes the kernel's host
-/// name is the pod's, so the manifests set this to the node's name (downward API `spec.nodeName`),
-/// which is what a fleet comparison needs.
-pub const HOST_NAME_ENV: &str = "DECODEBENCH_HOST";
-
-/// This machine's host name: `$DECODEBENCH_HOST` when set, else the kernel's (std has no
-/// `gethostname`; Linux exposes the same value in `/proc/sys/kernel/hostname`), else
-/// `/etc/hostname`, else `$HOSTNAME`. Never fails: `unknown-host` when none gives a name.
-pub fn host_name() -> String {
-    first_host_name([
-        std::env::var(HOST_NAME_ENV).ok(),
-        std::fs::read_to_string("/proc/sys/kernel/hostname").ok(),
-        std::fs::read_to_string("/etc/hostname").ok(),
-        std::env::var("HOSTNAME").ok(),
-    ])
-}
+pub use decodebench_kernels::host::{first_host_name, host_name, HOST_NAME_ENV};
 
 #[cfg(test)]
 mod tests {
@@ -566,7 +539,10 @@ mod tests {
             ]),
             "gpu-node-3"
         );
-        assert_eq!(first_host_name([None, None]), UNKNOWN_HOST);
+        assert_eq!(
+            first_host_name([None, None]),
+            decodebench_kernels::host::UNKNOWN_HOST
+        );
         assert!(!host_name().is_empty());
     }
 

@@ -4,6 +4,7 @@ use crate::run::{ProgressDisplay, PROGRESS_LOG_PERIOD};
 use crate::scheduler::Progress;
 use crate::service::Shared;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -11,6 +12,8 @@ pub struct ProgressReporter {
     display: ProgressDisplay,
     bar: Option<ProgressBar>,
     last_log: Mutex<Instant>,
+    /// The finished grid has been logged (once).
+    logged_finish: AtomicBool,
     shared: Arc<Shared>,
 }
 
@@ -29,6 +32,7 @@ impl ProgressReporter {
             display,
             bar,
             last_log: Mutex::new(Instant::now()),
+            logged_finish: AtomicBool::new(false),
             shared,
         }
     }
@@ -48,7 +52,10 @@ impl ProgressReporter {
             }
             ProgressDisplay::Log => {
                 let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
-                if last.elapsed() >= PROGRESS_LOG_PERIOD || p.finished {
+                // The moment the grid finishes is logged at once, but only once: a long-lived
+                // coordinator (--keep-serving) keeps ticking after it, every 250 ms.
+                let just_finished = p.finished && !self.logged_finish.swap(true, Ordering::Relaxed);
+                if (!p.finished && last.elapsed() >= PROGRESS_LOG_PERIOD) || just_finished {
                     *last = Instant::now();
                     tracing::info!(
                         run = %self.shared.run_id,

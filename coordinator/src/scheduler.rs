@@ -290,6 +290,9 @@ pub struct Scheduler {
     agent_id_nonce: u32,
     leases_expired: u64,
     draining: bool,
+    /// The fleet requirement (`--expect-agents`, `--wait-for`) was met once: it gates the start
+    /// only. An agent lost later must not stop the others (its cases go back to the queue).
+    fleet_met: bool,
 }
 
 impl Scheduler {
@@ -335,6 +338,7 @@ impl Scheduler {
             agent_id_nonce: rand::random(),
             leases_expired: 0,
             draining: false,
+            fleet_met: false,
         };
         if s.cfg.placement == Placement::Spread {
             s.add_target(Target::Any);
@@ -465,8 +469,15 @@ impl Scheduler {
             }
             return Ok(LeaseDecision::Drain);
         }
-        if !self.fleet_ready() {
-            return Ok(LeaseDecision::Wait(IDLE_WAIT));
+        if !self.fleet_met {
+            if !self.fleet_ready() {
+                return Ok(LeaseDecision::Wait(IDLE_WAIT));
+            }
+            self.fleet_met = true;
+            tracing::info!(
+                agents = self.agents.len(),
+                "the fleet requirement is met: dispatching"
+            );
         }
         let target = {
             let a = &self.agents[agent_id];
@@ -793,7 +804,11 @@ impl Scheduler {
         if self.cfg.placement != Placement::Spread && self.queues.is_empty() {
             return false;
         }
-        if self.cfg.placement != Placement::Spread && !self.fleet_ready() && !self.draining {
+        if self.cfg.placement != Placement::Spread
+            && !self.fleet_met
+            && !self.fleet_ready()
+            && !self.draining
+        {
             // Targets appear as agents register; until the fleet is complete, more may come.
             let any_agents = !self.agents.is_empty();
             if !any_agents {
@@ -1071,6 +1086,39 @@ mod tests {
         run_to_done(&mut s, &a, t);
         run_to_done(&mut s, &b, t);
         assert_eq!(s.progress().done, 6);
+    }
+
+    /// The fleet requirement gates the start only: once met, losing an agent (gone silent, or
+    /// leaving on a signal) must not stall the others (QA: a run stuck forever at 18 of 20).
+    #[test]
+    fn an_agent_lost_after_the_start_does_not_stall_the_fleet() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_shard_cases: 1,
+                fleet: FleetRequirement {
+                    expect_agents: 3,
+                    wait_for: vec![],
+                },
+                ..Default::default()
+            },
+            cases(6),
+            [],
+        );
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        let b = s.register("b".into(), dev("u2", "H100"), t0);
+        assert!(matches!(s.lease(&a, t0).unwrap(), LeaseDecision::Wait(_)));
+        let c = s.register("c".into(), dev("u3", "H100"), t0);
+        grant(s.lease(&a, t0).unwrap());
+        s.leave(&b, t0).unwrap();
+        // c goes silent past the lease timeout; a alone finishes the grid.
+        let t1 = t0 + DEFAULT_LEASE_TIMEOUT + Duration::from_secs(1);
+        let _ = c;
+        s.expire(t1);
+        run_to_done(&mut s, &a, t1);
+        let p = s.progress();
+        assert_eq!((p.done, p.agents_alive), (6, 1), "{p:?}");
+        assert!(p.finished);
     }
 
     #[test]

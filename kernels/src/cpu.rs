@@ -34,9 +34,6 @@ use std::time::Instant;
 /// Where Linux describes the CPU model.
 const CPUINFO_PATH: &str = "/proc/cpuinfo";
 
-/// Where Linux keeps the host name.
-const HOSTNAME_PATH: &str = "/proc/sys/kernel/hostname";
-
 /// Work units per thread the optimized kernel aims for: enough that uneven sequence lengths even
 /// out across threads.
 const SPLIT_TARGET_UNITS_PER_THREAD: usize = 4;
@@ -65,7 +62,7 @@ impl Default for CpuBackend {
 impl CpuBackend {
     /// A backend on this host, using every core it may run on.
     pub fn new() -> CpuBackend {
-        let host = read_hostname();
+        let host = crate::host::host_name();
         let model = read_cpu_model().unwrap_or_else(|| "cpu".to_string());
         let uuid = format!("cpu-{}", hex::encode(&Sha256::digest(host.as_bytes())[..8]));
         CpuBackend {
@@ -286,14 +283,6 @@ fn read_cpu_model() -> Option<String> {
 }
 
 /// This host's name: the kernel's, else `$HOSTNAME`, else "localhost".
-fn read_hostname() -> String {
-    std::fs::read_to_string(HOSTNAME_PATH)
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| "localhost".to_string())
-}
 
 /// The baseline's inputs: Q and the KV pool as bf16 values with the per-tensor scales applied, as
 /// the reference script hands its baseline `kv_cache.to(bf16) * scale`. Pages no sequence reads

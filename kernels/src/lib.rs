@@ -6,6 +6,7 @@ pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod formats;
+pub mod host;
 pub mod inputs;
 pub mod measurement;
 pub mod reference;

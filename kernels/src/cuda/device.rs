@@ -292,7 +292,7 @@ impl DeviceSession {
             mig_enabled: None,
             calibrated_read_gbps: None,
             kernel_source_hash: Some(kernel_source_hash()),
-            host: host_name(),
+            host: crate::host::host_name(),
         })
     }
 
@@ -304,16 +304,6 @@ impl DeviceSession {
             .map_err(CudaError::driver("reading free device memory"))?;
         Ok((free as u64, total as u64))
     }
-}
-
-/// This machine's host name (for the identity), or "" when it cannot be read.
-pub(crate) fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_default()
 }
 
 /// Resets device `ordinal`'s primary context after a sticky error: every allocation and module
