@@ -282,8 +282,6 @@ fn read_cpu_model() -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// This host's name: the kernel's, else `$HOSTNAME`, else "localhost".
-
 /// The baseline's inputs: Q and the KV pool as bf16 values with the per-tensor scales applied, as
 /// the reference script hands its baseline `kv_cache.to(bf16) * scale`. Pages no sequence reads
 /// are left zero. A bf16 pool with unit scales is used as it is.
