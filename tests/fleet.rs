@@ -136,3 +136,25 @@ fn an_idle_agent_that_stops_is_no_longer_counted_alive() {
     coord.signal("TERM");
     coord.wait(Duration::from_secs(30));
 }
+
+/// A coordinator stopped by SIGTERM tells idle agents to drain too, not only those holding a lease
+/// (an idle agent used to miss it, retry the gone coordinator for 300 s and exit 1).
+#[test]
+fn a_stopped_coordinator_drains_its_idle_agents() {
+    let _serial = exclusive();
+    let s = Scratch::new("stop-drains-idle");
+    let grid = s.grid(&GridSpec::tiny());
+    let port = free_port();
+    // Two expected, one comes: nothing is dispatched and the agent waits, idle.
+    let mut coord = coordinator(&s, "coordinator", &grid, port, &["--expect-agents", "2"]);
+    let mut a = agent(&s, "agent-a", port, &[]);
+    wait_until(Duration::from_secs(30), "agent-a registered", || {
+        a.log().contains("registered with the coordinator")
+    });
+    coord.signal("TERM");
+    coord.wait(Duration::from_secs(30));
+    let status = a.wait(Duration::from_secs(20));
+    let log = a.log();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("coordinator says drain"), "{log}");
+}

@@ -308,14 +308,11 @@ pub async fn serve(
             let timeout = s.config().lease_timeout;
             let busy = s.agents().any(|a| {
                 let alive = a.last_seen.elapsed() < timeout;
-                // Interrupted: wait for running shards to be reported or handed back. Done:
-                // wait for idle agents to pick up their drain order.
-                alive
-                    && if interrupted {
-                        a.lease.is_some()
-                    } else {
-                        !a.drained
-                    }
+                // Wait for running shards to be reported or handed back (interrupted), and for
+                // idle agents to pick up their drain order at their next lease request (either
+                // way: an idle agent that misses it retries a coordinator that is gone until its
+                // connect timeout, then fails).
+                alive && (a.lease.is_some() || !a.drained)
             });
             busy
         };
