@@ -224,6 +224,24 @@ fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
 }
 
+/// A PEM file of TLS material, checked to hold a PEM block of the expected kind (`CERTIFICATE`
+/// or `PRIVATE KEY`) before it goes to the TLS stack, whose own errors do not name the file.
+fn read_pem(path: &Path, what: &str, kind: &str) -> Result<Vec<u8>> {
+    let bytes = read_file(path, what)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{kind}-----")));
+    if !found {
+        bail!(
+            "the {what} {} holds no PEM `{kind}` block (a `-----BEGIN ...{kind}-----` line); \
+             give a PEM file",
+            path.display()
+        );
+    }
+    Ok(bytes)
+}
+
 fn progress_display() -> ProgressDisplay {
     if std::io::stderr().is_terminal() {
         ProgressDisplay::Bar
@@ -516,13 +534,13 @@ async fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
     let sched = scheduler_config(&a.schedule)?;
     let tls = match (&a.tls.tls_cert, &a.tls.tls_key) {
         (Some(c), Some(k)) => Some(ServerTls {
-            cert_pem: read_file(c, "TLS certificate")?,
-            key_pem: read_file(k, "TLS key")?,
+            cert_pem: read_pem(c, "TLS certificate", "CERTIFICATE")?,
+            key_pem: read_pem(k, "TLS key", "PRIVATE KEY")?,
             client_ca_pem: a
                 .tls
                 .tls_client_ca
                 .as_deref()
-                .map(|p| read_file(p, "client CA"))
+                .map(|p| read_pem(p, "client CA", "CERTIFICATE"))
                 .transpose()?,
         }),
         _ => None,
@@ -584,18 +602,25 @@ async fn agent(a: AgentArgs) -> Result<ExitCode> {
             }
         },
     };
+    if (a.tls_ca.is_some() || a.tls_cert.is_some()) && a.coordinator.starts_with("http://") {
+        bail!(
+            "--tls-ca / --tls-cert are given but --coordinator {} is plain http://: use https:// \
+             for TLS, or drop the TLS flags",
+            a.coordinator
+        );
+    }
     let tls = if a.tls_ca.is_some() || a.tls_cert.is_some() || a.coordinator.starts_with("https://")
     {
         Some(ClientTls {
             ca_pem: a
                 .tls_ca
                 .as_deref()
-                .map(|p| read_file(p, "CA certificate"))
+                .map(|p| read_pem(p, "CA certificate", "CERTIFICATE"))
                 .transpose()?,
             identity: match (&a.tls_cert, &a.tls_key) {
                 (Some(c), Some(k)) => Some((
-                    read_file(c, "client certificate")?,
-                    read_file(k, "client key")?,
+                    read_pem(c, "client certificate", "CERTIFICATE")?,
+                    read_pem(k, "client key", "PRIVATE KEY")?,
                 )),
                 _ => None,
             },
@@ -682,7 +707,7 @@ async fn status(a: StatusArgs) -> Result<ExitCode> {
         .timeout(Duration::from_secs(10));
     if let Some(ca) = &a.tls_ca {
         endpoint = endpoint.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
-            tonic::transport::Certificate::from_pem(read_file(ca, "CA certificate")?),
+            tonic::transport::Certificate::from_pem(read_pem(ca, "CA certificate", "CERTIFICATE")?),
         ))?;
     }
     let channel = endpoint

@@ -104,7 +104,8 @@ fn mutual_tls_agents_finish_and_agents_without_a_certificate_are_refused() {
         ],
     );
 
-    // No client certificate: the TLS handshake fails; the agent gives up with an error.
+    // No client certificate: the TLS handshake fails, and the agent says why at once instead of
+    // retrying it as an unreachable coordinator until its connect timeout.
     let mut stranger = tls_agent(&s, "no-cert", port, &pki, false);
     let status = stranger.wait(Duration::from_secs(60));
     assert!(
@@ -114,8 +115,33 @@ fn mutual_tls_agents_finish_and_agents_without_a_certificate_are_refused() {
     );
     let log = stranger.log();
     assert!(
-        log.contains("could not reach the coordinator"),
+        log.contains("TLS handshake") && log.contains("--tls-cert"),
         "the refusal should be explained:\n{log}"
+    );
+    // A CA the coordinator's certificate does not chain to: the same, naming --tls-ca.
+    let other_dir = s.path().join("other-pki");
+    std::fs::create_dir_all(&other_dir).expect("a directory for a second PKI");
+    let other = make_pki(&other_dir);
+    let wrong_ca = Pki {
+        ca: other.ca,
+        server_cert: pki.server_cert.clone(),
+        server_key: pki.server_key.clone(),
+        client_cert: pki.client_cert.clone(),
+        client_key: pki.client_key.clone(),
+    };
+    let started = std::time::Instant::now();
+    let mut wrong = tls_agent(&s, "wrong-ca", port, &wrong_ca, true);
+    let status = wrong.wait(Duration::from_secs(60));
+    let log = wrong.log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("TLS handshake") && log.contains("--tls-ca"),
+        "the refusal should be explained:\n{log}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "a handshake failure is not retried for the connect timeout (5 s here): {:?}",
+        started.elapsed()
     );
 
     let mut good = tls_agent(&s, "with-cert", port, &pki, true);

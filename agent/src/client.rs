@@ -44,6 +44,12 @@ pub enum AgentError {
         "invalid coordinator address `{addr}`: {reason} (expected a URL such as http://HOST:50051, or https://HOST:50051 with TLS)"
     )]
     Address { addr: String, reason: String },
+    #[error("the TLS handshake with the coordinator at {addr} failed: {reason}; {hint}")]
+    Handshake {
+        addr: String,
+        reason: String,
+        hint: &'static str,
+    },
     #[error("could not reach the coordinator at {addr} for {waited:?}: {last_error}; is it running and reachable?")]
     Unreachable {
         addr: String,
@@ -247,8 +253,29 @@ fn is_bad_address(s: &Status) -> bool {
     describe(s).contains("invalid URI")
 }
 
+/// A failed TLS handshake or a plaintext/TLS mismatch: retrying cannot help, the set-up must
+/// change. The hint says which part.
+fn handshake_problem(s: &Status) -> Option<&'static str> {
+    let text = describe(s);
+    let has = |needle: &str| text.contains(needle);
+    if has("InvalidContentType") || has("corrupt message") {
+        Some("the coordinator does not speak TLS here: use http:// (or start it with --tls-cert/--tls-key)")
+    } else if has("h2 protocol error") {
+        Some("an http:// client talking to a TLS coordinator gets this: if the coordinator uses TLS, connect with https:// and --tls-ca")
+    } else if has("UnknownIssuer") || has("UnknownCA") || has("invalid peer certificate") {
+        Some("the coordinator's certificate does not chain to the CA given: pass its CA with --tls-ca (and the name it is issued for with --tls-domain)")
+    } else if has("not valid for name") || has("NotValidForName") {
+        Some("the certificate is issued for another name: connect by that name or pass it with --tls-domain")
+    } else if has("CertificateRequired") || has("BadCertificate") || has("certificate required") {
+        Some("the coordinator requires a client certificate it trusts: pass --tls-cert and --tls-key signed by its --tls-client-ca")
+    } else {
+        None
+    }
+}
+
 fn is_transient(s: &Status) -> bool {
     !is_bad_address(s)
+        && handshake_problem(s).is_none()
         && matches!(
             s.code(),
             Code::Unavailable
@@ -331,6 +358,14 @@ impl Agent {
         }
     }
 
+    fn handshake_failed(&self, s: &Status, hint: &'static str) -> AgentError {
+        AgentError::Handshake {
+            addr: self.cfg.coordinator.clone(),
+            reason: describe(s),
+            hint,
+        }
+    }
+
     fn bad_address(&self, s: &Status) -> AgentError {
         AgentError::Address {
             addr: self.cfg.coordinator.clone(),
@@ -369,6 +404,10 @@ impl Agent {
                     return Ok(());
                 }
                 Err(s) if is_bad_address(&s) => return Err(self.bad_address(&s)),
+                Err(s) if handshake_problem(&s).is_some() => {
+                    let hint = handshake_problem(&s).unwrap_or_default();
+                    return Err(self.handshake_failed(&s, hint));
+                }
                 Err(s) if is_transient(&s) => {
                     backoff
                         .wait_after(&s, &self.cfg.coordinator, &mut stop, on_stop)
@@ -401,6 +440,10 @@ impl Agent {
                     self.register(OnStop::LastTry).await?;
                 }
                 Err(s) if is_bad_address(&s) => return Err(self.bad_address(&s)),
+                Err(s) if handshake_problem(&s).is_some() => {
+                    let hint = handshake_problem(&s).unwrap_or_default();
+                    return Err(self.handshake_failed(&s, hint));
+                }
                 Err(s) if is_transient(&s) => {
                     backoff
                         .wait_after(&s, &self.cfg.coordinator, &mut stop, OnStop::LastTry)

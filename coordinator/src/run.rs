@@ -124,6 +124,31 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary, CoordinatorError> {
+    // The TLS set-up and the metrics port are checked before --out is touched: a bad key or a
+    // taken port leaves nothing behind.
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .timeout(Duration::from_secs(60));
+    if let Some(tls) = &cfg.tls {
+        let mut tls_cfg =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        if let Some(ca) = &tls.client_ca_pem {
+            tls_cfg = tls_cfg.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls_cfg).map_err(|e| {
+            // tonic's error says only "transport error"; the cause is in its sources.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            CoordinatorError::Tls(format!(
+                "{text}; check that --tls-cert and --tls-key are a matching certificate and key"
+            ))
+        })?;
+    }
     let metrics_listener = match cfg.metrics_listen {
         Some(addr) => Some(crate::http::bind_metrics(addr).await?),
         None => None,
@@ -214,19 +239,6 @@ pub async fn serve(
         .set_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
 
-    let mut builder = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .timeout(Duration::from_secs(60));
-    if let Some(tls) = &cfg.tls {
-        let mut tls_cfg =
-            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
-        if let Some(ca) = &tls.client_ca_pem {
-            tls_cfg = tls_cfg.client_ca_root(Certificate::from_pem(ca));
-        }
-        builder = builder
-            .tls_config(tls_cfg)
-            .map_err(|e| CoordinatorError::Tls(e.to_string()))?;
-    }
     let addr = listener.local_addr().ok();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
