@@ -252,6 +252,13 @@ pub struct AgentArgs {
     pub connect_timeout_s: f64,
     #[command(flatten)]
     pub token: TokenArgs,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// TLS options of a client of the coordinator (`agent`, `status`).
+#[derive(Args, Debug, Clone)]
+pub struct ClientTlsArgs {
     /// CA to verify the coordinator's certificate (PEM).
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
@@ -287,9 +294,8 @@ pub struct StatusArgs {
     pub addr: String,
     #[command(flatten)]
     pub token: TokenArgs,
-    /// CA to verify the coordinator's certificate (PEM).
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 #[derive(Args, Debug)]

@@ -220,6 +220,35 @@ fn read_token(t: &TokenArgs) -> Result<Option<String>> {
     Ok(t.token.clone().filter(|s| !s.is_empty()))
 }
 
+/// A coordinator client's TLS material (agent, status): TLS for an https:// URL or when TLS files
+/// are given; TLS files with an http:// URL are refused (the connection would be plaintext).
+fn client_tls(t: &ClientTlsArgs, url: &str) -> Result<Option<ClientTls>> {
+    if (t.tls_ca.is_some() || t.tls_cert.is_some()) && url.starts_with("http://") {
+        bail!(
+            "--tls-ca / --tls-cert are given but the coordinator URL {url} is plain http://: use \
+             https:// for TLS, or drop the TLS flags"
+        );
+    }
+    if !(t.tls_ca.is_some() || t.tls_cert.is_some() || url.starts_with("https://")) {
+        return Ok(None);
+    }
+    Ok(Some(ClientTls {
+        ca_pem: t
+            .tls_ca
+            .as_deref()
+            .map(|p| read_pem(p, "CA certificate", "CERTIFICATE"))
+            .transpose()?,
+        identity: match (&t.tls_cert, &t.tls_key) {
+            (Some(c), Some(k)) => Some((
+                read_pem(c, "client certificate", "CERTIFICATE")?,
+                read_pem(k, "client key", "PRIVATE KEY")?,
+            )),
+            _ => None,
+        },
+        domain: t.tls_domain.clone(),
+    }))
+}
+
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
 }
@@ -532,6 +561,17 @@ async fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
     let grid = load_grid(&a.grid, "seed")?;
     let cases = apply_overrides(grid.expand(), &a.method)?;
     let sched = scheduler_config(&a.schedule)?;
+    if sched.placement != Placement::Spread
+        && sched.fleet.expect_agents == 0
+        && sched.fleet.wait_for.is_empty()
+    {
+        tracing::warn!(
+            "--placement {} without --expect-agents or --wait-for: the run ends once the agents \
+             present have run their cases, and an agent that starts later finds it gone; set \
+             --expect-agents to the fleet's size",
+            sched.placement.as_str()
+        );
+    }
     let tls = match (&a.tls.tls_cert, &a.tls.tls_key) {
         (Some(c), Some(k)) => Some(ServerTls {
             cert_pem: read_pem(c, "TLS certificate", "CERTIFICATE")?,
@@ -602,33 +642,7 @@ async fn agent(a: AgentArgs) -> Result<ExitCode> {
             }
         },
     };
-    if (a.tls_ca.is_some() || a.tls_cert.is_some()) && a.coordinator.starts_with("http://") {
-        bail!(
-            "--tls-ca / --tls-cert are given but --coordinator {} is plain http://: use https:// \
-             for TLS, or drop the TLS flags",
-            a.coordinator
-        );
-    }
-    let tls = if a.tls_ca.is_some() || a.tls_cert.is_some() || a.coordinator.starts_with("https://")
-    {
-        Some(ClientTls {
-            ca_pem: a
-                .tls_ca
-                .as_deref()
-                .map(|p| read_pem(p, "CA certificate", "CERTIFICATE"))
-                .transpose()?,
-            identity: match (&a.tls_cert, &a.tls_key) {
-                (Some(c), Some(k)) => Some((
-                    read_pem(c, "client certificate", "CERTIFICATE")?,
-                    read_pem(k, "client key", "PRIVATE KEY")?,
-                )),
-                _ => None,
-            },
-            domain: a.tls_domain.clone(),
-        })
-    } else {
-        None
-    };
+    let tls = client_tls(&a.tls, &a.coordinator)?;
     let host = decodebench_agent::identity::host_name();
     let cfg = AgentConfig {
         coordinator: a.coordinator.clone(),
@@ -705,10 +719,8 @@ async fn status(a: StatusArgs) -> Result<ExitCode> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(a.addr.clone())
         .with_context(|| format!("`{}` is not a URL like http://127.0.0.1:50051", a.addr))?
         .timeout(Duration::from_secs(10));
-    if let Some(ca) = &a.tls_ca {
-        endpoint = endpoint.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
-            tonic::transport::Certificate::from_pem(read_pem(ca, "CA certificate", "CERTIFICATE")?),
-        ))?;
+    if let Some(tls) = client_tls(&a.tls, &a.addr)? {
+        endpoint = endpoint.tls_config(decodebench_agent::client::client_tls_config(&tls))?;
     }
     let channel = endpoint
         .connect()

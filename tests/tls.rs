@@ -144,6 +144,30 @@ fn mutual_tls_agents_finish_and_agents_without_a_certificate_are_refused() {
         started.elapsed()
     );
 
+    // `status` speaks mutual TLS too (it had no client-certificate flags).
+    let url = format!("https://localhost:{port}");
+    let (client_cert, client_key) = (
+        pki.client_cert.display().to_string(),
+        pki.client_key.display().to_string(),
+    );
+    let (st, out, err) = run_to_end(
+        &[
+            "status",
+            &url,
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &client_cert,
+            "--tls-key",
+            &client_key,
+            "--token-file",
+            &token,
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(st.success(), "{out}{err}");
+    assert!(out.contains("pending"), "{out}");
+
     let mut good = tls_agent(&s, "with-cert", port, &pki, true);
     coord.wait_success(Duration::from_secs(90));
     good.wait_success(Duration::from_secs(20));

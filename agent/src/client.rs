@@ -820,6 +820,21 @@ fn coordinator_url_problem(addr: &str) -> Option<String> {
     None
 }
 
+/// tonic's TLS configuration for a client of the coordinator (the agent, `decodebench status`).
+pub fn client_tls_config(tls: &ClientTls) -> ClientTlsConfig {
+    let mut t = ClientTlsConfig::new();
+    if let Some(ca) = &tls.ca_pem {
+        t = t.ca_certificate(Certificate::from_pem(ca));
+    }
+    if let Some((cert, key)) = &tls.identity {
+        t = t.identity(Identity::from_pem(cert, key));
+    }
+    if let Some(d) = &tls.domain {
+        t = t.domain_name(d.clone());
+    }
+    t
+}
+
 fn make_client(cfg: &AgentConfig) -> Result<Client, AgentError> {
     check_coordinator_url(&cfg.coordinator)?;
     let addr_err = |reason: String| AgentError::Address {
@@ -833,18 +848,8 @@ fn make_client(cfg: &AgentConfig) -> Result<Client, AgentError> {
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true);
     if let Some(tls) = &cfg.tls {
-        let mut t = ClientTlsConfig::new();
-        if let Some(ca) = &tls.ca_pem {
-            t = t.ca_certificate(Certificate::from_pem(ca));
-        }
-        if let Some((cert, key)) = &tls.identity {
-            t = t.identity(Identity::from_pem(cert, key));
-        }
-        if let Some(d) = &tls.domain {
-            t = t.domain_name(d.clone());
-        }
         endpoint = endpoint
-            .tls_config(t)
+            .tls_config(client_tls_config(tls))
             .map_err(|e| AgentError::Tls(e.to_string()))?;
     }
     let channel = endpoint.connect_lazy();
