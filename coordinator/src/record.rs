@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 pub struct ResultRecord {
     pub run_id: String,
     pub agent_id: String,
-    /// 1 for the first lease of this case on this placement target, +1 per re-issue.
+    /// Which reported attempt of this case on its placement target: 1, +1 per earlier attempt that
+    /// reported a failure (a lease lost without a report does not count).
     pub attempt: u32,
     /// When the coordinator received the result, milliseconds since the Unix epoch.
     pub received_unix_ms: i64,
