@@ -353,17 +353,7 @@ fn report_summary(s: &RunSummary) -> ExitCode {
 /// but without repeating a cause whose text the line already holds (many error types put their
 /// source's message in their own, and a chain printer would print it twice).
 pub fn error_report(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.is_empty() {
-            line = text;
-        } else if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-    }
-    line
+    decodebench_proto::error_chain(e.to_string(), e.source())
 }
 
 /// `run`'s coordinator listens on a loopback port that only its own local agents know, so a
@@ -406,6 +396,7 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
     }
     let gpu_ordinals: Vec<usize> = match a.backend {
         BackendArg::Cpu => Vec::new(),
+        // The driver is asked once; without a usable GPU, `why` says what is missing.
         BackendArg::Cuda | BackendArg::Auto => match backends::cuda_device_count() {
             Ok(n) if n > 0 => match &a.gpus {
                 Some(list) => {
@@ -416,23 +407,16 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
                 }
                 None => (0..n).collect(),
             },
-            Ok(_) | Err(_) if a.backend == BackendArg::Cuda => {
-                let why = backends::cuda_device_count()
+            none => {
+                let why = none
                     .err()
                     .unwrap_or_else(|| "no CUDA device is visible".into());
-                bail!("--backend cuda: {why}. Use --backend cpu (or auto) to run on the CPU");
-            }
-            Ok(_) | Err(_) if a.gpus.is_some() => {
-                let why = backends::cuda_device_count()
-                    .err()
-                    .unwrap_or_else(|| "no CUDA device is visible".into());
-                bail!("--gpus: {why}. Drop --gpus to run on the CPU backend");
-            }
-            Ok(_) => {
-                eprintln!("notice: no CUDA device is visible; running on the CPU backend instead (smoke preset by default)");
-                Vec::new()
-            }
-            Err(why) => {
+                if a.backend == BackendArg::Cuda {
+                    bail!("--backend cuda: {why}. Use --backend cpu (or auto) to run on the CPU");
+                }
+                if a.gpus.is_some() {
+                    bail!("--gpus: {why}. Drop --gpus to run on the CPU backend");
+                }
                 eprintln!("notice: no usable GPU ({why}); running on the CPU backend instead (smoke preset by default)");
                 Vec::new()
             }

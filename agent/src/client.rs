@@ -133,17 +133,7 @@ type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
 /// A status with its cause chain ("transport error: tls handshake eof ..."), so a TLS or DNS
 /// problem is named rather than hidden behind "transport error".
 fn describe(s: &Status) -> String {
-    let mut text = s.message().to_string();
-    let mut source = std::error::Error::source(s);
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
+    decodebench_proto::error_chain(s.message().to_string(), std::error::Error::source(s))
 }
 
 /// Retry pacing for one call that keeps failing transiently: exponential delays up to
@@ -358,19 +348,21 @@ impl Agent {
         }
     }
 
-    fn handshake_failed(&self, s: &Status, hint: &'static str) -> AgentError {
-        AgentError::Handshake {
-            addr: self.cfg.coordinator.clone(),
+    /// The error of a call that no retry can fix, because the set-up is wrong: a malformed
+    /// address, or a TLS handshake that fails (the hint says which flag to change).
+    fn set_up_error(&self, s: &Status) -> Option<AgentError> {
+        let addr = self.cfg.coordinator.clone();
+        if is_bad_address(s) {
+            return Some(AgentError::Address {
+                addr,
+                reason: describe(s),
+            });
+        }
+        handshake_problem(s).map(|hint| AgentError::Handshake {
+            addr,
             reason: describe(s),
             hint,
-        }
-    }
-
-    fn bad_address(&self, s: &Status) -> AgentError {
-        AgentError::Address {
-            addr: self.cfg.coordinator.clone(),
-            reason: describe(s),
-        }
+        })
     }
 
     fn device(&self) -> wire::DeviceIdentity {
@@ -403,17 +395,17 @@ impl Agent {
                     tracing::info!(agent = %self.agent_id, run = %r.run_id, "registered with the coordinator");
                     return Ok(());
                 }
-                Err(s) if is_bad_address(&s) => return Err(self.bad_address(&s)),
-                Err(s) if handshake_problem(&s).is_some() => {
-                    let hint = handshake_problem(&s).unwrap_or_default();
-                    return Err(self.handshake_failed(&s, hint));
-                }
-                Err(s) if is_transient(&s) => {
+                Err(s) => {
+                    if let Some(e) = self.set_up_error(&s) {
+                        return Err(e);
+                    }
+                    if !is_transient(&s) {
+                        return Err(AgentError::Refused(s.message().to_string()));
+                    }
                     backoff
                         .wait_after(&s, &self.cfg.coordinator, &mut stop, on_stop)
                         .await?;
                 }
-                Err(s) => return Err(AgentError::Refused(s.message().to_string())),
             }
         }
     }
@@ -439,25 +431,20 @@ impl Agent {
                     );
                     self.register(OnStop::LastTry).await?;
                 }
-                Err(s) if is_bad_address(&s) => return Err(self.bad_address(&s)),
-                Err(s) if handshake_problem(&s).is_some() => {
-                    let hint = handshake_problem(&s).unwrap_or_default();
-                    return Err(self.handshake_failed(&s, hint));
-                }
-                Err(s) if is_transient(&s) => {
+                Err(s) => {
+                    if let Some(e) = self.set_up_error(&s) {
+                        return Err(e);
+                    }
+                    if !is_transient(&s) {
+                        return Err(if s.code() == Code::InvalidArgument {
+                            AgentError::Rejected(s.message().to_string())
+                        } else {
+                            AgentError::Refused(format!("{:?}: {}", s.code(), s.message()))
+                        });
+                    }
                     backoff
                         .wait_after(&s, &self.cfg.coordinator, &mut stop, OnStop::LastTry)
                         .await?;
-                }
-                Err(s) if s.code() == Code::InvalidArgument => {
-                    return Err(AgentError::Rejected(s.message().to_string()))
-                }
-                Err(s) => {
-                    return Err(AgentError::Refused(format!(
-                        "{:?}: {}",
-                        s.code(),
-                        s.message()
-                    )))
                 }
             }
         }

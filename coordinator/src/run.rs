@@ -137,13 +137,7 @@ pub async fn serve(
         }
         builder = builder.tls_config(tls_cfg).map_err(|e| {
             // tonic's error says only "transport error"; the cause is in its sources.
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-                source = cause.source();
-            }
+            let text = decodebench_proto::error_chain(e.to_string(), std::error::Error::source(&e));
             CoordinatorError::Tls(format!(
                 "{text}; check that --tls-cert and --tls-key are a matching certificate and key"
             ))
@@ -351,7 +345,7 @@ pub async fn serve(
     let records = drop_superseded_failures(std::mem::take(&mut *shared.records()), placement);
     // Failures are counted from the results, not the scheduler: a replayed failure whose device
     // (per-gpu or per-sku placement) did not come back is in no scheduler count, and it is still
-    // a failure of this run.
+    // a failure of this run. (Every unit the scheduler counts as failed has a failed record here.)
     let failed = records.iter().filter(|r| r.failed()).count() as u64;
     drop(shared);
     drop(journal_thread);
@@ -371,7 +365,7 @@ pub async fn serve(
         run_id,
         total: final_status.total,
         done: final_status.done,
-        failed: failed.max(final_status.failed),
+        failed,
         unfinished,
         outputs,
         resumed,
