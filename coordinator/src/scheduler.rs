@@ -664,13 +664,8 @@ impl Scheduler {
         lease_id: &str,
         now: Instant,
     ) -> Result<u32, ScheduleError> {
+        // Whether the agent is leaving is its own word (`ReleaseRequest.leaving`, [`Self::leave`]).
         self.touch(agent_id, now)?;
-        if self.draining || self.is_finished() {
-            // An agent handing back its lease at the end of the run is leaving: it is drained.
-            if let Some(a) = self.agents.get_mut(agent_id) {
-                a.drained = true;
-            }
-        }
         let id = Self::parse_lease(lease_id)?;
         match self.leases.get(&id) {
             Some(l) if l.agent_id == agent_id => Ok(self.return_lease(id)),
