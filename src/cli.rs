@@ -151,7 +151,8 @@ pub struct ScheduleArgs {
     /// Agent heartbeat period, seconds (keep it well under the lease timeout).
     #[arg(long, default_value_t = 10.0)]
     pub heartbeat_s: f64,
-    /// Attempts per case before it is recorded as failed.
+    /// Attempts per case before it is recorded as failed: reported failures, or (counted apart)
+    /// losses with an agent that died running it.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
     /// Most cases per shard.

@@ -1,12 +1,12 @@
 //! Faults injected into a running fleet: an agent killed mid-shard, a coordinator killed and
-//! restarted, an agent frozen past its lease and thawed, SIGTERM to either side. Whatever happens,
-//! the files at the end hold every case exactly once.
+//! restarted, an agent frozen past its lease and thawed, SIGTERM to either side, a case that kills
+//! every agent that runs it. Whatever happens, the files at the end hold every case exactly once.
 
 use crate::util::*;
 use decodebench_proto::wire;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Cases per shard in these tests: a shard is several cases long, so "mid-shard" exists.
 const SHARD_CASES: u64 = 4;
@@ -419,4 +419,181 @@ fn an_agent_id_from_before_a_restart_is_not_taken_for_another_agent() {
     second.signal("TERM");
     second.wait_success(Duration::from_secs(30));
     assert_each_case_once(&s.out(), &ids);
+}
+
+/// Exit code of a run that ends with failed cases or cases without a result (`EXIT_INCOMPLETE`).
+const EXIT_INCOMPLETE: i32 = 2;
+
+/// One row of `results.csv`, by column name.
+type CsvRow = BTreeMap<String, String>;
+
+/// Reads `results.csv` from an output directory, one map from column name to cell per row.
+fn read_results_csv(out: &Path) -> Vec<CsvRow> {
+    let path = out.join("results.csv");
+    let mut reader =
+        csv::Reader::from_path(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let headers = reader.headers().expect("results.csv header").clone();
+    reader
+        .records()
+        .map(|r| {
+            let r = r.expect("a results.csv record");
+            headers
+                .iter()
+                .zip(r.iter())
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+/// A nightly job's nightmare: one case crashes every agent that runs it (segfault, OOM kill), so
+/// no result ever comes back and its lease expires each time. Here every agent is `kill -9`ed as
+/// soon as it starts that case, and a replacement started, as Kubernetes restarts a crashed pod.
+/// After `--max-attempts` losses the coordinator must give the case up and record the failure
+/// itself, with a message that says so; its shard-mates (one reported before the crash, one lost
+/// with it) must still finish; the run must end with the failure exit code; a resume must keep
+/// the failure and `--retry-failed` run it again.
+#[test]
+fn a_case_that_kills_every_agent_running_it_is_recorded_as_failed() {
+    let _serial = exclusive();
+    let s = Scratch::new("poisoned-case");
+    // Five cases of one KV pool: a first shard of four, then one.
+    let spec = GridSpec {
+        name: "it-poison".into(),
+        batch_sizes: vec![1, 2, 3, 4, 5],
+        max_seq_lens: vec![256],
+        quant_modes: vec!["bf16/bf16/bf16"],
+        ..GridSpec::slow()
+    };
+    let grid = s.grid(&spec);
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    let mut coord = fault_coordinator(&s, &grid, port, ("2", "0.5"), &["--max-attempts", "2"]);
+    let probe = StatusProbe::new(port);
+    let mut agents = vec![agent(&s, "agent-0", port, &[])];
+
+    // The poisoned case: the one after the case the first agent is running, with at least one more
+    // after it in the same shard (an innocent that is lost with it).
+    let st = probe.wait_for(
+        Duration::from_secs(60),
+        "the first agent to hold a shard with 3 cases or more left",
+        |st| agent_named(st, "agent-0").is_some_and(|a| a.lease_case_ids.len() >= 3),
+    );
+    let first_shard = agent_named(&st, "agent-0")
+        .map(|a| a.lease_case_ids.clone())
+        .unwrap_or_default();
+    let poison = first_shard[1].clone();
+    let lost_with_it = first_shard[2].clone();
+
+    // Kill whoever starts running it (the first of its lease's cases without a result); keep one
+    // agent up while the run lasts.
+    let mut killed: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while coord.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "the run did not end; killed so far: {killed:?}; last status: {:?}",
+            probe.get()
+        );
+        let Some(st) = probe.get() else {
+            std::thread::sleep(POLL_PERIOD);
+            continue;
+        };
+        for a in st.agents.iter().filter(|a| a.alive) {
+            if a.lease_case_ids.first() != Some(&poison) {
+                continue;
+            }
+            // A killed agent stays in the status (alive) until its lease expires: once is enough.
+            if let Some(p) = agents.iter_mut().find(|p| p.name == a.name) {
+                if p.is_running() {
+                    p.kill9();
+                    killed.push(a.agent_id.clone());
+                }
+            }
+        }
+        if !st.finished && !agents.iter_mut().any(|p| p.is_running()) {
+            let name = format!("agent-{}", agents.len());
+            agents.push(agent(&s, &name, port, &[]));
+        }
+        std::thread::sleep(POLL_PERIOD);
+    }
+    let status = coord.wait(Duration::from_secs(5));
+    assert_eq!(
+        status.code(),
+        Some(EXIT_INCOMPLETE),
+        "a run with a failed case exits {EXIT_INCOMPLETE}; log:\n{}",
+        coord.log_tail()
+    );
+    assert_eq!(
+        killed.len(),
+        2,
+        "--max-attempts 2: the case is given up after its second loss: {killed:?}"
+    );
+    // The one left (if it got as far as registering) was told to drain.
+    for a in agents.iter_mut() {
+        if a.is_running() {
+            a.wait_success(Duration::from_secs(20));
+        }
+    }
+    assert!(
+        coord.log().contains("1 unit(s) failed after every attempt"),
+        "the exit summary counts the given-up case as failed:\n{}",
+        coord.log_tail()
+    );
+
+    // Every case has its rows; only the poisoned one failed, and it says why.
+    let out = s.out();
+    let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
+    check_each_case_at_most_once(&rows, &ids).unwrap_or_else(|e| panic!("{e:#}"));
+    let seen: BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
+    assert_eq!(seen.len(), ids.len(), "every case has a result: {seen:?}");
+    for r in &rows {
+        let expected = if r.case_id == poison { "failed" } else { "ok" };
+        assert_eq!(
+            r.status.as_deref(),
+            Some(expected),
+            "case {} kernel {:?} (poisoned: {poison}, lost with it: {lost_with_it})",
+            r.case_id,
+            r.kernel
+        );
+    }
+    let csv_rows = read_results_csv(&out);
+    let poisoned: Vec<&CsvRow> = csv_rows.iter().filter(|r| r["case_id"] == poison).collect();
+    assert_eq!(poisoned.len(), KERNELS.len(), "one row per kernel");
+    for r in poisoned {
+        let message = &r["message"];
+        assert_eq!(r["status"], "failed");
+        assert!(
+            message.starts_with("lost 2 times")
+                && message.contains("stopped without reporting")
+                && message.contains("may crash the agent")
+                && killed.iter().all(|id| message.contains(id.as_str())),
+            "the message should say the case was lost with agents {killed:?}: {message}"
+        );
+        assert_eq!(
+            r["agent_id"], killed[1],
+            "recorded on the agent it was last lost with"
+        );
+        assert_eq!(r["attempt"], "2", "two tries, both lost");
+    }
+
+    // A resume keeps the failure (nothing to run, so it ends at once, failing again).
+    let mut resumed = coordinator(&s, "coordinator-resume", &grid, port, &[]);
+    let status = resumed.wait(Duration::from_secs(30));
+    assert_eq!(
+        status.code(),
+        Some(EXIT_INCOMPLETE),
+        "the journaled failure still fails the run; log:\n{}",
+        resumed.log_tail()
+    );
+    // --retry-failed runs it again; here it does not crash, and the run is complete.
+    let port = free_port();
+    let mut retry = coordinator(&s, "coordinator-retry", &grid, port, &["--retry-failed"]);
+    let mut last = agent(&s, "agent-retry", port, &[]);
+    retry.wait_success(Duration::from_secs(60));
+    last.wait_success(Duration::from_secs(20));
+    let (run, _, _, _) = agent_summary(&last.log())
+        .unwrap_or_else(|| panic!("no closing summary from the agent:\n{}", last.log_tail()));
+    assert_eq!(run, 1, "only the failed case runs again");
+    assert_each_case_once(&out, &ids);
 }

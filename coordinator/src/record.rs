@@ -15,7 +15,9 @@ pub struct ResultRecord {
     pub run_id: String,
     pub agent_id: String,
     /// Which reported attempt of this case on its placement target: 1, +1 per earlier attempt that
-    /// reported a failure (a lease lost without a report does not count).
+    /// reported a failure (a lease lost without a report does not count). For a failure the
+    /// coordinator recorded itself after the case was lost with its agents
+    /// ([`ResultRecord::unreported_measurement`]), every try: reported attempts plus losses.
     pub attempt: u32,
     /// When the coordinator received the result, milliseconds since the Unix epoch.
     pub received_unix_ms: i64,
@@ -44,9 +46,55 @@ impl ResultRecord {
             .any(|k| k.status == Some(Status::Failed))
     }
 
+    /// The measurement of a case that no agent reported, recorded by the coordinator itself (it
+    /// gave up on the case): every kernel the case runs is `failed` with `message`, so that the
+    /// record has the rows, the status and the [`ResultRecord::failed`] of any other failure, and
+    /// resume and `--retry-failed` treat it as one.
+    pub fn unreported_measurement(case: &BenchCase, message: &str) -> CaseMeasurement {
+        CaseMeasurement {
+            case_id: case.id.clone(),
+            kernels: case
+                .method
+                .kernels
+                .kinds()
+                .iter()
+                .map(|&kind| KernelMeasurement {
+                    kernel: Some(kind),
+                    status: Some(Status::Failed),
+                    message: message.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            wall_s: 0.0,
+        }
+    }
+
     /// What makes a result unique: the case and the device it ran on. A case re-run on the same
     /// device (a retry after a lost lease) has the same key.
     pub fn key(&self) -> (&str, &str) {
         (&self.case.id, &self.device.uuid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use decodebench_kernels::{KernelSelection, QuantMode};
+
+    #[test]
+    fn an_unreported_measurement_fails_every_kernel_the_case_runs() {
+        let mut case = BenchCase::reference_shape(1, 64, QuantMode::BF16).with_id();
+        let m = ResultRecord::unreported_measurement(&case, "lost 3 times");
+        assert_eq!(m.case_id, case.id);
+        let kinds: Vec<_> = m.kernels.iter().map(|k| k.kernel).collect();
+        assert_eq!(kinds, KernelKind::ALL.map(Some));
+        assert!(m
+            .kernels
+            .iter()
+            .all(|k| k.status == Some(Status::Failed) && k.message == "lost 3 times"));
+        case.method.kernels = KernelSelection::Optimized;
+        let m = ResultRecord::unreported_measurement(&case, "x");
+        assert_eq!(m.kernels.len(), 1);
+        assert_eq!(m.kernels[0].kernel, Some(KernelKind::Optimized));
     }
 }

@@ -5,7 +5,9 @@ use crate::journal::{Journal, JournalError, JournalMeta, JOURNAL_FILE_NAME};
 use crate::metrics::Metrics;
 use crate::record::ResultRecord;
 use crate::scheduler::{unit_key, Placement, Scheduler, SchedulerConfig};
-use crate::service::{status_snapshot, CoordinatorService, JournalJob, Shared, MAX_MESSAGE_BYTES};
+use crate::service::{
+    record_abandoned, status_snapshot, CoordinatorService, JournalJob, Shared, MAX_MESSAGE_BYTES,
+};
 use crate::sink::{write_outputs, OutputPaths, SinkError, CSV_FILE_NAME, PARQUET_FILE_NAME};
 use decodebench_kernels::BenchCase;
 use decodebench_proto::wire::coordinator_server::CoordinatorServer;
@@ -271,11 +273,11 @@ pub async fn serve(
                 }
             }
         }
-        let p = {
-            let mut s = shared.scheduler();
-            s.expire(Instant::now());
-            s.progress()
-        };
+        shared.scheduler().expire(Instant::now());
+        // A case that kept killing its agents is given up on (during an expiry here or in a
+        // handler): its failed result is recorded here, so that the run can finish.
+        record_abandoned(&shared).await;
+        let p = shared.scheduler().progress();
         shared.metrics.set_progress(&p);
         progress.update(&p);
         if p.finished && cfg.exit_when_done {
@@ -340,6 +342,9 @@ pub async fn serve(
     // Only results already made durable are in `records` (handlers push after the journal's
     // fsync), so the journal writer needs no join: it ends when the last sender is dropped.
     drop(progress);
+    // A case given up on since the last tick (a shutdown cut the loop short) still gets its failed
+    // result: the journal writer lives until `shared` is dropped.
+    record_abandoned(&shared).await;
     let final_status = status_snapshot(&shared);
     let unfinished = shared.scheduler().unfinished();
     let records = drop_superseded_failures(std::mem::take(&mut *shared.records()), placement);

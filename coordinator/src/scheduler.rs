@@ -8,7 +8,12 @@
 //! - heartbeats extend a lease; an expired lease puts its unfinished units back in the queue;
 //! - a unit is done once, whoever reports it and however often (late reports are duplicates);
 //! - a unit whose kernels failed is retried on another agent, up to `max_attempts`, and then
-//!   recorded as failed with every attempt's error.
+//!   recorded as failed with every attempt's error;
+//! - a unit *lost* with its agent (the lease expired with the unit unreported: the agent crashed,
+//!   was OOM-killed, or was cut off) runs alone from then on, so that a case that kills its agent
+//!   cannot take its shard-mates down with it again; once it has been lost `max_attempts` times,
+//!   the last time alone, the scheduler gives up on it ([`Scheduler::take_abandoned`]) and the
+//!   coordinator records a failed result for it itself, so that the run ends.
 
 use decodebench_kernels::{BenchCase, CaseMeasurement, DeviceIdentity, Status};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -21,8 +26,9 @@ use thiserror::Error;
 pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often agents heartbeat: a third of the lease timeout, so two lost heartbeats are survivable.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
-/// Attempts per unit before it is recorded as failed. Three rides out one bad agent and one
-/// transient fault without hiding a kernel that always fails.
+/// Attempts per unit before it is recorded as failed: reported failures, or losses with its agent
+/// (counted apart). Three rides out one bad agent and one transient fault without hiding a kernel
+/// that always fails, or a case that always crashes its agent.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Cases per shard: enough to amortize a KV-pool set-up, few enough that a lost agent costs little
 /// and a heterogeneous fleet balances.
@@ -165,6 +171,16 @@ struct Unit {
     errors: Vec<String>,
     /// Agents that failed this unit: prefer others for the retry.
     failed_on: HashSet<String>,
+    /// Agents whose lease expired with this unit unreported, in order. Not empty: the unit runs
+    /// alone (a singleton shard), so that further losses are its own and not a shard-mate's.
+    lost_with: Vec<String>,
+}
+
+impl Unit {
+    /// Lost once already: it may be what kills agents, so it goes alone.
+    fn isolated(&self) -> bool {
+        !self.lost_with.is_empty()
+    }
 }
 
 #[derive(Debug)]
@@ -216,6 +232,53 @@ pub enum ReportDecision {
         attempt: u32,
         errors: Vec<String>,
     },
+}
+
+/// A unit the scheduler gave up on because agents kept dying with it: it was lost `max_attempts`
+/// times, the last time as the only unfinished case of its lease. The caller makes a failed
+/// result for it durable (built from [`AbandonedUnit::explanation`]), then calls
+/// [`Scheduler::commit_abandoned`]; until then the unit counts as running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbandonedUnit {
+    pub unit: usize,
+    pub case: BenchCase,
+    /// The agent it was last lost with and that agent's device: the placement target the result
+    /// belongs to (its unit key), and the machine to look at.
+    pub agent_id: String,
+    pub device: DeviceIdentity,
+    /// Tries so far: reported attempts plus losses.
+    pub attempt: u32,
+    /// Every agent it was lost with, in order.
+    pub lost_with: Vec<String>,
+    /// Errors of earlier attempts that did report (a failure and a crash may alternate).
+    pub errors: Vec<String>,
+}
+
+impl AbandonedUnit {
+    /// What the failed result says: what happened, which agents, and how to investigate.
+    pub fn explanation(&self) -> String {
+        let times = match self.lost_with.len() {
+            1 => "once".to_string(),
+            n => format!("{n} times"),
+        };
+        let mut text = format!(
+            "lost {times}: the agents running it ({}) stopped without reporting (no heartbeat \
+             for a lease timeout: crashed, killed or cut off), the last time with this case alone; \
+             the case may crash the agent (segfault, OOM kill, GPU fault). To investigate, run it \
+             alone: a grid holding only case {} ({}, seed {}, same [method]) with `decodebench run \
+             --grid FILE`, and read those agents' logs and the hosts' kernel log (dmesg: OOM \
+             killer, NVIDIA Xid)",
+            self.lost_with.join(", "),
+            self.case.id,
+            self.case.label(),
+            self.case.seed,
+        );
+        if !self.errors.is_empty() {
+            text.push_str("; attempts that did report: ");
+            text.push_str(&self.errors.join(" | "));
+        }
+        text
+    }
 }
 
 /// Progress counters.
@@ -289,6 +352,8 @@ pub struct Scheduler {
     /// taken for whichever agent the new process gave the same number.
     agent_id_nonce: u32,
     leases_expired: u64,
+    /// Units given up on after repeated losses, waiting for their failed result to be recorded.
+    abandoned: Vec<AbandonedUnit>,
     draining: bool,
     /// The fleet requirement (`--expect-agents`, `--wait-for`) was met once: it gates the start
     /// only. An agent lost later must not stop the others (its cases go back to the queue).
@@ -337,6 +402,7 @@ impl Scheduler {
             next_agent: 1,
             agent_id_nonce: rand::random(),
             leases_expired: 0,
+            abandoned: Vec::new(),
             draining: false,
             fleet_met: false,
         };
@@ -382,6 +448,7 @@ impl Scheduler {
                 attempts: 0,
                 errors: Vec::new(),
                 failed_on: HashSet::new(),
+                lost_with: Vec::new(),
             });
             self.unit_index.insert(key, idx);
             if !done {
@@ -516,7 +583,7 @@ impl Scheduler {
     }
 
     /// Pops up to `max_shard_cases` pending units that share a pool key, preferring units this
-    /// agent has not failed before.
+    /// agent has not failed before. A unit lost before goes alone.
     fn take_shard(&mut self, target: &Target, agent_id: &str) -> Vec<usize> {
         let others_alive =
             self.failures_seen && self.alive_agents().filter(|a| a.id != agent_id).count() > 0;
@@ -535,6 +602,15 @@ impl Scheduler {
                     continue; // stale entry (done meanwhile)
                 }
                 if others_alive && unit.failed_on.contains(agent_id) {
+                    skipped.push_back(u);
+                    continue;
+                }
+                if unit.isolated() {
+                    if shard.is_empty() {
+                        shard.push(u);
+                        break;
+                    }
+                    // Not with others: it is the first unit of a later shard.
                     skipped.push_back(u);
                     continue;
                 }
@@ -610,14 +686,108 @@ impl Scheduler {
         let n = expired.len() as u32;
         for id in expired {
             self.leases_expired += 1;
-            let returned = self.return_lease(id);
-            tracing::warn!(
-                lease = id,
-                returned,
-                "lease expired; its unfinished cases are queued again"
-            );
+            self.lose_lease(id);
         }
         n
+    }
+
+    /// A lease expired: its agent stopped without reporting its unfinished units. Each of them is
+    /// charged a loss and runs alone from now on; a unit that was the lease's only unfinished one
+    /// (so the agent died running it, not a shard-mate) and has used up its losses is given up.
+    fn lose_lease(&mut self, lease_id: u64) {
+        let Some(lease) = self.leases.remove(&lease_id) else {
+            return;
+        };
+        let unfinished: Vec<usize> = lease
+            .units
+            .iter()
+            .copied()
+            .filter(|&u| {
+                self.units[u].state == UnitState::Leased && self.units[u].lease == Some(lease_id)
+            })
+            .collect();
+        let alone = unfinished.len() == 1;
+        let mut requeued = 0;
+        for u in unfinished {
+            let unit = &mut self.units[u];
+            unit.lost_with.push(lease.agent_id.clone());
+            let losses = unit.lost_with.len() as u32;
+            if alone && losses >= self.cfg.max_attempts {
+                transition(&mut self.counts, unit, UnitState::Committing);
+                unit.lease = None;
+                let case = self.cases[unit.case_idx].clone();
+                let device = self
+                    .agents
+                    .get(&lease.agent_id)
+                    .map(|a| a.device.clone())
+                    .unwrap_or_default();
+                tracing::error!(
+                    case = %case.id,
+                    losses,
+                    agents = %unit.lost_with.join(", "),
+                    "every agent that ran this case stopped without reporting; giving up on it \
+                     and recording it as failed"
+                );
+                self.abandoned.push(AbandonedUnit {
+                    unit: u,
+                    case,
+                    agent_id: lease.agent_id.clone(),
+                    device,
+                    attempt: unit.attempts + losses,
+                    lost_with: unit.lost_with.clone(),
+                    errors: unit.errors.clone(),
+                });
+            } else {
+                self.requeue(u);
+                requeued += 1;
+            }
+        }
+        if let Some(a) = self.agents.get_mut(&lease.agent_id) {
+            if a.lease == Some(lease_id) {
+                a.lease = None;
+            }
+        }
+        tracing::warn!(
+            lease = lease_id,
+            agent = %lease.agent_id,
+            requeued,
+            "lease expired; its unfinished cases are queued again, each to run alone"
+        );
+    }
+
+    /// Units given up on since the last call ([`AbandonedUnit`]): record a failed result for each.
+    pub fn take_abandoned(&mut self) -> Vec<AbandonedUnit> {
+        std::mem::take(&mut self.abandoned)
+    }
+
+    /// An abandoned unit's failed result could not be made durable: keep it for the next try (it
+    /// stays running; running it again would only kill another agent).
+    pub fn return_abandoned(&mut self, a: AbandonedUnit) {
+        self.abandoned.push(a);
+    }
+
+    /// An abandoned unit's failed result is durable: the unit counts as failed.
+    pub fn commit_abandoned(&mut self, unit: usize) {
+        if let Some(u) = self.units.get_mut(unit) {
+            if u.state == UnitState::Committing {
+                transition(&mut self.counts, u, UnitState::Failed);
+            }
+        }
+    }
+
+    /// The cases of a lease that have no result yet, in the order its agent runs them (the first
+    /// is the one running, once the ones before it are reported).
+    pub fn lease_cases(&self, lease_id: u64) -> Vec<&str> {
+        self.leases.get(&lease_id).map_or_else(Vec::new, |l| {
+            l.units
+                .iter()
+                .filter(|&&u| {
+                    self.units[u].state == UnitState::Leased
+                        && self.units[u].lease == Some(lease_id)
+                })
+                .map(|&u| self.cases[self.units[u].case_idx].id.as_str())
+                .collect()
+        })
     }
 
     fn parse_lease(lease_id: &str) -> Result<u64, ScheduleError> {
@@ -863,6 +1033,7 @@ impl Scheduler {
 mod tests {
     use super::*;
     use decodebench_kernels::{KernelKind, KernelMeasurement, KvPool, QuantMode};
+    use std::collections::BTreeSet;
 
     fn cases(n: u32) -> Vec<BenchCase> {
         (0..n)
@@ -963,14 +1134,14 @@ mod tests {
         let b = s.register("b".into(), dev("u2", "H100"), t0);
         let g = grant(s.lease(&a, t0).unwrap());
         assert_eq!(g.cases.len(), 2);
-        // a goes silent past its lease; b picks the same cases up.
+        // a goes silent past its lease; b picks the same cases up, one at a time now (lost once).
         let t1 = t0 + DEFAULT_LEASE_TIMEOUT + Duration::from_secs(1);
         let gb = grant(s.lease(&b, t1).unwrap());
-        assert_eq!(gb.cases.len(), 2);
+        assert_eq!(gb.cases.len(), 1);
         assert_eq!(s.progress().leases_expired, 1);
         // a comes back late and reports first: its result counts.
         let (d, valid) = s
-            .report(&a, &g.lease_id, &ok_result(&g.cases[0].id), t1)
+            .report(&a, &g.lease_id, &ok_result(&gb.cases[0].id), t1)
             .unwrap();
         assert!(!valid);
         let ReportDecision::Commit { unit, .. } = d else {
@@ -979,12 +1150,14 @@ mod tests {
         s.commit(unit, &a, false);
         // b's result for the same case is a duplicate.
         let (d, valid) = s
-            .report(&b, &gb.lease_id, &ok_result(&g.cases[0].id), t1)
+            .report(&b, &gb.lease_id, &ok_result(&gb.cases[0].id), t1)
             .unwrap();
         assert_eq!(d, ReportDecision::Duplicate);
         assert!(valid);
+        let gb = grant(s.lease(&b, t1).unwrap());
+        assert_eq!(gb.cases.len(), 1);
         let (d, _) = s
-            .report(&b, &gb.lease_id, &ok_result(&g.cases[1].id), t1)
+            .report(&b, &gb.lease_id, &ok_result(&gb.cases[0].id), t1)
             .unwrap();
         let ReportDecision::Commit { unit, .. } = d else {
             panic!("{d:?}")
@@ -992,6 +1165,241 @@ mod tests {
         s.commit(unit, &b, false);
         assert_eq!(s.progress().done, 2);
         assert!(s.is_finished());
+    }
+
+    /// Reports every case of `g` as ok from `agent`.
+    fn report_all_ok(s: &mut Scheduler, agent: &str, g: &ShardGrant, now: Instant) {
+        for c in &g.cases {
+            let (d, _) = s
+                .report(agent, &g.lease_id, &ok_result(&c.id), now)
+                .unwrap();
+            let ReportDecision::Commit { unit, .. } = d else {
+                panic!("{d:?}")
+            };
+            s.commit(unit, agent, false);
+        }
+    }
+
+    /// Agents that lost the unit of `case_id` (spread placement).
+    fn lost_with(s: &Scheduler, case_id: &str) -> Vec<String> {
+        let u = s.unit_index[&format!("{case_id}|*")];
+        s.units[u].lost_with.clone()
+    }
+
+    /// A moment past every lease granted at or before `t`.
+    fn past_lease(t: Instant) -> Instant {
+        t + DEFAULT_LEASE_TIMEOUT + Duration::from_secs(1)
+    }
+
+    #[test]
+    fn a_single_lost_lease_only_requeues() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(cfg(1), cases(1), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        let g = grant(s.lease(&a, t0).unwrap());
+        let t1 = past_lease(t0);
+        assert_eq!(s.expire(t1), 1);
+        assert!(s.take_abandoned().is_empty(), "one loss gives nothing up");
+        let p = s.progress();
+        assert_eq!((p.pending, p.running, p.failed), (1, 0, 0), "{p:?}");
+        assert_eq!(lost_with(&s, &g.cases[0].id), vec![a.clone()]);
+        // Another agent runs it as usual; the loss is not a reported attempt.
+        let b = s.register("b".into(), dev("u2", "H100"), t1);
+        let gb = grant(s.lease(&b, t1).unwrap());
+        assert_eq!(gb.cases, g.cases);
+        let (d, _) = s
+            .report(&b, &gb.lease_id, &ok_result(&gb.cases[0].id), t1)
+            .unwrap();
+        assert_eq!(
+            d,
+            ReportDecision::Commit {
+                unit: 0,
+                attempt: 1
+            }
+        );
+        s.commit(0, &b, false);
+        assert!(s.is_finished());
+    }
+
+    #[test]
+    fn losses_are_charged_to_unreported_units_only_and_those_run_alone() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(cfg(4), cases(6), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        let g = grant(s.lease(&a, t0).unwrap());
+        assert_eq!(g.cases.len(), 4);
+        // a reports its first case, then dies running the second.
+        report_all_ok(
+            &mut s,
+            &a,
+            &ShardGrant {
+                lease_id: g.lease_id.clone(),
+                cases: g.cases[..1].to_vec(),
+            },
+            t0,
+        );
+        let t1 = past_lease(t0);
+        s.expire(t1);
+        assert!(lost_with(&s, &g.cases[0].id).is_empty(), "it was reported");
+        for c in &g.cases[1..] {
+            assert_eq!(lost_with(&s, &c.id), vec![a.clone()]);
+        }
+        // The three lost units come back one per shard; the two never lost still share one.
+        let b = s.register("b".into(), dev("u2", "H100"), t1);
+        let mut sizes = Vec::new();
+        let mut lost_again: BTreeSet<String> = BTreeSet::new();
+        loop {
+            match s.lease(&b, t1).unwrap() {
+                LeaseDecision::Shard(gb) => {
+                    sizes.push(gb.cases.len());
+                    if gb.cases.len() == 1 {
+                        lost_again.insert(gb.cases[0].id.clone());
+                    }
+                    report_all_ok(&mut s, &b, &gb, t1);
+                }
+                other => {
+                    assert_eq!(other, LeaseDecision::Drain);
+                    break;
+                }
+            }
+        }
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![1, 1, 1, 2]);
+        let expected: BTreeSet<String> = g.cases[1..].iter().map(|c| c.id.clone()).collect();
+        assert_eq!(lost_again, expected);
+        let p = s.progress();
+        assert_eq!((p.done, p.failed), (6, 0));
+    }
+
+    #[test]
+    fn a_case_lost_max_attempts_times_is_given_up_and_its_shard_mates_finish() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_attempts: 2,
+                max_shard_cases: 3,
+                ..Default::default()
+            },
+            cases(3),
+            [],
+        );
+        // Every agent dies as soon as it runs the poisoned case: the first of the first shard.
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        let g = grant(s.lease(&a, t0).unwrap());
+        assert_eq!(g.cases.len(), 3);
+        let poison = g.cases[0].id.clone();
+        let mut t = past_lease(t0);
+        s.expire(t);
+        assert!(s.take_abandoned().is_empty(), "lost once, with shard-mates");
+        let mut killed = vec![a];
+        let mut n = 0;
+        let abandoned = loop {
+            n += 1;
+            assert!(n < 10, "the poisoned case was never given up");
+            let agent = s.register(format!("r{n}"), dev(&format!("u{n}"), "H100"), t);
+            match s.lease(&agent, t).unwrap() {
+                LeaseDecision::Shard(g) => {
+                    assert_eq!(g.cases.len(), 1, "lost units run alone: {g:?}");
+                    if g.cases[0].id == poison {
+                        killed.push(agent);
+                        t = past_lease(t);
+                        s.expire(t);
+                    } else {
+                        report_all_ok(&mut s, &agent, &g, t);
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+            let abandoned = s.take_abandoned();
+            if !abandoned.is_empty() {
+                break abandoned;
+            }
+        };
+        assert_eq!(abandoned.len(), 1);
+        let ab = &abandoned[0];
+        assert_eq!(ab.case.id, poison);
+        assert_eq!(ab.lost_with, killed);
+        assert_eq!(ab.agent_id, killed[1]);
+        assert_eq!(ab.device.uuid, s.agent(&killed[1]).unwrap().device.uuid);
+        assert_eq!(ab.attempt, 2);
+        let why = ab.explanation();
+        assert!(
+            why.starts_with("lost 2 times")
+                && why.contains(&killed[0])
+                && why.contains(&killed[1])
+                && why.contains(&poison),
+            "{why}"
+        );
+        // Until its failed result is durable it counts as running, and the run is not over.
+        let p = s.progress();
+        assert_eq!((p.running, p.failed), (1, 0), "{p:?}");
+        assert!(!s.is_finished());
+        // Its shard-mates were never given up: another agent finishes them.
+        let last = s.register("last".into(), dev("u9", "H100"), t);
+        run_to_done(&mut s, &last, t);
+        s.commit_abandoned(ab.unit);
+        let p = s.progress();
+        assert_eq!(
+            (p.done, p.failed, p.running, p.pending),
+            (2, 1, 0, 0),
+            "{p:?}"
+        );
+        assert!(p.finished && s.unfinished().is_empty());
+        // A late report from the dead is a duplicate of the recorded failure.
+        let (d, _) = s.report(&last, "1", &ok_result(&poison), t).unwrap();
+        assert_eq!(d, ReportDecision::Duplicate);
+    }
+
+    /// Shard-mates of a crashing case are never failed on shared evidence: only a loss of a unit
+    /// alone in its lease can be its last, even with one attempt allowed.
+    #[test]
+    fn a_loss_with_shard_mates_never_gives_a_unit_up() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_attempts: 1,
+                max_shard_cases: 2,
+                ..Default::default()
+            },
+            cases(2),
+            [],
+        );
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        grant(s.lease(&a, t0).unwrap());
+        let t1 = past_lease(t0);
+        s.expire(t1);
+        assert!(s.take_abandoned().is_empty());
+        assert_eq!(s.progress().pending, 2);
+        // Alone, one loss is all one attempt allows.
+        let b = s.register("b".into(), dev("u2", "H100"), t1);
+        let g = grant(s.lease(&b, t1).unwrap());
+        assert_eq!(g.cases.len(), 1);
+        s.expire(past_lease(t1));
+        let abandoned = s.take_abandoned();
+        assert_eq!(abandoned.len(), 1);
+        assert_eq!(abandoned[0].case.id, g.cases[0].id);
+        assert_eq!(abandoned[0].lost_with, vec![a, b]);
+    }
+
+    #[test]
+    fn the_status_view_of_a_lease_lists_its_unreported_cases_in_order() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(cfg(3), cases(3), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let g = grant(s.lease(&a, t).unwrap());
+        let id: u64 = g.lease_id.parse().unwrap();
+        let ids: Vec<&str> = g.cases.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(s.lease_cases(id), ids);
+        let (d, _) = s
+            .report(&a, &g.lease_id, &ok_result(&g.cases[0].id), t)
+            .unwrap();
+        let ReportDecision::Commit { unit, .. } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(s.lease_cases(id), ids[1..], "committing: no longer held");
+        s.commit(unit, &a, false);
+        assert_eq!(s.lease_cases(id), ids[1..]);
+        assert!(s.lease_cases(id + 1).is_empty());
     }
 
     #[test]

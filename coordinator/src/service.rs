@@ -6,7 +6,7 @@
 
 use crate::metrics::Metrics;
 use crate::record::ResultRecord;
-use crate::scheduler::{LeaseDecision, ReportDecision, ScheduleError, Scheduler};
+use crate::scheduler::{AbandonedUnit, LeaseDecision, ReportDecision, ScheduleError, Scheduler};
 use decodebench_kernels::{CaseMeasurement, Status as KernelStatus};
 use decodebench_proto::{wire, PROTOCOL_VERSION};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -102,29 +102,65 @@ pub struct CoordinatorService {
     pub shared: Arc<Shared>,
 }
 
-impl CoordinatorService {
-    /// Hands `record` to the journal writer and waits until it is on disk; returns it back.
-    async fn make_durable(&self, record: ResultRecord) -> Result<ResultRecord, Status> {
-        let (tx, rx) = oneshot::channel();
-        self.shared
-            .journal
-            .send(JournalJob { record, done: tx })
-            .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down; retry later"))?;
-        match rx.await {
-            Ok((record, Ok(()))) => Ok(record),
-            Ok((_, Err(e))) if e.permanent => Err(Status::invalid_argument(format!(
-                "the result cannot be recorded: {}",
-                e.message
-            ))),
-            Ok((_, Err(e))) => Err(Status::unavailable(format!(
-                "could not write the result to the journal ({}); it was not recorded, send it again",
-                e.message
-            ))),
-            Err(_) => Err(Status::unavailable(
-                "the journal writer stopped; the result was not recorded, send it again",
-            )),
+/// Hands `record` to the journal writer and waits until it is on disk; returns it back.
+async fn make_durable(shared: &Shared, record: ResultRecord) -> Result<ResultRecord, Status> {
+    let (tx, rx) = oneshot::channel();
+    shared
+        .journal
+        .send(JournalJob { record, done: tx })
+        .await
+        .map_err(|_| Status::unavailable("the coordinator is shutting down; retry later"))?;
+    match rx.await {
+        Ok((record, Ok(()))) => Ok(record),
+        Ok((_, Err(e))) if e.permanent => Err(Status::invalid_argument(format!(
+            "the result cannot be recorded: {}",
+            e.message
+        ))),
+        Ok((_, Err(e))) => Err(Status::unavailable(format!(
+            "could not write the result to the journal ({}); it was not recorded, send it again",
+            e.message
+        ))),
+        Err(_) => Err(Status::unavailable(
+            "the journal writer stopped; the result was not recorded, send it again",
+        )),
+    }
+}
+
+/// Records the failed result of every unit the scheduler gave up on since the last call (agents
+/// kept dying with it, see [`AbandonedUnit`]): journaled like any result, so that a resumed run
+/// keeps it and `--retry-failed` runs it again. A unit whose record cannot be written yet stays
+/// with the scheduler for the next call.
+pub async fn record_abandoned(shared: &Shared) {
+    let abandoned = shared.scheduler().take_abandoned();
+    for a in abandoned {
+        let record = abandoned_record(shared, &a);
+        match make_durable(shared, record).await {
+            Ok(record) => {
+                shared.scheduler().commit_abandoned(a.unit);
+                shared.records().push(record);
+                shared.metrics.failed.inc();
+                shared.changed.notify_waiters();
+            }
+            Err(e) => {
+                tracing::error!(case = %a.case.id, error = %e.message(), "could not record the failure of a case that kept crashing its agents; trying again");
+                shared.scheduler().return_abandoned(a);
+            }
         }
+    }
+}
+
+/// The failed result of an abandoned unit: the schema of any result, with the agent it was last
+/// lost with as its agent and device, and the explanation as every kernel's message.
+fn abandoned_record(shared: &Shared, a: &AbandonedUnit) -> ResultRecord {
+    ResultRecord {
+        run_id: shared.run_id.clone(),
+        agent_id: a.agent_id.clone(),
+        attempt: a.attempt,
+        received_unix_ms: now_unix_ms(),
+        git_revision: shared.git_revision.clone(),
+        case: a.case.clone(),
+        device: a.device.clone(),
+        measurement: ResultRecord::unreported_measurement(&a.case, &a.explanation()),
     }
 }
 
@@ -320,7 +356,7 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
                     device,
                     measurement,
                 };
-                let record = match self.make_durable(record).await {
+                let record = match make_durable(&self.shared, record).await {
                     Ok(r) => r,
                     Err(e) => {
                         self.shared.scheduler().abort_commit(unit);
@@ -399,6 +435,10 @@ pub fn status_snapshot(shared: &Shared) -> wire::StatusResponse {
             alive: !a.drained && a.last_seen.elapsed() <= s.config().lease_timeout,
             results: a.results,
             current_lease: a.lease.map(|l| l.to_string()).unwrap_or_default(),
+            lease_case_ids: a
+                .lease
+                .map(|l| s.lease_cases(l).into_iter().map(str::to_string).collect())
+                .unwrap_or_default(),
         })
         .collect();
     agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
