@@ -1,10 +1,15 @@
 //! `decodebench report`: one run, seen per GPU or per SKU, plus the headline speedup table.
 //!
 //! The per-GPU view is the slow-card finder. Identical cards differ (memory clocks, cooling,
-//! power limits, a bad HBM stack), and a fleet benchmark is only as good as its worst card. For
-//! each (case, kernel) every GPU's median time is divided by the median of the per-GPU medians of
-//! its SKU; the geometric mean of those ratios over a GPU's cases is its relative time (1.05 = 5 %
-//! slower than its peers). The headline table is the reference script's comparison: the optimized
+//! power limits, a bad HBM stack), and a fleet benchmark is only as good as its worst card. A
+//! card's relative time says how much slower it is than its SKU's typical card (1.05 = 5 %
+//! slower, 1.00 = typical). For each (case, kernel) every GPU's median time is divided by the
+//! median of the per-GPU medians of its SKU, and the geometric mean of those ratios over a GPU's
+//! cases is its raw score. Raw scores are then divided by the median raw score of the SKU's cards,
+//! so the SKU's median card reads exactly 1: the per-case median alone is pulled towards a slow
+//! card whenever the count of cards is even (with four cards it is the mean of the middle two),
+//! which made every normal card read a little fast and the slow card a little less slow. The
+//! headline table is the reference script's comparison: the optimized
 //! kernel against the baseline per (quant mode, batch, max_seq_len), as a geometric mean over
 //! the GPUs.
 
@@ -76,8 +81,10 @@ pub struct GroupReport {
     pub skipped: usize,
     /// Geometric mean of `bandwidth_fraction` over ok rows.
     pub bandwidth_fraction_geomean: Option<f64>,
-    /// Geometric mean of the per-case relative times (GPU median / SKU median of GPU medians).
-    /// For a SKU: over all its GPUs' cases (near 1 by construction).
+    /// Time relative to the SKU's typical card: the geometric mean of the per-case ratios (GPU
+    /// median / SKU median of GPU medians), divided by the SKU's median card's geometric mean, so
+    /// 1.0 is a typical card and 1.05 is 5 % slower. For a SKU: over all its GPUs' cases (near 1
+    /// by construction).
     pub relative_time_geomean: Option<f64>,
     /// For a GPU: its fastest and slowest case relative to its peers. For a SKU: the fastest and
     /// slowest GPU's relative time (the card-to-card spread).
@@ -132,6 +139,9 @@ pub struct ReportOutcome {
     pub headline: Vec<HeadlineRow>,
     /// UUIDs of the GPUs flagged slow, slowest first, with their relative time.
     pub slow_gpus: Vec<(String, f64)>,
+    /// SKUs whose cards could not be scored: no case was timed ok on two or more of its GPUs
+    /// (one GPU, or `--placement per-sku`), so the slow-card finder did not look at them.
+    pub skus_without_peers: Vec<String>,
 }
 
 impl ReportOutcome {
@@ -246,7 +256,7 @@ impl ReportOutcome {
                 };
                 writeln!(
                     out,
-                    "{} ({what}; rel_time = median time / median of the SKU's GPUs, geomean over cases)",
+                    "{} ({what}; rel_time = time relative to the SKU's typical card, geomean over cases: 1.000 = typical)",
                     self.source.display()
                 )?;
                 self.groups_table(CellStyle::Text).write_text(out)?;
@@ -272,24 +282,40 @@ impl ReportOutcome {
         Ok(())
     }
 
-    /// "slow GPUs: none" or the flagged GPUs with how much slower they are.
+    /// "slow GPUs: none" or the flagged GPUs with how much slower they are, and the SKUs that
+    /// could not be checked (so that "none" is never said of cards nobody looked at).
     pub fn slow_line(&self) -> String {
-        if self.slow_gpus.is_empty() {
-            return format!(
-                "slow GPUs: none above +{:.1} % of their SKU's median",
-                self.slow_threshold * 100.0
-            );
+        let skus: BTreeSet<&str> = self.groups.iter().map(|g| g.sku.as_str()).collect();
+        if !skus.is_empty() && self.skus_without_peers.len() == skus.len() {
+            return "slow GPUs: not checked: no SKU has a case timed ok on two or more of its \
+                    GPUs, so no card has peers to compare with (run the grid with --placement \
+                    per-gpu to compare cards)"
+                .to_string();
         }
-        let list: Vec<String> = self
-            .slow_gpus
-            .iter()
-            .map(|(uuid, rel)| format!("{uuid} ({:+.1} %)", (rel - 1.0) * 100.0))
-            .collect();
-        format!(
-            "slow GPUs (above +{:.1} % of their SKU's median): {}",
-            self.slow_threshold * 100.0,
-            list.join(", ")
-        )
+        let mut line = if self.slow_gpus.is_empty() {
+            format!(
+                "slow GPUs: none above +{:.1} % of their SKU's typical card",
+                self.slow_threshold * 100.0
+            )
+        } else {
+            let list: Vec<String> = self
+                .slow_gpus
+                .iter()
+                .map(|(uuid, rel)| format!("{uuid} ({:+.1} %)", (rel - 1.0) * 100.0))
+                .collect();
+            format!(
+                "slow GPUs (above +{:.1} % of their SKU's typical card): {}",
+                self.slow_threshold * 100.0,
+                list.join(", ")
+            )
+        };
+        if !self.skus_without_peers.is_empty() {
+            line.push_str(&format!(
+                "; not checked (no case on two or more GPUs): {}",
+                self.skus_without_peers.join(", ")
+            ));
+        }
+        line
     }
 }
 
@@ -323,8 +349,10 @@ pub fn run_report(opts: &ReportOptions) -> Result<ReportOutcome, AnalysisError> 
     Ok(outcome)
 }
 
-/// Each GPU's relative times: for every (case, kernel) run on two or more GPUs of a SKU, the
-/// GPU's median over the median of those GPUs' medians.
+/// Each GPU's relative times, centred on its SKU's typical card: for every (case, kernel) run on
+/// two or more GPUs of a SKU, the GPU's median over the median of those GPUs' medians, divided by
+/// the median over the SKU's GPUs of their geometric-mean ratio (so the median card's geometric
+/// mean is 1; see the module documentation for why the per-case median alone is not enough).
 fn relative_times(rows: &[ResultRow]) -> HashMap<String, Vec<f64>> {
     /// (case id, kernel, SKU).
     type CaseOnSku<'a> = (&'a str, KernelKind, &'a str);
@@ -348,6 +376,29 @@ fn relative_times(rows: &[ResultRow]) -> HashMap<String, Vec<f64>> {
         };
         for (uuid, m) in medians {
             per_gpu.entry(uuid.to_string()).or_default().push(m / fleet);
+        }
+    }
+    let sku_of: HashMap<&str, &str> = rows
+        .iter()
+        .map(|r| (r.device_uuid.as_str(), r.device_sku.as_str()))
+        .collect();
+    let mut raw_scores: HashMap<&str, Vec<f64>> = HashMap::new();
+    for (uuid, ratios) in &per_gpu {
+        if let (Some(sku), Some(score)) = (sku_of.get(uuid.as_str()), stats::geometric_mean(ratios))
+        {
+            raw_scores.entry(sku).or_default().push(score);
+        }
+    }
+    let typical: HashMap<&str, f64> = raw_scores
+        .iter()
+        .filter_map(|(sku, scores)| {
+            let centre = stats::median(scores).filter(|c| c.is_finite() && *c > 0.0)?;
+            Some((*sku, centre))
+        })
+        .collect();
+    for (uuid, ratios) in per_gpu.iter_mut() {
+        if let Some(centre) = sku_of.get(uuid.as_str()).and_then(|s| typical.get(s)) {
+            ratios.iter_mut().for_each(|r| *r /= centre);
         }
     }
     per_gpu
@@ -547,6 +598,21 @@ pub fn report_loaded(loaded: &LoadedResults, opts: &ReportOptions) -> ReportOutc
         .filter(|(_, g)| *g > 1.0 + opts.slow_threshold)
         .collect();
     slow_gpus.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let scored_skus: BTreeSet<&str> = loaded
+        .rows
+        .iter()
+        .filter(|r| rel_times.contains_key(&r.device_uuid))
+        .map(|r| r.device_sku.as_str())
+        .collect();
+    let skus_without_peers: Vec<String> = loaded
+        .rows
+        .iter()
+        .map(|r| r.device_sku.as_str())
+        .filter(|sku| !scored_skus.contains(sku))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     ReportOutcome {
         source: loaded.path.clone(),
         group_by: opts.group_by,
@@ -554,6 +620,7 @@ pub fn report_loaded(loaded: &LoadedResults, opts: &ReportOptions) -> ReportOutc
         groups,
         headline: headline(&loaded.rows),
         slow_gpus,
+        skus_without_peers,
     }
 }
 
@@ -720,5 +787,108 @@ mod tests {
         assert_eq!(out.groups[0].relative_cases, 0);
         assert!(out.slow_gpus.is_empty());
         assert_eq!(out.headline.len(), 1);
+    }
+
+    /// `n` cards of one SKU on 24 cases (both kernels); card `slow` is `factor` slower. Every
+    /// (card, case) median also varies by a seeded 2 %, as per-case card-to-card noise does.
+    fn noisy_fleet(n: usize, slow: usize, factor: f64) -> tempfile::TempDir {
+        use crate::analysis::stats::{tests::normal, SplitMix64};
+        let mut rng = SplitMix64::new(42);
+        let mut records = Vec::new();
+        for g in 0..n {
+            let gpu = Gpu::h100(g);
+            let scale = if g == slow { factor } else { 1.0 };
+            for batch in [1u32, 2, 4, 8, 16, 32] {
+                for seq in [1024u32, 2048, 4096, 8192] {
+                    let t = 0.01 * f64::from(batch) * f64::from(seq) / 1024.0 * scale;
+                    let (o, b) = (
+                        t * normal(&mut rng, 1.0, 0.02),
+                        2.0 * t * normal(&mut rng, 1.0, 0.02),
+                    );
+                    records.push(record(&gpu, batch, seq, &[o; 5], &[b; 5]));
+                }
+            }
+        }
+        write_run(&records)
+    }
+
+    fn scores(out: &ReportOutcome) -> Vec<f64> {
+        let mut s: Vec<f64> = out
+            .groups
+            .iter()
+            .map(|g| g.relative_time_geomean.unwrap())
+            .collect();
+        s.sort_by(f64::total_cmp);
+        s
+    }
+
+    #[test]
+    fn analysis_report_scores_are_centred_on_the_typical_card() {
+        // Four cards, one 8 % slower: with an even count the per-case median is the mean of the
+        // middle two, pulled towards the slow card by the noise, so uncentred the normal cards
+        // read fast. Centred, the middle two straddle 1 exactly.
+        let out = report(&ReportOptions::new(noisy_fleet(4, 2, 1.08).path())).unwrap();
+        let s = scores(&out);
+        assert!(((s[1] + s[2]) / 2.0 - 1.0).abs() < 1e-12, "{s:?}");
+        assert!(
+            (s[3] - 1.08).abs() < 0.01,
+            "the slow card reads +8 %: {s:?}"
+        );
+        assert!(s[..3].iter().all(|x| (x - 1.0).abs() < 0.01), "{s:?}");
+        assert_eq!(out.slow_gpus.len(), 1);
+        assert_eq!(out.slow_gpus[0].0, Gpu::h100(2).uuid);
+        assert_eq!(out.slow_gpus[0].1, s[3]);
+        // Each card's per-case range holds its score.
+        for g in &out.groups {
+            let r = g.relative_time_geomean.unwrap();
+            assert!(g.relative_time_min.unwrap() <= r && r <= g.relative_time_max.unwrap());
+        }
+
+        // Five cards: the median card reads exactly 1.
+        let out = report(&ReportOptions::new(noisy_fleet(5, 0, 1.08).path())).unwrap();
+        let s = scores(&out);
+        assert!((s[2] - 1.0).abs() < 1e-12, "{s:?}");
+        assert!((s[4] - 1.08).abs() < 0.01, "{s:?}");
+
+        // Per SKU, the spread runs from the fastest card to the slow one.
+        let five = noisy_fleet(5, 0, 1.08);
+        let mut opts = ReportOptions::new(five.path());
+        opts.group_by = GroupBy::Sku;
+        let sku = &report(&opts).unwrap().groups[0];
+        assert_eq!(sku.relative_time_max, Some(s[4]));
+        assert_eq!(sku.relative_time_min, Some(s[0]));
+    }
+
+    #[test]
+    fn analysis_report_says_which_skus_it_could_not_check() {
+        let gpu = Gpu::h100(0);
+        let dir = write_run(&[record(&gpu, 4, 1024, &[1.0, 1.1], &[2.0, 2.1])]);
+        let out = report(&ReportOptions::new(dir.path())).unwrap();
+        assert_eq!(out.skus_without_peers, vec![gpu.sku.clone()]);
+        assert!(
+            out.slow_line().starts_with("slow GPUs: not checked"),
+            "{}",
+            out.slow_line()
+        );
+        // Three H100s and one H200: the H100s are checked, the H200 is named as not.
+        let mut records: Vec<_> = (0..3)
+            .map(|g| record(&Gpu::h100(g), 4, 1024, &[1.0, 1.1], &[2.0, 2.1]))
+            .collect();
+        let h200 = Gpu {
+            sku: "NVIDIA H200".to_string(),
+            ..Gpu::h100(9)
+        };
+        records.push(record(&h200, 4, 1024, &[0.8], &[1.6]));
+        let out = report(&ReportOptions::new(write_run(&records).path())).unwrap();
+        assert_eq!(out.skus_without_peers, vec!["NVIDIA H200".to_string()]);
+        let line = out.slow_line();
+        assert!(
+            line.starts_with(
+                "slow GPUs: none above +3.0 % of their SKU's typical card; not checked"
+            ) && line.ends_with("NVIDIA H200"),
+            "{line}"
+        );
+        let json: serde_json::Value = serde_json::to_value(&out).unwrap();
+        assert_eq!(json["skus_without_peers"][0], "NVIDIA H200");
     }
 }
