@@ -374,9 +374,15 @@ pub struct CompareArgs {
     pub kernel: KernelArg,
     #[arg(long, value_enum, default_value_t = FormatArg::Table)]
     pub format: FormatArg,
-    /// Exit with code 4 when any regression (timing or status) is found (nightly CI).
+    /// Nightly CI gate: exit 4 when any regression (timing or status) is found, else exit 5 when
+    /// the gate did not check the baseline: some of its cases are missing from the candidate
+    /// (see --allow-missing), or no comparison could be decided (too few trials, nothing timed).
     #[arg(long)]
     pub fail_on_regression: bool,
+    /// With --fail-on-regression: baseline cases missing from the candidate do not fail the gate
+    /// (the grid shrank on purpose). They are still counted and listed in a warning.
+    #[arg(long)]
+    pub allow_missing: bool,
     /// Bootstrap resamples (at least 200).
     #[arg(long, default_value_t = 2000)]
     pub resamples: usize,

@@ -830,6 +830,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
     o.resamples = a.resamples;
     o.seed = a.seed;
     o.fail_on_regression = a.fail_on_regression;
+    o.allow_missing = a.allow_missing;
     o.format = output_format(a.format);
     o.kernels = match a.kernel {
         KernelArg::Optimized => KernelSelection::Optimized,

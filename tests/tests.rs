@@ -4,6 +4,7 @@
 //! case of the grid came back exactly once.
 
 mod agent_connect;
+mod analysis;
 mod faults;
 mod fleet;
 mod grid_errors;

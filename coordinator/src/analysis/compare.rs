@@ -8,12 +8,17 @@
 //! alpha); a status change (ok -> wrong_result, ...) is reported as a regression of its own kind.
 //! A comparison with too few samples for the test to reach alpha at all is `underpowered`, not
 //! `noisy`, and the output warns about it: no data could have made it a regression.
-//! `docs/ANALYSIS.md` gives the method and its reasons.
+//!
+//! As a CI gate (`--fail-on-regression`) it fails closed: two runs that share no case are an
+//! error ([`coverage::Mismatch`] says what differs), and baseline cases missing from the candidate
+//! or a comparison in which nothing could be decided fail with [`EXIT_UNCHECKED`], because a gate
+//! that checked nothing must not pass. `docs/ANALYSIS.md` gives the method and its reasons.
 
-use super::load::{load_results, CaseParams, LoadedResults, ResultRow};
+use super::coverage::{self, MatchKey};
+use super::load::{load_results, results_file, CaseParams, LoadedResults, ResultRow};
 use super::render::{CellStyle, Table};
 use super::stats::{self, BootstrapSettings};
-use super::{AnalysisError, KernelSelection, OutputFormat, EXIT_REGRESSION};
+use super::{AnalysisError, KernelSelection, OutputFormat, EXIT_REGRESSION, EXIT_UNCHECKED};
 use decodebench_kernels::{KernelKind, Status};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,6 +52,8 @@ pub const DEFAULT_BOOTSTRAP_SEED: u64 = 0x6465_636f_6465;
 pub const MIN_SAMPLES_PER_SIDE: usize = 3;
 /// Longest agent message quoted in a text table; the full message is in CSV and JSON.
 const MESSAGE_PREVIEW_CHARS: usize = 60;
+/// Missing cases named by example in the warning; the rest are counted.
+const MISSING_EXAMPLES_SHOWN: usize = 3;
 /// Fewest comparisons worth a thread of their own: below this, starting the thread costs more
 /// than the bootstrap it runs.
 const COMPARISONS_PER_WORKER_MIN: usize = 16;
@@ -64,8 +71,12 @@ pub struct CompareOptions {
     pub alpha: f64,
     pub kernels: KernelSelection,
     pub format: OutputFormat,
-    /// Make [`CompareOutcome::exit_code`] non-zero when any regression was found.
+    /// Make [`CompareOutcome::exit_code`] non-zero when any regression was found, or when the
+    /// comparison did not check what the baseline holds (see [`EXIT_UNCHECKED`]).
     pub fail_on_regression: bool,
+    /// With `fail_on_regression`: accept baseline cases missing from the candidate (a grid that
+    /// shrank on purpose) instead of failing with [`EXIT_UNCHECKED`].
+    pub allow_missing: bool,
     pub resamples: usize,
     pub seed: u64,
 }
@@ -81,6 +92,7 @@ impl CompareOptions {
             kernels: KernelSelection::Both,
             format: OutputFormat::Table,
             fail_on_regression: false,
+            allow_missing: false,
             resamples: DEFAULT_BOOTSTRAP_RESAMPLES,
             seed: DEFAULT_BOOTSTRAP_SEED,
         }
@@ -244,6 +256,22 @@ pub struct CompareSummary {
 }
 
 impl CompareSummary {
+    /// Comparisons with both sides present (not `missing`, not `new`).
+    pub fn matched(&self) -> usize {
+        self.regressions
+            + self.improvements
+            + self.unchanged
+            + self.noisy
+            + self.underpowered
+            + self.not_timed
+    }
+
+    /// Matched comparisons that reached a verdict the gate can act on: all but `underpowered`
+    /// (too few samples for the test) and `not_timed` (no valid time on either side).
+    pub fn decided(&self) -> usize {
+        self.matched() - self.underpowered - self.not_timed
+    }
+
     fn of(rows: &[Comparison]) -> Self {
         let mut s = CompareSummary::default();
         for c in rows {
@@ -308,6 +336,7 @@ pub struct CompareOutcome {
     pub seed: u64,
     pub kernels: KernelSelection,
     pub fail_on_regression: bool,
+    pub allow_missing: bool,
     /// Fewest samples per side (equal on both) with which the U test can reach p < alpha at all,
     /// and at least [`MIN_SAMPLES_PER_SIDE`]: fewer make a comparison `underpowered`.
     pub samples_needed_per_side: usize,
@@ -324,14 +353,116 @@ impl CompareOutcome {
             .collect()
     }
 
-    /// The process exit code: [`EXIT_REGRESSION`] when `fail_on_regression` is set and any
-    /// regression was found, else 0.
+    /// The process exit code. Without `fail_on_regression`, 0. With it: [`EXIT_REGRESSION`] when
+    /// any regression was found, else [`EXIT_UNCHECKED`] when [`Self::unchecked`] says the gate
+    /// did not check what it guards, else 0.
     pub fn exit_code(&self) -> u8 {
-        if self.fail_on_regression && self.summary.regressions > 0 {
+        if !self.fail_on_regression {
+            0
+        } else if self.summary.regressions > 0 {
             EXIT_REGRESSION
+        } else if self.unchecked().is_some() {
+            EXIT_UNCHECKED
         } else {
             0
         }
+    }
+
+    /// Why a gate that found no regression still did not check the baseline: cases missing from
+    /// the candidate (unless `allow_missing`), or no matched comparison that could be decided.
+    /// `None` when neither holds; the message says what to do.
+    pub fn unchecked(&self) -> Option<String> {
+        let s = &self.summary;
+        let mut reasons = Vec::new();
+        if s.missing > 0 && !self.allow_missing {
+            reasons.push(format!(
+                "{} of {} baseline comparisons are missing from the candidate, so nothing tested \
+                 them (rerun the candidate on the baseline's grid, or pass --allow-missing when \
+                 the grid shrank on purpose)",
+                s.missing,
+                s.matched() + s.missing
+            ));
+        }
+        if s.matched() > 0 && s.decided() == 0 {
+            let mut why = Vec::new();
+            if s.underpowered > 0 {
+                why.push(format!(
+                    "{} underpowered (rerun with --trials {} or more, or raise --alpha)",
+                    s.underpowered, self.samples_needed_per_side
+                ));
+            }
+            if s.not_timed > 0 {
+                why.push(format!(
+                    "{} not timed ok on either side (see the notes for the agents' messages)",
+                    s.not_timed
+                ));
+            }
+            reasons.push(format!(
+                "none of the {} comparisons could be decided: {}",
+                s.matched(),
+                why.join(", ")
+            ));
+        }
+        if reasons.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "--fail-on-regression: no regression found, but the gate did not check the baseline: \
+             {}",
+            reasons.join("; ")
+        ))
+    }
+
+    /// The warning printed after the summary when baseline comparisons are missing from the
+    /// candidate: how many, on which SKUs and kernels, a few examples. `None` when there are none.
+    pub fn missing_warning(&self) -> Option<String> {
+        let missing: Vec<&Comparison> = self
+            .comparisons
+            .iter()
+            .filter(|c| c.verdict == Verdict::Missing)
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        let mut by_sku: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut by_kernel: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &missing {
+            *by_sku.entry(c.sku.as_str()).or_default() += 1;
+            *by_kernel.entry(c.kernel.as_str()).or_default() += 1;
+        }
+        let counts = |m: &BTreeMap<&str, usize>| -> String {
+            m.iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut examples: Vec<String> = missing
+            .iter()
+            .map(|c| c.case.label())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let more = examples.len().saturating_sub(MISSING_EXAMPLES_SHOWN);
+        examples.truncate(MISSING_EXAMPLES_SHOWN);
+        let mut cases = examples.join("; ");
+        if more > 0 {
+            cases.push_str(&format!("; and {more} more"));
+        }
+        let gate = if !self.fail_on_regression {
+            "With --fail-on-regression they fail the gate (exit 5) unless --allow-missing is given"
+        } else if self.allow_missing {
+            "--allow-missing: they do not fail the gate"
+        } else {
+            "They fail the gate (exit 5); pass --allow-missing when the grid shrank on purpose"
+        };
+        Some(format!(
+            "warning: {} of {} baseline comparisons are not in the candidate (by SKU: {}; by \
+             kernel: {}): {cases}. {gate}.",
+            missing.len(),
+            self.summary.matched() + missing.len(),
+            counts(&by_sku),
+            counts(&by_kernel),
+        ))
     }
 
     /// The comparisons as a table. Text leaves out the columns only a program needs.
@@ -417,7 +548,7 @@ impl CompareOutcome {
                 self.table(CellStyle::Text).write_text(out)?;
                 writeln!(out)?;
                 writeln!(out, "{}", self.summary_line())?;
-                if let Some(warning) = self.power_warning() {
+                for warning in self.warnings() {
                     writeln!(out, "{warning}")?;
                 }
             }
@@ -441,6 +572,14 @@ impl CompareOutcome {
         )
     }
 
+    /// The warnings that follow the summary line: missing cases, then underpowered comparisons.
+    pub fn warnings(&self) -> Vec<String> {
+        self.missing_warning()
+            .into_iter()
+            .chain(self.power_warning())
+            .collect()
+    }
+
     /// The warning printed after the summary when any comparison is `underpowered`: how many,
     /// and the samples per side the chosen alpha needs. `None` when there are none.
     pub fn power_warning(&self) -> Option<String> {
@@ -461,54 +600,89 @@ impl CompareOutcome {
     }
 }
 
-/// Loads both runs and compares them (prints nothing).
+/// Loads both runs and compares them (prints nothing). Two runs that share no (case, kernel,
+/// SKU) are an error ([`AnalysisError::NothingCompared`]), as is one file given for both.
 pub fn compare(opts: &CompareOptions) -> Result<CompareOutcome, AnalysisError> {
+    load_and_compare(opts).map(|(outcome, _)| outcome)
+}
+
+/// Loads, checks and compares; also returns the notes to print on stderr (duplicates dropped,
+/// one run on both sides).
+fn load_and_compare(opts: &CompareOptions) -> Result<(CompareOutcome, Vec<String>), AnalysisError> {
     opts.validate()?;
-    let baseline = load_results(&opts.baseline)?;
-    let candidate = load_results(&opts.candidate)?;
-    Ok(compare_loaded(&baseline, &candidate, opts))
+    let (base_file, cand_file) = (
+        results_file(&opts.baseline)?,
+        results_file(&opts.candidate)?,
+    );
+    if let (Ok(b), Ok(c)) = (base_file.canonicalize(), cand_file.canonicalize()) {
+        if b == c {
+            return Err(AnalysisError::SameFile { path: base_file });
+        }
+    }
+    let baseline = load_results(&base_file)?;
+    let candidate = load_results(&cand_file)?;
+    let mut notes = Vec::new();
+    for side in [&baseline, &candidate] {
+        if side.duplicates_dropped > 0 {
+            notes.push(format!(
+                "note: {}: {} duplicate result rows (a later report of the same case on the \
+                 same GPU); kept the latest",
+                side.path.display(),
+                side.duplicates_dropped
+            ));
+        }
+    }
+    let run_ids = |l: &LoadedResults| -> BTreeSet<String> {
+        l.rows.iter().map(|r| r.run_id.clone()).collect()
+    };
+    let base_runs = run_ids(&baseline);
+    if base_runs == run_ids(&candidate) && base_runs.iter().all(|id| !id.is_empty()) {
+        notes.push(format!(
+            "warning: the baseline and the candidate hold the same run ({}): a copy of one run \
+             can only come out unchanged; pass the new run as CANDIDATE",
+            base_runs.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let outcome = compare_loaded(&baseline, &candidate, opts);
+    if outcome.summary.matched() == 0 {
+        return Err(AnalysisError::NothingCompared(Box::new(
+            coverage::Mismatch::between(&baseline, &candidate, opts.kernels),
+        )));
+    }
+    Ok((outcome, notes))
 }
 
 /// `decodebench compare`: compares, prints the result to stdout in `opts.format` (the summary line
-/// and any warnings also to stderr), and returns it; exit with [`CompareOutcome::exit_code`].
+/// and any warnings also to stderr, and why the gate failed when it did), and returns it; exit
+/// with [`CompareOutcome::exit_code`].
 pub fn run_compare(opts: &CompareOptions) -> Result<CompareOutcome, AnalysisError> {
-    opts.validate()?;
-    let baseline = load_results(&opts.baseline)?;
-    let candidate = load_results(&opts.candidate)?;
-    for side in [&baseline, &candidate] {
-        if side.duplicates_dropped > 0 {
-            eprintln!(
-                "note: {}: {} duplicate result rows (same case, kernel and GPU); kept the latest",
-                side.path.display(),
-                side.duplicates_dropped
-            );
-        }
+    let (outcome, notes) = load_and_compare(opts)?;
+    for note in notes {
+        eprintln!("{note}");
     }
-    let outcome = compare_loaded(&baseline, &candidate, opts);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     outcome.write(&mut out, opts.format)?;
     out.flush()?;
     if opts.format != OutputFormat::Table {
         eprintln!("{}", outcome.summary_line());
-        if let Some(warning) = outcome.power_warning() {
+        for warning in outcome.warnings() {
             eprintln!("{warning}");
+        }
+    }
+    if outcome.exit_code() == EXIT_UNCHECKED {
+        if let Some(why) = outcome.unchecked() {
+            eprintln!("error: {why}");
         }
     }
     Ok(outcome)
 }
 
-type MatchKey = (String, KernelKind, String);
-
 /// Groups rows by (case, kernel, SKU); a row without a kernel stands for every selected kernel.
 fn by_key(rows: &[ResultRow], kernels: KernelSelection) -> BTreeMap<MatchKey, Vec<&ResultRow>> {
     let mut map: BTreeMap<MatchKey, Vec<&ResultRow>> = BTreeMap::new();
     for row in rows {
-        let kinds: Vec<KernelKind> = match row.kernel {
-            Some(k) => vec![k],
-            None => KernelKind::ALL.to_vec(),
-        };
-        for kind in kinds.into_iter().filter(|&k| kernels.includes(k)) {
+        for kind in coverage::row_kernels(row, kernels) {
             map.entry((row.case_id.clone(), kind, row.device_sku.clone()))
                 .or_default()
                 .push(row);
@@ -591,6 +765,7 @@ pub fn compare_loaded(
         seed: opts.seed,
         kernels: opts.kernels,
         fail_on_regression: opts.fail_on_regression,
+        allow_missing: opts.allow_missing,
         samples_needed_per_side: samples_needed_per_side(opts.alpha),
         summary: CompareSummary::of(&comparisons),
         comparisons,
@@ -821,7 +996,7 @@ pub fn decide(ci_low: f64, ci_high: f64, p_value: f64, threshold: f64, alpha: f6
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analysis::fixtures::{noisy_samples, record, write_run, Gpu};
+    use crate::analysis::fixtures::{case, noisy_samples, record, record_case, write_run, Gpu};
     use decodebench_kernels::KernelMeasurement;
 
     fn opts(base: &tempfile::TempDir, cand: &tempfile::TempDir) -> CompareOptions {
@@ -983,8 +1158,14 @@ mod tests {
         );
         assert_eq!(
             out.exit_code(),
-            0,
-            "not a regression, so --fail-on-regression stays 0"
+            EXIT_UNCHECKED,
+            "not a regression, but nothing could be decided: the gate fails closed"
+        );
+        let unchecked = out.unchecked().expect("why the gate failed");
+        assert!(
+            unchecked.contains("none of the 1 comparisons could be decided: 1 underpowered")
+                && unchecked.contains("--trials 6"),
+            "{unchecked}"
         );
         let warning = out.power_warning().expect("a warning");
         assert!(
@@ -1248,5 +1429,210 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--resamples"));
+    }
+
+    /// A run of fp8 cases at these batch sizes on `gpu`, optimized around 1 ms and baseline around
+    /// 2 ms, 20 tight samples each.
+    fn run_of(gpu: &Gpu, batches: &[u32], seed: u64) -> tempfile::TempDir {
+        let records: Vec<_> = batches
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let s = seed + 10 * i as u64;
+                record(
+                    gpu,
+                    b,
+                    1024,
+                    &noisy_samples(s, 20, 1.0, 0.005),
+                    &noisy_samples(s + 1, 20, 2.0, 0.01),
+                )
+            })
+            .collect();
+        write_run(&records)
+    }
+
+    fn nothing_compared(o: &CompareOptions) -> String {
+        match compare(o) {
+            Err(e @ AnalysisError::NothingCompared(_)) => e.to_string(),
+            other => panic!("expected NothingCompared, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn analysis_gate_runs_that_share_no_case_are_an_error_naming_what_differs() {
+        let gpu = Gpu::h100(0);
+        // Other batch sizes: the grid differs.
+        let (b, c) = (run_of(&gpu, &[1, 4], 1), run_of(&gpu, &[8, 16], 2));
+        let mut o = opts(&b, &c);
+        o.fail_on_regression = true;
+        let e = nothing_compared(&o);
+        assert!(e.starts_with("nothing was compared"), "{e}");
+        assert!(e.contains("2 cases"), "{e}");
+        assert!(
+            e.contains("batch_size differs: baseline 1, 4; candidate 16, 8"),
+            "{e}"
+        );
+        assert!(
+            e.contains("run the candidate with the baseline's grid file"),
+            "{e}"
+        );
+        assert!(!e.contains("device_sku differs"), "{e}");
+
+        // Another GPU model.
+        let h200 = Gpu {
+            sku: "NVIDIA H200".to_string(),
+            ..Gpu::h100(1)
+        };
+        let c = run_of(&h200, &[1, 4], 3);
+        let e = nothing_compared(&opts(&b, &c));
+        assert!(
+            e.contains("device_sku differs: baseline NVIDIA H100 80GB HBM3; candidate NVIDIA H200"),
+            "{e}"
+        );
+        assert!(e.contains("same GPU model"), "{e}");
+        assert!(!e.contains("batch_size differs"), "{e}");
+
+        // The same shapes timed with another method: the case ids differ through `trials`.
+        let mut seven = case(1, 1024, decodebench_kernels::QuantMode::FP8_QKV);
+        seven.method.trials = 7;
+        let seven = seven.with_id();
+        let c = write_run(&[record_case(&gpu, seven, &[1.0; 20], &[2.0; 20])]);
+        let b1 = run_of(&gpu, &[1], 4);
+        let e = nothing_compared(&opts(&b1, &c));
+        assert!(
+            e.contains("trials differs: baseline 20; candidate 7"),
+            "{e}"
+        );
+        assert!(e.contains("measurement method differs"), "{e}");
+
+        // A kernel selection that leaves one side empty says so.
+        let mut only_baseline = record(&gpu, 1, 1024, &[1.0; 20], &[2.0; 20]);
+        only_baseline.measurement.kernels.truncate(1);
+        assert_eq!(
+            only_baseline.measurement.kernels[0].kernel,
+            Some(KernelKind::Baseline)
+        );
+        let c = write_run(&[only_baseline]);
+        let mut o = opts(&b1, &c);
+        o.kernels = KernelSelection::Optimized;
+        let e = nothing_compared(&o);
+        assert!(
+            e.contains("--kernel optimized leaves nothing of the candidate, which timed baseline"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn analysis_gate_fails_on_missing_cases_unless_allowed() {
+        let gpu = Gpu::h100(0);
+        let b = run_of(&gpu, &[1, 4, 8], 1);
+        let c = run_of(&gpu, &[1], 1);
+        let mut o = opts(&b, &c);
+        o.fail_on_regression = true;
+        let out = compare(&o).unwrap();
+        assert_eq!(out.summary.missing, 4, "2 cases x 2 kernels");
+        assert_eq!(out.summary.regressions, 0);
+        assert_eq!(out.exit_code(), EXIT_UNCHECKED);
+        let why = out.unchecked().unwrap();
+        assert!(
+            why.contains("4 of 6 baseline comparisons are missing from the candidate"),
+            "{why}"
+        );
+        let warning = out.missing_warning().unwrap();
+        assert!(
+            warning.starts_with("warning: 4 of 6 baseline comparisons are not in the candidate"),
+            "{warning}"
+        );
+        assert!(warning.contains("NVIDIA H100 80GB HBM3"), "{warning}");
+        assert!(warning.contains("b4 s1024"), "{warning}");
+        assert!(warning.contains("fail the gate (exit 5)"), "{warning}");
+        let text = render(&out, OutputFormat::Table);
+        assert!(text.contains(&warning), "{text}");
+
+        o.allow_missing = true;
+        let out = compare(&o).unwrap();
+        assert_eq!(out.exit_code(), 0);
+        assert_eq!(out.unchecked(), None);
+        assert!(out.missing_warning().unwrap().contains("--allow-missing"));
+
+        // Without the gate nothing fails, but the warning is still there.
+        o.fail_on_regression = false;
+        o.allow_missing = false;
+        let out = compare(&o).unwrap();
+        assert_eq!(out.exit_code(), 0);
+        assert!(out.missing_warning().is_some());
+
+        // A regression outranks missing cases: exit 4, not 5.
+        let slow = write_run(&[record(
+            &gpu,
+            1,
+            1024,
+            &noisy_samples(50, 20, 1.5, 0.005),
+            &noisy_samples(51, 20, 2.0, 0.01),
+        )]);
+        let mut o = opts(&b, &slow);
+        o.fail_on_regression = true;
+        assert_eq!(compare(&o).unwrap().exit_code(), EXIT_REGRESSION);
+    }
+
+    #[test]
+    fn analysis_gate_fails_when_nothing_was_timed_on_either_side() {
+        let gpu = Gpu::h100(0);
+        let failed = || write_run(&[record(&gpu, 1, 1024, &[], &[])]);
+        let (b, c) = (failed(), failed());
+        let mut o = opts(&b, &c);
+        o.fail_on_regression = true;
+        let out = compare(&o).unwrap();
+        assert_eq!(out.summary.not_timed, 2);
+        assert_eq!(out.exit_code(), EXIT_UNCHECKED);
+        assert!(
+            out.unchecked()
+                .unwrap()
+                .contains("2 not timed ok on either side"),
+            "{:?}",
+            out.unchecked()
+        );
+        // One decided comparison is enough for the gate to pass.
+        let (good, again) = (run_of(&gpu, &[1], 7), run_of(&gpu, &[1], 7));
+        let mut o = opts(&good, &again);
+        o.fail_on_regression = true;
+        let out = compare(&o).unwrap();
+        assert_eq!(out.summary.decided(), 2, "{:?}", out.summary);
+        assert_eq!(out.exit_code(), 0);
+    }
+
+    #[test]
+    fn analysis_compare_refuses_one_file_for_both_sides_and_notes_a_copy() {
+        let gpu = Gpu::h100(0);
+        let b = run_of(&gpu, &[1], 1);
+        let e = compare(&opts(&b, &b)).unwrap_err();
+        assert!(matches!(e, AnalysisError::SameFile { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("both the baseline and the candidate"),
+            "{e}"
+        );
+        // The directory and its file are one file too.
+        let o = CompareOptions::new(b.path(), b.path().join(crate::sink::PARQUET_FILE_NAME));
+        assert!(matches!(compare(&o), Err(AnalysisError::SameFile { .. })));
+
+        // A copy compares (unchanged), with a warning that it is the same run.
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            b.path().join(crate::sink::PARQUET_FILE_NAME),
+            copy.path().join(crate::sink::PARQUET_FILE_NAME),
+        )
+        .unwrap();
+        let (out, notes) = load_and_compare(&opts(&b, &copy)).unwrap();
+        assert_eq!(out.summary.unchanged, 2);
+        assert!(
+            notes.iter().any(|n| n.starts_with(
+                "warning: the baseline and the candidate hold the same run (run-test-"
+            )),
+            "{notes:?}"
+        );
+        let other = run_of(&gpu, &[1], 2);
+        let (_, notes) = load_and_compare(&opts(&b, &other)).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
     }
 }

@@ -9,6 +9,7 @@ use decodebench_kernels::{
     Accuracy, BenchCase, CaseMeasurement, DeviceIdentity, KernelKind, KernelMeasurement, QuantMode,
     Status,
 };
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Streaming-read bandwidth of the synthetic H100s, GB/s (the design's calibrated figure).
 const SYNTHETIC_READ_GBPS: f64 = 3100.0;
@@ -118,9 +119,19 @@ pub fn record(
     )
 }
 
-/// Writes `records` as a run's outputs into a fresh temporary directory.
+/// Writes `records` as a run's outputs into a fresh temporary directory, under a run id of its
+/// own (`run-test-N`), as two real runs would have.
 pub fn write_run(records: &[ResultRecord]) -> tempfile::TempDir {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let run_id = format!("run-test-{}", RUNS.fetch_add(1, Ordering::Relaxed));
+    let records: Vec<ResultRecord> = records
+        .iter()
+        .map(|r| ResultRecord {
+            run_id: run_id.clone(),
+            ..r.clone()
+        })
+        .collect();
     let dir = tempfile::tempdir().expect("temporary directory");
-    write_outputs(dir.path(), records, chrono::Local::now()).expect("writing the outputs");
+    write_outputs(dir.path(), &records, chrono::Local::now()).expect("writing the outputs");
     dir
 }

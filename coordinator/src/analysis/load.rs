@@ -4,20 +4,55 @@
 //! version. Only the columns analysis needs are extracted, each looked up by its name in
 //! [`crate::schema::columns`] and checked against the type declared there, so a schema change
 //! surfaces as a clear error here (and in this module's tests), never as a misread column.
+//!
+//! Everything analysis decides from is checked on the way in, because a nightly gate must fail
+//! loudly on a bad file rather than pass on it: a file that is not Parquet (a `results.csv`
+//! passed by mistake), one without this build's schema version (rewritten by pandas, or from
+//! another decodebench), one without rows, and an `ok` row whose timing is not a positive finite
+//! number (a zero time would read as a 100 % speed-up) are all refused with what to do.
 
 use super::AnalysisError;
-use crate::schema::{self, SAMPLES_COLUMN};
-use crate::sink::{parquet::read_parquet, PARQUET_FILE_NAME};
+use crate::schema::{self, SAMPLES_COLUMN, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use crate::sink::{parquet::read_parquet, SinkError, PARQUET_FILE_NAME};
 use arrow::array::{
     Array, AsArray, BooleanArray, Float64Array, GenericListArray, Int64Array, StringArray,
     UInt32Array,
 };
 use arrow::datatypes::{Float64Type, Int64Type, UInt32Type};
 use arrow::record_batch::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
 use decodebench_kernels::{Dtype, KernelKind, QuantMode, Status};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+
+/// The first bytes of every Parquet file; a file without them was never Parquet (as opposed to a
+/// damaged one).
+const PARQUET_MAGIC: &[u8] = b"PAR1";
+/// Bytes of a non-Parquet file looked at to tell a CSV file from other content.
+const SNIFF_BYTES: usize = 4096;
+
+/// The columns the case id hashes besides those in [`CaseParams`]: the rest of the shape, the seed
+/// and the measurement method. They are kept per case (as text) so that `compare` can say which
+/// of them differ when two runs share no case.
+pub const CASE_SETTING_COLUMNS: &[&str] = &[
+    "num_qo_heads",
+    "num_kv_heads",
+    "head_size",
+    "pool_tokens",
+    "seed",
+    "warmup",
+    "trials",
+    "l2",
+    "timing_mode",
+    "graph_launches",
+    "target_rse",
+    "max_trials",
+    "max_time_s",
+    "throttle_retries",
+];
 
 /// The names of the columns analysis reads. Each must be a column of [`schema::columns`] (a test
 /// checks it); types come from there too.
@@ -161,9 +196,12 @@ pub struct LoadedResults {
     /// The file that was read.
     pub path: PathBuf,
     pub rows: Vec<ResultRow>,
-    /// Rows dropped because a later row had the same (case, kernel, GPU): a result received twice
-    /// keeps its latest copy.
+    /// Rows dropped because a later report of the same case on the same GPU superseded them: a
+    /// result received twice keeps its latest copy.
     pub duplicates_dropped: usize,
+    /// Per case id, the values of [`CASE_SETTING_COLUMNS`] in that order, as text (empty for
+    /// null).
+    pub case_settings: BTreeMap<String, Vec<String>>,
 }
 
 /// Resolves a run directory to its `results.parquet`; a file path is taken as is.
@@ -183,13 +221,14 @@ pub fn results_file(path: &Path) -> Result<PathBuf, AnalysisError> {
 /// Reads a run directory (or a `results.parquet` file) into rows, one per (case, kernel, GPU).
 pub fn load_results(path: &Path) -> Result<LoadedResults, AnalysisError> {
     let file = results_file(path)?;
-    let batches = read_parquet(&file).map_err(|source| AnalysisError::Read {
-        path: file.clone(),
-        source,
-    })?;
+    let batches = read_parquet(&file).map_err(|source| explain_read_error(&file, source))?;
     let mut rows = Vec::new();
+    let mut case_settings = BTreeMap::new();
     for batch in &batches {
-        read_batch(&file, batch, rows.len(), &mut rows)?;
+        read_batch(&file, batch, rows.len(), &mut rows, &mut case_settings)?;
+    }
+    if rows.is_empty() {
+        return Err(AnalysisError::Empty { path: file });
     }
     let before = rows.len();
     let rows = keep_latest(rows);
@@ -197,22 +236,139 @@ pub fn load_results(path: &Path) -> Result<LoadedResults, AnalysisError> {
         duplicates_dropped: before - rows.len(),
         path: file,
         rows,
+        case_settings,
     })
 }
 
-/// Keeps one row per (case, kernel, GPU): the latest received (then the highest attempt), in
-/// the file's order otherwise.
+/// Turns the sink's read error into one that says what the file is and what to pass instead:
+/// a CSV file given by mistake, a file without this build's schema version, a damaged copy.
+fn explain_read_error(file: &Path, source: SinkError) -> AnalysisError {
+    match source {
+        SinkError::NotParquet { .. } => {
+            let head = file_head(file);
+            if head.is_empty() && std::fs::metadata(file).is_ok_and(|m| m.len() == 0) {
+                AnalysisError::ZeroBytes {
+                    path: file.to_path_buf(),
+                }
+            } else if !head.starts_with(PARQUET_MAGIC) && looks_like_csv(file, &head) {
+                let parquet = file
+                    .parent()
+                    .map(|d| d.join(PARQUET_FILE_NAME))
+                    .filter(|p| p.is_file());
+                AnalysisError::CsvGiven {
+                    path: file.to_path_buf(),
+                    parquet,
+                }
+            } else if head.starts_with(PARQUET_MAGIC) {
+                AnalysisError::Damaged {
+                    path: file.to_path_buf(),
+                    source,
+                }
+            } else {
+                AnalysisError::Read {
+                    path: file.to_path_buf(),
+                    source,
+                }
+            }
+        }
+        SinkError::SchemaMismatch { .. } => AnalysisError::Schema {
+            path: file.to_path_buf(),
+            reason: schema_version_reason(schema_version_of(file)),
+        },
+        source => AnalysisError::Read {
+            path: file.to_path_buf(),
+            source,
+        },
+    }
+}
+
+/// The first [`SNIFF_BYTES`] of `file` (fewer when it is shorter or unreadable).
+fn file_head(file: &Path) -> Vec<u8> {
+    let mut head = Vec::new();
+    if let Ok(f) = std::fs::File::open(file) {
+        let _ = f.take(SNIFF_BYTES as u64).read_to_end(&mut head);
+    }
+    head
+}
+
+/// A `.csv` name, or text whose first line has a comma (a CSV header).
+fn looks_like_csv(file: &Path, head: &[u8]) -> bool {
+    let named_csv = file
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let first_line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    named_csv || (std::str::from_utf8(first_line).is_ok() && first_line.contains(&b','))
+}
+
+/// The schema version a Parquet file carries: `Some(None)` when it has none, `None` when the
+/// file cannot be opened as Parquet at all.
+fn schema_version_of(file: &Path) -> Option<Option<String>> {
+    let f = std::fs::File::open(file).ok()?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f).ok()?;
+    Some(builder.schema().metadata().get(SCHEMA_VERSION_KEY).cloned())
+}
+
+/// Why a file's schema version is not this build's, and what to do about it.
+fn schema_version_reason(found: Option<Option<String>>) -> String {
+    match found {
+        Some(Some(v)) => {
+            let newer = match (v.parse::<u32>(), SCHEMA_VERSION.parse::<u32>()) {
+                (Ok(theirs), Ok(ours)) => Some(theirs > ours),
+                _ => None,
+            };
+            let (who, what_to_do) = match newer {
+                Some(true) => (
+                    "a newer decodebench",
+                    "upgrade decodebench to analyse it".to_string(),
+                ),
+                Some(false) => (
+                    "an older decodebench",
+                    "analyse it with the decodebench version that wrote it (its git_revision \
+                     column names the build), or rerun that benchmark with this version"
+                        .to_string(),
+                ),
+                None => (
+                    "another decodebench",
+                    "analyse it with the decodebench version that wrote it".to_string(),
+                ),
+            };
+            format!(
+                "result schema version {v:?}, written by {who}; this build reads version \
+                 {SCHEMA_VERSION:?}. Both files of a comparison must be read by one build: \
+                 {what_to_do}"
+            )
+        }
+        Some(None) => format!(
+            "no decodebench schema version (Parquet metadata key {SCHEMA_VERSION_KEY}): the file \
+             was not written by decodebench, or another tool rewrote it (pandas and pyarrow drop \
+             the key). Pass the results.parquet that the run wrote, unmodified"
+        ),
+        None => format!("not readable as this build's schema (version {SCHEMA_VERSION:?})"),
+    }
+}
+
+/// Keeps the latest report of each case on each GPU: the rows of the latest received (then the
+/// highest attempt) report, one per kernel, in the file's order otherwise. A whole report is
+/// superseded, not a row: a retry that timed both kernels must also drop the earlier attempt's
+/// kernel-less failure row, or that failure would still count.
 fn keep_latest(rows: Vec<ResultRow>) -> Vec<ResultRow> {
-    let mut best: HashMap<(String, Option<KernelKind>, String), usize> = HashMap::new();
+    let mut latest: HashMap<(&str, &str), (i64, u32)> = HashMap::new();
+    for row in &rows {
+        let version = (row.received_unix_ms, row.attempt);
+        latest
+            .entry((row.case_id.as_str(), row.device_uuid.as_str()))
+            .and_modify(|v| *v = (*v).max(version))
+            .or_insert(version);
+    }
+    // Among rows of the latest report, the last one of each kernel in the file wins.
+    let mut keep: HashMap<(&str, Option<KernelKind>, &str), usize> = HashMap::new();
     for (i, row) in rows.iter().enumerate() {
-        let key = (row.case_id.clone(), row.kernel, row.device_uuid.clone());
-        let entry = best.entry(key).or_insert(i);
-        let kept = &rows[*entry];
-        if (row.received_unix_ms, row.attempt) >= (kept.received_unix_ms, kept.attempt) {
-            *entry = i;
+        let key = (row.case_id.as_str(), row.device_uuid.as_str());
+        if latest.get(&key) == Some(&(row.received_unix_ms, row.attempt)) {
+            keep.insert((key.0, row.kernel, key.1), i);
         }
     }
-    let mut keep: Vec<usize> = best.into_values().collect();
+    let mut keep: Vec<usize> = keep.into_values().collect();
     keep.sort_unstable();
     let mut rows: Vec<Option<ResultRow>> = rows.into_iter().map(Some).collect();
     keep.into_iter().filter_map(|i| rows[i].take()).collect()
@@ -317,12 +473,14 @@ fn u32_or_zero(a: &UInt32Array, i: usize) -> u32 {
     }
 }
 
-/// Appends the rows of `batch`; `first_row` numbers rows across batches for error messages.
+/// Appends the rows of `batch`, and the settings of cases not seen before; `first_row` numbers
+/// rows across batches for error messages.
 fn read_batch(
     path: &Path,
     batch: &RecordBatch,
     first_row: usize,
     out: &mut Vec<ResultRow>,
+    case_settings: &mut BTreeMap<String, Vec<String>>,
 ) -> Result<(), AnalysisError> {
     let cols = BatchColumns { path, batch };
     let run_id = cols.utf8(column::RUN_ID)?;
@@ -351,6 +509,14 @@ fn read_batch(
     let power_avg_w = cols.f64(column::POWER_AVG_W)?;
     let energy = cols.f64(column::ENERGY_PER_CALL_J)?;
     let throttled = cols.bool(column::THROTTLED)?;
+    let format = FormatOptions::default();
+    let settings = CASE_SETTING_COLUMNS
+        .iter()
+        .map(|&name| {
+            ArrayFormatter::try_new(cols.get(name)?, &format)
+                .map_err(|e| cols.error(name, format!("cannot be printed: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
     let unknown = |i: usize, column: &'static str, value: &str| AnalysisError::UnknownValue {
         path: path.to_path_buf(),
@@ -382,7 +548,7 @@ fn read_batch(
                 .ok_or_else(|| cols.error(SAMPLES_COLUMN, "does not hold float64 values"))?;
             values.iter().flatten().collect()
         };
-        out.push(ResultRow {
+        let row = ResultRow {
             run_id: text(run_id, i),
             git_revision: text(git_revision, i),
             attempt: u32_or_zero(attempt, i),
@@ -417,9 +583,50 @@ fn read_batch(
             power_avg_w: opt_f64(power_avg_w, i),
             energy_per_call_j: opt_f64(energy, i),
             throttled: (!throttled.is_null(i)).then(|| throttled.value(i)),
-        });
+        };
+        check_timing(path, first_row + i, &row)?;
+        if !case_settings.contains_key(&row.case_id) {
+            let values = settings.iter().map(|f| f.value(i).to_string()).collect();
+            case_settings.insert(row.case_id.clone(), values);
+        }
+        out.push(row);
     }
     Ok(())
+}
+
+/// Refuses an `ok` row whose timing cannot be a time: a sample or median that is NaN, infinite,
+/// zero or negative, or no timing at all. Such a row is a damaged file or a broken timer, and
+/// analysis would misread it (a zero time is a 100 % speed-up, a NaN sorts as the slowest trial).
+fn check_timing(path: &Path, row_index: usize, row: &ResultRow) -> Result<(), AnalysisError> {
+    if row.effective_status() != Status::Ok {
+        return Ok(());
+    }
+    let valid = |v: f64| v.is_finite() && v > 0.0;
+    let problem = if let Some((i, v)) = row.samples_ms.iter().enumerate().find(|(_, v)| !valid(**v))
+    {
+        Some(format!("{SAMPLES_COLUMN}[{i}] = {v}"))
+    } else if let Some(m) = row.median_ms.filter(|m| !valid(*m)) {
+        Some(format!("{} = {m}", column::MEDIAN_MS))
+    } else if row.samples_ms.is_empty() && row.median_ms.is_none() {
+        Some(format!("no {SAMPLES_COLUMN} and no {}", column::MEDIAN_MS))
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(AnalysisError::BadTiming {
+            path: path.to_path_buf(),
+            row: row_index,
+            what: format!(
+                "the {} kernel of case {} ({}) on GPU {}",
+                row.kernel.map_or("unknown", |k| k.as_str()),
+                row.case_id,
+                row.case.label(),
+                row.device_uuid
+            ),
+            problem,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -430,7 +637,7 @@ mod tests {
 
     #[test]
     fn analysis_columns_exist_in_the_schema() {
-        for name in column::ALL {
+        for name in column::ALL.iter().chain(CASE_SETTING_COLUMNS) {
             assert!(
                 schema::columns().iter().any(|c| c.name == *name),
                 "analysis reads `{name}`, which the result schema does not define"
@@ -488,5 +695,156 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope.parquet"), "{e}");
+    }
+
+    #[test]
+    fn analysis_load_a_later_report_supersedes_the_whole_earlier_one() {
+        // The first attempt reported no kernel at all (one kernel-less row), the retry timed both:
+        // the failure row must go too, or it would still count as a failed kernel.
+        let gpu = Gpu::h100(0);
+        let mut lost = record(&gpu, 4, 1024, &[9.0], &[9.0]);
+        lost.measurement.kernels.clear();
+        let mut retry = record(&gpu, 4, 1024, &[1.0, 1.1, 1.2], &[2.0, 2.1, 2.2]);
+        retry.attempt = 2;
+        retry.received_unix_ms += 1000;
+        let dir = write_run(&[lost, retry]);
+        let loaded = load_results(dir.path()).unwrap();
+        assert_eq!(loaded.duplicates_dropped, 1);
+        assert_eq!(loaded.rows.len(), 2);
+        assert!(
+            loaded
+                .rows
+                .iter()
+                .all(|r| r.kernel.is_some() && r.attempt == 2),
+            "{:?}",
+            loaded.rows
+        );
+    }
+
+    #[test]
+    fn analysis_load_refuses_timings_that_are_not_times() {
+        let gpu = Gpu::h100(0);
+        for (bad, shown) in [
+            (f64::NAN, "NaN"),
+            (0.0, "0"),
+            (-1.0, "-1"),
+            (f64::INFINITY, "inf"),
+        ] {
+            let dir = write_run(&[record(&gpu, 4, 1024, &[1.0, bad, 1.2], &[2.0, 2.1])]);
+            let e = load_results(dir.path()).unwrap_err();
+            assert!(matches!(e, AnalysisError::BadTiming { .. }), "{e}");
+            let e = e.to_string();
+            assert!(e.contains(&format!("samples_ms[1] = {shown}")), "{e}");
+            assert!(
+                e.contains("the optimized kernel of case") && e.contains(&gpu.uuid),
+                "{e}"
+            );
+            assert!(e.contains("rerun that case"), "{e}");
+        }
+        // A kernel that did not time is not held to it.
+        let mut failed = record(&gpu, 4, 1024, &[1.0, 1.1, 1.2], &[2.0, 2.1]);
+        failed.measurement.kernels[1] = decodebench_kernels::KernelMeasurement::not_timed(
+            KernelKind::Optimized,
+            Status::Failed,
+            "launch failed",
+        );
+        assert!(load_results(write_run(&[failed]).path()).is_ok());
+    }
+
+    #[test]
+    fn analysis_load_refuses_a_file_without_rows() {
+        let dir = write_run(&[]);
+        let e = load_results(dir.path()).unwrap_err();
+        assert!(matches!(e, AnalysisError::Empty { .. }), "{e}");
+        assert!(e.to_string().contains("holds no result rows"), "{e}");
+    }
+
+    /// `parquet` rewritten to `to` with `version` as its schema version (none: the key dropped,
+    /// as pandas does).
+    fn rewrite_with_version(parquet: &Path, to: &Path, version: Option<&str>) {
+        use std::sync::Arc;
+        let batches = read_parquet(parquet).unwrap();
+        let mut metadata = HashMap::new();
+        if let Some(v) = version {
+            metadata.insert(SCHEMA_VERSION_KEY.to_string(), v.to_string());
+        }
+        let schema = Arc::new(arrow::datatypes::Schema::new_with_metadata(
+            batches[0].schema().fields().clone(),
+            metadata,
+        ));
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(to).unwrap(),
+            schema.clone(),
+            None,
+        )
+        .unwrap();
+        for b in &batches {
+            w.write(&RecordBatch::try_new(schema.clone(), b.columns().to_vec()).unwrap())
+                .unwrap();
+        }
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn analysis_load_explains_files_it_cannot_read() {
+        let gpu = Gpu::h100(0);
+        let dir = write_run(&[record(&gpu, 4, 1024, &[1.0, 1.1, 1.2], &[2.0, 2.1])]);
+        let parquet = dir.path().join(PARQUET_FILE_NAME);
+        let err = |p: &Path| load_results(p).unwrap_err();
+
+        // The run's results.csv, and the reference-format CSV: the Parquet file is named.
+        let e = err(&dir.path().join(crate::sink::CSV_FILE_NAME));
+        assert!(
+            matches!(
+                e,
+                AnalysisError::CsvGiven {
+                    parquet: Some(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .ends_with(&format!("pass {}", parquet.display())),
+            "{e}"
+        );
+        let alone = tempfile::tempdir().unwrap();
+        let csv = alone.path().join("numbers.txt");
+        std::fs::write(&csv, "batch_size,trtllm_mean\n1,0.5\n").unwrap();
+        let e = err(&csv).to_string();
+        assert!(
+            e.contains("is a CSV file") && e.contains("pass the run's --out directory"),
+            "{e}"
+        );
+
+        // A copy cut short, and an empty file.
+        let bytes = std::fs::read(&parquet).unwrap();
+        let cut = alone.path().join("cut.parquet");
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let e = err(&cut);
+        assert!(matches!(e, AnalysisError::Damaged { .. }), "{e}");
+        assert!(e.to_string().contains("damaged or truncated"), "{e}");
+        let empty = alone.path().join("empty.parquet");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(err(&empty), AnalysisError::ZeroBytes { .. }));
+
+        // Schema versions: none (rewritten by another tool), newer, older.
+        let newer = (SCHEMA_VERSION.parse::<u32>().unwrap() + 1).to_string();
+        for (version, expected) in [
+            (None, "no decodebench schema version"),
+            (Some(newer.as_str()), "written by a newer decodebench"),
+            (Some("0"), "written by an older decodebench"),
+        ] {
+            let to = alone.path().join("rewritten.parquet");
+            rewrite_with_version(&parquet, &to, version);
+            let e = err(&to);
+            assert!(matches!(e, AnalysisError::Schema { .. }), "{e}");
+            assert!(e.to_string().contains(expected), "{version:?}: {e}");
+        }
+        // The same rewrite with this build's version reads (the test's writer is sound).
+        let to = alone.path().join("same.parquet");
+        rewrite_with_version(&parquet, &to, Some(SCHEMA_VERSION));
+        assert_eq!(load_results(&to).unwrap().rows.len(), 2);
     }
 }

@@ -11,6 +11,7 @@
 //! [`ReportOptions`] and calls [`run_compare`] or [`run_report`].
 
 pub mod compare;
+pub mod coverage;
 pub mod load;
 pub mod render;
 pub mod report;
@@ -33,6 +34,11 @@ use std::str::FromStr;
 /// Exit code of `compare --fail-on-regression` when a regression was found (distinct from the
 /// run's incomplete (2) and self-test (3) codes, so CI can tell them apart).
 pub const EXIT_REGRESSION: u8 = 4;
+/// Exit code of `compare --fail-on-regression` when no regression was found but the gate did not
+/// check what it guards: baseline cases are missing from the candidate (without
+/// `--allow-missing`), or no comparison could be decided at all. A gate must fail closed: a
+/// candidate that lost half its cases, or ran too few trials to test anything, would pass.
+pub const EXIT_UNCHECKED: u8 = 5;
 
 /// Why an analysis could not be done.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +48,28 @@ pub enum AnalysisError {
     /// The sink's error names the path and the fix.
     #[error("{source}")]
     Read { path: PathBuf, source: SinkError },
-    #[error("{}: column `{column}` {reason}; the file does not match this build's result schema (rewrite it with this decodebench version)", path.display())]
+    #[error("{} is a CSV file, but compare and report read the run's results.parquet (the CSV has no schema version and flattens the samples); pass {}", path.display(), parquet.as_ref().map_or("the run's --out directory or its results.parquet".to_string(), |p| p.display().to_string()))]
+    CsvGiven {
+        path: PathBuf,
+        /// The `results.parquet` next to it, when there is one.
+        parquet: Option<PathBuf>,
+    },
+    #[error("{} is an empty file (0 bytes): the run did not write it, or a copy failed; pass the results.parquet of a finished run", path.display())]
+    ZeroBytes { path: PathBuf },
+    #[error("{} starts like a Parquet file but cannot be read ({source}): it is damaged or truncated (a copy still in progress?); copy it again from the run's --out directory", path.display())]
+    Damaged { path: PathBuf, source: SinkError },
+    #[error("{}: {reason}", path.display())]
+    Schema { path: PathBuf, reason: String },
+    #[error("{} holds no result rows: the run ended before any case finished (see its log); rerun it, or pass a run that finished cases", path.display())]
+    Empty { path: PathBuf },
+    #[error("{}: row {row}: {what} is `ok` but {problem}; an ok timing must be a positive, finite number of ms. The file is damaged or the timer misbehaved: rerun that case, or drop the row", path.display())]
+    BadTiming {
+        path: PathBuf,
+        row: usize,
+        what: String,
+        problem: String,
+    },
+    #[error("{}: column `{column}` {reason}; the file does not match this build's result schema although it carries its version; analyse it with the decodebench build that wrote it (its git_revision column)", path.display())]
     Column {
         path: PathBuf,
         column: &'static str,
@@ -55,6 +82,11 @@ pub enum AnalysisError {
         column: &'static str,
         value: String,
     },
+    #[error("{} is both the baseline and the candidate: a run compared with itself can only come out unchanged; pass the new run as CANDIDATE", path.display())]
+    SameFile { path: PathBuf },
+    /// The two runs share no (case, kernel, GPU SKU): nothing was compared.
+    #[error("{0}")]
+    NothingCompared(Box<coverage::Mismatch>),
     #[error("{option} = {value}: {reason}")]
     InvalidOption {
         option: &'static str,
