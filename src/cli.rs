@@ -293,6 +293,10 @@ pub struct GridArgs {
 pub struct StatusArgs {
     /// Coordinator URL, e.g. http://127.0.0.1:50051.
     pub addr: String,
+    /// `table` for people; `json` (every field, each agent's unreported lease cases in full) for
+    /// scripts and probes.
+    #[arg(long, value_enum, default_value_t = StatusFormatArg::Table)]
+    pub format: StatusFormatArg,
     #[command(flatten)]
     pub token: TokenArgs,
     #[command(flatten)]
@@ -342,6 +346,12 @@ pub fn parse_compute_capability(s: &str) -> Result<(i32, i32), String> {
 pub enum FormatArg {
     Table,
     Csv,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusFormatArg {
+    Table,
     Json,
 }
 

@@ -721,6 +721,10 @@ async fn status(a: StatusArgs) -> Result<ExitCode> {
         .await
         .map_err(|e| anyhow!("status: {}", e.message()))?
         .into_inner();
+    if a.format == StatusFormatArg::Json {
+        emit(&format!("{}\n", status_json(&s)))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut text = format!(
         "run {} ({}): {} done, {} failed, {} running, {} pending of {}; {} agent(s) alive; {} lease(s) expired; {:.1} results/s over {:.0} s{}",
         s.run_id,
@@ -739,7 +743,7 @@ async fn status(a: StatusArgs) -> Result<ExitCode> {
     text.push('\n');
     for ag in &s.agents {
         text.push_str(&format!(
-            "  {:<10} {:<24} {:<28} {:>6} results {}{}",
+            "  {:<10} {:<24} {:<28} {:>6} results {}{}{}",
             ag.agent_id,
             ag.name,
             ag.sku,
@@ -749,12 +753,52 @@ async fn status(a: StatusArgs) -> Result<ExitCode> {
                 String::new()
             } else {
                 format!(" lease {}", ag.current_lease)
+            },
+            match ag.lease_case_ids.split_first() {
+                None => String::new(),
+                Some((running, [])) => format!(": running {running}"),
+                Some((running, rest)) => format!(": running {running}, {} more", rest.len()),
             }
         ));
         text.push('\n');
     }
     emit(&text)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A status answer as JSON: every field, under the wire's names.
+fn status_json(s: &decodebench_proto::wire::StatusResponse) -> serde_json::Value {
+    let agents: Vec<serde_json::Value> = s
+        .agents
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "agent_id": a.agent_id,
+                "name": a.name,
+                "sku": a.sku,
+                "uuid": a.uuid,
+                "alive": a.alive,
+                "results": a.results,
+                "current_lease": a.current_lease,
+                "lease_case_ids": a.lease_case_ids,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "run_id": s.run_id,
+        "placement": s.placement,
+        "total": s.total,
+        "pending": s.pending,
+        "running": s.running,
+        "done": s.done,
+        "failed": s.failed,
+        "finished": s.finished,
+        "agents_alive": s.agents_alive,
+        "leases_expired": s.leases_expired,
+        "elapsed_s": s.elapsed_s,
+        "results_per_s": s.results_per_s,
+        "agents": agents,
+    })
 }
 
 fn selftest(a: SelftestArgs) -> Result<ExitCode> {

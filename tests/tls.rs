@@ -167,6 +167,29 @@ fn mutual_tls_agents_finish_and_agents_without_a_certificate_are_refused() {
     );
     assert!(st.success(), "{out}{err}");
     assert!(out.contains("pending"), "{out}");
+    // The same answer as JSON, for scripts: every count, and the agents (none has a lease yet).
+    let (st, out, err) = run_to_end(
+        &[
+            "status",
+            &url,
+            "--format",
+            "json",
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &client_cert,
+            "--tls-key",
+            &client_key,
+            "--token-file",
+            &token,
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(st.success(), "{out}{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).expect("status --format json");
+    assert_eq!(json["total"], ids.len(), "{out}");
+    assert_eq!(json["done"], 0, "{out}");
+    assert!(json["agents"].is_array(), "{out}");
 
     let mut good = tls_agent(&s, "with-cert", port, &pki, true);
     coord.wait_success(Duration::from_secs(90));
