@@ -50,11 +50,13 @@ pub enum AgentError {
         reason: String,
         hint: &'static str,
     },
-    #[error("could not reach the coordinator at {addr} for {waited:?}: {last_error}; is it running and reachable?")]
+    #[error("could not reach the coordinator at {addr} for {waited:?}: {last_error}; {hint}")]
     Unreachable {
         addr: String,
         waited: Duration,
         last_error: String,
+        /// What to check ([`UNREACHABLE_HINT`], or a more specific one).
+        hint: String,
     },
     #[error("the coordinator refused this agent: {0}")]
     Refused(String),
@@ -142,14 +144,17 @@ struct Backoff {
     started: Instant,
     delay: Duration,
     limit: Duration,
+    /// TLS without a client certificate (see [`unreachable_hint`]).
+    tls_without_client_cert: bool,
 }
 
 impl Backoff {
-    fn new(limit: Duration) -> Backoff {
+    fn new(limit: Duration, tls: Option<&ClientTls>) -> Backoff {
         Backoff {
             started: Instant::now(),
             delay: BACKOFF_START,
             limit,
+            tls_without_client_cert: tls.is_some_and(|t| t.identity.is_none()),
         }
     }
 
@@ -178,6 +183,7 @@ impl Backoff {
                 addr: addr.to_string(),
                 waited: self.started.elapsed(),
                 last_error: describe(s),
+                hint: unreachable_hint(self.tls_without_client_cert, &describe(s)),
             });
         }
         tracing::info!(retry_in = ?self.delay, error = %describe(s), "coordinator not reachable; retrying");
@@ -191,6 +197,39 @@ impl Backoff {
         }
         self.delay = (self.delay * 2).min(BACKOFF_MAX);
         Ok(())
+    }
+}
+
+/// What an unreachable coordinator's error says to check, unless something more specific is known.
+pub const UNREACHABLE_HINT: &str = "is it running and reachable?";
+
+/// Whether an error says the peer closed or reset a connection that had been made (as opposed to
+/// one that could not be made at all).
+fn closed_by_peer(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    [
+        "connection closed",
+        "broken pipe",
+        "connection reset",
+        "unexpected eof",
+        "unexpectedeof",
+    ]
+    .iter()
+    .any(|needle| e.contains(needle))
+}
+
+/// The hint for an agent with TLS but no client certificate whose connections were closed by the
+/// coordinator: under TLS 1.3 a server that requires a client certificate (`--tls-client-ca`)
+/// refuses after the client's side of the handshake has finished, so the refusal can arrive as a
+/// closed connection instead of a handshake error (which [`handshake_problem`] explains at once).
+fn unreachable_hint(tls_without_client_cert: bool, last_error: &str) -> String {
+    if tls_without_client_cert && closed_by_peer(last_error) {
+        "the coordinator closed the connection right after the TLS handshake: if it was started \
+         with --tls-client-ca it requires a client certificate, so pass --tls-cert and --tls-key \
+         (signed by that CA); otherwise check that it is running and reachable"
+            .to_string()
+    } else {
+        UNREACHABLE_HINT.to_string()
     }
 }
 
@@ -380,7 +419,7 @@ impl Agent {
             agent_name: self.cfg.name.clone(),
             device: Some(device),
         };
-        let mut backoff = Backoff::new(self.cfg.connect_timeout);
+        let mut backoff = Backoff::new(self.cfg.connect_timeout, self.cfg.tls.as_ref());
         let mut stop = self.stop.clone();
         loop {
             let mut c = self.client.clone();
@@ -419,7 +458,7 @@ impl Agent {
         F: FnMut(Client, String) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let mut backoff = Backoff::new(self.cfg.connect_timeout);
+        let mut backoff = Backoff::new(self.cfg.connect_timeout, self.cfg.tls.as_ref());
         let mut stop = self.stop.clone();
         loop {
             let attempt = f(self.client.clone(), self.agent_id.clone());
@@ -952,6 +991,28 @@ mod tests {
             r.err()
         );
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_connection_closed_after_tls_without_a_client_certificate_names_the_flags() {
+        let h = unreachable_hint(
+            true,
+            "transport error: connection closed before message completed",
+        );
+        assert!(
+            h.contains("--tls-cert") && h.contains("--tls-client-ca"),
+            "{h}"
+        );
+        assert!(unreachable_hint(true, "h2 protocol error: Broken pipe").contains("--tls-key"));
+        // Not without TLS, with a client certificate, or when no connection was made at all.
+        assert_eq!(
+            unreachable_hint(false, "connection closed"),
+            UNREACHABLE_HINT
+        );
+        assert_eq!(
+            unreachable_hint(true, "tcp connect error: Connection refused (os error 111)"),
+            UNREACHABLE_HINT
+        );
     }
 
     #[test]
