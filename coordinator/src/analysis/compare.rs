@@ -1635,4 +1635,52 @@ mod tests {
         let (_, notes) = load_and_compare(&opts(&b, &other)).unwrap();
         assert!(notes.is_empty(), "{notes:?}");
     }
+
+    /// Fleet-scale timing, a benchmark rather than a check (bench/RESULTS.md): `cargo test
+    /// --release -p decodebench-coordinator --lib fleet_scale -- --ignored --nocapture`, with
+    /// GPUS, CASES and SAMPLES (per GPU and kernel) from the environment.
+    #[test]
+    #[ignore]
+    fn fleet_scale_compare_time() {
+        let env = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        let (gpus, cases, samples) = (env("GPUS", 64), env("CASES", 400), env("SAMPLES", 50));
+        let mk = |shift: f64| {
+            let mut recs = Vec::new();
+            for g in 0..gpus {
+                let gpu = Gpu::h100(g);
+                for i in 0..cases {
+                    let c = case(
+                        1 + (i / 20) as u32,
+                        1024 * (1 + (i % 20) as u32),
+                        decodebench_kernels::QuantMode::FP8_QKV,
+                    );
+                    let seed = (g * 100_000 + i) as u64 + (shift * 1000.0) as u64;
+                    recs.push(record_case(
+                        &gpu,
+                        c,
+                        &noisy_samples(seed, samples, 1.0 + shift, 0.02),
+                        &noisy_samples(seed + 7, samples, 2.0, 0.04),
+                    ));
+                }
+            }
+            write_run(&recs)
+        };
+        let t = std::time::Instant::now();
+        let (a, b) = (mk(0.0), mk(0.01));
+        eprintln!("write: {:.1} s", t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        let out = compare(&opts(&a, &b)).unwrap();
+        eprintln!(
+            "compare {gpus} gpus x {cases} cases x {samples} samples: {:.1} s, {} comparisons",
+            t.elapsed().as_secs_f64(),
+            out.comparisons.len()
+        );
+        // One comparison per (case, kernel, SKU): every GPU's samples pooled into it.
+        assert_eq!(out.comparisons.len(), cases * 2);
+    }
 }
