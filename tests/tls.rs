@@ -150,41 +150,27 @@ fn mutual_tls_agents_finish_and_agents_without_a_certificate_are_refused() {
         pki.client_cert.display().to_string(),
         pki.client_key.display().to_string(),
     );
-    let (st, out, err) = run_to_end(
-        &[
+    let status = |extra: &[&str]| {
+        let mut args = vec![
             "status",
-            &url,
+            url.as_str(),
             "--tls-ca",
-            &ca,
+            ca.as_str(),
             "--tls-cert",
-            &client_cert,
+            client_cert.as_str(),
             "--tls-key",
-            &client_key,
+            client_key.as_str(),
             "--token-file",
-            &token,
-        ],
-        Duration::from_secs(20),
-    );
+            token.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        run_to_end(&args, Duration::from_secs(20))
+    };
+    let (st, out, err) = status(&[]);
     assert!(st.success(), "{out}{err}");
     assert!(out.contains("pending"), "{out}");
     // The same answer as JSON, for scripts: every count, and the agents (none has a lease yet).
-    let (st, out, err) = run_to_end(
-        &[
-            "status",
-            &url,
-            "--format",
-            "json",
-            "--tls-ca",
-            &ca,
-            "--tls-cert",
-            &client_cert,
-            "--tls-key",
-            &client_key,
-            "--token-file",
-            &token,
-        ],
-        Duration::from_secs(20),
-    );
+    let (st, out, err) = status(&["--format", "json"]);
     assert!(st.success(), "{out}{err}");
     let json: serde_json::Value = serde_json::from_str(&out).expect("status --format json");
     assert_eq!(json["total"], ids.len(), "{out}");
