@@ -5,6 +5,7 @@
 
 mod agent_connect;
 mod analysis;
+mod deploy_cli;
 mod faults;
 mod fleet;
 mod grid_errors;
