@@ -9,6 +9,8 @@
 # Expects target/release/decodebench (or $DECODEBENCH_BIN); logs under $OUT (default /tmp/multigpu_out).
 # Usage: bench/gpu/multigpu.sh [warm] [scaling] [pergpu] [kill]   (default: all four)
 # MULTIGPU_DRY=2 checks the script here without a GPU: the kill step with 2 CPU agents on `smoke`.
+# MULTIGPU_AGENTS=K runs the kill step with K agent processes, agent i on GPU i mod N (on a
+# one-GPU machine, K = 2 shows the failover between two CUDA agents sharing the card).
 set -u
 RESULT_DIR=${OUT:-/tmp/multigpu_out}
 L=/tmp/multigpu_logs
@@ -26,8 +28,9 @@ if [ -n "${MULTIGPU_DRY:-}" ]; then
   agent_device() { echo "--backend cpu"; }
 else
   N=$(nvidia-smi -L | grep -c '^GPU'); PRESET=seed; KILL_AT=80
-  agent_device() { echo "--gpu $1"; }
+  agent_device() { echo "--gpu $(( $1 % N ))"; }
 fi
+AGENTS=${MULTIGPU_AGENTS:-$N}
 [ -n "${MULTIGPU_DRY:-}" ] || nvidia-smi --query-gpu=index,name,uuid,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee "$L/gpus.txt"
 echo "gpus: $N" | tee -a "$L/gpus.txt"
 
@@ -90,18 +93,18 @@ EOF
       cat "$L/pergpu_report.txt" | head -40 | tee -a "$L/pergpu.txt"
       $B report $W/pergpu --group-by gpu --format json > "$L/pergpu_report.json" 2>&1 ;;
     kill)
-      echo "=== coordinator + $N agent processes, the last one killed mid-run"
+      echo "=== coordinator + $AGENTS agent processes on $N GPU(s), the last one killed mid-run"
       rm -rf $W/kill
       PORT=50551
-      $B coordinator --listen 127.0.0.1:$PORT --preset $PRESET --kernels optimized --expect-agents $N \
+      $B coordinator --listen 127.0.0.1:$PORT --preset $PRESET --kernels optimized --expect-agents $AGENTS \
         --out $W/kill > "$L/kill_coordinator.log" 2>&1 &
       CPID=$!
       declare -a APIDS
-      for ((g = 0; g < N; g++)); do
-        $B agent --coordinator http://127.0.0.1:$PORT $(agent_device $g) --name gpu$g > "$L/kill_agent$g.log" 2>&1 &
+      for ((g = 0; g < AGENTS; g++)); do
+        $B agent --coordinator http://127.0.0.1:$PORT $(agent_device $g) --name agent$g > "$L/kill_agent$g.log" 2>&1 &
         APIDS[$g]=$!
       done
-      VICTIM=$((N - 1))
+      VICTIM=$((AGENTS - 1))
       # Wait until a quarter of the units are done (a quarter of seed's 320), then kill the victim (it holds a lease then).
       T0=$(date +%s)
       for i in $(seq 1 300); do
@@ -111,11 +114,11 @@ EOF
         [ -n "${DONE:-}" ] && [ "$DONE" -ge $KILL_AT ] && break
       done
       $B status http://127.0.0.1:$PORT > "$L/kill_status_before.txt" 2>&1
-      echo "killing agent gpu$VICTIM (pid ${APIDS[$VICTIM]}) at $(date +%T) with ${DONE:-?} units done"
+      echo "killing agent$VICTIM (pid ${APIDS[$VICTIM]}) at $(date +%T) with ${DONE:-?} units done"
       kill -9 "${APIDS[$VICTIM]}" 2>/dev/null || echo "(the run ended before the kill)"
       wait $CPID; CRC=$?
       echo "coordinator exit $CRC after $(( $(date +%s) - T0 )) s"
-      for ((g = 0; g < N; g++)); do wait "${APIDS[$g]}" 2>/dev/null; echo "agent gpu$g exit $?"; done
+      for ((g = 0; g < AGENTS; g++)); do wait "${APIDS[$g]}" 2>/dev/null; echo "agent $g exit $?"; done
       grep -E "units done|lost|expired|requeue" "$L/kill_coordinator.log" | tail -8
       { cat "$L/kill_status_before.txt"; per_gpu $W/kill; $S checks $W/kill | tail -3; } | tee "$L/kill.txt" ;;
   esac
