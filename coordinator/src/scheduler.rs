@@ -646,22 +646,33 @@ impl Scheduler {
     }
 
     fn return_lease(&mut self, lease_id: u64) -> u32 {
-        let Some(lease) = self.leases.remove(&lease_id) else {
+        let Some(lease) = self.take_lease(lease_id) else {
             return 0;
         };
         let mut returned = 0;
         for u in lease.units {
-            if self.units[u].state == UnitState::Leased && self.units[u].lease == Some(lease_id) {
+            if self.unreported_on(u, lease_id) {
                 self.requeue(u);
                 returned += 1;
             }
         }
+        returned
+    }
+
+    /// Removes a lease, and from its agent; returns it.
+    fn take_lease(&mut self, lease_id: u64) -> Option<Lease> {
+        let lease = self.leases.remove(&lease_id)?;
         if let Some(a) = self.agents.get_mut(&lease.agent_id) {
             if a.lease == Some(lease_id) {
                 a.lease = None;
             }
         }
-        returned
+        Some(lease)
+    }
+
+    /// Whether unit `u` is still out on lease `lease_id`, without a result.
+    fn unreported_on(&self, u: usize, lease_id: u64) -> bool {
+        self.units[u].state == UnitState::Leased && self.units[u].lease == Some(lease_id)
     }
 
     /// Expires leases past their deadline; their unfinished units go back in the queue.
@@ -695,16 +706,14 @@ impl Scheduler {
     /// charged a loss and runs alone from now on; a unit that was the lease's only unfinished one
     /// (so the agent died running it, not a shard-mate) and has used up its losses is given up.
     fn lose_lease(&mut self, lease_id: u64) {
-        let Some(lease) = self.leases.remove(&lease_id) else {
+        let Some(lease) = self.take_lease(lease_id) else {
             return;
         };
         let unfinished: Vec<usize> = lease
             .units
             .iter()
             .copied()
-            .filter(|&u| {
-                self.units[u].state == UnitState::Leased && self.units[u].lease == Some(lease_id)
-            })
+            .filter(|&u| self.unreported_on(u, lease_id))
             .collect();
         let alone = unfinished.len() == 1;
         let mut requeued = 0;
@@ -742,11 +751,6 @@ impl Scheduler {
                 requeued += 1;
             }
         }
-        if let Some(a) = self.agents.get_mut(&lease.agent_id) {
-            if a.lease == Some(lease_id) {
-                a.lease = None;
-            }
-        }
         tracing::warn!(
             lease = lease_id,
             agent = %lease.agent_id,
@@ -781,10 +785,7 @@ impl Scheduler {
         self.leases.get(&lease_id).map_or_else(Vec::new, |l| {
             l.units
                 .iter()
-                .filter(|&&u| {
-                    self.units[u].state == UnitState::Leased
-                        && self.units[u].lease == Some(lease_id)
-                })
+                .filter(|&&u| self.unreported_on(u, lease_id))
                 .map(|&u| self.cases[self.units[u].case_idx].id.as_str())
                 .collect()
         })

@@ -682,10 +682,8 @@ pub fn run_compare(opts: &CompareOptions) -> Result<CompareOutcome, AnalysisErro
 fn by_key(rows: &[ResultRow], kernels: KernelSelection) -> BTreeMap<MatchKey, Vec<&ResultRow>> {
     let mut map: BTreeMap<MatchKey, Vec<&ResultRow>> = BTreeMap::new();
     for row in rows {
-        for kind in coverage::row_kernels(row, kernels) {
-            map.entry((row.case_id.clone(), kind, row.device_sku.clone()))
-                .or_default()
-                .push(row);
+        for key in coverage::row_keys(row, kernels) {
+            map.entry(key).or_default().push(row);
         }
     }
     map

@@ -31,15 +31,16 @@ pub fn row_kernels(row: &ResultRow, kernels: KernelSelection) -> Vec<KernelKind>
     .collect()
 }
 
+/// The match keys of one row under `kernels` (one per kernel it stands for).
+pub fn row_keys(row: &ResultRow, kernels: KernelSelection) -> impl Iterator<Item = MatchKey> + '_ {
+    row_kernels(row, kernels)
+        .into_iter()
+        .map(|k| (row.case_id.clone(), k, row.device_sku.clone()))
+}
+
 /// Every match key of `rows` under `kernels`.
 pub fn match_keys(rows: &[ResultRow], kernels: KernelSelection) -> BTreeSet<MatchKey> {
-    rows.iter()
-        .flat_map(|r| {
-            row_kernels(r, kernels)
-                .into_iter()
-                .map(|k| (r.case_id.clone(), k, r.device_sku.clone()))
-        })
-        .collect()
+    rows.iter().flat_map(|r| row_keys(r, kernels)).collect()
 }
 
 /// What a parameter that differs says about the two runs, and so what to do.
