@@ -55,6 +55,16 @@ pub enum BackendArg {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalAgentsArg {
+    /// Child processes on GPUs, in-process on the CPU backend.
+    Auto,
+    /// One child `decodebench agent` process per agent, restarted when it dies.
+    Process,
+    /// Agents inside the `run` process.
+    InProcess,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlacementArg {
     /// Each case once, on any GPU.
     Spread,
@@ -180,6 +190,16 @@ pub struct RunArgs {
     /// more than a few only contend).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub cpu_agents: u16,
+    /// How the local agents run. `process`: each is a child `decodebench agent` process,
+    /// restarted when it dies, so a GPU fault or a crash costs the case it was running, not the
+    /// run. `in-process`: inside this process, where a GPU fault ends that GPU's share of the run
+    /// and a crash ends the run. `auto`: `process` on GPUs, `in-process` on the CPU backend.
+    #[arg(long, value_enum, default_value_t = LocalAgentsArg::Auto)]
+    pub local_agents: LocalAgentsArg,
+    /// With `--local-agents process`: how many times each agent may be restarted before its GPU
+    /// is given up for the rest of the run (0 to 1000).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub agent_restarts: u32,
     #[command(flatten)]
     pub method: MethodOverrides,
     #[command(flatten)]

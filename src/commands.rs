@@ -2,6 +2,7 @@
 //! prints (the error says what was wrong and what to do).
 
 use crate::cli::*;
+use crate::supervise;
 use anyhow::{anyhow, bail, Context, Result};
 use decodebench_agent::backends::{self, OpenedBackend};
 use decodebench_agent::client::{Agent, AgentConfig, ClientTls};
@@ -35,10 +36,13 @@ const LOCAL_AGENT_EXIT_WAIT: Duration = Duration::from_secs(2);
 pub const EXIT_INCOMPLETE: u8 = 2;
 /// Exit code for a self-test mismatch.
 pub const EXIT_SELFTEST_FAILED: u8 = 3;
+/// Exit code of an agent that could not start (its backend, its flags or its fault drill): a
+/// restart would fail the same way, so `run` does not restart it.
+pub const EXIT_AGENT_SETUP: u8 = 6;
 
 pub async fn execute(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run(a) => run(a).await,
+        Command::Run(a) => run(a, &cli.log).await,
         Command::Coordinator(a) => coordinator(a).await,
         Command::Agent(a) => agent(a).await,
         Command::Grid(a) => grid(a),
@@ -358,27 +362,20 @@ pub fn error_report(e: &anyhow::Error) -> String {
 
 /// `run`'s coordinator listens on a loopback port that only its own local agents know, so a
 /// fleet requirement they cannot meet would wait forever: refuse it up front.
-fn check_local_fleet(fleet: &FleetRequirement, opened: &[(String, OpenedBackend)]) -> Result<()> {
+fn check_local_fleet(fleet: &FleetRequirement, skus: &[String]) -> Result<()> {
     let hint = "`decodebench run` starts only its local agents and nothing else can join its \
                 loopback coordinator; drop the flag, or serve the grid with `decodebench \
                 coordinator` and start the agents with `decodebench agent`";
-    if fleet.expect_agents > opened.len() {
+    if fleet.expect_agents > skus.len() {
         bail!(
             "--expect-agents {}: this run has {} local agent(s); {hint}",
             fleet.expect_agents,
-            opened.len()
+            skus.len()
         );
     }
     for (sku, n) in &fleet.wait_for {
-        let have = opened
-            .iter()
-            .filter(|(_, b)| b.backend.identity().sku == *sku)
-            .count();
+        let have = skus.iter().filter(|s| *s == sku).count();
         if have < *n {
-            let skus: Vec<String> = opened
-                .iter()
-                .map(|(_, b)| b.backend.identity().sku.clone())
-                .collect();
             bail!(
                 "--wait-for {sku}={n}: this run has {have} local agent(s) of that model (local: \
                  {}); {hint}",
@@ -389,7 +386,7 @@ fn check_local_fleet(fleet: &FleetRequirement, opened: &[(String, OpenedBackend)
     Ok(())
 }
 
-async fn run(a: RunArgs) -> Result<ExitCode> {
+async fn run(a: RunArgs, log: &str) -> Result<ExitCode> {
     // Decide the backends first: the default preset depends on them.
     if a.backend == BackendArg::Cpu && a.gpus.is_some() {
         bail!("--gpus selects CUDA devices and --backend cpu uses none; drop --gpus (the number of CPU agents is --cpu-agents)");
@@ -435,24 +432,66 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
         sched.fleet.expect_agents = agent_count;
     }
 
-    let mut opened: Vec<(String, OpenedBackend)> = Vec::new();
-    if on_gpu {
-        for &g in &gpu_ordinals {
-            let b = backends::open_cuda(g).with_context(|| format!("opening GPU {g}"))?;
-            opened.push((format!("local-gpu{g}"), b));
+    let as_processes = match a.local_agents {
+        LocalAgentsArg::Process => true,
+        LocalAgentsArg::InProcess => false,
+        LocalAgentsArg::Auto => on_gpu,
+    };
+    let names: Vec<String> = if on_gpu {
+        gpu_ordinals
+            .iter()
+            .map(|g| format!("local-gpu{g}"))
+            .collect()
+    } else {
+        (0..agent_count).map(|i| format!("local-cpu{i}")).collect()
+    };
+    // In-process agents open their backends here; child processes open their own (a CUDA
+    // context in this process would only hold memory on every GPU).
+    let mut opened: Vec<OpenedBackend> = Vec::new();
+    let skus: Vec<String> = if as_processes {
+        if on_gpu {
+            let names = backends::cuda_device_names().map_err(|e| anyhow!("{e}"))?;
+            gpu_ordinals
+                .iter()
+                .map(|&g| names.get(g).cloned().unwrap_or_default())
+                .collect()
+        } else {
+            let sku = backends::open_cpu().backend.identity().sku.clone();
+            vec![sku; agent_count]
         }
     } else {
-        for i in 0..agent_count {
-            opened.push((format!("local-cpu{i}"), backends::open_cpu()));
+        for &g in &gpu_ordinals {
+            opened.push(backends::open_cuda(g).with_context(|| format!("opening GPU {g}"))?);
         }
-    }
-    check_local_fleet(&sched.fleet, &opened)?;
+        for _ in opened.len()..agent_count {
+            opened.push(backends::open_cpu());
+        }
+        opened
+            .iter()
+            .map(|b| b.backend.identity().sku.clone())
+            .collect()
+    };
+    check_local_fleet(&sched.fleet, &skus)?;
+    // A malformed fault drill would stop every agent at start-up: say so once, here.
+    decodebench_agent::failpoint::Failpoint::from_env().map_err(|e| anyhow!("{e}"))?;
+    let exe = if as_processes {
+        Some(std::env::current_exe().context(
+            "finding this binary to start the agent processes; pass --local-agents in-process",
+        )?)
+    } else {
+        None
+    };
     eprintln!(
-        "decodebench run: grid `{}`, {} cases, {} agent(s) on {}, output in {}",
+        "decodebench run: grid `{}`, {} cases, {} agent(s) on {}{}, output in {}",
         grid.name(),
         cases.len(),
-        opened.len(),
+        names.len(),
         if on_gpu { "GPU" } else { "CPU" },
+        if as_processes {
+            " (child processes, restarted if they die)"
+        } else {
+            ""
+        },
         a.out.display()
     );
 
@@ -489,18 +528,93 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
         let _ = signal_tx.send(true);
     }));
 
-    let mut agents = tokio::task::JoinSet::new();
-    for (name, b) in opened {
+    let coordinator_url = format!("http://{addr}");
+    let watcher = match exe {
+        Some(exe) => {
+            let cfg = supervise::SupervisorConfig {
+                exe,
+                log: log.to_string(),
+                max_restarts: a.agent_restarts,
+                setup_failed_code: i32::from(EXIT_AGENT_SETUP),
+            };
+            let slots = names.iter().enumerate().map(|(i, name)| {
+                let mut args: Vec<String> = vec!["agent".into(), "--coordinator".into()];
+                args.push(coordinator_url.clone());
+                args.extend(["--name".into(), name.clone()]);
+                match gpu_ordinals.get(i) {
+                    Some(g) => args.extend(
+                        ["--backend".into(), "cuda".into()]
+                            .into_iter()
+                            .chain(["--gpu".into(), g.to_string()]),
+                    ),
+                    None => args.extend(["--backend".into(), "cpu".into()]),
+                }
+                args.extend([
+                    "--connect-timeout-s".into(),
+                    LOCAL_CONNECT_TIMEOUT_S.to_string(),
+                ]);
+                supervise::AgentSlot {
+                    name: name.clone(),
+                    args,
+                }
+            });
+            watch_local_processes(slots.collect(), cfg, stop_rx, agents_gone)
+        }
+        None => watch_local_agents(
+            names.into_iter().zip(opened).collect(),
+            &coordinator_url,
+            stop_rx,
+            agents_gone,
+        ),
+    };
+    let summary = coordinator
+        .await
+        .map_err(|e| anyhow!("the embedded coordinator task failed: {e}"))??;
+    let _ = stop_tx.send(true);
+    // Agents drain on their own; one still trying to reach the (now stopped) coordinator, e.g.
+    // when everything was already journaled, is not worth waiting for (an agent process gets
+    // SIGTERM, then SIGKILL).
+    let mut watcher = watcher;
+    let wait = if as_processes {
+        supervise::TERM_GRACE + LOCAL_AGENT_EXIT_WAIT
+    } else {
+        LOCAL_AGENT_EXIT_WAIT
+    };
+    match tokio::time::timeout(wait, &mut watcher).await {
+        Ok(Ok(lines)) => {
+            for line in lines {
+                eprintln!("{line}");
+            }
+        }
+        _ => watcher.abort(),
+    }
+    Ok(report_summary(&summary))
+}
+
+/// Local agents in their own processes talk to the embedded coordinator on loopback; this long
+/// without it, they give up (a `run` killed with SIGKILL leaves no one to stop them).
+const LOCAL_CONNECT_TIMEOUT_S: u32 = 30;
+
+/// Runs in-process agents until they exit; then says so through `gone`. Returns their errors as
+/// lines for the end of the run.
+fn watch_local_agents(
+    agents: Vec<(String, OpenedBackend)>,
+    coordinator: &str,
+    stop: watch::Receiver<bool>,
+    gone: std::sync::Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let mut set = tokio::task::JoinSet::new();
+    for (name, b) in agents {
         let acfg = AgentConfig {
-            coordinator: format!("http://{addr}"),
+            coordinator: coordinator.to_string(),
             name: name.clone(),
             token: None,
             tls: None,
-            connect_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(u64::from(LOCAL_CONNECT_TIMEOUT_S)),
             version: version_string(),
         };
-        let stop = stop_rx.clone();
-        agents.spawn(async move {
+        let stop = stop.clone();
+        set.spawn(async move {
             let r = match Agent::connect(acfg, b.backend, b.probe).await {
                 Ok(agent) => agent.run(stop).await,
                 Err(e) => Err(e),
@@ -508,37 +622,59 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
             (name, r)
         });
     }
-    let watcher = tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut errors = Vec::new();
-        while let Some(joined) = agents.join_next().await {
+        while let Some(joined) = set.join_next().await {
             match joined {
                 Ok((name, Err(e))) => {
                     tracing::error!(agent = %name, error = %e, "local agent stopped");
-                    errors.push(format!("{name}: {e}"));
+                    errors.push(format!("agent error: {name}: {e}"));
                 }
                 Ok((_, Ok(_))) => {}
-                Err(e) => errors.push(format!("agent task failed: {e}")),
+                Err(e) => errors.push(format!("agent error: the agent task failed: {e}")),
             }
         }
-        agents_gone.notify_one();
+        gone.notify_one();
         errors
-    });
-    let summary = coordinator
-        .await
-        .map_err(|e| anyhow!("the embedded coordinator task failed: {e}"))??;
-    let _ = stop_tx.send(true);
-    // Agents drain on their own; one still trying to reach the (now stopped) coordinator, e.g.
-    // when everything was already journaled, is not worth waiting for.
-    let mut watcher = watcher;
-    match tokio::time::timeout(LOCAL_AGENT_EXIT_WAIT, &mut watcher).await {
-        Ok(Ok(errors)) => {
-            for e in errors {
-                eprintln!("agent error: {e}");
+    })
+}
+
+/// Supervises one agent process per slot until every slot has ended; then says so through
+/// `gone`. Returns a line per slot whose agent died, for the end of the run.
+fn watch_local_processes(
+    slots: Vec<supervise::AgentSlot>,
+    cfg: supervise::SupervisorConfig,
+    stop: watch::Receiver<bool>,
+    gone: std::sync::Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let mut set = tokio::task::JoinSet::new();
+    for slot in slots {
+        set.spawn(supervise::supervise(slot, cfg.clone(), stop.clone()));
+    }
+    tokio::spawn(async move {
+        let mut lines = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(o) => {
+                    if !o.deaths.is_empty() {
+                        lines.push(format!(
+                            "agent {}: its process died {} time(s) and was restarted {} time(s): {}",
+                            o.name,
+                            o.deaths.len(),
+                            o.restarts(),
+                            o.deaths.join("; ")
+                        ));
+                    }
+                    if let Some(why) = o.gave_up {
+                        lines.push(format!("agent error: {}: {why}", o.name));
+                    }
+                }
+                Err(e) => lines.push(format!("agent error: a supervisor task failed: {e}")),
             }
         }
-        _ => watcher.abort(),
-    }
-    Ok(report_summary(&summary))
+        gone.notify_one();
+        lines
+    })
 }
 
 async fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
@@ -615,6 +751,39 @@ async fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
 }
 
 async fn agent(a: AgentArgs) -> Result<ExitCode> {
+    let (cfg, opened) = match agent_setup(a) {
+        Ok(set_up) => set_up,
+        Err(e) => {
+            eprintln!("error: {}", error_report(&e));
+            return Ok(ExitCode::from(EXIT_AGENT_SETUP));
+        }
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            "signal received: stopping (a case in progress is finished first and the rest of its \
+             lease handed back)"
+        );
+        let _ = stop_tx.send(true);
+    });
+    let agent = match Agent::connect(cfg, opened.backend, opened.probe).await {
+        Ok(agent) => agent,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_AGENT_SETUP));
+        }
+    };
+    let summary = agent.run(stop_rx).await?;
+    eprintln!(
+        "agent done: {} cases run, {} results accepted, {} duplicates, {} cases handed back",
+        summary.cases_run, summary.results_accepted, summary.duplicates, summary.released
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An agent's backend and configuration, before it first calls its coordinator.
+fn agent_setup(a: AgentArgs) -> Result<(AgentConfig, OpenedBackend)> {
     let opened = match a.backend {
         BackendArg::Cpu => backends::open_cpu(),
         BackendArg::Cuda => backends::open_cuda(a.gpu)?,
@@ -643,22 +812,7 @@ async fn agent(a: AgentArgs) -> Result<ExitCode> {
         connect_timeout: Duration::from_secs_f64(a.connect_timeout_s),
         version: version_string(),
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!(
-            "signal received: stopping (a case in progress is finished first and the rest of its \
-             lease handed back)"
-        );
-        let _ = stop_tx.send(true);
-    });
-    let agent = Agent::connect(cfg, opened.backend, opened.probe).await?;
-    let summary = agent.run(stop_rx).await?;
-    eprintln!(
-        "agent done: {} cases run, {} results accepted, {} duplicates, {} cases handed back",
-        summary.cases_run, summary.results_accepted, summary.duplicates, summary.released
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok((cfg, opened))
 }
 
 fn grid(a: GridArgs) -> Result<ExitCode> {

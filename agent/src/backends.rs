@@ -38,6 +38,14 @@ pub fn cuda_device_count() -> Result<usize, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The model name of each visible CUDA device, by ordinal (the SKU its results carry), without
+/// creating a context on any of them.
+pub fn cuda_device_names() -> Result<Vec<String>, String> {
+    CudaBackend::probe()
+        .map(|v| v.into_iter().map(|d| d.name).collect())
+        .map_err(|e| e.to_string())
+}
+
 /// Opens the CPU backend.
 pub fn open_cpu() -> OpenedBackend {
     OpenedBackend {
@@ -89,5 +97,9 @@ impl Backend for IdentifiedBackend {
 
     fn needs_restart(&self) -> bool {
         self.inner.needs_restart()
+    }
+
+    fn inject_device_fault(&mut self) -> Result<String, String> {
+        self.inner.inject_device_fault()
     }
 }

@@ -10,6 +10,7 @@
 //! told to stop is not a failure; the coordinator re-leases whatever was left once the lease
 //! expires. A stop before the agent ever registered returns at once with nothing done.
 
+use crate::failpoint::{FailAction, Failpoint, FAILPOINT_ENV};
 use decodebench_kernels::{Backend, BenchCase, CaseMeasurement, TelemetryProbe};
 use decodebench_proto::wire::coordinator_client::CoordinatorClient;
 use decodebench_proto::{wire, PROTOCOL_VERSION};
@@ -66,6 +67,8 @@ pub enum AgentError {
     Tls(String),
     #[error("the backend task failed: {0}")]
     Backend(String),
+    #[error("{0}")]
+    Failpoint(String),
     #[error("the device is in an unrecoverable state ({0}); this agent exits so that a fresh process (a restarted pod or agent) takes over; its unfinished cases go to other agents")]
     DeviceLost(String),
     /// A stop was requested while the coordinator could not be reached, so the agent stopped
@@ -334,6 +337,8 @@ pub struct Agent {
     holding_lease: bool,
     /// Turns true when the agent should stop (set by [`Agent::run`]; never, before).
     stop: watch::Receiver<bool>,
+    /// A fault drill (`DECODEBENCH_FAILPOINT`), armed for tests and drills only.
+    failpoint: Option<Failpoint>,
 }
 
 impl Agent {
@@ -348,6 +353,10 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         let client = make_client(&cfg)?;
         let (_never, stop) = watch::channel(false);
+        let failpoint = Failpoint::from_env().map_err(AgentError::Failpoint)?;
+        if let Some(f) = &failpoint {
+            tracing::warn!(failpoint = %f, "{FAILPOINT_ENV} is set: this agent will fail on purpose at that case (a fault drill); unset it for a real run");
+        }
         Ok(Agent {
             cfg,
             backend: Arc::new(Mutex::new(backend)),
@@ -359,6 +368,7 @@ impl Agent {
             drain_requested: false,
             holding_lease: false,
             stop,
+            failpoint,
         })
     }
 
@@ -693,11 +703,15 @@ impl Agent {
         let backend = self.backend.clone();
         let probe = self.probe.clone();
         let c = case.clone();
+        let failpoint = self.failpoint.clone().filter(|f| f.matches(&case.id));
         tracing::debug!(case = %case.id, label = %case.label(), "running case");
         let mut task = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
             let mut p = probe.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = failpoint {
+                trigger(&f, &c.id, b.as_mut());
+            }
             let mut m = crate::gating::run_gated(
                 b.as_mut(),
                 p.as_mut(),
@@ -710,8 +724,9 @@ impl Agent {
             }
             m
         });
+        // The first tick fires at once: a heartbeat naming the case goes out as it starts, so
+        // that if this agent dies running it, the coordinator knows which case to suspect.
         let mut ticker = tokio::time::interval(self.heartbeat_interval);
-        ticker.tick().await;
         let mut lease_lost = false;
         loop {
             tokio::select! {
@@ -751,6 +766,24 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+/// Carries out an armed failpoint at its case (see [`crate::failpoint`]).
+fn trigger(f: &Failpoint, case_id: &str, backend: &mut dyn Backend) {
+    match f.action {
+        FailAction::Abort => {
+            tracing::error!(case = %case_id, failpoint = %f, "fault drill: aborting this agent process");
+            std::process::abort();
+        }
+        FailAction::DeviceFault => match backend.inject_device_fault() {
+            Ok(what) => {
+                tracing::error!(case = %case_id, failpoint = %f, %what, "fault drill: device fault injected")
+            }
+            Err(why) => {
+                tracing::error!(case = %case_id, failpoint = %f, %why, "fault drill: no device fault injected")
+            }
+        },
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod backends;
 pub mod client;
+pub mod failpoint;
 pub mod gating;
 pub mod identity;
 pub mod telemetry;

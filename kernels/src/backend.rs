@@ -41,4 +41,11 @@ pub trait Backend: Send {
     fn needs_restart(&self) -> bool {
         false
     }
+
+    /// Fault drills (the agent's `DECODEBENCH_FAILPOINT=device-fault:CASE`): makes the device
+    /// fault as a broken kernel would, leaving it as a real fault does. Returns what happened, or
+    /// why this backend cannot fault (the CPU backend has no device).
+    fn inject_device_fault(&mut self) -> Result<String, String> {
+        Err("this backend has no device to fault (device-fault needs the CUDA backend)".into())
+    }
 }

@@ -1173,6 +1173,16 @@ impl Backend for CudaBackend {
         CudaBackend::needs_restart(self)
     }
 
+    fn inject_device_fault(&mut self) -> Result<String, String> {
+        match CudaBackend::inject_device_fault(self) {
+            Err(e) => Ok(format!("GPU {} faulted: {e}", self.ordinal)),
+            Ok(()) => Err(format!(
+                "the fault kernel ran on GPU {} without faulting the device",
+                self.ordinal
+            )),
+        }
+    }
+
     fn run_case(&mut self, case: &BenchCase, probe: &mut dyn TelemetryProbe) -> CaseMeasurement {
         let started = Instant::now();
         let mut kernels = self.run_kernels(case, probe);
