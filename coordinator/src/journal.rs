@@ -7,9 +7,19 @@
 //! ```text
 //! "DBJRNL01"                                  8-byte magic
 //! [u32 len LE][u32 crc32 LE][len bytes JSON]  header frame: format version, run id, grid hash
-//! [u32 len LE][u32 crc32 LE][len bytes JSON]  one frame per ResultRecord, in arrival order
+//! [u32 len LE][u32 crc32 LE][len bytes JSON]  one frame per ResultRecord or event, in arrival order
 //! ...
 //! ```
+//!
+//! A frame after the header is a result ([`ResultRecord`]) or an *event*: a JSON object whose
+//! first key is `"event"`, naming its kind. The one kind so far is `"lost"` ([`LossRecord`]): a
+//! case charged a loss because its agent's lease expired, so that a resumed coordinator still
+//! knows which cases kill agents ([`Journal::replay`]). Events were added without a format version
+//! change, as frames an older journal simply does not have: a journal without them replays as
+//! before. An event of a kind this build does not know (a newer decodebench wrote it) is skipped
+//! with a warning, not taken for damage; an event of a known kind that does not decode is a
+//! damaged frame like an undecodable result. (A decodebench from before events reads an event
+//! frame as a damaged frame: it keeps every result, saves the original, and forgets the losses.)
 //!
 //! A crash can leave the last frame torn (short, or with a CRC that does not match): replay cuts
 //! such a *torn tail* off with a warning saying how many bytes were dropped, and carries on with
@@ -31,7 +41,7 @@
 //! A damaged header is never "repaired": if intact records follow it, the journal is refused and
 //! left untouched ([`JournalError::DamagedHeader`]).
 
-use crate::record::ResultRecord;
+use crate::record::{LossRecord, ResultRecord};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -120,6 +130,59 @@ impl JournalRecovery {
     }
 }
 
+/// What a journal holds, as [`Journal::replay`] reads it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Replay {
+    /// The results, in the order they were appended.
+    pub records: Vec<ResultRecord>,
+    /// The losses, in the order they were charged.
+    pub losses: Vec<ReplayedLoss>,
+}
+
+/// A loss found in the journal, and where it stands among the results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayedLoss {
+    pub loss: LossRecord,
+    /// How many results precede it in the journal: it is later than `records[..after_records]`
+    /// (so a result of its unit at an index at or past this one came after the loss).
+    pub after_records: usize,
+}
+
+/// One frame after the header.
+#[derive(Debug, Clone, PartialEq)]
+enum Entry {
+    Result(ResultRecord),
+    Loss(LossRecord),
+    /// An event of a kind this build does not know (written by a newer decodebench): skipped.
+    UnknownEvent,
+}
+
+impl Entry {
+    fn is_result(&self) -> bool {
+        matches!(self, Entry::Result(_))
+    }
+}
+
+/// An event frame's payload: `{"event":"<kind>", ...the kind's fields}`.
+#[derive(Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Event {
+    Lost(Box<LossRecord>),
+    #[serde(other)]
+    Unknown,
+}
+
+/// [`Event`] for writing, by reference.
+#[derive(Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum EventRef<'a> {
+    Lost(&'a LossRecord),
+}
+
+/// How every event payload starts (serde_json writes the tag first and no spaces); a result
+/// record's first key is `run_id`.
+const EVENT_PREFIX: &[u8] = b"{\"event\":";
+
 /// The first frame of every journal.
 #[derive(Debug, Serialize, Deserialize)]
 struct JournalHeader {
@@ -195,6 +258,7 @@ pub struct Journal {
     /// Bytes known to be durably in the file: the end of the last fully synced frame.
     len: u64,
     records: u64,
+    losses: u64,
     /// Reused encoding buffer, so appends do not allocate per record.
     buf: Vec<u8>,
     /// Set when a failed write could not be rolled back; every later append is refused.
@@ -223,10 +287,16 @@ impl Journal {
     /// were appended. A torn tail is truncated away with a warning; damage with intact records
     /// after it is skipped, keeping those records, after the original file was saved aside (see
     /// the module documentation and [`Journal::recovery`]); a journal of another grid is refused.
+    /// The journal's events are read and left out; [`Journal::replay`] returns them too.
     pub fn open(
         dir: &Path,
         meta: &JournalMeta,
     ) -> Result<(Journal, Vec<ResultRecord>), JournalError> {
+        Journal::replay(dir, meta).map(|(journal, replay)| (journal, replay.records))
+    }
+
+    /// [`Journal::open`], returning the losses the journal holds beside its results.
+    pub fn replay(dir: &Path, meta: &JournalMeta) -> Result<(Journal, Replay), JournalError> {
         let path = dir.join(JOURNAL_FILE_NAME);
         let io_err = |source| JournalError::Io {
             path: path.clone(),
@@ -253,6 +323,7 @@ impl Journal {
             meta: meta.clone(),
             len: 0,
             records: 0,
+            losses: 0,
             buf: Vec::with_capacity(4096),
             poisoned: false,
             recovery: None,
@@ -260,7 +331,7 @@ impl Journal {
         if file_len < MAGIC.len() as u64 + FRAME_HEADER_BYTES as u64 {
             journal.check_fresh_file(file_len)?;
             journal.create()?;
-            return Ok((journal, Vec::new()));
+            return Ok((journal, Replay::default()));
         }
 
         let mut reader = BufReader::with_capacity(1 << 20, &journal.file);
@@ -314,7 +385,7 @@ impl Journal {
                     );
                     journal.file.set_len(0).map_err(io_err)?;
                     journal.create()?;
-                    return Ok((journal, Vec::new()));
+                    return Ok((journal, Replay::default()));
                 }
             };
         if header.format_version != JOURNAL_FORMAT_VERSION {
@@ -330,15 +401,15 @@ impl Journal {
                 grid: meta.grid_hash.clone(),
             });
         }
-        let mut records = Vec::new();
+        let mut entries = Vec::new();
         let first_damage = loop {
             if offset == file_len {
                 break None;
             }
             match read_frame(&mut reader, file_len - offset).map_err(io_err)? {
-                Ok(payload) => match decode_record(&payload) {
-                    Ok(record) => {
-                        records.push(record);
+                Ok(payload) => match decode_entry(&payload) {
+                    Ok(entry) => {
+                        entries.push(entry);
                         offset += (FRAME_HEADER_BYTES + payload.len()) as u64;
                     }
                     Err(reason) => break Some(reason),
@@ -361,7 +432,7 @@ impl Journal {
                     path = %path.display(),
                     offset,
                     dropped_bytes = file_len - offset,
-                    kept_records = records.len(),
+                    kept_records = entries.iter().filter(|e| e.is_result()).count(),
                     reason = %reason,
                     "journal: dropping a torn tail (a frame cut short by a crash, with nothing \
                      intact after it); results in it were never acknowledged and will be sent \
@@ -378,7 +449,7 @@ impl Journal {
                     saved_copy: None,
                 });
             } else {
-                let kept_before = records.len();
+                let kept_before = entries.iter().filter(|e| e.is_result()).count();
                 let saved = journal
                     .rewrite_without_damage(offset, scan.kept.iter().map(|r| &rest[r.clone()]))?;
                 let recovery = JournalRecovery {
@@ -389,7 +460,7 @@ impl Journal {
                         .collect(),
                     lost_records: scan.damaged.iter().map(|d| d.lost).sum(),
                     lost_records_exact: scan.damaged.iter().all(|d| d.exact),
-                    kept_after_damage: scan.records.len() as u64,
+                    kept_after_damage: scan.entries.iter().filter(|e| e.is_result()).count() as u64,
                     torn_tail_bytes: scan.torn_tail.map_or(0, |t| (rest.len() - t) as u64),
                     saved_copy: Some(saved.clone()),
                 };
@@ -404,19 +475,40 @@ impl Journal {
                     "{}",
                     recovery.message()
                 );
-                records.extend(scan.records);
+                entries.extend(scan.entries);
                 offset = journal.len;
                 journal.recovery = Some(recovery);
             }
         }
         journal.file.seek(SeekFrom::Start(offset)).map_err(io_err)?;
         journal.len = offset;
-        journal.records = records.len() as u64;
         journal.meta = JournalMeta {
             run_id: header.run_id,
             grid_hash: header.grid_hash,
         };
-        Ok((journal, records))
+        let mut replay = Replay::default();
+        let mut unknown_events = 0u64;
+        for entry in entries {
+            match entry {
+                Entry::Result(record) => replay.records.push(record),
+                Entry::Loss(loss) => replay.losses.push(ReplayedLoss {
+                    loss,
+                    after_records: replay.records.len(),
+                }),
+                Entry::UnknownEvent => unknown_events += 1,
+            }
+        }
+        if unknown_events > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                events = unknown_events,
+                "journal: skipped events of a kind this build does not know (a newer decodebench \
+                 wrote them); every result was read"
+            );
+        }
+        journal.records = replay.records.len() as u64;
+        journal.losses = replay.losses.len() as u64;
+        Ok((journal, replay))
     }
 
     /// The journal's run id and grid hash. When an existing journal was resumed, its run id is
@@ -437,6 +529,11 @@ impl Journal {
     /// Records in the journal (replayed plus appended).
     pub fn record_count(&self) -> u64 {
         self.records
+    }
+
+    /// Losses in the journal (replayed plus appended).
+    pub fn loss_count(&self) -> u64 {
+        self.losses
     }
 
     /// Bytes durably in the file.
@@ -462,6 +559,31 @@ impl Journal {
         for record in records {
             encode_record(&mut self.buf, record)?;
         }
+        self.write_buf()?;
+        self.records += records.len() as u64;
+        Ok(())
+    }
+
+    /// Appends loss events with a single write and a single sync, like
+    /// [`Journal::append_batch`]: all of them are durable when this returns `Ok`, or none is in
+    /// the file.
+    pub fn append_losses(&mut self, losses: &[LossRecord]) -> Result<(), JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        self.buf.clear();
+        for loss in losses {
+            encode_loss(&mut self.buf, loss)?;
+        }
+        self.write_buf()?;
+        self.losses += losses.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the encoded frames in `buf` and syncs them; on failure, rolls the file back.
+    fn write_buf(&mut self) -> Result<(), JournalError> {
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -472,7 +594,6 @@ impl Journal {
         match written {
             Ok(()) => {
                 self.len += self.buf.len() as u64;
-                self.records += records.len() as u64;
                 Ok(())
             }
             Err(source) => {
@@ -642,6 +763,7 @@ impl Journal {
         }
         self.len = bytes.len() as u64;
         self.records = 0;
+        self.losses = 0;
         Ok(())
     }
 }
@@ -688,9 +810,42 @@ fn encode_record(out: &mut Vec<u8>, record: &ResultRecord) -> Result<(), Journal
     Ok(())
 }
 
-/// Decodes one record payload, or says why it is not one.
-fn decode_record(payload: &[u8]) -> Result<ResultRecord, String> {
-    serde_json::from_slice::<ResultRecord>(payload).map_err(|e| format!("undecodable record: {e}"))
+/// Appends one loss event's frame to `out`, or leaves `out` as it was and explains why it cannot
+/// be journaled (checked by decoding it back, as [`encode_record`] does).
+fn encode_loss(out: &mut Vec<u8>, loss: &LossRecord) -> Result<(), JournalError> {
+    let unencodable = |reason: String| JournalError::Unencodable {
+        case_id: loss.case_id.clone(),
+        reason,
+    };
+    let payload =
+        serde_json::to_vec(&EventRef::Lost(loss)).map_err(|e| unencodable(e.to_string()))?;
+    if payload.len() > MAX_FRAME_BYTES as usize {
+        return Err(unencodable(format!(
+            "{} bytes of JSON, more than the {MAX_FRAME_BYTES}-byte frame limit",
+            payload.len()
+        )));
+    }
+    match decode_entry(&payload) {
+        Ok(Entry::Loss(back)) if back == *loss => {}
+        Ok(_) => return Err(unencodable("it would not read back as itself".into())),
+        Err(e) => return Err(unencodable(format!("it would not read back: {e}"))),
+    }
+    push_frame(out, &payload);
+    Ok(())
+}
+
+/// Decodes one frame payload after the header (a result or an event), or says why it is neither.
+fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
+    if payload.starts_with(EVENT_PREFIX) {
+        return match serde_json::from_slice::<Event>(payload) {
+            Ok(Event::Lost(loss)) => Ok(Entry::Loss(*loss)),
+            Ok(Event::Unknown) => Ok(Entry::UnknownEvent),
+            Err(e) => Err(format!("undecodable event: {e}")),
+        };
+    }
+    serde_json::from_slice::<ResultRecord>(payload)
+        .map(Entry::Result)
+        .map_err(|e| format!("undecodable record: {e}"))
 }
 
 /// Why the bytes at some position of a damaged journal are not a whole, intact record frame.
@@ -726,12 +881,13 @@ impl fmt::Display for FrameFault {
 
 /// The record frame starting at `buf[pos]`, and where it ends, if it is whole and intact: a
 /// length from [`MIN_RECORD_BYTES`] to [`MAX_FRAME_BYTES`] that fits in the rest of `buf`, a
-/// payload that starts with `{` and ends with `}`, a matching CRC, and a record that decodes.
+/// payload that starts with `{` and ends with `}`, a matching CRC, and a record (or an event)
+/// that decodes.
 ///
 /// The cheap checks come first, so scanning garbage byte by byte rarely computes a CRC. A false
 /// match inside an intact payload is impossible: serde_json escapes control characters, so a
 /// payload never holds the zero to four byte a length's high byte needs.
-fn frame_at(buf: &[u8], pos: usize) -> Result<(ResultRecord, usize), FrameFault> {
+fn frame_at(buf: &[u8], pos: usize) -> Result<(Entry, usize), FrameFault> {
     let rest = &buf[pos..];
     if rest.len() < FRAME_HEADER_BYTES {
         return Err(FrameFault::ShortHeader);
@@ -753,8 +909,8 @@ fn frame_at(buf: &[u8], pos: usize) -> Result<(ResultRecord, usize), FrameFault>
     if stored != actual {
         return Err(FrameFault::Crc { stored, actual });
     }
-    let record = decode_record(payload).map_err(FrameFault::Undecodable)?;
-    Ok((record, pos + end))
+    let entry = decode_entry(payload).map_err(FrameFault::Undecodable)?;
+    Ok((entry, pos + end))
 }
 
 /// A damaged range found by [`scan_after_damage`], relative to its buffer.
@@ -792,8 +948,9 @@ impl DamagedRange {
 
 /// What [`scan_after_damage`] found.
 struct DamageScan {
-    records: Vec<ResultRecord>,
-    /// The byte ranges of the intact frames of `records`.
+    /// The intact frames' records and events.
+    entries: Vec<Entry>,
+    /// The byte ranges of the intact frames of `entries`.
     kept: Vec<Range<usize>>,
     /// Damaged ranges with intact frames after them.
     damaged: Vec<DamagedRange>,
@@ -805,7 +962,7 @@ struct DamageScan {
 /// every bad frame at the next position where an intact record frame starts.
 fn scan_after_damage(buf: &[u8]) -> DamageScan {
     let mut scan = DamageScan {
-        records: Vec::new(),
+        entries: Vec::new(),
         kept: Vec::new(),
         damaged: Vec::new(),
         torn_tail: None,
@@ -822,7 +979,7 @@ fn scan_after_damage(buf: &[u8]) -> DamageScan {
             return scan;
         };
         scan.damaged.push(DamagedRange::new(buf, bad..next));
-        scan.records.push(record);
+        scan.entries.push(record);
         scan.kept.push(next..end);
         let mut pos = end;
         loop {
@@ -831,7 +988,7 @@ fn scan_after_damage(buf: &[u8]) -> DamageScan {
             }
             match frame_at(buf, pos) {
                 Ok((record, end)) => {
-                    scan.records.push(record);
+                    scan.entries.push(record);
                     scan.kept.push(pos..end);
                     pos = end;
                 }
@@ -851,7 +1008,7 @@ fn count_intact_frames(buf: &[u8]) -> u64 {
         pos = end;
     }
     if pos < buf.len() {
-        count += scan_after_damage(&buf[pos..]).records.len() as u64;
+        count += scan_after_damage(&buf[pos..]).entries.len() as u64;
     }
     count
 }
@@ -1463,15 +1620,217 @@ mod tests {
         encode_record(&mut frame, &records(1)[0]).unwrap();
         buf.extend_from_slice(&frame[..frame.len() - 1]);
         let scan = scan_after_damage(&buf);
-        assert!(scan.records.is_empty());
+        assert!(scan.entries.is_empty());
         assert!(scan.damaged.is_empty());
         assert_eq!(scan.torn_tail, Some(0));
         // With the last byte back, the frame is found.
         buf.push(*frame.last().unwrap());
         let scan = scan_after_damage(&buf);
-        assert_eq!(scan.records.len(), 1);
+        assert_eq!(scan.entries.len(), 1);
         assert_eq!(scan.kept, vec![64..buf.len()]);
         assert_eq!(scan.damaged[0].range, 0..64);
+    }
+
+    fn loss(case_id: &str, agent_id: &str, cause: crate::record::LossCause) -> LossRecord {
+        LossRecord {
+            run_id: "run-a".into(),
+            case_id: case_id.into(),
+            agent_id: agent_id.into(),
+            device: decodebench_kernels::DeviceIdentity {
+                backend: "cpu".into(),
+                uuid: format!("CPU-{agent_id}"),
+                sku: "cpu".into(),
+                ..Default::default()
+            },
+            cause,
+            lost_unix_ms: 1_700_000_000_000,
+        }
+    }
+
+    /// The frame of a loss event, as the journal writes it.
+    fn loss_frame(l: &LossRecord) -> Vec<u8> {
+        let mut frame = Vec::new();
+        encode_loss(&mut frame, l).unwrap();
+        frame
+    }
+
+    #[test]
+    fn loss_events_replay_in_order_among_the_results() {
+        use crate::record::LossCause;
+        let dir = tempfile::tempdir().unwrap();
+        let recs = records(4);
+        let l1 = loss("c1", "agent-1", LossCause::Shard);
+        let l2 = loss("c2", "agent-1", LossCause::Shard);
+        let l3 = loss("c1", "agent-2", LossCause::Running);
+        {
+            let (mut j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+            assert_eq!(replay, Replay::default());
+            j.append(&recs[0]).unwrap();
+            j.append_losses(&[l1.clone(), l2.clone()]).unwrap();
+            j.append_batch(&recs[1..3]).unwrap();
+            j.append_losses(std::slice::from_ref(&l3)).unwrap();
+            j.append_losses(&[]).unwrap();
+            assert_eq!((j.record_count(), j.loss_count()), (3, 3));
+        }
+        let (mut j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(replay.records, recs[..3]);
+        let at = |loss: &LossRecord, after_records| ReplayedLoss {
+            loss: loss.clone(),
+            after_records,
+        };
+        assert_eq!(replay.losses, vec![at(&l1, 1), at(&l2, 1), at(&l3, 3)]);
+        assert_eq!((j.record_count(), j.loss_count()), (3, 3));
+        assert_eq!(j.recovery(), None);
+        // The event is a tagged JSON object of its own, not a result.
+        let bytes = fs::read(journal_path(dir.path())).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            text.contains(
+                r#"{"event":"lost","run_id":"run-a","case_id":"c1","agent_id":"agent-2""#
+            ) && text.contains(r#""cause":"running""#),
+            "{text}"
+        );
+        // Appending goes on after a replay; `open` gives the results alone.
+        j.append(&recs[3]).unwrap();
+        drop(j);
+        let (j, replayed) = Journal::open(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(replayed, recs);
+        assert_eq!((j.record_count(), j.loss_count()), (4, 3));
+    }
+
+    /// A journal written before loss events existed: the magic, a version-1 header and result
+    /// frames, byte for byte as that release wrote them.
+    #[test]
+    fn an_old_journal_without_loss_events_replays_as_before() {
+        use crate::record::LossCause;
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        let recs = records(3);
+        let mut old = MAGIC.to_vec();
+        push_frame(
+            &mut old,
+            br#"{"format_version":1,"run_id":"run-old","grid_hash":"g1","created_unix_ms":1700000000000}"#,
+        );
+        for r in &recs {
+            push_frame(&mut old, &serde_json::to_vec(r).unwrap());
+        }
+        fs::write(&path, &old).unwrap();
+        {
+            let (mut j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+            assert_eq!(replay.records, recs);
+            assert!(replay.losses.is_empty());
+            assert_eq!(j.recovery(), None, "nothing in an old journal is damage");
+            assert_eq!(j.meta().run_id, "run-old");
+            assert_eq!(fs::read(&path).unwrap(), old, "replay changed nothing");
+            // The resumed run journals its losses into the old journal.
+            j.append_losses(&[loss("c9", "agent-1", LossCause::Alone)])
+                .unwrap();
+        }
+        let (_, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(replay.records, recs);
+        assert_eq!(replay.losses.len(), 1);
+        assert_eq!(replay.losses[0].after_records, 3);
+        assert!(fs::read(&path).unwrap().starts_with(&old));
+    }
+
+    #[test]
+    fn a_torn_loss_event_at_the_tail_is_cut_off_like_a_torn_record() {
+        use crate::record::LossCause;
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        let recs = records(2);
+        let l1 = loss("c1", "agent-1", LossCause::Shard);
+        let l2 = loss("c2", "agent-2", LossCause::Alone);
+        let before_last = {
+            let (mut j, _) = Journal::open(dir.path(), &meta("g1")).unwrap();
+            j.append_batch(&recs).unwrap();
+            j.append_losses(std::slice::from_ref(&l1)).unwrap();
+            let before_last = j.len_bytes();
+            j.append_losses(std::slice::from_ref(&l2)).unwrap();
+            before_last
+        };
+        let full = fs::read(&path).unwrap();
+        for cut in [before_last as usize + 3, full.len() - 1] {
+            fs::write(&path, &full[..cut]).unwrap();
+            let (j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+            assert_eq!(replay.records, recs);
+            assert_eq!(replay.losses.len(), 1, "cut at {cut}");
+            assert_eq!(replay.losses[0].loss, l1);
+            let recovery = j.recovery().unwrap();
+            assert_eq!(recovery.torn_tail_bytes, (cut as u64) - before_last);
+            assert_eq!(recovery.saved_copy, None);
+            assert_eq!(fs::metadata(&path).unwrap().len(), before_last);
+        }
+        assert!(damaged_copies(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_malformed_loss_event_is_a_damaged_frame_and_an_unknown_event_is_skipped() {
+        use crate::record::LossCause;
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        let recs = records(3);
+        write_frames(dir.path(), &recs[..1]);
+        let good_loss = loss("c1", "agent-1", LossCause::Running);
+        let mut bytes = fs::read(&path).unwrap();
+        // Intact frames (right length and CRC) whose payload is an event: one of a kind this build
+        // does not know, one "lost" without its fields, then a good one.
+        push_frame(&mut bytes, br#"{"event":"drained","agent_id":"agent-1"}"#);
+        let malformed_at = bytes.len();
+        push_frame(&mut bytes, br#"{"event":"lost","case_id":7}"#);
+        let malformed = malformed_at..bytes.len();
+        bytes.extend_from_slice(&loss_frame(&good_loss));
+        for r in &recs[1..] {
+            push_frame(&mut bytes, &serde_json::to_vec(r).unwrap());
+        }
+        fs::write(&path, &bytes).unwrap();
+
+        let (j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(replay.records, recs, "every result is kept");
+        assert_eq!(
+            replay.losses,
+            vec![ReplayedLoss {
+                loss: good_loss,
+                after_records: 1
+            }]
+        );
+        // The malformed event is damage in the middle, handled as any: the range named, the
+        // original saved, the journal rewritten without it; the unknown event is not damage.
+        let recovery = j.recovery().unwrap();
+        assert_eq!(recovery.damaged_ranges, vec![u64_range(&malformed)]);
+        let copies = damaged_copies(dir.path());
+        assert_eq!(copies.len(), 1);
+        assert_eq!(fs::read(&copies[0]).unwrap(), bytes);
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            cut_out(&bytes, std::slice::from_ref(&malformed))
+        );
+        drop(j);
+        let (j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!((replay.records.len(), replay.losses.len()), (3, 1));
+        assert_eq!(j.recovery(), None);
+    }
+
+    #[test]
+    fn loss_events_after_damage_are_found_by_the_resync() {
+        use crate::record::LossCause;
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        let recs = records(3);
+        let frames = write_frames(dir.path(), &recs);
+        let l = loss("c1", "agent-1", LossCause::Alone);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.extend_from_slice(&loss_frame(&l));
+        fs::write(&path, &bytes).unwrap();
+        zero_bytes(&path, frames[1].start + 20, 8);
+        let (j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(replay.records, without(&recs, &[1]));
+        assert_eq!(replay.losses.len(), 1);
+        assert_eq!(replay.losses[0].loss, l);
+        assert_eq!(replay.losses[0].after_records, 2);
+        let recovery = j.recovery().unwrap();
+        assert_eq!(recovery.damaged_ranges, vec![u64_range(&frames[1])]);
+        assert_eq!(recovery.kept_after_damage, 1, "results, not events");
     }
 
     /// Group-commit throughput on this machine's disk; run with `--ignored --nocapture`.

@@ -76,6 +76,56 @@ impl ResultRecord {
     }
 }
 
+/// How a loss was pinned on a case when its agent's lease expired (see
+/// [`crate::scheduler`]'s give-up rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossCause {
+    /// The agent's last heartbeat named this case as the one it was running, and it had no
+    /// result: the agent died running it. Its shard-mates were not charged.
+    Running,
+    /// It was the only case of the lease without a result.
+    Alone,
+    /// No heartbeat named a case without a result (the agent died before its first heartbeat of
+    /// the case, or it does not say): every case of the lease without a result was charged.
+    Shard,
+}
+
+impl LossCause {
+    /// The loss is evidence against this case in particular, not shared with shard-mates: only
+    /// such a loss can be the one after which the case is given up.
+    pub fn pins_the_case(self) -> bool {
+        !matches!(self, LossCause::Shard)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossCause::Running => "running",
+            LossCause::Alone => "alone",
+            LossCause::Shard => "shard",
+        }
+    }
+}
+
+/// A case lost with its agent: the agent's lease expired (no heartbeat for a lease timeout) with
+/// the case charged a loss. The journal keeps these beside the results, so that a coordinator
+/// resumed from it remembers which cases already killed agents: they keep running alone, and the
+/// count towards giving one up survives the restart.
+///
+/// Like a result, it names the case and the device, not the unit: the unit key follows from both
+/// under the placement of the run that replays it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LossRecord {
+    pub run_id: String,
+    pub case_id: String,
+    /// The agent whose lease expired, and its device (the unit's placement target).
+    pub agent_id: String,
+    pub device: DeviceIdentity,
+    pub cause: LossCause,
+    /// When the coordinator charged the loss, milliseconds since the Unix epoch.
+    pub lost_unix_ms: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
