@@ -287,3 +287,137 @@ fn decodebench_host_names_the_host_column() {
         lines.map(|l| l.split(',').nth(col).unwrap_or("")).collect();
     assert_eq!(hosts.into_iter().collect::<Vec<_>>(), vec!["gpu-node-17"]);
 }
+
+/// The pids of `parent`'s child processes, from /proc.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": the name may hold spaces, so split after its `)`.
+            let (_, rest) = stat.rsplit_once(')')?;
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
+/// `run` flags for agent processes whose losses are noticed within seconds.
+const PROCESS_AGENTS: [&str; 8] = [
+    "--local-agents",
+    "process",
+    "--lease-timeout-s",
+    "2",
+    "--heartbeat-s",
+    "0.5",
+    "--shard-cases",
+    "4",
+];
+
+/// With `--local-agents process`, an agent process killed with SIGKILL mid-run (as the OOM
+/// killer would) is replaced by a fresh one, and the run still ends with every case once.
+#[test]
+fn run_restarts_an_agent_process_killed_mid_run() {
+    let _serial = exclusive();
+    let s = Scratch::new("local-agent-killed");
+    let grid = s.grid(&GridSpec::slow());
+    let ids = grid_case_ids(&grid);
+    let out = s.out();
+    // The agent logs each case as it starts it (debug), after reporting the one before.
+    let mut args = vec!["--log".to_string(), "info,decodebench_agent=debug".into()];
+    args.extend(cpu_run_args(&grid, &out, &PROCESS_AGENTS));
+    let mut run = Proc::spawn(&s, "run", &args);
+    wait_until(
+        Duration::from_secs(60),
+        "the agent process to start its third case",
+        || run.log().matches("running case").count() >= 3,
+    );
+    let agents = children_of(run.pid());
+    assert_eq!(
+        agents.len(),
+        1,
+        "one agent process: {agents:?}\n{}",
+        run.log_tail()
+    );
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &agents[0].to_string()])
+        .status()
+        .expect("running kill");
+    assert!(killed.success());
+    run.wait_success(Duration::from_secs(120));
+
+    let rows = assert_each_case_once(&out, &ids);
+    let agent_ids: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r.agent_id.as_str()).collect();
+    assert_eq!(
+        agent_ids.len(),
+        2,
+        "results from the killed agent and from its replacement: {agent_ids:?}"
+    );
+    let log = run.log();
+    assert!(log.contains("was killed by signal 9 (SIGKILL"), "{log}");
+    assert!(
+        log.contains("agent local-cpu0: its process died 1 time(s) and was restarted 1 time(s)"),
+        "{log}"
+    );
+}
+
+/// A case that crashes every agent process that runs it (here `DECODEBENCH_FAILPOINT=abort:`,
+/// as a segfault would) is given up after `--max-attempts` losses and recorded as failed; the
+/// run still measures every other case, and exits 2. Once the cause is gone, `--retry-failed`
+/// runs that case alone again.
+#[test]
+fn run_records_a_case_that_crashes_its_agent_process_as_failed_and_finishes_the_rest() {
+    let _serial = exclusive();
+    let s = Scratch::new("local-agent-crash-case");
+    let grid = s.grid(&GridSpec::tiny());
+    let ids = grid_case_ids(&grid);
+    let victim = ids
+        .iter()
+        .nth(5)
+        .expect("the tiny grid has 12 cases")
+        .clone();
+    let out = s.out();
+    let mut args = cpu_run_args(&grid, &out, &PROCESS_AGENTS);
+    args.extend(["--max-attempts".into(), "2".into()]);
+    let drill = format!("abort:{}", &victim[..8]);
+    let mut run = Proc::spawn_with_env(&s, "run", &args, &[("DECODEBENCH_FAILPOINT", &drill)]);
+    let status = run.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(2), "{}", run.log_tail());
+    let log = run.log();
+    assert!(log.contains("was killed by signal 6 (SIGABRT)"), "{log}");
+    assert!(log.contains("giving up on it"), "{log}");
+
+    let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
+    check_each_case_at_most_once(&rows, &ids).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        rows.len(),
+        ids.len() * KERNELS.len(),
+        "every case has its rows"
+    );
+    for r in &rows {
+        let want = if r.case_id == victim { "failed" } else { "ok" };
+        assert_eq!(r.status.as_deref(), Some(want), "{r:?}");
+    }
+
+    let mut retry_args = cpu_run_args(&grid, &out, &PROCESS_AGENTS);
+    retry_args.push("--retry-failed".into());
+    let mut retry = Proc::spawn(&s, "retry", &retry_args);
+    retry.wait_success(Duration::from_secs(60));
+    let after = assert_each_case_once(&out, &ids);
+    let rerun: Vec<&ResultRow> = after
+        .iter()
+        .filter(|r| {
+            !rows
+                .iter()
+                .any(|b| b.received_unix_ms == r.received_unix_ms && b.case_id == r.case_id)
+        })
+        .collect();
+    assert!(
+        !rerun.is_empty() && rerun.iter().all(|r| r.case_id == victim),
+        "only the failed case runs again: {rerun:?}"
+    );
+}

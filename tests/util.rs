@@ -225,6 +225,16 @@ pub struct Proc {
 impl Proc {
     /// Starts `decodebench ARGS`, stdout and stderr going to `<scratch>/<name>.log`.
     pub fn spawn(scratch: &Scratch, name: &str, args: &[String]) -> Proc {
+        Proc::spawn_with_env(scratch, name, args, &[])
+    }
+
+    /// [`Proc::spawn`] with these environment variables set as well.
+    pub fn spawn_with_env(
+        scratch: &Scratch,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let log = scratch.path().join(format!("{name}.log"));
         let out = File::create(&log).expect("creating a process log");
         let err = out.try_clone().expect("duplicating a log handle");
@@ -234,7 +244,9 @@ impl Proc {
             .env_remove("DECODEBENCH_TOKEN")
             .env_remove("DECODEBENCH_TOKEN_FILE")
             .env_remove("DECODEBENCH_COORDINATOR")
+            .env_remove("DECODEBENCH_FAILPOINT")
             .env("DECODEBENCH_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
