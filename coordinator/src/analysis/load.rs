@@ -8,8 +8,11 @@
 //! Everything analysis decides from is checked on the way in, because a nightly gate must fail
 //! loudly on a bad file rather than pass on it: a file that is not Parquet (a `results.csv`
 //! passed by mistake), one without this build's schema version (rewritten by pandas, or from
-//! another decodebench), one without rows, and an `ok` row whose timing is not a positive finite
-//! number (a zero time would read as a 100 % speed-up) are all refused with what to do.
+//! another decodebench), one without rows, a null where decodebench always writes a value (in a
+//! required column, or inside a row's `samples_ms`: the file was made or edited by another tool,
+//! and reading the null as "nothing" would drop a sample or a row's identity without a word), and
+//! an `ok` row whose timing is not a positive finite number (a zero time would read as a 100 %
+//! speed-up) are all refused with what to do.
 
 use super::AnalysisError;
 use crate::schema::{self, SAMPLES_COLUMN, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
@@ -18,7 +21,7 @@ use arrow::array::{
     Array, AsArray, BooleanArray, Float64Array, GenericListArray, Int64Array, StringArray,
     UInt32Array,
 };
-use arrow::datatypes::{Float64Type, Int64Type, UInt32Type};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, UInt32Type};
 use arrow::record_batch::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use decodebench_kernels::{Dtype, KernelKind, QuantMode, Status};
@@ -378,6 +381,8 @@ fn keep_latest(rows: Vec<ResultRow>) -> Vec<ResultRow> {
 struct BatchColumns<'a> {
     path: &'a Path,
     batch: &'a RecordBatch,
+    /// Number of the batch's first row in the file, for error messages.
+    first_row: usize,
 }
 
 impl<'a> BatchColumns<'a> {
@@ -389,7 +394,8 @@ impl<'a> BatchColumns<'a> {
         }
     }
 
-    /// The column, after checking that the schema declares it with the type the file has.
+    /// The column, after checking that the schema declares it with the type the file has, and
+    /// that a column the schema declares required holds no null.
     fn get(&self, name: &'static str) -> Result<&'a dyn Array, AnalysisError> {
         let def = schema::columns()
             .iter()
@@ -399,7 +405,7 @@ impl<'a> BatchColumns<'a> {
             .batch
             .column_by_name(name)
             .ok_or_else(|| self.error(name, "is missing"))?;
-        if array.data_type() != &def.data_type() {
+        if !same_type(array.data_type(), &def.data_type()) {
             return Err(self.error(
                 name,
                 format!(
@@ -409,7 +415,38 @@ impl<'a> BatchColumns<'a> {
                 ),
             ));
         }
+        if !def.nullable {
+            if let Some(i) = (0..array.len()).find(|&i| array.is_null(i)) {
+                return Err(self.not_written_by_decodebench(
+                    i,
+                    format!(
+                        "column `{name}` is null, and the result schema declares it required \
+                         (decodebench writes a value in every row)"
+                    ),
+                ));
+            }
+        }
         Ok(array.as_ref())
+    }
+
+    /// A value decodebench never writes, in row `i` of the batch: the file was made or changed by
+    /// something else, and analysing it would decide from values that are not the run's.
+    fn not_written_by_decodebench(&self, i: usize, what: String) -> AnalysisError {
+        let case = self
+            .batch
+            .column_by_name(column::CASE_ID)
+            .and_then(|c| c.as_string_opt::<i32>())
+            .filter(|c| c.is_valid(i))
+            .map_or(String::new(), |c| format!(" (case {})", c.value(i)));
+        AnalysisError::Schema {
+            path: self.path.to_path_buf(),
+            reason: format!(
+                "row {}{case}: {what}. The file was not written by decodebench, or was edited \
+                 after the run; pass the results.parquet the run wrote, unmodified (or rerun the \
+                 run)",
+                self.first_row + i
+            ),
+        }
     }
 
     fn utf8(&self, name: &'static str) -> Result<&'a StringArray, AnalysisError> {
@@ -449,6 +486,18 @@ impl<'a> BatchColumns<'a> {
     }
 }
 
+/// Whether a column's type in the file is the one the schema declares. A list whose items are
+/// declared nullable passes (other tools write lists that way): a null item in it is refused with
+/// its row by [`read_batch`], which says more than a type mismatch would.
+fn same_type(found: &DataType, declared: &DataType) -> bool {
+    match (found, declared) {
+        (DataType::List(f), DataType::List(d)) => {
+            f.name() == d.name() && f.data_type() == d.data_type()
+        }
+        _ => found == declared,
+    }
+}
+
 fn text(a: &StringArray, i: usize) -> String {
     if a.is_null(i) {
         String::new()
@@ -482,7 +531,11 @@ fn read_batch(
     out: &mut Vec<ResultRow>,
     case_settings: &mut BTreeMap<String, Vec<String>>,
 ) -> Result<(), AnalysisError> {
-    let cols = BatchColumns { path, batch };
+    let cols = BatchColumns {
+        path,
+        batch,
+        first_row,
+    };
     let run_id = cols.utf8(column::RUN_ID)?;
     let git_revision = cols.utf8(column::GIT_REVISION)?;
     let attempt = cols.u32(column::ATTEMPT)?;
@@ -539,15 +592,23 @@ fn read_batch(
             None => None,
             Some(s) => Some(Status::parse(s).ok_or_else(|| unknown(i, column::STATUS, s))?),
         };
-        let samples_ms = if samples.is_null(i) {
-            Vec::new()
-        } else {
-            let values = samples.value(i);
-            let values = values
-                .as_primitive_opt::<Float64Type>()
-                .ok_or_else(|| cols.error(SAMPLES_COLUMN, "does not hold float64 values"))?;
-            values.iter().flatten().collect()
-        };
+        // `cols.list` refused a null list; a null inside one is refused here, with its place.
+        let values = samples.value(i);
+        let values = values
+            .as_primitive_opt::<Float64Type>()
+            .ok_or_else(|| cols.error(SAMPLES_COLUMN, "does not hold float64 values"))?;
+        if let Some(j) = (0..values.len()).find(|&j| values.is_null(j)) {
+            let kernel = kernel.map_or("unknown", |k| k.as_str());
+            return Err(cols.not_written_by_decodebench(
+                i,
+                format!(
+                    "{SAMPLES_COLUMN}[{j}] of the {kernel} kernel on GPU {} is null, and \
+                     decodebench writes every sample as a number",
+                    text(device_uuid, i)
+                ),
+            ));
+        }
+        let samples_ms = values.values().to_vec();
         let row = ResultRow {
             run_id: text(run_id, i),
             git_revision: text(git_revision, i),
@@ -749,6 +810,148 @@ mod tests {
             "launch failed",
         );
         assert!(load_results(write_run(&[failed]).path()).is_ok());
+    }
+
+    /// `parquet` rewritten to `to` with column `name` replaced by what `replace` makes of it
+    /// (its field made nullable), keeping this build's schema version: a file edited by a tool
+    /// that keeps the metadata.
+    fn rewrite_column(
+        parquet: &Path,
+        to: &Path,
+        name: &str,
+        replace: impl Fn(&dyn Array) -> arrow::array::ArrayRef,
+    ) {
+        use arrow::datatypes::{Field, Schema};
+        use std::sync::Arc;
+        let batches = read_parquet(parquet).unwrap();
+        let old = batches[0].schema();
+        let mut fields = Vec::new();
+        let mut columns = Vec::new();
+        for (f, c) in old.fields().iter().zip(batches[0].columns()) {
+            if f.name() == name {
+                let c = replace(c.as_ref());
+                fields.push(Field::new(name, c.data_type().clone(), true));
+                columns.push(c);
+            } else {
+                fields.push(f.as_ref().clone());
+                columns.push(c.clone());
+            }
+        }
+        let schema = Arc::new(Schema::new_with_metadata(
+            fields,
+            schema::schema().metadata().clone(),
+        ));
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(to).unwrap(),
+            schema.clone(),
+            None,
+        )
+        .unwrap();
+        w.write(&RecordBatch::try_new(schema, columns).unwrap())
+            .unwrap();
+        w.close().unwrap();
+    }
+
+    /// The samples column with list `row` made null (`item` None) or its item `item` made null.
+    fn samples_with_null(
+        samples: &dyn Array,
+        row: usize,
+        item: Option<usize>,
+    ) -> arrow::array::ArrayRef {
+        use arrow::array::{Float64Builder, ListBuilder};
+        use arrow::datatypes::Field;
+        let samples = samples.as_list::<i32>();
+        let nullable_items = item.is_some();
+        let mut b = ListBuilder::new(Float64Builder::new()).with_field(Field::new(
+            "item",
+            arrow::datatypes::DataType::Float64,
+            nullable_items,
+        ));
+        for r in 0..samples.len() {
+            let values = samples.value(r);
+            let values = values.as_primitive::<Float64Type>();
+            for (j, v) in values.values().iter().enumerate() {
+                if r == row && item == Some(j) {
+                    b.values().append_null();
+                } else {
+                    b.values().append_value(*v);
+                }
+            }
+            b.append(!(r == row && item.is_none()));
+        }
+        std::sync::Arc::new(b.finish())
+    }
+
+    #[test]
+    fn analysis_load_refuses_a_null_sample_naming_the_file_and_row() {
+        let gpu = Gpu::h100(0);
+        let records = [record(&gpu, 4, 1024, &[1.0, 1.1, 1.2], &[2.0, 2.1])];
+        let dir = write_run(&records);
+        let parquet = dir.path().join(PARQUET_FILE_NAME);
+        let to = dir.path().join("edited.parquet");
+        // Row 1 is the optimized kernel; its second sample becomes null.
+        rewrite_column(&parquet, &to, SAMPLES_COLUMN, |c| {
+            samples_with_null(c, 1, Some(1))
+        });
+        let e = load_results(&to).unwrap_err();
+        assert!(matches!(e, AnalysisError::Schema { .. }), "{e}");
+        let e = e.to_string();
+        for part in [
+            to.display().to_string(),
+            format!("row 1 (case {})", records[0].case.id),
+            format!(
+                "samples_ms[1] of the optimized kernel on GPU {} is null",
+                gpu.uuid
+            ),
+            "not written by decodebench, or was edited after the run".to_string(),
+        ] {
+            assert!(e.contains(&part), "missing {part:?} in: {e}");
+        }
+        // Items declared nullable but none null: read as written.
+        rewrite_column(&parquet, &to, SAMPLES_COLUMN, |c| {
+            samples_with_null(c, 1, Some(99))
+        });
+        assert_eq!(
+            load_results(&to).unwrap().rows[1].samples_ms,
+            [1.0, 1.1, 1.2]
+        );
+    }
+
+    #[test]
+    fn analysis_load_refuses_a_null_in_a_required_column() {
+        let gpu = Gpu::h100(0);
+        let records = [record(&gpu, 4, 1024, &[1.0, 1.1, 1.2], &[2.0, 2.1])];
+        let dir = write_run(&records);
+        let parquet = dir.path().join(PARQUET_FILE_NAME);
+        let to = dir.path().join("edited.parquet");
+        // A null samples list on an ok row (read as "no samples", it would fall back to the
+        // median column), and a null attempt (read as 0, it would lose to any other copy).
+        rewrite_column(&parquet, &to, SAMPLES_COLUMN, |c| {
+            samples_with_null(c, 1, None)
+        });
+        let e = load_results(&to).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "row 1 (case {}): column `samples_ms` is null",
+                records[0].case.id
+            )) && e.contains("was edited after the run"),
+            "{e}"
+        );
+        rewrite_column(&parquet, &to, column::ATTEMPT, |_| {
+            std::sync::Arc::new(UInt32Array::from(vec![Some(1), None]))
+        });
+        let e = load_results(&to).unwrap_err().to_string();
+        assert!(
+            e.contains("row 1 (case ") && e.contains("column `attempt` is null"),
+            "{e}"
+        );
+        // A null case id: the row is named without one.
+        rewrite_column(&parquet, &to, column::CASE_ID, |c| {
+            let ids = c.as_string::<i32>();
+            std::sync::Arc::new(StringArray::from(vec![None, Some(ids.value(1))]))
+        });
+        let e = load_results(&to).unwrap_err().to_string();
+        assert!(e.contains("row 0: column `case_id` is null"), "{e}");
     }
 
     #[test]
