@@ -1,5 +1,6 @@
 //! The coordinator's edge: a wrong bearer token and a wrong protocol version are refused with
-//! errors that say what is wrong, and garbage on the gRPC port neither crashes nor wedges it.
+//! errors that say what is wrong, a report holding a timing no timer produces is refused naming
+//! the sample, and garbage on the gRPC port neither crashes nor wedges it.
 
 use crate::util::*;
 use decodebench_proto::{wire, PROTOCOL_VERSION};
@@ -128,6 +129,144 @@ fn a_client_speaking_another_protocol_version_gets_failed_precondition() {
     assert!(coord.is_running());
 
     // A real agent still runs the whole grid.
+    let mut a = agent(&s, "agent", port, &[]);
+    coord.wait_success(Duration::from_secs(90));
+    a.wait_success(Duration::from_secs(20));
+    assert_each_case_once(&s.out(), &ids);
+}
+
+/// How long the raw client below waits for the coordinator to hand it a shard.
+const SHARD_WAIT: Duration = Duration::from_secs(30);
+
+/// Both kernels of `case_id` timed ok with three samples each, as a real agent reports them.
+fn well_formed_report(case_id: &str) -> wire::CaseMeasurement {
+    use decodebench_kernels::{CaseMeasurement, KernelKind, KernelMeasurement, Status};
+    let kernels = KernelKind::ALL
+        .iter()
+        .map(|&kind| {
+            let mut m = KernelMeasurement {
+                kernel: Some(kind),
+                status: Some(Status::Ok),
+                samples_ms: vec![0.5, 0.6, 0.55],
+                bytes_per_call: 1 << 20,
+                ..Default::default()
+            };
+            m.finish_stats(None);
+            m
+        })
+        .collect();
+    (&CaseMeasurement {
+        case_id: case_id.to_string(),
+        kernels,
+        wall_s: 0.1,
+    })
+        .into()
+}
+
+#[test]
+fn a_report_with_a_sample_that_is_not_a_time_is_refused_and_the_coordinator_carries_on() {
+    let _serial = exclusive();
+    let s = Scratch::new("bad-sample");
+    let grid = s.grid(&GridSpec::tiny());
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    let mut coord = coordinator(&s, "coordinator", &grid, port, &[]);
+    wait_for_listener(port, Duration::from_secs(30));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let mut client = rt
+        .block_on(wire::coordinator_client::CoordinatorClient::connect(url(
+            port,
+        )))
+        .expect("connecting to the coordinator");
+    let agent_id = rt
+        .block_on(client.register(wire::RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "integration-test".into(),
+            agent_name: "raw-reporter".into(),
+            device: Some(wire::DeviceIdentity {
+                backend: "cpu".into(),
+                name: "test device".into(),
+                uuid: "CPU-raw-reporter".into(),
+                sku: "cpu".into(),
+                host: "localhost".into(),
+                ..Default::default()
+            }),
+        }))
+        .expect("registering")
+        .into_inner()
+        .agent_id;
+    let deadline = std::time::Instant::now() + SHARD_WAIT;
+    let shard = loop {
+        let lease = rt
+            .block_on(client.lease(wire::LeaseRequest {
+                agent_id: agent_id.clone(),
+            }))
+            .expect("asking for a lease")
+            .into_inner();
+        match lease.action {
+            Some(wire::lease_response::Action::Shard(shard)) => break shard,
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no shard within {SHARD_WAIT:?}; last answer: {other:?}"
+                );
+                std::thread::sleep(POLL_PERIOD);
+            }
+        }
+    };
+    let case_id = shard.cases[0].id.clone();
+    let mut report = |measurement: wire::CaseMeasurement| {
+        rt.block_on(client.report(wire::ReportRequest {
+            agent_id: agent_id.clone(),
+            lease_id: shard.lease_id.clone(),
+            measurement: Some(measurement),
+        }))
+    };
+
+    // The optimized kernel is reported second; its second sample is not a time.
+    for (bad, shown) in [(0.0, "0"), (f64::NAN, "NaN")] {
+        let mut m = well_formed_report(&case_id);
+        m.kernels[1].samples_ms[1] = bad;
+        let err = report(m).expect_err("a sample that is not a time must be refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        let msg = err.message();
+        for part in [
+            "kernels[optimized].samples_ms[1]".to_string(),
+            format!("is {shown} ms"),
+            "bug in the agent's timing".to_string(),
+        ] {
+            assert!(msg.contains(&part), "missing {part:?} in: {msg}");
+        }
+        assert!(
+            coord.is_running(),
+            "the coordinator died of a bad report:\n{}",
+            coord.log_tail()
+        );
+    }
+
+    // Nothing of the refused reports was kept: the same case, well formed, is a new result.
+    let ok = report(well_formed_report(&case_id))
+        .expect("a well-formed report is accepted")
+        .into_inner();
+    assert!(ok.accepted, "{ok:?}");
+    assert!(ok.lease_valid, "{ok:?}");
+    let st = StatusProbe::new(port)
+        .get()
+        .expect("the coordinator still answers Status");
+    assert_eq!(st.done, 1, "{st:?}");
+
+    // The raw client hands the rest back; a real agent finishes the grid, every case once.
+    rt.block_on(client.release(wire::ReleaseRequest {
+        agent_id: agent_id.clone(),
+        lease_id: shard.lease_id.clone(),
+        reason: "integration test done".into(),
+        leaving: true,
+    }))
+    .expect("releasing the lease");
     let mut a = agent(&s, "agent", port, &[]);
     coord.wait_success(Duration::from_secs(90));
     a.wait_success(Duration::from_secs(20));
