@@ -122,7 +122,8 @@ pub struct LossRecord {
     pub agent_id: String,
     pub device: DeviceIdentity,
     pub cause: LossCause,
-    /// When the coordinator charged the loss, milliseconds since the Unix epoch.
+    /// When the coordinator journaled the loss (within a tick of charging it, at the lease's
+    /// expiry), milliseconds since the Unix epoch.
     pub lost_unix_ms: i64,
 }
 

@@ -1,16 +1,17 @@
 //! A coordinator's whole life: resume from the journal, serve agents until every unit has a result
 //! (or a shutdown signal), drain the agents, and write the outputs atomically.
 
-use crate::journal::{Journal, JournalError, JournalMeta, JOURNAL_FILE_NAME};
+use crate::journal::{Journal, JournalError, JournalMeta, ReplayedLoss, JOURNAL_FILE_NAME};
 use crate::metrics::Metrics;
-use crate::record::ResultRecord;
-use crate::scheduler::{unit_key, Placement, Scheduler, SchedulerConfig};
+use crate::record::{LossRecord, ResultRecord};
+use crate::scheduler::{unit_key, Loss, Placement, Scheduler, SchedulerConfig};
 use crate::service::{
     record_abandoned, status_snapshot, CoordinatorService, JournalJob, Shared, MAX_MESSAGE_BYTES,
 };
 use crate::sink::{write_outputs, OutputPaths, SinkError, CSV_FILE_NAME, PARQUET_FILE_NAME};
 use decodebench_kernels::BenchCase;
 use decodebench_proto::wire::coordinator_server::CoordinatorServer;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -173,10 +174,12 @@ pub async fn serve(
         run_id: new_run_id(),
         grid_hash: cfg.grid_hash.clone(),
     };
-    let (journal, replayed) = Journal::open(&cfg.out_dir, &meta)?;
+    let (journal, replay) = Journal::replay(&cfg.out_dir, &meta)?;
     let run_id = journal.meta().run_id.clone();
     let stamp = run_timestamp(&run_id);
     let placement = cfg.scheduler.placement;
+    let losses = losses_to_restore(&replay.records, replay.losses, placement);
+    let replayed = replay.records;
     // A failure superseded by a later result of its unit (a --retry-failed resume ran it again)
     // is dropped; every other record is kept, whatever the placement now.
     let replayed = drop_superseded_failures(replayed, placement);
@@ -203,12 +206,23 @@ pub async fn serve(
             "resuming from the journal; only cases without a result run again"
         );
     }
-    let scheduler = Scheduler::resume(
+    let mut scheduler = Scheduler::resume(
         cfg.scheduler.clone(),
         cfg.cases.clone(),
         done_keys,
         if retry { Vec::new() } else { failed_keys },
     );
+    if !losses.is_empty() {
+        let cases: std::collections::HashSet<&str> =
+            losses.iter().map(|(case, _)| case.as_str()).collect();
+        tracing::info!(
+            losses = losses.len(),
+            cases = cases.len(),
+            "resuming the losses the journal holds: cases lost with their agents keep running \
+             alone, and their losses count towards giving them up"
+        );
+    }
+    scheduler.restore_losses(losses);
     let (journal_tx, journal_rx) = mpsc::channel::<JournalJob>(JOURNAL_BATCH_MAX * 2);
     let shared = Arc::new(Shared {
         scheduler: Mutex::new(scheduler),
@@ -220,7 +234,8 @@ pub async fn serve(
         metrics: Metrics::new(),
         changed: tokio::sync::Notify::new(),
     });
-    let journal_thread = spawn_journal_writer(journal, journal_rx);
+    let journal = Arc::new(Mutex::new(journal));
+    let journal_thread = spawn_journal_writer(journal.clone(), journal_rx);
 
     let svc = CoordinatorServer::new(CoordinatorService {
         shared: shared.clone(),
@@ -274,8 +289,10 @@ pub async fn serve(
             }
         }
         shared.scheduler().expire(Instant::now());
-        // A case that kept killing its agents is given up on (during an expiry here or in a
-        // handler): its failed result is recorded here, so that the run can finish.
+        // Losses charged (during an expiry here or in a handler) are journaled, so that a resumed
+        // coordinator remembers them; then a case that kept killing its agents, given up on after
+        // its last loss, has its failed result recorded here, so that the run can finish.
+        record_losses(&shared, &journal).await;
         record_abandoned(&shared).await;
         let p = shared.scheduler().progress();
         shared.metrics.set_progress(&p);
@@ -344,6 +361,7 @@ pub async fn serve(
     drop(progress);
     // A case given up on since the last tick (a shutdown cut the loop short) still gets its failed
     // result: the journal writer lives until `shared` is dropped.
+    record_losses(&shared, &journal).await;
     record_abandoned(&shared).await;
     let final_status = status_snapshot(&shared);
     let unfinished = shared.scheduler().unfinished();
@@ -405,6 +423,103 @@ fn drop_superseded_failures(records: Vec<ResultRecord>, placement: Placement) ->
         .collect()
 }
 
+/// The journaled losses a resumed scheduler should count, as `(case id, loss)` in journal order:
+/// those with no result of their unit after them. A loss followed by a result of its unit belongs
+/// to an attempt that ended: a success makes it moot, and a failure (given up on, or failed after
+/// every attempt) is what `--retry-failed` reruns afresh, with no losses against it; a plain
+/// resume keeps that failure anyway.
+fn losses_to_restore(
+    records: &[ResultRecord],
+    losses: Vec<ReplayedLoss>,
+    placement: Placement,
+) -> Vec<(String, Loss)> {
+    if losses.is_empty() {
+        return Vec::new();
+    }
+    let last_result: HashMap<String, usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (unit_key(&r.case.id, placement, &r.device), i))
+        .collect();
+    losses
+        .into_iter()
+        .filter(|l| {
+            let key = unit_key(&l.loss.case_id, placement, &l.loss.device);
+            last_result
+                .get(&key)
+                .is_none_or(|&last| last < l.after_records)
+        })
+        .map(|l| {
+            let LossRecord {
+                case_id,
+                agent_id,
+                device,
+                cause,
+                ..
+            } = l.loss;
+            (
+                case_id,
+                Loss {
+                    agent_id,
+                    device,
+                    cause,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Journals the losses the scheduler charged since the last call ([`LossRecord`]), so that a
+/// resumed coordinator remembers them, then lets the units given up on after them go out for
+/// their failed records ([`record_abandoned`] records them). Losses that cannot be written stay
+/// with the scheduler for the next call; one that can never be written (it does not encode) is
+/// logged and let go, so that it cannot hold the run up.
+async fn record_losses(shared: &Shared, journal: &Arc<Mutex<Journal>>) {
+    let events = shared.scheduler().take_losses();
+    if events.is_empty() {
+        return;
+    }
+    let lost_unix_ms = chrono::Utc::now().timestamp_millis();
+    let records: Vec<LossRecord> = events
+        .iter()
+        .map(|e| LossRecord {
+            run_id: shared.run_id.clone(),
+            case_id: e.case_id.clone(),
+            agent_id: e.loss.agent_id.clone(),
+            device: e.loss.device.clone(),
+            cause: e.loss.cause,
+            lost_unix_ms,
+        })
+        .collect();
+    let journal = journal.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
+        match j.append_losses(&records) {
+            Err(JournalError::Unencodable { .. }) => {
+                for r in &records {
+                    if let Err(e) = j.append_losses(std::slice::from_ref(r)) {
+                        tracing::error!(case = %r.case_id, error = %e, "a loss could not be journaled; a resumed coordinator will not know of it");
+                    }
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => shared.scheduler().losses_recorded(events),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, losses = events.len(), "could not journal the losses of cases lost with their agents; trying again");
+            shared.scheduler().return_losses(events);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the loss journaling task failed; trying again");
+            shared.scheduler().return_losses(events);
+        }
+    }
+}
+
 /// A fresh run id: UTC time plus random bits, readable and unique across a fleet.
 fn new_run_id() -> String {
     use rand::Rng;
@@ -442,7 +557,7 @@ pub fn cases_hash(cases: &[BenchCase]) -> String {
 /// The journal writer: one thread that makes results durable in batches (one fsync per batch) and
 /// tells each waiting handler when its result is on disk.
 fn spawn_journal_writer(
-    mut journal: Journal,
+    journal: Arc<Mutex<Journal>>,
     mut rx: mpsc::Receiver<JournalJob>,
 ) -> Result<std::thread::JoinHandle<()>, std::io::Error> {
     std::thread::Builder::new()
@@ -458,6 +573,8 @@ fn spawn_journal_writer(
                 }
                 let (records, dones): (Vec<ResultRecord>, Vec<_>) =
                     jobs.into_iter().map(|j| (j.record, j.done)).unzip();
+                // Shared with the loss journaling (rare), which holds it for one small write.
+                let mut journal = journal.lock().unwrap_or_else(|p| p.into_inner());
                 match journal.append_batch(&records) {
                     Ok(()) => {
                         for (record, done) in records.into_iter().zip(dones) {

@@ -12,9 +12,41 @@
 //! - a unit *lost* with its agent (the lease expired with the unit unreported: the agent crashed,
 //!   was OOM-killed, or was cut off) runs alone from then on, so that a case that kills its agent
 //!   cannot take its shard-mates down with it again; once it has been lost `max_attempts` times,
-//!   the last time alone, the scheduler gives up on it ([`Scheduler::take_abandoned`]) and the
-//!   coordinator records a failed result for it itself, so that the run ends.
+//!   the last time pinned on it, the scheduler gives up on it ([`Scheduler::take_abandoned`]) and
+//!   the coordinator records a failed result for it itself, so that the run ends.
+//!
+//! # Losses
+//!
+//! When a lease expires, its agent stopped without reporting the units it had not reported yet.
+//! Which of them is charged a loss depends on what the agent said last:
+//! - its last heartbeat named a case ([`Scheduler::heartbeat`]) that is still unreported on the
+//!   lease: the agent died running that case. Only that unit is charged ([`LossCause::Running`]);
+//!   the lease's other unreported units never started, so they go back to the queue uncharged and
+//!   are batched again as before;
+//! - otherwise (no heartbeat named a case, it named one already reported, or an older agent sent
+//!   no case id), the scheduler cannot tell which unit the agent was running, and charges every
+//!   unreported unit ([`LossCause::Alone`] when there was only one, else [`LossCause::Shard`]).
+//!
+//! A unit charged a loss runs alone from then on, so that its next loss is its own.
+//!
+//! **Give-up rule.** A unit is given up once it has been lost `max_attempts` times *and the last
+//! of those losses pinned it*: the agent's heartbeat named it as the case it was running, or it
+//! was the lease's only unreported unit. A loss shared with shard-mates ([`LossCause::Shard`])
+//! counts towards the total but never ends a unit: it makes the unit run alone, so that the next
+//! loss, if any, is pinned. So no unit is given up on evidence it shares with another, and an
+//! innocent unit is given up only if agents died `max_attempts` times while it was the one running
+//! (a node drained or killed under it each time). One case is mis-pinned: an agent that finished
+//! the named case and died before its report arrived (and before its next heartbeat) charges the
+//! finished case rather than the next one; the agent reports each case before it starts the next,
+//! so this takes a death in that gap, `max_attempts` times over, to give an innocent unit up.
+//!
+//! Every charged loss is handed to the coordinator ([`Scheduler::take_losses`]), which journals
+//! it; a resumed scheduler gets the journaled losses back ([`Scheduler::restore_losses`]), so that
+//! a restart of the coordinator neither forgets which cases kill agents nor grants them fresh
+//! attempts. A unit given up on is handed out for its failed record only once the loss that ended
+//! it is journaled, so that the journal never holds a give-up before its cause.
 
+use crate::record::LossCause;
 use decodebench_kernels::{BenchCase, CaseMeasurement, DeviceIdentity, Status};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -171,9 +203,10 @@ struct Unit {
     errors: Vec<String>,
     /// Agents that failed this unit: prefer others for the retry.
     failed_on: HashSet<String>,
-    /// Agents whose lease expired with this unit unreported, in order. Not empty: the unit runs
-    /// alone (a singleton shard), so that further losses are its own and not a shard-mate's.
-    lost_with: Vec<String>,
+    /// Losses charged to this unit (its agent's lease expired with it unreported), in order. Not
+    /// empty: the unit runs alone (a singleton shard), so that further losses are its own and not a
+    /// shard-mate's.
+    lost_with: Vec<Loss>,
 }
 
 impl Unit {
@@ -188,6 +221,29 @@ struct Lease {
     agent_id: String,
     units: Vec<usize>,
     deadline: Instant,
+    /// The unit of this lease the agent's last heartbeat named as running (None: the last
+    /// heartbeat named none of them, or there was none yet).
+    running: Option<usize>,
+}
+
+/// One loss of a unit: the agent whose lease expired with it, that agent's device, and how the
+/// loss was pinned on the unit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loss {
+    pub agent_id: String,
+    pub device: DeviceIdentity,
+    pub cause: LossCause,
+}
+
+/// A loss the scheduler charged, to be journaled ([`Scheduler::take_losses`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossEvent {
+    pub unit: usize,
+    pub case_id: String,
+    pub loss: Loss,
+    /// The unit was given up on after this loss: it is handed out by
+    /// [`Scheduler::take_abandoned`] once the loss is journaled ([`Scheduler::losses_recorded`]).
+    pub abandoned: Option<AbandonedUnit>,
 }
 
 #[derive(Debug, Clone)]
@@ -235,7 +291,8 @@ pub enum ReportDecision {
 }
 
 /// A unit the scheduler gave up on because agents kept dying with it: it was lost `max_attempts`
-/// times, the last time as the only unfinished case of its lease. The caller makes a failed
+/// times, the last time pinned on it (named by its agent's heartbeat as the case running, or the
+/// only unfinished case of its lease; see the module's give-up rule). The caller makes a failed
 /// result for it durable (built from [`AbandonedUnit::explanation`]), then calls
 /// [`Scheduler::commit_abandoned`]; until then the unit counts as running.
 #[derive(Debug, Clone, PartialEq)]
@@ -263,8 +320,9 @@ impl AbandonedUnit {
         };
         let mut text = format!(
             "lost {times}: the agents running it ({}) stopped without reporting (no heartbeat \
-             for a lease timeout: crashed, killed or cut off), the last time with this case alone; \
-             the case may crash the agent (segfault, OOM kill, GPU fault). To investigate, run it \
+             for a lease timeout: crashed, killed or cut off), the last time while running this \
+             case (named by the agent's heartbeat, or the only case left in its lease); the case \
+             may crash the agent (segfault, OOM kill, GPU fault). To investigate, run it \
              alone: a grid holding only case {} ({}, seed {}, same [method]) with `decodebench run \
              --grid FILE`, and read those agents' logs and the hosts' kernel log (dmesg: OOM \
              killer, NVIDIA Xid)",
@@ -354,6 +412,11 @@ pub struct Scheduler {
     leases_expired: u64,
     /// Units given up on after repeated losses, waiting for their failed result to be recorded.
     abandoned: Vec<AbandonedUnit>,
+    /// Losses charged and not yet handed out to be journaled ([`Scheduler::take_losses`]).
+    losses: Vec<LossEvent>,
+    /// Journaled losses of units whose target has no units yet (per-sku, per-gpu: they appear as
+    /// agents register), by unit key ([`Scheduler::restore_losses`]).
+    restored_losses: HashMap<String, Vec<Loss>>,
     draining: bool,
     /// The fleet requirement (`--expect-agents`, `--wait-for`) was met once: it gates the start
     /// only. An agent lost later must not stop the others (its cases go back to the queue).
@@ -403,6 +466,8 @@ impl Scheduler {
             agent_id_nonce: rand::random(),
             leases_expired: 0,
             abandoned: Vec::new(),
+            losses: Vec::new(),
+            restored_losses: HashMap::new(),
             draining: false,
             fleet_met: false,
         };
@@ -426,8 +491,12 @@ impl Scheduler {
             return;
         }
         let mut queue: BTreeMap<String, VecDeque<usize>> = BTreeMap::new();
+        let mut restored = Vec::new();
         for (case_idx, case) in self.cases.iter().enumerate() {
             let key = format!("{}|{}", case.id, target.key());
+            if let Some(losses) = self.restored_losses.remove(&key) {
+                restored.push((self.units.len(), losses));
+            }
             let done = self.done_keys.contains(&key);
             let state = match (done, self.failed_keys.contains(&key)) {
                 (true, true) => UnitState::Failed,
@@ -456,6 +525,80 @@ impl Scheduler {
             }
         }
         self.queues.insert(target, queue);
+        for (u, losses) in restored {
+            self.restore_unit_losses(u, losses);
+        }
+    }
+
+    /// Gives a resumed scheduler the losses its journal holds, in the order they were charged
+    /// (`(case id, loss)`; the unit follows from the case and the loss's device under this
+    /// run's placement). A unit that has a result (done or failed) ignores them; any other unit
+    /// runs alone, and one whose losses already reach `max_attempts`, the last one pinned on it,
+    /// is given up at once (the coordinator stopped before it recorded the failure). Units of
+    /// targets that do not exist yet get theirs when their first agent registers.
+    ///
+    /// The caller leaves out the losses it should not count: those journaled before a result of
+    /// their unit (`--retry-failed` reruns a failed unit with no losses against it).
+    pub fn restore_losses(&mut self, losses: impl IntoIterator<Item = (String, Loss)>) {
+        for (case_id, loss) in losses {
+            let key = unit_key(&case_id, self.cfg.placement, &loss.device);
+            self.restored_losses.entry(key).or_default().push(loss);
+        }
+        // Units that exist already (spread's, created with the scheduler) take theirs now.
+        let existing: Vec<(String, usize)> = self
+            .restored_losses
+            .keys()
+            .filter_map(|k| self.unit_index.get(k).map(|&u| (k.clone(), u)))
+            .collect();
+        for (key, u) in existing {
+            if let Some(losses) = self.restored_losses.remove(&key) {
+                self.restore_unit_losses(u, losses);
+            }
+        }
+    }
+
+    fn restore_unit_losses(&mut self, u: usize, losses: Vec<Loss>) {
+        let unit = &mut self.units[u];
+        if unit.state != UnitState::Pending || losses.is_empty() {
+            return;
+        }
+        unit.lost_with.extend(losses);
+        let n = unit.lost_with.len() as u32;
+        let Some(last) = unit.lost_with.last().cloned() else {
+            return;
+        };
+        if n >= self.cfg.max_attempts && last.cause.pins_the_case() {
+            // Its last loss is already journaled: the failed record may go out at once.
+            let abandoned = self.give_up(u, &last);
+            self.abandoned.push(abandoned);
+        }
+    }
+
+    /// Takes unit `u` out of play after its last loss (`last`): it counts as running until its
+    /// failed result is durable ([`Scheduler::commit_abandoned`]).
+    fn give_up(&mut self, u: usize, last: &Loss) -> AbandonedUnit {
+        let unit = &mut self.units[u];
+        transition(&mut self.counts, unit, UnitState::Committing);
+        unit.lease = None;
+        let case = self.cases[unit.case_idx].clone();
+        let lost_with: Vec<String> = unit.lost_with.iter().map(|l| l.agent_id.clone()).collect();
+        let losses = lost_with.len() as u32;
+        tracing::error!(
+            case = %case.id,
+            losses,
+            agents = %lost_with.join(", "),
+            "every agent that ran this case stopped without reporting; giving up on it and \
+             recording it as failed"
+        );
+        AbandonedUnit {
+            unit: u,
+            case,
+            agent_id: last.agent_id.clone(),
+            device: last.device.clone(),
+            attempt: unit.attempts + losses,
+            lost_with,
+            errors: unit.errors.clone(),
+        }
     }
 
     /// Registers an agent; returns its id.
@@ -571,6 +714,7 @@ impl Scheduler {
                 agent_id: agent_id.to_string(),
                 units,
                 deadline,
+                running: None,
             },
         );
         if let Some(a) = self.agents.get_mut(agent_id) {
@@ -702,9 +846,11 @@ impl Scheduler {
         n
     }
 
-    /// A lease expired: its agent stopped without reporting its unfinished units. Each of them is
-    /// charged a loss and runs alone from now on; a unit that was the lease's only unfinished one
-    /// (so the agent died running it, not a shard-mate) and has used up its losses is given up.
+    /// A lease expired: its agent stopped without reporting its unfinished units. If its last
+    /// heartbeat named one of them, that one alone is charged a loss and the others go back to
+    /// the queue as they were; otherwise each of them is charged. A charged unit runs alone from
+    /// now on, and one whose loss was pinned on it and that has used up its losses is given up
+    /// (see the module's give-up rule).
     fn lose_lease(&mut self, lease_id: u64) {
         let Some(lease) = self.take_lease(lease_id) else {
             return;
@@ -715,48 +861,88 @@ impl Scheduler {
             .copied()
             .filter(|&u| self.unreported_on(u, lease_id))
             .collect();
-        let alone = unfinished.len() == 1;
-        let mut requeued = 0;
-        for u in unfinished {
+        let running = lease.running.filter(|u| unfinished.contains(u));
+        let cause = match running {
+            Some(_) => LossCause::Running,
+            None if unfinished.len() == 1 => LossCause::Alone,
+            None => LossCause::Shard,
+        };
+        let device = self
+            .agents
+            .get(&lease.agent_id)
+            .map(|a| a.device.clone())
+            .unwrap_or_default();
+        let (mut charged, mut requeued) = (0, 0);
+        // Backwards, so that the units requeued at the front of their queue keep their order.
+        for &u in unfinished.iter().rev() {
+            if running.is_some_and(|r| r != u) {
+                self.requeue(u);
+                requeued += 1;
+                continue;
+            }
+            charged += 1;
+            let loss = Loss {
+                agent_id: lease.agent_id.clone(),
+                device: device.clone(),
+                cause,
+            };
             let unit = &mut self.units[u];
-            unit.lost_with.push(lease.agent_id.clone());
+            unit.lost_with.push(loss.clone());
             let losses = unit.lost_with.len() as u32;
-            if alone && losses >= self.cfg.max_attempts {
-                transition(&mut self.counts, unit, UnitState::Committing);
-                unit.lease = None;
-                let case = self.cases[unit.case_idx].clone();
-                let device = self
-                    .agents
-                    .get(&lease.agent_id)
-                    .map(|a| a.device.clone())
-                    .unwrap_or_default();
-                tracing::error!(
-                    case = %case.id,
-                    losses,
-                    agents = %unit.lost_with.join(", "),
-                    "every agent that ran this case stopped without reporting; giving up on it \
-                     and recording it as failed"
-                );
-                self.abandoned.push(AbandonedUnit {
-                    unit: u,
-                    case,
-                    agent_id: lease.agent_id.clone(),
-                    device,
-                    attempt: unit.attempts + losses,
-                    lost_with: unit.lost_with.clone(),
-                    errors: unit.errors.clone(),
-                });
+            let case_id = self.cases[unit.case_idx].id.clone();
+            let abandoned = if cause.pins_the_case() && losses >= self.cfg.max_attempts {
+                Some(self.give_up(u, &loss))
             } else {
                 self.requeue(u);
                 requeued += 1;
-            }
+                None
+            };
+            self.losses.push(LossEvent {
+                unit: u,
+                case_id,
+                loss,
+                abandoned,
+            });
         }
-        tracing::warn!(
-            lease = lease_id,
-            agent = %lease.agent_id,
-            requeued,
-            "lease expired; its unfinished cases are queued again, each to run alone"
-        );
+        match running {
+            Some(u) => tracing::warn!(
+                lease = lease_id,
+                agent = %lease.agent_id,
+                case = %self.cases[self.units[u].case_idx].id,
+                requeued,
+                "lease expired while its agent was running this case: the case is charged a loss \
+                 and runs alone from now on; the lease's other unfinished cases are queued again"
+            ),
+            None => tracing::warn!(
+                lease = lease_id,
+                agent = %lease.agent_id,
+                charged,
+                requeued,
+                "lease expired and its agent's last heartbeat named no unfinished case: each of \
+                 its unfinished cases is charged a loss and queued again, to run alone"
+            ),
+        }
+    }
+
+    /// Losses charged since the last call, in order: the caller journals them, then calls
+    /// [`Scheduler::losses_recorded`] (or [`Scheduler::return_losses`] if that failed). A unit
+    /// given up on after its loss is handed out by [`Scheduler::take_abandoned`] only then, so the
+    /// caller must keep taking losses for the run to end.
+    pub fn take_losses(&mut self) -> Vec<LossEvent> {
+        std::mem::take(&mut self.losses)
+    }
+
+    /// These losses are journaled: the units given up on after them go out for their failed
+    /// records.
+    pub fn losses_recorded(&mut self, events: Vec<LossEvent>) {
+        self.abandoned
+            .extend(events.into_iter().filter_map(|e| e.abandoned));
+    }
+
+    /// These losses could not be journaled: keep them, first in line, for the next try.
+    pub fn return_losses(&mut self, mut events: Vec<LossEvent>) {
+        events.append(&mut self.losses);
+        self.losses = events;
     }
 
     /// Units given up on since the last call ([`AbandonedUnit`]): record a failed result for each.
@@ -797,11 +983,14 @@ impl Scheduler {
             .map_err(|_| ScheduleError::UnknownLease(lease_id.to_string()))
     }
 
-    /// Extends a lease. Returns whether the lease is still held and whether to drain.
+    /// Extends a lease, and notes which of its cases the agent says it is running
+    /// (`current_case_id`; empty, unknown or not part of the lease: none, see the module's
+    /// losses). Returns whether the lease is still held and whether to drain.
     pub fn heartbeat(
         &mut self,
         agent_id: &str,
         lease_id: &str,
+        current_case_id: &str,
         now: Instant,
     ) -> Result<(bool, bool), ScheduleError> {
         self.expire(now);
@@ -814,6 +1003,13 @@ impl Scheduler {
         match self.leases.get_mut(&id) {
             Some(l) if l.agent_id == agent_id => {
                 l.deadline = now + self.cfg.lease_timeout;
+                let case_idx = self.case_index.get(current_case_id).copied();
+                l.running = case_idx.and_then(|c| {
+                    l.units
+                        .iter()
+                        .copied()
+                        .find(|&u| self.units[u].case_idx == c)
+                });
                 Ok((true, drain))
             }
             Some(_) => Err(ScheduleError::UnknownLease(lease_id.to_string())),
@@ -1184,7 +1380,31 @@ mod tests {
     /// Agents that lost the unit of `case_id` (spread placement).
     fn lost_with(s: &Scheduler, case_id: &str) -> Vec<String> {
         let u = s.unit_index[&format!("{case_id}|*")];
-        s.units[u].lost_with.clone()
+        s.units[u]
+            .lost_with
+            .iter()
+            .map(|l| l.agent_id.clone())
+            .collect()
+    }
+
+    /// How each loss of the unit of `case_id` was pinned on it (spread placement).
+    fn loss_causes(s: &Scheduler, case_id: &str) -> Vec<LossCause> {
+        let u = s.unit_index[&format!("{case_id}|*")];
+        s.units[u].lost_with.iter().map(|l| l.cause).collect()
+    }
+
+    /// Journals the losses charged since the last call, as the coordinator does every tick, and
+    /// returns them.
+    fn journal_losses(s: &mut Scheduler) -> Vec<LossEvent> {
+        let events = s.take_losses();
+        s.losses_recorded(events.clone());
+        events
+    }
+
+    /// The units given up on, once the losses that ended them are journaled.
+    fn given_up(s: &mut Scheduler) -> Vec<AbandonedUnit> {
+        journal_losses(s);
+        s.take_abandoned()
     }
 
     /// A moment past every lease granted at or before `t`.
@@ -1200,7 +1420,7 @@ mod tests {
         let g = grant(s.lease(&a, t0).unwrap());
         let t1 = past_lease(t0);
         assert_eq!(s.expire(t1), 1);
-        assert!(s.take_abandoned().is_empty(), "one loss gives nothing up");
+        assert!(given_up(&mut s).is_empty(), "one loss gives nothing up");
         let p = s.progress();
         assert_eq!((p.pending, p.running, p.failed), (1, 0, 0), "{p:?}");
         assert_eq!(lost_with(&s, &g.cases[0].id), vec![a.clone()]);
@@ -1291,7 +1511,7 @@ mod tests {
         let poison = g.cases[0].id.clone();
         let mut t = past_lease(t0);
         s.expire(t);
-        assert!(s.take_abandoned().is_empty(), "lost once, with shard-mates");
+        assert!(given_up(&mut s).is_empty(), "lost once, with shard-mates");
         let mut killed = vec![a];
         let mut n = 0;
         let abandoned = loop {
@@ -1311,7 +1531,7 @@ mod tests {
                 }
                 other => panic!("{other:?}"),
             }
-            let abandoned = s.take_abandoned();
+            let abandoned = given_up(&mut s);
             if !abandoned.is_empty() {
                 break abandoned;
             }
@@ -1369,17 +1589,328 @@ mod tests {
         grant(s.lease(&a, t0).unwrap());
         let t1 = past_lease(t0);
         s.expire(t1);
-        assert!(s.take_abandoned().is_empty());
+        assert!(given_up(&mut s).is_empty());
         assert_eq!(s.progress().pending, 2);
         // Alone, one loss is all one attempt allows.
         let b = s.register("b".into(), dev("u2", "H100"), t1);
         let g = grant(s.lease(&b, t1).unwrap());
         assert_eq!(g.cases.len(), 1);
         s.expire(past_lease(t1));
-        let abandoned = s.take_abandoned();
+        let abandoned = given_up(&mut s);
         assert_eq!(abandoned.len(), 1);
         assert_eq!(abandoned[0].case.id, g.cases[0].id);
         assert_eq!(abandoned[0].lost_with, vec![a, b]);
+    }
+
+    /// Leases shards to `agent` until none is left, reports each, and returns the shards' case
+    /// ids in the order they were leased.
+    fn drain_shards(s: &mut Scheduler, agent: &str, now: Instant) -> Vec<Vec<String>> {
+        let mut shards = Vec::new();
+        while let LeaseDecision::Shard(g) = s.lease(agent, now).unwrap() {
+            shards.push(g.cases.iter().map(|c| c.id.clone()).collect());
+            report_all_ok(s, agent, &g, now);
+        }
+        shards
+    }
+
+    /// An agent leases shard [A, B, C, D], reports A, heartbeats naming B, and dies: B alone is
+    /// charged (and runs alone from then on); C and D never started, so they go back uncharged
+    /// and are batched again.
+    #[test]
+    fn a_heartbeat_naming_the_running_case_charges_that_case_alone() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(cfg(4), cases(4), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        let g = grant(s.lease(&a, t0).unwrap());
+        let ids: Vec<String> = g.cases.iter().map(|c| c.id.clone()).collect();
+        assert_eq!(ids.len(), 4);
+        report_all_ok(
+            &mut s,
+            &a,
+            &ShardGrant {
+                lease_id: g.lease_id.clone(),
+                cases: g.cases[..1].to_vec(),
+            },
+            t0,
+        );
+        assert_eq!(
+            s.heartbeat(&a, &g.lease_id, &ids[1], t0).unwrap(),
+            (true, false)
+        );
+        let t1 = past_lease(t0);
+        assert_eq!(s.expire(t1), 1);
+        assert_eq!(lost_with(&s, &ids[1]), vec![a.clone()]);
+        assert_eq!(loss_causes(&s, &ids[1]), vec![LossCause::Running]);
+        for id in &ids[2..] {
+            assert!(lost_with(&s, id).is_empty(), "{id} never started");
+        }
+        assert_eq!(s.progress().pending, 3);
+        // One loss to journal, B's, and nothing given up.
+        let events = journal_losses(&mut s);
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (
+                events[0].case_id.as_str(),
+                events[0].loss.agent_id.as_str(),
+                events[0].loss.cause,
+                events[0].loss.device.uuid.as_str()
+            ),
+            (ids[1].as_str(), a.as_str(), LossCause::Running, "u1")
+        );
+        assert!(events[0].abandoned.is_none());
+        // B runs alone; C and D share a shard again.
+        let b = s.register("b".into(), dev("u2", "H100"), t1);
+        let mut shards = drain_shards(&mut s, &b, t1);
+        shards.sort();
+        let mut expected = vec![vec![ids[1].clone()], vec![ids[2].clone(), ids[3].clone()]];
+        expected.sort();
+        assert_eq!(shards, expected);
+        assert!(s.is_finished());
+    }
+
+    /// Without a heartbeat naming an unreported case of the lease (none at all, one naming a case
+    /// already reported, or a later one naming none), the agent may have died running any of
+    /// them: each is charged, as before heartbeats named cases, and each runs alone.
+    #[test]
+    fn without_a_heartbeat_naming_an_unreported_case_every_unreported_case_is_charged() {
+        // What the agent's heartbeats said last: nothing; the case it had reported; a case, then
+        // an empty id (an older agent) or a case of no lease of its.
+        let outside = cases(5)[4].id.clone();
+        for n in 0..4 {
+            let t0 = Instant::now();
+            let mut s = Scheduler::new(cfg(4), cases(5), []);
+            let a = s.register("a".into(), dev("u1", "H100"), t0);
+            let g = grant(s.lease(&a, t0).unwrap());
+            let ids: Vec<String> = g.cases.iter().map(|c| c.id.clone()).collect();
+            assert!(!ids.contains(&outside));
+            report_all_ok(
+                &mut s,
+                &a,
+                &ShardGrant {
+                    lease_id: g.lease_id.clone(),
+                    cases: g.cases[..1].to_vec(),
+                },
+                t0,
+            );
+            let said: Vec<String> = match n {
+                0 => vec![],
+                1 => vec![ids[0].clone()],
+                2 => vec![ids[1].clone(), String::new()],
+                _ => vec![ids[2].clone(), outside.clone()],
+            };
+            for case in said {
+                s.heartbeat(&a, &g.lease_id, &case, t0).unwrap();
+            }
+            let t1 = past_lease(t0);
+            s.expire(t1);
+            for id in &ids[1..] {
+                assert_eq!(lost_with(&s, id), vec![a.clone()], "heartbeats {n}");
+                assert_eq!(
+                    loss_causes(&s, id),
+                    vec![LossCause::Shard],
+                    "heartbeats {n}"
+                );
+            }
+            let events = journal_losses(&mut s);
+            assert_eq!(events.len(), 3, "heartbeats {n}");
+            assert!(given_up(&mut s).is_empty());
+            let b = s.register("b".into(), dev("u2", "H100"), t1);
+            let sizes: Vec<usize> = drain_shards(&mut s, &b, t1).iter().map(Vec::len).collect();
+            // The three charged ones alone; the one never leased before on its own.
+            assert_eq!(sizes.iter().filter(|&&n| n == 1).count(), 4, "{sizes:?}");
+        }
+    }
+
+    /// The give-up rule with heartbeats: a loss pinned on a case by its heartbeat counts like a
+    /// loss alone, and the case is given up after `max_attempts` of them while the shard-mates it
+    /// was leased with run on, never charged. Its failed record goes out only once the loss that
+    /// ended it is journaled.
+    #[test]
+    fn a_case_named_by_the_heartbeat_of_every_agent_it_kills_is_given_up() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_attempts: 2,
+                max_shard_cases: 4,
+                ..Default::default()
+            },
+            cases(4),
+            [],
+        );
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        let g = grant(s.lease(&a, t0).unwrap());
+        let ids: Vec<String> = g.cases.iter().map(|c| c.id.clone()).collect();
+        let poison = ids[0].clone();
+        s.heartbeat(&a, &g.lease_id, &poison, t0).unwrap();
+        let t1 = past_lease(t0);
+        s.expire(t1);
+        assert!(given_up(&mut s).is_empty(), "one loss of two");
+        // The next agent gets it alone, names it, and dies too.
+        let b = s.register("b".into(), dev("u2", "H100"), t1);
+        let gb = grant(s.lease(&b, t1).unwrap());
+        assert_eq!(gb.cases.len(), 1);
+        assert_eq!(gb.cases[0].id, poison);
+        s.heartbeat(&b, &gb.lease_id, &poison, t1).unwrap();
+        let t2 = past_lease(t1);
+        s.expire(t2);
+        assert!(
+            s.take_abandoned().is_empty(),
+            "not handed out before its loss is journaled"
+        );
+        let events = s.take_losses();
+        assert_eq!(events.len(), 1);
+        assert!(events[0].abandoned.is_some());
+        // The journal write fails: the loss waits, and so does the give-up.
+        s.return_losses(events);
+        assert!(s.take_abandoned().is_empty());
+        let abandoned = given_up(&mut s);
+        assert_eq!(abandoned.len(), 1);
+        let ab = &abandoned[0];
+        assert_eq!(ab.case.id, poison);
+        assert_eq!(ab.lost_with, vec![a.clone(), b.clone()]);
+        assert_eq!(
+            (ab.agent_id.as_str(), ab.device.uuid.as_str()),
+            (b.as_str(), "u2")
+        );
+        assert_eq!(ab.attempt, 2);
+        assert_eq!(
+            loss_causes(&s, &poison),
+            vec![LossCause::Running, LossCause::Running]
+        );
+        // Its shard-mates were never charged: they run together, and the run ends.
+        let c = s.register("c".into(), dev("u3", "H100"), t2);
+        let shards = drain_shards(&mut s, &c, t2);
+        assert_eq!(shards, vec![ids[1..].to_vec()]);
+        for id in &ids[1..] {
+            assert!(lost_with(&s, id).is_empty());
+        }
+        s.commit_abandoned(ab.unit);
+        let p = s.progress();
+        assert_eq!((p.done, p.failed), (3, 1), "{p:?}");
+        assert!(p.finished);
+    }
+
+    fn loss(agent_id: &str, uuid: &str, cause: LossCause) -> Loss {
+        Loss {
+            agent_id: agent_id.into(),
+            device: dev(uuid, "H100"),
+            cause,
+        }
+    }
+
+    /// A resumed scheduler gets the journaled losses back: a case lost once still runs alone, and
+    /// its next loss alone gives it up (two in all), as if the coordinator had never restarted.
+    #[test]
+    fn restored_losses_keep_a_case_alone_and_count_towards_giving_it_up() {
+        let t0 = Instant::now();
+        let cs = cases(4);
+        let ids: Vec<String> = cs.iter().map(|c| c.id.clone()).collect();
+        let mut s = Scheduler::resume(
+            SchedulerConfig {
+                max_attempts: 2,
+                max_shard_cases: 4,
+                ..Default::default()
+            },
+            cs,
+            [],
+            [],
+        );
+        s.restore_losses([(ids[1].clone(), loss("agent-old", "u0", LossCause::Running))]);
+        assert_eq!(lost_with(&s, &ids[1]), vec!["agent-old".to_string()]);
+        assert!(given_up(&mut s).is_empty());
+        assert!(
+            s.take_losses().is_empty(),
+            "restored losses are journaled already"
+        );
+        // The first shard skips it; then it comes alone.
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        let g = grant(s.lease(&a, t0).unwrap());
+        let first: Vec<&str> = g.cases.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(first, [&ids[0], &ids[2], &ids[3]]);
+        report_all_ok(&mut s, &a, &g, t0);
+        let g = grant(s.lease(&a, t0).unwrap());
+        assert_eq!(g.cases.len(), 1);
+        assert_eq!(g.cases[0].id, ids[1]);
+        s.expire(past_lease(t0));
+        let abandoned = given_up(&mut s);
+        assert_eq!(abandoned.len(), 1);
+        assert_eq!(abandoned[0].lost_with, vec!["agent-old".to_string(), a]);
+        assert_eq!(abandoned[0].attempt, 2);
+    }
+
+    #[test]
+    fn restored_losses_give_a_case_up_at_once_or_are_ignored_as_the_rule_says() {
+        let t0 = Instant::now();
+        let cs = cases(4);
+        let ids: Vec<String> = cs.iter().map(|c| c.id.clone()).collect();
+        let mut s = Scheduler::resume(
+            SchedulerConfig {
+                max_attempts: 2,
+                max_shard_cases: 4,
+                ..Default::default()
+            },
+            cs,
+            [format!("{}|*", ids[3])],
+            [],
+        );
+        s.restore_losses([
+            // Two losses, the last pinned: the coordinator stopped before recording the failure.
+            (ids[0].clone(), loss("x", "u0", LossCause::Shard)),
+            (ids[0].clone(), loss("y", "u9", LossCause::Alone)),
+            // Two losses, the last shared with shard-mates: it runs alone once more.
+            (ids[1].clone(), loss("x", "u0", LossCause::Running)),
+            (ids[1].clone(), loss("z", "u0", LossCause::Shard)),
+            // A case with a result ignores its losses.
+            (ids[3].clone(), loss("x", "u0", LossCause::Alone)),
+            (ids[3].clone(), loss("x", "u0", LossCause::Alone)),
+        ]);
+        let abandoned = s.take_abandoned();
+        assert_eq!(abandoned.len(), 1, "its loss is already journaled");
+        let ab = &abandoned[0];
+        assert_eq!(ab.case.id, ids[0]);
+        assert_eq!(ab.lost_with, vec!["x".to_string(), "y".to_string()]);
+        assert_eq!((ab.agent_id.as_str(), ab.device.uuid.as_str()), ("y", "u9"));
+        assert_eq!(lost_with(&s, &ids[1]).len(), 2);
+        assert!(lost_with(&s, &ids[3]).is_empty());
+        let p = s.progress();
+        assert_eq!((p.pending, p.running, p.done), (2, 1, 1), "{p:?}");
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        let mut shards = drain_shards(&mut s, &a, t0);
+        shards.sort();
+        let mut expected = vec![vec![ids[1].clone()], vec![ids[2].clone()]];
+        expected.sort();
+        assert_eq!(shards, expected, "the one lost twice runs alone");
+        s.commit_abandoned(ab.unit);
+        assert!(s.is_finished());
+    }
+
+    /// Per-GPU units appear when their GPU's agent registers: their restored losses wait until
+    /// then, and land on the unit of the GPU they were lost on only.
+    #[test]
+    fn restored_losses_of_a_target_not_yet_seen_apply_when_it_appears() {
+        let t0 = Instant::now();
+        let cs = cases(2);
+        let ids: Vec<String> = cs.iter().map(|c| c.id.clone()).collect();
+        let mut s = Scheduler::resume(
+            SchedulerConfig {
+                placement: Placement::PerGpu,
+                max_attempts: 1,
+                max_shard_cases: 2,
+                ..Default::default()
+            },
+            cs,
+            [],
+            [],
+        );
+        s.restore_losses([(ids[0].clone(), loss("x", "u1", LossCause::Alone))]);
+        assert!(s.take_abandoned().is_empty(), "no unit of GPU u1 yet");
+        let _other = s.register("b".into(), dev("u2", "H100"), t0);
+        assert!(s.take_abandoned().is_empty(), "lost on u1, not u2");
+        let _a = s.register("a".into(), dev("u1", "H100"), t0);
+        let abandoned = s.take_abandoned();
+        assert_eq!(abandoned.len(), 1);
+        assert_eq!(abandoned[0].case.id, ids[0]);
+        assert_eq!(abandoned[0].device.uuid, "u1");
     }
 
     #[test]
@@ -1579,7 +2110,7 @@ mod tests {
         ));
         let a = s.register("a".into(), dev("u1", "H100"), t);
         assert!(matches!(
-            s.heartbeat(&a, "not-a-number", t),
+            s.heartbeat(&a, "not-a-number", "", t),
             Err(ScheduleError::UnknownLease(_))
         ));
         assert!(matches!(

@@ -257,10 +257,16 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
         check_id("agent_id", &req.agent_id)?;
         check_name("lease_id", &req.lease_id)?;
         check_name("current_case_id", &req.current_case_id)?;
+        // The case it names is the one charged if the agent dies holding this lease.
         let (lease_valid, drain) = self
             .shared
             .scheduler()
-            .heartbeat(&req.agent_id, &req.lease_id, Instant::now())
+            .heartbeat(
+                &req.agent_id,
+                &req.lease_id,
+                &req.current_case_id,
+                Instant::now(),
+            )
             .map_err(status_of)?;
         self.shared.metrics.observe_rpc("heartbeat", t.elapsed());
         Ok(Response::new(wire::HeartbeatResponse {
