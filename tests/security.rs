@@ -163,6 +163,110 @@ fn well_formed_report(case_id: &str) -> wire::CaseMeasurement {
         .into()
 }
 
+/// A hand-written client that registers as an agent and speaks the protocol call by call, on
+/// its own runtime so that the test stays synchronous.
+struct RawAgent {
+    rt: tokio::runtime::Runtime,
+    client: wire::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    agent_id: String,
+}
+
+impl RawAgent {
+    fn register(port: u16, name: &str) -> RawAgent {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let mut client = rt
+            .block_on(wire::coordinator_client::CoordinatorClient::connect(url(
+                port,
+            )))
+            .expect("connecting to the coordinator");
+        let agent_id = rt
+            .block_on(client.register(wire::RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: "integration-test".into(),
+                agent_name: name.into(),
+                device: Some(wire::DeviceIdentity {
+                    backend: "cpu".into(),
+                    name: "test device".into(),
+                    uuid: format!("CPU-{name}"),
+                    sku: "cpu".into(),
+                    host: "localhost".into(),
+                    ..Default::default()
+                }),
+            }))
+            .expect("registering")
+            .into_inner()
+            .agent_id;
+        RawAgent {
+            rt,
+            client,
+            agent_id,
+        }
+    }
+
+    /// The next shard, or `None` once the coordinator says drain.
+    fn lease(&mut self) -> Option<wire::Shard> {
+        let deadline = std::time::Instant::now() + SHARD_WAIT;
+        loop {
+            let lease = self
+                .rt
+                .block_on(self.client.lease(wire::LeaseRequest {
+                    agent_id: self.agent_id.clone(),
+                }))
+                .expect("asking for a lease")
+                .into_inner();
+            match lease.action {
+                Some(wire::lease_response::Action::Shard(shard)) => return Some(shard),
+                Some(wire::lease_response::Action::Drain(true)) => return None,
+                other => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no shard within {SHARD_WAIT:?}; last answer: {other:?}"
+                    );
+                    std::thread::sleep(POLL_PERIOD);
+                }
+            }
+        }
+    }
+
+    fn report(
+        &mut self,
+        lease_id: &str,
+        measurement: wire::CaseMeasurement,
+    ) -> Result<wire::ReportResponse, tonic::Status> {
+        let req = wire::ReportRequest {
+            agent_id: self.agent_id.clone(),
+            lease_id: lease_id.to_string(),
+            measurement: Some(measurement),
+        };
+        self.rt
+            .block_on(self.client.report(req))
+            .map(|r| r.into_inner())
+    }
+
+    /// Hands the lease back and says this agent is leaving.
+    fn leave(&mut self, lease_id: &str) {
+        let req = wire::ReleaseRequest {
+            agent_id: self.agent_id.clone(),
+            lease_id: lease_id.to_string(),
+            reason: "integration test done".into(),
+            leaving: true,
+        };
+        self.rt
+            .block_on(self.client.release(req))
+            .expect("releasing the lease");
+    }
+}
+
+/// A report whose optimized kernel (reported second) has a sample that is not a time.
+fn report_with_sample(case_id: &str, sample: f64) -> wire::CaseMeasurement {
+    let mut m = well_formed_report(case_id);
+    m.kernels[1].samples_ms[1] = sample;
+    m
+}
+
 #[test]
 fn a_report_with_a_sample_that_is_not_a_time_is_refused_and_the_coordinator_carries_on() {
     let _serial = exclusive();
@@ -172,66 +276,14 @@ fn a_report_with_a_sample_that_is_not_a_time_is_refused_and_the_coordinator_carr
     let port = free_port();
     let mut coord = coordinator(&s, "coordinator", &grid, port, &[]);
     wait_for_listener(port, Duration::from_secs(30));
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let mut client = rt
-        .block_on(wire::coordinator_client::CoordinatorClient::connect(url(
-            port,
-        )))
-        .expect("connecting to the coordinator");
-    let agent_id = rt
-        .block_on(client.register(wire::RegisterRequest {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "integration-test".into(),
-            agent_name: "raw-reporter".into(),
-            device: Some(wire::DeviceIdentity {
-                backend: "cpu".into(),
-                name: "test device".into(),
-                uuid: "CPU-raw-reporter".into(),
-                sku: "cpu".into(),
-                host: "localhost".into(),
-                ..Default::default()
-            }),
-        }))
-        .expect("registering")
-        .into_inner()
-        .agent_id;
-    let deadline = std::time::Instant::now() + SHARD_WAIT;
-    let shard = loop {
-        let lease = rt
-            .block_on(client.lease(wire::LeaseRequest {
-                agent_id: agent_id.clone(),
-            }))
-            .expect("asking for a lease")
-            .into_inner();
-        match lease.action {
-            Some(wire::lease_response::Action::Shard(shard)) => break shard,
-            other => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "no shard within {SHARD_WAIT:?}; last answer: {other:?}"
-                );
-                std::thread::sleep(POLL_PERIOD);
-            }
-        }
-    };
+    let mut raw = RawAgent::register(port, "raw-reporter");
+    let shard = raw.lease().expect("a shard");
     let case_id = shard.cases[0].id.clone();
-    let mut report = |measurement: wire::CaseMeasurement| {
-        rt.block_on(client.report(wire::ReportRequest {
-            agent_id: agent_id.clone(),
-            lease_id: shard.lease_id.clone(),
-            measurement: Some(measurement),
-        }))
-    };
 
-    // The optimized kernel is reported second; its second sample is not a time.
     for (bad, shown) in [(0.0, "0"), (f64::NAN, "NaN")] {
-        let mut m = well_formed_report(&case_id);
-        m.kernels[1].samples_ms[1] = bad;
-        let err = report(m).expect_err("a sample that is not a time must be refused");
+        let err = raw
+            .report(&shard.lease_id, report_with_sample(&case_id, bad))
+            .expect_err("a sample that is not a time must be refused");
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
         let msg = err.message();
         for part in [
@@ -248,29 +300,73 @@ fn a_report_with_a_sample_that_is_not_a_time_is_refused_and_the_coordinator_carr
         );
     }
 
-    // Nothing of the refused reports was kept: the same case, well formed, is a new result.
-    let ok = report(well_formed_report(&case_id))
-        .expect("a well-formed report is accepted")
-        .into_inner();
+    // The first refusal counted as a failed attempt (queued again); no value of the refused
+    // reports was kept: the same case, well formed, is taken as its result.
+    let ok = raw
+        .report(&shard.lease_id, well_formed_report(&case_id))
+        .expect("a well-formed report is accepted");
     assert!(ok.accepted, "{ok:?}");
-    assert!(ok.lease_valid, "{ok:?}");
     let st = StatusProbe::new(port)
         .get()
         .expect("the coordinator still answers Status");
     assert_eq!(st.done, 1, "{st:?}");
 
     // The raw client hands the rest back; a real agent finishes the grid, every case once.
-    rt.block_on(client.release(wire::ReleaseRequest {
-        agent_id: agent_id.clone(),
-        lease_id: shard.lease_id.clone(),
-        reason: "integration test done".into(),
-        leaving: true,
-    }))
-    .expect("releasing the lease");
+    raw.leave(&shard.lease_id);
     let mut a = agent(&s, "agent", port, &[]);
     coord.wait_success(Duration::from_secs(90));
     a.wait_success(Duration::from_secs(20));
     assert_each_case_once(&s.out(), &ids);
+}
+
+/// An agent whose every result is refused (a timing bug that repeats) does not keep a run going
+/// forever: each refusal counts as a failed attempt of its case, so after `--max-attempts` every
+/// case is recorded failed, with the refusal as its message, and the run ends (exit 2).
+#[test]
+fn an_agent_whose_results_are_always_refused_ends_with_its_cases_failed() {
+    let _serial = exclusive();
+    let s = Scratch::new("always-refused");
+    let grid = s.grid(&GridSpec::tiny());
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    let mut coord = coordinator(&s, "coordinator", &grid, port, &["--max-attempts", "2"]);
+    wait_for_listener(port, Duration::from_secs(30));
+    let mut raw = RawAgent::register(port, "always-refused");
+    let mut refused = 0;
+    while let Some(shard) = raw.lease() {
+        for case in &shard.cases {
+            let err = raw
+                .report(&shard.lease_id, report_with_sample(&case.id, 0.0))
+                .expect_err("a zero sample is refused");
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+            refused += 1;
+            assert!(
+                refused <= ids.len() * 2,
+                "{refused} refusals for {} cases at 2 attempts each: the run does not end",
+                ids.len()
+            );
+        }
+    }
+    assert_eq!(refused, ids.len() * 2, "two attempts per case");
+    let status = coord.wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(2), "{}", coord.log_tail());
+    let text = std::fs::read_to_string(s.out().join("results.csv")).expect("results.csv");
+    let mut rows = csv::Reader::from_reader(text.as_bytes());
+    let headers = rows.headers().expect("a header").clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).expect(name);
+    let (status_col, message_col) = (col("status"), col("message"));
+    let mut n = 0;
+    for r in rows.records() {
+        let r = r.expect("a record");
+        n += 1;
+        assert_eq!(&r[status_col], "failed", "{r:?}");
+        assert!(
+            r[message_col].contains("the coordinator refused this agent's result")
+                && r[message_col].contains("samples_ms[1]"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(n, ids.len() * 2, "a failed row per case and kernel");
 }
 
 /// Deterministic noise (xorshift64*), so a failure can be replayed.

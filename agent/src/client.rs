@@ -615,8 +615,10 @@ impl Agent {
             {
                 Ok(r) => r,
                 Err(AgentError::Rejected(why)) => {
-                    // The coordinator will never take this result; the case is counted as
-                    // missing there and reported at the end of the run. Carry on.
+                    // The coordinator will never take this result; it counts the refusal as a
+                    // failed attempt of the case (recorded failed, with the reason, after
+                    // --max-attempts). Sending the same bytes again would be refused again: carry
+                    // on with the next case.
                     tracing::error!(case = %case.id, %why, "result rejected by the coordinator");
                     continue;
                 }

@@ -301,87 +301,18 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
                 )));
             }
         }
-        let m = CaseMeasurement::try_from(wire_m)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-
-        let (decision, lease_valid, case, device, drain) = {
-            let mut s = self.shared.scheduler();
-            let (d, valid) = s
-                .report(&req.agent_id, &req.lease_id, &m, Instant::now())
-                .map_err(status_of)?;
-            let (case, device) = match &d {
-                ReportDecision::Commit { unit, .. } | ReportDecision::CommitFailed { unit, .. } => {
-                    (
-                        s.unit_case(*unit).cloned(),
-                        s.agent(&req.agent_id).map(|a| a.device.clone()),
-                    )
-                }
-                _ => (None, None),
-            };
-            let drain = s.is_finished() || s.draining();
-            (d, valid, case, device, drain)
-        };
-
-        let accepted = match decision {
-            ReportDecision::Duplicate => {
-                self.shared.metrics.duplicates.inc();
-                false
-            }
-            ReportDecision::Retry { attempt, error } => {
-                tracing::warn!(case = %m.case_id, attempt, %error, "case failed; queued for another attempt");
-                self.shared.metrics.retries.inc();
-                true
-            }
-            ReportDecision::Commit { unit, attempt }
-            | ReportDecision::CommitFailed { unit, attempt, .. } => {
-                let failed_errors = match &decision {
-                    ReportDecision::CommitFailed { errors, .. } => Some(errors.clone()),
-                    _ => None,
-                };
-                let (Some(case), Some(device)) = (case, device) else {
-                    return Err(Status::internal(
-                        "scheduler lost the case or agent of a unit",
-                    ));
-                };
-                let mut measurement = m;
-                if let Some(errors) = &failed_errors {
-                    for k in measurement.kernels.iter_mut() {
-                        if k.status == Some(KernelStatus::Failed) {
-                            k.message =
-                                format!("failed after {attempt} attempts: {}", errors.join(" | "));
-                        }
-                    }
-                }
-                let record = ResultRecord {
-                    run_id: self.shared.run_id.clone(),
-                    agent_id: req.agent_id.clone(),
-                    attempt,
-                    received_unix_ms: now_unix_ms(),
-                    git_revision: self.shared.git_revision.clone(),
-                    case,
-                    device,
-                    measurement,
-                };
-                let record = match make_durable(&self.shared, record).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.shared.scheduler().abort_commit(unit);
-                        return Err(e);
-                    }
-                };
-                self.shared
-                    .scheduler()
-                    .commit(unit, &req.agent_id, failed_errors.is_some());
-                self.shared.records().push(record);
-                if failed_errors.is_some() {
-                    self.shared.metrics.failed.inc();
-                } else {
-                    self.shared.metrics.results.inc();
-                }
-                self.shared.changed.notify_waiters();
-                true
+        let case_id = wire_m.case_id.clone();
+        let m = match CaseMeasurement::try_from(wire_m) {
+            Ok(m) => m,
+            Err(e) => {
+                let why = e.to_string();
+                self.refused(&req.agent_id, &req.lease_id, &case_id, &why)
+                    .await;
+                return Err(Status::invalid_argument(why));
             }
         };
+        let (accepted, lease_valid, drain) =
+            self.commit_report(&req.agent_id, &req.lease_id, m).await?;
         self.shared.metrics.observe_rpc("report", t.elapsed());
         Ok(Response::new(wire::ReportResponse {
             accepted,
@@ -466,5 +397,129 @@ pub fn status_snapshot(shared: &Shared) -> wire::StatusResponse {
         finished: p.finished,
         placement: s.config().placement.to_string(),
         agents,
+    }
+}
+
+impl CoordinatorService {
+    /// Takes a well-formed result for a case of `lease_id`: commits it (journal first), or queues
+    /// the case for another attempt. Returns (accepted, lease still valid, drain).
+    async fn commit_report(
+        &self,
+        agent_id: &str,
+        lease_id: &str,
+        m: CaseMeasurement,
+    ) -> Result<(bool, bool, bool), Status> {
+        let (decision, lease_valid, case, device, drain) = {
+            let mut s = self.shared.scheduler();
+            let (d, valid) = s
+                .report(agent_id, lease_id, &m, Instant::now())
+                .map_err(status_of)?;
+            let (case, device) = match &d {
+                ReportDecision::Commit { unit, .. } | ReportDecision::CommitFailed { unit, .. } => {
+                    (
+                        s.unit_case(*unit).cloned(),
+                        s.agent(agent_id).map(|a| a.device.clone()),
+                    )
+                }
+                _ => (None, None),
+            };
+            let drain = s.is_finished() || s.draining();
+            (d, valid, case, device, drain)
+        };
+
+        let accepted = match decision {
+            ReportDecision::Duplicate => {
+                self.shared.metrics.duplicates.inc();
+                false
+            }
+            ReportDecision::Retry { attempt, error } => {
+                tracing::warn!(case = %m.case_id, attempt, %error, "case failed; queued for another attempt");
+                self.shared.metrics.retries.inc();
+                true
+            }
+            ReportDecision::Commit { unit, attempt }
+            | ReportDecision::CommitFailed { unit, attempt, .. } => {
+                let failed_errors = match &decision {
+                    ReportDecision::CommitFailed { errors, .. } => Some(errors.clone()),
+                    _ => None,
+                };
+                let (Some(case), Some(device)) = (case, device) else {
+                    return Err(Status::internal(
+                        "scheduler lost the case or agent of a unit",
+                    ));
+                };
+                let mut measurement = m;
+                if let Some(errors) = &failed_errors {
+                    for k in measurement.kernels.iter_mut() {
+                        if k.status == Some(KernelStatus::Failed) {
+                            k.message =
+                                format!("failed after {attempt} attempts: {}", errors.join(" | "));
+                        }
+                    }
+                }
+                let record = ResultRecord {
+                    run_id: self.shared.run_id.clone(),
+                    agent_id: agent_id.to_string(),
+                    attempt,
+                    received_unix_ms: now_unix_ms(),
+                    git_revision: self.shared.git_revision.clone(),
+                    case,
+                    device,
+                    measurement,
+                };
+                let record = match make_durable(&self.shared, record).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.shared.scheduler().abort_commit(unit);
+                        return Err(e);
+                    }
+                };
+                self.shared
+                    .scheduler()
+                    .commit(unit, agent_id, failed_errors.is_some());
+                self.shared.records().push(record);
+                if failed_errors.is_some() {
+                    self.shared.metrics.failed.inc();
+                } else {
+                    self.shared.metrics.results.inc();
+                }
+                self.shared.changed.notify_waiters();
+                true
+            }
+        };
+        Ok((accepted, lease_valid, drain))
+    }
+
+    /// A result that could not be taken (a timing no timer produces, a malformed field) is still
+    /// an outcome of the case: when the case is on this agent's lease without a result, it counts
+    /// as a failed attempt with the refusal as its message. Without this, the lease's return
+    /// would hand the case out again and again and the run would never end; with it, a
+    /// repeatable agent bug ends as a failed case after `--max-attempts`, saying why. Anything
+    /// else (an unknown lease, a case not on it, one already reported) changes nothing.
+    async fn refused(&self, agent_id: &str, lease_id: &str, case_id: &str, why: &str) {
+        let case = self.shared.scheduler().case(case_id).cloned();
+        let Some(case) = case else {
+            tracing::warn!(agent = %agent_id, case = %case_id, %why, "refused a result for a case not in the grid");
+            return;
+        };
+        let failed = ResultRecord::unreported_measurement(
+            &case,
+            &format!("the coordinator refused this agent's result: {why}"),
+        );
+        match self.commit_report(agent_id, lease_id, failed).await {
+            Ok(_) => tracing::warn!(
+                agent = %agent_id,
+                case = %case_id,
+                %why,
+                "refused a result; counted as a failed attempt of the case"
+            ),
+            Err(s) => tracing::warn!(
+                agent = %agent_id,
+                case = %case_id,
+                %why,
+                not_counted = %s.message(),
+                "refused a result"
+            ),
+        }
     }
 }
