@@ -446,34 +446,63 @@ fn read_results_csv(out: &Path) -> Vec<CsvRow> {
         .collect()
 }
 
-/// A nightly job's nightmare: one case crashes every agent that runs it (segfault, OOM kill), so
-/// no result ever comes back and its lease expires each time. Here every agent is `kill -9`ed as
-/// soon as it starts that case, and a replacement started, as Kubernetes restarts a crashed pod.
-/// After `--max-attempts` losses the coordinator must give the case up and record the failure
-/// itself, with a message that says so; its shard-mates (one reported before the crash, one lost
-/// with it) must still finish; the run must end with the failure exit code; a resume must keep
-/// the failure and `--retry-failed` run it again.
-#[test]
-fn a_case_that_kills_every_agent_running_it_is_recorded_as_failed() {
-    let _serial = exclusive();
-    let s = Scratch::new("poisoned-case");
-    // Five cases of one KV pool: a first shard of four, then one.
-    let spec = GridSpec {
-        name: "it-poison".into(),
-        batch_sizes: vec![1, 2, 3, 4, 5],
-        max_seq_lens: vec![256],
-        quant_modes: vec!["bf16/bf16/bf16"],
-        ..GridSpec::slow()
-    };
-    let grid = s.grid(&spec);
-    let ids = grid_case_ids(&grid);
-    let port = free_port();
-    let mut coord = fault_coordinator(&s, &grid, port, ("2", "0.5"), &["--max-attempts", "2"]);
-    let probe = StatusProbe::new(port);
-    let mut agents = vec![agent(&s, "agent-0", port, &[])];
+/// An agent the poisoned-case drill killed: its id, and its lease's cases without a result when it
+/// was killed (the poisoned one first).
+struct Killed {
+    agent_id: String,
+    lease_cases: Vec<String>,
+}
 
-    // The poisoned case: the one after the case the first agent is running, with at least one more
-    // after it in the same shard (an innocent that is lost with it).
+/// One round of the poisoned-case drill, on the status `st` of the coordinator on `port`: every
+/// agent that starts running `poison` (the first of its lease's cases without a result) is
+/// `kill -9`ed and added to `killed`, as if the case crashed it; when `replace` and no agent is
+/// left, a new one is started, as Kubernetes restarts a crashed pod.
+///
+/// A case leaves its lease's list as soon as its report arrives, before it is journaled; until
+/// then it counts as running but is in no lease. While one is (every running case is not in some
+/// lease), the agent that sent it is still waiting for the answer, not running the next case:
+/// the round waits, so that the kill lands on an agent running `poison`, not on one whose report
+/// is in flight.
+fn poison_drill_round(
+    s: &Scratch,
+    port: u16,
+    st: &wire::StatusResponse,
+    agents: &mut Vec<Proc>,
+    poison: &str,
+    killed: &mut Vec<Killed>,
+    replace: bool,
+) {
+    let leased: u64 = st
+        .agents
+        .iter()
+        .map(|a| a.lease_case_ids.len() as u64)
+        .sum();
+    let reports_in_flight = st.running > leased;
+    for a in st.agents.iter().filter(|a| a.alive && !reports_in_flight) {
+        if a.lease_case_ids.first().map(String::as_str) != Some(poison) {
+            continue;
+        }
+        // A killed agent stays in the status (alive) until its lease expires: once is enough.
+        if let Some(p) = agents.iter_mut().find(|p| p.name == a.name) {
+            if p.is_running() {
+                p.kill9();
+                killed.push(Killed {
+                    agent_id: a.agent_id.clone(),
+                    lease_cases: a.lease_case_ids.clone(),
+                });
+            }
+        }
+    }
+    if replace && !st.finished && !agents.iter_mut().any(|p| p.is_running()) {
+        let name = format!("agent-{}", agents.len());
+        agents.push(agent(s, &name, port, &[]));
+    }
+}
+
+/// Waits for the first agent to hold a shard with 3 cases or more left, and returns the one after
+/// the case it is running: the case the drill poisons, with at least one more after it in the
+/// same shard (returned too: a shard-mate that must not pay for it).
+fn pick_poison(probe: &StatusProbe) -> (String, String) {
     let st = probe.wait_for(
         Duration::from_secs(60),
         "the first agent to hold a shard with 3 cases or more left",
@@ -482,38 +511,92 @@ fn a_case_that_kills_every_agent_running_it_is_recorded_as_failed() {
     let first_shard = agent_named(&st, "agent-0")
         .map(|a| a.lease_case_ids.clone())
         .unwrap_or_default();
-    let poison = first_shard[1].clone();
-    let lost_with_it = first_shard[2].clone();
+    (first_shard[1].clone(), first_shard[2].clone())
+}
 
-    // Kill whoever starts running it (the first of its lease's cases without a result); keep one
-    // agent up while the run lasts.
-    let mut killed: Vec<String> = Vec::new();
+/// Five cases of one KV pool: a first shard of four, then one.
+fn poison_grid_spec(name: &str) -> GridSpec {
+    GridSpec {
+        name: name.into(),
+        batch_sizes: vec![1, 2, 3, 4, 5],
+        max_seq_lens: vec![256],
+        quant_modes: vec!["bf16/bf16/bf16"],
+        ..GridSpec::slow()
+    }
+}
+
+/// Checks the outputs of a run whose `poison` was given up after the agents `killed` died with
+/// it: every case has its rows, only the poisoned one failed, and its message and columns say
+/// why.
+fn check_poisoned_outputs(out: &Path, ids: &BTreeSet<String>, poison: &str, killed: &[Killed]) {
+    let rows = read_parquet(out).unwrap_or_else(|e| panic!("{e:#}"));
+    check_each_case_at_most_once(&rows, ids).unwrap_or_else(|e| panic!("{e:#}"));
+    let seen: BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
+    assert_eq!(seen.len(), ids.len(), "every case has a result: {seen:?}");
+    for r in &rows {
+        let expected = if r.case_id == poison { "failed" } else { "ok" };
+        assert_eq!(
+            r.status.as_deref(),
+            Some(expected),
+            "case {} kernel {:?} (poisoned: {poison})",
+            r.case_id,
+            r.kernel
+        );
+    }
+    let ids_killed: Vec<&str> = killed.iter().map(|k| k.agent_id.as_str()).collect();
+    let csv_rows = read_results_csv(out);
+    let poisoned: Vec<&CsvRow> = csv_rows.iter().filter(|r| r["case_id"] == poison).collect();
+    assert_eq!(poisoned.len(), KERNELS.len(), "one row per kernel");
+    for r in poisoned {
+        let message = &r["message"];
+        assert_eq!(r["status"], "failed");
+        assert!(
+            message.starts_with(&format!("lost {} times", killed.len()))
+                && message.contains("stopped without reporting")
+                && message.contains("may crash the agent")
+                && ids_killed.iter().all(|id| message.contains(id)),
+            "the message should say the case was lost with agents {ids_killed:?}: {message}"
+        );
+        assert_eq!(
+            Some(r["agent_id"].as_str()),
+            ids_killed.last().copied(),
+            "recorded on the agent it was last lost with"
+        );
+        assert_eq!(r["attempt"], killed.len().to_string(), "every try was lost");
+    }
+}
+
+/// A nightly job's nightmare: one case crashes every agent that runs it (segfault, OOM kill), so
+/// no result ever comes back and its lease expires each time. Here every agent is `kill -9`ed as
+/// soon as it starts that case, and a replacement started, as Kubernetes restarts a crashed pod.
+/// After `--max-attempts` losses the coordinator must give the case up and record the failure
+/// itself, with a message that says so; its shard-mates (one reported before the crash, one
+/// leased with it) must still finish; the run must end with the failure exit code; a resume must
+/// keep the failure and `--retry-failed` run it again.
+#[test]
+fn a_case_that_kills_every_agent_running_it_is_recorded_as_failed() {
+    let _serial = exclusive();
+    let s = Scratch::new("poisoned-case");
+    let grid = s.grid(&poison_grid_spec("it-poison"));
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    let mut coord = fault_coordinator(&s, &grid, port, ("2", "0.5"), &["--max-attempts", "2"]);
+    let probe = StatusProbe::new(port);
+    let mut agents = vec![agent(&s, "agent-0", port, &[])];
+    let (poison, _) = pick_poison(&probe);
+
+    // Kill whoever starts running it; keep one agent up while the run lasts.
+    let mut killed: Vec<Killed> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while coord.is_running() {
         assert!(
             Instant::now() < deadline,
-            "the run did not end; killed so far: {killed:?}; last status: {:?}",
+            "the run did not end; killed so far: {:?}; last status: {:?}",
+            killed.iter().map(|k| &k.agent_id).collect::<Vec<_>>(),
             probe.get()
         );
-        let Some(st) = probe.get() else {
-            std::thread::sleep(POLL_PERIOD);
-            continue;
-        };
-        for a in st.agents.iter().filter(|a| a.alive) {
-            if a.lease_case_ids.first() != Some(&poison) {
-                continue;
-            }
-            // A killed agent stays in the status (alive) until its lease expires: once is enough.
-            if let Some(p) = agents.iter_mut().find(|p| p.name == a.name) {
-                if p.is_running() {
-                    p.kill9();
-                    killed.push(a.agent_id.clone());
-                }
-            }
-        }
-        if !st.finished && !agents.iter_mut().any(|p| p.is_running()) {
-            let name = format!("agent-{}", agents.len());
-            agents.push(agent(&s, &name, port, &[]));
+        if let Some(st) = probe.get() {
+            poison_drill_round(&s, port, &st, &mut agents, &poison, &mut killed, true);
         }
         std::thread::sleep(POLL_PERIOD);
     }
@@ -527,7 +610,7 @@ fn a_case_that_kills_every_agent_running_it_is_recorded_as_failed() {
     assert_eq!(
         killed.len(),
         2,
-        "--max-attempts 2: the case is given up after its second loss: {killed:?}"
+        "--max-attempts 2: the case is given up after its second loss"
     );
     // The one left (if it got as far as registering) was told to drain.
     for a in agents.iter_mut() {
@@ -543,39 +626,7 @@ fn a_case_that_kills_every_agent_running_it_is_recorded_as_failed() {
 
     // Every case has its rows; only the poisoned one failed, and it says why.
     let out = s.out();
-    let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
-    check_each_case_at_most_once(&rows, &ids).unwrap_or_else(|e| panic!("{e:#}"));
-    let seen: BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
-    assert_eq!(seen.len(), ids.len(), "every case has a result: {seen:?}");
-    for r in &rows {
-        let expected = if r.case_id == poison { "failed" } else { "ok" };
-        assert_eq!(
-            r.status.as_deref(),
-            Some(expected),
-            "case {} kernel {:?} (poisoned: {poison}, lost with it: {lost_with_it})",
-            r.case_id,
-            r.kernel
-        );
-    }
-    let csv_rows = read_results_csv(&out);
-    let poisoned: Vec<&CsvRow> = csv_rows.iter().filter(|r| r["case_id"] == poison).collect();
-    assert_eq!(poisoned.len(), KERNELS.len(), "one row per kernel");
-    for r in poisoned {
-        let message = &r["message"];
-        assert_eq!(r["status"], "failed");
-        assert!(
-            message.starts_with("lost 2 times")
-                && message.contains("stopped without reporting")
-                && message.contains("may crash the agent")
-                && killed.iter().all(|id| message.contains(id.as_str())),
-            "the message should say the case was lost with agents {killed:?}: {message}"
-        );
-        assert_eq!(
-            r["agent_id"], killed[1],
-            "recorded on the agent it was last lost with"
-        );
-        assert_eq!(r["attempt"], "2", "two tries, both lost");
-    }
+    check_poisoned_outputs(&out, &ids, &poison, &killed);
 
     // A resume keeps the failure (nothing to run, so it ends at once, failing again).
     let mut resumed = coordinator(&s, "coordinator-resume", &grid, port, &[]);
@@ -596,4 +647,127 @@ fn a_case_that_kills_every_agent_running_it_is_recorded_as_failed() {
         .unwrap_or_else(|| panic!("no closing summary from the agent:\n{}", last.log_tail()));
     assert_eq!(run, 1, "only the failed case runs again");
     assert_each_case_once(&out, &ids);
+}
+
+/// The poisoned-case drill with the coordinator itself killed (`kill -9`, as a node failure or an
+/// evicted pod) and restarted on its journal between the case's two losses. The first loss was
+/// journaled, so the restarted coordinator still runs the case alone and gives it up after its
+/// second loss: two in all with `--max-attempts 2`, not two more after every restart (which, with
+/// a Deployment restarting the coordinator, could go on for ever).
+#[test]
+fn a_case_that_kills_agents_is_given_up_across_a_coordinator_restart() {
+    let _serial = exclusive();
+    let s = Scratch::new("poisoned-case-restart");
+    let grid = s.grid(&poison_grid_spec("it-poison-restart"));
+    let ids = grid_case_ids(&grid);
+    let out = s.out();
+    let flags = [
+        "--lease-timeout-s",
+        "2",
+        "--heartbeat-s",
+        "0.5",
+        "--shard-cases",
+        SHARD_CASES_ARG,
+        "--max-attempts",
+        "2",
+    ];
+    let port = free_port();
+    let mut first = coordinator(&s, "coordinator-1", &grid, port, &flags);
+    let probe = StatusProbe::new(port);
+    let mut agents = vec![agent(&s, "agent-0", port, &[])];
+    let (poison, leased_with_it) = pick_poison(&probe);
+
+    // The first agent dies as it starts the poisoned case; no other takes its place yet.
+    let mut killed: Vec<Killed> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while killed.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "agent-0 never started {poison}; last status: {:?}",
+            probe.get()
+        );
+        if let Some(st) = probe.get() {
+            poison_drill_round(&s, port, &st, &mut agents, &poison, &mut killed, false);
+        }
+        std::thread::sleep(POLL_PERIOD);
+    }
+    // Its lease expires (2 s) and the loss is journaled; then the coordinator dies too.
+    wait_until(
+        Duration::from_secs(20),
+        "the first loss of the poisoned case to be journaled",
+        || !journaled_losses(&out, &poison).is_empty(),
+    );
+    first.kill9();
+    let before = journaled_losses(&out, &poison);
+    assert_eq!(
+        before.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>(),
+        [killed[0].agent_id.as_str()]
+    );
+    // The agent's heartbeat named the case as it started it: its shard-mate after it never
+    // started and was not charged (unless the kill beat that heartbeat: then every case of the
+    // lease without a result was, as "shard").
+    if before[0].1 == "running" {
+        assert!(
+            journaled_losses(&out, &leased_with_it).is_empty(),
+            "{leased_with_it} never started: {:?}",
+            journal_events(&out)
+        );
+    } else {
+        assert_eq!(before[0].1, "shard", "{:?}", journal_events(&out));
+    }
+
+    // A new coordinator resumes the journal; agents come and the drill goes on.
+    let port = free_port();
+    let mut second = coordinator(&s, "coordinator-2", &grid, port, &flags);
+    let probe = StatusProbe::new(port);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while second.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed run did not end; killed so far: {:?}; last status: {:?}",
+            killed.iter().map(|k| &k.agent_id).collect::<Vec<_>>(),
+            probe.get()
+        );
+        if let Some(st) = probe.get() {
+            poison_drill_round(&s, port, &st, &mut agents, &poison, &mut killed, true);
+        }
+        std::thread::sleep(POLL_PERIOD);
+    }
+    let status = second.wait(Duration::from_secs(5));
+    assert_eq!(
+        status.code(),
+        Some(EXIT_INCOMPLETE),
+        "a run with a failed case exits {EXIT_INCOMPLETE}; log:\n{}",
+        second.log_tail()
+    );
+    let log = second.log();
+    assert!(
+        log.contains("resuming the losses the journal holds"),
+        "the restarted coordinator says it resumed the loss:\n{}",
+        second.log_tail()
+    );
+    assert_eq!(
+        killed.len(),
+        2,
+        "--max-attempts 2 across the restart: given up after its second loss in all, the first \
+         before the restart: {:?}",
+        killed.iter().map(|k| &k.agent_id).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        killed[1].lease_cases,
+        [poison.clone()],
+        "after the restart the case lost once still runs alone"
+    );
+    for a in agents.iter_mut() {
+        if a.is_running() {
+            a.wait_success(Duration::from_secs(20));
+        }
+    }
+    check_poisoned_outputs(&out, &ids, &poison, &killed);
+    let after: Vec<String> = journaled_losses(&out, &poison)
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    let expected: Vec<String> = killed.iter().map(|k| k.agent_id.clone()).collect();
+    assert_eq!(after, expected, "both losses are in the journal");
 }

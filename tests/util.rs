@@ -724,3 +724,47 @@ pub fn now_unix_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// The events (`{"event": ...}` frames, such as the `lost` ones) in the journal of an output
+/// directory, in order, read without opening the journal as the coordinator does (no lock, no
+/// repair), so that it can be read while a coordinator runs: a frame cut short or not yet whole
+/// ends the list. Empty when there is no journal yet.
+pub fn journal_events(out: &Path) -> Vec<serde_json::Value> {
+    const MAGIC_BYTES: usize = 8;
+    let Ok(bytes) = std::fs::read(out.join("journal.dbj")) else {
+        return Vec::new();
+    };
+    let mut events = Vec::new();
+    let mut pos = MAGIC_BYTES;
+    let mut header = true;
+    while pos + 8 <= bytes.len() {
+        let len = u32::from_le_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]])
+            as usize;
+        let Some(payload) = bytes.get(pos + 8..pos + 8 + len) else {
+            break;
+        };
+        pos += 8 + len;
+        if std::mem::take(&mut header) || !payload.starts_with(br#"{"event":"#) {
+            continue;
+        }
+        match serde_json::from_slice(payload) {
+            Ok(v) => events.push(v),
+            Err(_) => break,
+        }
+    }
+    events
+}
+
+/// The `lost` events of [`journal_events`] for one case: (agent id, cause) of each, in order.
+pub fn journaled_losses(out: &Path, case_id: &str) -> Vec<(String, String)> {
+    journal_events(out)
+        .iter()
+        .filter(|e| e["event"] == "lost" && e["case_id"] == case_id)
+        .map(|e| {
+            (
+                e["agent_id"].as_str().unwrap_or_default().to_string(),
+                e["cause"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
