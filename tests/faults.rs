@@ -755,7 +755,7 @@ fn a_case_that_kills_agents_is_given_up_across_a_coordinator_restart() {
     );
     assert_eq!(
         killed[1].lease_cases,
-        [poison.clone()],
+        std::slice::from_ref(&poison),
         "after the restart the case lost once still runs alone"
     );
     for a in agents.iter_mut() {
