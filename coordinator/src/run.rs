@@ -605,6 +605,61 @@ fn spawn_journal_writer(
 mod tests {
     use super::*;
 
+    /// A loss counts on resume unless a result of its unit came after it: a success makes it
+    /// moot, and a failure's losses are what `--retry-failed` starts afresh from.
+    #[test]
+    fn resume_restores_only_the_losses_no_result_of_their_unit_came_after() {
+        use crate::record::LossCause;
+        use crate::schema::tests::sample_record;
+        let ok = sample_record(1, &[1.0], &[2.0]);
+        let failed = sample_record(2, &[1.0], &[]);
+        assert!(failed.failed());
+        let never_ran = sample_record(3, &[1.0], &[2.0]);
+        let mut other_gpu = ok.clone();
+        other_gpu.device.uuid = "GPU-5678".into();
+        let loss = |r: &ResultRecord, agent: &str, after_records| ReplayedLoss {
+            loss: LossRecord {
+                run_id: "run-1".into(),
+                case_id: r.case.id.clone(),
+                agent_id: agent.into(),
+                device: r.device.clone(),
+                cause: LossCause::Alone,
+                lost_unix_ms: 0,
+            },
+            after_records,
+        };
+        let records = vec![ok.clone(), failed.clone()];
+        let losses = || {
+            vec![
+                loss(&ok, "a", 0),
+                loss(&failed, "b", 1),
+                loss(&never_ran, "c", 2),
+                loss(&failed, "d", 2),
+                loss(&other_gpu, "e", 0),
+            ]
+        };
+        let kept = |placement| -> Vec<(String, String)> {
+            losses_to_restore(&records, losses(), placement)
+                .into_iter()
+                .map(|(case, l)| (case, l.agent_id))
+                .collect()
+        };
+        let pair = |r: &ResultRecord, agent: &str| (r.case.id.clone(), agent.to_string());
+        assert_eq!(
+            kept(Placement::Spread),
+            [pair(&never_ran, "c"), pair(&failed, "d")]
+        );
+        // Per GPU, the loss on another GPU is another unit's, which has no result.
+        assert_eq!(
+            kept(Placement::PerGpu),
+            [
+                pair(&never_ran, "c"),
+                pair(&failed, "d"),
+                pair(&other_gpu, "e")
+            ]
+        );
+    }
+
     #[test]
     fn run_ids_carry_their_start_time() {
         let id = new_run_id();
