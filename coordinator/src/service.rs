@@ -98,6 +98,7 @@ fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+#[derive(Clone)]
 pub struct CoordinatorService {
     pub shared: Arc<Shared>,
 }
@@ -311,8 +312,9 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
                 return Err(Status::invalid_argument(why));
             }
         };
-        let (accepted, lease_valid, drain) =
-            self.commit_report(&req.agent_id, &req.lease_id, m).await?;
+        let (accepted, lease_valid, drain) = self
+            .commit_detached(req.agent_id.clone(), req.lease_id.clone(), m)
+            .await?;
         self.shared.metrics.observe_rpc("report", t.elapsed());
         Ok(Response::new(wire::ReportResponse {
             accepted,
@@ -401,6 +403,22 @@ pub fn status_snapshot(shared: &Shared) -> wire::StatusResponse {
 }
 
 impl CoordinatorService {
+    /// [`Self::commit_report`] in a task of its own. tonic drops a call's handler when its client
+    /// goes away (an agent killed, a timeout), and a commit cut off between the scheduler's
+    /// decision and the journal's answer would leave the case neither committed nor queued: the
+    /// run would never end. A detached commit runs to its end whatever happens to the call.
+    async fn commit_detached(
+        &self,
+        agent_id: String,
+        lease_id: String,
+        m: CaseMeasurement,
+    ) -> Result<(bool, bool, bool), Status> {
+        let svc = self.clone();
+        tokio::spawn(async move { svc.commit_report(&agent_id, &lease_id, m).await })
+            .await
+            .map_err(|e| Status::internal(format!("committing the result failed: {e}")))?
+    }
+
     /// Takes a well-formed result for a case of `lease_id`: commits it (journal first), or queues
     /// the case for another attempt. Returns (accepted, lease still valid, drain).
     async fn commit_report(
@@ -506,7 +524,10 @@ impl CoordinatorService {
             &case,
             &format!("the coordinator refused this agent's result: {why}"),
         );
-        match self.commit_report(agent_id, lease_id, failed).await {
+        match self
+            .commit_detached(agent_id.to_string(), lease_id.to_string(), failed)
+            .await
+        {
             Ok(_) => tracing::warn!(
                 agent = %agent_id,
                 case = %case_id,
@@ -521,5 +542,105 @@ impl CoordinatorService {
                 "refused a result"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::SchedulerConfig;
+    use decodebench_kernels::{
+        BenchCase, DeviceIdentity, KernelKind, KernelMeasurement, KvPool, QuantMode,
+    };
+    use std::time::Duration;
+
+    /// An agent killed while its result is being journaled: tonic drops the Report call's
+    /// handler. The commit must still finish (here: the journal answers after the drop), or the
+    /// case stays half-committed and the run never ends.
+    #[tokio::test]
+    async fn a_result_whose_caller_went_away_mid_journal_write_is_still_committed() {
+        let case = BenchCase {
+            num_qo_heads: 8,
+            num_kv_heads: 1,
+            head_size: 64,
+            pool: KvPool::Shared { tokens: 4096 },
+            ..BenchCase::reference_shape(1, 64, QuantMode::BF16)
+        }
+        .with_id();
+        let mut sched = Scheduler::new(SchedulerConfig::default(), vec![case.clone()], []);
+        let device = DeviceIdentity {
+            backend: "cpu".into(),
+            uuid: "cpu-test".into(),
+            sku: "cpu".into(),
+            ..Default::default()
+        };
+        let agent_id = sched.register("a".into(), device, Instant::now());
+        let lease_id = match sched.lease(&agent_id, Instant::now()).unwrap() {
+            LeaseDecision::Shard(g) => g.lease_id,
+            other => panic!("expected a shard, got {other:?}"),
+        };
+        let (journal, mut writes) = mpsc::channel(4);
+        let svc = CoordinatorService {
+            shared: Arc::new(Shared {
+                scheduler: Mutex::new(sched),
+                records: Mutex::new(Vec::new()),
+                journal,
+                run_id: "run".into(),
+                git_revision: "test".into(),
+                started: Instant::now(),
+                metrics: Metrics::new(),
+                changed: Notify::new(),
+            }),
+        };
+        let kernels = KernelKind::ALL
+            .iter()
+            .map(|&kind| {
+                let mut k = KernelMeasurement {
+                    kernel: Some(kind),
+                    status: Some(KernelStatus::Ok),
+                    samples_ms: vec![0.5, 0.6, 0.55],
+                    bytes_per_call: 1 << 20,
+                    ..Default::default()
+                };
+                k.finish_stats(None);
+                k
+            })
+            .collect();
+        let m = CaseMeasurement {
+            case_id: case.id.clone(),
+            kernels,
+            wall_s: 0.1,
+        };
+        let req = wire::ReportRequest {
+            agent_id,
+            lease_id: lease_id.to_string(),
+            measurement: Some((&m).into()),
+        };
+        let caller = svc.clone();
+        let call = tokio::spawn(async move {
+            wire::coordinator_server::Coordinator::report(&caller, Request::new(req)).await
+        });
+        // The result reaches the journal writer; then the caller goes away, before the answer.
+        let job = tokio::time::timeout(Duration::from_secs(10), writes.recv())
+            .await
+            .expect("the result reaches the journal")
+            .expect("a journal job");
+        call.abort();
+        let _ = call.await;
+        let _ = job.done.send((job.record, Ok(())));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let p = svc.shared.scheduler().progress();
+            if p.done == 1 {
+                assert_eq!(p.running, 0, "{p:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the case was left half-committed: {p:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(svc.shared.records().len(), 1);
     }
 }
