@@ -103,6 +103,32 @@ pub struct CoordinatorService {
     pub shared: Arc<Shared>,
 }
 
+/// Why a measurement is too large to take (more than [`MAX_SAMPLES`] samples or a message over
+/// [`MAX_MESSAGE_LEN`] bytes in a kernel), naming the kernel; `None` when it is not.
+fn oversized(m: &wire::CaseMeasurement) -> Option<String> {
+    m.kernels.iter().find_map(|k| {
+        let kernel = wire::KernelKind::try_from(k.kernel).map_or_else(
+            |_| format!("kernel {}", k.kernel),
+            |kind| format!("{kind:?}").to_lowercase(),
+        );
+        if k.samples_ms.len() > MAX_SAMPLES {
+            Some(format!(
+                "the {kernel} kernel's measurement carries {} samples; at most {MAX_SAMPLES} are \
+                 accepted: cap the trials (--max-trials)",
+                k.samples_ms.len()
+            ))
+        } else if k.message.len() > MAX_MESSAGE_LEN {
+            Some(format!(
+                "the {kernel} kernel's message is {} bytes; at most {MAX_MESSAGE_LEN} are \
+                 accepted: cut it",
+                k.message.len()
+            ))
+        } else {
+            None
+        }
+    })
+}
+
 /// Hands `record` to the journal writer and waits until it is on disk; returns it back.
 async fn make_durable(shared: &Shared, record: ResultRecord) -> Result<ResultRecord, Status> {
     let (tx, rx) = oneshot::channel();
@@ -288,25 +314,13 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
             .measurement
             .ok_or_else(|| Status::invalid_argument("measurement is missing"))?;
         check_id("measurement.case_id", &wire_m.case_id)?;
-        for k in &wire_m.kernels {
-            if k.samples_ms.len() > MAX_SAMPLES {
-                return Err(Status::invalid_argument(format!(
-                    "a kernel measurement carries {} samples; at most {MAX_SAMPLES} are accepted",
-                    k.samples_ms.len()
-                )));
-            }
-            if k.message.len() > MAX_MESSAGE_LEN {
-                return Err(Status::invalid_argument(format!(
-                    "a kernel message is {} bytes; at most {MAX_MESSAGE_LEN} are accepted: cut it",
-                    k.message.len()
-                )));
-            }
-        }
         let case_id = wire_m.case_id.clone();
-        let m = match CaseMeasurement::try_from(wire_m) {
+        let m = match oversized(&wire_m).map_or_else(
+            || CaseMeasurement::try_from(wire_m).map_err(|e| e.to_string()),
+            Err,
+        ) {
             Ok(m) => m,
-            Err(e) => {
-                let why = e.to_string();
+            Err(why) => {
                 self.refused(&req.agent_id, &req.lease_id, &case_id, &why)
                     .await;
                 return Err(Status::invalid_argument(why));
@@ -553,6 +567,30 @@ mod tests {
         BenchCase, DeviceIdentity, KernelKind, KernelMeasurement, KvPool, QuantMode,
     };
     use std::time::Duration;
+
+    #[test]
+    fn an_oversized_measurement_is_refused_naming_its_kernel() {
+        let mut m = wire::CaseMeasurement {
+            case_id: "c".into(),
+            kernels: vec![wire::KernelMeasurement {
+                kernel: wire::KernelKind::Optimized as i32,
+                samples_ms: vec![1.0; MAX_SAMPLES],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(oversized(&m), None);
+        m.kernels[0].samples_ms.push(1.0);
+        let why = oversized(&m).unwrap();
+        assert!(
+            why.contains("optimized kernel") && why.contains("100001 samples"),
+            "{why}"
+        );
+        m.kernels[0].samples_ms.clear();
+        m.kernels[0].message = "x".repeat(MAX_MESSAGE_LEN + 1);
+        let why = oversized(&m).unwrap();
+        assert!(why.contains("optimized kernel's message"), "{why}");
+    }
 
     /// An agent killed while its result is being journaled: tonic drops the Report call's
     /// handler. The commit must still finish (here: the journal answers after the drop), or the
