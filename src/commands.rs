@@ -500,6 +500,13 @@ async fn run(a: RunArgs, log: &str) -> Result<ExitCode> {
         .context("binding a loopback port for the embedded coordinator")?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Agent processes that die are reported to the coordinator, which loses their leases at once.
+    let (exits_tx, agent_exits) = if as_processes {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
     let cfg = CoordinatorConfig {
         out_dir: a.out.clone(),
         grid_hash: decodebench_coordinator::run::cases_hash(&cases),
@@ -511,6 +518,7 @@ async fn run(a: RunArgs, log: &str) -> Result<ExitCode> {
         progress: progress_display(),
         git_revision: GIT_REVISION.to_string(),
         exit_when_done: true,
+        agent_exits,
     };
     // The embedded coordinator stops on a signal, or when every local agent has exited (an agent
     // whose GPU is lost exits; with nobody left to run the remaining cases, waiting is pointless:
@@ -536,6 +544,7 @@ async fn run(a: RunArgs, log: &str) -> Result<ExitCode> {
                 log: log.to_string(),
                 max_restarts: a.agent_restarts,
                 setup_failed_code: i32::from(EXIT_AGENT_SETUP),
+                exits: exits_tx,
             };
             let slots = names.iter().enumerate().map(|(i, name)| {
                 let mut args: Vec<String> = vec!["agent".into(), "--coordinator".into()];
@@ -745,6 +754,7 @@ async fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
         progress: progress_display(),
         git_revision: GIT_REVISION.to_string(),
         exit_when_done: !a.keep_serving,
+        agent_exits: None,
     };
     let summary = serve(cfg, listener, shutdown_signal()).await?;
     Ok(report_summary(&summary))

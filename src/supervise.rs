@@ -6,12 +6,13 @@
 //! (still up, in `run`'s process) requeues or gives up that case, and a fresh agent process takes
 //! the GPU over with a fresh context, as a restarted pod would in a Kubernetes fleet.
 
+use decodebench_coordinator::run::AgentExit;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// The first wait before restarting an agent that died soon after it started; it doubles with
 /// each such death in a row, up to [`MAX_BACKOFF`].
@@ -42,6 +43,9 @@ pub struct SupervisorConfig {
     pub max_restarts: u32,
     /// The exit code of an agent that could not start at all: not restarted.
     pub setup_failed_code: i32,
+    /// Where to report each death (the embedded coordinator, which then loses the dead agent's
+    /// lease at once instead of waiting for its timeout).
+    pub exits: Option<mpsc::UnboundedSender<AgentExit>>,
 }
 
 /// How a slot ended.
@@ -100,6 +104,14 @@ pub async fn supervise(
             }
         };
         let uptime = started.elapsed();
+        if !matches!(&status, Ok(s) if s.success()) {
+            if let Some(tx) = &cfg.exits {
+                let _ = tx.send(AgentExit {
+                    name: slot.name.clone(),
+                    at: Instant::now(),
+                });
+            }
+        }
         let how = match status {
             Ok(s) if s.success() => return out,
             Ok(s) if s.code() == Some(cfg.setup_failed_code) => {
@@ -265,6 +277,7 @@ mod tests {
             log: "info".into(),
             max_restarts: 2,
             setup_failed_code: 6,
+            exits: None,
         };
         (slot, cfg)
     }
@@ -272,11 +285,18 @@ mod tests {
     #[tokio::test]
     async fn a_dying_child_is_restarted_until_its_restarts_are_used_up() {
         let dir = tempfile::tempdir().unwrap();
-        let (slot, cfg) = script_slot(&dir, "exit 3");
+        let (slot, mut cfg) = script_slot(&dir, "exit 3");
+        let (exits_tx, mut exits) = mpsc::unbounded_channel();
+        cfg.exits = Some(exits_tx);
         let (_tx, rx) = watch::channel(false);
         let t = Instant::now();
         let out = supervise(slot, cfg, rx).await;
         assert_eq!(out.deaths.len(), 3, "{out:?}");
+        for _ in 0..3 {
+            let e = exits.try_recv().expect("each death is reported");
+            assert_eq!(e.name, "t");
+        }
+        assert!(exits.try_recv().is_err(), "three deaths, three reports");
         assert!(out.deaths[0].starts_with("exited with code 3"), "{out:?}");
         assert!(out
             .gave_up

@@ -305,12 +305,13 @@ fn children_of(parent: u32) -> Vec<u32> {
         .collect()
 }
 
-/// `run` flags for agent processes whose losses are noticed within seconds.
+/// `run` flags for agent processes. The lease timeout is long on purpose: `run` sees its agent
+/// processes die and has their leases lost at once, so no test here waits for a timeout.
 const PROCESS_AGENTS: [&str; 8] = [
     "--local-agents",
     "process",
     "--lease-timeout-s",
-    "2",
+    "60",
     "--heartbeat-s",
     "0.5",
     "--shard-cases",
@@ -347,7 +348,8 @@ fn run_restarts_an_agent_process_killed_mid_run() {
         .status()
         .expect("running kill");
     assert!(killed.success());
-    run.wait_success(Duration::from_secs(120));
+    // Well before the 60-s lease timeout: the death itself loses the lease.
+    run.wait_success(Duration::from_secs(40));
 
     let rows = assert_each_case_once(&out, &ids);
     let agent_ids: std::collections::BTreeSet<&str> =
@@ -359,6 +361,7 @@ fn run_restarts_an_agent_process_killed_mid_run() {
     );
     let log = run.log();
     assert!(log.contains("was killed by signal 9 (SIGKILL"), "{log}");
+    assert!(log.contains("its lease is lost now"), "{log}");
     assert!(
         log.contains("agent local-cpu0: its process died 1 time(s) and was restarted 1 time(s)"),
         "{log}"
@@ -385,7 +388,8 @@ fn run_records_a_case_that_crashes_its_agent_process_as_failed_and_finishes_the_
     args.extend(["--max-attempts".into(), "2".into()]);
     let drill = format!("abort:{}", &victim[..8]);
     let mut run = Proc::spawn_with_env(&s, "run", &args, &[("DECODEBENCH_FAILPOINT", &drill)]);
-    let status = run.wait(Duration::from_secs(120));
+    // Two losses, each well before the 60-s lease timeout.
+    let status = run.wait(Duration::from_secs(50));
     assert_eq!(status.code(), Some(2), "{}", run.log_tail());
     let log = run.log();
     assert!(log.contains("was killed by signal 6 (SIGABRT)"), "{log}");

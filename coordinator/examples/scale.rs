@@ -422,6 +422,7 @@ async fn bench(args: Args, server_rt: tokio::runtime::Handle) -> Result<bool> {
         // Synthetic results: no build revision is worth recording with them.
         git_revision: "scale-benchmark".to_string(),
         exit_when_done: true,
+        agent_exits: None,
     };
     let coordinator = server_rt.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(listener)

@@ -97,6 +97,30 @@ pub struct CoordinatorConfig {
     /// Write outputs and exit as soon as every unit has a result (false: keep serving until the
     /// shutdown future resolves, e.g. for a long-lived fleet coordinator).
     pub exit_when_done: bool,
+    /// Deaths of agent processes the caller supervises (`decodebench run`'s local agents): each
+    /// loses its agent's lease at once ([`Scheduler::agent_died`]) rather than at its timeout.
+    pub agent_exits: Option<mpsc::UnboundedReceiver<AgentExit>>,
+}
+
+/// An agent process that died, by the name it registered with, and when it was seen to die.
+#[derive(Debug, Clone)]
+pub struct AgentExit {
+    pub name: String,
+    pub at: Instant,
+}
+
+/// The next death on `exits`; pending forever without a channel (or once it is closed).
+async fn next_exit(exits: &mut Option<mpsc::UnboundedReceiver<AgentExit>>) -> AgentExit {
+    match exits {
+        Some(rx) => match rx.recv().await {
+            Some(e) => e,
+            None => {
+                *exits = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// How the run ended.
@@ -123,7 +147,7 @@ impl RunSummary {
 /// Serves the coordinator on `listener` until all work is done or `shutdown` resolves, then
 /// writes the outputs.
 pub async fn serve(
-    cfg: CoordinatorConfig,
+    mut cfg: CoordinatorConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary, CoordinatorError> {
@@ -272,6 +296,7 @@ pub async fn serve(
     let mut ticker = tokio::time::interval(TICK_PERIOD);
     let mut interrupted = false;
     let mut wrote_on_finish = false;
+    let mut agent_exits = cfg.agent_exits.take();
     loop {
         tokio::select! {
             _ = &mut shutdown => {
@@ -280,6 +305,12 @@ pub async fn serve(
                 break;
             }
             _ = ticker.tick() => {}
+            exit = next_exit(&mut agent_exits) => {
+                let lost = shared.scheduler().agent_died(&exit.name, exit.at);
+                if lost > 0 {
+                    tracing::warn!(agent = %exit.name, "the agent's process died: its lease is lost now, not at the lease timeout");
+                }
+            }
             // A result landed: only completion matters now (O(1)); the full progress (which
             // counts live agents) waits for the tick instead of running once per result.
             _ = shared.changed.notified() => {

@@ -252,6 +252,8 @@ pub struct AgentInfo {
     pub name: String,
     pub device: DeviceIdentity,
     pub last_seen: Instant,
+    /// When it registered (a restarted agent process registers again, under the same name).
+    pub registered: Instant,
     pub results: u64,
     pub lease: Option<u64>,
     pub drained: bool,
@@ -614,6 +616,7 @@ impl Scheduler {
                 name,
                 device,
                 last_seen: now,
+                registered: now,
                 results: 0,
                 lease: None,
                 drained: false,
@@ -922,6 +925,36 @@ impl Scheduler {
                  its unfinished cases is charged a loss and queued again, to run alone"
             ),
         }
+    }
+
+    /// The agent process named `name` was seen to die at `at` (`decodebench run` supervises its
+    /// local agents): its lease is lost now, exactly as an expiry would lose it (see the module's
+    /// losses), instead of after the lease timeout, and the agent counts as gone. Only agents of
+    /// that name registered by `at` are concerned: the process restarted in its place registers
+    /// anew, under the same name. Returns how many leases were lost.
+    pub fn agent_died(&mut self, name: &str, at: Instant) -> usize {
+        let dead: HashSet<String> = self
+            .agents
+            .values()
+            .filter(|a| a.name == name && a.registered <= at && !a.drained)
+            .map(|a| a.id.clone())
+            .collect();
+        let leases: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| dead.contains(&l.agent_id))
+            .map(|(id, _)| *id)
+            .collect();
+        for &id in &leases {
+            self.leases_expired += 1;
+            self.lose_lease(id);
+        }
+        for id in &dead {
+            if let Some(a) = self.agents.get_mut(id) {
+                a.drained = true;
+            }
+        }
+        leases.len()
     }
 
     /// Losses charged since the last call, in order: the caller journals them, then calls
@@ -1616,6 +1649,35 @@ mod tests {
     /// An agent leases shard [A, B, C, D], reports A, heartbeats naming B, and dies: B alone is
     /// charged (and runs alone from then on); C and D never started, so they go back uncharged
     /// and are batched again.
+    #[test]
+    fn an_agent_process_seen_dying_loses_its_lease_at_once() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(cfg(4), cases(4), []);
+        let a = s.register("local-gpu0".into(), dev("u1", "H100"), t0);
+        let g = grant(s.lease(&a, t0).unwrap());
+        let ids: Vec<String> = g.cases.iter().map(|c| c.id.clone()).collect();
+        s.heartbeat(&a, &g.lease_id, &ids[0], t0).unwrap();
+        // Another agent's name, or a death before this agent registered, changes nothing.
+        assert_eq!(s.agent_died("local-gpu1", t0), 0);
+        assert_eq!(s.agent_died("local-gpu0", t0 - Duration::from_millis(1)), 0);
+        assert_eq!(s.progress().running, 4);
+        // Well within the lease timeout, the death loses the lease as its expiry would.
+        assert_eq!(s.agent_died("local-gpu0", t0), 1);
+        assert_eq!(loss_causes(&s, &ids[0]), vec![LossCause::Running]);
+        for id in &ids[1..] {
+            assert!(lost_with(&s, id).is_empty(), "{id} never started");
+        }
+        assert_eq!(s.progress().pending, 4);
+        assert!(s.agent(&a).is_some_and(|info| info.drained));
+        // The process restarted in its place registers under the same name and is not touched by
+        // a later report of the old one's death.
+        let t1 = t0 + Duration::from_millis(10);
+        let b = s.register("local-gpu0".into(), dev("u1", "H100"), t1);
+        let g2 = grant(s.lease(&b, t1).unwrap());
+        assert_eq!(s.agent_died("local-gpu0", t0), 0);
+        assert!(s.leases.contains_key(&g2.lease_id.parse::<u64>().unwrap()));
+    }
+
     #[test]
     fn a_heartbeat_naming_the_running_case_charges_that_case_alone() {
         let t0 = Instant::now();

@@ -369,6 +369,7 @@ async fn resume_run_placed(
         progress: ProgressDisplay::Quiet,
         git_revision: "test".into(),
         exit_when_done: true,
+        agent_exits: None,
     };
     // With every unit journaled the coordinator finishes without any agent.
     tokio::time::timeout(
