@@ -180,17 +180,42 @@ fn spawn(slot: &AgentSlot, cfg: &SupervisorConfig) -> std::io::Result<Child> {
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped())
         // A terminal's Ctrl-C reaches `run` alone, which drains the agents through the
-        // coordinator; a parent that is itself killed leaves children that exit once the
-        // coordinator has been unreachable for their connect timeout.
+        // coordinator.
         .process_group(0)
         .kill_on_drop(true);
+    // A `run` that is itself killed (SIGKILL, OOM) must not leave agents running on its GPUs,
+    // where they would skew the timings of the next run: each child asks the kernel for SIGTERM
+    // when its parent dies (it then stops at once, its coordinator being gone). The kernel sends
+    // it when the spawning *thread* ends: this runs on a runtime worker thread, which lives as
+    // long as the process (never on a blocking-pool thread, which may retire when idle).
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the child between fork and exec and calls only
+        // async-signal-safe functions (prctl, getppid, _exit), touching no memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before the request took effect.
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
     let mut child = cmd.spawn()?;
     if let Some(stderr) = child.stderr.take() {
         let name = slot.name.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[{name}] {line}");
+                // Never a panic (eprintln! panics on a closed stderr): the pipe must keep
+                // draining, or the agent would block on its next log line.
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr().lock(), "[{name}] {line}");
             }
         });
     }

@@ -425,3 +425,44 @@ fn run_records_a_case_that_crashes_its_agent_process_as_failed_and_finishes_the_
         "only the failed case runs again: {rerun:?}"
     );
 }
+
+/// Whether process `pid` is gone (or a zombie waiting for a reaper that may never come).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+/// A `run` killed with SIGKILL (the OOM killer, a node drain's last resort) takes its agent
+/// processes with it: left running, they would hold the GPUs and skew the next run's timings.
+#[test]
+fn a_killed_run_leaves_no_agent_process_behind() {
+    let _serial = exclusive();
+    let s = Scratch::new("run-killed");
+    let grid = s.grid(&GridSpec::slow());
+    let out = s.out();
+    // Quiet agents: one that logged would also die of its broken stderr pipe once `run` is gone,
+    // which is not what this test is about (a GPU agent deep in a long case logs nothing).
+    let mut args = vec!["--log".to_string(), "warn".into()];
+    args.extend(cpu_run_args(&grid, &out, &PROCESS_AGENTS));
+    let mut run = Proc::spawn(&s, "run", &args);
+    let mut agents = Vec::new();
+    wait_until(Duration::from_secs(60), "an agent process", || {
+        agents = children_of(run.pid());
+        !agents.is_empty()
+    });
+    // Into its first cases (about a second each).
+    std::thread::sleep(Duration::from_secs(2));
+    run.kill9();
+    // The agent finishes the case it is running, finds its coordinator gone and exits at once;
+    // without the parent-death signal it would keep trying to reach it for 30 s.
+    wait_until(
+        Duration::from_secs(10),
+        "the agent process to exit after its run was killed",
+        || process_gone(agents[0]),
+    );
+}
