@@ -42,7 +42,7 @@ EOF
 }
 
 # Wall time and the run's own summary line.
-summary() { grep -E "^real|units done|restarted|agent error|giving up" "$1" | cut -c1-400; }
+summary() { grep -E "^real|units done|restarted|agent error|giving up|lease is lost now|lease expired" "$1" | cut -c1-400; }
 
 for step in $STEPS; do
   case $step in
