@@ -140,27 +140,7 @@ const SHARD_WAIT: Duration = Duration::from_secs(30);
 
 /// Both kernels of `case_id` timed ok with three samples each, as a real agent reports them.
 fn well_formed_report(case_id: &str) -> wire::CaseMeasurement {
-    use decodebench_kernels::{CaseMeasurement, KernelKind, KernelMeasurement, Status};
-    let kernels = KernelKind::ALL
-        .iter()
-        .map(|&kind| {
-            let mut m = KernelMeasurement {
-                kernel: Some(kind),
-                status: Some(Status::Ok),
-                samples_ms: vec![0.5, 0.6, 0.55],
-                bytes_per_call: 1 << 20,
-                ..Default::default()
-            };
-            m.finish_stats(None);
-            m
-        })
-        .collect();
-    (&CaseMeasurement {
-        case_id: case_id.to_string(),
-        kernels,
-        wall_s: 0.1,
-    })
-        .into()
+    (&decodebench_kernels::CaseMeasurement::example_ok(case_id)).into()
 }
 
 /// A hand-written client that registers as an agent and speaks the protocol call by call, on

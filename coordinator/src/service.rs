@@ -563,9 +563,7 @@ impl CoordinatorService {
 mod tests {
     use super::*;
     use crate::scheduler::SchedulerConfig;
-    use decodebench_kernels::{
-        BenchCase, DeviceIdentity, KernelKind, KernelMeasurement, KvPool, QuantMode,
-    };
+    use decodebench_kernels::{BenchCase, DeviceIdentity, KvPool, QuantMode};
     use std::time::Duration;
 
     #[test]
@@ -630,25 +628,7 @@ mod tests {
                 changed: Notify::new(),
             }),
         };
-        let kernels = KernelKind::ALL
-            .iter()
-            .map(|&kind| {
-                let mut k = KernelMeasurement {
-                    kernel: Some(kind),
-                    status: Some(KernelStatus::Ok),
-                    samples_ms: vec![0.5, 0.6, 0.55],
-                    bytes_per_call: 1 << 20,
-                    ..Default::default()
-                };
-                k.finish_stats(None);
-                k
-            })
-            .collect();
-        let m = CaseMeasurement {
-            case_id: case.id.clone(),
-            kernels,
-            wall_s: 0.1,
-        };
+        let m = CaseMeasurement::example_ok(&case.id);
         let req = wire::ReportRequest {
             agent_id,
             lease_id: lease_id.to_string(),

@@ -262,6 +262,33 @@ pub struct CaseMeasurement {
     pub wall_s: f64,
 }
 
+impl CaseMeasurement {
+    /// A well-formed result for `case_id`: both kernels `ok`, three timed samples each. A fixture
+    /// for the tests of what takes measurements in (the coordinator, the wire conversion).
+    #[doc(hidden)]
+    pub fn example_ok(case_id: &str) -> CaseMeasurement {
+        let kernels = KernelKind::ALL
+            .iter()
+            .map(|&kind| {
+                let mut k = KernelMeasurement {
+                    kernel: Some(kind),
+                    status: Some(Status::Ok),
+                    samples_ms: vec![0.5, 0.6, 0.55],
+                    bytes_per_call: 1 << 20,
+                    ..Default::default()
+                };
+                k.finish_stats(None);
+                k
+            })
+            .collect();
+        CaseMeasurement {
+            case_id: case_id.to_string(),
+            kernels,
+            wall_s: 0.1,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
