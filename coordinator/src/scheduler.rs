@@ -1319,6 +1319,14 @@ mod tests {
         }
     }
 
+    /// [`cfg`] with `max_attempts` (the tests of losses and give-ups).
+    fn cfg_attempts(max_shard: usize, max_attempts: u32) -> SchedulerConfig {
+        SchedulerConfig {
+            max_attempts,
+            ..cfg(max_shard)
+        }
+    }
+
     fn grant(d: LeaseDecision) -> ShardGrant {
         match d {
             LeaseDecision::Shard(g) => g,
@@ -1528,15 +1536,7 @@ mod tests {
     #[test]
     fn a_case_lost_max_attempts_times_is_given_up_and_its_shard_mates_finish() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(
-            SchedulerConfig {
-                max_attempts: 2,
-                max_shard_cases: 3,
-                ..Default::default()
-            },
-            cases(3),
-            [],
-        );
+        let mut s = Scheduler::new(cfg_attempts(3, 2), cases(3), []);
         // Every agent dies as soon as it runs the poisoned case: the first of the first shard.
         let a = s.register("a".into(), dev("u1", "H100"), t0);
         let g = grant(s.lease(&a, t0).unwrap());
@@ -1609,15 +1609,7 @@ mod tests {
     #[test]
     fn a_loss_with_shard_mates_never_gives_a_unit_up() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(
-            SchedulerConfig {
-                max_attempts: 1,
-                max_shard_cases: 2,
-                ..Default::default()
-            },
-            cases(2),
-            [],
-        );
+        let mut s = Scheduler::new(cfg_attempts(2, 1), cases(2), []);
         let a = s.register("a".into(), dev("u1", "H100"), t0);
         grant(s.lease(&a, t0).unwrap());
         let t1 = past_lease(t0);
@@ -1790,15 +1782,7 @@ mod tests {
     #[test]
     fn a_case_named_by_the_heartbeat_of_every_agent_it_kills_is_given_up() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(
-            SchedulerConfig {
-                max_attempts: 2,
-                max_shard_cases: 4,
-                ..Default::default()
-            },
-            cases(4),
-            [],
-        );
+        let mut s = Scheduler::new(cfg_attempts(4, 2), cases(4), []);
         let a = s.register("a".into(), dev("u1", "H100"), t0);
         let g = grant(s.lease(&a, t0).unwrap());
         let ids: Vec<String> = g.cases.iter().map(|c| c.id.clone()).collect();
@@ -1867,16 +1851,7 @@ mod tests {
         let t0 = Instant::now();
         let cs = cases(4);
         let ids: Vec<String> = cs.iter().map(|c| c.id.clone()).collect();
-        let mut s = Scheduler::resume(
-            SchedulerConfig {
-                max_attempts: 2,
-                max_shard_cases: 4,
-                ..Default::default()
-            },
-            cs,
-            [],
-            [],
-        );
+        let mut s = Scheduler::resume(cfg_attempts(4, 2), cs, [], []);
         s.restore_losses([(ids[1].clone(), loss("agent-old", "u0", LossCause::Running))]);
         assert_eq!(lost_with(&s, &ids[1]), vec!["agent-old".to_string()]);
         assert!(given_up(&mut s).is_empty());
@@ -1905,16 +1880,7 @@ mod tests {
         let t0 = Instant::now();
         let cs = cases(4);
         let ids: Vec<String> = cs.iter().map(|c| c.id.clone()).collect();
-        let mut s = Scheduler::resume(
-            SchedulerConfig {
-                max_attempts: 2,
-                max_shard_cases: 4,
-                ..Default::default()
-            },
-            cs,
-            [format!("{}|*", ids[3])],
-            [],
-        );
+        let mut s = Scheduler::resume(cfg_attempts(4, 2), cs, [format!("{}|*", ids[3])], []);
         s.restore_losses([
             // Two losses, the last pinned: the coordinator stopped before recording the failure.
             (ids[0].clone(), loss("x", "u0", LossCause::Shard)),
@@ -1999,15 +1965,7 @@ mod tests {
     #[test]
     fn failed_case_retries_elsewhere_then_records_every_error() {
         let t = Instant::now();
-        let mut s = Scheduler::new(
-            SchedulerConfig {
-                max_attempts: 2,
-                max_shard_cases: 1,
-                ..Default::default()
-            },
-            cases(1),
-            [],
-        );
+        let mut s = Scheduler::new(cfg_attempts(1, 2), cases(1), []);
         let a = s.register("a".into(), dev("u1", "H100"), t);
         let b = s.register("b".into(), dev("u2", "H100"), t);
         let g = grant(s.lease(&a, t).unwrap());
