@@ -1673,11 +1673,47 @@ mod tests {
         eprintln!("write: {:.1} s", t.elapsed().as_secs_f64());
         let t = std::time::Instant::now();
         let out = compare(&opts(&a, &b)).unwrap();
+        let total = t.elapsed().as_secs_f64();
         eprintln!(
-            "compare {gpus} gpus x {cases} cases x {samples} samples: {:.1} s, {} comparisons",
-            t.elapsed().as_secs_f64(),
+            "compare {gpus} gpus x {cases} cases x {samples} samples: {total:.1} s, {} comparisons",
             out.comparisons.len()
         );
+        // Where the time goes: reading both files (timed again here), the rest is comparing.
+        let t = std::time::Instant::now();
+        let o = opts(&a, &b);
+        for side in [&o.baseline, &o.candidate] {
+            load_results(&results_file(side).unwrap()).unwrap();
+        }
+        let load = t.elapsed().as_secs_f64();
+        eprintln!(
+            "  of which loading both files {load:.1} s, comparing {:.1} s",
+            total - load
+        );
+        // A digest of every verdict, interval and p-value (exact: `{:?}` prints f64s round-trip),
+        // so a change to the bootstrap can show it left the output bit-identical; DUMP=FILE
+        // writes the lines themselves.
+        let lines: Vec<String> = out
+            .comparisons
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {} {} {} {:?} {:?} {:?} {:?}",
+                    c.case_id,
+                    c.kernel.as_str(),
+                    c.sku,
+                    c.verdict.as_str(),
+                    c.ratio,
+                    c.ci_low,
+                    c.ci_high,
+                    c.p_value
+                )
+            })
+            .collect();
+        let text = lines.join("\n");
+        eprintln!("  output digest {:016x}", stats::fnv1a(text.as_bytes()));
+        if let Ok(path) = std::env::var("DUMP") {
+            std::fs::write(path, text + "\n").unwrap();
+        }
         // One comparison per (case, kernel, SKU): every GPU's samples pooled into it.
         assert_eq!(out.comparisons.len(), cases * 2);
     }
