@@ -243,25 +243,19 @@ pub fn median_ratio_interval(
     candidate: &[&[f64]],
     settings: BootstrapSettings,
 ) -> Option<RatioInterval> {
-    let baseline: Vec<&[f64]> = baseline.iter().copied().filter(|g| !g.is_empty()).collect();
-    let candidate: Vec<&[f64]> = candidate
-        .iter()
-        .copied()
-        .filter(|g| !g.is_empty())
-        .collect();
-    let pooled = |groups: &[&[f64]]| -> Vec<f64> { groups.concat() };
-    let base_median = median(&pooled(&baseline))?;
-    let cand_median = median(&pooled(&candidate))?;
+    let mut baseline = ResampledSide::new(baseline);
+    let mut candidate = ResampledSide::new(candidate);
+    let base_median = baseline.pooled_median()?;
+    let cand_median = candidate.pooled_median()?;
     if !(base_median > 0.0 && cand_median.is_finite()) {
         return None;
     }
     let ratio = cand_median / base_median;
     let mut rng = SplitMix64::new(settings.seed);
-    let mut buf = Vec::new();
     let mut ratios = Vec::with_capacity(settings.resamples);
     for _ in 0..settings.resamples {
-        let b = resampled_median(&baseline, &mut rng, &mut buf);
-        let c = resampled_median(&candidate, &mut rng, &mut buf);
+        let b = baseline.resampled_median(&mut rng);
+        let c = candidate.resampled_median(&mut rng);
         let r = c / b;
         if r.is_finite() {
             ratios.push(r);
@@ -283,8 +277,149 @@ pub fn median_ratio_interval(
     })
 }
 
-/// One hierarchical resample of a side (GPUs, then samples within each) and its median.
-fn resampled_median(groups: &[&[f64]], rng: &mut SplitMix64, buf: &mut Vec<f64>) -> f64 {
+/// One side of [`median_ratio_interval`], prepared once so that a resample allocates nothing and
+/// moves no sample.
+///
+/// A resample is a multiset of the side's samples, so it is kept as a count of draws per sample,
+/// the samples in sorted order: a draw is one increment, and the median is found by walking the
+/// counts until half of the draws are passed, instead of copying every drawn value into a buffer
+/// and selecting its middle. The draws are the same (the same calls on the generator, in the same
+/// order), and the k-th smallest drawn value is the same value, so the interval is bit-for-bit
+/// the one of the copy-and-select resample ([`resampled_median_by_selection`], still used for
+/// samples holding a NaN or a zero, where `f64::max` and `f64::total_cmp` may disagree on which
+/// of two middle values is larger).
+struct ResampledSide<'a> {
+    /// The GPUs' sample groups, empty ones left out.
+    groups: Vec<&'a [f64]>,
+    /// Every sample of the side, sorted by `f64::total_cmp`.
+    sorted: Vec<f64>,
+    /// Group g's samples are `ranks[starts[g]..starts[g + 1]]`.
+    starts: Vec<usize>,
+    /// For each group's samples in their own order, the position of the sample in `sorted`.
+    ranks: Vec<u32>,
+    /// Per position in `sorted`: how many times the current resample drew that sample.
+    counts: Vec<u32>,
+    /// Counting is off: the side resamples by copying and selecting, into this buffer.
+    by_selection: Option<Vec<f64>>,
+}
+
+impl<'a> ResampledSide<'a> {
+    fn new(groups: &[&'a [f64]]) -> Self {
+        let groups: Vec<&'a [f64]> = groups.iter().copied().filter(|g| !g.is_empty()).collect();
+        let pooled = groups.concat();
+        let mut order: Vec<usize> = (0..pooled.len()).collect();
+        order.sort_unstable_by(|&a, &b| pooled[a].total_cmp(&pooled[b]));
+        let sorted: Vec<f64> = order.iter().map(|&i| pooled[i]).collect();
+        let mut starts = Vec::with_capacity(groups.len() + 1);
+        starts.push(0);
+        for g in &groups {
+            starts.push(starts[starts.len() - 1] + g.len());
+        }
+        // The most draws one resample can make (every GPU drawn the largest one) must fit a u32
+        // count, as must a position in `sorted`.
+        let longest = groups.iter().map(|g| g.len()).max().unwrap_or(0);
+        let fits = groups
+            .len()
+            .checked_mul(longest)
+            .is_some_and(|n| n < u32::MAX as usize);
+        if !fits || pooled.iter().any(|v| v.is_nan() || *v == 0.0) {
+            return ResampledSide {
+                groups,
+                sorted,
+                starts,
+                ranks: Vec::new(),
+                counts: Vec::new(),
+                by_selection: Some(Vec::new()),
+            };
+        }
+        let mut ranks = vec![0u32; pooled.len()];
+        for (position, &i) in order.iter().enumerate() {
+            ranks[i] = position as u32;
+        }
+        ResampledSide {
+            groups,
+            counts: vec![0; sorted.len()],
+            sorted,
+            starts,
+            ranks,
+            by_selection: None,
+        }
+    }
+
+    /// The median of every sample of the side; `None` when there are none.
+    fn pooled_median(&self) -> Option<f64> {
+        // `median` of the pooled samples, whose sort is already done.
+        (!self.sorted.is_empty()).then(|| percentile(&self.sorted, 50.0))
+    }
+
+    /// One hierarchical resample (GPUs, then samples within each drawn GPU) and its median.
+    fn resampled_median(&mut self, rng: &mut SplitMix64) -> f64 {
+        if let Some(buf) = &mut self.by_selection {
+            return resampled_median_by_selection(&self.groups, rng, buf);
+        }
+        self.counts.fill(0);
+        let gpus = self.starts.len() - 1;
+        let mut drawn = 0;
+        for _ in 0..gpus {
+            let g = rng.index(gpus);
+            let ranks = &self.ranks[self.starts[g]..self.starts[g + 1]];
+            for _ in 0..ranks.len() {
+                self.counts[ranks[rng.index(ranks.len())] as usize] += 1;
+            }
+            drawn += ranks.len();
+        }
+        // As `median_in_place`: the value at position drawn / 2 in sorted order, and for an even
+        // count the mean of it and the one before.
+        let mid = drawn / 2;
+        if drawn % 2 == 1 {
+            return self.sorted[kth_drawn(&self.counts, mid).0];
+        }
+        let (lower, through_lower) = kth_drawn(&self.counts, mid - 1);
+        let upper = if through_lower > mid {
+            lower
+        } else {
+            // The next sample drawn at all.
+            lower
+                + 1
+                + self.counts[lower + 1..]
+                    .iter()
+                    .position(|&c| c > 0)
+                    .expect("more draws than the lower middle")
+        };
+        (self.sorted[lower] + self.sorted[upper]) / 2.0
+    }
+}
+
+/// The position of the k-th smallest (from 0) of the draws counted in `counts`, and how many
+/// draws lie at or before that position. Sums 64 counts at a time to skip whole blocks. `k` must
+/// be below the total count.
+fn kth_drawn(counts: &[u32], k: usize) -> (usize, usize) {
+    const BLOCK: usize = 64;
+    let mut before = 0;
+    for (b, block) in counts.chunks(BLOCK).enumerate() {
+        // No overflow: the total of all counts fits a u32 (`ResampledSide::new` checks).
+        let in_block = block.iter().sum::<u32>() as usize;
+        if before + in_block <= k {
+            before += in_block;
+            continue;
+        }
+        for (i, &c) in block.iter().enumerate() {
+            before += c as usize;
+            if before > k {
+                return (b * BLOCK + i, before);
+            }
+        }
+    }
+    panic!("kth_drawn: k = {k} is not below the {before} draws counted");
+}
+
+/// One hierarchical resample of a side (GPUs, then samples within each) and its median, by
+/// copying the drawn values into `buf` and selecting its middle.
+fn resampled_median_by_selection(
+    groups: &[&[f64]],
+    rng: &mut SplitMix64,
+    buf: &mut Vec<f64>,
+) -> f64 {
     buf.clear();
     for _ in 0..groups.len() {
         let group = groups[rng.index(groups.len())];
@@ -510,6 +645,104 @@ pub(crate) mod tests {
             "{wide:?} {narrow:?}"
         );
         assert!(wide.low < 0.975 && wide.high > 1.025, "{wide:?}");
+    }
+
+    /// Random sides for the resampling tests: 1 to 6 GPUs of 1 to 150 samples each (odd and even
+    /// totals, blocks of counts longer than `kth_drawn`'s 64), and every third side drawn from
+    /// only five values, so that resamples are full of ties.
+    fn random_sides(count: usize) -> Vec<Vec<Vec<f64>>> {
+        let mut rng = SplitMix64::new(11);
+        (0..count)
+            .map(|i| {
+                let gpus = 1 + rng.index(6);
+                (0..gpus)
+                    .map(|_| {
+                        let len = 1 + rng.index(if i % 2 == 0 { 12 } else { 150 });
+                        (0..len)
+                            .map(|_| {
+                                if i % 3 == 0 {
+                                    1.0 + rng.index(5) as f64 * 0.25
+                                } else {
+                                    normal(&mut rng, 1.0, 0.1).abs() + 0.01
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn counted_resample_is_the_copied_and_selected_resample() {
+        for (i, side) in random_sides(300).iter().enumerate() {
+            let groups: Vec<&[f64]> = side.iter().map(Vec::as_slice).collect();
+            let mut counted = ResampledSide::new(&groups);
+            assert!(counted.by_selection.is_none());
+            assert_eq!(counted.pooled_median(), median(&groups.concat()));
+            let (mut rng_a, mut rng_b) = (SplitMix64::new(i as u64), SplitMix64::new(i as u64));
+            let mut buf = Vec::new();
+            for _ in 0..50 {
+                let a = counted.resampled_median(&mut rng_a);
+                let b = resampled_median_by_selection(&groups, &mut rng_b, &mut buf);
+                assert_eq!(a.to_bits(), b.to_bits(), "side {i}: {a} != {b}");
+                // And both are the sort-based median of what was drawn.
+                let drawn: Vec<f64> = counted
+                    .sorted
+                    .iter()
+                    .zip(&counted.counts)
+                    .flat_map(|(&v, &c)| std::iter::repeat_n(v, c as usize))
+                    .collect();
+                assert_eq!(drawn.len(), buf.len());
+                assert_eq!(Some(a), median(&drawn), "side {i}");
+            }
+            // The same draws: both generators are at the same point of their stream.
+            assert_eq!(rng_a.next_u64(), rng_b.next_u64(), "side {i}");
+        }
+    }
+
+    #[test]
+    fn kth_drawn_matches_the_sorted_draws() {
+        let mut rng = SplitMix64::new(5);
+        for len in [1, 2, 63, 64, 65, 200] {
+            for _ in 0..20 {
+                // Mostly zeros, as a resample of a large side leaves most samples undrawn.
+                let counts: Vec<u32> = (0..len)
+                    .map(|_| {
+                        if rng.index(3) == 0 {
+                            rng.index(4) as u32
+                        } else {
+                            0
+                        }
+                    })
+                    .collect();
+                let positions: Vec<usize> = counts
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(p, &c)| std::iter::repeat_n(p, c as usize))
+                    .collect();
+                for (k, &p) in positions.iter().enumerate() {
+                    let through = positions.iter().filter(|&&q| q <= p).count();
+                    assert_eq!(kth_drawn(&counts, k), (p, through), "{counts:?} k = {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sides_with_a_nan_or_a_zero_resample_by_selection() {
+        for odd in [f64::NAN, 0.0, -0.0] {
+            let groups: [&[f64]; 2] = [&[1.0, odd, 2.0], &[3.0, 4.0]];
+            let mut side = ResampledSide::new(&groups);
+            assert!(side.by_selection.is_some(), "{odd}");
+            let (mut rng_a, mut rng_b) = (SplitMix64::new(1), SplitMix64::new(1));
+            let mut buf = Vec::new();
+            for _ in 0..20 {
+                let a = side.resampled_median(&mut rng_a);
+                let b = resampled_median_by_selection(&groups, &mut rng_b, &mut buf);
+                assert_eq!(a.to_bits(), b.to_bits());
+            }
+        }
     }
 
     #[test]
