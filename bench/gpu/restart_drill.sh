@@ -9,9 +9,11 @@
 #            the drill reruns only that case (exit 0). The same drill with --local-agents
 #            in-process shows the old behaviour: the run stops at the fault;
 #   kill     the seed preset (the README's main job) with the agent process killed with SIGKILL
-#            mid-run: every case once, the restart listed, the wall time beside an undisturbed run's.
+#            mid-run: every case once, the restart listed, the wall time beside an undisturbed run's;
+#   orphan   `run` itself killed with SIGKILL mid-run: its agent process must be gone from the GPU
+#            within seconds (it gets SIGTERM when its parent dies), not linger on it.
 # Expects target/release/decodebench (or $DECODEBENCH_BIN); logs under $OUT (default /tmp/drill_out).
-# Usage: bench/gpu/restart_drill.sh [smoke] [fault] [kill]   (default: all three)
+# Usage: bench/gpu/restart_drill.sh [smoke] [fault] [kill] [orphan]   (default: all four)
 set -u
 RESULT_DIR=${OUT:-/tmp/drill_out}
 L=/tmp/drill_logs
@@ -22,7 +24,7 @@ export DECODEBENCH_CACHE_DIR=${DECODEBENCH_CACHE_DIR:-/tmp/decodebench-cache}
 B=${DECODEBENCH_BIN:-$PWD/target/release/decodebench}
 W=/tmp/drill_runs
 mkdir -p "$W"
-STEPS=${*:-smoke fault kill}
+STEPS=${*:-smoke fault kill orphan}
 nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader | tee "$L/gpus.txt"
 sha256sum "$B" | tee -a "$L/gpus.txt"
 
@@ -80,5 +82,22 @@ for step in $STEPS; do
       kill -9 "$CHILD"
       wait
       summary "$L/kill.log"; rows "$W/kill" | head -3 ;;
+    orphan)
+      echo "=== seed preset, run itself killed with SIGKILL after 40 s"
+      rm -rf "$W/orphan"
+      $B run --out "$W/orphan" > "$L/orphan.log" 2>&1 &
+      RUN=$!
+      sleep 40
+      CHILD=$(pgrep -P "$RUN" | head -1)
+      echo "run pid $RUN, agent pid $CHILD; GPU processes before:"
+      nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
+      kill -9 "$RUN"; T0=$(date +%s.%N)
+      for _ in $(seq 600); do
+        kill -0 "$CHILD" 2>/dev/null && [ "$(ps -o stat= -p "$CHILD" | cut -c1)" != Z ] || break
+        sleep 0.1
+      done
+      echo "agent gone $(python3 -c "print(f'{$(date +%s.%N) - $T0:.1f}')") s after run was killed; GPU processes after:"
+      nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
+      grep -E "journal|units done" "$L/orphan.log" | tail -2 ;;
   esac
 done
