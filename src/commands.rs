@@ -546,28 +546,8 @@ async fn run(a: RunArgs, log: &str) -> Result<ExitCode> {
                 setup_failed_code: i32::from(EXIT_AGENT_SETUP),
                 exits: exits_tx,
             };
-            let slots = names.iter().enumerate().map(|(i, name)| {
-                let mut args: Vec<String> = vec!["agent".into(), "--coordinator".into()];
-                args.push(coordinator_url.clone());
-                args.extend(["--name".into(), name.clone()]);
-                match gpu_ordinals.get(i) {
-                    Some(g) => args.extend(
-                        ["--backend".into(), "cuda".into()]
-                            .into_iter()
-                            .chain(["--gpu".into(), g.to_string()]),
-                    ),
-                    None => args.extend(["--backend".into(), "cpu".into()]),
-                }
-                args.extend([
-                    "--connect-timeout-s".into(),
-                    LOCAL_CONNECT_TIMEOUT_S.to_string(),
-                ]);
-                supervise::AgentSlot {
-                    name: name.clone(),
-                    args,
-                }
-            });
-            watch_local_processes(slots.collect(), cfg, stop_rx, agents_gone)
+            let slots = local_agent_slots(&names, &gpu_ordinals, &coordinator_url);
+            watch_local_processes(slots, cfg, stop_rx, agents_gone)
         }
         None => watch_local_agents(
             names.into_iter().zip(opened).collect(),
@@ -603,6 +583,44 @@ async fn run(a: RunArgs, log: &str) -> Result<ExitCode> {
 /// Local agents in their own processes talk to the embedded coordinator on loopback; this long
 /// without it, they give up (a `run` killed with SIGKILL leaves no one to stop them).
 const LOCAL_CONNECT_TIMEOUT_S: u32 = 30;
+
+/// The `decodebench agent` command line of each local agent process: agent i runs on GPU
+/// `gpus[i]`, or on the CPU when there are no GPUs.
+fn local_agent_slots(
+    names: &[String],
+    gpus: &[usize],
+    coordinator: &str,
+) -> Vec<supervise::AgentSlot> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let device = match gpus.get(i) {
+                Some(g) => vec![
+                    "--backend".to_string(),
+                    "cuda".into(),
+                    "--gpu".into(),
+                    g.to_string(),
+                ],
+                None => vec!["--backend".to_string(), "cpu".into()],
+            };
+            let mut args: Vec<String> = vec![
+                "agent".into(),
+                "--coordinator".into(),
+                coordinator.into(),
+                "--name".into(),
+                name.clone(),
+                "--connect-timeout-s".into(),
+                LOCAL_CONNECT_TIMEOUT_S.to_string(),
+            ];
+            args.extend(device);
+            supervise::AgentSlot {
+                name: name.clone(),
+                args,
+            }
+        })
+        .collect()
+}
 
 /// Runs in-process agents until they exit; then says so through `gone`. Returns their errors as
 /// lines for the end of the run.
@@ -1063,6 +1081,36 @@ fn report(a: ReportArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent command lines `run` starts parse as the `agent` subcommand they mean.
+    #[test]
+    fn local_agent_slots_are_agent_commands() {
+        use clap::Parser;
+        let names = ["local-gpu1".to_string(), "local-cpu1".to_string()];
+        let slots = local_agent_slots(&names, &[1], "http://127.0.0.1:9");
+        let parse = |slot: &supervise::AgentSlot| {
+            let argv = std::iter::once("decodebench".to_string()).chain(slot.args.clone());
+            match Cli::try_parse_from(argv)
+                .expect("a valid command line")
+                .command
+            {
+                Command::Agent(a) => a,
+                other => panic!("not an agent command: {other:?}"),
+            }
+        };
+        let gpu = parse(&slots[0]);
+        assert_eq!(
+            (gpu.backend, gpu.gpu, gpu.name.as_deref()),
+            (BackendArg::Cuda, 1, Some("local-gpu1"))
+        );
+        assert_eq!(gpu.coordinator, "http://127.0.0.1:9");
+        assert_eq!(gpu.connect_timeout_s, f64::from(LOCAL_CONNECT_TIMEOUT_S));
+        let cpu = parse(&slots[1]);
+        assert_eq!(
+            (cpu.backend, cpu.name.as_deref()),
+            (BackendArg::Cpu, Some("local-cpu1"))
+        );
+    }
 
     #[test]
     fn readme_documents_every_result_column() {
