@@ -112,8 +112,9 @@ impl JournalRecovery {
             .as_ref()
             .map_or_else(|| "(not saved)".to_string(), |p| p.display().to_string());
         format!(
-            "journal: damage in the middle of the journal: {lost} result(s) in {} damaged \
-             range(s) ({} bytes) were lost and those cases will be run again; the {} intact \
+            "journal: damage in the middle of the journal: {lost} record(s) (results or loss \
+             events) in {} damaged range(s) ({} bytes) were lost and those cases will be run \
+             again; the {} intact \
              result(s) found after the damage were kept. The original file was saved as {saved} \
              and the journal was rewritten without the damaged bytes. This is disk damage \
              (acknowledged results lost: check the disk), or a crash that wrote a batch's pages \
@@ -213,8 +214,8 @@ pub enum JournalError {
     )]
     NotAJournal { path: PathBuf, reason: String },
     #[error(
-        "journal {}: its header frame is damaged ({reason}) but {records} intact result(s) \
-         follow it; the file was left untouched. Copy it somewhere safe, then move it and the \
+        "journal {}: its header frame is damaged ({reason}) but {records} intact record(s) \
+         (results or loss events) follow it; the file was left untouched. Copy it somewhere safe, then move it and the \
          results files beside it out of the --out directory (or use a fresh --out directory) to \
          start over",
         path.display()
@@ -1452,7 +1453,10 @@ mod tests {
 
         // The warning says what happened, truthfully, and where the original is.
         let logs = recovery.message();
-        assert!(logs.contains("1 result(s) in 1 damaged range(s)"), "{logs}");
+        assert!(
+            logs.contains("1 record(s) (results or loss events) in 1 damaged range(s)"),
+            "{logs}"
+        );
         assert!(logs.contains("will be run again"), "{logs}");
         assert!(
             logs.contains("3 intact result(s) found after the damage"),
@@ -1601,7 +1605,7 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("header frame is damaged"), "{e}");
-            assert!(e.contains("3 intact result(s)"), "{e}");
+            assert!(e.contains("3 intact record(s)"), "{e}");
             assert!(e.contains("left untouched"), "{e}");
             assert_eq!(fs::read(&path).unwrap(), bad);
             assert!(damaged_copies(dir.path()).is_empty());
