@@ -719,16 +719,21 @@ pub fn compare_loaded(
         .map_or(1, usize::from)
         .min(keys.len().div_ceil(COMPARISONS_PER_WORKER_MIN))
         .max(1);
-    let chunk = keys.len().div_ceil(workers).max(1);
+    // Workers take comparisons one at a time from a shared counter: they differ in cost (status
+    // only, or thousands of samples per side), and fixed blocks would leave cores idle.
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let mut comparisons: Vec<Comparison> = std::thread::scope(|scope| {
-        let handles: Vec<_> = keys
-            .chunks(chunk)
-            .map(|part| {
-                let compare_key = &compare_key;
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let (compare_key, next, keys) = (&compare_key, &next, &keys);
                 scope.spawn(move || {
-                    part.iter()
-                        .filter_map(|k| compare_key(k))
-                        .collect::<Vec<_>>()
+                    let mut part = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(k) = keys.get(i) else { break };
+                        part.extend(compare_key(k));
+                    }
+                    part
                 })
             })
             .collect();
