@@ -14,12 +14,28 @@
 //! A frame after the header is a result ([`ResultRecord`]) or an *event*: a JSON object whose
 //! first key is `"event"`, naming its kind. The one kind so far is `"lost"` ([`LossRecord`]): a
 //! case charged a loss because its agent's lease expired, so that a resumed coordinator still
-//! knows which cases kill agents ([`Journal::replay`]). Events were added without a format version
-//! change, as frames an older journal simply does not have: a journal without them replays as
-//! before. An event of a kind this build does not know (a newer decodebench wrote it) is skipped
-//! with a warning, not taken for damage; an event of a known kind that does not decode is a
-//! damaged frame like an undecodable result. (A decodebench from before events reads an event
-//! frame as a damaged frame: it keeps every result, saves the original, and forgets the losses.)
+//! knows which cases kill agents ([`Journal::replay`]). An event of a kind this build does not
+//! know (a newer decodebench wrote it) is skipped with a warning, not taken for damage; an event
+//! of a known kind that does not decode is a damaged frame like an undecodable result.
+//!
+//! # Format versions
+//!
+//! Version 1 is results only; version 2 adds events. A decodebench that reads only version 1
+//! takes an event frame for damage in the middle of the journal: it would save a `.damaged-*`
+//! copy, rewrite the journal without the events and forget the losses. So every journal this
+//! build creates is version 2, which such a build refuses with a message (its "format version
+//! 2, this build reads version 1") and leaves untouched.
+//!
+//! This build resumes version-1 journals too. A result frame is the same in both versions, so a
+//! resumed version-1 journal *stays version 1 as long as only results are appended to it*: the
+//! older build that wrote it can still resume it. Before the first event is appended, the
+//! journal is upgraded to version 2 (see [`Journal::upgrade`]: the file is copied with a
+//! version-2 header into a temporary file, synced and renamed over the journal, so a crash
+//! leaves either the version-1 journal without the event or the version-2 one with every
+//! record). A version-1 journal that already holds events (the builds that added loss events
+//! wrote them under version 1) is upgraded as soon as it is opened. So every journal with an
+//! event in it says version 2, and no build can mistake its events for damage. A version above
+//! 2 (a newer decodebench) or below 1 is refused, and the file left untouched.
 //!
 //! A crash can leave the last frame torn (short, or with a CRC that does not match): replay cuts
 //! such a *torn tail* off with a warning saying how many bytes were dropped, and carries on with
@@ -52,8 +68,13 @@ use std::path::{Path, PathBuf};
 /// Name of the journal inside the output directory.
 pub const JOURNAL_FILE_NAME: &str = "journal.dbj";
 
-/// Version of the frame and header format; a journal of another version is refused, not guessed.
-pub const JOURNAL_FORMAT_VERSION: u32 = 1;
+/// Version of the frame and header format this build writes: 2, results and events (version 1
+/// had results only). A journal of a version this build does not read is refused, not guessed.
+pub const JOURNAL_FORMAT_VERSION: u32 = 2;
+
+/// The oldest version this build reads: a version-1 journal (results only) is resumed, and
+/// upgraded to [`JOURNAL_FORMAT_VERSION`] before its first event (see the module docs).
+pub const OLDEST_JOURNAL_FORMAT_VERSION: u32 = 1;
 
 /// Identifies a decodebench journal, so that an unrelated file is never truncated as "torn".
 const MAGIC: &[u8; 8] = b"DBJRNL01";
@@ -66,6 +87,10 @@ const MIN_RECORD_BYTES: u32 = 2;
 
 /// Suffix of the temporary file a damaged journal is rewritten into before it replaces it.
 const RECOVERING_SUFFIX: &str = ".recovering";
+
+/// Suffix of the temporary file a version-1 journal is copied into, with a version-2 header,
+/// before it replaces it ([`Journal::upgrade`]).
+const UPGRADING_SUFFIX: &str = ".upgrading";
 
 /// Largest frame replay accepts. A record holds at most two kernels of `MAX_TRIALS` (100,000)
 /// samples, about 4 MiB of JSON; a length beyond this is corruption, not a record.
@@ -226,8 +251,9 @@ pub enum JournalError {
         records: u64,
     },
     #[error(
-        "journal {}: format version {found}, this build reads version {JOURNAL_FORMAT_VERSION}; \
-         resume with the decodebench version that wrote it, or use a fresh --out directory",
+        "journal {}: format version {found}, this build reads versions \
+         {OLDEST_JOURNAL_FORMAT_VERSION} to {JOURNAL_FORMAT_VERSION}; resume with the decodebench \
+         version that wrote it, or use a fresh --out directory",
         path.display()
     )]
     UnsupportedVersion { path: PathBuf, found: u32 },
@@ -256,6 +282,13 @@ pub struct Journal {
     file: File,
     path: PathBuf,
     meta: JournalMeta,
+    /// The version in the file's header: [`JOURNAL_FORMAT_VERSION`], or 1 for a resumed version-1
+    /// journal that no event has been appended to yet.
+    format_version: u32,
+    /// When the journal was created (its header's), kept by [`Journal::upgrade`].
+    created_unix_ms: i64,
+    /// Where the header frame ends: the first record frame starts here.
+    header_end: u64,
     /// Bytes known to be durably in the file: the end of the last fully synced frame.
     len: u64,
     records: u64,
@@ -322,6 +355,9 @@ impl Journal {
             file,
             path: path.clone(),
             meta: meta.clone(),
+            format_version: JOURNAL_FORMAT_VERSION,
+            created_unix_ms: 0,
+            header_end: 0,
             len: 0,
             records: 0,
             losses: 0,
@@ -389,12 +425,17 @@ impl Journal {
                     return Ok((journal, Replay::default()));
                 }
             };
-        if header.format_version != JOURNAL_FORMAT_VERSION {
+        if !(OLDEST_JOURNAL_FORMAT_VERSION..=JOURNAL_FORMAT_VERSION)
+            .contains(&header.format_version)
+        {
             return Err(JournalError::UnsupportedVersion {
                 path,
                 found: header.format_version,
             });
         }
+        journal.format_version = header.format_version;
+        journal.created_unix_ms = header.created_unix_ms;
+        journal.header_end = offset;
         if header.grid_hash != meta.grid_hash {
             return Err(JournalError::GridMismatch {
                 path,
@@ -509,6 +550,12 @@ impl Journal {
         }
         journal.records = replay.records.len() as u64;
         journal.losses = replay.losses.len() as u64;
+        if unknown_events > 0 || !replay.losses.is_empty() {
+            // Events written under version 1 (before the version was bumped): say version 2 now,
+            // so that a build that reads only version 1 refuses the journal rather than dropping
+            // them as damage.
+            journal.upgrade()?;
+        }
         Ok((journal, replay))
     }
 
@@ -542,6 +589,12 @@ impl Journal {
         self.len
     }
 
+    /// The format version in the file's header: [`JOURNAL_FORMAT_VERSION`], or 1 for a resumed
+    /// version-1 journal that holds no event yet.
+    pub fn format_version(&self) -> u32 {
+        self.format_version
+    }
+
     /// Appends one record and syncs it to disk before returning: once this returns `Ok`, the
     /// record survives a crash, and only then may the result be acknowledged.
     pub fn append(&mut self, record: &ResultRecord) -> Result<(), JournalError> {
@@ -568,6 +621,8 @@ impl Journal {
     /// Appends loss events with a single write and a single sync, like
     /// [`Journal::append_batch`]: all of them are durable when this returns `Ok`, or none is in
     /// the file.
+    ///
+    /// A version-1 journal is upgraded to version 2 first ([`Journal::upgrade`]).
     pub fn append_losses(&mut self, losses: &[LossRecord]) -> Result<(), JournalError> {
         if self.poisoned {
             return Err(JournalError::Poisoned {
@@ -577,6 +632,9 @@ impl Journal {
         self.buf.clear();
         for loss in losses {
             encode_loss(&mut self.buf, loss)?;
+        }
+        if !self.buf.is_empty() {
+            self.upgrade()?;
         }
         self.write_buf()?;
         self.losses += losses.len() as u64;
@@ -628,10 +686,8 @@ impl Journal {
     /// before the damage) followed by `frames`, and returns where the original was saved.
     ///
     /// Nothing is destroyed and nothing is half-done: the original is first saved as a
-    /// `.damaged-*` file (a hard link, or a synced copy where links are not supported), the new
-    /// journal is written to a temporary file, locked, synced and renamed over the old name, and
-    /// the directory is synced. A crash at any point leaves either the old journal (which is
-    /// recovered again on the next start) or the new one. On error the journal is unchanged.
+    /// `.damaged-*` file (a hard link, or a synced copy where links are not supported), then the
+    /// journal is replaced crash-safely ([`Journal::replace`]). On error the journal is unchanged.
     fn rewrite_without_damage<'a>(
         &mut self,
         prefix_len: u64,
@@ -644,13 +700,109 @@ impl Journal {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let saved = save_damaged_copy(&self.path).map_err(io_err)?;
         crate::sink::sync_dir(dir).map_err(io_err)?;
+        let journal_path = self.path.clone();
+        let tmp_path = self.temp_path(RECOVERING_SUFFIX);
+        let tmp_err = tmp_path.clone();
+        self.replace(&tmp_path, move |old, out| {
+            let read_err = |source| JournalError::Io {
+                path: journal_path.clone(),
+                source,
+            };
+            let write_err = |source| JournalError::Io {
+                path: tmp_err.clone(),
+                source,
+            };
+            let mut len = copy_exactly(old, 0, prefix_len, out).map_err(read_err)?;
+            for frame in frames {
+                out.write_all(frame).map_err(write_err)?;
+                len += frame.len() as u64;
+            }
+            Ok(len)
+        })?;
+        Ok(saved)
+    }
 
-        let mut tmp_name = self.path.as_os_str().to_owned();
-        tmp_name.push(RECOVERING_SUFFIX);
-        let tmp_path = PathBuf::from(tmp_name);
+    /// Makes a version-1 journal a version-2 one, so that events may be appended to it (see the
+    /// module docs); a journal that already is version 2 is left alone. The journal is replaced
+    /// ([`Journal::replace`]) by the magic, a version-2 header with the same run id, grid hash
+    /// and creation time, and every frame after the old header, byte for byte. A crash leaves
+    /// the old journal or the new one, whole; on error the journal is unchanged.
+    pub fn upgrade(&mut self) -> Result<(), JournalError> {
+        if self.format_version >= JOURNAL_FORMAT_VERSION {
+            return Ok(());
+        }
+        if self.poisoned {
+            return Err(JournalError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        let header = JournalHeader {
+            format_version: JOURNAL_FORMAT_VERSION,
+            run_id: self.meta.run_id.clone(),
+            grid_hash: self.meta.grid_hash.clone(),
+            created_unix_ms: self.created_unix_ms,
+        };
+        let mut head = MAGIC.to_vec();
+        let payload = serde_json::to_vec(&header).map_err(|e| JournalError::Io {
+            path: self.path.clone(),
+            source: io::Error::other(e),
+        })?;
+        push_frame(&mut head, &payload);
+        let new_header_end = head.len() as u64;
+        let (from, frames_len) = (self.header_end, self.len - self.header_end);
+        let journal_path = self.path.clone();
+        let tmp_path = self.temp_path(UPGRADING_SUFFIX);
+        let tmp_err = tmp_path.clone();
+        self.replace(&tmp_path, move |old, out| {
+            out.write_all(&head).map_err(|source| JournalError::Io {
+                path: tmp_err.clone(),
+                source,
+            })?;
+            let copied =
+                copy_exactly(old, from, frames_len, out).map_err(|source| JournalError::Io {
+                    path: journal_path.clone(),
+                    source,
+                })?;
+            Ok(head.len() as u64 + copied)
+        })?;
+        let from_version = std::mem::replace(&mut self.format_version, JOURNAL_FORMAT_VERSION);
+        self.header_end = new_header_end;
+        tracing::info!(
+            path = %self.path.display(),
+            from_version,
+            to_version = JOURNAL_FORMAT_VERSION,
+            "journal: upgraded to format version {JOURNAL_FORMAT_VERSION} to hold events (every \
+             result kept); a decodebench that reads only version {from_version} now refuses it \
+             instead of taking the events for damage"
+        );
+        Ok(())
+    }
+
+    /// `<journal path><suffix>`: where a replacement of the journal is written first.
+    fn temp_path(&self, suffix: &str) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    }
+
+    /// Replaces the journal file with what `fill` writes (it gets the old journal to read from
+    /// and returns how many bytes it wrote), crash-safely: `fill` writes into `tmp_path`, which
+    /// is locked, synced and renamed over the journal's name, and the directory is synced. A
+    /// crash at any point leaves either the old journal (whose next opening does the same work
+    /// again) or the new one. On error the journal is unchanged and `tmp_path` removed.
+    fn replace(
+        &mut self,
+        tmp_path: &Path,
+        fill: impl FnOnce(&File, &mut BufWriter<&File>) -> Result<u64, JournalError>,
+    ) -> Result<(), JournalError> {
+        let io_err = |source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
         let written = (|| -> Result<(File, u64), JournalError> {
             let tmp_err = |source| JournalError::Io {
-                path: tmp_path.clone(),
+                path: tmp_path.to_path_buf(),
                 source,
             };
             let tmp = OpenOptions::new()
@@ -658,7 +810,7 @@ impl Journal {
                 .write(true)
                 .create(true)
                 .truncate(true)
-                .open(&tmp_path)
+                .open(tmp_path)
                 .map_err(tmp_err)?;
             // Locked before it takes the journal's name, so no other coordinator can open the
             // new journal unlocked in between.
@@ -666,44 +818,32 @@ impl Journal {
                 Ok(()) => {}
                 Err(fs::TryLockError::WouldBlock) => {
                     return Err(JournalError::Locked {
-                        path: tmp_path.clone(),
+                        path: tmp_path.to_path_buf(),
                     })
                 }
                 Err(fs::TryLockError::Error(e)) => return Err(tmp_err(e)),
             }
-            self.file.seek(SeekFrom::Start(0)).map_err(io_err)?;
             let mut out = BufWriter::with_capacity(1 << 20, &tmp);
-            let copied = io::copy(&mut (&self.file).take(prefix_len), &mut out).map_err(io_err)?;
-            if copied != prefix_len {
-                return Err(io_err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the journal shrank while it was being recovered ({copied} of {prefix_len} bytes read)"),
-                )));
-            }
-            let mut len = prefix_len;
-            for frame in frames {
-                out.write_all(frame).map_err(tmp_err)?;
-                len += frame.len() as u64;
-            }
+            let len = fill(&self.file, &mut out)?;
             out.flush().map_err(tmp_err)?;
             drop(out);
             tmp.sync_all().map_err(tmp_err)?;
-            fs::rename(&tmp_path, &self.path).map_err(tmp_err)?;
+            fs::rename(tmp_path, &self.path).map_err(tmp_err)?;
             Ok((tmp, len))
         })();
         let (file, len) = match written {
             Ok(done) => done,
             Err(e) => {
-                let _ = fs::remove_file(&tmp_path);
+                let _ = fs::remove_file(tmp_path);
                 return Err(e);
             }
         };
         crate::sink::sync_dir(dir).map_err(io_err)?;
-        // The old handle (and its lock) now belongs to the saved copy only.
+        // The old handle (and its lock) now belongs to the old inode only.
         self.file = file;
         self.file.seek(SeekFrom::Start(len)).map_err(io_err)?;
         self.len = len;
-        Ok(saved)
+        Ok(())
     }
 
     /// A file too short to hold a header is either new (empty) or a creation cut short; anything
@@ -763,10 +903,31 @@ impl Journal {
             crate::sink::sync_dir(dir).map_err(io_err)?;
         }
         self.len = bytes.len() as u64;
+        self.header_end = self.len;
+        self.format_version = header.format_version;
+        self.created_unix_ms = header.created_unix_ms;
         self.records = 0;
         self.losses = 0;
         Ok(())
     }
+}
+
+/// Copies `len` bytes of `file` from `offset` into `out`; a file that holds fewer is an error
+/// (it shrank while it was being copied).
+fn copy_exactly(file: &File, offset: u64, len: u64, out: &mut impl Write) -> io::Result<u64> {
+    let mut file = file;
+    file.seek(SeekFrom::Start(offset))?;
+    let copied = io::copy(&mut file.take(len), out)?;
+    if copied != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the journal shrank while it was being copied ({copied} of {len} bytes from \
+                 offset {offset} read)"
+            ),
+        ));
+    }
+    Ok(copied)
 }
 
 fn push_frame(out: &mut Vec<u8>, payload: &[u8]) {
@@ -1702,39 +1863,224 @@ mod tests {
         assert_eq!((j.record_count(), j.loss_count()), (4, 3));
     }
 
-    /// A journal written before loss events existed: the magic, a version-1 header and result
-    /// frames, byte for byte as that release wrote them.
+    /// The header of a version-1 journal, as the releases before events wrote it.
+    const V1_HEADER: &[u8] =
+        br#"{"format_version":1,"run_id":"run-old","grid_hash":"g1","created_unix_ms":1700000000000}"#;
+
+    /// A version-1 journal: the magic, [`V1_HEADER`] and `frames` (payloads), byte for byte as a
+    /// release before the version bump wrote them.
+    fn v1_journal(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut old = MAGIC.to_vec();
+        push_frame(&mut old, V1_HEADER);
+        for f in frames {
+            push_frame(&mut old, f);
+        }
+        old
+    }
+
+    fn result_payloads(recs: &[ResultRecord]) -> Vec<Vec<u8>> {
+        recs.iter()
+            .map(|r| serde_json::to_vec(r).unwrap())
+            .collect()
+    }
+
+    /// The header frame of the journal file at `path`, and the bytes after it.
+    fn header_and_rest(path: &Path) -> (serde_json::Value, Vec<u8>) {
+        let bytes = fs::read(path).unwrap();
+        assert_eq!(&bytes[..MAGIC.len()], MAGIC);
+        let at = MAGIC.len();
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let payload = &bytes[at + FRAME_HEADER_BYTES..at + FRAME_HEADER_BYTES + len];
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap());
+        assert_eq!(crc, crc32fast::hash(payload), "the header frame is intact");
+        (
+            serde_json::from_slice(payload).unwrap(),
+            bytes[at + FRAME_HEADER_BYTES + len..].to_vec(),
+        )
+    }
+
+    /// A decodebench that reads only version 1 refuses any other version (its check was
+    /// `format_version != 1`), and so refuses, untouched, every journal this build creates.
+    #[test]
+    fn a_new_journal_is_version_2() {
+        use crate::record::LossCause;
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        let (mut j, _) = Journal::open(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(j.format_version(), 2);
+        let (header, rest) = header_and_rest(&path);
+        assert_eq!(header["format_version"], 2, "{header}");
+        assert!(rest.is_empty());
+        j.append(&records(1)[0]).unwrap();
+        j.append_losses(&[loss("c1", "agent-1", LossCause::Alone)])
+            .unwrap();
+        drop(j);
+        let (header, _) = header_and_rest(&path);
+        assert_eq!(header["format_version"], 2, "{header}");
+        let (j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!((replay.records.len(), replay.losses.len()), (1, 1));
+        assert_eq!(j.format_version(), 2);
+    }
+
+    /// A journal written before loss events existed (version 1, results only) resumes; it stays
+    /// version 1 while only results are appended (the build that wrote it can still resume it),
+    /// and becomes version 2, every frame kept byte for byte, before its first event.
     #[test]
     fn an_old_journal_without_loss_events_replays_as_before() {
         use crate::record::LossCause;
         let dir = tempfile::tempdir().unwrap();
         let path = journal_path(dir.path());
-        let recs = records(3);
-        let mut old = MAGIC.to_vec();
-        push_frame(
-            &mut old,
-            br#"{"format_version":1,"run_id":"run-old","grid_hash":"g1","created_unix_ms":1700000000000}"#,
-        );
-        for r in &recs {
-            push_frame(&mut old, &serde_json::to_vec(r).unwrap());
-        }
+        let recs = records(4);
+        let old = v1_journal(&result_payloads(&recs[..3]));
         fs::write(&path, &old).unwrap();
-        {
+        let appended_result = {
             let (mut j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
-            assert_eq!(replay.records, recs);
+            assert_eq!(replay.records, recs[..3]);
             assert!(replay.losses.is_empty());
             assert_eq!(j.recovery(), None, "nothing in an old journal is damage");
             assert_eq!(j.meta().run_id, "run-old");
+            assert_eq!(j.format_version(), 1);
             assert_eq!(fs::read(&path).unwrap(), old, "replay changed nothing");
-            // The resumed run journals its losses into the old journal.
-            j.append_losses(&[loss("c9", "agent-1", LossCause::Alone)])
-                .unwrap();
+            // A result is the same frame in both versions: the journal stays version 1.
+            j.append(&recs[3]).unwrap();
+            assert_eq!(j.format_version(), 1);
+            let bytes = fs::read(&path).unwrap();
+            assert!(bytes.starts_with(&old));
+            bytes[old.len()..].to_vec()
+        };
+        let old_frames = old[MAGIC.len() + FRAME_HEADER_BYTES + V1_HEADER.len()..].to_vec();
+        let l = loss("c9", "agent-1", LossCause::Alone);
+        {
+            let (mut j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+            assert_eq!(replay.records, recs);
+            assert_eq!(j.format_version(), 1, "reopened, still version 1");
+            // The resumed run journals a loss: the journal becomes version 2 first.
+            j.append_losses(std::slice::from_ref(&l)).unwrap();
+            assert_eq!(j.format_version(), 2);
+            assert_eq!(j.len_bytes(), fs::metadata(&path).unwrap().len());
+            // And appending goes on after the upgrade.
+            j.append_losses(&[]).unwrap();
         }
-        let (_, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        let (header, rest) = header_and_rest(&path);
+        assert_eq!(
+            header,
+            serde_json::json!({"format_version": 2, "run_id": "run-old", "grid_hash": "g1",
+                               "created_unix_ms": 1_700_000_000_000i64}),
+            "only the version changed"
+        );
+        let mut expected = old_frames.clone();
+        expected.extend_from_slice(&appended_result);
+        expected.extend_from_slice(&loss_frame(&l));
+        assert_eq!(rest, expected, "every frame kept byte for byte");
+        assert_eq!(
+            file_names(dir.path()),
+            [JOURNAL_FILE_NAME],
+            "no copy or temporary file left"
+        );
+        let (j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
         assert_eq!(replay.records, recs);
         assert_eq!(replay.losses.len(), 1);
-        assert_eq!(replay.losses[0].after_records, 3);
-        assert!(fs::read(&path).unwrap().starts_with(&old));
+        assert_eq!(replay.losses[0].after_records, 4);
+        assert_eq!((j.format_version(), j.recovery()), (2, None));
+    }
+
+    /// The builds that added loss events wrote them under version 1: such a journal is upgraded
+    /// as soon as it is opened, so that an older build can no longer take them for damage.
+    #[test]
+    fn a_version_1_journal_that_holds_loss_events_is_upgraded_when_opened() {
+        use crate::record::LossCause;
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        let recs = records(2);
+        let l = loss("c1", "agent-1", LossCause::Running);
+        let mut frames = result_payloads(&recs);
+        frames.insert(1, serde_json::to_vec(&EventRef::Lost(&l)).unwrap());
+        let old = v1_journal(&frames);
+        fs::write(&path, &old).unwrap();
+        let (j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(replay.records, recs);
+        assert_eq!(
+            replay.losses,
+            vec![ReplayedLoss {
+                loss: l,
+                after_records: 1
+            }]
+        );
+        assert_eq!((j.format_version(), j.recovery()), (2, None));
+        let (header, rest) = header_and_rest(&path);
+        assert_eq!(header["format_version"], 2);
+        assert_eq!(
+            rest,
+            old[MAGIC.len() + FRAME_HEADER_BYTES + V1_HEADER.len()..],
+            "every frame kept"
+        );
+        assert!(damaged_copies(dir.path()).is_empty());
+    }
+
+    /// An upgrade that cannot be written (here its temporary file's name is taken by a
+    /// directory) leaves the version-1 journal as it was and the event unwritten; once the way is
+    /// clear, the next append upgrades it. A temporary file left by a crash is written over.
+    #[test]
+    fn a_failed_upgrade_changes_nothing_and_the_next_append_upgrades() {
+        use crate::record::LossCause;
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        let old = v1_journal(&result_payloads(&records(2)));
+        fs::write(&path, &old).unwrap();
+        let tmp = dir
+            .path()
+            .join(format!("{JOURNAL_FILE_NAME}{UPGRADING_SUFFIX}"));
+        fs::create_dir(&tmp).unwrap();
+        let (mut j, _) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        let l = loss("c1", "agent-1", LossCause::Alone);
+        let e = j
+            .append_losses(std::slice::from_ref(&l))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(".upgrading"), "{e}");
+        assert_eq!(fs::read(&path).unwrap(), old, "the journal is unchanged");
+        assert_eq!((j.format_version(), j.loss_count()), (1, 0));
+        // A crash's leftover in its place.
+        fs::remove_dir(&tmp).unwrap();
+        fs::write(&tmp, b"half a journal").unwrap();
+        j.append_losses(std::slice::from_ref(&l)).unwrap();
+        assert_eq!((j.format_version(), j.loss_count()), (2, 1));
+        assert!(!tmp.exists());
+        drop(j);
+        let (_, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!((replay.records.len(), replay.losses.len()), (2, 1));
+    }
+
+    /// A version this build does not read is refused with the version found and the ones it
+    /// reads, and the file left untouched.
+    #[test]
+    fn other_format_versions_are_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        for version in [0, 3, 99] {
+            let mut bytes = MAGIC.to_vec();
+            push_frame(
+                &mut bytes,
+                format!(
+                    r#"{{"format_version":{version},"run_id":"r","grid_hash":"g1","created_unix_ms":0}}"#
+                )
+                .as_bytes(),
+            );
+            push_frame(&mut bytes, &serde_json::to_vec(&records(1)[0]).unwrap());
+            fs::write(&path, &bytes).unwrap();
+            let e = Journal::open(dir.path(), &meta("g1"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "format version {version}, this build reads versions 1 to 2"
+                )),
+                "{e}"
+            );
+            assert!(e.contains("fresh --out directory"), "{e}");
+            assert_eq!(fs::read(&path).unwrap(), bytes);
+            assert_eq!(file_names(dir.path()), [JOURNAL_FILE_NAME]);
+        }
     }
 
     #[test]
