@@ -168,10 +168,25 @@ pub struct ScheduleArgs {
     /// Most cases per shard.
     #[arg(long, default_value_t = 8)]
     pub shard_cases: usize,
-    /// Resuming an --out directory: run the cases whose recorded result is a failure again (the
-    /// new result replaces the failed one; the rest of the journal is kept).
-    #[arg(long)]
-    pub retry_failed: bool,
+    /// Resuming an --out directory: run the cases whose recorded result is a failure again, in a
+    /// retry round that runs once (the new result replaces the failure; the rest is kept).
+    ///
+    /// ROUND names the round (the bare flag is round 1). The round is journaled when it starts,
+    /// so a coordinator restarted with the same flag (by a supervisor, a Kubernetes Deployment,
+    /// a Job's retry, or by hand after a crash) resumes that round instead of starting another:
+    /// only its cases without a result since it started run, and a failure recorded during the
+    /// round is final. Once each of its cases has a result, the same name runs nothing again,
+    /// so a case that always fails cannot loop. To retry again, say after fixing the cause, name
+    /// a new round: --retry-failed=2 (the summary at the end of a run names a free one).
+    #[arg(
+        long,
+        value_name = "ROUND",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = decodebench_coordinator::run::DEFAULT_RETRY_ROUND,
+        value_parser = parse_retry_round
+    )]
+    pub retry_failed: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -345,6 +360,22 @@ pub struct PrecompileArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
+/// Longest `--retry-failed` round name: a label, not a document.
+pub const RETRY_ROUND_MAX_CHARS: usize = 64;
+
+/// A `--retry-failed` round name: 1 to [`RETRY_ROUND_MAX_CHARS`] letters, digits and `. _ - : +`,
+/// so that it reads back the same from a log line, a manifest or a shell.
+pub fn parse_retry_round(s: &str) -> Result<String, String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || ".-_:+".contains(c);
+    if s.is_empty() || s.chars().count() > RETRY_ROUND_MAX_CHARS || !s.chars().all(ok) {
+        return Err(format!(
+            "'{s}' is not a retry round name: use 1 to {RETRY_ROUND_MAX_CHARS} letters, digits \
+             and . _ - : + (e.g. --retry-failed=2), or the bare --retry-failed for round 1"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 /// "9.0" -> (9, 0).
 pub fn parse_compute_capability(s: &str) -> Result<(i32, i32), String> {
     let bad = || {
@@ -449,5 +480,38 @@ mod tests {
             let err = parse_compute_capability(bad).unwrap_err();
             assert!(err.contains("MAJOR.MINOR"), "{bad}: {err}");
         }
+    }
+
+    /// The bare flag is round 1, `=NAME` names a round, and a value needs the `=`: a following
+    /// word is never taken for a round name.
+    #[test]
+    fn retry_failed_takes_an_optional_round_name() {
+        use clap::Parser;
+        let round = |extra: &[&str]| -> Result<Option<String>, String> {
+            let argv = ["decodebench", "run", "--preset", "smoke"];
+            let cli = Cli::try_parse_from(argv.iter().chain(extra)).map_err(|e| e.to_string())?;
+            match cli.command {
+                Command::Run(a) => Ok(a.schedule.retry_failed),
+                _ => unreachable!("a run command line"),
+            }
+        };
+        assert_eq!(round(&[]), Ok(None));
+        assert_eq!(round(&["--retry-failed"]), Ok(Some("1".into())));
+        assert_eq!(
+            round(&["--retry-failed", "--max-attempts", "2"]),
+            Ok(Some("1".into()))
+        );
+        assert_eq!(
+            round(&["--retry-failed=fix-2024.06:1"]),
+            Ok(Some("fix-2024.06:1".into()))
+        );
+        for bad in ["--retry-failed=", "--retry-failed=a b", "--retry-failed=é"] {
+            let err = round(&[bad]).unwrap_err();
+            assert!(err.contains("not a retry round name"), "{bad}: {err}");
+        }
+        let long = format!("--retry-failed={}", "x".repeat(RETRY_ROUND_MAX_CHARS + 1));
+        assert!(round(&[&long]).is_err());
+        let err = round(&["--retry-failed", "2"]).unwrap_err();
+        assert!(err.contains("unexpected argument '2'"), "{err}");
     }
 }

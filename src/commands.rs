@@ -207,7 +207,7 @@ fn scheduler_config(s: &ScheduleArgs) -> Result<SchedulerConfig> {
             expect_agents: s.expect_agents,
             wait_for,
         },
-        retry_failed: s.retry_failed,
+        retry_failed: s.retry_failed.clone(),
     })
 }
 
@@ -340,8 +340,10 @@ fn report_summary(s: &RunSummary) -> ExitCode {
             eprintln!(
                 "  {} unit(s) failed after every attempt: the `message` column of results.csv says \
                  why. A rerun on the same --out keeps these failures; once the cause is fixed, \
-                 rerun with --retry-failed to run only them again",
-                s.failed
+                 rerun with {} to run only them again (a retry round runs once: a restart with \
+                 the same flag resumes it rather than repeating it)",
+                s.failed,
+                s.next_retry_flag()
             );
         }
         if !s.unfinished.is_empty() {
@@ -1156,7 +1158,7 @@ mod tests {
             heartbeat_s: 10.0,
             max_attempts: 3,
             shard_cases: 8,
-            retry_failed: false,
+            retry_failed: None,
         };
         let c = scheduler_config(&args).unwrap();
         assert_eq!(

@@ -426,6 +426,88 @@ fn run_records_a_case_that_crashes_its_agent_process_as_failed_and_finishes_the_
     );
 }
 
+/// `--retry-failed` runs its round once, however often the same command is run again (as a
+/// supervisor or a Job restarting a run that exits 2 would): the case that crashes every agent
+/// is retried in round 1, fails again, and the same command then reruns nothing, leaves the
+/// journal as it was and names the next round; `--retry-failed=2` runs it again.
+#[test]
+fn retry_failed_runs_its_round_once_however_often_the_command_is_repeated() {
+    let _serial = exclusive();
+    let s = Scratch::new("local-retry-round");
+    let grid = s.grid(&GridSpec::tiny());
+    let ids = grid_case_ids(&grid);
+    let victim = ids
+        .iter()
+        .nth(3)
+        .expect("the tiny grid has 12 cases")
+        .clone();
+    let out = s.out();
+    let drill = format!("abort:{}", &victim[..8]);
+    let args = |extra: &[&str]| {
+        let mut args = cpu_run_args(&grid, &out, &PROCESS_AGENTS);
+        args.extend(["--max-attempts".into(), "2".into()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let victim_losses = || journaled_losses(&out, &victim).len();
+    let rounds = || -> Vec<String> {
+        journal_events(&out)
+            .iter()
+            .filter(|e| e["event"] == "retry_round")
+            .map(|e| e["round"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let crashing = |name: &str, extra: &[&str]| {
+        let mut run =
+            Proc::spawn_with_env(&s, name, &args(extra), &[("DECODEBENCH_FAILPOINT", &drill)]);
+        let status = run.wait(Duration::from_secs(60));
+        assert_eq!(status.code(), Some(2), "{}", run.log_tail());
+        run
+    };
+
+    crashing("run", &[]);
+    assert_eq!(victim_losses(), 2, "given up after --max-attempts 2 losses");
+    let run = crashing("retry-1", &["--retry-failed"]);
+    assert!(
+        run.log().contains("retry round `1` starts"),
+        "{}",
+        run.log()
+    );
+    assert!(run.log().contains("giving up on it"), "{}", run.log());
+    assert_eq!(victim_losses(), 4, "round 1 ran the case again, twice");
+    assert_eq!(rounds(), ["1"]);
+    let journal = std::fs::read(out.join("journal.dbj")).expect("the journal");
+
+    // The same command again, twice: nothing runs, nothing is journaled.
+    for attempt in ["retry-1-again", "retry-1-once-more"] {
+        let run = crashing(attempt, &["--retry-failed"]);
+        let log = run.log();
+        assert!(log.contains("retry round `1` already ran"), "{log}");
+        assert!(!log.contains("giving up on it"), "{log}");
+        assert!(
+            log.contains("rerun with --retry-failed=2 to run only them again"),
+            "the summary names the next round: {log}"
+        );
+        assert_eq!(
+            std::fs::read(out.join("journal.dbj")).expect("the journal"),
+            journal,
+            "{attempt}: the journal is unchanged"
+        );
+    }
+    let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
+    check_each_case_at_most_once(&rows, &ids).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(rows
+        .iter()
+        .all(|r| (r.case_id == victim) == (r.status.as_deref() == Some("failed"))));
+
+    // The cause gone, a new round: the case runs again and the run is complete.
+    let mut fixed = Proc::spawn(&s, "retry-2", &args(&["--retry-failed=2"]));
+    fixed.wait_success(Duration::from_secs(60));
+    assert_eq!(rounds(), ["1", "2"]);
+    let rows = assert_each_case_once(&out, &ids);
+    assert!(rows.iter().all(|r| r.status.as_deref() == Some("ok")));
+}
+
 /// Whether process `pid` is gone (or a zombie waiting for a reaper that may never come).
 fn process_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

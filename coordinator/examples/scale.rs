@@ -413,7 +413,7 @@ async fn bench(args: Args, server_rt: tokio::runtime::Handle) -> Result<bool> {
             max_attempts: 3,
             max_shard_cases: args.shard_cases,
             fleet: FleetRequirement::default(),
-            retry_failed: false,
+            retry_failed: None,
         },
         token: None,
         tls: None,

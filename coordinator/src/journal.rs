@@ -12,9 +12,11 @@
 //! ```
 //!
 //! A frame after the header is a result ([`ResultRecord`]) or an *event*: a JSON object whose
-//! first key is `"event"`, naming its kind. The one kind so far is `"lost"` ([`LossRecord`]): a
-//! case charged a loss because its agent's lease expired, so that a resumed coordinator still
-//! knows which cases kill agents ([`Journal::replay`]). An event of a kind this build does not
+//! first key is `"event"`, naming its kind: `"lost"` ([`LossRecord`]), a case charged a loss
+//! because its agent's lease expired, so that a resumed coordinator still knows which cases kill
+//! agents; `"retry_round"` ([`RetryRoundRecord`]), a `--retry-failed` round started, so that a
+//! restarted coordinator resumes that round rather than starting another ([`Journal::replay`]
+//! says where each stands among the results). An event of a kind this build does not
 //! know (a newer decodebench wrote it) is skipped with a warning, not taken for damage; an event
 //! of a known kind that does not decode is a damaged frame like an undecodable result.
 //!
@@ -57,7 +59,7 @@
 //! A damaged header is never "repaired": if intact records follow it, the journal is refused and
 //! left untouched ([`JournalError::DamagedHeader`]).
 
-use crate::record::{LossRecord, ResultRecord};
+use crate::record::{LossRecord, ResultRecord, RetryRoundRecord};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -163,6 +165,8 @@ pub struct Replay {
     pub records: Vec<ResultRecord>,
     /// The losses, in the order they were charged.
     pub losses: Vec<ReplayedLoss>,
+    /// The `--retry-failed` rounds, in the order they started.
+    pub retry_rounds: Vec<ReplayedRetryRound>,
 }
 
 /// A loss found in the journal, and where it stands among the results.
@@ -174,11 +178,23 @@ pub struct ReplayedLoss {
     pub after_records: usize,
 }
 
+/// A `--retry-failed` round found in the journal, and where it stands among the results and the
+/// losses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayedRetryRound {
+    pub round: RetryRoundRecord,
+    /// How many results precede it: `records[after_records..]` came after the round started.
+    pub after_records: usize,
+    /// How many losses precede it: `losses[after_losses..]` were charged after it started.
+    pub after_losses: usize,
+}
+
 /// One frame after the header.
 #[derive(Debug, Clone, PartialEq)]
 enum Entry {
     Result(ResultRecord),
     Loss(LossRecord),
+    RetryRound(RetryRoundRecord),
     /// An event of a kind this build does not know (written by a newer decodebench): skipped.
     UnknownEvent,
 }
@@ -194,6 +210,7 @@ impl Entry {
 #[serde(tag = "event", rename_all = "snake_case")]
 enum Event {
     Lost(Box<LossRecord>),
+    RetryRound(Box<RetryRoundRecord>),
     #[serde(other)]
     Unknown,
 }
@@ -203,6 +220,7 @@ enum Event {
 #[serde(tag = "event", rename_all = "snake_case")]
 enum EventRef<'a> {
     Lost(&'a LossRecord),
+    RetryRound(&'a RetryRoundRecord),
 }
 
 /// How every event payload starts (serde_json writes the tag first and no spaces); a result
@@ -537,6 +555,11 @@ impl Journal {
                     loss,
                     after_records: replay.records.len(),
                 }),
+                Entry::RetryRound(round) => replay.retry_rounds.push(ReplayedRetryRound {
+                    round,
+                    after_records: replay.records.len(),
+                    after_losses: replay.losses.len(),
+                }),
                 Entry::UnknownEvent => unknown_events += 1,
             }
         }
@@ -550,7 +573,7 @@ impl Journal {
         }
         journal.records = replay.records.len() as u64;
         journal.losses = replay.losses.len() as u64;
-        if unknown_events > 0 || !replay.losses.is_empty() {
+        if unknown_events > 0 || !replay.losses.is_empty() || !replay.retry_rounds.is_empty() {
             // Events written under version 1 (before the version was bumped): say version 2 now,
             // so that a build that reads only version 1 refuses the journal rather than dropping
             // them as damage.
@@ -639,6 +662,25 @@ impl Journal {
         self.write_buf()?;
         self.losses += losses.len() as u64;
         Ok(())
+    }
+
+    /// Appends the event that a `--retry-failed` round starts, and syncs it, like
+    /// [`Journal::append_losses`] (a version-1 journal is upgraded first).
+    pub fn append_retry_round(&mut self, round: &RetryRoundRecord) -> Result<(), JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        let payload =
+            serde_json::to_vec(&EventRef::RetryRound(round)).map_err(|e| JournalError::Io {
+                path: self.path.clone(),
+                source: io::Error::other(e),
+            })?;
+        self.upgrade()?;
+        self.buf.clear();
+        push_frame(&mut self.buf, &payload);
+        self.write_buf()
     }
 
     /// Writes the encoded frames in `buf` and syncs them; on failure, rolls the file back.
@@ -1001,6 +1043,7 @@ fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
     if payload.starts_with(EVENT_PREFIX) {
         return match serde_json::from_slice::<Event>(payload) {
             Ok(Event::Lost(loss)) => Ok(Entry::Loss(*loss)),
+            Ok(Event::RetryRound(round)) => Ok(Entry::RetryRound(*round)),
             Ok(Event::Unknown) => Ok(Entry::UnknownEvent),
             Err(e) => Err(format!("undecodable event: {e}")),
         };
@@ -1861,6 +1904,56 @@ mod tests {
         let (j, replayed) = Journal::open(dir.path(), &meta("g1")).unwrap();
         assert_eq!(replayed, recs);
         assert_eq!((j.record_count(), j.loss_count()), (4, 3));
+    }
+
+    /// A `--retry-failed` round's event replays where it was appended among the results and the
+    /// losses; appending one to a version-1 journal upgrades it first, as a loss does.
+    #[test]
+    fn retry_round_events_replay_with_their_position() {
+        use crate::record::{LossCause, RetryRoundRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        let recs = records(3);
+        fs::write(&path, v1_journal(&result_payloads(&recs[..2]))).unwrap();
+        let round = RetryRoundRecord {
+            run_id: "run-old".into(),
+            round: "fix-1".into(),
+            units: 2,
+            started_unix_ms: 1_700_000_000_123,
+        };
+        {
+            let (mut j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+            assert!(replay.retry_rounds.is_empty());
+            j.append_losses(&[loss("c1", "agent-1", LossCause::Alone)])
+                .unwrap();
+            j.append_retry_round(&round).unwrap();
+            j.append(&recs[2]).unwrap();
+        }
+        let text = String::from_utf8_lossy(&fs::read(&path).unwrap()).into_owned();
+        assert!(
+            text.contains(r#"{"event":"retry_round","run_id":"run-old","round":"fix-1","units":2"#),
+            "{text}"
+        );
+        let (j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(j.format_version(), 2);
+        assert_eq!(replay.records, recs);
+        assert_eq!(
+            replay.retry_rounds,
+            vec![ReplayedRetryRound {
+                round,
+                after_records: 2,
+                after_losses: 1
+            }]
+        );
+        // A version-1 journal gets a retry round's event only after it is upgraded.
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        fs::write(&path, v1_journal(&result_payloads(&recs))).unwrap();
+        let (mut j, _) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(j.format_version(), 1);
+        j.append_retry_round(&replay.retry_rounds[0].round).unwrap();
+        assert_eq!(j.format_version(), 2);
+        assert_eq!(header_and_rest(&path).0["format_version"], 2);
     }
 
     /// The header of a version-1 journal, as the releases before events wrote it.

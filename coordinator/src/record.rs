@@ -127,6 +127,25 @@ pub struct LossRecord {
     pub lost_unix_ms: i64,
 }
 
+/// A `--retry-failed` round started: from here on the journal holds the round's new results.
+///
+/// The round's units are those whose latest result *before this event* is a failure (under the
+/// placement of the run that replays it); a unit of the round that has a result after the event
+/// has had its retry, whatever that result is. A coordinator restarted with the same round name
+/// reruns only the round's units without such a result, and none once every one has one; a new
+/// round needs a new name. See `run.rs` (`plan_retry`) for the whole rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryRoundRecord {
+    /// The run whose coordinator started the round.
+    pub run_id: String,
+    /// The round's name: `--retry-failed=NAME` (`1` for a bare `--retry-failed`).
+    pub round: String,
+    /// How many units the round ran again when it started.
+    pub units: u64,
+    /// When the round started, milliseconds since the Unix epoch.
+    pub started_unix_ms: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

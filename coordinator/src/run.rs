@@ -1,9 +1,11 @@
 //! A coordinator's whole life: resume from the journal, serve agents until every unit has a result
 //! (or a shutdown signal), drain the agents, and write the outputs atomically.
 
-use crate::journal::{Journal, JournalError, JournalMeta, ReplayedLoss, JOURNAL_FILE_NAME};
+use crate::journal::{
+    Journal, JournalError, JournalMeta, ReplayedLoss, ReplayedRetryRound, JOURNAL_FILE_NAME,
+};
 use crate::metrics::Metrics;
-use crate::record::{LossRecord, ResultRecord};
+use crate::record::{LossRecord, ResultRecord, RetryRoundRecord};
 use crate::scheduler::{unit_key, Loss, Placement, Scheduler, SchedulerConfig};
 use crate::service::{
     record_abandoned, status_snapshot, CoordinatorService, JournalJob, Shared, MAX_MESSAGE_BYTES,
@@ -11,7 +13,7 @@ use crate::service::{
 use crate::sink::{write_outputs, OutputPaths, SinkError, CSV_FILE_NAME, PARQUET_FILE_NAME};
 use decodebench_kernels::BenchCase;
 use decodebench_proto::wire::coordinator_server::CoordinatorServer;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -135,6 +137,9 @@ pub struct RunSummary {
     pub outputs: Option<OutputPaths>,
     pub resumed: usize,
     pub elapsed: Duration,
+    /// The names of the `--retry-failed` rounds the journal holds (one started by this run
+    /// included), in the order they started.
+    pub retry_rounds: Vec<String>,
 }
 
 impl RunSummary {
@@ -142,6 +147,26 @@ impl RunSummary {
     pub fn complete(&self) -> bool {
         self.unfinished.is_empty() && self.failed == 0 && self.done == self.total
     }
+
+    /// The `--retry-failed` flag that starts a new retry round on this journal: the bare flag
+    /// (round `1`) if no round ran yet, else one naming the next unused number.
+    pub fn next_retry_flag(&self) -> String {
+        next_retry_flag(&self.retry_rounds)
+    }
+}
+
+/// The name of a bare `--retry-failed`'s round.
+pub const DEFAULT_RETRY_ROUND: &str = "1";
+
+/// See [`RunSummary::next_retry_flag`].
+pub fn next_retry_flag(rounds: &[String]) -> String {
+    if !rounds.iter().any(|r| r == DEFAULT_RETRY_ROUND) {
+        return "--retry-failed".to_string();
+    }
+    let next = (2u64..)
+        .find(|n| !rounds.iter().any(|r| *r == n.to_string()))
+        .unwrap_or(u64::MAX);
+    format!("--retry-failed={next}")
 }
 
 /// Serves the coordinator on `listener` until all work is done or `shutdown` resolves, then
@@ -198,32 +223,56 @@ pub async fn serve(
         run_id: new_run_id(),
         grid_hash: cfg.grid_hash.clone(),
     };
-    let (journal, replay) = Journal::replay(&cfg.out_dir, &meta)?;
+    let (mut journal, replay) = Journal::replay(&cfg.out_dir, &meta)?;
     let run_id = journal.meta().run_id.clone();
     let stamp = run_timestamp(&run_id);
     let placement = cfg.scheduler.placement;
-    let losses = losses_to_restore(&replay.records, replay.losses, placement);
+    let retry = plan_retry(
+        &replay.records,
+        &replay.retry_rounds,
+        replay.losses.len(),
+        placement,
+        cfg.scheduler.retry_failed.as_deref(),
+    );
+    let mut retry_rounds: Vec<String> = replay
+        .retry_rounds
+        .iter()
+        .map(|r| r.round.round.clone())
+        .collect();
+    if let Some(name) = &cfg.scheduler.retry_failed {
+        log_retry_plan(name, &retry, &retry_rounds);
+    }
+    if let RetryOutcome::Start = retry.outcome {
+        // Durable before any of the round's units is handed out: a restart resumes this round.
+        let round = RetryRoundRecord {
+            run_id: run_id.clone(),
+            round: retry.round.clone(),
+            units: retry.rerun.len() as u64,
+            started_unix_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        journal.append_retry_round(&round)?;
+        retry_rounds.push(round.round);
+    }
+    let losses = losses_to_restore(&replay.records, replay.losses, placement, &retry);
     let replayed = replay.records;
     // A failure superseded by a later result of its unit (a --retry-failed resume ran it again)
     // is dropped; every other record is kept, whatever the placement now.
     let replayed = drop_superseded_failures(replayed, placement);
     let resumed = replayed.len();
     let key = |r: &ResultRecord| unit_key(&r.case.id, placement, &r.device);
-    // With --retry-failed a failure's unit runs again: not done, not failed. Its failed record
-    // stays in the results until a new result supersedes it (its device may never come back).
-    let retry = cfg.scheduler.retry_failed;
+    // A unit the retry round runs again is neither done nor failed. Its failed record stays in
+    // the results until a new result supersedes it (its device may never come back).
     let done_keys: Vec<String> = replayed
         .iter()
-        .filter(|r| !(retry && r.failed()))
         .map(key)
+        .filter(|k| !retry.rerun.contains(k))
         .collect();
-    let failed_keys: Vec<String> = replayed.iter().filter(|r| r.failed()).map(key).collect();
-    if retry {
-        tracing::info!(
-            units = failed_keys.len(),
-            "--retry-failed: the units whose recorded result is a failure run again"
-        );
-    }
+    let failed_keys: Vec<String> = replayed
+        .iter()
+        .filter(|r| r.failed())
+        .map(key)
+        .filter(|k| !retry.rerun.contains(k))
+        .collect();
     if resumed > 0 {
         tracing::info!(
             results = resumed,
@@ -234,7 +283,7 @@ pub async fn serve(
         cfg.scheduler.clone(),
         cfg.cases.clone(),
         done_keys,
-        if retry { Vec::new() } else { failed_keys },
+        failed_keys,
     );
     if !losses.is_empty() {
         let cases: std::collections::HashSet<&str> =
@@ -424,6 +473,7 @@ pub async fn serve(
         outputs,
         resumed,
         elapsed: Duration::from_secs_f64(final_status.elapsed_s),
+        retry_rounds,
     })
 }
 
@@ -454,15 +504,170 @@ fn drop_superseded_failures(records: Vec<ResultRecord>, placement: Placement) ->
         .collect()
 }
 
+/// What `--retry-failed` does on this start ([`plan_retry`]).
+#[derive(Debug, Clone, PartialEq)]
+struct RetryPlan {
+    /// The round's name (empty without `--retry-failed`).
+    round: String,
+    outcome: RetryOutcome,
+    /// Unit keys that run again: neither done nor failed in this run.
+    rerun: HashSet<String>,
+    /// How many units the round has, with a result since it started or not.
+    round_units: usize,
+    /// A unit of `rerun` counts only the losses from this index of the journal's losses on (those
+    /// charged during the round; none before a round that starts now).
+    losses_from: usize,
+    /// When a round found in the journal started.
+    started_unix_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RetryOutcome {
+    /// No `--retry-failed`.
+    Off,
+    /// No unit's latest result is a failure: no round starts, and its name stays free.
+    NothingToRetry,
+    /// A new round: its event is journaled before any of its units is handed out.
+    Start,
+    /// The round was started before (this is a restart): its units without a result since it
+    /// started run; the others keep the result they got in the round.
+    Resume,
+    /// Every unit of the round has a result since it started: nothing runs again.
+    AlreadyRan,
+}
+
+/// The retry rule. A retry round is named (`--retry-failed=NAME`, `1` for the bare flag) and
+/// runs at most once per journal:
+/// - a name the journal has no round of starts a round, if some unit's latest result is a
+///   failure: those units run again (the round's event, journaled before they are handed out,
+///   records where the round starts among the results);
+/// - a name the journal has a round of resumes that round: its units are those whose latest
+///   result before the round started was a failure, and only those without a result since run
+///   again. A result a unit got during the round is its retry's outcome, a failure included, and
+///   a failure of any other unit recorded during the round is final for it. Once every unit of
+///   the round has a result since, the same name runs nothing again.
+///
+/// So a coordinator restarted with the same flags (a supervisor, a Kubernetes Deployment, a
+/// Job's restart after a failing exit) finishes the round it was in and never loops on a case
+/// that always fails, while a person who fixed the cause names a new round.
+fn plan_retry(
+    records: &[ResultRecord],
+    rounds: &[ReplayedRetryRound],
+    loss_count: usize,
+    placement: Placement,
+    requested: Option<&str>,
+) -> RetryPlan {
+    let key = |r: &ResultRecord| unit_key(&r.case.id, placement, &r.device);
+    let Some(name) = requested else {
+        return RetryPlan {
+            round: String::new(),
+            outcome: RetryOutcome::Off,
+            rerun: HashSet::new(),
+            round_units: 0,
+            losses_from: loss_count,
+            started_unix_ms: None,
+        };
+    };
+    // The units whose latest result among `records` is a failure.
+    let failed_latest = |records: &[ResultRecord]| -> HashSet<String> {
+        let mut latest: HashMap<String, bool> = HashMap::new();
+        for r in records {
+            latest.insert(key(r), r.failed());
+        }
+        latest
+            .into_iter()
+            .filter_map(|(k, failed)| failed.then_some(k))
+            .collect()
+    };
+    match rounds.iter().find(|r| r.round.round == name) {
+        Some(round) => {
+            let (before, since) = records.split_at(round.after_records.min(records.len()));
+            let units = failed_latest(before);
+            let since: HashSet<String> = since.iter().map(key).collect();
+            let rerun: HashSet<String> = units.difference(&since).cloned().collect();
+            RetryPlan {
+                round: name.to_string(),
+                outcome: if rerun.is_empty() {
+                    RetryOutcome::AlreadyRan
+                } else {
+                    RetryOutcome::Resume
+                },
+                rerun,
+                round_units: units.len(),
+                losses_from: round.after_losses,
+                started_unix_ms: Some(round.round.started_unix_ms),
+            }
+        }
+        None => {
+            let rerun = failed_latest(records);
+            RetryPlan {
+                round: name.to_string(),
+                outcome: if rerun.is_empty() {
+                    RetryOutcome::NothingToRetry
+                } else {
+                    RetryOutcome::Start
+                },
+                round_units: rerun.len(),
+                rerun,
+                losses_from: loss_count,
+                started_unix_ms: None,
+            }
+        }
+    }
+}
+
+/// Says what `--retry-failed=NAME` does on this start; `rounds` are the journal's rounds.
+fn log_retry_plan(name: &str, plan: &RetryPlan, rounds: &[String]) {
+    let started = plan
+        .started_unix_ms
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(|| "at an unknown time".to_string(), |t| t.to_rfc3339());
+    match plan.outcome {
+        RetryOutcome::Off => {}
+        RetryOutcome::NothingToRetry => tracing::info!(
+            round = name,
+            "--retry-failed: no unit's recorded result is a failure, so retry round `{name}` does \
+             not start (the name stays free for a later run)"
+        ),
+        RetryOutcome::Start => tracing::info!(
+            round = name,
+            units = plan.rerun.len(),
+            "--retry-failed: retry round `{name}` starts: the units whose recorded result is a \
+             failure run again. A coordinator restarted with the same flag resumes this round \
+             instead of starting another, and a failure recorded from now on is final for it"
+        ),
+        RetryOutcome::Resume => tracing::info!(
+            round = name,
+            started = %started,
+            units = plan.round_units,
+            to_run = plan.rerun.len(),
+            "--retry-failed: resuming retry round `{name}`: its units without a result since it \
+             started run again; those with one keep it"
+        ),
+        RetryOutcome::AlreadyRan => tracing::warn!(
+            round = name,
+            started = %started,
+            units = plan.round_units,
+            "--retry-failed: retry round `{name}` already ran: each of its units has a result \
+             since it started, which stands (failures too), so nothing runs again. Once the \
+             cause of the failures is fixed, start a new round with {}",
+            next_retry_flag(rounds)
+        ),
+    }
+}
+
 /// The journaled losses a resumed scheduler should count, as `(case id, loss)` in journal order:
 /// those with no result of their unit after them. A loss followed by a result of its unit belongs
 /// to an attempt that ended: a success makes it moot, and a failure (given up on, or failed after
 /// every attempt) is what `--retry-failed` reruns afresh, with no losses against it; a plain
-/// resume keeps that failure anyway.
+/// resume keeps that failure anyway. A unit the retry round runs again counts only the losses
+/// charged during the round (`retry.losses_from` on): a round resumed after a restart keeps
+/// counting them towards giving the unit up, and a new round starts from none.
 fn losses_to_restore(
     records: &[ResultRecord],
     losses: Vec<ReplayedLoss>,
     placement: Placement,
+    retry: &RetryPlan,
 ) -> Vec<(String, Loss)> {
     if losses.is_empty() {
         return Vec::new();
@@ -474,13 +679,15 @@ fn losses_to_restore(
         .collect();
     losses
         .into_iter()
-        .filter(|l| {
+        .enumerate()
+        .filter(|(i, l)| {
             let key = unit_key(&l.loss.case_id, placement, &l.loss.device);
-            last_result
+            let after_its_result = last_result
                 .get(&key)
-                .is_none_or(|&last| last < l.after_records)
+                .is_none_or(|&last| last < l.after_records);
+            after_its_result && (*i >= retry.losses_from || !retry.rerun.contains(&key))
         })
-        .map(|l| {
+        .map(|(_, l)| {
             let LossRecord {
                 case_id,
                 agent_id,
@@ -670,7 +877,8 @@ mod tests {
             ]
         };
         let kept = |placement| -> Vec<(String, String)> {
-            losses_to_restore(&records, losses(), placement)
+            let no_retry = plan_retry(&records, &[], 5, placement, None);
+            losses_to_restore(&records, losses(), placement, &no_retry)
                 .into_iter()
                 .map(|(case, l)| (case, l.agent_id))
                 .collect()
@@ -689,6 +897,159 @@ mod tests {
                 pair(&other_gpu, "e")
             ]
         );
+    }
+
+    /// A round started after the first `after_records` results and `after_losses` losses.
+    fn round_at(name: &str, after_records: usize, after_losses: usize) -> ReplayedRetryRound {
+        ReplayedRetryRound {
+            round: RetryRoundRecord {
+                run_id: "run-1".into(),
+                round: name.into(),
+                units: 0,
+                started_unix_ms: 1_700_000_000_000,
+            },
+            after_records,
+            after_losses,
+        }
+    }
+
+    fn spread_key(r: &ResultRecord) -> String {
+        unit_key(&r.case.id, Placement::Spread, &r.device)
+    }
+
+    fn keys(records: &[&ResultRecord]) -> HashSet<String> {
+        records.iter().map(|r| spread_key(r)).collect()
+    }
+
+    /// The retry rule: a round runs its failed units once; a restart with the same name resumes
+    /// it (only units without a result since it started run, a failure recorded during it is
+    /// final) and, once each of its units has a result, runs nothing; a new name starts a new
+    /// round; a round with nothing to retry does not start.
+    #[test]
+    fn a_retry_round_runs_once_per_name_and_a_restart_resumes_it() {
+        use crate::schema::tests::sample_record;
+        let ok = sample_record(1, &[1.0], &[2.0]);
+        let fails_again = sample_record(2, &[1.0], &[]);
+        let still_to_run = sample_record(3, &[1.0], &[]);
+        let first_fails_in_round = sample_record(4, &[1.0], &[]);
+        let plan = |records: &[ResultRecord], rounds: &[ReplayedRetryRound], name| {
+            plan_retry(records, rounds, 7, Placement::Spread, name)
+        };
+        let mut records = vec![ok.clone(), fails_again.clone(), still_to_run.clone()];
+
+        let off = plan(&records, &[], None);
+        assert_eq!((off.outcome, off.rerun.len()), (RetryOutcome::Off, 0));
+        let start = plan(&records, &[], Some("1"));
+        assert_eq!(start.outcome, RetryOutcome::Start);
+        assert_eq!(start.rerun, keys(&[&fails_again, &still_to_run]));
+        assert_eq!(start.losses_from, 7, "a new round counts no earlier loss");
+
+        // The round started after those 3 results; since then one of its units failed again,
+        // and a unit with no result before failed for the first time.
+        let rounds = [round_at("1", 3, 7)];
+        records.push(fails_again.clone());
+        records.push(first_fails_in_round.clone());
+        let resume = plan(&records, &rounds, Some("1"));
+        assert_eq!(resume.outcome, RetryOutcome::Resume);
+        assert_eq!(
+            resume.rerun,
+            keys(&[&still_to_run]),
+            "failures recorded during the round are final for it"
+        );
+        assert_eq!((resume.round_units, resume.losses_from), (2, 7));
+        assert_eq!(resume.started_unix_ms, Some(1_700_000_000_000));
+
+        // Its last unit gets a result (a failure): the round is over; the same name reruns
+        // nothing, however often the coordinator is restarted with it.
+        records.push(still_to_run.clone());
+        for _ in 0..2 {
+            let ran = plan(&records, &rounds, Some("1"));
+            assert_eq!(ran.outcome, RetryOutcome::AlreadyRan);
+            assert!(ran.rerun.is_empty());
+        }
+        // A new name is a new round, over the failures that stand now.
+        let second = plan(&records, &rounds, Some("2"));
+        assert_eq!(second.outcome, RetryOutcome::Start);
+        assert_eq!(
+            second.rerun,
+            keys(&[&fails_again, &still_to_run, &first_fails_in_round])
+        );
+        // A success supersedes a failure: nothing left to retry, and no round starts.
+        let mut fixed = records.clone();
+        for r in [&fails_again, &still_to_run, &first_fails_in_round] {
+            let mut good = r.clone();
+            good.measurement = ok.measurement.clone();
+            fixed.push(good);
+        }
+        let nothing = plan(&fixed, &rounds, Some("2"));
+        assert_eq!(nothing.outcome, RetryOutcome::NothingToRetry);
+        assert!(nothing.rerun.is_empty());
+    }
+
+    /// A unit the round runs again counts the losses charged during the round (a restart keeps
+    /// counting them towards giving it up, so a case that kills every agent cannot loop across
+    /// restarts), and none from before it: a new round starts from none.
+    #[test]
+    fn a_resumed_round_keeps_its_losses_and_a_new_round_starts_from_none() {
+        use crate::record::LossCause;
+        use crate::schema::tests::sample_record;
+        let failed = sample_record(2, &[1.0], &[]);
+        let never_ran = sample_record(3, &[1.0], &[2.0]);
+        let records = vec![failed.clone()];
+        let loss = |r: &ResultRecord, agent: &str| ReplayedLoss {
+            loss: LossRecord {
+                run_id: "run-1".into(),
+                case_id: r.case.id.clone(),
+                agent_id: agent.into(),
+                device: r.device.clone(),
+                cause: LossCause::Running,
+                lost_unix_ms: 0,
+            },
+            after_records: 1,
+        };
+        // An earlier round `0`, interrupted, lost the failed case once; round `1` started after
+        // that and lost it once more. A case with no result was lost before either round.
+        let losses = || {
+            vec![
+                loss(&never_ran, "a"),
+                loss(&failed, "b"),
+                loss(&failed, "c"),
+            ]
+        };
+        let rounds = [round_at("0", 1, 1), round_at("1", 1, 2)];
+        let agents = |name| -> Vec<String> {
+            let plan = plan_retry(&records, &rounds, 3, Placement::Spread, Some(name));
+            losses_to_restore(&records, losses(), Placement::Spread, &plan)
+                .into_iter()
+                .map(|(_, l)| l.agent_id)
+                .collect()
+        };
+        assert_eq!(agents("1"), ["a", "c"], "round 1 resumed: its own loss");
+        assert_eq!(agents("0"), ["a", "b", "c"], "round 0 resumed: both");
+        assert_eq!(
+            agents("2"),
+            ["a"],
+            "a new round: none against the failed case"
+        );
+        let off = plan_retry(&records, &rounds, 3, Placement::Spread, None);
+        let kept = losses_to_restore(&records, losses(), Placement::Spread, &off);
+        assert_eq!(
+            kept.len(),
+            3,
+            "a plain resume passes them all on (the scheduler ignores those of a unit that keeps \
+             its failure)"
+        );
+    }
+
+    #[test]
+    fn the_next_retry_flag_names_a_round_not_yet_run() {
+        let flag = |rounds: &[&str]| {
+            next_retry_flag(&rounds.iter().map(|r| r.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(flag(&[]), "--retry-failed");
+        assert_eq!(flag(&["2"]), "--retry-failed");
+        assert_eq!(flag(&["1"]), "--retry-failed=2");
+        assert_eq!(flag(&["1", "fix", "2"]), "--retry-failed=3");
     }
 
     #[test]

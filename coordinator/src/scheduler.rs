@@ -153,9 +153,11 @@ pub struct SchedulerConfig {
     pub max_attempts: u32,
     pub max_shard_cases: usize,
     pub fleet: FleetRequirement,
-    /// On resume, run the units whose journaled result is a failure again (their new result
-    /// supersedes the failed one) instead of keeping the failures.
-    pub retry_failed: bool,
+    /// `--retry-failed`: the name of the retry round in which the units whose journaled result
+    /// is a failure run again (their new result supersedes the failed one) instead of keeping
+    /// their failures; a round runs once per journal (see `run.rs`, `plan_retry`). `None`: keep
+    /// the failures.
+    pub retry_failed: Option<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -167,7 +169,7 @@ impl Default for SchedulerConfig {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             max_shard_cases: DEFAULT_MAX_SHARD_CASES,
             fleet: FleetRequirement::default(),
-            retry_failed: false,
+            retry_failed: None,
         }
     }
 }

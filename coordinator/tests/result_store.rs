@@ -216,7 +216,15 @@ async fn a_resumed_run_keeps_the_failures_its_journal_holds() {
         let (mut journal, _) = Journal::open(out, &meta).unwrap();
         journal.append_batch(&all).unwrap();
     }
-    let resume = |retry_failed, wait| resume_run(out, &cases, &grid_hash, retry_failed, wait);
+    let resume = |retry_failed: bool, wait| {
+        resume_run(
+            out,
+            &cases,
+            &grid_hash,
+            retry_failed.then(|| "1".to_string()),
+            wait,
+        )
+    };
     let forever = std::time::Duration::from_secs(3600);
     for _ in 0..2 {
         let s: RunSummary = resume(false, forever).await;
@@ -277,6 +285,89 @@ async fn a_resumed_run_keeps_the_failures_its_journal_holds() {
     assert_eq!(rows, 2 * cases.len(), "the superseded failure is left out");
 }
 
+/// `--retry-failed` runs a retry round once per name, whoever restarts the coordinator with the
+/// flag: a restart before the round's units have a result resumes the round (the unit still
+/// runs, and no second round is journaled), a restart after they all have one runs nothing
+/// again even though the unit failed again (a supervisor restarting a coordinator that exits 2
+/// must not rerun a case that always fails for ever), and a new name runs a new round.
+#[tokio::test]
+async fn a_retry_round_runs_once_per_name_across_restarts() {
+    use decodebench_coordinator::run::cases_hash;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    let cases = Grid::preset("smoke").unwrap().expand();
+    let grid_hash = cases_hash(&cases);
+    let failed = |attempt| {
+        let mut r = synthetic_record(&cases[1], attempt);
+        r.measurement.kernels[0] =
+            KernelMeasurement::not_timed(KernelKind::Baseline, Status::Failed, "CUDA error");
+        r
+    };
+    let meta = JournalMeta {
+        run_id: "it-run".into(),
+        grid_hash: grid_hash.clone(),
+    };
+    {
+        let mut all: Vec<ResultRecord> = cases.iter().map(|c| synthetic_record(c, 1)).collect();
+        all[1] = failed(3);
+        let (mut journal, _) = Journal::open(out, &meta).unwrap();
+        journal.append_batch(&all).unwrap();
+    }
+    let wait = std::time::Duration::from_millis(300);
+    let rounds = || -> Vec<(String, usize)> {
+        let (_, replay) = Journal::replay(out, &meta).unwrap();
+        replay
+            .retry_rounds
+            .iter()
+            .map(|r| (r.round.round.clone(), r.after_records))
+            .collect()
+    };
+    let rerun = |s: &decodebench_coordinator::run::RunSummary| -> Vec<String> {
+        s.unfinished
+            .iter()
+            .map(|u| u.split('|').next().unwrap_or_default().to_string())
+            .collect()
+    };
+
+    // Round 1 starts (no agent comes, so the failed case gets no new result), then the
+    // coordinator is restarted with the same flag twice: the same round, resumed.
+    for _ in 0..3 {
+        let s = resume_run(out, &cases, &grid_hash, Some("1".into()), wait).await;
+        assert_eq!(rerun(&s), [cases[1].id.clone()], "the round's case runs");
+        assert_eq!(s.retry_rounds, ["1"]);
+        assert_eq!(rounds(), [("1".to_string(), cases.len())], "one round");
+    }
+    // The round's agent fails the case again (journaled as the coordinator would).
+    {
+        let (mut journal, _) = Journal::open(out, &meta).unwrap();
+        journal.append(&failed(6)).unwrap();
+    }
+    // Every restart with the same flag now runs nothing: the failure stands.
+    for _ in 0..2 {
+        let s = resume_run(out, &cases, &grid_hash, Some("1".into()), wait).await;
+        assert!(
+            s.unfinished.is_empty(),
+            "nothing runs again: {:?}",
+            s.unfinished
+        );
+        assert_eq!((s.done, s.failed), (cases.len() as u64 - 1, 1));
+        assert!(!s.complete());
+        assert_eq!(s.next_retry_flag(), "--retry-failed=2");
+        assert_eq!(rounds().len(), 1, "no new round");
+    }
+    // A new name is a new round.
+    let s = resume_run(out, &cases, &grid_hash, Some("2".into()), wait).await;
+    assert_eq!(rerun(&s), [cases[1].id.clone()]);
+    assert_eq!(s.retry_rounds, ["1", "2"]);
+    assert_eq!(
+        rounds(),
+        [
+            ("1".to_string(), cases.len()),
+            ("2".to_string(), cases.len() + 1)
+        ]
+    );
+}
+
 /// With per-GPU placement a unit belongs to its device: a replayed failure from a device that does
 /// not come back is in no scheduler count, and must still count as a failure of the run and stay
 /// in its outputs, with or without --retry-failed. Records of the same case from other devices
@@ -313,7 +404,7 @@ async fn failures_of_devices_that_do_not_come_back_still_count() {
             out,
             &cases,
             &grid_hash,
-            retry_failed,
+            retry_failed.then(|| "1".to_string()),
             Placement::PerGpu,
             std::time::Duration::from_millis(300),
         )
@@ -336,7 +427,7 @@ async fn resume_run(
     out: &std::path::Path,
     cases: &[BenchCase],
     grid_hash: &str,
-    retry_failed: bool,
+    retry_failed: Option<String>,
     wait: std::time::Duration,
 ) -> decodebench_coordinator::run::RunSummary {
     use decodebench_coordinator::scheduler::Placement;
@@ -348,7 +439,7 @@ async fn resume_run_placed(
     out: &std::path::Path,
     cases: &[BenchCase],
     grid_hash: &str,
-    retry_failed: bool,
+    retry_failed: Option<String>,
     placement: decodebench_coordinator::scheduler::Placement,
     wait: std::time::Duration,
 ) -> decodebench_coordinator::run::RunSummary {
