@@ -7,7 +7,9 @@
 //! with the coordinator's own grid loader, a token or certificate on a Secret needs a Secret with
 //! that key (in deploy/k8s or created by a command in the docs), `--out` must be on a writable
 //! volume. Agents must reach the coordinator's Service on the port it listens on, with TLS on both
-//! sides or neither, and the coordinator must expect as many agents as the agent Jobs run.
+//! sides or neither, and the coordinator must expect as many agents as the agent Jobs run. An agent
+//! Job must not retry an agent that could not start (its exit code, `EXIT_AGENT_SETUP`, fails the
+//! index or the Job through a `podFailurePolicy`) and must not count pod disruptions.
 //!
 //! Parsing ignores the environment of the test process (clap's `env = ...` fallbacks are taken
 //! off): a command line must be complete by itself, and a developer's exported
@@ -19,6 +21,7 @@ mod shell;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches};
 use decodebench::cli::{Cli, Command};
+use decodebench::commands::EXIT_AGENT_SETUP;
 use decodebench_coordinator::grid::Grid;
 use kustomize::{display, Build, Resource};
 use serde_json::Value;
@@ -1412,6 +1415,114 @@ fn check_probes(cmd: &K8sCommand, report: &mut K8sReport) {
     }
 }
 
+/// The Job spec of a Job, or of a CronJob's jobs.
+fn job_spec(r: &Resource) -> Option<&Value> {
+    match r.kind() {
+        "Job" => Some(&r.doc["spec"]),
+        "CronJob" => Some(&r.doc["spec"]["jobTemplate"]["spec"]),
+        _ => None,
+    }
+}
+
+/// A Job's pod failure policy rule matches a failure of `container` with exit code `code`
+/// (the `onExitCodes` requirement: `In` or `NotIn` the values, for that container or any).
+fn exit_code_rule_matches(rule: &Value, container: &str, code: i64) -> bool {
+    let on = &rule["onExitCodes"];
+    if !on.is_object() {
+        return false;
+    }
+    if on["containerName"].as_str().is_some_and(|n| n != container) {
+        return false;
+    }
+    let listed = on["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|v| v.as_i64() == Some(code));
+    match on["operator"].as_str() {
+        Some("In") => listed,
+        Some("NotIn") => !listed,
+        _ => false,
+    }
+}
+
+/// An agent that cannot start exits with [`EXIT_AGENT_SETUP`], and a new pod would fail the same
+/// way: an agent Job must not retry it (today's `restartPolicy: OnFailure` restarted such a pod
+/// in place until the backoff limit). The Job's `podFailurePolicy` must send that exit code of
+/// the agent container to `FailIndex` (with `backoffLimitPerIndex`, which it needs) or `FailJob`
+/// (the first rule that matches it decides), and `Ignore` pod disruptions (node drains,
+/// preemption), which are not the agent's doing; `restartPolicy: Never` is what the policy
+/// requires. Checked with the constant the binary exits with, so that the manifests follow it.
+fn check_agent_failure_policy(cmd: &K8sCommand, report: &mut K8sReport) {
+    if !matches!(cmd.cli.command, Command::Agent(_)) {
+        return;
+    }
+    // Only a Job has a failure policy; an agent in another workload is not checked here.
+    let Some(job) = job_spec(cmd.resource) else {
+        return;
+    };
+    let container = cmd.container["name"].as_str().unwrap_or("");
+    let code = i64::from(EXIT_AGENT_SETUP);
+    let mut bad = |msg: String| {
+        report
+            .problems
+            .push(problem(&cmd.invocation.source, &cmd.invocation.argv, &msg))
+    };
+    let rules: Vec<&Value> = job["podFailurePolicy"]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    let restart = cmd.pod["restartPolicy"].as_str().unwrap_or("(unset)");
+    if restart != "Never" {
+        bad(format!(
+            "restartPolicy {restart}: an agent Job's pods need restartPolicy Never, which its \
+             podFailurePolicy requires"
+        ));
+    }
+    let decides = rules
+        .iter()
+        .find(|r| exit_code_rule_matches(r, container, code));
+    match decides.map(|r| r["action"].as_str().unwrap_or("")) {
+        Some("FailJob") => {}
+        Some("FailIndex") => {
+            if !job["backoffLimitPerIndex"].is_number() {
+                bad(
+                    "the podFailurePolicy's FailIndex rule needs backoffLimitPerIndex in the \
+                     Job spec"
+                        .into(),
+                );
+            }
+        }
+        other => bad(format!(
+            "exit code {code} (EXIT_AGENT_SETUP: the agent could not start, and a new pod would \
+             fail the same way) of container {container} {}; the Job's podFailurePolicy needs a \
+             rule `action: FailIndex` (or FailJob) `onExitCodes: {{containerName: {container}, \
+             operator: In, values: [{code}]}}` before any other rule that matches it",
+            match other {
+                None => "matches no podFailurePolicy rule, so it is retried".to_string(),
+                Some(action) => format!("is matched first by a rule with action {action:?}"),
+            }
+        )),
+    }
+    let ignores_disruptions = rules.iter().any(|r| {
+        r["action"] == "Ignore"
+            && r["onPodConditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "DisruptionTarget")
+    });
+    if !ignores_disruptions {
+        bad(
+            "the Job's podFailurePolicy has no `action: Ignore` rule `onPodConditions: [{type: \
+             DisruptionTarget}]`, so node drains and preemptions count against the agents' \
+             retries"
+                .into(),
+        );
+    }
+}
+
 fn pod_labels(r: &Resource) -> &Value {
     match r.kind() {
         "CronJob" => &r.doc["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"],
@@ -1459,6 +1570,7 @@ fn check_build(
     for cmd in &commands {
         check_paths(cmd, build, image, secrets, &mut report);
         check_probes(cmd, &mut report);
+        check_agent_failure_policy(cmd, &mut report);
     }
     // How agents and coordinator fit together is only known when every command line parsed.
     if unparsed == 0 {
@@ -1927,6 +2039,44 @@ fn agents_that_do_not_match_the_coordinator_fail() {
         None,
     );
     assert_one_problem_saying(&problems, &["--token-file", "has no key tokn"]);
+}
+
+/// Every agent Job fails (its index) at once on the exit code of an agent that cannot start,
+/// [`EXIT_AGENT_SETUP`], instead of retrying it, and ignores pod disruptions: the real manifests
+/// pass, and each way of breaking that, in the base or in the fleet overlay's own Job, fails.
+#[test]
+fn an_agent_job_that_would_retry_a_setup_failure_fails() {
+    let base_job = "deploy/k8s/base/agent-job.yaml";
+    let h200_job = "deploy/k8s/overlays/fleet/agent-h200-job.yaml";
+    let fleet = "deploy/k8s/overlays/fleet";
+    let code = format!("values: [{EXIT_AGENT_SETUP}]");
+    for (target, file) in [(K8S_BASE, base_job), (fleet, base_job), (fleet, h200_job)] {
+        let check = |edit: &dyn Fn(String) -> String| {
+            build_problems(k8s_copy_with(file, edit).path(), target, None)
+        };
+        assert_eq!(check(&|t| t), Vec::<String>::new(), "{target}: {file}");
+        let problems = check(&|t| renamed(&t, &code, "values: [7]"));
+        assert_one_problem_saying(
+            &problems,
+            &[
+                &format!("exit code {EXIT_AGENT_SETUP} (EXIT_AGENT_SETUP"),
+                "matches no podFailurePolicy rule",
+            ],
+        );
+        let problems = check(&|t| renamed(&t, "action: FailIndex", "action: Count"));
+        assert_one_problem_saying(
+            &problems,
+            &["matched first by a rule with action \"Count\""],
+        );
+        let problems = check(&|t| renamed(&t, "containerName: agent", "containerName: sidecar"));
+        assert_one_problem_saying(&problems, &["matches no podFailurePolicy rule"]);
+        let problems = check(&|t| renamed(&t, "backoffLimitPerIndex: 8", "backoffLimit: 8"));
+        assert_one_problem_saying(&problems, &["FailIndex rule needs backoffLimitPerIndex"]);
+        let problems = check(&|t| renamed(&t, "restartPolicy: Never", "restartPolicy: OnFailure"));
+        assert_one_problem_saying(&problems, &["restartPolicy OnFailure", "requires"]);
+        let problems = check(&|t| renamed(&t, "type: DisruptionTarget", "type: Ready"));
+        assert_one_problem_saying(&problems, &["DisruptionTarget", "node drains"]);
+    }
 }
 
 #[test]
