@@ -542,7 +542,9 @@ impl Scheduler {
     /// targets that do not exist yet get theirs when their first agent registers.
     ///
     /// The caller leaves out the losses it should not count: those journaled before a result of
-    /// their unit (`--retry-failed` reruns a failed unit with no losses against it).
+    /// their unit, and, for a unit a `--retry-failed` round reruns, those charged before the
+    /// round started (a new round reruns it with no losses against it; a resumed round keeps
+    /// counting its own).
     pub fn restore_losses(&mut self, losses: impl IntoIterator<Item = (String, Loss)>) {
         for (case_id, loss) in losses {
             let key = unit_key(&case_id, self.cfg.placement, &loss.device);
