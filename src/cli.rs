@@ -365,6 +365,30 @@ pub const RETRY_ROUND_MAX_CHARS: usize = 64;
 
 /// A `--retry-failed` round name: 1 to [`RETRY_ROUND_MAX_CHARS`] letters, digits and `. _ - : +`,
 /// so that it reads back the same from a log line, a manifest or a shell.
+/// Exit code for a command line clap refuses (unknown flag, bad value, missing argument): the
+/// agent's [`EXIT_AGENT_SETUP`](crate::commands::EXIT_AGENT_SETUP), so that a supervisor (`run`,
+/// the Kubernetes Job's `podFailurePolicy`) does not restart an agent whose flags cannot work; 1
+/// for every other command, as for any other error. Not clap's own 2, which `run` and
+/// `coordinator` use for a run that ended incomplete: a nightly script must not take a typo for
+/// a run worth resuming. `args` are the arguments after the program name; the subcommand is the
+/// first one that is not a flag (the only global flag with a value, `--log`, is skipped with it).
+pub fn usage_error_code(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let arg = arg.to_string_lossy();
+        if arg == "--log" {
+            args.next();
+        } else if !arg.starts_with('-') {
+            return if arg == "agent" {
+                crate::commands::EXIT_AGENT_SETUP
+            } else {
+                1
+            };
+        }
+    }
+    1
+}
+
 pub fn parse_retry_round(s: &str) -> Result<String, String> {
     let ok = |c: char| c.is_ascii_alphanumeric() || ".-_:+".contains(c);
     if s.is_empty() || s.chars().count() > RETRY_ROUND_MAX_CHARS || !s.chars().all(ok) {
@@ -513,5 +537,23 @@ mod tests {
         assert!(round(&[&long]).is_err());
         let err = round(&["--retry-failed", "2"]).unwrap_err();
         assert!(err.contains("unexpected argument '2'"), "{err}");
+    }
+
+    /// A refused command line exits 6 for the agent (not restarted) and 1 for the rest, never
+    /// clap's 2 (an incomplete run); the subcommand is found past the global `--log VALUE`.
+    #[test]
+    fn a_refused_command_line_exits_with_the_commands_setup_code() {
+        let code = |args: &[&str]| usage_error_code(args.iter().map(std::ffi::OsString::from));
+        let agent = crate::commands::EXIT_AGENT_SETUP;
+        assert_eq!(code(&["agent", "--gpu", "x"]), agent);
+        assert_eq!(code(&["--log", "debug", "agent", "--bogus"]), agent);
+        assert_eq!(code(&["--log=debug", "agent"]), agent);
+        assert_eq!(code(&["--log", "agent", "run", "--bogus"]), 1);
+        assert_eq!(code(&["run", "--bogus"]), 1);
+        assert_eq!(code(&["coordinator", "--listen", "nowhere"]), 1);
+        assert_eq!(code(&["--bogus"]), 1);
+        assert_eq!(code(&[]), 1);
+        // And every such code differs from an incomplete run's.
+        assert_ne!(agent, crate::commands::EXIT_INCOMPLETE);
     }
 }

@@ -5,7 +5,20 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = decodebench::cli::Cli::parse();
+    let cli = match decodebench::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and --version print and succeed; anything else is a command-line error, with
+            // its own exit code (not clap's 2, which `run` uses for an incomplete run).
+            let code = if e.use_stderr() {
+                decodebench::cli::usage_error_code(std::env::args_os().skip(1))
+            } else {
+                0
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let (filter, bad_filter) = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
         Ok(f) => (f, None),
         Err(e) => (tracing_subscriber::EnvFilter::new("info"), Some(e)),

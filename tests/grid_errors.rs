@@ -120,3 +120,32 @@ fn malformed_grids_are_refused_naming_the_key() {
         "the error names the path: {stderr}"
     );
 }
+
+/// A command line clap refuses exits 1 (6 for the agent, which its supervisors then do not
+/// restart), never 2, which `run` and `coordinator` keep for a run that ended incomplete; help and
+/// --version still succeed.
+#[test]
+fn refused_command_lines_exit_with_their_own_codes() {
+    let agent = i32::from(decodebench::commands::EXIT_AGENT_SETUP);
+    for (args, want) in [
+        (&["agent", "--no-such-flag"][..], agent),
+        (&["--log", "debug", "agent", "--gpu", "zero"][..], agent),
+        (&["run", "--no-such-flag"][..], 1),
+        (&["coordinator", "--grid"][..], 1),
+        (&["compare", "only-one.parquet"][..], 1),
+        (&[][..], 1),
+        (&["--help"][..], 0),
+        (&["agent", "--help"][..], 0),
+        (&["--version"][..], 0),
+    ] {
+        let (status, stdout, stderr) = run_to_end(args, Duration::from_secs(30));
+        assert_eq!(status.code(), Some(want), "{args:?}: {stdout}{stderr}");
+        if want != 0 {
+            // (A bare `decodebench` prints the usage instead.)
+            assert!(
+                stderr.contains("error:") || (args.is_empty() && stderr.contains("Usage:")),
+                "{args:?} says why: {stderr}"
+            );
+        }
+    }
+}
