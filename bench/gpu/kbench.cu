@@ -592,6 +592,19 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     CK(cudaMemcpy(r.sf.data(), sf, sfb, cudaMemcpyDeviceToHost));
     GraphTiming g = time_graph(s, launch, trials_hint);
     r.ms = g.ms;
+    if (d_pools) {
+        // Every launch's merge must have zeroed the claim counters again: otherwise the timed
+        // launches found the pools taken and skipped their tokens (the output checked above is the
+        // first launch's).
+        CK(cudaStreamSynchronize(s));
+        std::vector<u32> left((size_t)batch * KVH);
+        CK(cudaMemcpy(left.data(), counters, left.size() * 4, cudaMemcpyDeviceToHost));
+        for (u32 x : left)
+            if (x != 0) {
+                fprintf(stderr, "kbench: %s: claim counters not zeroed after the timed launches\n", v.name.c_str());
+                exit(1);
+            }
+    }
     cudaGraphExec_t exec = g.exec;
     if (getenv("KBENCH_TIMELINE") && getenv("KBENCH_TIMELINE_FILE")) {
         // One more launch outside the graph, after the timed replays (clocks and L2 as they were).
