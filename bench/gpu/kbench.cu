@@ -137,8 +137,7 @@ static void launch_dependent(const void* fn, dim3 grid, dim3 block, int smem, cu
 }
 
 // PREV: the previous version of the kernel (prev/decode_mma_prev.cu) instead of the current one.
-// POOLS: the kernel's pooled form (decode_mma.cu's *_pool kernels).
-template <int D, int NH, bool QF, bool KF, int OUT, int W, int TPW, int STG, bool PREV, bool POOLS>
+template <int D, int NH, bool QF, bool KF, int OUT, int W, int TPW, int STG, bool PREV>
 __global__ void __launch_bounds__(W * 32) k_tc(AttnParams p) {
     const unsigned long long t0 = gtimer();
 #ifdef KBENCH_HAVE_PREV
@@ -146,7 +145,7 @@ __global__ void __launch_bounds__(W * 32) k_tc(AttnParams p) {
         decode_mma_prev<D, NH, QF, KF, OUT, W, TPW, STG>(p);
     } else
 #endif
-        decode_mma<D, NH, QF, KF, OUT, W, TPW, STG, POOLS>(p);
+        decode_mma<D, NH, QF, KF, OUT, W, TPW, STG>(p);
     if (threadIdx.x == 0 && blockIdx.x < TL_MAX) {
         tl_decode[blockIdx.x][0] = smid();
         tl_decode[blockIdx.x][1] = t0;
@@ -180,7 +179,6 @@ static const Mode MODES[5] = {{"bf16/bf16/bf16", false, false, OUT_BF16},
 struct Kernel {
     const void* fn;
     int threads, stage_tokens, smem;
-    bool pools = false;  // the pooled form (POOLS), which a variant with pool_tiles needs
 };
 
 struct Variant {
@@ -194,23 +192,21 @@ struct Variant {
     int fused_max = 0;  // fused merge (merge_group_if_last) when no sequence has more splits
     bool pdl_decode = true;  // the decode kernel a programmatic dependent of the previous kernel (launch.rs)
     int merge_cta_warps = 4;  // the merge kernel's warps per CTA unless a row needs 8 (launch.rs merge_block)
-    int pool_tiles = 0;  // tail pools: 16-token tiles per warp of each split item (0: none; needs
-                         // the pooled kernel, tc<..., POOLS = true>)
 };
 
-template <int W, int TPW, int STG_BF16, int STG_FP8, bool PREV = false, bool POOLS = false>
+template <int W, int TPW, int STG_BF16, int STG_FP8, bool PREV = false>
 static Kernel tc(int mode) {
     constexpr int ST = W * 16 * TPW;
     const bool kf = MODES[mode].kf;
     const int stages = kf ? STG_FP8 : STG_BF16;
     const int pipe = stages * 2 * ST * 128 * (kf ? 1 : 2) + 8 * (128 + 8) * 2;  // + the query rows
     const int merge = (W * 8 * (128 + 4) + 2 * W * 8 + 8 * 128) * 4;
-    const void* f[5] = {(const void*)k_tc<128, 1, false, false, OUT_BF16, W, TPW, STG_BF16, PREV, POOLS>,
-                        (const void*)k_tc<128, 1, false, true, OUT_BF16, W, TPW, STG_FP8, PREV, POOLS>,
-                        (const void*)k_tc<128, 1, true, true, OUT_BF16, W, TPW, STG_FP8, PREV, POOLS>,
-                        (const void*)k_tc<128, 1, true, true, OUT_FP8, W, TPW, STG_FP8, PREV, POOLS>,
-                        (const void*)k_tc<128, 1, true, true, OUT_NVFP4, W, TPW, STG_FP8, PREV, POOLS>};
-    return {f[mode], W * 32, ST, std::max(pipe, merge), POOLS};
+    const void* f[5] = {(const void*)k_tc<128, 1, false, false, OUT_BF16, W, TPW, STG_BF16, PREV>,
+                        (const void*)k_tc<128, 1, false, true, OUT_BF16, W, TPW, STG_FP8, PREV>,
+                        (const void*)k_tc<128, 1, true, true, OUT_BF16, W, TPW, STG_FP8, PREV>,
+                        (const void*)k_tc<128, 1, true, true, OUT_FP8, W, TPW, STG_FP8, PREV>,
+                        (const void*)k_tc<128, 1, true, true, OUT_NVFP4, W, TPW, STG_FP8, PREV>};
+    return {f[mode], W * 32, ST, std::max(pipe, merge)};
 }
 
 static const void* merge_fn(int mode) {
@@ -228,31 +224,16 @@ struct Plan {
     std::vector<int> offsets;
     bool direct;
     std::vector<int4> launch;  // one per CTA: {batch, begin, end, row * heads + head}
-    std::vector<int2> pools;   // per sequence: its tail pool's tokens {begin, end} ({0, 0}: none)
-    bool pooled = false;
 };
 
-// pool: tokens of the tail pool per item of a split sequence (0: none). The items then share the
-// sequence's first tokens, in whole stages, and the pool the rest (decode_mma.cu, POOLS).
-static Plan plan_with_chunk(const std::vector<int>& lens, long chunk, int heads, int order, bool direct_items,
-                            long pool = 0, long stage = 64) {
+static Plan plan_with_chunk(const std::vector<int>& lens, long chunk, int heads, int order, bool direct_items) {
     Plan p;
     for (size_t b = 0; b < lens.size(); ++b) {
         p.offsets.push_back((int)p.items.size());
-        const long len = lens[b];
-        long n = std::max(1L, (len + chunk - 1) / chunk);
-        if (n > 1 && pool > 0) {
-            const long own = (len - std::min(len, n * pool)) / stage * stage;
-            const long cs = ((own + n - 1) / n + stage - 1) / stage * stage;
-            for (long i = 0; i < n; ++i)
-                p.items.push_back(make_int4((int)b, (int)std::min(i * cs, own), (int)std::min((i + 1) * cs, own), 0));
-            p.pools.push_back(make_int2((int)own, (int)len));
-            p.pooled = true;
-            continue;
-        }
-        p.pools.push_back(make_int2(0, 0));
+        long n = std::max(1L, (lens[b] + chunk - 1) / chunk);
         for (long i = 0; i < n; ++i)
-            p.items.push_back(make_int4((int)b, (int)std::min(i * chunk, len), (int)std::min((i + 1) * chunk, len), 0));
+            p.items.push_back(make_int4((int)b, (int)std::min(i * chunk, (long)lens[b]),
+                                        (int)std::min((i + 1) * chunk, (long)lens[b]), 0));
     }
     p.offsets.push_back((int)p.items.size());
     p.direct = p.items.size() == lens.size();
@@ -290,7 +271,7 @@ static long makespan(const Plan& p, long slots, long overhead) {
 }
 
 static Plan plan(const std::vector<int>& lens, int heads, long slots, long stage, long min_chunk, long overhead,
-                 int order, bool direct_items, long pool = 0) {
+                 int order, bool direct_items) {
     long max_len = *std::max_element(lens.begin(), lens.end());
     long total = 0;
     for (int l : lens) total += l;
@@ -302,7 +283,7 @@ static Plan plan(const std::vector<int>& lens, int heads, long slots, long stage
         chunk = std::max(chunk, min_chunk);
         chunk = (chunk + stage - 1) / stage * stage;
         chunk = std::min(chunk, std::max(1L, max_len));
-        Plan p = plan_with_chunk(lens, chunk, heads, order, direct_items, pool, stage);
+        Plan p = plan_with_chunk(lens, chunk, heads, order, direct_items);
         long c = makespan(p, slots, overhead);
         if (best_cost < 0 || c < best_cost) best_cost = c, best = p;
     }
@@ -475,19 +456,12 @@ static GraphTiming time_graph(cudaStream_t s, const std::function<void()>& launc
 
 static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Variant& v, int trials_hint) {
     Kernel k = v.get(mode);
-    if (v.pool_tiles > 0 && !k.pools) {
-        // (An unpooled kernel would skip the pools' tokens: a wrong output, timed.)
-        fprintf(stderr, "kbench: variant %s has pool_tiles but not the pooled kernel\n", v.name.c_str());
-        exit(2);
-    }
     CK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
     int per_sm = 0;
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, k.threads, k.smem));
     per_sm = std::max(per_sm, 1);
-    // Pools need the merge kernel (it zeroes the claim counters), not the fused merge.
-    const bool pools = v.pool_tiles > 0 && v.merge && v.fused_max == 0;
     Plan pl = plan(c.lens, KVH, (long)dev.sms * per_sm, k.stage_tokens, v.min_chunk, v.overhead, v.order,
-                   v.direct_items, pools ? (long)v.pool_tiles * k.stage_tokens : 0);
+                   v.direct_items);
     int max_splits = 1;
     for (size_t b = 0; b + 1 < pl.offsets.size(); ++b) max_splits = std::max(max_splits, pl.offsets[b + 1] - pl.offsets[b]);
     // The merge's block as launch.rs merge_block picks it.
@@ -535,17 +509,6 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         p.merge_counters = counters;
         p.fused_merge = 1;
     }
-    // Tail pools: a claim counter per (sequence, kv head), zero (the merge kernel zeroes it again
-    // after each launch), and each sequence's pool.
-    int2* d_pools = nullptr;
-    if (!fused && pl.pooled && !pl.direct) {
-        CK(cudaMalloc(&counters, (size_t)batch * KVH * 4));
-        CK(cudaMemset(counters, 0, (size_t)batch * KVH * 4));
-        CK(cudaMalloc(&d_pools, pl.pools.size() * sizeof(int2)));
-        CK(cudaMemcpy(d_pools, pl.pools.data(), pl.pools.size() * sizeof(int2), cudaMemcpyHostToDevice));
-        p.merge_counters = counters;
-        p.pool_ranges = d_pools;
-    }
     void* args[] = {&p};
     const void* mfn = merge_fn(mode);
     cudaStream_t s;
@@ -592,19 +555,6 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     CK(cudaMemcpy(r.sf.data(), sf, sfb, cudaMemcpyDeviceToHost));
     GraphTiming g = time_graph(s, launch, trials_hint);
     r.ms = g.ms;
-    if (d_pools) {
-        // Every launch's merge must have zeroed the claim counters again: otherwise the timed
-        // launches found the pools taken and skipped their tokens (the output checked above is the
-        // first launch's).
-        CK(cudaStreamSynchronize(s));
-        std::vector<u32> left((size_t)batch * KVH);
-        CK(cudaMemcpy(left.data(), counters, left.size() * 4, cudaMemcpyDeviceToHost));
-        for (u32 x : left)
-            if (x != 0) {
-                fprintf(stderr, "kbench: %s: claim counters not zeroed after the timed launches\n", v.name.c_str());
-                exit(1);
-            }
-    }
     cudaGraphExec_t exec = g.exec;
     if (getenv("KBENCH_TIMELINE") && getenv("KBENCH_TIMELINE_FILE")) {
         // One more launch outside the graph, after the timed replays (clocks and L2 as they were).
@@ -657,7 +607,6 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     cudaFree(d_off);
     if (po) cudaFree(po), cudaFree(plse);
     if (counters) cudaFree(counters);
-    if (d_pools) cudaFree(d_pools);
     cudaFree(out);
     cudaFree(sf);
     return r;
@@ -787,14 +736,6 @@ int main(int argc, char** argv) {
     add("cur_lf_m8", tc<4, 1, 2, 4>, 1).merge_cta_warps = 8;
     add("s2_lf_m8", tc<4, 1, 2, 2>, 1).merge_cta_warps = 8;
     add("s2_nomerge", tc<4, 1, 2, 2>, 1).merge = false;
-    // Tail pools of 1 or 2 tiles per warp of each split item (4 lost everywhere, NOTES run 70), in
-    // the pooled kernels decodebench compiles (2 bf16 / 4 e4m3 stages, MMA_POOL_STAGES_*).
-    add("cur_lf_p1", tc<4, 1, 2, 4, false, true>, 1).pool_tiles = 1;
-    add("cur_hm_p1", tc<4, 1, 2, 4, false, true>, 2).pool_tiles = 1;
-    add("cur_lf_p2", tc<4, 1, 2, 4, false, true>, 1).pool_tiles = 2;
-    add("cur_hm_p2", tc<4, 1, 2, 4, false, true>, 2).pool_tiles = 2;
-    // The pooled kernel with pools off (pool_tiles 0): what the pooled code costs by itself.
-    add("cur_lf_p0", tc<4, 1, 2, 4, false, true>, 1);
     add("cur_lf_c64", tc<4, 1, 2, 4>, 1).min_chunk = 64;
     add("cur_lf_c256", tc<4, 1, 2, 4>, 1).min_chunk = 256;
     add("cur_lf_c1024", tc<4, 1, 2, 4>, 1).min_chunk = 1024;

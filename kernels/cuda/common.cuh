@@ -31,9 +31,7 @@ __device__ __forceinline__ u8* dynamic_smem() {
 #define DB_LOG2E 1.4426950408889634f
 
 // Parameters of every attention kernel (reference, baseline, optimized, merge). The layout must
-// match `AttnParams` in kernels/src/cuda/launch.rs: 8-byte fields first, then 4-byte fields, then
-// pool_ranges (added last, after the 4 bytes of padding that were the struct's tail, so that no
-// other field moved: the kernels that do not read it compile to the same code as before it).
+// match `AttnParams` in kernels/src/cuda/launch.rs: 8-byte fields first, then 4-byte fields.
 // A work item's w field with this bit set: its sequence is not split, so its CTA writes the final
 // output rows itself, even in a split plan (see kernels/src/cuda/plan.rs DIRECT_ITEM).
 #define DB_DIRECT_ITEM (1 << 30)
@@ -49,8 +47,7 @@ struct AttnParams {
     float* partial_lse;       // [items, qo_heads] base-2 log-sum-exp of each partial
     const int4* work;         // [ctas] {batch, token_begin, token_end, partial row * kv heads + kv head}
     const int* split_offsets; // [batch + 1] first work item of each sequence
-    u32* merge_counters;      // [batch, kv_heads] fused merge: partials written so far; tail pools:
-                              // tiles claimed so far (0 between launches either way)
+    u32* merge_counters;      // [batch, kv_heads] fused merge: partials written so far (0 between launches)
     i64 page_stride;          // elements per page (both halves)
     i64 half_stride;          // elements from K to V inside a page
     i64 head_stride;          // elements between kv heads at one slot
@@ -74,10 +71,6 @@ struct AttnParams {
     float o_scale;
     float o_sf_scale;
     float sm_scale;
-    const int2* pool_ranges;  // [batch] tensor-core kernel's pooled form (decode_mma.cu, POOLS), split
-                              // plans with the merge kernel: the tokens {begin, end} of each
-                              // sequence's tail pool ({0, 0}: none); null: no pools, and the merge
-                              // kernel leaves merge_counters alone
 };
 
 enum OutKind { OUT_BF16 = 0, OUT_FP8 = 1, OUT_NVFP4 = 2 };

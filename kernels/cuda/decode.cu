@@ -280,10 +280,6 @@ __device__ void merge_partials(const AttnParams& p) {
     const int first = p.split_offsets[b], last = p.split_offsets[b + 1];  // written by the host
     if (p.direct_items && last - first == 1) return;  // written by its decode CTA
     grid_dependency_wait();
-    // Tail pools (decode_mma.cu, POOLS): the decode grid is complete, so the sequence's claim
-    // counters (one per kv head) go back to zero for the next launch, by its first CTA's first row.
-    if (p.pool_ranges != nullptr && blockIdx.x == 0 && r == 0)
-        for (int k = threadIdx.x; k < p.num_kv_heads; k += blockDim.x) p.merge_counters[(i64)b * p.num_kv_heads + k] = 0;
     DB_MERGE_TRACE(0);
     if (warp < MERGE_MAX_WARPS) {
         float num[VEC];

@@ -46,17 +46,6 @@
 #define MMA_STAGES_FP8_MIN 2
 #define MMA_STAGES_FP8_MAX 4
 #define MMA_MAX_GROUP 16
-// Tail pools (decode_mma's POOLS) are compiled at one depth per cache dtype, the one that
-// decodebench's timing keeps where pools can pay: split plans of long sequences in one wave, b1
-// and b4 at 16K-128K tokens. In the v21 table on an H200 (bench/gpu/logs/table-v21-h200.csv.gz)
-// those cells ran 2 bf16 stages (all six) and 4 e4m3 stages (five of six; b4 s131072 took 2), and
-// kbench's production variant `cur` is tc<4, 1, 2, 4>. One depth each keeps the module at 132
-// tensor-core kernels (96 without pools) and NVRTC's time in proportion; and the 2-stage e4m3
-// kernel, which holds 5 CTAs per SM only at <= 102 registers (its pooled prototype took 126), has
-// no pooled form to lose them. Names end in _s<stages>_pool; the pooled kernels are not launched
-// by decodebench yet (kbench's *_p1/_p2 variants time them).
-#define MMA_POOL_STAGES_BF16 2
-#define MMA_POOL_STAGES_FP8 4
 
 // Phase trace points: bench/gpu/kbench.cu defines DB_TRACE to time the phases of a CTA (point,
 // and a value the time must wait for); decodebench's build compiles them to nothing.
@@ -198,12 +187,7 @@ __device__ __forceinline__ u32 movmatrix_trans(u32 x) {
     return r;
 }
 
-// POOLS: the kernel takes tiles of its sequence's tail pool (below) once its own are placed. The
-// kernels without (POOLS false) compile to the loop they had before pools existed, instruction for
-// instruction: the pool state, its claims and the tail loop exist only in the pooled
-// instantiations (bench/gpu/NOTES.md runs 70-71: with them in every kernel, the loop without pools
-// cost 1.003 BF16 / 1.057 FP8 KV).
-template <int D, int NH, bool Q_FP8, bool KV_FP8, int OUT, int WARPS, int TPW, int STAGES, bool POOLS = false>
+template <int D, int NH, bool Q_FP8, bool KV_FP8, int OUT, int WARPS, int TPW, int STAGES>
 __device__ void decode_mma(const AttnParams& p) {
     constexpr bool F16 = KV_FP8;
     constexpr int ESIZE = KV_FP8 ? 1 : 2;
@@ -216,7 +200,6 @@ __device__ void decode_mma(const AttnParams& p) {
     constexpr int ST = WARPS * WTOK;
     constexpr int STAGE_BYTES = 2 * ST * RB;
     static_assert(WTOK <= 32, "a lane holds the page of each token of its warp's tile");
-    static_assert(!POOLS || WTOK < 32, "pools: one lane past the tile's pages carries the tile's first token");
     static_assert(NC <= 32 && WTOK % (32 / NC) == 0, "whole rows per copy instruction");
     constexpr int ROWS_PER_COPY = 32 / NC;       // cache rows one warp-wide copy instruction covers
     constexpr int COPIES = WTOK / ROWS_PER_COPY;  // per stage, of K and of V
@@ -252,56 +235,6 @@ __device__ void decode_mma(const AttnParams& p) {
     const int n_tokens = t_end - t_begin;
     const int n_iter = (n_tokens + ST - 1) / ST;
 
-    // Tail pools (POOLS; split plans with the merge kernel, kernels/src/cuda/plan.rs does not make
-    // them yet): besides its own range, each warp takes 16-token tiles of its sequence's pool
-    // [pool_begin, pool_end) from a counter per (sequence, kv head) once its own tiles are placed.
-    // Equal ranges end up to a tile apart (some warps see the memory slower than others); with the
-    // last tiles claimed, the fast warps take more of them and a group's CTAs end together. The
-    // merge kernel zeroes the counter for the next launch. The lane of a page word past the tile's
-    // pages (lane WTOK) carries the tile's first token, so a tile's base travels with its pages
-    // through the pipeline. None of this is used (or compiled to anything) when POOLS is false.
-    constexpr int DONE = 1 << 30;  // the base of a tile past the warp's work (no tokens)
-    const bool has_pool = POOLS && p.pool_ranges != nullptr && !direct && !p.fused_merge;
-    int pool_begin = 0, pool_end = 0;
-    u32* pool_ctr = nullptr;
-    bool exhausted = true, asked = false;
-    u32 claim = 0;  // lane 0: the counter's answer to the last claim (asked)
-    // Read where the pool is needed (not kept in registers through the steady loop below).
-    auto load_pool = [&]() {
-        if (has_pool) {
-            const int2 pr = __ldcg(p.pool_ranges + b);
-            pool_begin = pr.x;
-            pool_end = pr.y;
-            pool_ctr = p.merge_counters + (i64)b * p.num_kv_heads + kv_head;
-        }
-        exhausted = pool_end <= pool_begin;
-        asked = false;
-    };
-    // Tiles of the warp's own range: t_begin + j * ST + warp * WTOK for j < n_static.
-    const int n_static = n_tokens > warp * WTOK ? (n_tokens - warp * WTOK + ST - 1) / ST : 0;
-    auto ask = [&]() {
-        if (lane == 0) claim = atomicAdd(pool_ctr, 1u);
-        asked = true;
-    };
-    // Tile j's first token (DONE past the warp's work). A pool tile's claim is made when the tile
-    // before it is placed, so that its answer is waited for an iteration later.
-    auto tile_base = [&](int j) -> int {
-        int tb = DONE;
-        if (j < n_static) {
-            tb = t_begin + j * ST + warp * WTOK;
-        } else if (!exhausted) {
-            if (!asked) ask();
-            const int c = (int)__shfl_sync(0xffffffffu, claim, 0);
-            asked = false;
-            tb = pool_begin + c * WTOK;
-            if (tb >= pool_end) tb = DONE, exhausted = true;
-        }
-        if (j + 1 >= n_static && !exhausted && !asked) ask();
-        return tb;
-    };
-    // Tokens of the tile at tb in its range (<= 0: none).
-    auto valid_of = [&](int tb) { return (tb < t_end ? t_end : pool_end) - tb; };
-
     // Each warp loads its own rows of every stage (the rows it computes on), so warps never wait
     // for each other inside the loop. Lane l holds the page of token l of the warp's next tile;
     // a copy instruction covers ROWS_PER_COPY whole rows (coalesced 16-byte chunks).
@@ -330,35 +263,14 @@ __device__ void decode_mma(const AttnParams& p) {
         const int t = t_begin + it * ST + wrow + lane;
         return (lane < WTOK && t < t_end) ? __ldg(bt + (t >> p.block_shift)) : first_page;
     };
-    // Pools: the page word of the tile at tb, lane WTOK holding tb; page_own for a tile of the
-    // warp's own range (tb < t_end), page_at for any.
-    auto page_own = [&](int tb) -> int {
-        const int t = tb + lane;
-        if (lane >= WTOK) return lane == WTOK ? tb : first_page;
-        return t < t_end ? __ldg(bt + (t >> p.block_shift)) : first_page;
-    };
-    auto page_at = [&](int tb) -> int {
-        const int t = tb + lane;
-        if (lane >= WTOK) return lane == WTOK ? tb : first_page;
-        return t < (tb < t_end ? t_end : pool_end) ? __ldg(bt + (t >> p.block_shift)) : first_page;
-    };
     // When a stage spans whole pages (block size <= ST tokens), a copy row's slot in its page is
     // the same in every stage, so for e4m3 caches (whose loop is issue-bound) the row's K and V
     // addresses but for the page are fixed 64-bit bases, added to the page's offset (5 address
     // instructions per copied row, where the general path spends 10). The bases
     // take 16 registers: with 3 or 4 stages (at most 4 CTAs per SM by shared memory) there are
     // enough; with 2 (5 CTAs per SM, at most 102 registers) there are not.
-    // (Pool tiles start at pool_begin + c * WTOK: in the same slots only for blocks of at most
-    // WTOK tokens and a pool aligned like the range.)
     constexpr bool BASES = KV_FP8 && STAGES >= 3;
-    bool same_slots = true;
-    if constexpr (POOLS) {
-        if (has_pool) {
-            const int2 pr = __ldcg(p.pool_ranges + b);
-            same_slots = pr.y <= pr.x || ((1 << p.block_shift) <= WTOK && ((pr.x - t_begin) & slot_mask) == 0);
-        }
-    }
-    const u32 fixed_slots = pinned(BASES && (1 << p.block_shift) <= ST && same_slots ? 1u : 0u);
+    const u32 fixed_slots = pinned(BASES && (1 << p.block_shift) <= ST ? 1u : 0u);
     u64 k_base[BASES ? COPIES : 1], v_base[BASES ? COPIES : 1];
     if (BASES) {
 #pragma unroll
@@ -368,10 +280,7 @@ __device__ void decode_mma(const AttnParams& p) {
             v_base[k] = pinned64(k_base[k] + half_bytes);
         }
     }
-    // The copies of the warp's tile (pages: its page word) into stage it's buffer. tw_of() gives
-    // the tile's first token, read by the general path only: t_begin + it * ST + wrow (issue), or
-    // a pool tile's base (POOLS).
-    auto issue_tile = [&](int it, int pages, auto tw_of) {
+    auto issue = [&](int it, int pages) {
         const u32 dst = (u32)((it % STAGES) * STAGE_BYTES);
         if (BASES && fixed_slots) {
 #pragma unroll
@@ -382,7 +291,7 @@ __device__ void decode_mma(const AttnParams& p) {
             }
             return;
         }
-        const int tw = tw_of();
+        const int tw = t_begin + it * ST + wrow;
 #pragma unroll
         for (int k = 0; k < COPIES; ++k) {
             const int r = k * ROWS_PER_COPY + lrow;
@@ -392,7 +301,6 @@ __device__ void decode_mma(const AttnParams& p) {
             cp_async16_to(copy_dst[k] + dst + (u32)(ST * RB), src + half_bytes);
         }
     };
-    auto issue = [&](int it, int pages) { issue_tile(it, pages, [&] { return t_begin + it * ST + wrow; }); };
 
     // The CTA's critical path is the chain work item -> block table -> first copies, then the
     // epilogue. The query rows of the group (G x D, contiguous) are loaded right after the work
@@ -412,38 +320,12 @@ __device__ void decode_mma(const AttnParams& p) {
     // Block-table entries are read two stages before their copies are issued: at one, an e4m3
     // iteration is shorter than the entry's trip from DRAM, and the warps stalled on it.
     int pgs[STAGES + 2];
-    // Pools: the token counts of the tiles in flight (this iteration's first), and whether the
-    // first STAGES + 3 tiles are the warp's own, so that the main loop starts in its steady phase
-    // (below), with no pool state in registers.
-    int vq[POOLS ? STAGES : 1];
-    const bool steady = n_static > STAGES + 2;
-    if constexpr (!POOLS) {
 #pragma unroll
-        for (int st = 0; st < STAGES + 2; ++st) pgs[st] = page_of(st);
+    for (int st = 0; st < STAGES + 2; ++st) pgs[st] = page_of(st);
 #pragma unroll
-        for (int st = 0; st < STAGES; ++st) {
-            if (st < n_iter) issue(st, pgs[st]);
-            cp_async_commit();
-        }
-    } else if (steady) {
-#pragma unroll
-        for (int st = 0; st < STAGES + 2; ++st) pgs[st] = page_own(t_begin + st * ST + wrow);
-#pragma unroll
-        for (int st = 0; st < STAGES; ++st) {
-            issue(st, pgs[st]);
-            cp_async_commit();
-        }
-    } else {
-        load_pool();
-#pragma unroll
-        for (int st = 0; st < STAGES + 2; ++st) pgs[st] = page_at(tile_base(st));
-#pragma unroll
-        for (int st = 0; st < STAGES; ++st) {
-            const int tb = __shfl_sync(0xffffffffu, pgs[st], WTOK);
-            vq[st] = valid_of(tb);
-            if (vq[st] > 0) issue_tile(st, pgs[st], [&] { return tb; });
-            cp_async_commit();
-        }
+    for (int st = 0; st < STAGES; ++st) {
+        if (st < n_iter) issue(st, pgs[st]);
+        cp_async_commit();
     }
     int pg = pgs[STAGES], pg_next = pgs[STAGES + 1];
     DB_TRACE(3, (u32)pg);
@@ -536,343 +418,154 @@ __device__ void decode_mma(const AttnParams& p) {
         for (int i = 0; i < MT; ++i) o[i][nh][0] = o[i][nh][1] = o[i][nh][2] = o[i][nh][3] = 0.0f;
     }
 
-    // The main loop. The kernels without pools run the loop they had before pools, written out;
-    // the pooled ones run the same tile body (a copy, in a lambda for their two loops). Not one
-    // body for both: inlined from a lambda, the unpooled loop's values are numbered in another
-    // order, and ptxas then allocates other registers (75 of the 96 kernels' SASS changed).
-    if constexpr (!POOLS) {
-        for (int it = 0; it < n_iter; ++it) {
-            const int valid = t_end - (t_begin + it * ST + wrow);  // tokens of this warp's rows in range
-            if (valid <= 0) break;  // and in every later stage: this warp is done
-            // @tile-body (copied in the pooled kernels' lambda below; launch.rs checks that they agree)
-            cp_async_wait<STAGES - 1>();
-            __syncwarp();
-            if (it == 0) DB_TRACE(5, 0u);
-            const u32 stage = (u32)((it % STAGES) * STAGE_BYTES);
+    for (int it = 0; it < n_iter; ++it) {
+        const int valid = t_end - (t_begin + it * ST + wrow);  // tokens of this warp's rows in range
+        if (valid <= 0) break;  // and in every later stage: this warp is done
+        cp_async_wait<STAGES - 1>();
+        __syncwarp();
+        if (it == 0) DB_TRACE(5, 0u);
+        const u32 stage = (u32)((it % STAGES) * STAGE_BYTES);
 
-            // S^T for TPW tiles of 16 tokens: s[j][nh][c], c0/c1 = token g, c2/c3 = token g+8.
-            float s[TPW][NH][4];
+        // S^T for TPW tiles of 16 tokens: s[j][nh][c], c0/c1 = token g, c2/c3 = token g+8.
+        float s[TPW][NH][4];
 #pragma unroll
-            for (int j = 0; j < TPW; ++j)
+        for (int j = 0; j < TPW; ++j)
 #pragma unroll
-                for (int nh = 0; nh < NH; ++nh) s[j][nh][0] = s[j][nh][1] = s[j][nh][2] = s[j][nh][3] = 0.0f;
-            if (KV_FP8) {
+            for (int nh = 0; nh < NH; ++nh) s[j][nh][0] = s[j][nh][1] = s[j][nh][2] = s[j][nh][3] = 0.0f;
+        if (KV_FP8) {
 #pragma unroll
-                for (int kk = 0; kk < KSTEPS; kk += 2) {
+            for (int kk = 0; kk < KSTEPS; kk += 2) {
 #pragma unroll
-                    for (int j = 0; j < TPW; ++j) {
-                        u32 r[4];
-                        ldsm_x4(k_off[j][kk / 2] + stage, r);
+                for (int j = 0; j < TPW; ++j) {
+                    u32 r[4];
+                    ldsm_x4(k_off[j][kk / 2] + stage, r);
 #pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            if (kk + h < KSTEPS) {
-                                u32 a[4];
-                                e4m3x2x2_to_f16x2(r[2 * h], a[0], a[2]);
-                                e4m3x2x2_to_f16x2(r[2 * h + 1], a[1], a[3]);
-#pragma unroll
-                                for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk + h][nh][0], qb[kk + h][nh][1]);
-                            }
-                        }
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int kk = 0; kk < KSTEPS; ++kk) {
-#pragma unroll
-                    for (int j = 0; j < TPW; ++j) {
-                        u32 a[4];
-                        ldsm_x4(k_off[j][kk] + stage, a);
-#pragma unroll
-                        for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk][nh][0], qb[kk][nh][1]);
-                    }
-                }
-            }
-
-            // Online softmax per head column (2t, 2t+1 of each n-tile), log2 units.
-            float mx[NH][2];
-#pragma unroll
-            for (int nh = 0; nh < NH; ++nh) {
-                mx[nh][0] = mx[nh][1] = -DB_INF;
-#pragma unroll
-                for (int j = 0; j < TPW; ++j)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int tok = j * 16 + g + (i >> 1) * 8;
-                        const float v = tok < valid ? s[j][nh][i] * qk_scale : -DB_INF;
-                        s[j][nh][i] = v;
-                        mx[nh][i & 1] = fmaxf(mx[nh][i & 1], v);
-                    }
-            }
-            bool grew = false;
-#pragma unroll
-            for (int nh = 0; nh < NH; ++nh)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    float v = mx[nh][c];
-                    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
-                    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
-                    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
-                    if (v > m[nh][c]) {
-                        const float alpha = (m[nh][c] == -DB_INF) ? 0.0f : exp2f(m[nh][c] - v);
-                        lsum[nh][c] *= alpha;
-                        mx[nh][c] = alpha;
-                        m[nh][c] = v;
-                        grew = true;
-                    } else {
-                        mx[nh][c] = 1.0f;
-                    }
-                }
-            if (__any_sync(0xffffffffu, grew)) {
-#pragma unroll
-                for (int i = 0; i < MT; ++i)
-#pragma unroll
-                    for (int nh = 0; nh < NH; ++nh) {
-                        o[i][nh][0] *= mx[nh][0];
-                        o[i][nh][1] *= mx[nh][1];
-                        o[i][nh][2] *= mx[nh][0];
-                        o[i][nh][3] *= mx[nh][1];
-                    }
-            }
-            // P^T as B fragments through movmatrix.
-            u32 pb[TPW][NH][2];
-#pragma unroll
-            for (int j = 0; j < TPW; ++j)
-#pragma unroll
-                for (int nh = 0; nh < NH; ++nh) {
-                    float pr[4];
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        // m is finite here (every warp tile has a valid token, and the max runs
-                        // over the tile's tokens); a masked token's -inf gives exp2 = 0.
-                        pr[i] = exp2_ftz(s[j][nh][i] - m[nh][i & 1]);
-                        lsum[nh][i & 1] += pr[i];
-                    }
-                    pb[j][nh][0] = movmatrix_trans(pack2<F16>(pr[0], pr[1]));
-                    pb[j][nh][1] = movmatrix_trans(pack2<F16>(pr[2], pr[3]));
-                }
-
-            // O^T += V^T P^T.
-            if (KV_FP8) {
-#pragma unroll
-                for (int c = 0; c < NC; c += 2) {
-#pragma unroll
-                    for (int j = 0; j < TPW; ++j) {
-                        u32 r[4];
-                        ldsm_x4_trans(v_off[j][c / 2] + stage, r);
-#pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            // Bytes 0, 2 | 1, 3 of each register: one byte select, then both halves.
+                    for (int h = 0; h < 2; ++h) {
+                        if (kk + h < KSTEPS) {
                             u32 a[4];
-                            e4m3x2x2_to_f16x2(prmt(r[2 * h], 0x3120u), a[0], a[1]);
-                            e4m3x2x2_to_f16x2(prmt(r[2 * h + 1], 0x3120u), a[2], a[3]);
+                            e4m3x2x2_to_f16x2(r[2 * h], a[0], a[2]);
+                            e4m3x2x2_to_f16x2(r[2 * h + 1], a[1], a[3]);
 #pragma unroll
-                            for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[c + h][nh], a, pb[j][nh][0], pb[j][nh][1]);
+                            for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk + h][nh][0], qb[kk + h][nh][1]);
                         }
                     }
                 }
-            } else {
-#pragma unroll
-                for (int i = 0; i < MT; ++i) {
-#pragma unroll
-                    for (int j = 0; j < TPW; ++j) {
-                        u32 a[4];
-                        ldsm_x4_trans(v_off[j][i] + stage, a);
-#pragma unroll
-                        for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[i][nh], a, pb[j][nh][0], pb[j][nh][1]);
-                    }
-                }
             }
-            // The stage is consumed (every lane's ldmatrix of it has returned): refill its buffer
-            // with the stage STAGES ahead.
-            __syncwarp();
-            // @tile-body-end
-            {
-                const int nxt = it + STAGES;
-                const int pn = page_of(nxt + 2);
-                if (nxt < n_iter) issue(nxt, pg);
-                cp_async_commit();
-                pg = pg_next;
-                pg_next = pn;
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+                for (int j = 0; j < TPW; ++j) {
+                    u32 a[4];
+                    ldsm_x4(k_off[j][kk] + stage, a);
+#pragma unroll
+                    for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk][nh][0], qb[kk][nh][1]);
+                }
             }
         }
-    } else {
-        // One tile: S, the online softmax and O (valid: the tile's tokens in range), up to the
-        // point where the stage's buffer may be refilled.
-        auto consume = [&](int it, int valid) {
-            // @tile-body (the unpooled loop's, above)
-            cp_async_wait<STAGES - 1>();
-            __syncwarp();
-            if (it == 0) DB_TRACE(5, 0u);
-            const u32 stage = (u32)((it % STAGES) * STAGE_BYTES);
 
-            // S^T for TPW tiles of 16 tokens: s[j][nh][c], c0/c1 = token g, c2/c3 = token g+8.
-            float s[TPW][NH][4];
+        // Online softmax per head column (2t, 2t+1 of each n-tile), log2 units.
+        float mx[NH][2];
+#pragma unroll
+        for (int nh = 0; nh < NH; ++nh) {
+            mx[nh][0] = mx[nh][1] = -DB_INF;
 #pragma unroll
             for (int j = 0; j < TPW; ++j)
 #pragma unroll
-                for (int nh = 0; nh < NH; ++nh) s[j][nh][0] = s[j][nh][1] = s[j][nh][2] = s[j][nh][3] = 0.0f;
-            if (KV_FP8) {
-#pragma unroll
-                for (int kk = 0; kk < KSTEPS; kk += 2) {
-#pragma unroll
-                    for (int j = 0; j < TPW; ++j) {
-                        u32 r[4];
-                        ldsm_x4(k_off[j][kk / 2] + stage, r);
-#pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            if (kk + h < KSTEPS) {
-                                u32 a[4];
-                                e4m3x2x2_to_f16x2(r[2 * h], a[0], a[2]);
-                                e4m3x2x2_to_f16x2(r[2 * h + 1], a[1], a[3]);
-#pragma unroll
-                                for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk + h][nh][0], qb[kk + h][nh][1]);
-                            }
-                        }
-                    }
+                for (int i = 0; i < 4; ++i) {
+                    const int tok = j * 16 + g + (i >> 1) * 8;
+                    const float v = tok < valid ? s[j][nh][i] * qk_scale : -DB_INF;
+                    s[j][nh][i] = v;
+                    mx[nh][i & 1] = fmaxf(mx[nh][i & 1], v);
                 }
-            } else {
+        }
+        bool grew = false;
 #pragma unroll
-                for (int kk = 0; kk < KSTEPS; ++kk) {
+        for (int nh = 0; nh < NH; ++nh)
 #pragma unroll
-                    for (int j = 0; j < TPW; ++j) {
-                        u32 a[4];
-                        ldsm_x4(k_off[j][kk] + stage, a);
-#pragma unroll
-                        for (int nh = 0; nh < NH; ++nh) mma16816<F16>(s[j][nh], a, qb[kk][nh][0], qb[kk][nh][1]);
-                    }
+            for (int c = 0; c < 2; ++c) {
+                float v = mx[nh][c];
+                v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+                v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+                v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+                if (v > m[nh][c]) {
+                    const float alpha = (m[nh][c] == -DB_INF) ? 0.0f : exp2f(m[nh][c] - v);
+                    lsum[nh][c] *= alpha;
+                    mx[nh][c] = alpha;
+                    m[nh][c] = v;
+                    grew = true;
+                } else {
+                    mx[nh][c] = 1.0f;
                 }
             }
-
-            // Online softmax per head column (2t, 2t+1 of each n-tile), log2 units.
-            float mx[NH][2];
+        if (__any_sync(0xffffffffu, grew)) {
 #pragma unroll
-            for (int nh = 0; nh < NH; ++nh) {
-                mx[nh][0] = mx[nh][1] = -DB_INF;
-#pragma unroll
-                for (int j = 0; j < TPW; ++j)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int tok = j * 16 + g + (i >> 1) * 8;
-                        const float v = tok < valid ? s[j][nh][i] * qk_scale : -DB_INF;
-                        s[j][nh][i] = v;
-                        mx[nh][i & 1] = fmaxf(mx[nh][i & 1], v);
-                    }
-            }
-            bool grew = false;
-#pragma unroll
-            for (int nh = 0; nh < NH; ++nh)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    float v = mx[nh][c];
-                    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
-                    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
-                    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
-                    if (v > m[nh][c]) {
-                        const float alpha = (m[nh][c] == -DB_INF) ? 0.0f : exp2f(m[nh][c] - v);
-                        lsum[nh][c] *= alpha;
-                        mx[nh][c] = alpha;
-                        m[nh][c] = v;
-                        grew = true;
-                    } else {
-                        mx[nh][c] = 1.0f;
-                    }
-                }
-            if (__any_sync(0xffffffffu, grew)) {
-#pragma unroll
-                for (int i = 0; i < MT; ++i)
-#pragma unroll
-                    for (int nh = 0; nh < NH; ++nh) {
-                        o[i][nh][0] *= mx[nh][0];
-                        o[i][nh][1] *= mx[nh][1];
-                        o[i][nh][2] *= mx[nh][0];
-                        o[i][nh][3] *= mx[nh][1];
-                    }
-            }
-            // P^T as B fragments through movmatrix.
-            u32 pb[TPW][NH][2];
-#pragma unroll
-            for (int j = 0; j < TPW; ++j)
+            for (int i = 0; i < MT; ++i)
 #pragma unroll
                 for (int nh = 0; nh < NH; ++nh) {
-                    float pr[4];
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        // m is finite here (every warp tile has a valid token, and the max runs
-                        // over the tile's tokens); a masked token's -inf gives exp2 = 0.
-                        pr[i] = exp2_ftz(s[j][nh][i] - m[nh][i & 1]);
-                        lsum[nh][i & 1] += pr[i];
-                    }
-                    pb[j][nh][0] = movmatrix_trans(pack2<F16>(pr[0], pr[1]));
-                    pb[j][nh][1] = movmatrix_trans(pack2<F16>(pr[2], pr[3]));
+                    o[i][nh][0] *= mx[nh][0];
+                    o[i][nh][1] *= mx[nh][1];
+                    o[i][nh][2] *= mx[nh][0];
+                    o[i][nh][3] *= mx[nh][1];
                 }
-
-            // O^T += V^T P^T.
-            if (KV_FP8) {
-#pragma unroll
-                for (int c = 0; c < NC; c += 2) {
-#pragma unroll
-                    for (int j = 0; j < TPW; ++j) {
-                        u32 r[4];
-                        ldsm_x4_trans(v_off[j][c / 2] + stage, r);
-#pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            // Bytes 0, 2 | 1, 3 of each register: one byte select, then both halves.
-                            u32 a[4];
-                            e4m3x2x2_to_f16x2(prmt(r[2 * h], 0x3120u), a[0], a[1]);
-                            e4m3x2x2_to_f16x2(prmt(r[2 * h + 1], 0x3120u), a[2], a[3]);
-#pragma unroll
-                            for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[c + h][nh], a, pb[j][nh][0], pb[j][nh][1]);
-                        }
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < MT; ++i) {
-#pragma unroll
-                    for (int j = 0; j < TPW; ++j) {
-                        u32 a[4];
-                        ldsm_x4_trans(v_off[j][i] + stage, a);
-#pragma unroll
-                        for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[i][nh], a, pb[j][nh][0], pb[j][nh][1]);
-                    }
-                }
-            }
-            // The stage is consumed (every lane's ldmatrix of it has returned): refill its buffer
-            // with the stage STAGES ahead.
-            __syncwarp();
-            // @tile-body-end
-        };
-        int it = 0;
-        if (steady) {
-            // Steady phase: the tile placed in each iteration (STAGES + 2 ahead) is the warp's own.
-            for (; it + STAGES + 2 < n_static; ++it) {
-                consume(it, t_end - (t_begin + it * ST + wrow));
-                const int nxt = it + STAGES;
-                const int pn = page_own(t_begin + (nxt + 2) * ST + wrow);
-                issue(nxt, pg);
-                cp_async_commit();
-                pg = pg_next;
-                pg_next = pn;
-            }
-            load_pool();
-            if (!exhausted) ask();  // the claim for the first pool tile, placed in the next iteration
-#pragma unroll
-            for (int st = 0; st < STAGES; ++st) vq[st] = t_end - (t_begin + (it + st) * ST + wrow);
         }
-        // The last tiles: the own range's end, then pool tiles as claimed, until a tile has none.
-        for (;; ++it) {
-            const int valid = vq[0];  // tokens of this warp's rows in range
-            if (valid <= 0) break;    // and in every later stage: this warp is done
-            consume(it, valid);
+        // P^T as B fragments through movmatrix.
+        u32 pb[TPW][NH][2];
+#pragma unroll
+        for (int j = 0; j < TPW; ++j)
+#pragma unroll
+            for (int nh = 0; nh < NH; ++nh) {
+                float pr[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    // m is finite here (every warp tile has a valid token, and the max runs
+                    // over the tile's tokens); a masked token's -inf gives exp2 = 0.
+                    pr[i] = exp2_ftz(s[j][nh][i] - m[nh][i & 1]);
+                    lsum[nh][i & 1] += pr[i];
+                }
+                pb[j][nh][0] = movmatrix_trans(pack2<F16>(pr[0], pr[1]));
+                pb[j][nh][1] = movmatrix_trans(pack2<F16>(pr[2], pr[3]));
+            }
+
+        // O^T += V^T P^T.
+        if (KV_FP8) {
+#pragma unroll
+            for (int c = 0; c < NC; c += 2) {
+#pragma unroll
+                for (int j = 0; j < TPW; ++j) {
+                    u32 r[4];
+                    ldsm_x4_trans(v_off[j][c / 2] + stage, r);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        // Bytes 0, 2 | 1, 3 of each register: one byte select, then both halves.
+                        u32 a[4];
+                        e4m3x2x2_to_f16x2(prmt(r[2 * h], 0x3120u), a[0], a[1]);
+                        e4m3x2x2_to_f16x2(prmt(r[2 * h + 1], 0x3120u), a[2], a[3]);
+#pragma unroll
+                        for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[c + h][nh], a, pb[j][nh][0], pb[j][nh][1]);
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+#pragma unroll
+                for (int j = 0; j < TPW; ++j) {
+                    u32 a[4];
+                    ldsm_x4_trans(v_off[j][i] + stage, a);
+#pragma unroll
+                    for (int nh = 0; nh < NH; ++nh) mma16816<F16>(o[i][nh], a, pb[j][nh][0], pb[j][nh][1]);
+                }
+            }
+        }
+        // The stage is consumed (every lane's ldmatrix of it has returned): refill its buffer
+        // with the stage STAGES ahead.
+        __syncwarp();
+        {
             const int nxt = it + STAGES;
-            const int pn = page_at(tile_base(nxt + 2));
-            const int tb = __shfl_sync(0xffffffffu, pg, WTOK);
-            const int vn = valid_of(tb);
-            if (vn > 0) issue_tile(nxt, pg, [&] { return tb; });
+            const int pn = page_of(nxt + 2);
+            if (nxt < n_iter) issue(nxt, pg);
             cp_async_commit();
-#pragma unroll
-            for (int st = 0; st + 1 < STAGES; ++st) vq[st] = vq[st + 1];
-            vq[STAGES - 1] = vn;
             pg = pg_next;
             pg_next = pn;
         }
@@ -1022,20 +715,6 @@ __device__ void decode_mma(const AttnParams& p) {
     DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, fp8, OUT_FP8, S)                                      \
     DB_DECODE_MMA(D, GN, NH, QN, QF, KN, KF, nvfp4, OUT_NVFP4, S)
 
-// The same with tail pools (POOLS), at the depth MMA_POOL_STAGES_* names.
-#define DB_DECODE_MMA_POOL(D, GN, NH, QN, QF, KN, KF, ON, OV, S)                                   \
-    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                      \
-        decode_mma_d##D##_g##GN##_##QN##_##KN##_##ON##_s##S##_pool(AttnParams p) {                 \
-        static_assert(S == (KF ? MMA_POOL_STAGES_FP8 : MMA_POOL_STAGES_BF16),                      \
-                      "pooled kernels at one depth per cache dtype");                              \
-        decode_mma<D, NH, QF, KF, OV, MMA_WARPS, 1, S, true>(p);                                   \
-    }
-
-#define DB_DECODE_MMA_POOL_OUTS(D, GN, NH, QN, QF, KN, KF, S)                                      \
-    DB_DECODE_MMA_POOL(D, GN, NH, QN, QF, KN, KF, bf16, OUT_BF16, S)                               \
-    DB_DECODE_MMA_POOL(D, GN, NH, QN, QF, KN, KF, fp8, OUT_FP8, S)                                 \
-    DB_DECODE_MMA_POOL(D, GN, NH, QN, QF, KN, KF, nvfp4, OUT_NVFP4, S)
-
 // Every e4m3 depth from MMA_STAGES_FP8_MIN to MMA_STAGES_FP8_MAX.
 #define DB_DECODE_MMA_FP8_STAGES(D, GN, NH, QN, QF)                                                \
     DB_DECODE_MMA_OUTS(D, GN, NH, QN, QF, fp8, true, 2)                                            \
@@ -1046,10 +725,7 @@ __device__ void decode_mma(const AttnParams& p) {
     DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, bf16, false, 2)                                     \
     DB_DECODE_MMA_OUTS(D, GN, NH, bf16, false, bf16, false, 3)                                     \
     DB_DECODE_MMA_FP8_STAGES(D, GN, NH, bf16, false)                                               \
-    DB_DECODE_MMA_FP8_STAGES(D, GN, NH, fp8, true)                                                 \
-    DB_DECODE_MMA_POOL_OUTS(D, GN, NH, bf16, false, bf16, false, MMA_POOL_STAGES_BF16)             \
-    DB_DECODE_MMA_POOL_OUTS(D, GN, NH, bf16, false, fp8, true, MMA_POOL_STAGES_FP8)                \
-    DB_DECODE_MMA_POOL_OUTS(D, GN, NH, fp8, true, fp8, true, MMA_POOL_STAGES_FP8)
+    DB_DECODE_MMA_FP8_STAGES(D, GN, NH, fp8, true)
 
 #ifndef DB_NO_KERNEL_EXPORTS
 DB_DECODE_MMA_GROUP(64, 8, 1)

@@ -87,8 +87,8 @@ const ELEMENTWISE_BLOCKS_PER_SM: u32 = 16;
 pub(crate) const SUPPORTED_HEAD_SIZES: [u32; 3] = [64, 128, 256];
 
 /// Parameters of every attention kernel; must match `struct AttnParams` in common.cuh field for
-/// field (8-byte fields first, so neither side pads between them; then `pool_ranges`, after 4
-/// bytes of padding on both sides, last so that adding it moved no other field).
+/// field (8-byte fields first, so neither side pads between fields; both round the size up to 8
+/// bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct AttnParams {
@@ -123,16 +123,12 @@ pub(crate) struct AttnParams {
     /// 1 (tensor-core kernel, split plans): the last CTA of each (sequence, kv head) merges its
     /// partials, and no merge kernel runs (see [`FUSED_MERGE_MAX_SPLITS`]).
     pub fused_merge: i32,
-    /// The case's scales, laid out as the C struct's six floats.
+    /// The case's scales, laid out as the C struct's last six floats.
     pub scales: crate::workload::Scales,
-    /// `[batch]` int2 token ranges of the sequences' tail pools, for the tensor-core kernel's
-    /// pooled form (`decode_mma_*_pool`, not launched yet); 0 (null): no pools, and the merge
-    /// kernel leaves `merge_counters` alone.
-    pub pool_ranges: u64,
 }
 
 // SAFETY: plain-old-data with the same layout as the C struct (all fields are fixed-size
-// integers or floats, 8-byte ones first but the last; `scales` is a repr(C) struct of six f32).
+// integers or floats, 8-byte ones first; `scales` is a repr(C) struct of six f32).
 unsafe impl DeviceRepr for AttnParams {}
 // SAFETY: four i32, the layout of CUDA's int4.
 unsafe impl DeviceRepr for WorkItem {}
@@ -874,20 +870,16 @@ mod tests {
 
     #[test]
     fn params_block_has_the_c_layout_size() {
-        // 11 pointers + 4 i64 + 11 i32 + 6 f32, 4 bytes of padding to the 8-byte alignment
-        // (the same in C), then the pool ranges' pointer.
+        // 11 pointers + 4 i64 + 11 i32 + 6 f32, and 4 bytes of tail padding to the 8-byte
+        // alignment (the same in C).
         assert_eq!(
             std::mem::size_of::<AttnParams>(),
-            11 * 8 + 4 * 8 + 11 * 4 + 6 * 4 + 4 + 8
+            11 * 8 + 4 * 8 + 11 * 4 + 6 * 4 + 4
         );
         // The scales sit right after the i32 fields, as common.cuh's six floats do.
         assert_eq!(
             std::mem::offset_of!(AttnParams, scales),
             11 * 8 + 4 * 8 + 11 * 4
-        );
-        assert_eq!(
-            std::mem::offset_of!(AttnParams, pool_ranges),
-            11 * 8 + 4 * 8 + 11 * 4 + 6 * 4 + 4
         );
         assert_eq!(std::mem::size_of::<crate::workload::Scales>(), 6 * 4);
         assert_eq!(std::mem::size_of::<WorkItem>(), 16);
@@ -1079,33 +1071,6 @@ mod tests {
         assert!(baseline.contains(&format!("#define BASE_WARPS {}", BASELINE_THREADS / 32)));
         let reference = include_str!("../../cuda/reference.cu");
         assert!(reference.contains(&format!("#define REF_THREADS {REFERENCE_THREADS}")));
-    }
-
-    #[test]
-    fn pooled_kernels_run_the_unpooled_tile_body() {
-        // decode_mma.cu keeps the unpooled main loop written out (so that those kernels compile
-        // as before pools) and a copy of its tile body for the pooled kernels: the two copies
-        // must not drift apart. Compared line by line without the indentation.
-        let mma = include_str!("../../cuda/decode_mma.cu");
-        let bodies: Vec<Vec<&str>> = mma
-            .split("// @tile-body (")
-            .skip(1)
-            .map(|rest| {
-                let body = &rest[..rest.find("// @tile-body-end").expect("an end marker")];
-                body.lines().skip(1).map(str::trim).collect()
-            })
-            .collect();
-        assert_eq!(bodies.len(), 2, "two copies of the tile body");
-        assert!(bodies[0].len() > 100, "{} lines", bodies[0].len());
-        for (i, (a, b)) in bodies[0].iter().zip(&bodies[1]).enumerate() {
-            assert_eq!(a, b, "line {} of the tile body", i + 1);
-        }
-        assert_eq!(bodies[0].len(), bodies[1].len());
-        // Pooled kernels at one depth per cache dtype, under their own names.
-        assert!(mma.contains("#define MMA_POOL_STAGES_BF16 2"));
-        assert!(mma.contains("#define MMA_POOL_STAGES_FP8 4"));
-        assert!(mma
-            .contains("decode_mma_d##D##_g##GN##_##QN##_##KN##_##ON##_s##S##_pool(AttnParams p)"));
     }
 
     #[test]
