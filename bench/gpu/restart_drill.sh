@@ -5,8 +5,10 @@
 #   fault    the smoke preset with DECODEBENCH_FAILPOINT=device-fault:CASE (an illegal-address
 #            write right before that case, which poisons the CUDA context) and --max-attempts 2:
 #            the case fails twice, the agent process is restarted after each fault, the case is
-#            recorded failed and the other 19 are measured (exit 2); then --retry-failed without
-#            the drill reruns only that case (exit 0). The same drill with --local-agents
+#            recorded failed and the other 19 are measured (exit 2); then --retry-failed=2 without
+#            the drill reruns only that case (exit 0); before it, the retry with the drill still
+#            set (round 1: the case fails again) and the same command once more (a supervisor's
+#            restart: nothing runs, the journal is unchanged). The same drill with --local-agents
 #            in-process shows the old behaviour: the run stops at the fault;
 #   kill     the seed preset (the README's main job) with the agent process killed with SIGKILL
 #            mid-run: every case once, the restart listed, the wall time beside an undisturbed run's;
@@ -64,9 +66,22 @@ for step in $STEPS; do
       ( time DECODEBENCH_FAILPOINT=device-fault:$VICTIM timeout 300 $B run --preset smoke --backend cuda --out "$W/fault" --max-attempts 2 ) > "$L/fault.log" 2>&1
       echo "exit $? (2 expected: one case failed)"; summary "$L/fault.log"; rows "$W/fault"
       grep -E "fault drill|unrecoverable|device lost" "$L/fault.log" | cut -c1-300 | head -8
-      echo "=== the same --out, --retry-failed, no drill"
-      ( time timeout 300 $B run --preset smoke --backend cuda --out "$W/fault" --retry-failed ) > "$L/fault-retry.log" 2>&1
+      echo "journal header: $(head -c 160 "$W/fault/journal.dbj" | tr -c '[:print:]' ' ' | grep -o '{"format_version":[0-9]*')"
+      echo "=== the same --out, --retry-failed, the drill still set (the case still faults)"
+      ( time DECODEBENCH_FAILPOINT=device-fault:$VICTIM timeout 300 $B run --preset smoke --backend cuda --out "$W/fault" --max-attempts 2 --retry-failed ) > "$L/fault-retry1.log" 2>&1
+      echo "exit $? (2 expected: round 1 ran, the case failed again)"; summary "$L/fault-retry1.log"; rows "$W/fault"
+      size1=$(stat -c %s "$W/fault/journal.dbj")
+      echo "=== the same command again, as a supervisor's restart would (round 1 already ran: nothing runs)"
+      ( time DECODEBENCH_FAILPOINT=device-fault:$VICTIM timeout 300 $B run --preset smoke --backend cuda --out "$W/fault" --max-attempts 2 --retry-failed ) > "$L/fault-retry1b.log" 2>&1
+      echo "exit $? (2 expected)"; summary "$L/fault-retry1b.log"
+      echo "journal bytes before/after: $size1 / $(stat -c %s "$W/fault/journal.dbj")"
+      grep -E "retry round|--retry-failed" "$L/fault-retry1b.log" | cut -c1-300 | head -4
+      echo "=== --retry-failed=2, no drill"
+      ( time timeout 300 $B run --preset smoke --backend cuda --out "$W/fault" --retry-failed=2 ) > "$L/fault-retry.log" 2>&1
       echo "exit $? (0 expected)"; summary "$L/fault-retry.log"; rows "$W/fault"
+      echo "=== an agent with a bad flag exits 6 (not restarted by run or the agent Job)"
+      $B agent --coordinator http://127.0.0.1:1 --gpu 0 --no-such-flag > "$L/agent-bad-flag.log" 2>&1
+      echo "exit $? (6 expected)"
       echo "=== smoke, device fault at case $VICTIM, --local-agents in-process (the old behaviour)"
       rm -rf "$W/fault-inproc"
       ( time DECODEBENCH_FAILPOINT=device-fault:$VICTIM timeout 300 $B run --preset smoke --backend cuda --local-agents in-process --out "$W/fault-inproc" --max-attempts 2 ) > "$L/fault-inproc.log" 2>&1
