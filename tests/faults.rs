@@ -771,3 +771,31 @@ fn a_case_that_kills_agents_is_given_up_across_a_coordinator_restart() {
     let expected: Vec<String> = killed.iter().map(|k| k.agent_id.clone()).collect();
     assert_eq!(after, expected, "both losses are in the journal");
 }
+
+/// Two coordinators on one `--out` would interleave their journal frames: the second is refused
+/// at once (exit 1, naming the journal and what to do), and the first, already serving, finishes
+/// the grid with every case once, as if the second had never started.
+#[test]
+fn a_second_coordinator_on_the_same_out_is_refused_and_the_first_finishes() {
+    let _serial = exclusive();
+    let s = Scratch::new("second-coordinator");
+    let grid = s.grid(&GridSpec::tiny());
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    // Waits for an agent, so it is alive (and holds the journal) while the second one starts.
+    let mut first = coordinator(&s, "coordinator", &grid, port, &["--expect-agents", "1"]);
+    StatusProbe::new(port).wait_for(Duration::from_secs(30), "the first coordinator", |_| true);
+    let other_port = free_port();
+    let mut second = coordinator(&s, "coordinator-2", &grid, other_port, &[]);
+    let status = second.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", second.log_tail());
+    let log = second.log();
+    assert!(
+        log.contains("journal.dbj") && log.contains("another process") && log.contains("--out"),
+        "the refusal names the journal and what to do: {log}"
+    );
+    let mut a = agent(&s, "agent-a", port, &[]);
+    first.wait_success(Duration::from_secs(90));
+    a.wait_success(Duration::from_secs(20));
+    assert_each_case_once(&s.out(), &ids);
+}

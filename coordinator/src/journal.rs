@@ -334,6 +334,54 @@ impl TailDamage {
     }
 }
 
+/// Why [`lock_current`] found no journal to write.
+enum LockError {
+    /// Another process holds the journal's lock.
+    Held,
+    Io(io::Error),
+}
+
+/// Opens (or creates) the journal at `path` and takes its exclusive lock (held until the file is
+/// closed). A holder that rewrites the journal (damage recovery, a format upgrade) renames a new,
+/// already locked file over it and closes the old one; a process that opened the old file just
+/// before the rename would then lock a file no longer in the directory, so the lock counts only
+/// if `path` still names the locked file, and the open is tried again otherwise.
+fn lock_current(path: &Path) -> Result<File, LockError> {
+    const TRIES: usize = 8;
+    for _ in 0..TRIES {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(LockError::Io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(LockError::Held),
+            Err(fs::TryLockError::Error(e)) => return Err(LockError::Io(e)),
+        }
+        // Replaced (or removed) between the open and the lock: open what the name is now.
+        if still_named(&file, path).map_err(LockError::Io)? {
+            return Ok(file);
+        }
+    }
+    // The name kept changing under us: some other process is rewriting the journal.
+    Err(LockError::Held)
+}
+
+/// Whether `path` names `file` (the same inode), rather than a file renamed over it since, or
+/// nothing.
+fn still_named(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata()?;
+    match fs::metadata(path) {
+        Ok(named) => Ok(named.dev() == open.dev() && named.ino() == open.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 impl Journal {
     /// Opens (or creates) `dir/journal.dbj`, replays it and returns the records in the order they
     /// were appended. A torn tail is truncated away with a warning; damage with intact records
@@ -355,18 +403,10 @@ impl Journal {
             source,
         };
         fs::create_dir_all(dir).map_err(io_err)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => return Err(JournalError::Locked { path }),
-            Err(fs::TryLockError::Error(e)) => return Err(io_err(e)),
-        }
+        let file = lock_current(&path).map_err(|e| match e {
+            LockError::Held => JournalError::Locked { path: path.clone() },
+            LockError::Io(e) => io_err(e),
+        })?;
         let file_len = file.metadata().map_err(io_err)?.len();
 
         let mut journal = Journal {
@@ -2304,5 +2344,42 @@ mod tests {
             replayed.len(),
             start.elapsed().as_secs_f64()
         );
+    }
+
+    /// Two writers would interleave frames: a second open of the same journal is refused, naming
+    /// what to do, while the first is alive, and succeeds once it is closed.
+    #[test]
+    fn a_journal_open_elsewhere_is_refused_until_it_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = meta("g1");
+        let (first, _) = Journal::open(dir.path(), &m).unwrap();
+        let err = Journal::open(dir.path(), &m).map(|_| ()).unwrap_err();
+        assert!(matches!(err, JournalError::Locked { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("another process") && text.contains("--out"),
+            "{text}"
+        );
+        drop(first);
+        Journal::open(dir.path(), &m).expect("free once the first writer closed it");
+    }
+
+    /// A lock taken on a file that was renamed over in the meantime guards nothing: the name
+    /// check sees it, for the file the lock was taken on and for a missing name.
+    #[test]
+    fn a_lock_counts_only_on_the_file_the_name_still_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL_FILE_NAME);
+        fs::write(&path, b"old").unwrap();
+        let old = File::open(&path).unwrap();
+        assert!(still_named(&old, &path).unwrap());
+        let replacement = dir.path().join("journal.dbj.new");
+        fs::write(&replacement, b"new").unwrap();
+        fs::rename(&replacement, &path).unwrap();
+        assert!(!still_named(&old, &path).unwrap(), "renamed over");
+        let current = lock_current(&path).unwrap_or_else(|_| panic!("the new file is free"));
+        assert!(still_named(&current, &path).unwrap());
+        fs::remove_file(&path).unwrap();
+        assert!(!still_named(&current, &path).unwrap(), "removed");
     }
 }
