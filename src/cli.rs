@@ -363,8 +363,6 @@ pub struct PrecompileArgs {
 /// Longest `--retry-failed` round name: a label, not a document.
 pub const RETRY_ROUND_MAX_CHARS: usize = 64;
 
-/// A `--retry-failed` round name: 1 to [`RETRY_ROUND_MAX_CHARS`] letters, digits and `. _ - : +`,
-/// so that it reads back the same from a log line, a manifest or a shell.
 /// Exit code for a command line clap refuses (unknown flag, bad value, missing argument): the
 /// agent's [`EXIT_AGENT_SETUP`](crate::commands::EXIT_AGENT_SETUP), so that a supervisor (`run`,
 /// the Kubernetes Job's `podFailurePolicy`) does not restart an agent whose flags cannot work; 1
@@ -389,6 +387,8 @@ pub fn usage_error_code(args: impl IntoIterator<Item = std::ffi::OsString>) -> u
     1
 }
 
+/// A `--retry-failed` round name: 1 to [`RETRY_ROUND_MAX_CHARS`] letters, digits and `. _ - : +`,
+/// so that it reads back the same from a log line, a manifest or a shell.
 pub fn parse_retry_round(s: &str) -> Result<String, String> {
     let ok = |c: char| c.is_ascii_alphanumeric() || ".-_:+".contains(c);
     if s.is_empty() || s.chars().count() > RETRY_ROUND_MAX_CHARS || !s.chars().all(ok) {
