@@ -394,6 +394,14 @@ fn run_records_a_case_that_crashes_its_agent_process_as_failed_and_finishes_the_
     let log = run.log();
     assert!(log.contains("was killed by signal 6 (SIGABRT)"), "{log}");
     assert!(log.contains("giving up on it"), "{log}");
+    // The agent names a case to the coordinator before it starts running it, so every loss is
+    // charged to the victim: none to a case that merely shared its lease.
+    let lost: Vec<String> = journal_events(&out)
+        .iter()
+        .filter(|e| e["event"] == "lost")
+        .map(|e| e["case_id"].as_str().unwrap_or("?").to_string())
+        .collect();
+    assert_eq!(lost, vec![victim.clone(); 2], "losses charged: {lost:?}");
 
     let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
     check_each_case_at_most_once(&rows, &ids).unwrap_or_else(|e| panic!("{e:#}"));

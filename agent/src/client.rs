@@ -38,6 +38,10 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// The shortest `--connect-timeout-s`.
 pub const MIN_CONNECT_TIMEOUT_S: f64 = 1.0;
+/// Longest wait for the answer to the heartbeat that names a case before it runs (see
+/// `run_case_heartbeating`): on a healthy link the answer takes a round trip, and a coordinator
+/// slower than this does not hold the GPU idle for long.
+pub const FIRST_BEAT_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -706,6 +710,31 @@ impl Agent {
         let probe = self.probe.clone();
         let c = case.clone();
         let failpoint = self.failpoint.clone().filter(|f| f.matches(&case.id));
+        // The case is named to the coordinator before it starts, and the answer awaited (briefly):
+        // if the case kills this process at once (a segfault, an abort, the OOM killer), the
+        // coordinator already suspects it, not the case before it in the lease. A coordinator
+        // slow to answer delays the case by at most FIRST_BEAT_WAIT; the beat is not repeated.
+        let mut lease_lost = false;
+        let first = wire::HeartbeatRequest {
+            agent_id: self.agent_id.clone(),
+            lease_id: lease_id.to_string(),
+            current_case_id: case.id.clone(),
+        };
+        let mut client = self.client.clone();
+        match tokio::time::timeout(FIRST_BEAT_WAIT, client.heartbeat(first)).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                lease_lost |= !r.lease_valid;
+                self.drain_requested |= r.drain;
+            }
+            Ok(Err(s)) => {
+                tracing::debug!(error = %s.message(), "heartbeat failed; will retry")
+            }
+            Err(_) => tracing::debug!(
+                wait_ms = FIRST_BEAT_WAIT.as_millis() as u64,
+                "the coordinator did not answer the case's first heartbeat in time; running it anyway"
+            ),
+        }
         tracing::debug!(case = %case.id, label = %case.label(), "running case");
         let mut task = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
@@ -726,10 +755,11 @@ impl Agent {
             }
             m
         });
-        // The first tick fires at once: a heartbeat naming the case goes out as it starts, so
-        // that if this agent dies running it, the coordinator knows which case to suspect.
-        let mut ticker = tokio::time::interval(self.heartbeat_interval);
-        let mut lease_lost = false;
+        // Then a heartbeat every interval while the case runs.
+        let mut ticker = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.heartbeat_interval,
+            self.heartbeat_interval,
+        );
         loop {
             tokio::select! {
                 r = &mut task => {

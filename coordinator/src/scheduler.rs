@@ -35,10 +35,12 @@
 //! counts towards the total but never ends a unit: it makes the unit run alone, so that the next
 //! loss, if any, is pinned. So no unit is given up on evidence it shares with another, and an
 //! innocent unit is given up only if agents died `max_attempts` times while it was the one running
-//! (a node drained or killed under it each time). One case is mis-pinned: an agent that finished
-//! the named case and died before its report arrived (and before its next heartbeat) charges the
-//! finished case rather than the next one; the agent reports each case before it starts the next,
-//! so this takes a death in that gap, `max_attempts` times over, to give an innocent unit up.
+//! (a node drained or killed under it each time). The agent names each case in a heartbeat and
+//! waits for the answer (up to `FIRST_BEAT_WAIT`, 2 s) before it starts running it, so a case
+//! that kills its agent at once is the named one. One case is still mis-pinned: when that
+//! heartbeat did not get through in time (a coordinator slow to answer, a lossy link) and the
+//! new case kills the agent, the previous named case is charged if its report had not arrived
+//! yet; it takes that, `max_attempts` times over, to give an innocent unit up.
 //!
 //! Every charged loss is handed to the coordinator ([`Scheduler::take_losses`]), which journals
 //! it; a resumed scheduler gets the journaled losses back ([`Scheduler::restore_losses`]), so that
