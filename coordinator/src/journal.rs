@@ -806,7 +806,7 @@ impl Journal {
 
     /// Makes a version-1 journal a version-2 one, so that events may be appended to it (see the
     /// module docs); a journal that already is version 2 is left alone. The journal is replaced
-    /// ([`Journal::replace`]) by the magic, a version-2 header with the same run id, grid hash
+    /// (`Journal::replace`) by the magic, a version-2 header with the same run id, grid hash
     /// and creation time, and every frame after the old header, byte for byte. A crash leaves
     /// the old journal or the new one, whole; on error the journal is unchanged.
     pub fn upgrade(&mut self) -> Result<(), JournalError> {
