@@ -155,6 +155,12 @@ pub struct ScheduleArgs {
     /// Wait for N agents of a GPU model before dispatching: `--wait-for "NVIDIA H100 80GB HBM3=4"`.
     #[arg(long, value_name = "SKU=N")]
     pub wait_for: Vec<String>,
+    /// Stop waiting for --expect-agents / --wait-for after this many seconds and dispatch to the
+    /// agents registered so far (a warning names what is missing; agents that register later
+    /// still get work). Without it the coordinator waits however long it takes, e.g. for an agent
+    /// whose GPU cannot be opened and which will never come.
+    #[arg(long, value_name = "SECONDS")]
+    pub fleet_timeout_s: Option<f64>,
     /// Lease lifetime without a heartbeat, seconds.
     #[arg(long, default_value_t = 30.0)]
     pub lease_timeout_s: f64,

@@ -193,6 +193,17 @@ fn scheduler_config(s: &ScheduleArgs) -> Result<SchedulerConfig> {
             .map_err(|_| anyhow!("--wait-for {w:?}: N must be a whole number"))?;
         wait_for.push((sku.trim().to_string(), n));
     }
+    let timeout = match s.fleet_timeout_s {
+        None => None,
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            bail!("--fleet-timeout-s {t}: must be a positive number of seconds")
+        }
+        Some(_) if s.expect_agents == 0 && wait_for.is_empty() => bail!(
+            "--fleet-timeout-s: there is no fleet to wait for; it goes with --expect-agents or \
+             --wait-for"
+        ),
+        Some(t) => Some(Duration::from_secs_f64(t)),
+    };
     Ok(SchedulerConfig {
         placement: match s.placement {
             PlacementArg::Spread => Placement::Spread,
@@ -206,6 +217,7 @@ fn scheduler_config(s: &ScheduleArgs) -> Result<SchedulerConfig> {
         fleet: FleetRequirement {
             expect_agents: s.expect_agents,
             wait_for,
+            timeout,
         },
         retry_failed: s.retry_failed.clone(),
     })
@@ -1159,6 +1171,7 @@ mod tests {
             max_attempts: 3,
             shard_cases: 8,
             retry_failed: None,
+            fleet_timeout_s: None,
         };
         let c = scheduler_config(&args).unwrap();
         assert_eq!(
@@ -1167,9 +1180,37 @@ mod tests {
         );
         let bad = ScheduleArgs {
             wait_for: vec!["H100".into()],
-            ..args
+            ..args.clone()
         };
         assert!(scheduler_config(&bad).is_err());
+
+        // A fleet timeout: positive seconds, and only with a fleet to wait for.
+        let timed = ScheduleArgs {
+            fleet_timeout_s: Some(90.0),
+            ..args.clone()
+        };
+        assert_eq!(
+            scheduler_config(&timed).unwrap().fleet.timeout,
+            Some(Duration::from_secs(90))
+        );
+        for t in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let err = scheduler_config(&ScheduleArgs {
+                fleet_timeout_s: Some(t),
+                ..args.clone()
+            })
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("positive number of seconds"),
+                "{err}"
+            );
+        }
+        let alone = ScheduleArgs {
+            wait_for: vec![],
+            fleet_timeout_s: Some(90.0),
+            ..args
+        };
+        let err = scheduler_config(&alone).unwrap_err().to_string();
+        assert!(err.contains("--expect-agents or --wait-for"), "{err}");
     }
 
     /// A cause whose text the message already holds is not printed again; others are.

@@ -158,3 +158,32 @@ fn a_stopped_coordinator_drains_its_idle_agents() {
     assert!(status.success(), "{log}");
     assert!(log.contains("coordinator says drain"), "{log}");
 }
+
+/// An expected agent that never comes (its GPU cannot be opened, its pod is pending) holds the run
+/// only until `--fleet-timeout-s`: then the agent that is there gets the whole grid, and the
+/// coordinator says what was missing.
+#[test]
+fn a_fleet_timeout_starts_the_run_with_the_agents_present() {
+    let _serial = exclusive();
+    let s = Scratch::new("fleet-timeout");
+    let grid = s.grid(&GridSpec::tiny());
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    let mut coord = coordinator(
+        &s,
+        "coordinator",
+        &grid,
+        port,
+        &["--expect-agents", "2", "--fleet-timeout-s", "2"],
+    );
+    let mut a = agent(&s, "agent-a", port, &[]);
+    coord.wait_success(Duration::from_secs(90));
+    a.wait_success(Duration::from_secs(20));
+    let log = coord.log();
+    assert!(
+        log.contains("--fleet-timeout-s: the fleet is still short")
+            && log.contains("1 of 2 agents"),
+        "the coordinator says what it started without: {log}"
+    );
+    assert_each_case_once(&s.out(), &ids);
+}

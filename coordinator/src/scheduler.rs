@@ -145,6 +145,10 @@ pub struct FleetRequirement {
     pub expect_agents: usize,
     /// At least N agents of each named SKU.
     pub wait_for: Vec<(String, usize)>,
+    /// How long to wait for the above from the scheduler's start; then work is dispatched to the
+    /// agents registered so far (at least one), with a warning naming what is missing. `None`:
+    /// wait however long it takes. Agents that register later still get work.
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -427,6 +431,8 @@ pub struct Scheduler {
     /// The fleet requirement (`--expect-agents`, `--wait-for`) was met once: it gates the start
     /// only. An agent lost later must not stop the others (its cases go back to the queue).
     fleet_met: bool,
+    /// When the scheduler was created: the fleet timeout counts from here.
+    started: Instant,
 }
 
 impl Scheduler {
@@ -476,6 +482,7 @@ impl Scheduler {
             restored_losses: HashMap::new(),
             draining: false,
             fleet_met: false,
+            started: Instant::now(),
         };
         if s.cfg.placement == Placement::Spread {
             s.add_target(Target::Any);
@@ -656,6 +663,26 @@ impl Scheduler {
             .all(|(sku, n)| alive.iter().filter(|a| &a.device.sku == sku).count() >= *n)
     }
 
+    /// What the fleet requirement still lacks, e.g. `2 of 4 agents; NVIDIA H100 80GB HBM3: 1 of 2`.
+    fn fleet_shortfall(&self) -> String {
+        let alive: Vec<&AgentInfo> = self.alive_agents().collect();
+        let mut parts = Vec::new();
+        if alive.len() < self.cfg.fleet.expect_agents {
+            parts.push(format!(
+                "{} of {} agents",
+                alive.len(),
+                self.cfg.fleet.expect_agents
+            ));
+        }
+        for (sku, n) in &self.cfg.fleet.wait_for {
+            let have = alive.iter().filter(|a| &a.device.sku == sku).count();
+            if have < *n {
+                parts.push(format!("{sku}: {have} of {n}"));
+            }
+        }
+        parts.join("; ")
+    }
+
     fn alive_agents(&self) -> impl Iterator<Item = &AgentInfo> {
         let horizon = self.cfg.lease_timeout;
         self.agents
@@ -689,14 +716,25 @@ impl Scheduler {
             return Ok(LeaseDecision::Drain);
         }
         if !self.fleet_met {
-            if !self.fleet_ready() {
-                return Ok(LeaseDecision::Wait(IDLE_WAIT));
+            if self.fleet_ready() {
+                tracing::info!(
+                    agents = self.agents.len(),
+                    "the fleet requirement is met: dispatching"
+                );
+            } else {
+                let waited = now.saturating_duration_since(self.started);
+                match self.cfg.fleet.timeout {
+                    Some(limit) if waited >= limit => tracing::warn!(
+                        "--fleet-timeout-s: the fleet is still short after {:.0} s ({}): \
+                         dispatching to the agents registered so far; agents that register later \
+                         still get work",
+                        waited.as_secs_f64(),
+                        self.fleet_shortfall()
+                    ),
+                    _ => return Ok(LeaseDecision::Wait(IDLE_WAIT)),
+                }
             }
             self.fleet_met = true;
-            tracing::info!(
-                agents = self.agents.len(),
-                "the fleet requirement is met: dispatching"
-            );
         }
         let target = {
             let a = &self.agents[agent_id];
@@ -1989,6 +2027,7 @@ mod tests {
                 fleet: FleetRequirement {
                     expect_agents: 3,
                     wait_for: vec![],
+                    timeout: None,
                 },
                 ..Default::default()
             },
@@ -2017,6 +2056,7 @@ mod tests {
                 fleet: FleetRequirement {
                     expect_agents: 2,
                     wait_for: vec![],
+                    timeout: None,
                 },
                 ..Default::default()
             },
@@ -2041,6 +2081,7 @@ mod tests {
                 fleet: FleetRequirement {
                     expect_agents: 3,
                     wait_for: vec![],
+                    timeout: None,
                 },
                 ..Default::default()
             },
@@ -2061,6 +2102,61 @@ mod tests {
         let p = s.progress();
         assert_eq!((p.done, p.agents_alive), (6, 1), "{p:?}");
         assert!(p.finished);
+    }
+
+    /// With a fleet timeout, a fleet that stays short (an agent that can never start) does not
+    /// hold the run forever: once the timeout has passed, the agents present get work; before it,
+    /// they wait. An agent that registers later still gets work.
+    #[test]
+    fn a_fleet_timeout_dispatches_to_the_agents_present() {
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_shard_cases: 1,
+                fleet: FleetRequirement {
+                    expect_agents: 3,
+                    wait_for: vec![("H100".into(), 3)],
+                    timeout: Some(Duration::from_secs(60)),
+                },
+                ..Default::default()
+            },
+            cases(4),
+            [],
+        );
+        let t0 = Instant::now();
+        let a = s.register("a".into(), dev("u1", "H100"), t0);
+        assert_eq!(
+            s.fleet_shortfall(),
+            "1 of 3 agents; H100: 1 of 3",
+            "the warning names what is missing"
+        );
+        let before = t0 + Duration::from_secs(30);
+        assert!(matches!(
+            s.lease(&a, before).unwrap(),
+            LeaseDecision::Wait(_)
+        ));
+        let after = t0 + Duration::from_secs(61);
+        grant(s.lease(&a, after).unwrap());
+        let b = s.register("b".into(), dev("u2", "H100"), after);
+        grant(s.lease(&b, after).unwrap());
+        // Without a timeout the same fleet waits however long it takes.
+        let mut patient = Scheduler::new(
+            SchedulerConfig {
+                fleet: FleetRequirement {
+                    expect_agents: 3,
+                    wait_for: vec![],
+                    timeout: None,
+                },
+                ..Default::default()
+            },
+            cases(4),
+            [],
+        );
+        let lone = patient.register("a".into(), dev("u1", "H100"), t0);
+        let much_later = t0 + Duration::from_secs(86_400);
+        assert!(matches!(
+            patient.lease(&lone, much_later).unwrap(),
+            LeaseDecision::Wait(_)
+        ));
     }
 
     #[test]
