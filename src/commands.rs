@@ -937,6 +937,18 @@ async fn status(a: StatusArgs) -> Result<ExitCode> {
         if s.finished { "; finished" } else { "" }
     );
     text.push('\n');
+    if !s.fleet_waiting.is_empty() {
+        text.push_str(&format!(
+            "  waiting for the fleet before handing out work: {}{}\n",
+            s.fleet_waiting,
+            match s.fleet_timeout_left_s {
+                Some(left) => format!(
+                    "; --fleet-timeout-s starts the run with the agents present in {left:.0} s"
+                ),
+                None => "; no --fleet-timeout-s, so until they come".to_string(),
+            }
+        ));
+    }
     for ag in &s.agents {
         text.push_str(&format!(
             "  {:<10} {:<24} {:<28} {:>6} results {}{}{}",
@@ -993,6 +1005,8 @@ fn status_json(s: &decodebench_proto::wire::StatusResponse) -> serde_json::Value
         "leases_expired": s.leases_expired,
         "elapsed_s": s.elapsed_s,
         "results_per_s": s.results_per_s,
+        "fleet_waiting": s.fleet_waiting,
+        "fleet_timeout_left_s": s.fleet_timeout_left_s,
         "agents": agents,
     })
 }

@@ -174,9 +174,22 @@ fn a_fleet_timeout_starts_the_run_with_the_agents_present() {
         "coordinator",
         &grid,
         port,
-        &["--expect-agents", "2", "--fleet-timeout-s", "2"],
+        &["--expect-agents", "2", "--fleet-timeout-s", "6"],
     );
     let mut a = agent(&s, "agent-a", port, &[]);
+    // While it waits, `status` says for what and for how long.
+    let st = StatusProbe::new(port).wait_for(Duration::from_secs(5), "agent-a registered", |st| {
+        st.agents_alive == 1
+    });
+    assert_eq!(st.fleet_waiting, "1 of 2 agents", "{st:?}");
+    let left = st.fleet_timeout_left_s.expect("a fleet timeout is set");
+    assert!(left > 0.0 && left <= 6.0, "{st:?}");
+    let (status, stdout, stderr) = run_to_end(&["status", &url(port)], Duration::from_secs(10));
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains("waiting for the fleet before handing out work: 1 of 2 agents"),
+        "{stdout}"
+    );
     coord.wait_success(Duration::from_secs(90));
     a.wait_success(Duration::from_secs(20));
     let log = coord.log();

@@ -663,6 +663,19 @@ impl Scheduler {
             .all(|(sku, n)| alive.iter().filter(|a| &a.device.sku == sku).count() >= *n)
     }
 
+    /// While no work has been handed out because the fleet requirement is not met: what it still
+    /// lacks ([`Scheduler::fleet_shortfall`]) and, with a fleet timeout, how long until the run
+    /// starts anyway. `None` once work is handed out, when the fleet is complete, or without a
+    /// requirement.
+    pub fn fleet_waiting(&self, now: Instant) -> Option<(String, Option<Duration>)> {
+        if self.fleet_met || self.fleet_ready() {
+            return None;
+        }
+        let waited = now.saturating_duration_since(self.started);
+        let left = self.cfg.fleet.timeout.map(|t| t.saturating_sub(waited));
+        Some((self.fleet_shortfall(), left))
+    }
+
     /// What the fleet requirement still lacks, e.g. `2 of 4 agents; NVIDIA H100 80GB HBM3: 1 of 2`.
     fn fleet_shortfall(&self) -> String {
         let alive: Vec<&AgentInfo> = self.alive_agents().collect();
@@ -2134,8 +2147,16 @@ mod tests {
             s.lease(&a, before).unwrap(),
             LeaseDecision::Wait(_)
         ));
+        let (short, left) = s.fleet_waiting(before).expect("still waiting");
+        assert_eq!(short, "1 of 3 agents; H100: 1 of 3");
+        let left = left.expect("a timeout is set");
+        assert!(
+            left <= Duration::from_secs(30) && left >= Duration::from_secs(29),
+            "{left:?}"
+        );
         let after = t0 + Duration::from_secs(61);
         grant(s.lease(&a, after).unwrap());
+        assert_eq!(s.fleet_waiting(after), None, "work is handed out");
         let b = s.register("b".into(), dev("u2", "H100"), after);
         grant(s.lease(&b, after).unwrap());
         // Without a timeout the same fleet waits however long it takes.
@@ -2157,6 +2178,10 @@ mod tests {
             patient.lease(&lone, much_later).unwrap(),
             LeaseDecision::Wait(_)
         ));
+        assert_eq!(
+            patient.fleet_waiting(much_later),
+            Some(("1 of 3 agents".to_string(), None))
+        );
     }
 
     #[test]

@@ -395,6 +395,10 @@ pub fn status_snapshot(shared: &Shared) -> wire::StatusResponse {
         })
         .collect();
     agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+    let (fleet_waiting, fleet_timeout_left_s) = match s.fleet_waiting(Instant::now()) {
+        Some((short, left)) => (short, left.map(|d| d.as_secs_f64())),
+        None => (String::new(), None),
+    };
     wire::StatusResponse {
         run_id: shared.run_id.clone(),
         total: p.total,
@@ -413,6 +417,8 @@ pub fn status_snapshot(shared: &Shared) -> wire::StatusResponse {
         finished: p.finished,
         placement: s.config().placement.to_string(),
         agents,
+        fleet_waiting,
+        fleet_timeout_left_s,
     }
 }
 
