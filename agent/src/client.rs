@@ -700,6 +700,12 @@ impl Agent {
         }
     }
 
+    /// Takes in a heartbeat's answer: a drain request is kept; returns whether the lease is lost.
+    fn take_heartbeat_answer(&mut self, r: wire::HeartbeatResponse) -> bool {
+        self.drain_requested |= r.drain;
+        !r.lease_valid
+    }
+
     /// Runs one case on a blocking thread while heartbeating its lease.
     async fn run_case_heartbeating(
         &mut self,
@@ -715,18 +721,14 @@ impl Agent {
         // coordinator already suspects it, not the case before it in the lease. A coordinator
         // slow to answer delays the case by at most FIRST_BEAT_WAIT; the beat is not repeated.
         let mut lease_lost = false;
-        let first = wire::HeartbeatRequest {
-            agent_id: self.agent_id.clone(),
+        let beat = |agent: &Self| wire::HeartbeatRequest {
+            agent_id: agent.agent_id.clone(),
             lease_id: lease_id.to_string(),
             current_case_id: case.id.clone(),
         };
         let mut client = self.client.clone();
-        match tokio::time::timeout(FIRST_BEAT_WAIT, client.heartbeat(first)).await {
-            Ok(Ok(r)) => {
-                let r = r.into_inner();
-                lease_lost |= !r.lease_valid;
-                self.drain_requested |= r.drain;
-            }
+        match tokio::time::timeout(FIRST_BEAT_WAIT, client.heartbeat(beat(self))).await {
+            Ok(Ok(r)) => lease_lost |= self.take_heartbeat_answer(r.into_inner()),
             Ok(Err(s)) => {
                 tracing::debug!(error = %s.message(), "heartbeat failed; will retry")
             }
@@ -767,11 +769,7 @@ impl Agent {
                     return Ok((m, lease_lost));
                 }
                 _ = ticker.tick() => {
-                    let req = wire::HeartbeatRequest {
-                        agent_id: self.agent_id.clone(),
-                        lease_id: lease_id.to_string(),
-                        current_case_id: case.id.clone(),
-                    };
+                    let req = beat(self);
                     let mut c = self.client.clone();
                     // A coordinator that hangs must not hold the finished case back for the
                     // whole RPC timeout: the case ending abandons the heartbeat.
@@ -784,15 +782,7 @@ impl Agent {
                         b = c.heartbeat(req) => b,
                     };
                     match beat {
-                        Ok(r) => {
-                            let r = r.into_inner();
-                            if !r.lease_valid {
-                                lease_lost = true;
-                            }
-                            if r.drain {
-                                self.drain_requested = true;
-                            }
-                        }
+                        Ok(r) => lease_lost |= self.take_heartbeat_answer(r.into_inner()),
                         Err(s) => tracing::debug!(error = %s.message(), "heartbeat failed; will retry"),
                     }
                 }

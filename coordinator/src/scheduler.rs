@@ -652,15 +652,7 @@ impl Scheduler {
         if self.cfg.fleet.expect_agents == 0 && self.cfg.fleet.wait_for.is_empty() {
             return true;
         }
-        let alive: Vec<&AgentInfo> = self.alive_agents().collect();
-        if alive.len() < self.cfg.fleet.expect_agents {
-            return false;
-        }
-        self.cfg
-            .fleet
-            .wait_for
-            .iter()
-            .all(|(sku, n)| alive.iter().filter(|a| &a.device.sku == sku).count() >= *n)
+        self.fleet_shortfall().is_empty()
     }
 
     /// While no work has been handed out because the fleet requirement is not met: what it still
@@ -668,15 +660,20 @@ impl Scheduler {
     /// starts anyway. `None` once work is handed out, when the fleet is complete, or without a
     /// requirement.
     pub fn fleet_waiting(&self, now: Instant) -> Option<(String, Option<Duration>)> {
-        if self.fleet_met || self.fleet_ready() {
+        if self.fleet_met {
+            return None;
+        }
+        let short = self.fleet_shortfall();
+        if short.is_empty() {
             return None;
         }
         let waited = now.saturating_duration_since(self.started);
         let left = self.cfg.fleet.timeout.map(|t| t.saturating_sub(waited));
-        Some((self.fleet_shortfall(), left))
+        Some((short, left))
     }
 
-    /// What the fleet requirement still lacks, e.g. `2 of 4 agents; NVIDIA H100 80GB HBM3: 1 of 2`.
+    /// What the fleet requirement still lacks, e.g. `2 of 4 agents; NVIDIA H100 80GB HBM3: 1 of 2`;
+    /// empty when it is met (or there is none).
     fn fleet_shortfall(&self) -> String {
         let alive: Vec<&AgentInfo> = self.alive_agents().collect();
         let mut parts = Vec::new();
@@ -2039,8 +2036,7 @@ mod tests {
                 placement: Placement::PerSku,
                 fleet: FleetRequirement {
                     expect_agents: 3,
-                    wait_for: vec![],
-                    timeout: None,
+                    ..Default::default()
                 },
                 ..Default::default()
             },
@@ -2068,8 +2064,7 @@ mod tests {
                 placement: Placement::PerGpu,
                 fleet: FleetRequirement {
                     expect_agents: 2,
-                    wait_for: vec![],
-                    timeout: None,
+                    ..Default::default()
                 },
                 ..Default::default()
             },
@@ -2093,8 +2088,7 @@ mod tests {
                 max_shard_cases: 1,
                 fleet: FleetRequirement {
                     expect_agents: 3,
-                    wait_for: vec![],
-                    timeout: None,
+                    ..Default::default()
                 },
                 ..Default::default()
             },
@@ -2164,8 +2158,7 @@ mod tests {
             SchedulerConfig {
                 fleet: FleetRequirement {
                     expect_agents: 3,
-                    wait_for: vec![],
-                    timeout: None,
+                    ..Default::default()
                 },
                 ..Default::default()
             },
