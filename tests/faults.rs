@@ -499,6 +499,22 @@ fn poison_drill_round(
     }
 }
 
+/// After the coordinator of a poison drill has exited: every agent still running exits cleanly.
+/// One that heard its drain order must exit by itself. A replacement started as the run was
+/// ending can register in the coordinator's last moments, after the drain grace's last check,
+/// and never hear it (it then retries the gone coordinator); such an agent is stopped with
+/// SIGTERM, and must stop cleanly.
+fn finish_replacements(agents: &mut [Proc]) {
+    for a in agents.iter_mut() {
+        if a.is_running() {
+            if !a.log().contains("coordinator says drain") {
+                a.signal("TERM");
+            }
+            a.wait_success(Duration::from_secs(20));
+        }
+    }
+}
+
 /// Waits for the first agent to hold a shard with 3 cases or more left, and returns the one after
 /// the case it is running: the case the drill poisons, with at least one more after it in the
 /// same shard (returned too: a shard-mate that must not pay for it).
@@ -613,11 +629,7 @@ fn a_case_that_kills_every_agent_running_it_is_recorded_as_failed() {
         "--max-attempts 2: the case is given up after its second loss"
     );
     // The one left (if it got as far as registering) was told to drain.
-    for a in agents.iter_mut() {
-        if a.is_running() {
-            a.wait_success(Duration::from_secs(20));
-        }
-    }
+    finish_replacements(&mut agents);
     assert!(
         coord.log().contains("1 unit(s) failed after every attempt"),
         "the exit summary counts the given-up case as failed:\n{}",
@@ -758,11 +770,7 @@ fn a_case_that_kills_agents_is_given_up_across_a_coordinator_restart() {
         std::slice::from_ref(&poison),
         "after the restart the case lost once still runs alone"
     );
-    for a in agents.iter_mut() {
-        if a.is_running() {
-            a.wait_success(Duration::from_secs(20));
-        }
-    }
+    finish_replacements(&mut agents);
     check_poisoned_outputs(&out, &ids, &poison, &killed);
     let after: Vec<String> = journaled_losses(&out, &poison)
         .into_iter()
