@@ -179,6 +179,7 @@ static const Mode MODES[5] = {{"bf16/bf16/bf16", false, false, OUT_BF16},
 struct Kernel {
     const void* fn;
     int threads, stage_tokens, smem;
+    const void* own_fn = nullptr;  // tc_dec: the mode's own kernel, for plans the decode kernel writes
 };
 
 struct Variant {
@@ -207,6 +208,18 @@ static Kernel tc(int mode) {
                         (const void*)k_tc<128, 1, true, true, OUT_FP8, W, TPW, STG_FP8, PREV>,
                         (const void*)k_tc<128, 1, true, true, OUT_NVFP4, W, TPW, STG_FP8, PREV>};
     return {f[mode], W * 32, ST, std::max(pipe, merge)};
+}
+
+// The FP8-query modes' decode kernel compiled for output OUT whatever the mode's output: with no
+// direct items (and no fused merge) the decode kernel writes only f32 partials, and the merge
+// alone writes the output dtype; whether the output-dtype epilogue compiled into the decode kernel
+// costs its main loop time (NOTES call 62: NVFP4's decode grid ended 0.3 us later at b4 s1024).
+template <int OUT, int W, int TPW, int STG_BF16, int STG_FP8>
+static Kernel tc_dec(int mode) {
+    Kernel k = tc<W, TPW, STG_BF16, STG_FP8>(mode);
+    k.own_fn = k.fn;
+    if (MODES[mode].qf) k.fn = (const void*)k_tc<128, 1, true, true, OUT, W, TPW, STG_FP8, false>;
+    return k;
 }
 
 static const void* merge_fn(int mode) {
@@ -462,6 +475,7 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     per_sm = std::max(per_sm, 1);
     Plan pl = plan(c.lens, KVH, (long)dev.sms * per_sm, k.stage_tokens, v.min_chunk, v.overhead, v.order,
                    v.direct_items);
+    if (pl.direct && k.own_fn) k.fn = k.own_fn;  // no split: the decode kernel writes the output
     int max_splits = 1;
     for (size_t b = 0; b + 1 < pl.offsets.size(); ++b) max_splits = std::max(max_splits, pl.offsets[b + 1] - pl.offsets[b]);
     // The merge's block as launch.rs merge_block picks it.
@@ -728,6 +742,11 @@ int main(int argc, char** argv) {
     // Every sequence through the merge, as before DB_DIRECT_ITEM.
     add("cur_lf_nodi", tc<4, 1, 2, 4>, 1).direct_items = false;
     add("cur_hm_nodi", tc<4, 1, 2, 4>, 2).direct_items = false;
+    // FP8-query modes with no direct items through the decode kernel compiled for BF16 / FP8
+    // output (it writes partials only; the merge writes the mode's output).
+    add("dk16_lf_nodi", tc_dec<OUT_BF16, 4, 1, 2, 4>, 1).direct_items = false;
+    add("dk8_lf_nodi", tc_dec<OUT_FP8, 4, 1, 2, 4>, 1).direct_items = false;
+    add("dk16_hm_nodi", tc_dec<OUT_BF16, 4, 1, 2, 4>, 2).direct_items = false;
     // The fused merge wherever a sequence has at most 8 splits (production) or 64.
     add("cur_lf_fm8", tc<4, 1, 2, 4>, 1).fused_max = 8;
     add("cur_hm_fm8", tc<4, 1, 2, 4>, 2).fused_max = 8;
