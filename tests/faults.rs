@@ -499,19 +499,43 @@ fn poison_drill_round(
     }
 }
 
-/// After the coordinator of a poison drill has exited: every agent still running exits cleanly.
-/// One that heard its drain order must exit by itself. A replacement started as the run was
-/// ending can register in the coordinator's last moments, after the drain grace's last check,
-/// and never hear it (it then retries the gone coordinator); such an agent is stopped with
-/// SIGTERM, and must stop cleanly.
+/// After the coordinator of a poison drill has exited: every agent still running exits by itself,
+/// cleanly, having heard that the run is over. A replacement started as the run was ending may
+/// have registered in the coordinator's last moments; it was then told in its Register answer
+/// (the coordinator keeps serving until each agent it registered has heard it). Only one that
+/// never reached the coordinator (started as it stopped) cannot have been told anything: that one
+/// is stopped with SIGTERM, and must stop cleanly.
 fn finish_replacements(agents: &mut [Proc]) {
     for a in agents.iter_mut() {
-        if a.is_running() {
-            if !a.log().contains("coordinator says drain") {
-                a.signal("TERM");
-            }
-            a.wait_success(Duration::from_secs(20));
+        if !a.is_running() {
+            continue;
         }
+        if !a.log().contains("registered with the coordinator") {
+            a.signal("TERM");
+            a.wait_success(Duration::from_secs(20));
+            assert!(
+                a.log()
+                    .contains("stop requested before this agent could register"),
+                "{} never registered, and says so when stopped:\n{}",
+                a.name,
+                a.log_tail()
+            );
+            continue;
+        }
+        let what = format!(
+            "{} to exit by itself: it registered with the coordinator, which must have told it \
+             that the run is over before it stopped serving (else the agent retries the gone \
+             coordinator until its connect timeout)",
+            a.name
+        );
+        wait_until(Duration::from_secs(20), &what, || !a.is_running());
+        a.wait_success(Duration::from_secs(1));
+        assert!(
+            a.log().contains("coordinator says drain"),
+            "{} exited without being told to drain:\n{}",
+            a.name,
+            a.log_tail()
+        );
     }
 }
 
@@ -805,5 +829,99 @@ fn a_second_coordinator_on_the_same_out_is_refused_and_the_first_finishes() {
     let mut a = agent(&s, "agent-a", port, &[]);
     first.wait_success(Duration::from_secs(90));
     a.wait_success(Duration::from_secs(20));
+    assert_each_case_once(&s.out(), &ids);
+}
+
+/// An agent that registers as the run ends (a replacement pod that came up late) hears in its
+/// Register answer that the run is over, and exits cleanly at once without asking for work: the
+/// coordinator may stop serving right after that answer, and a first Lease would then find it
+/// gone (the agent used to retry it until its connect timeout and fail: a failed Kubernetes pod
+/// for no reason). The late agent starts early behind a [`Gate`], so that its registration
+/// reaches the coordinator just as the grid is complete, however long it took to start; a client
+/// that registered earlier and never asks for work holds the coordinator in its drain grace
+/// meanwhile (up to 3 s), and its leaving ends the run.
+#[test]
+fn an_agent_registering_as_the_run_ends_is_told_so_and_exits_cleanly() {
+    let _serial = exclusive();
+    let s = Scratch::new("late-agent");
+    let grid = s.grid(&GridSpec::tiny());
+    let ids = grid_case_ids(&grid);
+    let port = free_port();
+    let mut coord = coordinator(&s, "coordinator", &grid, port, &[]);
+    wait_for_listener(port, Duration::from_secs(30));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let quiet = rt.block_on(async {
+        let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
+            .await
+            .expect("connecting");
+        c.register(wire::RegisterRequest {
+            protocol_version: decodebench_proto::PROTOCOL_VERSION,
+            agent_version: "integration-test".into(),
+            agent_name: "quiet".into(),
+            device: Some(wire::DeviceIdentity {
+                backend: "cpu".into(),
+                name: "device of quiet".into(),
+                uuid: "CPU-quiet".into(),
+                sku: "cpu".into(),
+                host: "localhost".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("register")
+        .into_inner()
+    });
+    assert!(!quiet.drain, "work is left: {quiet:?}");
+
+    let gate = Gate::new(port);
+    let mut late = agent(&s, "late", gate.port(), &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "the late agent to connect to the gate and wait there in its first call",
+        || gate.accepted() > 0,
+    );
+    let mut worker = agent(&s, "worker", port, &[]);
+    StatusProbe::new(port).wait_for(Duration::from_secs(60), "the grid to be complete", |st| {
+        st.finished
+    });
+    gate.open();
+    late.wait_success(Duration::from_secs(10));
+    let log = late.log();
+    assert!(
+        log.contains("registered with the coordinator")
+            && log.contains("coordinator says drain at registration"),
+        "the late agent is told at registration that the run is over:\n{log}"
+    );
+    let (run, _, _, _) = agent_summary(&log)
+        .unwrap_or_else(|| panic!("no closing summary from the late agent:\n{log}"));
+    assert_eq!(run, 0, "the late agent ran nothing");
+    worker.wait_success(Duration::from_secs(20));
+
+    // The quiet client leaves too; the coordinator, which waited for both, exits with its
+    // outputs (or has already, at the end of its drain grace: then this call finds it gone).
+    let _ = rt.block_on(async {
+        let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port)).await?;
+        c.release(wire::ReleaseRequest {
+            agent_id: quiet.agent_id.clone(),
+            reason: "integration test".into(),
+            leaving: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+    });
+    // Its connection closes with its runtime (an idle one would hold the server's shutdown).
+    drop(rt);
+    coord.wait_success(Duration::from_secs(20));
+    assert!(
+        coord
+            .log()
+            .contains("agent registered as the run ends: told to drain"),
+        "the coordinator says it told the late agent:\n{}",
+        coord.log_tail()
+    );
     assert_each_case_once(&s.out(), &ids);
 }

@@ -16,7 +16,8 @@ use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The `decodebench` binary Cargo built for these tests.
@@ -715,6 +716,114 @@ pub fn wait_for_listener(port: u16, limit: Duration) {
     wait_until(limit, &format!("a listener on 127.0.0.1:{port}"), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
+}
+
+/// A TCP relay on 127.0.0.1 to the listener on port `to` (a coordinator) that accepts
+/// connections at once but carries no byte until [`Gate::open`]. A client started early (an
+/// agent) connects and waits in its first call, which reaches the coordinator the moment the test
+/// opens the gate, however long the client took to start. Once open, connections go straight
+/// through. Dropping it drops the connections still held and stops accepting.
+pub struct Gate {
+    port: u16,
+    state: Arc<GateState>,
+}
+
+#[derive(Default)]
+struct GateState {
+    flags: Mutex<GateFlags>,
+    changed: Condvar,
+    accepted: AtomicUsize,
+}
+
+#[derive(Default)]
+struct GateFlags {
+    open: bool,
+    closed: bool,
+}
+
+impl GateState {
+    fn flags(&self) -> MutexGuard<'_, GateFlags> {
+        self.flags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Gate {
+    pub fn new(to: u16) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 for a gate");
+        let port = listener
+            .local_addr()
+            .expect("local address of a bound socket")
+            .port();
+        let state = Arc::new(GateState::default());
+        let accepting = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if accepting.flags().closed {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                accepting.accepted.fetch_add(1, Ordering::SeqCst);
+                let state = accepting.clone();
+                std::thread::spawn(move || gate_relay(client, to, &state));
+            }
+        });
+        Gate { port, state }
+    }
+
+    /// The port to give the client instead of the coordinator's.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connections accepted so far (held, until the gate is open).
+    pub fn accepted(&self) -> usize {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn open(&self) {
+        self.state.flags().open = true;
+        self.state.changed.notify_all();
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.state.flags().closed = true;
+        self.state.changed.notify_all();
+        // Wakes the accept loop, which sees `closed`.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// One connection through a [`Gate`]: held until the gate opens, then relayed both ways to
+/// 127.0.0.1:`to` (dropped if the gate closes first or nothing listens there).
+fn gate_relay(client: std::net::TcpStream, to: u16, state: &GateState) {
+    {
+        let mut flags = state.flags();
+        while !flags.open && !flags.closed {
+            flags = state.changed.wait(flags).unwrap_or_else(|p| p.into_inner());
+        }
+        if flags.closed {
+            return;
+        }
+    }
+    let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+        return;
+    };
+    // HTTP/2 sends small frames: no Nagle delay on the relay's hop.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (Ok(client_in), Ok(upstream_out)) = (client.try_clone(), upstream.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || pipe(client_in, upstream_out));
+    pipe(upstream, client);
+}
+
+/// Copies `from` to `to` until `from` ends, then ends `to`'s writing side.
+fn pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(std::net::Shutdown::Write);
 }
 
 /// Milliseconds since the Unix epoch, as the coordinator stamps `received_unix_ms`.

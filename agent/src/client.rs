@@ -9,6 +9,13 @@
 //! the agent returns normally (`Ok`, [`AgentSummary::stopped_while_unreachable`] set), since being
 //! told to stop is not a failure; the coordinator re-leases whatever was left once the lease
 //! expires. A stop before the agent ever registered returns at once with nothing done.
+//!
+//! Draining: the coordinator says the run is over in a Lease, heartbeat or Report answer, or, to
+//! an agent that registers as the run ends (or re-registers with a restarted coordinator that is
+//! ending), in the Register answer itself. Then the agent makes no further call but one brief
+//! "leaving" (so that the coordinator, which waits for it, can stop), and returns `Ok`: the
+//! coordinator may stop serving right after that answer, so a Lease sent anyway could find it
+//! gone and be retried until the connect timeout.
 
 use crate::failpoint::{FailAction, Failpoint, FAILPOINT_ENV};
 use decodebench_kernels::{Backend, BenchCase, CaseMeasurement, TelemetryProbe};
@@ -82,6 +89,11 @@ pub enum AgentError {
         "stopped on request while waiting for the coordinator at {addr} (last error: {last_error})"
     )]
     Stopped { addr: String, last_error: String },
+    /// The coordinator said at registration that the run is over (`RegisterResponse.drain`).
+    /// [`Agent::run`] does not return this (it returns `Ok`, with
+    /// [`AgentSummary::drained_by_coordinator`] set); it ends the calls that led to it.
+    #[error("the coordinator says the run is over: there is no work left for this agent")]
+    RunOver,
 }
 
 /// Client-side TLS, from PEM files.
@@ -336,6 +348,8 @@ pub struct Agent {
     summary: AgentSummary,
     /// A heartbeat said the coordinator is draining: stop after the current case.
     drain_requested: bool,
+    /// The Register answer said the run is over: make no call but a last "leaving".
+    run_over: bool,
     /// A shard is being worked on (its lease held, results perhaps not yet reported): what a stop
     /// while the coordinator is unreachable leaves behind.
     holding_lease: bool,
@@ -370,6 +384,7 @@ impl Agent {
             heartbeat_interval: Duration::from_secs(10),
             summary: AgentSummary::default(),
             drain_requested: false,
+            run_over: false,
             holding_lease: false,
             stop,
             failpoint,
@@ -377,7 +392,9 @@ impl Agent {
     }
 
     /// [`Agent::connect`], then registers now (retrying with backoff until `connect_timeout`);
-    /// a stop request ends the wait at once with [`AgentError::Stopped`].
+    /// a stop request ends the wait at once with [`AgentError::Stopped`]. When the coordinator
+    /// answers that the run is over, the agent is returned all the same: [`Agent::run`] then
+    /// returns at once.
     pub async fn connect_with_stop(
         cfg: AgentConfig,
         backend: Box<dyn Backend>,
@@ -389,8 +406,10 @@ impl Agent {
         if *agent.stop.borrow() {
             return Err(agent.stopped_before_registering());
         }
-        agent.register(OnStop::Abort).await?;
-        Ok(agent)
+        match agent.register(OnStop::Abort).await {
+            Ok(()) | Err(AgentError::RunOver) => Ok(agent),
+            Err(e) => Err(e),
+        }
     }
 
     /// The stop came before the first attempt to register.
@@ -424,7 +443,8 @@ impl Agent {
     }
 
     /// Registers (again, after a coordinator restart), retrying transient failures until the
-    /// connect timeout; `on_stop` says what a stop request does to the wait.
+    /// connect timeout; `on_stop` says what a stop request does to the wait. Returns
+    /// [`AgentError::RunOver`] when the answer says the run is over.
     async fn register(&mut self, on_stop: OnStop) -> Result<(), AgentError> {
         let device = self.device();
         let req = wire::RegisterRequest {
@@ -446,6 +466,14 @@ impl Agent {
                     self.heartbeat_interval =
                         Duration::from_millis(r.heartbeat_interval_ms.max(100) as u64);
                     tracing::info!(agent = %self.agent_id, run = %r.run_id, "registered with the coordinator");
+                    if r.drain {
+                        tracing::info!(
+                            "coordinator says drain at registration: the run is over; exiting"
+                        );
+                        self.run_over = true;
+                        self.summary.drained_by_coordinator = true;
+                        return Err(AgentError::RunOver);
+                    }
                     return Ok(());
                 }
                 Err(s) => {
@@ -466,7 +494,8 @@ impl Agent {
     /// Calls `f` until it succeeds, retrying transient errors with backoff (up to the connect
     /// timeout) and re-registering when the coordinator no longer knows this agent. Once a stop
     /// is requested, it makes one last try of at most [`STOP_GRACE`], then returns
-    /// [`AgentError::Stopped`].
+    /// [`AgentError::Stopped`]. A re-registration answered "the run is over" ends it with
+    /// [`AgentError::RunOver`], without calling `f` again.
     async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, AgentError>
     where
         F: FnMut(Client, String) -> Fut,
@@ -515,8 +544,12 @@ impl Agent {
         self.stop = stop;
         match self.work().await {
             Ok(()) => {
-                if *self.stop.borrow() && self.summary.registered && !self.holding_lease {
-                    self.say_leaving().await;
+                if self.run_over {
+                    // A lease hand-back re-registered with a coordinator that is ending.
+                    self.say_leaving("the coordinator said at registration that the run is over")
+                        .await;
+                } else if *self.stop.borrow() && self.summary.registered && !self.holding_lease {
+                    self.say_leaving("agent stopping (signal)").await;
                 }
                 Ok(self.summary)
             }
@@ -531,12 +564,21 @@ impl Agent {
                 }
                 Ok(self.summary)
             }
+            Err(AgentError::RunOver) => {
+                self.say_leaving("the coordinator said at registration that the run is over")
+                    .await;
+                Ok(self.summary)
+            }
             Err(e) => Err(e),
         }
     }
 
     async fn work(&mut self) -> Result<(), AgentError> {
         let mut stop = self.stop.clone();
+        if self.run_over {
+            // connect_with_stop registered, and heard that the run is over.
+            return Err(AgentError::RunOver);
+        }
         if self.agent_id.is_empty() {
             if *stop.borrow() {
                 return Err(self.stopped_before_registering());
@@ -626,6 +668,10 @@ impl Agent {
                     tracing::error!(case = %case.id, %why, "result rejected by the coordinator");
                     continue;
                 }
+                Err(AgentError::RunOver) => {
+                    tracing::warn!(case = %case.id, "the coordinator, which no longer knew this agent (restarted?), says the run is over: this case's result is not reported (if the run lacks it, a resumed run measures the case again)");
+                    return Err(AgentError::RunOver);
+                }
                 Err(e) => return Err(e),
             };
             if resp.accepted {
@@ -660,13 +706,15 @@ impl Agent {
         Ok(false)
     }
 
-    /// Tells the coordinator that this agent, stopped while holding no lease, is leaving (so that
-    /// `status` stops counting it at once). One attempt, briefly: a stop must stay prompt.
-    async fn say_leaving(&mut self) {
+    /// Tells the coordinator that this agent, stopping while holding no lease, is leaving (so
+    /// that `status` stops counting it at once, and a draining coordinator stops waiting for it).
+    /// One attempt, briefly: a stop must stay prompt, and an agent told that the run is over
+    /// exits whether or not this gets through.
+    async fn say_leaving(&mut self, reason: &str) {
         let req = wire::ReleaseRequest {
             agent_id: self.agent_id.clone(),
             lease_id: String::new(),
-            reason: "agent stopping (signal)".into(),
+            reason: reason.into(),
             leaving: true,
         };
         let mut c = self.client.clone();
@@ -696,6 +744,10 @@ impl Agent {
             .await;
         match r {
             Ok(r) => self.summary.released += r.cases_returned as u64,
+            Err(AgentError::RunOver) => tracing::info!(
+                "the coordinator, which no longer knew this agent (restarted?), says the run is \
+                 over: nothing to hand back"
+            ),
             Err(e) => tracing::warn!(error = %e, "could not hand the lease back; it will expire"),
         }
     }
@@ -1186,6 +1238,7 @@ mod tests {
                 run_id: "run".into(),
                 heartbeat_interval_ms: 1000,
                 lease_timeout_ms: 5000,
+                drain: false,
             }))
         }
         async fn lease(
@@ -1221,6 +1274,115 @@ mod tests {
         ) -> Result<Response<wire::StatusResponse>, Status> {
             Err(Status::unimplemented("not in this test"))
         }
+    }
+
+    /// A coordinator whose run is over: it answers Register with "drain", takes a leaving
+    /// Release, and answers a Lease as one that has stopped serving would (unavailable).
+    #[derive(Default)]
+    struct EndingCoordinator {
+        leases: Arc<AtomicU32>,
+        leaving: Arc<Mutex<Vec<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Coordinator for EndingCoordinator {
+        async fn register(
+            &self,
+            _: Request<wire::RegisterRequest>,
+        ) -> Result<Response<wire::RegisterResponse>, Status> {
+            Ok(Response::new(wire::RegisterResponse {
+                agent_id: "agent-late".into(),
+                protocol_version: PROTOCOL_VERSION,
+                run_id: "run".into(),
+                heartbeat_interval_ms: 1000,
+                lease_timeout_ms: 5000,
+                drain: true,
+            }))
+        }
+        async fn lease(
+            &self,
+            _: Request<wire::LeaseRequest>,
+        ) -> Result<Response<wire::LeaseResponse>, Status> {
+            self.leases.fetch_add(1, Ordering::SeqCst);
+            Err(Status::unavailable("the coordinator has stopped serving"))
+        }
+        async fn heartbeat(
+            &self,
+            _: Request<wire::HeartbeatRequest>,
+        ) -> Result<Response<wire::HeartbeatResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn report(
+            &self,
+            _: Request<wire::ReportRequest>,
+        ) -> Result<Response<wire::ReportResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn release(
+            &self,
+            r: Request<wire::ReleaseRequest>,
+        ) -> Result<Response<wire::ReleaseResponse>, Status> {
+            let r = r.into_inner();
+            if r.leaving && r.lease_id.is_empty() {
+                let mut leaving = self.leaving.lock().unwrap_or_else(|e| e.into_inner());
+                leaving.push(r.agent_id);
+            }
+            Ok(Response::new(wire::ReleaseResponse { cases_returned: 0 }))
+        }
+        async fn status(
+            &self,
+            _: Request<wire::StatusRequest>,
+        ) -> Result<Response<wire::StatusResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+    }
+
+    /// An agent that registers as the run ends is told so in the Register answer. The
+    /// coordinator may stop serving right after it, so the agent must ask for no work: it says it
+    /// leaves and returns `Ok` at once, drained, whether it registers in `run` or in
+    /// `connect_with_stop`. (Asking for a lease, it would retry the gone coordinator until its
+    /// connect timeout and fail: a failed Kubernetes pod for no reason.)
+    #[tokio::test]
+    async fn an_agent_told_at_registration_that_the_run_is_over_exits_cleanly_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding a loopback port");
+        let url = format!("http://{}", listener.local_addr().expect("local address"));
+        let coordinator = EndingCoordinator::default();
+        let (leases, leaving) = (coordinator.leases.clone(), coordinator.leaving.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(CoordinatorServer::new(coordinator))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+
+        let (_tx, rx) = watch::channel(false);
+        let a = agent(url.clone(), Duration::from_secs(300)).await;
+        let summary = tokio::time::timeout(Duration::from_secs(5), a.run(rx.clone()))
+            .await
+            .expect("the agent exits at once, without waiting for a coordinator that is gone")
+            .expect("being told the run is over is not an error");
+        assert!(summary.registered && summary.drained_by_coordinator);
+        assert_eq!(summary.cases_run, 0);
+
+        let b = crate::backends::open_cpu();
+        let a = Agent::connect_with_stop(
+            config(url, Duration::from_secs(300)),
+            b.backend,
+            b.probe,
+            rx.clone(),
+        )
+        .await
+        .expect("registered, and told the run is over");
+        let summary = tokio::time::timeout(Duration::from_secs(5), a.run(rx))
+            .await
+            .expect("run returns at once")
+            .expect("being told the run is over is not an error");
+        assert!(summary.drained_by_coordinator);
+
+        assert_eq!(leases.load(Ordering::SeqCst), 0, "no work asked for");
+        let leaving = leaving.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(leaving, ["agent-late", "agent-late"], "each said it leaves");
     }
 
     #[tokio::test]

@@ -399,7 +399,11 @@ pub async fn serve(
     }
     progress.finish();
 
-    // Drain: agents asking for work are told to exit; give them a moment to hear it.
+    // Drain: agents asking for work are told to exit; give them a moment to hear it. From here
+    // on a Register answer says that the run is over too (decided under the scheduler lock that
+    // start_drain takes), so an agent that registers after the loop's last check, even one
+    // answered while the server stops (it finishes the calls in flight), has heard it: only an
+    // older agent, which ignores that answer and waits for its first Lease, can miss it then.
     shared.scheduler().start_drain();
     let grace_end = Instant::now()
         + if interrupted {
@@ -407,21 +411,22 @@ pub async fn serve(
         } else {
             DRAIN_GRACE
         };
-    while Instant::now() < grace_end {
-        let busy = {
-            let s = shared.scheduler();
-            let timeout = s.config().lease_timeout;
-            let busy = s.agents().any(|a| {
-                let alive = a.last_seen.elapsed() < timeout;
-                // Wait for running shards to be reported or handed back (interrupted), and for
-                // idle agents to pick up their drain order at their next lease request (either
-                // way: an idle agent that misses it retries a coordinator that is gone until its
-                // connect timeout, then fails).
-                alive && (a.lease.is_some() || !a.drained)
-            });
-            busy
-        };
-        if !busy {
+    loop {
+        let waiting: Vec<String> = shared
+            .scheduler()
+            .awaiting_drain()
+            .map(|a| a.name.clone())
+            .collect();
+        if waiting.is_empty() {
+            break;
+        }
+        if Instant::now() >= grace_end {
+            tracing::warn!(
+                agents = %waiting.join(", "),
+                "the drain grace is over: stopping while these agents still hold a lease or have \
+                 not heard that the run is over (a lease not handed back expires; an agent that \
+                 calls again finds no coordinator and retries until its connect timeout)"
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

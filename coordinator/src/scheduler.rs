@@ -617,11 +617,19 @@ impl Scheduler {
     }
 
     /// Registers an agent; returns its id.
+    ///
+    /// While the coordinator drains ([`Scheduler::start_drain`]) an agent is still registered (it
+    /// gets an id, so that its first Lease or its leaving Release is answered, and it counts in
+    /// [`Scheduler::awaiting_drain`] until then), but it adds no placement target: no work is
+    /// handed out any more, and a GPU (per-gpu) or model (per-sku) that joins as the run ends must
+    /// not turn a complete run into one with cases left.
     pub fn register(&mut self, name: String, device: DeviceIdentity, now: Instant) -> String {
         let id = format!("agent-{}-{:08x}", self.next_agent, self.agent_id_nonce);
         self.next_agent += 1;
-        let target = self.cfg.placement.target_of(&device);
-        self.add_target(target);
+        if !self.draining {
+            let target = self.cfg.placement.target_of(&device);
+            self.add_target(target);
+        }
         self.agents.insert(
             id.clone(),
             AgentInfo {
@@ -708,6 +716,30 @@ impl Scheduler {
     /// True once [`Scheduler::start_drain`] was called (the coordinator is shutting down).
     pub fn draining(&self) -> bool {
         self.draining
+    }
+
+    /// Whether an agent registering now is told at once that the run is over
+    /// (`RegisterResponse.drain`): the coordinator drains, or, as for a Lease, every unit has a
+    /// result. Asked after [`Scheduler::register`], under the same lock, so that no registration
+    /// falls between it and [`Scheduler::start_drain`] unanswered.
+    pub fn run_over(&self) -> bool {
+        self.draining || self.is_finished()
+    }
+
+    /// While draining: the live agents the coordinator still serves for. One holding a lease is
+    /// finishing its case (it reports it or hands the lease back). One not drained has not been
+    /// answered "drain" yet: it registered before the drain and has not asked for work since (it
+    /// hears the order at its next Lease, heartbeat or report), or it registered during the drain
+    /// and has not yet said that it leaves (an agent of this release was told in its Register
+    /// answer and says so at once; an older one ignores that answer and hears the order at its
+    /// first Lease). Without this wait, such an agent's next call would find the coordinator
+    /// gone, and it would retry it until its connect timeout and fail.
+    pub fn awaiting_drain(&self) -> impl Iterator<Item = &AgentInfo> {
+        let timeout = self.cfg.lease_timeout;
+        self.agents.values().filter(move |a| {
+            let alive = a.last_seen.elapsed() < timeout;
+            alive && (a.lease.is_some() || !a.drained)
+        })
     }
 
     /// The next shard for `agent_id`, or wait, or drain.
@@ -2202,6 +2234,77 @@ mod tests {
         let p = s.progress();
         assert_eq!((p.done, p.failed), (3, 1));
         assert!(p.finished && s.unfinished().is_empty());
+    }
+
+    fn awaiting(s: &Scheduler) -> BTreeSet<String> {
+        s.awaiting_drain().map(|a| a.name.clone()).collect()
+    }
+
+    /// The drain's rule: every agent that registered is waited for until it has heard "drain".
+    /// One registered before the drain hears it at its next Lease; one that registers during the
+    /// drain is told in the Register answer (`run_over`) and is waited for until it says it
+    /// leaves (this release) or asks for work (an older agent, which ignores that answer).
+    #[test]
+    fn every_agent_registered_is_awaited_until_it_has_heard_the_drain() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(cfg(4), cases(4), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        assert!(!s.run_over(), "work is left: a registration gets work");
+        let g = grant(s.lease(&a, t).unwrap());
+        report_all_ok(&mut s, &a, &g, t);
+        // The grid is complete: a registration now is told so, even before the drain starts.
+        let early = s.register("early".into(), dev("u2", "H100"), t);
+        assert!(s.run_over());
+        s.start_drain();
+        assert_eq!(awaiting(&s), BTreeSet::from(["a".into(), "early".into()]));
+        assert_eq!(s.lease(&a, t).unwrap(), LeaseDecision::Drain);
+        s.leave(&early, t).unwrap();
+        assert!(awaiting(&s).is_empty());
+
+        // Registrations during the drain are told, and awaited until they have taken it in.
+        let new = s.register("new".into(), dev("u3", "H100"), t);
+        assert!(s.run_over());
+        let old = s.register("old".into(), dev("u4", "H100"), t);
+        assert_eq!(awaiting(&s), BTreeSet::from(["new".into(), "old".into()]));
+        s.leave(&new, t).unwrap();
+        assert_eq!(s.lease(&old, t).unwrap(), LeaseDecision::Drain);
+        assert!(awaiting(&s).is_empty());
+        let p = s.progress();
+        assert_eq!((p.total, p.done, p.agents_alive), (4, 4, 0));
+        assert!(p.finished);
+    }
+
+    /// A GPU that joins a per-gpu run as it drains gets no units: the complete run stays complete
+    /// (it used to end with that GPU's whole grid unfinished, exit code 2). Before the drain, a
+    /// new GPU still gets its own units and is not told that the run is over.
+    #[test]
+    fn a_gpu_registering_during_the_drain_adds_no_units() {
+        let t = Instant::now();
+        let per_gpu = SchedulerConfig {
+            placement: Placement::PerGpu,
+            ..Default::default()
+        };
+        let mut s = Scheduler::new(per_gpu.clone(), cases(3), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        run_to_done(&mut s, &a, t);
+        assert!(s.progress().finished);
+        let mut serving = Scheduler::new(per_gpu, cases(3), []);
+        let a2 = serving.register("a".into(), dev("u1", "H100"), t);
+        run_to_done(&mut serving, &a2, t);
+        serving.register("b".into(), dev("u2", "H100"), t);
+        assert!(
+            !serving.run_over(),
+            "a new GPU before the drain has its own cases to run"
+        );
+        assert_eq!(serving.progress().total, 6);
+
+        s.start_drain();
+        let b = s.register("b".into(), dev("u2", "H100"), t);
+        assert!(s.run_over());
+        let p = s.progress();
+        assert_eq!((p.total, p.done), (3, 3), "{p:?}");
+        assert!(p.finished && s.unfinished().is_empty());
+        assert_eq!(s.lease(&b, t).unwrap(), LeaseDecision::Drain);
     }
 
     #[test]

@@ -222,18 +222,31 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
             check_name(f, v)?;
         }
         let device: decodebench_kernels::DeviceIdentity = device.into();
-        let (agent_id, cfg) = {
+        // Registered and told whether the run is over under one lock: a drain that starts after
+        // this finds the agent registered and waits for it to hear the order; one that started
+        // before is in this answer.
+        let (agent_id, cfg, drain) = {
             let mut s = self.shared.scheduler();
             let id = s.register(req.agent_name.clone(), device.clone(), Instant::now());
-            (id, s.config().clone())
+            (id, s.config().clone(), s.run_over())
         };
-        tracing::info!(
-            agent = %agent_id,
-            name = %req.agent_name,
-            device = %device.name,
-            uuid = %device.uuid,
-            "agent registered"
-        );
+        if drain {
+            tracing::info!(
+                agent = %agent_id,
+                name = %req.agent_name,
+                device = %device.name,
+                uuid = %device.uuid,
+                "agent registered as the run ends: told to drain"
+            );
+        } else {
+            tracing::info!(
+                agent = %agent_id,
+                name = %req.agent_name,
+                device = %device.name,
+                uuid = %device.uuid,
+                "agent registered"
+            );
+        }
         self.shared.changed.notify_waiters();
         self.shared.metrics.observe_rpc("register", t.elapsed());
         Ok(Response::new(wire::RegisterResponse {
@@ -242,6 +255,7 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
             run_id: self.shared.run_id.clone(),
             heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u32,
             lease_timeout_ms: cfg.lease_timeout.as_millis() as u32,
+            drain,
         }))
     }
 
@@ -596,6 +610,80 @@ mod tests {
         assert!(why.contains("optimized kernel's message"), "{why}");
     }
 
+    /// A service over `sched`, and the journal writer's end of its channel.
+    fn service(sched: Scheduler) -> (CoordinatorService, mpsc::Receiver<JournalJob>) {
+        let (journal, writes) = mpsc::channel(4);
+        let svc = CoordinatorService {
+            shared: Arc::new(Shared {
+                scheduler: Mutex::new(sched),
+                records: Mutex::new(Vec::new()),
+                journal,
+                run_id: "run".into(),
+                git_revision: "test".into(),
+                started: Instant::now(),
+                metrics: Metrics::new(),
+                changed: Notify::new(),
+            }),
+        };
+        (svc, writes)
+    }
+
+    fn register_request(name: &str) -> wire::RegisterRequest {
+        wire::RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            agent_name: name.into(),
+            device: Some(wire::DeviceIdentity {
+                backend: "cpu".into(),
+                uuid: format!("cpu-{name}"),
+                sku: "cpu".into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// An agent that registers once the coordinator drains is told in the Register answer that
+    /// the run is over (the coordinator may stop before its first Lease), and the coordinator
+    /// waits for it only until it says it leaves.
+    #[tokio::test]
+    async fn a_registration_during_the_drain_is_answered_drain() {
+        use wire::coordinator_server::Coordinator;
+        let case = BenchCase::reference_shape(1, 64, QuantMode::BF16).with_id();
+        let sched = Scheduler::new(SchedulerConfig::default(), vec![case], []);
+        let (svc, _writes) = service(sched);
+        let before = svc
+            .register(Request::new(register_request("before")))
+            .await
+            .expect("registered")
+            .into_inner();
+        assert!(!before.drain, "work is left: {before:?}");
+
+        svc.shared.scheduler().start_drain();
+        let late = svc
+            .register(Request::new(register_request("late")))
+            .await
+            .expect("registered")
+            .into_inner();
+        assert!(late.drain, "{late:?}");
+        assert!(!late.agent_id.is_empty(), "an id to say it leaves with");
+        let awaited = |svc: &CoordinatorService| -> Vec<String> {
+            let s = svc.shared.scheduler();
+            let mut names: Vec<String> = s.awaiting_drain().map(|a| a.name.clone()).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(awaited(&svc), ["before", "late"]);
+        svc.release(Request::new(wire::ReleaseRequest {
+            agent_id: late.agent_id,
+            reason: "told at registration".into(),
+            leaving: true,
+            ..Default::default()
+        }))
+        .await
+        .expect("a leaving agent with no lease is answered");
+        assert_eq!(awaited(&svc), ["before"]);
+    }
+
     /// An agent killed while its result is being journaled: tonic drops the Report call's
     /// handler. The commit must still finish (here: the journal answers after the drop), or the
     /// case stays half-committed and the run never ends.
@@ -621,19 +709,7 @@ mod tests {
             LeaseDecision::Shard(g) => g.lease_id,
             other => panic!("expected a shard, got {other:?}"),
         };
-        let (journal, mut writes) = mpsc::channel(4);
-        let svc = CoordinatorService {
-            shared: Arc::new(Shared {
-                scheduler: Mutex::new(sched),
-                records: Mutex::new(Vec::new()),
-                journal,
-                run_id: "run".into(),
-                git_revision: "test".into(),
-                started: Instant::now(),
-                metrics: Metrics::new(),
-                changed: Notify::new(),
-            }),
-        };
+        let (svc, mut writes) = service(sched);
         let m = CaseMeasurement::example_ok(&case.id);
         let req = wire::ReportRequest {
             agent_id,
