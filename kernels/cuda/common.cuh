@@ -280,18 +280,21 @@ __device__ __forceinline__ u8 nvfp4_sf_code(float amax, float g) {
     return f32_to_e4m3(q) | (u8)((__float_as_uint(t) >> 24) & 0x80u);
 }
 
-// 1 / SF correctly rounded for every positive finite e4m3 value SF, branch-free: the hardware
-// approximation (relative error below 2^-22) and one Newton step, which lands within 2^-40 of 1 / SF
-// relatively, while 1 / SF (8 / (8 + k) times a power of two, k = 0..7) is exact or at least
-// 2^-29 from the nearest rounding boundary; so the step's single rounding is the correct one.
-// (__frcp_rn's test for operands outside the normal range was on the critical path too.) NaN or
-// infinity for SF 0 and NaN, which nvfp4_scale replaces. The self-test compares it with
-// __frcp_rn for every e4m3 code (check_nvfp4_codes).
-__device__ __forceinline__ float e4m3_value_rcp(float sf) {
+// 1 / d correctly rounded for every f32 d from 2^-126 to 2^125, branch-free: the hardware
+// approximation (relative error below 2^-22) and one Newton step, which is what the IEEE
+// reciprocal computes in that range; the compiler's division adds a test for operands outside it
+// and a slow path, a branch that nothing is scheduled across. For the merge's sum of weights
+// (from 1 up, or 0) and for the e4m3 scale factors (1 / SF is 8 / (8 + k) times a power of two,
+// k = 0..7). The self-test compares it with __frcp_rn for every d in the range
+// (check_conversions) and for every e4m3 code (check_nvfp4_codes). In two halves, so that a
+// caller can issue the approximation early and refine it later.
+__device__ __forceinline__ float rcp_approx(float d) {
     float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(sf));
-    return fmaf(r, fmaf(-sf, r, 1.0f), r);
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+    return r;
 }
+__device__ __forceinline__ float rcp_refine(float d, float r) { return fmaf(r, fmaf(-d, r, 1.0f), r); }
+__device__ __forceinline__ float rcp_rn_normal(float d) { return rcp_refine(d, rcp_approx(d)); }
 
 // A group's scale factor, its correctly rounded reciprocal and 8 SF (both 0 unless SF > 0), and
 // the sign bit kept in its codes (none unless SF > 0: then every code is 0).
@@ -311,7 +314,7 @@ __device__ __forceinline__ Nvfp4Scale nvfp4_scale(u8 sf_code) {
     const float sf = e4m3_to_f32(sf_code);
 #endif
     const bool ok = sf > 0.0f;
-    return {sf, ok ? e4m3_value_rcp(sf) : 0.0f, ok ? 8.0f * sf : 0.0f, ok ? 0x8u : 0u};
+    return {sf, ok ? rcp_rn_normal(sf) : 0.0f, ok ? 8.0f * sf : 0.0f, ok ? 0x8u : 0u};
 }
 
 // The element's code without a division per element: with r = RN(1 / SF), q0 = RN(y r) is within
@@ -321,7 +324,9 @@ __device__ __forceinline__ Nvfp4Scale nvfp4_scale(u8 sf_code) {
 // quotients below 2^-126 give code 0 however they round). Branch-free: when SF is not positive,
 // cap = r = 0 makes q 0 or NaN, both code 0, and the sign is dropped. The self-test compares this
 // with e2m1(y / SF) for every scale factor and every y from SF / 16 to 16 SF (check_nvfp4_codes
-// in reference.cu).
+// in reference.cu). (Comparing |y| with the seven rounding boundaries times SF gives the same
+// codes, checked exhaustively, but its 14 more instructions per element made the decode kernel's
+// direct NVFP4 stores slower, and the merge no faster: bench/gpu/NOTES.md, run 78.)
 __device__ __forceinline__ u32 nvfp4_code(float x, float g, Nvfp4Scale s) {
     const float y = x * g;
     const float a = fabsf(y) > s.cap ? s.cap : fabsf(y);  // NaN stays NaN
@@ -340,30 +345,53 @@ struct OutputVec {
     u8 sf;
 };
 
-// The conversion half of store_output_vec: N consecutive elements in f32 before the output
-// dtype's scale, columns col .. col + N - 1 of a row (col a multiple of N). Arithmetic only (and,
-// for NVFP4, the shuffles that find a scale-factor group's amax: the 16 / N lanes that hold a
-// group must be consecutive lanes of one warp, and every lane of the warp must call this
-// together; lanes with nothing to store pass zeros). No branch, so that a caller converting
-// several vectors before writing them gets their chains overlapped.
+// The conversion half of store_output_vec: N consecutive elements x[i] / den in f32 before the
+// output dtype's scale, taken as x[i] * RN(1 / den) (the merge's sum of weights, which is 0 or
+// from 1 up: its largest weight is 1; 1 elsewhere, which folds away; 0 makes every element 0),
+// columns col .. col + N - 1 of a row (col a multiple of N). Arithmetic only (and, for NVFP4, the
+// shuffles that find a scale-factor group's amax: the 16 / N lanes that hold a group must be
+// consecutive lanes of one warp, and every lane of the warp must call this together; lanes with
+// nothing to store pass zeros). No branch, so that a caller converting several vectors before
+// writing them gets their chains overlapped, and so that NVFP4's shuffles overlap the reciprocal
+// (the shuffles' divergence check is a branch: the reciprocal's approximation is issued ahead of
+// it, its refinement after the shuffles, or the compiler waits for it in front of them): the amax is
+// taken of the unscaled |x| and scaled once, which is the amax of the scaled elements exactly
+// (rounding is monotonic, and fmaxf drops NaNs either way).
 template <int OUT, int N>
-__device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams& p, const float* x) {
+__device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams& p, const float* x_in,
+                                                                float den = 1.0f) {
     OutputVec<OUT, N> v{};
+    float x[N];
     if constexpr (OUT == OUT_BF16) {
+        const float s = den > 0.0f ? rcp_rn_normal(den) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < N; ++i) x[i] = x_in[i] * s;
 #pragma unroll
         for (int i = 0; i < N / 2; ++i) v.w[i] = (u32)f32_to_bf16(x[2 * i]) | ((u32)f32_to_bf16(x[2 * i + 1]) << 16);
     } else if constexpr (OUT == OUT_FP8) {
+        const float s = den > 0.0f ? rcp_rn_normal(den) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < N; ++i) x[i] = x_in[i] * s;
         const float inv = 1.0f / p.o_scale;
 #pragma unroll
         for (int i = 0; i < N; i += 2) v.w[i / 4] |= f32x2_to_e4m3x2(x[i] * inv, x[i + 1] * inv) << (8 * (i % 4));
     } else {
         constexpr int LANES = 16 / N;  // lanes per scale-factor group
-        float amax = 0.0f;
+        const float r = rcp_approx(den);  // issued ahead of the shuffles, refined after them
+        float m[N];  // a tree: its depth, not N, is on the way to the shuffles
 #pragma unroll
-        for (int i = 0; i < N; ++i) amax = fmaxf(amax, fabsf(x[i]));
+        for (int i = 0; i < N; ++i) m[i] = fabsf(x_in[i]);
+#pragma unroll
+        for (int w = 1; w < N; w <<= 1)
+#pragma unroll
+            for (int i = 0; i + w < N; i += 2 * w) m[i] = fmaxf(m[i], m[i + w]);
+        float amax = m[0];
 #pragma unroll
         for (int off = 1; off < LANES; off <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        v.sf = nvfp4_sf_code(amax, p.o_sf_scale);
+        const float s = den > 0.0f ? rcp_refine(den, r) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < N; ++i) x[i] = x_in[i] * s;
+        v.sf = nvfp4_sf_code(amax * s, p.o_sf_scale);
         const Nvfp4Scale sf = nvfp4_scale(v.sf);
 #pragma unroll
         for (int i = 0; i < N; ++i) v.w[0] |= nvfp4_code(x[i], p.o_sf_scale, sf) << (4 * i);
@@ -371,42 +399,67 @@ __device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams
     return v;
 }
 
-// The store half: v at final output row `row` (b * qo_heads + h, where h is that row's qo head),
-// columns col .. col + N - 1; NVFP4's scale factor by the lane that holds the group's first column.
-template <int OUT, int N>
-__device__ __forceinline__ void write_output_vec(const AttnParams& p, const OutputVec<OUT, N>& v, int b, int h,
-                                                 int col) {
+// Where write_output_vec puts elements of final output row b * qo_heads + h (h that row's qo
+// head) from column col: byte offsets into p.out and, for NVFP4 on the lane that holds a group's
+// first column, into p.out_sf (else -1). Arithmetic only, with no memory access, so that a caller
+// can work it out ahead of the conversion and not after it (the scale factor's swizzled offset
+// alone is some 40 instructions).
+struct OutputDst {
+    i64 out, sf;
+};
+
+template <int OUT>
+__device__ __forceinline__ OutputDst output_dst(const AttnParams& p, int b, int h, int col) {
     const int D = p.head_size;
     const i64 row = (i64)b * p.num_qo_heads + h;
+    if constexpr (OUT == OUT_BF16) return {(row * D + col) * 2, -1};
+    else if constexpr (OUT == OUT_FP8) return {row * D + col, -1};
+    else
+        return {row * (D / 2) + col / 2,
+                col % 16 == 0 ? nvfp4_sf_offset(b, h * (D / 16) + col / 16, p.sf_cols) : (i64)-1};
+}
+
+// The store half: v where dst says.
+template <int OUT, int N>
+__device__ __forceinline__ void write_output_vec(const AttnParams& p, const OutputVec<OUT, N>& v, OutputDst dst) {
+    u8* out = (u8*)p.out + dst.out;
     if constexpr (OUT == OUT_BF16) {
-        u16* out = (u16*)p.out + row * D + col;
         if constexpr (N == 2) *(u32*)out = v.w[0];
         else if constexpr (N == 4) *(uint2*)out = make_uint2(v.w[0], v.w[1]);
         else *(uint4*)out = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
     } else if constexpr (OUT == OUT_FP8) {
-        u8* out = (u8*)p.out + row * D + col;
         if constexpr (N == 2) *(u16*)out = (u16)v.w[0];
         else if constexpr (N == 4) *(u32*)out = v.w[0];
         else *(uint2*)out = make_uint2(v.w[0], v.w[1]);
     } else {
-        u8* out = (u8*)p.out + row * (D / 2) + col / 2;
         if constexpr (N == 2) *out = (u8)v.w[0];
         else if constexpr (N == 4) *(u16*)out = (u16)v.w[0];
         else *(u32*)out = v.w[0];
-        if (col % 16 == 0) p.out_sf[nvfp4_sf_offset(b, h * (D / 16) + col / 16, p.sf_cols)] = v.sf;
+        if (dst.sf >= 0) p.out_sf[dst.sf] = v.sf;
     }
 }
 
-// N consecutive elements (N = 2, 4 or 8) of final output row b * qo_heads + h, columns col ..
-// col + N - 1, in f32 before the output dtype's scale, stored straight from registers (every
-// output store goes through convert_output_vec and write_output_vec, so every kernel writes the
-// same bits). Every lane of the warp must call this together (NVFP4's shuffles); lanes with
-// `active` false take part in the shuffles only, and their groups must be inactive as a whole.
+template <int OUT, int N>
+__device__ __forceinline__ void write_output_vec(const AttnParams& p, const OutputVec<OUT, N>& v, int b, int h,
+                                                 int col) {
+    write_output_vec<OUT, N>(p, v, output_dst<OUT>(p, b, h, col));
+}
+
+// N consecutive elements (N = 2, 4 or 8) x[i] / den (as convert_output_vec takes them) of final
+// output row b * qo_heads + h, columns col .. col + N - 1, in f32 before the output dtype's scale,
+// stored straight from registers (every output store goes through convert_output_vec and
+// write_output_vec, so every kernel writes the same bits). Every lane of the warp must call this
+// together (NVFP4's shuffles); lanes with `active` false take part in the shuffles only, and their
+// groups must be inactive as a whole. The destination is worked out ahead of the conversion, in
+// the same block, so that its arithmetic fills the conversion chain's latencies; earlier than
+// that (the merge, before its wait) it cost registers and the compiler sank it after the wait
+// anyway (bench/gpu/NOTES.md, run 78).
 template <int OUT, int N>
 __device__ __forceinline__ void store_output_vec(const AttnParams& p, const float* x, int b, int h, int col,
-                                                 bool active) {
-    const OutputVec<OUT, N> v = convert_output_vec<OUT, N>(p, x);
-    if (active) write_output_vec<OUT, N>(p, v, b, h, col);
+                                                 bool active, float den = 1.0f) {
+    const OutputDst dst = output_dst<OUT>(p, b, h, col);
+    const OutputVec<OUT, N> v = convert_output_vec<OUT, N>(p, x, den);
+    if (active) write_output_vec<OUT, N>(p, v, dst);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,10 +565,7 @@ __device__ void merge_group_if_last(const AttnParams& p, int b, int kv_head, int
 #pragma unroll
         for (int k = 0; k < VEC; ++k) num[k] = 0.0f;
         merge_accumulate<D>(p, h, first, last, 1, lane, m, den, num);
-        const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) num[k] *= inv;
-        store_output_vec<OUT, VEC>(p, num, b, h, lane * VEC, true);
+        store_output_vec<OUT, VEC>(p, num, b, h, lane * VEC, true, den);
     }
 }
 

@@ -306,10 +306,7 @@ __device__ void merge_partials(const AttnParams& p) {
             float m = -DB_INF, den = 0.0f;
             if (h < p.num_qo_heads) merge_accumulate<D>(p, h, first, last, 1, lane, m, den, num);
             DB_MERGE_TRACE(1);
-            const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) num[k] *= inv;
-            store_output_vec<OUT, VEC>(p, num, b, h, lane * VEC, h < p.num_qo_heads);
+            store_output_vec<OUT, VEC>(p, num, b, h, lane * VEC, h < p.num_qo_heads, den);
         } else {
             if (h < p.num_qo_heads) merge_row_share<D>(p, h, first, last, rw, row_warps, lane, num);
             DB_MERGE_TRACE(1);

@@ -86,7 +86,8 @@ extern "C" __global__ void __launch_bounds__(REF_THREADS)
 // division) against e4m3 of the IEEE quotient t / 6. result: [0] e4m3 codes that differ (non-NaN
 // inputs), [1] NaN inputs without a NaN code, [2] e2m1 codes that differ, [3] / [4] the smallest
 // such e4m3 / e2m1 input pattern (0xffffffff when none; the host fills it so), [5] NVFP4
-// scale-factor codes that differ (a NaN t must give a NaN code), [6] the smallest such t.
+// scale-factor codes that differ (a NaN t must give a NaN code), [6] the smallest such t, [7]
+// inputs from 2^-126 to 2^125 whose rcp_rn_normal differs from __frcp_rn.
 __device__ __forceinline__ u8 e2m1_by_distance(float x) {
     const float mags[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
     const float a = fabsf(x);
@@ -101,7 +102,7 @@ __device__ __forceinline__ u8 e2m1_by_distance(float x) {
 }
 
 extern "C" __global__ void check_conversions(u32* result) {
-    u32 e4m3_bad = 0, nan_bad = 0, e2m1_bad = 0, sf_bad = 0;
+    u32 e4m3_bad = 0, nan_bad = 0, e2m1_bad = 0, sf_bad = 0, rcp_bad = 0;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (1ull << 32); i += (u64)gridDim.x * blockDim.x) {
         const u32 bits = (u32)i;
         const float x = __uint_as_float(bits), y = __uint_as_float(~bits);
@@ -125,7 +126,9 @@ extern "C" __global__ void check_conversions(u32* result) {
             ++sf_bad;
             atomicMin(&result[6], bits);
         }
+        if (x >= 0x1p-126f && x <= 0x1p125f && rcp_rn_normal(x) != __frcp_rn(x)) ++rcp_bad;
     }
+    if (rcp_bad) atomicAdd(&result[7], rcp_bad);
     if (sf_bad) atomicAdd(&result[5], sf_bad);
     if (e4m3_bad) atomicAdd(&result[0], e4m3_bad);
     if (nan_bad) atomicAdd(&result[1], nan_bad);
@@ -138,7 +141,7 @@ extern "C" __global__ void check_conversions(u32* result) {
 // boundary and the saturation; R = SF, or 1 for SF 0 and NaN), with the sign checked on one y in
 // 64 and the special values (zeros, infinities, NaN, huge and subnormal y) for every SF. result:
 // [0] codes that differ, [1] / [2] the first mismatch found (y's bits, SF's code), [3] positive
-// scale factors whose reciprocal (e4m3_value_rcp) differs from __frcp_rn. Below SF / 16 the
+// scale factors whose reciprocal (rcp_rn_normal) differs from __frcp_rn. Below SF / 16 the
 // quotient is under 1/16 however it rounds, and its code 0.
 extern "C" __global__ void check_nvfp4_codes(u32* result) {
     const u64 per_sf = 1ull << 26;

@@ -678,6 +678,9 @@ pub(crate) struct ConversionCheck {
     pub first_sf: Option<u32>,
     /// Positive e4m3 scale factors whose fast reciprocal is not the correctly rounded one.
     pub rcp_mismatches: u32,
+    /// f32 values from 2^-126 to 2^125 whose branch-free reciprocal (`rcp_rn_normal`: the
+    /// scale factors' and the merge's 1 / sum of weights) is not the correctly rounded one.
+    pub normal_rcp_mismatches: u32,
 }
 
 impl CudaBackend {
@@ -699,7 +702,7 @@ impl CudaBackend {
         };
         let c = run(
             "check_conversions",
-            &[0, 0, 0, u32::MAX, u32::MAX, 0, u32::MAX],
+            &[0, 0, 0, u32::MAX, u32::MAX, 0, u32::MAX, 0],
         )?;
         let n = run("check_nvfp4_codes", &[0, u32::MAX, 0, 0])?;
         let first = |v: u32| (v != u32::MAX).then_some(v);
@@ -714,6 +717,7 @@ impl CudaBackend {
             sf_mismatches: c[5],
             first_sf: first(c[6]),
             rcp_mismatches: n[3],
+            normal_rcp_mismatches: c[7],
         })
     }
 

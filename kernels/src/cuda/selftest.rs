@@ -208,19 +208,22 @@ fn conversion_row(result: Result<ConversionCheck, CudaError>) -> SelftestRow {
                 && c.e2m1_mismatches == 0
                 && c.nvfp4_mismatches == 0
                 && c.sf_mismatches == 0
-                && c.rcp_mismatches == 0;
+                && c.rcp_mismatches == 0
+                && c.normal_rcp_mismatches == 0;
             let mut detail = format!(
                 "every f32 bit pattern: {} e4m3 codes differ from the software rounding, {} NaN \
                  inputs without a NaN code, {} e2m1 codes differ from the nearest magnitude, {} \
                  nvfp4 scale-factor codes differ from e4m3(t / 6); every scale factor: {} nvfp4 \
                  element codes differ from e2m1(x / SF), {} reciprocals from the correctly \
-                 rounded one",
+                 rounded one; every f32 from 2^-126 to 2^125: {} branch-free reciprocals differ \
+                 from the correctly rounded one",
                 c.e4m3_mismatches,
                 c.e4m3_nan_mismatches,
                 c.e2m1_mismatches,
                 c.sf_mismatches,
                 c.nvfp4_mismatches,
-                c.rcp_mismatches
+                c.rcp_mismatches,
+                c.normal_rcp_mismatches
             );
             for (what, first) in [
                 ("e4m3", c.first_e4m3),
@@ -392,6 +395,17 @@ mod tests {
         let row = conversion_row(Ok(rcp));
         assert!(!row.passed);
         assert!(row.detail.contains("4 reciprocals"), "{}", row.detail);
+        let normal = ConversionCheck {
+            normal_rcp_mismatches: 3,
+            ..clean
+        };
+        let row = conversion_row(Ok(normal));
+        assert!(!row.passed);
+        assert!(
+            row.detail.contains("3 branch-free reciprocals differ"),
+            "{}",
+            row.detail
+        );
         let err = conversion_row(Err(CudaError::Unrecoverable {
             detail: "gone".into(),
         }));
