@@ -230,23 +230,18 @@ impl wire::coordinator_server::Coordinator for CoordinatorService {
             let id = s.register(req.agent_name.clone(), device.clone(), Instant::now());
             (id, s.config().clone(), s.run_over())
         };
-        if drain {
-            tracing::info!(
-                agent = %agent_id,
-                name = %req.agent_name,
-                device = %device.name,
-                uuid = %device.uuid,
-                "agent registered as the run ends: told to drain"
-            );
+        let what = if drain {
+            "agent registered as the run ends: told to drain"
         } else {
-            tracing::info!(
-                agent = %agent_id,
-                name = %req.agent_name,
-                device = %device.name,
-                uuid = %device.uuid,
-                "agent registered"
-            );
-        }
+            "agent registered"
+        };
+        tracing::info!(
+            agent = %agent_id,
+            name = %req.agent_name,
+            device = %device.name,
+            uuid = %device.uuid,
+            "{what}"
+        );
         self.shared.changed.notify_waiters();
         self.shared.metrics.observe_rpc("register", t.elapsed());
         Ok(Response::new(wire::RegisterResponse {
