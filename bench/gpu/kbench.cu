@@ -193,6 +193,8 @@ struct Variant {
     int fused_max = 0;  // fused merge (merge_group_if_last) when no sequence has more splits
     bool pdl_decode = true;  // the decode kernel a programmatic dependent of the previous kernel (launch.rs)
     int merge_cta_warps = 4;  // the merge kernel's warps per CTA unless a row needs 8 (launch.rs merge_block)
+    bool merge_nvfp4 = false;  // a timing diagnostic: the NVFP4 merge whatever the mode's output
+                               // (it writes fewer bytes than any other; the output is wrong)
 };
 
 template <int W, int TPW, int STG_BF16, int STG_FP8, bool PREV = false>
@@ -524,7 +526,7 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         p.fused_merge = 1;
     }
     void* args[] = {&p};
-    const void* mfn = merge_fn(mode);
+    const void* mfn = v.merge_nvfp4 ? (const void*)k_merge<OUT_NVFP4> : merge_fn(mode);
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     // KBENCH_CUBIN=file KBENCH_CUBIN_FN=name: the decode kernel from a cubin (e.g. decodebench's
@@ -747,6 +749,9 @@ int main(int argc, char** argv) {
     add("dk16_lf_nodi", tc_dec<OUT_BF16, 4, 1, 2, 4>, 1).direct_items = false;
     add("dk8_lf_nodi", tc_dec<OUT_FP8, 4, 1, 2, 4>, 1).direct_items = false;
     add("dk16_hm_nodi", tc_dec<OUT_BF16, 4, 1, 2, 4>, 2).direct_items = false;
+    // The NVFP4 merge in a BF16- or FP8-output mode: whether NVFP4's extra time (NOTES run 78)
+    // comes with its merge kernel alone (a timing diagnostic; the output is wrong).
+    add("cur_lf_mnv", tc<4, 1, 2, 4>, 1).merge_nvfp4 = true;
     // The fused merge wherever a sequence has at most 8 splits (production) or 64.
     add("cur_lf_fm8", tc<4, 1, 2, 4>, 1).fused_max = 8;
     add("cur_hm_fm8", tc<4, 1, 2, 4>, 2).fused_max = 8;
