@@ -1220,25 +1220,35 @@ mod tests {
         );
     }
 
-    /// Registers agents, then answers every lease with "ask again soon".
+    /// A coordinator for the agent's own tests. Serving (`run_over` false): it registers agents,
+    /// then answers every lease with "ask again soon". Ending (`run_over` true): it answers
+    /// Register with "drain", takes a leaving Release, and answers a Lease as one that has
+    /// stopped serving would (unavailable).
     #[derive(Default)]
-    struct IdleCoordinator {
+    struct FakeCoordinator {
+        run_over: bool,
         leases: Arc<AtomicU32>,
+        leaving: Arc<Mutex<Vec<String>>>,
     }
 
     #[tonic::async_trait]
-    impl Coordinator for IdleCoordinator {
+    impl Coordinator for FakeCoordinator {
         async fn register(
             &self,
             _: Request<wire::RegisterRequest>,
         ) -> Result<Response<wire::RegisterResponse>, Status> {
             Ok(Response::new(wire::RegisterResponse {
-                agent_id: "agent-1".into(),
+                agent_id: if self.run_over {
+                    "agent-late"
+                } else {
+                    "agent-1"
+                }
+                .into(),
                 protocol_version: PROTOCOL_VERSION,
                 run_id: "run".into(),
                 heartbeat_interval_ms: 1000,
                 lease_timeout_ms: 5000,
-                drain: false,
+                drain: self.run_over,
             }))
         }
         async fn lease(
@@ -1246,6 +1256,9 @@ mod tests {
             _: Request<wire::LeaseRequest>,
         ) -> Result<Response<wire::LeaseResponse>, Status> {
             self.leases.fetch_add(1, Ordering::SeqCst);
+            if self.run_over {
+                return Err(Status::unavailable("the coordinator has stopped serving"));
+            }
             Ok(Response::new(wire::LeaseResponse {
                 action: Some(wire::lease_response::Action::WaitMs(20)),
             }))
@@ -1264,64 +1277,11 @@ mod tests {
         }
         async fn release(
             &self,
-            _: Request<wire::ReleaseRequest>,
-        ) -> Result<Response<wire::ReleaseResponse>, Status> {
-            Err(Status::unimplemented("not in this test"))
-        }
-        async fn status(
-            &self,
-            _: Request<wire::StatusRequest>,
-        ) -> Result<Response<wire::StatusResponse>, Status> {
-            Err(Status::unimplemented("not in this test"))
-        }
-    }
-
-    /// A coordinator whose run is over: it answers Register with "drain", takes a leaving
-    /// Release, and answers a Lease as one that has stopped serving would (unavailable).
-    #[derive(Default)]
-    struct EndingCoordinator {
-        leases: Arc<AtomicU32>,
-        leaving: Arc<Mutex<Vec<String>>>,
-    }
-
-    #[tonic::async_trait]
-    impl Coordinator for EndingCoordinator {
-        async fn register(
-            &self,
-            _: Request<wire::RegisterRequest>,
-        ) -> Result<Response<wire::RegisterResponse>, Status> {
-            Ok(Response::new(wire::RegisterResponse {
-                agent_id: "agent-late".into(),
-                protocol_version: PROTOCOL_VERSION,
-                run_id: "run".into(),
-                heartbeat_interval_ms: 1000,
-                lease_timeout_ms: 5000,
-                drain: true,
-            }))
-        }
-        async fn lease(
-            &self,
-            _: Request<wire::LeaseRequest>,
-        ) -> Result<Response<wire::LeaseResponse>, Status> {
-            self.leases.fetch_add(1, Ordering::SeqCst);
-            Err(Status::unavailable("the coordinator has stopped serving"))
-        }
-        async fn heartbeat(
-            &self,
-            _: Request<wire::HeartbeatRequest>,
-        ) -> Result<Response<wire::HeartbeatResponse>, Status> {
-            Err(Status::unimplemented("not in this test"))
-        }
-        async fn report(
-            &self,
-            _: Request<wire::ReportRequest>,
-        ) -> Result<Response<wire::ReportResponse>, Status> {
-            Err(Status::unimplemented("not in this test"))
-        }
-        async fn release(
-            &self,
             r: Request<wire::ReleaseRequest>,
         ) -> Result<Response<wire::ReleaseResponse>, Status> {
+            if !self.run_over {
+                return Err(Status::unimplemented("not in this test"));
+            }
             let r = r.into_inner();
             if r.leaving && r.lease_id.is_empty() {
                 let mut leaving = self.leaving.lock().unwrap_or_else(|e| e.into_inner());
@@ -1348,7 +1308,10 @@ mod tests {
             .await
             .expect("binding a loopback port");
         let url = format!("http://{}", listener.local_addr().expect("local address"));
-        let coordinator = EndingCoordinator::default();
+        let coordinator = FakeCoordinator {
+            run_over: true,
+            ..Default::default()
+        };
         let (leases, leaving) = (coordinator.leases.clone(), coordinator.leaving.clone());
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -1392,8 +1355,9 @@ mod tests {
             .expect("binding a loopback port");
         let url = format!("http://{}", listener.local_addr().expect("local address"));
         let leases = Arc::new(AtomicU32::new(0));
-        let service = CoordinatorServer::new(IdleCoordinator {
+        let service = CoordinatorServer::new(FakeCoordinator {
             leases: leases.clone(),
+            ..Default::default()
         });
         let (down_tx, down_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
