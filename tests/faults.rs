@@ -349,23 +349,11 @@ fn an_agent_id_from_before_a_restart_is_not_taken_for_another_agent() {
             let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
                 .await
                 .expect("connecting");
-            c.register(wire::RegisterRequest {
-                protocol_version: decodebench_proto::PROTOCOL_VERSION,
-                agent_version: "integration-test".into(),
-                agent_name: name.into(),
-                device: Some(wire::DeviceIdentity {
-                    backend: "cpu".into(),
-                    name: format!("device of {name}"),
-                    uuid: format!("CPU-{name}"),
-                    sku: "cpu".into(),
-                    host: "localhost".into(),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .expect("register")
-            .into_inner()
-            .agent_id
+            c.register(cpu_register_request(name))
+                .await
+                .expect("register")
+                .into_inner()
+                .agent_id
         })
     };
     let lease = |agent_id: &str| {
@@ -857,22 +845,10 @@ fn an_agent_registering_as_the_run_ends_is_told_so_and_exits_cleanly() {
         let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
             .await
             .expect("connecting");
-        c.register(wire::RegisterRequest {
-            protocol_version: decodebench_proto::PROTOCOL_VERSION,
-            agent_version: "integration-test".into(),
-            agent_name: "quiet".into(),
-            device: Some(wire::DeviceIdentity {
-                backend: "cpu".into(),
-                name: "device of quiet".into(),
-                uuid: "CPU-quiet".into(),
-                sku: "cpu".into(),
-                host: "localhost".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("register")
-        .into_inner()
+        c.register(cpu_register_request("quiet"))
+            .await
+            .expect("register")
+            .into_inner()
     });
     assert!(!quiet.drain, "work is left: {quiet:?}");
 

@@ -98,16 +98,7 @@ fn a_client_speaking_another_protocol_version_gets_failed_precondition() {
             client
                 .register(wire::RegisterRequest {
                     protocol_version: version,
-                    agent_version: "integration-test".into(),
-                    agent_name: "version-probe".into(),
-                    device: Some(wire::DeviceIdentity {
-                        backend: "cpu".into(),
-                        name: "test device".into(),
-                        uuid: "CPU-integration-test".into(),
-                        sku: "cpu".into(),
-                        host: "localhost".into(),
-                        ..Default::default()
-                    }),
+                    ..cpu_register_request("version-probe")
                 })
                 .await
         })
@@ -163,19 +154,7 @@ impl RawAgent {
             )))
             .expect("connecting to the coordinator");
         let agent_id = rt
-            .block_on(client.register(wire::RegisterRequest {
-                protocol_version: PROTOCOL_VERSION,
-                agent_version: "integration-test".into(),
-                agent_name: name.into(),
-                device: Some(wire::DeviceIdentity {
-                    backend: "cpu".into(),
-                    name: "test device".into(),
-                    uuid: format!("CPU-{name}"),
-                    sku: "cpu".into(),
-                    host: "localhost".into(),
-                    ..Default::default()
-                }),
-            }))
+            .block_on(client.register(cpu_register_request(name)))
             .expect("registering")
             .into_inner()
             .agent_id;

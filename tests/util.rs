@@ -389,6 +389,24 @@ pub fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
+/// The Register request of a raw test client named `name`, on a CPU "device" of its own (uuid
+/// `CPU-{name}`), speaking this build's protocol version.
+pub fn cpu_register_request(name: &str) -> wire::RegisterRequest {
+    wire::RegisterRequest {
+        protocol_version: decodebench_proto::PROTOCOL_VERSION,
+        agent_version: "integration-test".into(),
+        agent_name: name.into(),
+        device: Some(wire::DeviceIdentity {
+            backend: "cpu".into(),
+            name: format!("device of {name}"),
+            uuid: format!("CPU-{name}"),
+            sku: "cpu".into(),
+            host: "localhost".into(),
+            ..Default::default()
+        }),
+    }
+}
+
 /// Runs `decodebench ARGS` to completion (at most `limit`) and returns (status, stdout, stderr).
 pub fn run_to_end(args: &[&str], limit: Duration) -> (ExitStatus, String, String) {
     let mut child = Command::new(DECODEBENCH)
