@@ -340,10 +340,7 @@ fn an_agent_id_from_before_a_restart_is_not_taken_for_another_agent() {
     let port = free_port();
     let mut first = coordinator(&s, "coordinator-1", &grid, port, &["--keep-serving"]);
     wait_for_listener(port, Duration::from_secs(30));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let rt = test_runtime();
     let register = |name: &str| -> String {
         rt.block_on(async {
             let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
@@ -837,10 +834,7 @@ fn an_agent_registering_as_the_run_ends_is_told_so_and_exits_cleanly() {
     let port = free_port();
     let mut coord = coordinator(&s, "coordinator", &grid, port, &[]);
     wait_for_listener(port, Duration::from_secs(30));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let rt = test_runtime();
     let quiet = rt.block_on(async {
         let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
             .await

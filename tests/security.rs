@@ -86,10 +86,7 @@ fn a_client_speaking_another_protocol_version_gets_failed_precondition() {
     let mut coord = coordinator(&s, "coordinator", &grid, port, &[]);
     wait_for_listener(port, Duration::from_secs(30));
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let rt = test_runtime();
     let register = |version: u32| {
         rt.block_on(async {
             let mut client = wire::coordinator_client::CoordinatorClient::connect(url(port))
@@ -144,10 +141,7 @@ struct RawAgent {
 
 impl RawAgent {
     fn register(port: u16, name: &str) -> RawAgent {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a tokio runtime");
+        let rt = test_runtime();
         let mut client = rt
             .block_on(wire::coordinator_client::CoordinatorClient::connect(url(
                 port,

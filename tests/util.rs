@@ -389,6 +389,14 @@ pub fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
+/// A single-threaded tokio runtime for a test's raw gRPC client.
+pub fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
 /// The Register request of a raw test client named `name`, on a CPU "device" of its own (uuid
 /// `CPU-{name}`), speaking this build's protocol version.
 pub fn cpu_register_request(name: &str) -> wire::RegisterRequest {
@@ -496,10 +504,7 @@ const STATUS_RPC_TIMEOUT: Duration = Duration::from_secs(2);
 impl StatusProbe {
     pub fn new(port: u16) -> StatusProbe {
         StatusProbe {
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a tokio runtime for the status probe"),
+            rt: test_runtime(),
             url: url(port),
             token: None,
         }
