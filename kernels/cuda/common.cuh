@@ -361,17 +361,16 @@ template <int OUT, int N>
 __device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams& p, const float* x_in,
                                                                 float den = 1.0f) {
     OutputVec<OUT, N> v{};
-    float x[N];
-    if constexpr (OUT == OUT_BF16) {
+    float x[N];  // x_in / den; NVFP4 scales them after its shuffles (below)
+    if constexpr (OUT != OUT_NVFP4) {
         const float s = den > 0.0f ? rcp_rn_normal(den) : 0.0f;
 #pragma unroll
         for (int i = 0; i < N; ++i) x[i] = x_in[i] * s;
+    }
+    if constexpr (OUT == OUT_BF16) {
 #pragma unroll
         for (int i = 0; i < N / 2; ++i) v.w[i] = (u32)f32_to_bf16(x[2 * i]) | ((u32)f32_to_bf16(x[2 * i + 1]) << 16);
     } else if constexpr (OUT == OUT_FP8) {
-        const float s = den > 0.0f ? rcp_rn_normal(den) : 0.0f;
-#pragma unroll
-        for (int i = 0; i < N; ++i) x[i] = x_in[i] * s;
         const float inv = 1.0f / p.o_scale;
 #pragma unroll
         for (int i = 0; i < N; i += 2) v.w[i / 4] |= f32x2_to_e4m3x2(x[i] * inv, x[i + 1] * inv) << (8 * (i % 4));
