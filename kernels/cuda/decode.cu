@@ -262,7 +262,13 @@ __device__ __forceinline__ void merge_row_share(const AttnParams& p, int h, int 
 // registers, store_output_vec). Sequences that were not split are skipped (their decode CTA wrote
 // the output; DB_DIRECT_ITEM). On sm_90 the kernel may be launched as a programmatic dependent of
 // the decode kernel (PDL): it starts while the decode kernel's last CTAs run and waits, after
-// reading what the host wrote, until their partials are visible.
+// reading what the host wrote, until their partials are visible. Once a CTA has loaded its
+// partials it lets the next kernel in the stream (the next call's decode kernel, a programmatic
+// dependent too) be placed: that kernel waits for this one's completion before it reads or
+// writes anything, so what overlaps is its launch and CTA placement with this kernel's combine,
+// conversion and stores (NVFP4's are the longest), not its work. Triggered at the merge's start
+// instead, the next grid was placed beside CTAs still waiting and packed unevenly (NOTES run 43);
+// this late, 3-11 % off the short split cells (run 79).
 #define MERGE_MAX_WARPS 8
 // Phase trace points of the merge kernel, as DB_TRACE in decode_mma.cu: kbench's traced build
 // defines them; decodebench's compiles them to nothing.
@@ -305,10 +311,12 @@ __device__ void merge_partials(const AttnParams& p) {
             // calls the store: NVFP4 groups are found by shuffles).
             float m = -DB_INF, den = 0.0f;
             if (h < p.num_qo_heads) merge_accumulate<D>(p, h, first, last, 1, lane, m, den, num);
+            grid_dependency_launch();  // the row's partials are loaded (see above)
             DB_MERGE_TRACE(1);
             store_output_vec<OUT, VEC>(p, num, b, h, lane * VEC, h < p.num_qo_heads, den);
         } else {
             if (h < p.num_qo_heads) merge_row_share<D>(p, h, first, last, rw, row_warps, lane, num);
+            grid_dependency_launch();
             DB_MERGE_TRACE(1);
             if (VEC % 4 == 0) {  // 16-byte stores: a warp's 512 bytes in 4 wavefronts
 #pragma unroll
