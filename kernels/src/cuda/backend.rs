@@ -483,6 +483,7 @@ impl CudaBackend {
             );
             base.out = dptr(session, &out.values);
             base.out_sf = out.scale_factors.as_ref().map_or(0, |s| dptr(session, s));
+            base.direct_items = 1;
             // With a forced chunking the fused merge, where it applies, is not timed against the
             // merge kernel either: the self-test's split runs then cover the fused merge (up to
             // FUSED_MERGE_MAX_SPLITS splits) and the merge kernel (its long cases) every time.
@@ -613,18 +614,9 @@ impl KernelVariant {
             geometry.stage_tokens,
             min_chunk,
         );
-        // A forced chunking keeps the planner's plan alone. NVFP4 output also times each split
-        // plan with its one-item sequences merged instead of written by their own CTAs: that
-        // epilogue is NVFP4's longest (SplitPlan::without_direct_items).
+        // A forced chunking keeps the planner's plan alone.
         if forced {
             plans.truncate(1);
-        } else if case.quant.out == Dtype::Nvfp4 {
-            let merged: Vec<SplitPlan> = plans
-                .iter()
-                .filter(|p| !p.direct && p.has_direct_items())
-                .map(SplitPlan::without_direct_items)
-                .collect();
-            plans.extend(merged);
         }
         Ok(KernelVariant {
             geometry: *geometry,
@@ -932,11 +924,7 @@ fn describe_plan(plan: &SplitPlan, fused_merge: bool) -> String {
 /// A plan's short name in the launch-choice note.
 fn plan_label(plan: &SplitPlan) -> String {
     if plan.direct {
-        return "whole".to_string();
-    }
-    let one_item = plan.split_offsets.windows(2).any(|w| w[1] - w[0] == 1);
-    if one_item && !plan.has_direct_items() {
-        format!("split<={} all-merged", plan.chunk_tokens)
+        "whole".to_string()
     } else {
         format!("split<={}", plan.chunk_tokens)
     }
@@ -1007,7 +995,6 @@ fn upload_plan(
     let mut params = base;
     params.split_offsets = dptr(session, &offsets);
     params.direct = plan.direct as i32;
-    params.direct_items = plan.has_direct_items() as i32;
     if let Some((po, lse)) = &partials {
         params.partial_o = dptr(session, po);
         params.partial_lse = dptr(session, lse);

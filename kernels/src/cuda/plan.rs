@@ -129,27 +129,6 @@ impl SplitPlan {
         launch
     }
 
-    /// Whether some launch entry writes its sequence's final output itself (see [`DIRECT_ITEM`]);
-    /// the kernels' `direct_items` parameter says so to the merge.
-    pub fn has_direct_items(&self) -> bool {
-        self.launch.iter().any(WorkItem::is_direct)
-    }
-
-    /// The same split plan with every sequence merged by the merge kernel, its one-item
-    /// sequences included: no launch entry flagged [`DIRECT_ITEM`]. A direct item's CTA
-    /// converts and writes its rows in the decode kernel's epilogue, and an NVFP4 epilogue
-    /// (amax shuffles, scale factors, software e2m1) can outlast the split CTAs and hold up the
-    /// merge: with one 87-token sequence beside three split ones (b4 s1024) the merged plan was
-    /// 4 % faster, with no difference at b16 and b64 (bench/gpu/NOTES.md run 79). Both write the
-    /// same bytes: a one-split merge has weight 1.
-    pub fn without_direct_items(&self) -> SplitPlan {
-        let mut plan = self.clone();
-        for w in &mut plan.launch {
-            w.slot = w.slot_index();
-        }
-        plan
-    }
-
     pub fn max_splits(&self) -> usize {
         self.split_offsets
             .windows(2)
@@ -297,40 +276,6 @@ fn simulated_makespan(plan: &SplitPlan, slots: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_plan_without_direct_items_keeps_every_item_and_clears_only_the_flag() {
-        // One short sequence (one item, direct) beside three split ones.
-        let lens = [87, 626, 962, 1024];
-        let plan = plan_with_chunk(&lens, 128, 8);
-        assert!(!plan.direct);
-        assert!(plan.has_direct_items());
-        assert_eq!(plan.launch.iter().filter(|w| w.is_direct()).count(), 8);
-        let merged = plan.without_direct_items();
-        assert!(!merged.has_direct_items());
-        assert!(!merged.direct);
-        assert_eq!(merged.items, plan.items);
-        assert_eq!(merged.split_offsets, plan.split_offsets);
-        assert_eq!(merged.launch.len(), plan.launch.len());
-        for (m, w) in merged.launch.iter().zip(&plan.launch) {
-            assert_eq!(m.slot, w.slot_index(), "{w:?}");
-            assert_eq!(
-                (m.batch, m.token_begin, m.token_end),
-                (w.batch, w.token_begin, w.token_end)
-            );
-        }
-        // The original covers every token once (so the copy, entry for entry the same ranges,
-        // does too).
-        covers_every_token(&plan, &lens);
-        // Head-major order is derived from the slots, so it is unchanged too.
-        let order = |p: &SplitPlan| {
-            p.launch_list(LaunchOrder::HeadMajor)
-                .iter()
-                .map(WorkItem::slot_index)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(order(&merged), order(&plan));
-    }
 
     #[test]
     fn whole_sequences_are_a_candidate_only_when_the_batch_fills_half_the_gpu() {
