@@ -569,10 +569,13 @@ pub(crate) fn launch_decode(
     // Chained calls: the tensor-core kernel as a programmatic dependent of the kernel before it
     // (in a stream of calls, the previous call's merge or decode kernel), so that its launch and
     // its plan's first read overlap that kernel's last exits and flush; it waits for that kernel
-    // before reading its inputs. Placed only when the previous kernel's CTAs have exited (neither
-    // kernel triggers its dependents early then), so its CTAs are spread as after a plain launch
-    // (run 43 triggered early and packed a one-wave grid unevenly). 1 % geomean on an H200,
-    // 3-4 % on the 7-9 us cells (bench/gpu/NOTES.md run 59). The FMA kernel has no such wait.
+    // before reading its inputs or writing anything. A decode kernel without a merge after it
+    // triggers nothing early, so the next one is placed as its CTAs exit; the merge triggers once
+    // a CTA has loaded its partials, a few hundred nanoseconds before it exits (v24), so the next
+    // grid's CTAs are still spread as after a plain launch (run 43 triggered at the merge's start
+    // and packed a one-wave grid unevenly). 1 % geomean on an H200, 3-4 % on the 7-9 us cells
+    // (bench/gpu/NOTES.md run 59), and the late trigger 1-2 % more, 3-11 % on the short split
+    // cells (run 79). The FMA kernel has no such wait, so it is launched in stream order.
     let after = |programmatic: bool| {
         if programmatic {
             LaunchAfter::ProgrammaticStart
