@@ -14,9 +14,12 @@
 //! A frame after the header is a result ([`ResultRecord`]) or an *event*: a JSON object whose
 //! first key is `"event"`, naming its kind: `"lost"` ([`LossRecord`]), a case charged a loss
 //! because its agent's lease expired, so that a resumed coordinator still knows which cases kill
-//! agents; `"retry_round"` ([`RetryRoundRecord`]), a `--retry-failed` round started, so that a
-//! restarted coordinator resumes that round rather than starting another ([`Journal::replay`]
-//! says where each stands among the results). An event of a kind this build does not
+//! agents; `"attempt_failed"` ([`FailedAttemptRecord`]), an agent reported the case's kernels
+//! failed and the case was queued for another attempt (journaled before the report is answered,
+//! like a result), so that a resumed coordinator goes on counting its attempts and its final
+//! failed record keeps every attempt's error; `"retry_round"` ([`RetryRoundRecord`]), a
+//! `--retry-failed` round started, so that a restarted coordinator resumes that round rather
+//! than starting another ([`Journal::replay`] says where each stands among the results). An event of a kind this build does not
 //! know (a newer decodebench wrote it) is skipped with a warning, not taken for damage; an event
 //! of a known kind that does not decode is a damaged frame like an undecodable result.
 //!
@@ -59,7 +62,7 @@
 //! A damaged header is never "repaired": if intact records follow it, the journal is refused and
 //! left untouched ([`JournalError::DamagedHeader`]).
 
-use crate::record::{LossRecord, ResultRecord, RetryRoundRecord};
+use crate::record::{FailedAttemptRecord, LossRecord, ResultRecord, RetryRoundRecord};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -139,7 +142,7 @@ impl JournalRecovery {
             .as_ref()
             .map_or_else(|| "(not saved)".to_string(), |p| p.display().to_string());
         format!(
-            "journal: damage in the middle of the journal: {lost} record(s) (results or loss \
+            "journal: damage in the middle of the journal: {lost} record(s) (results or \
              events) in {} damaged range(s) ({} bytes) were lost and those cases will be run \
              again; the {} intact \
              result(s) found after the damage were kept. The original file was saved as {saved} \
@@ -165,6 +168,8 @@ pub struct Replay {
     pub records: Vec<ResultRecord>,
     /// The losses, in the order they were charged.
     pub losses: Vec<ReplayedLoss>,
+    /// The failed attempts queued for another attempt, in the order they were reported.
+    pub failed_attempts: Vec<ReplayedFailedAttempt>,
     /// The `--retry-failed` rounds, in the order they started.
     pub retry_rounds: Vec<ReplayedRetryRound>,
 }
@@ -178,8 +183,17 @@ pub struct ReplayedLoss {
     pub after_records: usize,
 }
 
-/// A `--retry-failed` round found in the journal, and where it stands among the results and the
-/// losses.
+/// A failed attempt found in the journal, and where it stands among the results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayedFailedAttempt {
+    pub attempt: FailedAttemptRecord,
+    /// How many results precede it: it is later than `records[..after_records]` (so a result of
+    /// its unit at an index at or past this one came after the failed attempt).
+    pub after_records: usize,
+}
+
+/// A `--retry-failed` round found in the journal, and where it stands among the results, the
+/// losses and the failed attempts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplayedRetryRound {
     pub round: RetryRoundRecord,
@@ -187,6 +201,9 @@ pub struct ReplayedRetryRound {
     pub after_records: usize,
     /// How many losses precede it: `losses[after_losses..]` were charged after it started.
     pub after_losses: usize,
+    /// How many failed attempts precede it: `failed_attempts[after_failed_attempts..]` were
+    /// reported after it started.
+    pub after_failed_attempts: usize,
 }
 
 /// One frame after the header.
@@ -194,6 +211,7 @@ pub struct ReplayedRetryRound {
 enum Entry {
     Result(ResultRecord),
     Loss(LossRecord),
+    FailedAttempt(FailedAttemptRecord),
     RetryRound(RetryRoundRecord),
     /// An event of a kind this build does not know (written by a newer decodebench): skipped.
     UnknownEvent,
@@ -210,16 +228,18 @@ impl Entry {
 #[serde(tag = "event", rename_all = "snake_case")]
 enum Event {
     Lost(Box<LossRecord>),
+    AttemptFailed(Box<FailedAttemptRecord>),
     RetryRound(Box<RetryRoundRecord>),
     #[serde(other)]
     Unknown,
 }
 
 /// [`Event`] for writing, by reference.
-#[derive(Serialize)]
+#[derive(Clone, Copy, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 enum EventRef<'a> {
     Lost(&'a LossRecord),
+    AttemptFailed(&'a FailedAttemptRecord),
     RetryRound(&'a RetryRoundRecord),
 }
 
@@ -258,7 +278,7 @@ pub enum JournalError {
     NotAJournal { path: PathBuf, reason: String },
     #[error(
         "journal {}: its header frame is damaged ({reason}) but {records} intact record(s) \
-         (results or loss events) follow it; the file was left untouched. Copy it somewhere safe, then move it and the \
+         (results or events) follow it; the file was left untouched. Copy it somewhere safe, then move it and the \
          results files beside it out of the --out directory (or use a fresh --out directory) to \
          start over",
         path.display()
@@ -311,6 +331,7 @@ pub struct Journal {
     len: u64,
     records: u64,
     losses: u64,
+    failed_attempts: u64,
     /// Reused encoding buffer, so appends do not allocate per record.
     buf: Vec<u8>,
     /// Set when a failed write could not be rolled back; every later append is refused.
@@ -395,7 +416,8 @@ impl Journal {
         Journal::replay(dir, meta).map(|(journal, replay)| (journal, replay.records))
     }
 
-    /// [`Journal::open`], returning the losses the journal holds beside its results.
+    /// [`Journal::open`], returning the events the journal holds beside its results (losses,
+    /// failed attempts, retry rounds), each with its place among the results.
     pub fn replay(dir: &Path, meta: &JournalMeta) -> Result<(Journal, Replay), JournalError> {
         let path = dir.join(JOURNAL_FILE_NAME);
         let io_err = |source| JournalError::Io {
@@ -419,6 +441,7 @@ impl Journal {
             len: 0,
             records: 0,
             losses: 0,
+            failed_attempts: 0,
             buf: Vec::with_capacity(4096),
             poisoned: false,
             recovery: None,
@@ -595,10 +618,17 @@ impl Journal {
                     loss,
                     after_records: replay.records.len(),
                 }),
+                Entry::FailedAttempt(attempt) => {
+                    replay.failed_attempts.push(ReplayedFailedAttempt {
+                        attempt,
+                        after_records: replay.records.len(),
+                    })
+                }
                 Entry::RetryRound(round) => replay.retry_rounds.push(ReplayedRetryRound {
                     round,
                     after_records: replay.records.len(),
                     after_losses: replay.losses.len(),
+                    after_failed_attempts: replay.failed_attempts.len(),
                 }),
                 Entry::UnknownEvent => unknown_events += 1,
             }
@@ -613,7 +643,12 @@ impl Journal {
         }
         journal.records = replay.records.len() as u64;
         journal.losses = replay.losses.len() as u64;
-        if unknown_events > 0 || !replay.losses.is_empty() || !replay.retry_rounds.is_empty() {
+        journal.failed_attempts = replay.failed_attempts.len() as u64;
+        if unknown_events > 0
+            || !replay.losses.is_empty()
+            || !replay.failed_attempts.is_empty()
+            || !replay.retry_rounds.is_empty()
+        {
             // Events written under version 1 (before the version was bumped): say version 2 now,
             // so that a build that reads only version 1 refuses the journal rather than dropping
             // them as damage.
@@ -645,6 +680,11 @@ impl Journal {
     /// Losses in the journal (replayed plus appended).
     pub fn loss_count(&self) -> u64 {
         self.losses
+    }
+
+    /// Failed attempts in the journal (replayed plus appended).
+    pub fn failed_attempt_count(&self) -> u64 {
+        self.failed_attempts
     }
 
     /// Bytes durably in the file.
@@ -701,6 +741,34 @@ impl Journal {
         }
         self.write_buf()?;
         self.losses += losses.len() as u64;
+        Ok(())
+    }
+
+    /// Appends failed-attempt events with a single write and a single sync, like
+    /// [`Journal::append_losses`] (a version-1 journal is upgraded first): all of them are durable
+    /// when this returns `Ok`, or none is in the file. Only then may the reports be answered.
+    pub fn append_failed_attempts(
+        &mut self,
+        attempts: &[FailedAttemptRecord],
+    ) -> Result<(), JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        self.buf.clear();
+        for attempt in attempts {
+            encode_event(
+                &mut self.buf,
+                EventRef::AttemptFailed(attempt),
+                &attempt.case_id,
+            )?;
+        }
+        if !self.buf.is_empty() {
+            self.upgrade()?;
+        }
+        self.write_buf()?;
+        self.failed_attempts += attempts.len() as u64;
         Ok(())
     }
 
@@ -990,6 +1058,7 @@ impl Journal {
         self.created_unix_ms = header.created_unix_ms;
         self.records = 0;
         self.losses = 0;
+        self.failed_attempts = 0;
         Ok(())
     }
 }
@@ -1055,24 +1124,35 @@ fn encode_record(out: &mut Vec<u8>, record: &ResultRecord) -> Result<(), Journal
 }
 
 /// Appends one loss event's frame to `out`, or leaves `out` as it was and explains why it cannot
-/// be journaled (checked by decoding it back, as [`encode_record`] does).
+/// be journaled ([`encode_event`]).
 fn encode_loss(out: &mut Vec<u8>, loss: &LossRecord) -> Result<(), JournalError> {
+    encode_event(out, EventRef::Lost(loss), &loss.case_id)
+}
+
+/// Appends one event's frame to `out` (`case_id`: the case it concerns, for the error), or
+/// leaves `out` as it was and explains why it cannot be journaled (checked by decoding it back,
+/// as [`encode_record`] does).
+fn encode_event(out: &mut Vec<u8>, event: EventRef<'_>, case_id: &str) -> Result<(), JournalError> {
     let unencodable = |reason: String| JournalError::Unencodable {
-        case_id: loss.case_id.clone(),
+        case_id: case_id.to_string(),
         reason,
     };
-    let payload =
-        serde_json::to_vec(&EventRef::Lost(loss)).map_err(|e| unencodable(e.to_string()))?;
+    let payload = serde_json::to_vec(&event).map_err(|e| unencodable(e.to_string()))?;
     if payload.len() > MAX_FRAME_BYTES as usize {
         return Err(unencodable(format!(
             "{} bytes of JSON, more than the {MAX_FRAME_BYTES}-byte frame limit",
             payload.len()
         )));
     }
-    match decode_entry(&payload) {
-        Ok(Entry::Loss(back)) if back == *loss => {}
-        Ok(_) => return Err(unencodable("it would not read back as itself".into())),
-        Err(e) => return Err(unencodable(format!("it would not read back: {e}"))),
+    let same = match (decode_entry(&payload), event) {
+        (Ok(Entry::Loss(back)), EventRef::Lost(e)) => back == *e,
+        (Ok(Entry::FailedAttempt(back)), EventRef::AttemptFailed(e)) => back == *e,
+        (Ok(Entry::RetryRound(back)), EventRef::RetryRound(e)) => back == *e,
+        (Ok(_), _) => false,
+        (Err(e), _) => return Err(unencodable(format!("it would not read back: {e}"))),
+    };
+    if !same {
+        return Err(unencodable("it would not read back as itself".into()));
     }
     push_frame(out, &payload);
     Ok(())
@@ -1083,6 +1163,7 @@ fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
     if payload.starts_with(EVENT_PREFIX) {
         return match serde_json::from_slice::<Event>(payload) {
             Ok(Event::Lost(loss)) => Ok(Entry::Loss(*loss)),
+            Ok(Event::AttemptFailed(attempt)) => Ok(Entry::FailedAttempt(*attempt)),
             Ok(Event::RetryRound(round)) => Ok(Entry::RetryRound(*round)),
             Ok(Event::Unknown) => Ok(Entry::UnknownEvent),
             Err(e) => Err(format!("undecodable event: {e}")),
@@ -1698,7 +1779,7 @@ mod tests {
         // The warning says what happened, truthfully, and where the original is.
         let logs = recovery.message();
         assert!(
-            logs.contains("1 record(s) (results or loss events) in 1 damaged range(s)"),
+            logs.contains("1 record(s) (results or events) in 1 damaged range(s)"),
             "{logs}"
         );
         assert!(logs.contains("will be run again"), "{logs}");
@@ -1946,6 +2027,162 @@ mod tests {
         assert_eq!((j.record_count(), j.loss_count()), (4, 3));
     }
 
+    fn failed_attempt(case_id: &str, agent_id: &str, attempt: u32) -> FailedAttemptRecord {
+        FailedAttemptRecord {
+            run_id: "run-a".into(),
+            case_id: case_id.into(),
+            agent_id: agent_id.into(),
+            device: decodebench_kernels::DeviceIdentity {
+                backend: "cpu".into(),
+                uuid: format!("CPU-{agent_id}"),
+                sku: "cpu".into(),
+                ..Default::default()
+            },
+            attempt,
+            errors: vec![
+                format!("attempt {attempt} on {agent_id} (CPU-{agent_id}): optimized: wrong"),
+                format!("attempt {attempt} on {agent_id} (CPU-{agent_id}): baseline: \"quoted\""),
+            ],
+            failed_unix_ms: 1_700_000_000_000 + i64::from(attempt),
+        }
+    }
+
+    /// Failed attempts replay in order, each with its place among the results, in a journal
+    /// that interleaves them with results, losses and a retry round; the round says how many
+    /// failed attempts came before it.
+    #[test]
+    fn failed_attempt_events_replay_in_order_among_results_and_losses() {
+        use crate::record::{LossCause, RetryRoundRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let recs = records(4);
+        let a1 = failed_attempt("c1", "agent-1", 1);
+        let a2 = failed_attempt("c2", "agent-1", 1);
+        let a3 = failed_attempt("c1", "agent-2", 2);
+        let l1 = loss("c3", "agent-3", LossCause::Running);
+        let round = RetryRoundRecord {
+            run_id: "run-a".into(),
+            round: "1".into(),
+            units: 1,
+            started_unix_ms: 1_700_000_000_500,
+        };
+        {
+            let (mut j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+            assert!(replay.failed_attempts.is_empty());
+            j.append(&recs[0]).unwrap();
+            j.append_failed_attempts(&[a1.clone(), a2.clone()]).unwrap();
+            j.append_losses(std::slice::from_ref(&l1)).unwrap();
+            j.append_batch(&recs[1..3]).unwrap();
+            j.append_retry_round(&round).unwrap();
+            j.append_failed_attempts(std::slice::from_ref(&a3)).unwrap();
+            j.append_failed_attempts(&[]).unwrap();
+            assert_eq!(
+                (j.record_count(), j.loss_count(), j.failed_attempt_count()),
+                (3, 1, 3)
+            );
+        }
+        let (mut j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(j.recovery(), None);
+        assert_eq!(replay.records, recs[..3]);
+        let at = |attempt: &FailedAttemptRecord, after_records| ReplayedFailedAttempt {
+            attempt: attempt.clone(),
+            after_records,
+        };
+        assert_eq!(
+            replay.failed_attempts,
+            vec![at(&a1, 1), at(&a2, 1), at(&a3, 3)]
+        );
+        assert_eq!(
+            replay.losses,
+            vec![ReplayedLoss {
+                loss: l1,
+                after_records: 1
+            }]
+        );
+        assert_eq!(
+            replay.retry_rounds,
+            vec![ReplayedRetryRound {
+                round,
+                after_records: 3,
+                after_losses: 1,
+                after_failed_attempts: 2
+            }]
+        );
+        assert_eq!(j.failed_attempt_count(), 3);
+        let text =
+            String::from_utf8_lossy(&fs::read(journal_path(dir.path())).unwrap()).into_owned();
+        assert!(
+            text.contains(
+                r#"{"event":"attempt_failed","run_id":"run-a","case_id":"c1","agent_id":"agent-2""#
+            ),
+            "{text}"
+        );
+        // Appending goes on; `open` gives the results alone.
+        j.append(&recs[3]).unwrap();
+        drop(j);
+        let (j, replayed) = Journal::open(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(replayed, recs);
+        assert_eq!(j.failed_attempt_count(), 3);
+    }
+
+    /// A version-1 journal becomes version 2 before its first failed attempt, as before a loss;
+    /// a torn failed attempt at the tail is cut off like a torn result.
+    #[test]
+    fn a_failed_attempt_upgrades_a_version_1_journal_and_a_torn_one_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        let recs = records(2);
+        fs::write(&path, v1_journal(&result_payloads(&recs))).unwrap();
+        let a1 = failed_attempt("c1", "agent-1", 1);
+        let a2 = failed_attempt("c1", "agent-2", 2);
+        let before_last = {
+            let (mut j, _) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+            assert_eq!(j.format_version(), 1);
+            j.append_failed_attempts(std::slice::from_ref(&a1)).unwrap();
+            assert_eq!(j.format_version(), 2);
+            let before_last = j.len_bytes();
+            j.append_failed_attempts(std::slice::from_ref(&a2)).unwrap();
+            before_last
+        };
+        assert_eq!(header_and_rest(&path).0["format_version"], 2);
+        let full = fs::read(&path).unwrap();
+        fs::write(&path, &full[..full.len() - 5]).unwrap();
+        let (j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(replay.records, recs);
+        assert_eq!(
+            replay.failed_attempts,
+            vec![ReplayedFailedAttempt {
+                attempt: a1,
+                after_records: 2
+            }]
+        );
+        assert_eq!(
+            j.recovery().map(|r| r.torn_tail_bytes),
+            Some(full.len() as u64 - 5 - before_last)
+        );
+    }
+
+    /// An `attempt_failed` event without its fields is a damaged frame, not skipped as unknown.
+    #[test]
+    fn a_malformed_failed_attempt_is_a_damaged_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        let recs = records(2);
+        write_frames(dir.path(), &recs[..1]);
+        let mut bytes = fs::read(&path).unwrap();
+        let malformed_at = bytes.len();
+        push_frame(&mut bytes, br#"{"event":"attempt_failed","case_id":"c1"}"#);
+        let malformed = malformed_at..bytes.len();
+        push_frame(&mut bytes, &serde_json::to_vec(&recs[1]).unwrap());
+        fs::write(&path, &bytes).unwrap();
+        let (j, replay) = Journal::replay(dir.path(), &meta("g1")).unwrap();
+        assert_eq!(replay.records, recs);
+        assert!(replay.failed_attempts.is_empty());
+        assert_eq!(
+            j.recovery().unwrap().damaged_ranges,
+            vec![u64_range(&malformed)]
+        );
+    }
+
     /// A `--retry-failed` round's event replays where it was appended among the results and the
     /// losses; appending one to a version-1 journal upgrades it first, as a loss does.
     #[test]
@@ -1982,7 +2219,8 @@ mod tests {
             vec![ReplayedRetryRound {
                 round,
                 after_records: 2,
-                after_losses: 1
+                after_losses: 1,
+                after_failed_attempts: 0
             }]
         );
         // A version-1 journal gets a retry round's event only after it is upgraded.

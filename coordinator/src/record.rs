@@ -127,6 +127,32 @@ pub struct LossRecord {
     pub lost_unix_ms: i64,
 }
 
+/// A reported attempt whose kernels failed and that the scheduler queued for another attempt
+/// (its attempts were not used up). The journal keeps these beside the results, made durable
+/// before the agent's report is answered, so that a coordinator resumed from it goes on counting
+/// the unit's attempts where it stopped, and the unit's final failed record still lists every
+/// attempt's error, those from before the restart included. The final failed attempt is not one
+/// of these: it is the unit's failed [`ResultRecord`].
+///
+/// Like a loss, it names the case and the device, not the unit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedAttemptRecord {
+    pub run_id: String,
+    pub case_id: String,
+    /// The agent that reported the failure, and its device (the unit's placement target).
+    pub agent_id: String,
+    pub device: DeviceIdentity,
+    /// Which reported attempt of the unit it was: 1, +1 per earlier one (as
+    /// [`ResultRecord::attempt`]).
+    pub attempt: u32,
+    /// One line per failed kernel, as the unit's final failed record lists them
+    /// (`attempt N on AGENT (UUID): KERNEL: MESSAGE`).
+    pub errors: Vec<String>,
+    /// When the coordinator journaled it (as it received the report), milliseconds since the
+    /// Unix epoch.
+    pub failed_unix_ms: i64,
+}
+
 /// A `--retry-failed` round started: from here on the journal holds the round's new results.
 ///
 /// The round's units are those whose latest result *before this event* is a failure (under the

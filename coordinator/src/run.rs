@@ -2,11 +2,12 @@
 //! (or a shutdown signal), drain the agents, and write the outputs atomically.
 
 use crate::journal::{
-    Journal, JournalError, JournalMeta, ReplayedLoss, ReplayedRetryRound, JOURNAL_FILE_NAME,
+    Journal, JournalError, JournalMeta, ReplayedFailedAttempt, ReplayedLoss, ReplayedRetryRound,
+    JOURNAL_FILE_NAME,
 };
 use crate::metrics::Metrics;
-use crate::record::{LossRecord, ResultRecord, RetryRoundRecord};
-use crate::scheduler::{unit_key, Loss, Placement, Scheduler, SchedulerConfig};
+use crate::record::{FailedAttemptRecord, LossRecord, ResultRecord, RetryRoundRecord};
+use crate::scheduler::{unit_key, FailedAttempt, Loss, Placement, Scheduler, SchedulerConfig};
 use crate::service::{
     record_abandoned, status_snapshot, CoordinatorService, JournalJob, Shared, MAX_MESSAGE_BYTES,
 };
@@ -231,6 +232,7 @@ pub async fn serve(
         &replay.records,
         &replay.retry_rounds,
         replay.losses.len(),
+        replay.failed_attempts.len(),
         placement,
         cfg.scheduler.retry_failed.as_deref(),
     );
@@ -254,6 +256,8 @@ pub async fn serve(
         retry_rounds.push(round.round);
     }
     let losses = losses_to_restore(&replay.records, replay.losses, placement, &retry);
+    let failed_attempts =
+        failed_attempts_to_restore(&replay.records, replay.failed_attempts, placement, &retry);
     let replayed = replay.records;
     // A failure superseded by a later result of its unit (a --retry-failed resume ran it again)
     // is dropped; every other record is kept, whatever the placement now.
@@ -295,6 +299,21 @@ pub async fn serve(
              alone, and their losses count towards giving them up"
         );
     }
+    if !failed_attempts.is_empty() {
+        let cases: std::collections::HashSet<&str> = failed_attempts
+            .iter()
+            .map(|(case, _)| case.as_str())
+            .collect();
+        tracing::info!(
+            attempts = failed_attempts.len(),
+            cases = cases.len(),
+            "resuming the failed attempts the journal holds: those cases go on counting their \
+             attempts where they stopped, and their final failed record keeps every attempt's \
+             error"
+        );
+    }
+    // Attempts first: a unit given up on at once by its restored losses counts them too.
+    scheduler.restore_failed_attempts(failed_attempts);
     scheduler.restore_losses(losses);
     let (journal_tx, journal_rx) = mpsc::channel::<JournalJob>(JOURNAL_BATCH_MAX * 2);
     let shared = Arc::new(Shared {
@@ -522,6 +541,9 @@ struct RetryPlan {
     /// A unit of `rerun` counts only the losses from this index of the journal's losses on (those
     /// charged during the round; none before a round that starts now).
     losses_from: usize,
+    /// Likewise for the journal's failed attempts: a unit of `rerun` counts only those reported
+    /// during the round.
+    failed_attempts_from: usize,
     /// When a round found in the journal started.
     started_unix_ms: Option<i64>,
 }
@@ -559,6 +581,7 @@ fn plan_retry(
     records: &[ResultRecord],
     rounds: &[ReplayedRetryRound],
     loss_count: usize,
+    failed_attempt_count: usize,
     placement: Placement,
     requested: Option<&str>,
 ) -> RetryPlan {
@@ -570,6 +593,7 @@ fn plan_retry(
             rerun: HashSet::new(),
             round_units: 0,
             losses_from: loss_count,
+            failed_attempts_from: failed_attempt_count,
             started_unix_ms: None,
         };
     };
@@ -600,6 +624,7 @@ fn plan_retry(
                 rerun,
                 round_units: units.len(),
                 losses_from: round.after_losses,
+                failed_attempts_from: round.after_failed_attempts,
                 started_unix_ms: Some(round.round.started_unix_ms),
             }
         }
@@ -615,6 +640,7 @@ fn plan_retry(
                 round_units: rerun.len(),
                 rerun,
                 losses_from: loss_count,
+                failed_attempts_from: failed_attempt_count,
                 started_unix_ms: None,
             }
         }
@@ -706,6 +732,56 @@ fn losses_to_restore(
                     agent_id,
                     device,
                     cause,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The journaled failed attempts a resumed scheduler should count, as `(case id, attempt)` in
+/// journal order, by the rule of [`losses_to_restore`]: those with no result of their unit after
+/// them (a result ends the unit's attempts: a success makes them moot, and a failed record
+/// already lists their errors), and, for a unit the retry round runs again, only those reported
+/// during the round (`retry.failed_attempts_from` on): a resumed round keeps counting them, a
+/// new round starts from none.
+fn failed_attempts_to_restore(
+    records: &[ResultRecord],
+    attempts: Vec<ReplayedFailedAttempt>,
+    placement: Placement,
+    retry: &RetryPlan,
+) -> Vec<(String, FailedAttempt)> {
+    if attempts.is_empty() {
+        return Vec::new();
+    }
+    let last_result: HashMap<String, usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (unit_key(&r.case.id, placement, &r.device), i))
+        .collect();
+    attempts
+        .into_iter()
+        .enumerate()
+        .filter(|(i, a)| {
+            let key = unit_key(&a.attempt.case_id, placement, &a.attempt.device);
+            let after_its_result = last_result
+                .get(&key)
+                .is_none_or(|&last| last < a.after_records);
+            after_its_result && (*i >= retry.failed_attempts_from || !retry.rerun.contains(&key))
+        })
+        .map(|(_, a)| {
+            let FailedAttemptRecord {
+                case_id,
+                agent_id,
+                device,
+                errors,
+                ..
+            } = a.attempt;
+            (
+                case_id,
+                FailedAttempt {
+                    agent_id,
+                    device,
+                    errors,
                 },
             )
         })
@@ -814,10 +890,29 @@ fn spawn_journal_writer(
                         Err(_) => break,
                     }
                 }
-                let (records, dones): (Vec<ResultRecord>, Vec<_>) =
-                    jobs.into_iter().map(|j| (j.record, j.done)).unzip();
+                let mut records = Vec::with_capacity(jobs.len());
+                let mut dones = Vec::with_capacity(jobs.len());
+                let mut attempts = Vec::new();
+                for job in jobs {
+                    match job {
+                        JournalJob::Result { record, done } => {
+                            records.push(record);
+                            dones.push(done);
+                        }
+                        JournalJob::FailedAttempt { attempt, done } => attempts.push((attempt, done)),
+                    }
+                }
                 // Shared with the loss journaling (rare), which holds it for one small write.
                 let mut journal = journal.lock().unwrap_or_else(|p| p.into_inner());
+                // A failed attempt and a result of one unit are never in one batch (the unit
+                // waits for the attempt's write before it is queued again), so their order here
+                // does not matter.
+                if !attempts.is_empty() {
+                    write_failed_attempts(&mut journal, attempts);
+                }
+                if records.is_empty() {
+                    continue;
+                }
                 match journal.append_batch(&records) {
                     Ok(()) => {
                         for (record, done) in records.into_iter().zip(dones) {
@@ -842,6 +937,40 @@ fn spawn_journal_writer(
                 }
             }
         })
+}
+
+/// Makes failed attempts durable with one write and one sync, and tells each waiting handler;
+/// like results, one that cannot be encoded is refused alone, and a failed write refuses all.
+fn write_failed_attempts(
+    journal: &mut Journal,
+    attempts: Vec<(
+        FailedAttemptRecord,
+        tokio::sync::oneshot::Sender<Result<(), crate::service::DurabilityError>>,
+    )>,
+) {
+    let (events, dones): (Vec<FailedAttemptRecord>, Vec<_>) = attempts.into_iter().unzip();
+    match journal.append_failed_attempts(&events) {
+        Ok(()) => {
+            for done in dones {
+                let _ = done.send(Ok(()));
+            }
+        }
+        Err(JournalError::Unencodable { .. }) => {
+            for (event, done) in events.iter().zip(dones) {
+                let r = journal
+                    .append_failed_attempts(std::slice::from_ref(event))
+                    .map_err(durability_error);
+                let _ = done.send(r);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, attempts = events.len(), "journal write failed; failed attempts were not acknowledged (nor counted)");
+            let err = durability_error(e);
+            for done in dones {
+                let _ = done.send(Err(err.clone()));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -882,7 +1011,7 @@ mod tests {
             ]
         };
         let kept = |placement| -> Vec<(String, String)> {
-            let no_retry = plan_retry(&records, &[], 5, placement, None);
+            let no_retry = plan_retry(&records, &[], 5, 0, placement, None);
             losses_to_restore(&records, losses(), placement, &no_retry)
                 .into_iter()
                 .map(|(case, l)| (case, l.agent_id))
@@ -904,8 +1033,14 @@ mod tests {
         );
     }
 
-    /// A round started after the first `after_records` results and `after_losses` losses.
-    fn round_at(name: &str, after_records: usize, after_losses: usize) -> ReplayedRetryRound {
+    /// A round started after the first `after_records` results, `after_losses` losses and
+    /// `after_failed_attempts` failed attempts.
+    fn round_at(
+        name: &str,
+        after_records: usize,
+        after_losses: usize,
+        after_failed_attempts: usize,
+    ) -> ReplayedRetryRound {
         ReplayedRetryRound {
             round: RetryRoundRecord {
                 run_id: "run-1".into(),
@@ -915,6 +1050,7 @@ mod tests {
             },
             after_records,
             after_losses,
+            after_failed_attempts,
         }
     }
 
@@ -938,7 +1074,7 @@ mod tests {
         let still_to_run = sample_record(3, &[1.0], &[]);
         let first_fails_in_round = sample_record(4, &[1.0], &[]);
         let plan = |records: &[ResultRecord], rounds: &[ReplayedRetryRound], name| {
-            plan_retry(records, rounds, 7, Placement::Spread, name)
+            plan_retry(records, rounds, 7, 5, Placement::Spread, name)
         };
         let mut records = vec![ok.clone(), fails_again.clone(), still_to_run.clone()];
 
@@ -948,10 +1084,14 @@ mod tests {
         assert_eq!(start.outcome, RetryOutcome::Start);
         assert_eq!(start.rerun, keys(&[&fails_again, &still_to_run]));
         assert_eq!(start.losses_from, 7, "a new round counts no earlier loss");
+        assert_eq!(
+            start.failed_attempts_from, 5,
+            "nor an earlier failed attempt"
+        );
 
         // The round started after those 3 results; since then one of its units failed again,
         // and a unit with no result before failed for the first time.
-        let rounds = [round_at("1", 3, 7)];
+        let rounds = [round_at("1", 3, 7, 4)];
         records.push(fails_again.clone());
         records.push(first_fails_in_round.clone());
         let resume = plan(&records, &rounds, Some("1"));
@@ -962,6 +1102,7 @@ mod tests {
             "failures recorded during the round are final for it"
         );
         assert_eq!((resume.round_units, resume.losses_from), (2, 7));
+        assert_eq!(resume.failed_attempts_from, 4);
         assert_eq!(resume.started_unix_ms, Some(1_700_000_000_000));
 
         // Its last unit gets a result (a failure): the round is over; the same name reruns
@@ -1021,9 +1162,9 @@ mod tests {
                 loss(&failed, "c"),
             ]
         };
-        let rounds = [round_at("0", 1, 1), round_at("1", 1, 2)];
+        let rounds = [round_at("0", 1, 1, 0), round_at("1", 1, 2, 0)];
         let agents = |name| -> Vec<String> {
-            let plan = plan_retry(&records, &rounds, 3, Placement::Spread, Some(name));
+            let plan = plan_retry(&records, &rounds, 3, 0, Placement::Spread, Some(name));
             losses_to_restore(&records, losses(), Placement::Spread, &plan)
                 .into_iter()
                 .map(|(_, l)| l.agent_id)
@@ -1036,13 +1177,77 @@ mod tests {
             ["a"],
             "a new round: none against the failed case"
         );
-        let off = plan_retry(&records, &rounds, 3, Placement::Spread, None);
+        let off = plan_retry(&records, &rounds, 3, 0, Placement::Spread, None);
         let kept = losses_to_restore(&records, losses(), Placement::Spread, &off);
         assert_eq!(
             kept.len(),
             3,
             "a plain resume passes them all on (the scheduler ignores those of a unit that keeps \
              its failure)"
+        );
+    }
+
+    /// Failed attempts are restored by the rule of the losses: none journaled before a result
+    /// of their unit; for a unit the retry round reruns, only those reported during the round
+    /// (a resumed round keeps them, a new round starts from none); the rest as they are.
+    #[test]
+    fn failed_attempts_are_restored_after_their_units_result_and_within_the_round() {
+        use crate::schema::tests::sample_record;
+        let ok = sample_record(1, &[1.0], &[2.0]);
+        let failed = sample_record(2, &[1.0], &[]);
+        let never_ran = sample_record(3, &[1.0], &[2.0]);
+        let attempt = |r: &ResultRecord, agent: &str, after_records| ReplayedFailedAttempt {
+            attempt: FailedAttemptRecord {
+                run_id: "run-1".into(),
+                case_id: r.case.id.clone(),
+                agent_id: agent.into(),
+                device: r.device.clone(),
+                attempt: 1,
+                errors: vec![format!("attempt 1 on {agent}: optimized: wrong")],
+                failed_unix_ms: 0,
+            },
+            after_records,
+        };
+        let records = vec![ok.clone(), failed.clone()];
+        // `a` failed `ok` before its result, `b` and `c` failed `failed` before its failed
+        // record, `d` failed a case with no result; round `1` started after those, and `e`
+        // failed `failed` in it, `f` the case with no result.
+        let attempts = || {
+            vec![
+                attempt(&ok, "a", 0),
+                attempt(&failed, "b", 1),
+                attempt(&failed, "c", 1),
+                attempt(&never_ran, "d", 2),
+                attempt(&failed, "e", 2),
+                attempt(&never_ran, "f", 2),
+            ]
+        };
+        let rounds = [round_at("1", 2, 0, 4)];
+        let agents = |name: Option<&str>| -> Vec<String> {
+            let plan = plan_retry(&records, &rounds, 0, 6, Placement::Spread, name);
+            failed_attempts_to_restore(&records, attempts(), Placement::Spread, &plan)
+                .into_iter()
+                .map(|(case, a)| {
+                    assert!(a.errors[0].contains(&format!("on {}", a.agent_id)));
+                    assert!(case == never_ran.case.id || case == failed.case.id);
+                    a.agent_id
+                })
+                .collect()
+        };
+        assert_eq!(
+            agents(None),
+            ["d", "e", "f"],
+            "a plain resume: none before their unit's result"
+        );
+        assert_eq!(
+            agents(Some("1")),
+            ["d", "e", "f"],
+            "round 1 resumed: its own"
+        );
+        assert_eq!(
+            agents(Some("2")),
+            ["d", "f"],
+            "a new round: none against the failed case it reruns"
         );
     }
 

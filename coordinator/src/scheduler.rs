@@ -8,7 +8,11 @@
 //! - heartbeats extend a lease; an expired lease puts its unfinished units back in the queue;
 //! - a unit is done once, whoever reports it and however often (late reports are duplicates);
 //! - a unit whose kernels failed is retried on another agent, up to `max_attempts`, and then
-//!   recorded as failed with every attempt's error;
+//!   recorded as failed with every attempt's error. Each failed attempt that is retried is
+//!   journaled before its report is answered ([`ReportDecision::Retry`],
+//!   [`Scheduler::retry_recorded`]), and a resumed scheduler gets them back
+//!   ([`Scheduler::restore_failed_attempts`]), so that a restart of the coordinator neither grants
+//!   a failing unit fresh attempts nor forgets the errors of the earlier ones;
 //! - a unit *lost* with its agent (the lease expired with the unit unreported: the agent crashed,
 //!   was OOM-killed, or was cut off) runs alone from then on, so that a case that kills its agent
 //!   cannot take its shard-mates down with it again; once it has been lost `max_attempts` times,
@@ -243,6 +247,16 @@ pub struct Loss {
     pub cause: LossCause,
 }
 
+/// A journaled failed attempt of a unit (reported failed, then queued for another attempt), as a
+/// resumed scheduler takes it back ([`Scheduler::restore_failed_attempts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailedAttempt {
+    pub agent_id: String,
+    pub device: DeviceIdentity,
+    /// The attempt's errors, one per failed kernel, as the unit's failed record lists them.
+    pub errors: Vec<String>,
+}
+
 /// A loss the scheduler charged, to be journaled ([`Scheduler::take_losses`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossEvent {
@@ -289,8 +303,17 @@ pub enum ReportDecision {
     Commit { unit: usize, attempt: u32 },
     /// The unit already has a result (or one is being committed): acknowledge, count nothing.
     Duplicate,
-    /// The kernels failed and the unit goes back for another attempt; nothing is stored.
-    Retry { attempt: u32, error: String },
+    /// The kernels failed and attempts are left: journal the failed attempt (`errors`, one per
+    /// failed kernel; `error` joins them), then call [`Scheduler::retry_recorded`], which queues
+    /// the unit for another attempt (or [`Scheduler::abort_commit`] if the journal write failed:
+    /// the attempt is not counted, and the agent sends its report again). Until then the unit
+    /// counts as running, and a second report of it is a duplicate.
+    Retry {
+        unit: usize,
+        attempt: u32,
+        error: String,
+        errors: Vec<String>,
+    },
     /// The kernels failed and attempts are exhausted: store this (with every attempt's error in
     /// the message), then [`Scheduler::commit`].
     CommitFailed {
@@ -427,6 +450,8 @@ pub struct Scheduler {
     /// Journaled losses of units whose target has no units yet (per-sku, per-gpu: they appear as
     /// agents register), by unit key ([`Scheduler::restore_losses`]).
     restored_losses: HashMap<String, Vec<Loss>>,
+    /// Likewise for journaled failed attempts ([`Scheduler::restore_failed_attempts`]).
+    restored_attempts: HashMap<String, Vec<FailedAttempt>>,
     draining: bool,
     /// The fleet requirement (`--expect-agents`, `--wait-for`) was met once: it gates the start
     /// only. An agent lost later must not stop the others (its cases go back to the queue).
@@ -480,6 +505,7 @@ impl Scheduler {
             abandoned: Vec::new(),
             losses: Vec::new(),
             restored_losses: HashMap::new(),
+            restored_attempts: HashMap::new(),
             draining: false,
             fleet_met: false,
             started: Instant::now(),
@@ -505,8 +531,12 @@ impl Scheduler {
         }
         let mut queue: BTreeMap<String, VecDeque<usize>> = BTreeMap::new();
         let mut restored = Vec::new();
+        let mut restored_attempts = Vec::new();
         for (case_idx, case) in self.cases.iter().enumerate() {
             let key = format!("{}|{}", case.id, target.key());
+            if let Some(attempts) = self.restored_attempts.remove(&key) {
+                restored_attempts.push((self.units.len(), attempts));
+            }
             if let Some(losses) = self.restored_losses.remove(&key) {
                 restored.push((self.units.len(), losses));
             }
@@ -538,6 +568,11 @@ impl Scheduler {
             }
         }
         self.queues.insert(target, queue);
+        // Attempts before losses, as the coordinator restores them: a unit given up on at once
+        // counts its reported attempts too.
+        for (u, attempts) in restored_attempts {
+            self.restore_unit_attempts(u, attempts);
+        }
         for (u, losses) in restored {
             self.restore_unit_losses(u, losses);
         }
@@ -570,6 +605,50 @@ impl Scheduler {
                 self.restore_unit_losses(u, losses);
             }
         }
+    }
+
+    /// Gives a resumed scheduler the failed attempts its journal holds, in the order they were
+    /// reported (`(case id, attempt)`; the unit follows from the case and the attempt's device
+    /// under this run's placement), as [`Scheduler::restore_losses`] does for losses. A unit
+    /// that has a result (done or failed) ignores them; any other unit counts each as an attempt
+    /// used, keeps its errors for its final failed record and prefers other agents than those
+    /// that failed it, so that its next attempt number goes on from there. Call it before
+    /// [`Scheduler::restore_losses`], so that a unit given up on at once counts them.
+    ///
+    /// The caller leaves out the failed attempts it should not count, by the rule of the losses:
+    /// those journaled before a result of their unit, and, for a unit a `--retry-failed` round
+    /// reruns, those reported before the round started.
+    pub fn restore_failed_attempts(
+        &mut self,
+        attempts: impl IntoIterator<Item = (String, FailedAttempt)>,
+    ) {
+        for (case_id, attempt) in attempts {
+            let key = unit_key(&case_id, self.cfg.placement, &attempt.device);
+            self.restored_attempts.entry(key).or_default().push(attempt);
+        }
+        let existing: Vec<(String, usize)> = self
+            .restored_attempts
+            .keys()
+            .filter_map(|k| self.unit_index.get(k).map(|&u| (k.clone(), u)))
+            .collect();
+        for (key, u) in existing {
+            if let Some(attempts) = self.restored_attempts.remove(&key) {
+                self.restore_unit_attempts(u, attempts);
+            }
+        }
+    }
+
+    fn restore_unit_attempts(&mut self, u: usize, attempts: Vec<FailedAttempt>) {
+        let unit = &mut self.units[u];
+        if unit.state != UnitState::Pending || attempts.is_empty() {
+            return;
+        }
+        for a in attempts {
+            unit.attempts += 1;
+            unit.errors.extend(a.errors);
+            unit.failed_on.insert(a.agent_id);
+        }
+        self.failures_seen = true;
     }
 
     fn restore_unit_losses(&mut self, u: usize, losses: Vec<Loss>) {
@@ -1218,10 +1297,10 @@ impl Scheduler {
         }
         self.failures_seen = true;
         let unit = &mut self.units[u];
-        unit.errors.extend(failures.iter().cloned());
-        unit.failed_on.insert(agent_id.to_string());
+        transition(&mut self.counts, unit, UnitState::Committing);
         if attempt >= self.cfg.max_attempts {
-            transition(&mut self.counts, unit, UnitState::Committing);
+            unit.errors.extend(failures.iter().cloned());
+            unit.failed_on.insert(agent_id.to_string());
             let errors = unit.errors.clone();
             return Ok((
                 ReportDecision::CommitFailed {
@@ -1232,18 +1311,35 @@ impl Scheduler {
                 lease_valid,
             ));
         }
-        // Take the unit out of its lease and queue it for another agent.
-        if let Some(l) = unit.lease.and_then(|id| self.leases.get_mut(&id)) {
-            l.units.retain(|&x| x != u);
-        }
-        self.requeue(u);
+        // The unit waits, running, until the failed attempt is journaled
+        // ([`Scheduler::retry_recorded`]); its errors are kept only then.
         Ok((
             ReportDecision::Retry {
+                unit: u,
                 attempt,
                 error: failures.join("; "),
+                errors: failures,
             },
             lease_valid,
         ))
+    }
+
+    /// The failed attempt of a [`ReportDecision::Retry`] is journaled: the unit keeps its
+    /// `errors`, prefers agents other than `agent_id`, leaves its lease and is queued for another
+    /// attempt.
+    pub fn retry_recorded(&mut self, unit: usize, agent_id: &str, errors: Vec<String>) {
+        let Some(u) = self.units.get_mut(unit) else {
+            return;
+        };
+        if u.state != UnitState::Committing {
+            return;
+        }
+        u.errors.extend(errors);
+        u.failed_on.insert(agent_id.to_string());
+        if let Some(l) = u.lease.and_then(|id| self.leases.get_mut(&id)) {
+            l.units.retain(|&x| x != unit);
+        }
+        self.requeue(unit);
     }
 
     /// Marks a unit done (or, after [`ReportDecision::CommitFailed`], failed) once its result is
@@ -1269,7 +1365,8 @@ impl Scheduler {
         }
     }
 
-    /// The result could not be made durable: the unit goes back to the queue.
+    /// The result (or, after a [`ReportDecision::Retry`], the failed attempt) could not be made
+    /// durable: the attempt is not counted and the unit goes back to the queue.
     pub fn abort_commit(&mut self, unit: usize) {
         if let Some(u) = self.units.get_mut(unit) {
             if u.state == UnitState::Committing {
@@ -2029,6 +2126,151 @@ mod tests {
         assert!(s.lease_cases(id + 1).is_empty());
     }
 
+    /// A retried failure is not acted on until its journal write is done: meanwhile the unit is
+    /// running and a second report of it a duplicate; a failed write counts nothing (the agent
+    /// sends the report again and gets the same attempt number); a done write queues the unit.
+    #[test]
+    fn a_retried_failure_waits_for_its_journal_write() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(cfg_attempts(1, 3), cases(1), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let b = s.register("b".into(), dev("u2", "H100"), t);
+        let g = grant(s.lease(&a, t).unwrap());
+        let id = g.cases[0].id.clone();
+        let retry = |s: &mut Scheduler| {
+            let (d, _) = s.report(&a, &g.lease_id, &failed_result(&id), t).unwrap();
+            match d {
+                ReportDecision::Retry {
+                    unit,
+                    attempt,
+                    error,
+                    errors,
+                } => (unit, attempt, error, errors),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (unit, attempt, error, errors) = retry(&mut s);
+        assert_eq!(attempt, 1);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with(&format!("attempt 1 on {a} (u1): optimized: ")));
+        assert_eq!(error, errors.join("; "));
+        assert_eq!(s.progress().running, 1, "running while it is journaled");
+        let (d, _) = s.report(&a, &g.lease_id, &failed_result(&id), t).unwrap();
+        assert_eq!(d, ReportDecision::Duplicate);
+        assert!(matches!(s.lease(&b, t).unwrap(), LeaseDecision::Wait(_)));
+        // The journal write failed: nothing counted, the agent sends the report again.
+        s.abort_commit(unit);
+        let (unit, attempt, _, errors) = retry(&mut s);
+        assert_eq!(attempt, 1, "the aborted attempt was not counted");
+        s.retry_recorded(unit, &a, errors);
+        assert_eq!(s.progress().pending, 1);
+        assert!(s.lease_cases(g.lease_id.parse().unwrap()).is_empty());
+        // Queued for another agent, which reports attempt 2 and keeps attempt 1's error.
+        let g = grant(s.lease(&b, t).unwrap());
+        let (d, _) = s.report(&b, &g.lease_id, &failed_result(&id), t).unwrap();
+        let ReportDecision::Retry { attempt: 2, .. } = d else {
+            panic!("{d:?}")
+        };
+    }
+
+    fn failed_attempt(agent_id: &str, uuid: &str, n: u32) -> FailedAttempt {
+        FailedAttempt {
+            agent_id: agent_id.into(),
+            device: dev(uuid, "H100"),
+            errors: vec![format!(
+                "attempt {n} on {agent_id} ({uuid}): optimized: before"
+            )],
+        }
+    }
+
+    /// A resumed scheduler counts the journaled failed attempts of a unit: its next attempt
+    /// number goes on from them, its final failed record lists their errors first, and it
+    /// prefers agents other than those that failed it; a unit with a result ignores them.
+    #[test]
+    fn restored_failed_attempts_continue_the_count_and_keep_their_errors() {
+        let t = Instant::now();
+        let cs = cases(2);
+        let ids: Vec<String> = cs.iter().map(|c| c.id.clone()).collect();
+        let mut s = Scheduler::resume(cfg_attempts(1, 3), cs, [format!("{}|*", ids[1])], []);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let b = s.register("b".into(), dev("u2", "H100"), t);
+        s.restore_failed_attempts([
+            (ids[0].clone(), failed_attempt(&a, "u1", 1)),
+            (ids[1].clone(), failed_attempt(&a, "u1", 1)),
+            (ids[0].clone(), failed_attempt("agent-old", "u0", 2)),
+        ]);
+        let p = s.progress();
+        assert_eq!((p.pending, p.done, p.failed), (1, 1, 0), "{p:?}");
+        // a failed it before the restart: b runs it while alive.
+        assert!(matches!(s.lease(&a, t).unwrap(), LeaseDecision::Wait(_)));
+        let g = grant(s.lease(&b, t).unwrap());
+        assert_eq!(g.cases[0].id, ids[0]);
+        let (d, _) = s
+            .report(&b, &g.lease_id, &failed_result(&ids[0]), t)
+            .unwrap();
+        let ReportDecision::CommitFailed {
+            unit,
+            attempt,
+            errors,
+        } = d
+        else {
+            panic!("the third attempt in all is the last: {d:?}")
+        };
+        assert_eq!(attempt, 3);
+        assert_eq!(errors.len(), 3);
+        assert!(
+            errors[0].contains(&format!("attempt 1 on {a}")),
+            "{errors:?}"
+        );
+        assert!(errors[1].contains("attempt 2 on agent-old"), "{errors:?}");
+        assert!(
+            errors[2].starts_with(&format!("attempt 3 on {b}")),
+            "{errors:?}"
+        );
+        s.commit(unit, &b, true);
+        assert!(s.is_finished());
+    }
+
+    /// Per-sku: a failed attempt of a target no agent has registered for yet counts once its
+    /// first agent registers; one of another target does not count here.
+    #[test]
+    fn restored_failed_attempts_of_a_target_not_yet_seen_apply_when_it_appears() {
+        let t = Instant::now();
+        let cs = cases(1);
+        let id = cs[0].id.clone();
+        let mut s = Scheduler::resume(
+            SchedulerConfig {
+                placement: Placement::PerSku,
+                max_attempts: 2,
+                ..cfg(1)
+            },
+            cs,
+            [],
+            [],
+        );
+        s.restore_failed_attempts([
+            (id.clone(), failed_attempt("agent-old", "u9", 1)),
+            (
+                id.clone(),
+                FailedAttempt {
+                    device: dev("u8", "A100"),
+                    ..failed_attempt("agent-older", "u8", 1)
+                },
+            ),
+        ]);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let g = grant(s.lease(&a, t).unwrap());
+        let (d, _) = s.report(&a, &g.lease_id, &failed_result(&id), t).unwrap();
+        let ReportDecision::CommitFailed {
+            attempt, errors, ..
+        } = d
+        else {
+            panic!("{d:?}")
+        };
+        assert_eq!(attempt, 2);
+        assert!(errors[0].contains("agent-old") && !errors.iter().any(|e| e.contains("older")));
+    }
+
     #[test]
     fn failed_case_retries_elsewhere_then_records_every_error() {
         let t = Instant::now();
@@ -2039,10 +2281,16 @@ mod tests {
         let (d, _) = s
             .report(&a, &g.lease_id, &failed_result(&g.cases[0].id), t)
             .unwrap();
-        assert!(
-            matches!(d, ReportDecision::Retry { attempt: 1, .. }),
-            "{d:?}"
-        );
+        let ReportDecision::Retry {
+            unit,
+            attempt: 1,
+            errors,
+            ..
+        } = d
+        else {
+            panic!("{d:?}")
+        };
+        s.retry_recorded(unit, &a, errors);
         // a failed it, so a is not offered it again while b is alive.
         assert!(matches!(s.lease(&a, t).unwrap(), LeaseDecision::Wait(_)));
         let g = grant(s.lease(&b, t).unwrap());

@@ -1,11 +1,11 @@
 //! The gRPC service: the network edge of the coordinator.
 //!
 //! Every request is authenticated (when a token is configured), bounded and converted to domain
-//! types here; the [`Scheduler`] decides; results are made durable by the journal writer before
-//! they are acknowledged. Errors map to gRPC codes in one place ([`status_of`]).
+//! types here; the [`Scheduler`] decides; results, and failed attempts queued for another try,
+//! are made durable by the journal writer before they are acknowledged. Errors map to gRPC codes in one place ([`status_of`]).
 
 use crate::metrics::Metrics;
-use crate::record::ResultRecord;
+use crate::record::{FailedAttemptRecord, ResultRecord};
 use crate::scheduler::{AbandonedUnit, LeaseDecision, ReportDecision, ScheduleError, Scheduler};
 use decodebench_kernels::{CaseMeasurement, Status as KernelStatus};
 use decodebench_proto::{wire, PROTOCOL_VERSION};
@@ -33,11 +33,18 @@ pub struct DurabilityError {
     pub permanent: bool,
 }
 
-/// A result waiting to be made durable, and who to tell when it is. The record comes back with
-/// the answer, so the handler keeps it without a copy.
-pub struct JournalJob {
-    pub record: ResultRecord,
-    pub done: oneshot::Sender<(ResultRecord, Result<(), DurabilityError>)>,
+/// What waits to be made durable before a report is answered, and who to tell when it is.
+pub enum JournalJob {
+    /// A result. The record comes back with the answer, so the handler keeps it without a copy.
+    Result {
+        record: ResultRecord,
+        done: oneshot::Sender<(ResultRecord, Result<(), DurabilityError>)>,
+    },
+    /// A failed attempt the scheduler queues for another try ([`ReportDecision::Retry`]).
+    FailedAttempt {
+        attempt: FailedAttemptRecord,
+        done: oneshot::Sender<Result<(), DurabilityError>>,
+    },
 }
 
 /// State shared by the gRPC handlers, the ticker and the run loop.
@@ -134,7 +141,7 @@ async fn make_durable(shared: &Shared, record: ResultRecord) -> Result<ResultRec
     let (tx, rx) = oneshot::channel();
     shared
         .journal
-        .send(JournalJob { record, done: tx })
+        .send(JournalJob::Result { record, done: tx })
         .await
         .map_err(|_| Status::unavailable("the coordinator is shutting down; retry later"))?;
     match rx.await {
@@ -149,6 +156,32 @@ async fn make_durable(shared: &Shared, record: ResultRecord) -> Result<ResultRec
         ))),
         Err(_) => Err(Status::unavailable(
             "the journal writer stopped; the result was not recorded, send it again",
+        )),
+    }
+}
+
+/// Hands a failed attempt to the journal writer and waits until it is on disk; the error says
+/// what the agent should do (send the report again, as for a result that was not recorded).
+async fn make_attempt_durable(shared: &Shared, attempt: FailedAttemptRecord) -> Result<(), Status> {
+    let (tx, rx) = oneshot::channel();
+    shared
+        .journal
+        .send(JournalJob::FailedAttempt { attempt, done: tx })
+        .await
+        .map_err(|_| Status::unavailable("the coordinator is shutting down; retry later"))?;
+    match rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.permanent => Err(Status::invalid_argument(format!(
+            "the failed attempt cannot be recorded: {}",
+            e.message
+        ))),
+        Ok(Err(e)) => Err(Status::unavailable(format!(
+            "could not write the failed attempt to the journal ({}); it was not counted, send \
+             the result again",
+            e.message
+        ))),
+        Err(_) => Err(Status::unavailable(
+            "the journal writer stopped; the failed attempt was not counted, send the result again",
         )),
     }
 }
@@ -462,13 +495,13 @@ impl CoordinatorService {
                 .report(agent_id, lease_id, &m, Instant::now())
                 .map_err(status_of)?;
             let (case, device) = match &d {
-                ReportDecision::Commit { unit, .. } | ReportDecision::CommitFailed { unit, .. } => {
-                    (
-                        s.unit_case(*unit).cloned(),
-                        s.agent(agent_id).map(|a| a.device.clone()),
-                    )
-                }
-                _ => (None, None),
+                ReportDecision::Commit { unit, .. }
+                | ReportDecision::CommitFailed { unit, .. }
+                | ReportDecision::Retry { unit, .. } => (
+                    s.unit_case(*unit).cloned(),
+                    s.agent(agent_id).map(|a| a.device.clone()),
+                ),
+                ReportDecision::Duplicate => (None, None),
             };
             let drain = s.is_finished() || s.draining();
             (d, valid, case, device, drain)
@@ -479,9 +512,46 @@ impl CoordinatorService {
                 self.shared.metrics.duplicates.inc();
                 false
             }
-            ReportDecision::Retry { attempt, error } => {
-                tracing::warn!(case = %m.case_id, attempt, %error, "case failed; queued for another attempt");
+            ReportDecision::Retry {
+                unit,
+                attempt,
+                error,
+                errors,
+            } => {
+                let (Some(case), Some(device)) = (case, device) else {
+                    return Err(Status::internal(
+                        "scheduler lost the case or agent of a unit",
+                    ));
+                };
+                // Durable before the answer, as a result is: a restarted coordinator goes on
+                // counting the case's attempts, and its final failed record keeps this error.
+                let event = FailedAttemptRecord {
+                    run_id: self.shared.run_id.clone(),
+                    case_id: case.id.clone(),
+                    agent_id: agent_id.to_string(),
+                    device,
+                    attempt,
+                    errors: errors.clone(),
+                    failed_unix_ms: now_unix_ms(),
+                };
+                if let Err(e) = make_attempt_durable(&self.shared, event).await {
+                    self.shared.scheduler().abort_commit(unit);
+                    tracing::error!(
+                        case = %case.id,
+                        agent = %agent_id,
+                        attempt,
+                        error = %e.message(),
+                        "could not journal a failed attempt of this case: the report is not \
+                         acknowledged and the attempt not counted; the agent sends it again"
+                    );
+                    return Err(e);
+                }
+                self.shared
+                    .scheduler()
+                    .retry_recorded(unit, agent_id, errors);
+                tracing::warn!(case = %m.case_id, attempt, %error, "case failed; journaled and queued for another attempt");
                 self.shared.metrics.retries.inc();
+                self.shared.changed.notify_waiters();
                 true
             }
             ReportDecision::Commit { unit, attempt }
@@ -722,7 +792,10 @@ mod tests {
             .expect("a journal job");
         call.abort();
         let _ = call.await;
-        let _ = job.done.send((job.record, Ok(())));
+        let JournalJob::Result { record, done } = job else {
+            panic!("a result's journal job")
+        };
+        let _ = done.send((record, Ok(())));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let p = svc.shared.scheduler().progress();
