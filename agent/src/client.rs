@@ -795,7 +795,9 @@ impl Agent {
             let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
             let mut p = probe.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(f) = failpoint {
-                trigger(&f, &c.id, b.as_mut());
+                if let Some(m) = trigger(&f, &c, b.as_mut()) {
+                    return m;
+                }
             }
             let mut m = crate::gating::run_gated(
                 b.as_mut(),
@@ -843,8 +845,10 @@ impl Agent {
     }
 }
 
-/// Carries out an armed failpoint at its case (see [`crate::failpoint`]).
-fn trigger(f: &Failpoint, case_id: &str, backend: &mut dyn Backend) {
+/// Carries out an armed failpoint at its case (see [`crate::failpoint`]); returns what to report
+/// instead of running the case, if anything.
+fn trigger(f: &Failpoint, case: &BenchCase, backend: &mut dyn Backend) -> Option<CaseMeasurement> {
+    let case_id = &case.id;
     match f.action {
         FailAction::Abort => {
             tracing::error!(case = %case_id, failpoint = %f, "fault drill: aborting this agent process");
@@ -858,7 +862,12 @@ fn trigger(f: &Failpoint, case_id: &str, backend: &mut dyn Backend) {
                 tracing::error!(case = %case_id, failpoint = %f, %why, "fault drill: no device fault injected")
             }
         },
+        FailAction::Fail => {
+            tracing::error!(case = %case_id, failpoint = %f, "fault drill: reporting this case failed without running it");
+            return Some(f.injected_failure(case));
+        }
     }
+    None
 }
 
 /// Parses `--connect-timeout-s`: a number of seconds, at least [`MIN_CONNECT_TIMEOUT_S`]. Zero is

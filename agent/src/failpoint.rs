@@ -7,9 +7,17 @@
 //! - `device-fault:CASE`: the GPU faults (an illegal-address write) right before the case runs, so
 //!   the case fails with a device error and the CUDA context stays poisoned: the agent reports the
 //!   failure and exits, as after a real Xid. Only the CUDA backend has a device to fault.
+//! - `fail:CASE`: the agent does not run the case and reports its optimized kernel as `failed`
+//!   (the baseline, when the case runs only that), with a message that says the failure was
+//!   injected by this failpoint, as a kernel that kept producing wrong numbers or a CUDA error
+//!   would be reported; a baseline the case also runs is reported `skipped`, not run. The agent
+//!   carries on with its next case, and fails this one every time it gets it: it drills the
+//!   coordinator's retry of failed cases (`--max-attempts`), its journaling of the failed
+//!   attempts, and the failed record at the end. Any backend, the CPU one included.
 //!
 //! Unset (the normal case), it costs one environment lookup per agent.
 
+use decodebench_kernels::{BenchCase, CaseMeasurement, KernelKind, KernelMeasurement, Status};
 use std::fmt;
 
 /// The environment variable read by [`Failpoint::from_env`].
@@ -20,6 +28,8 @@ pub const FAILPOINT_ENV: &str = "DECODEBENCH_FAILPOINT";
 pub enum FailAction {
     Abort,
     DeviceFault,
+    /// Report the case failed without running it ([`Failpoint::injected_failure`]).
+    Fail,
 }
 
 /// An armed failpoint: an action and the case-id prefix that triggers it.
@@ -34,6 +44,7 @@ impl fmt::Display for Failpoint {
         let action = match self.action {
             FailAction::Abort => "abort",
             FailAction::DeviceFault => "device-fault",
+            FailAction::Fail => "fail",
         };
         write!(f, "{action}:{}", self.case_prefix)
     }
@@ -55,7 +66,7 @@ impl Failpoint {
 
     /// Parses `ACTION:CASE`.
     pub fn parse(text: &str) -> Result<Failpoint, String> {
-        let usage = "expected `abort:CASE` or `device-fault:CASE`, where CASE is the start (at \
+        let usage = "expected `abort:CASE`, `device-fault:CASE` or `fail:CASE`, where CASE is the start (at \
                      least 4 hex digits) of a case id from `decodebench grid --cases`; unset it \
                      for a normal run";
         let (action, prefix) = text
@@ -65,6 +76,7 @@ impl Failpoint {
         let action = match action {
             "abort" => FailAction::Abort,
             "device-fault" => FailAction::DeviceFault,
+            "fail" => FailAction::Fail,
             other => {
                 return Err(format!(
                     "{FAILPOINT_ENV}=`{text}`: unknown action `{other}`; {usage}"
@@ -86,6 +98,44 @@ impl Failpoint {
     pub fn matches(&self, case_id: &str) -> bool {
         case_id.to_ascii_lowercase().starts_with(&self.case_prefix)
     }
+
+    /// What a `fail:CASE` failpoint reports for `case` instead of running it: the optimized
+    /// kernel (or the baseline, when the case runs only that) `failed`, with a message naming
+    /// this failpoint, and any other kernel of the case `skipped`, not run.
+    pub fn injected_failure(&self, case: &BenchCase) -> CaseMeasurement {
+        let kinds = case.method.kernels.kinds();
+        let failed = if kinds.contains(&KernelKind::Optimized) {
+            KernelKind::Optimized
+        } else {
+            KernelKind::Baseline
+        };
+        let kernels = kinds
+            .iter()
+            .map(|&kind| {
+                if kind == failed {
+                    KernelMeasurement::not_timed(
+                        kind,
+                        Status::Failed,
+                        format!(
+                            "injected failure: {FAILPOINT_ENV}={self} failed this kernel without \
+                             running it (a fault drill); unset {FAILPOINT_ENV} for a real run"
+                        ),
+                    )
+                } else {
+                    KernelMeasurement::not_timed(
+                        kind,
+                        Status::Skipped,
+                        format!("not run: {FAILPOINT_ENV}={self} failed this case (a fault drill)"),
+                    )
+                }
+            })
+            .collect();
+        CaseMeasurement {
+            case_id: case.id.clone(),
+            kernels,
+            wall_s: 0.0,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -101,6 +151,46 @@ mod tests {
         let f = Failpoint::parse(" device-fault:abcd ").unwrap();
         assert_eq!(f.action, FailAction::DeviceFault);
         assert_eq!(f.to_string(), "device-fault:abcd");
+        let f = Failpoint::parse("fail:ABCD12").unwrap();
+        assert_eq!(f.action, FailAction::Fail);
+        assert_eq!(f.to_string(), "fail:abcd12");
+        assert!(f.matches("abcd1234"));
+    }
+
+    /// The injected failure fails the optimized kernel, naming the failpoint, and runs nothing
+    /// else; a case that runs only the baseline gets its baseline failed.
+    #[test]
+    fn an_injected_failure_fails_the_optimized_kernel_and_says_so() {
+        use decodebench_kernels::{KernelSelection, QuantMode};
+        let f = Failpoint::parse("fail:abcd").unwrap();
+        let mut case = BenchCase::reference_shape(1, 64, QuantMode::BF16).with_id();
+        let m = f.injected_failure(&case);
+        assert_eq!(m.case_id, case.id);
+        let by_kind = |m: &CaseMeasurement, kind| {
+            m.kernels
+                .iter()
+                .find(|k| k.kernel == Some(kind))
+                .cloned()
+                .unwrap_or_else(|| panic!("no {kind:?} kernel in {m:?}"))
+        };
+        let opt = by_kind(&m, KernelKind::Optimized);
+        assert_eq!(opt.status, Some(Status::Failed));
+        assert!(
+            opt.message.contains("injected failure")
+                && opt.message.contains("DECODEBENCH_FAILPOINT=fail:abcd"),
+            "{}",
+            opt.message
+        );
+        assert!(opt.samples_ms.is_empty());
+        assert_eq!(
+            by_kind(&m, KernelKind::Baseline).status,
+            Some(Status::Skipped)
+        );
+        case.method.kernels = KernelSelection::Baseline;
+        let m = f.injected_failure(&case);
+        assert_eq!(m.kernels.len(), 1);
+        assert_eq!(m.kernels[0].kernel, Some(KernelKind::Baseline));
+        assert_eq!(m.kernels[0].status, Some(Status::Failed));
     }
 
     #[test]
