@@ -789,6 +789,151 @@ fn a_case_that_kills_agents_is_given_up_across_a_coordinator_restart() {
     assert_eq!(after, expected, "both losses are in the journal");
 }
 
+/// A case whose kernel fails every time it runs (here the agent's `DECODEBENCH_FAILPOINT=fail:`
+/// reports it failed), with the coordinator `kill -9`ed and restarted on its journal after the
+/// first failed attempt was answered. That attempt was journaled before its answer, so the
+/// restarted coordinator goes on counting: the case ends failed after `--max-attempts 3` attempts
+/// in all, not 3 more after every restart (which, with a Deployment restarting the coordinator,
+/// could go on for ever), and its failed record lists the error of the attempt before the
+/// restart too.
+#[test]
+fn a_failing_case_keeps_its_attempts_and_errors_across_a_coordinator_restart() {
+    let _serial = exclusive();
+    let s = Scratch::new("failing-case-restart");
+    let grid = s.grid(&poison_grid_spec("it-failing-restart"));
+    let ids = grid_case_ids(&grid);
+    // The first case of the grid's one KV pool: the first case of the first shard, so that after
+    // its failure the agent runs the three slow cases of its shard before it can get it again.
+    let failing = grid_case_ids_in_order(&grid)[0].clone();
+    let out = s.out();
+    let flags = [
+        "--lease-timeout-s",
+        "2",
+        "--heartbeat-s",
+        "0.5",
+        "--shard-cases",
+        SHARD_CASES_ARG,
+        "--max-attempts",
+        "3",
+    ];
+    let port = free_port();
+    let mut first = coordinator(&s, "coordinator-1", &grid, port, &flags);
+    let probe = StatusProbe::new(port);
+    let agent_args: Vec<String> = [
+        "agent",
+        "--backend",
+        "cpu",
+        "--coordinator",
+        &url(port),
+        "--name",
+        "agent-0",
+        "--connect-timeout-s",
+        "60",
+    ]
+    .map(String::from)
+    .to_vec();
+    let drill = format!("fail:{failing}");
+    let mut failing_agent = Proc::spawn_with_env(
+        &s,
+        "agent-0",
+        &agent_args,
+        &[("DECODEBENCH_FAILPOINT", &drill)],
+    );
+
+    // The first failed attempt is journaled and answered (the case left the agent's lease),
+    // while the agent still runs the rest of its shard: it cannot have been retried yet.
+    probe.wait_for(
+        Duration::from_secs(60),
+        "the first failed attempt to be journaled and answered, mid-shard",
+        |st| {
+            !journaled_failed_attempts(&out, &failing).is_empty()
+                && agent_named(st, "agent-0").is_some_and(|a| {
+                    !a.lease_case_ids.is_empty() && !a.lease_case_ids.contains(&failing)
+                })
+        },
+    );
+    first.kill9();
+    let before = journaled_failed_attempts(&out, &failing);
+    assert_eq!(
+        before.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+        [1],
+        "one failed attempt before the restart: {before:?}"
+    );
+    let first_agent_id = before[0].agent_id.clone();
+    assert!(
+        before[0].errors.len() == 1
+            && before[0].errors[0].starts_with(&format!("attempt 1 on {first_agent_id} ("))
+            && before[0].errors[0].contains("optimized: injected failure"),
+        "{before:?}"
+    );
+
+    // The same agent reconnects to a new coordinator on the same journal, and the run ends.
+    let mut second = coordinator(&s, "coordinator-2", &grid, port, &flags);
+    let status = second.wait(Duration::from_secs(60));
+    assert_eq!(
+        status.code(),
+        Some(EXIT_INCOMPLETE),
+        "a run with a failed case exits {EXIT_INCOMPLETE}; log:\n{}",
+        second.log_tail()
+    );
+    failing_agent.wait_success(Duration::from_secs(30));
+    assert!(
+        second
+            .log()
+            .contains("resuming the failed attempts the journal holds"),
+        "the restarted coordinator says it resumed the failed attempt:\n{}",
+        second.log_tail()
+    );
+
+    // Attempts 1 and 2 were journaled as failed attempts, attempt 3 is the failed record.
+    let after = journaled_failed_attempts(&out, &failing);
+    assert_eq!(
+        after.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+        [1, 2],
+        "2 failed attempts in all, then the final one: {after:?}"
+    );
+    assert_eq!(
+        after[0], before[0],
+        "the attempt before the restart is kept"
+    );
+    assert_ne!(
+        after[1].agent_id, first_agent_id,
+        "a new coordinator, a new id"
+    );
+    let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
+    check_each_case_at_most_once(&rows, &ids).unwrap_or_else(|e| panic!("{e:#}"));
+    let seen: BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
+    assert_eq!(seen.len(), ids.len(), "every case has a result: {seen:?}");
+    let csv_rows = read_results_csv(&out);
+    for r in &csv_rows {
+        let expected = match (r["case_id"] == failing, r["kernel"].as_str()) {
+            (false, _) => "ok",
+            (true, "optimized") => "failed",
+            (true, _) => "skipped",
+        };
+        assert_eq!(r["status"], expected, "{r:?}");
+    }
+    let failed: Vec<&CsvRow> = csv_rows
+        .iter()
+        .filter(|r| r["case_id"] == failing && r["kernel"] == "optimized")
+        .collect();
+    assert_eq!(failed.len(), 1, "{csv_rows:?}");
+    let (message, attempt) = (&failed[0]["message"], &failed[0]["attempt"]);
+    assert_eq!(
+        attempt, "3",
+        "3 attempts in all, not 3 more after the restart"
+    );
+    assert!(
+        message.starts_with("failed after 3 attempts: ")
+            && message.contains(&before[0].errors[0])
+            && message.contains(&after[1].errors[0])
+            && message.contains("attempt 3 on ")
+            && message.matches("injected failure").count() == 3,
+        "the failed record lists every attempt's error, the one before the restart first: \
+         {message}"
+    );
+}
+
 /// Two coordinators on one `--out` would interleave their journal frames: the second is refused
 /// at once (exit 1, naming the journal and what to do), and the first, already serving, finishes
 /// the grid with every case once, as if the second had never started.

@@ -460,13 +460,19 @@ pub fn run_to_end(args: &[&str], limit: Duration) -> (ExitStatus, String, String
 
 /// The case ids of a grid file, as `decodebench grid FILE --cases` lists them.
 pub fn grid_case_ids(grid: &Path) -> BTreeSet<String> {
+    grid_case_ids_in_order(grid).into_iter().collect()
+}
+
+/// The case ids of a grid file in the order `decodebench grid FILE --cases` lists them: the
+/// grid's expansion order, in which a coordinator queues the cases of one KV pool.
+pub fn grid_case_ids_in_order(grid: &Path) -> Vec<String> {
     let path = grid.display().to_string();
     let (status, stdout, stderr) = run_to_end(&["grid", &path, "--cases"], Duration::from_secs(30));
     assert!(
         status.success(),
         "`decodebench grid {path} --cases` failed: {stderr}"
     );
-    let ids: BTreeSet<String> = stdout
+    let ids: Vec<String> = stdout
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .filter(|t| t.len() == 16 && t.chars().all(|c| c.is_ascii_hexdigit()))
@@ -897,6 +903,35 @@ pub fn journaled_losses(out: &Path, case_id: &str) -> Vec<(String, String)> {
                 e["agent_id"].as_str().unwrap_or_default().to_string(),
                 e["cause"].as_str().unwrap_or_default().to_string(),
             )
+        })
+        .collect()
+}
+
+/// One `attempt_failed` event of [`journal_events`]: a reported failure the coordinator queued
+/// for another attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JournaledFailedAttempt {
+    pub agent_id: String,
+    pub attempt: u64,
+    pub errors: Vec<String>,
+}
+
+/// The `attempt_failed` events of [`journal_events`] for one case, in order.
+pub fn journaled_failed_attempts(out: &Path, case_id: &str) -> Vec<JournaledFailedAttempt> {
+    journal_events(out)
+        .iter()
+        .filter(|e| e["event"] == "attempt_failed" && e["case_id"] == case_id)
+        .map(|e| JournaledFailedAttempt {
+            agent_id: e["agent_id"].as_str().unwrap_or_default().to_string(),
+            attempt: e["attempt"].as_u64().unwrap_or_default(),
+            errors: e["errors"]
+                .as_array()
+                .map(|v| {
+                    v.iter()
+                        .map(|x| x.as_str().unwrap_or_default().to_string())
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
         .collect()
 }
