@@ -811,4 +811,101 @@ mod tests {
         }
         assert_eq!(svc.shared.records().len(), 1);
     }
+
+    /// A failed attempt with attempts left is journaled before the agent hears back: a failed
+    /// write answers `unavailable` and counts nothing (the agent sends the report again and it
+    /// is the same attempt); a done write answers `accepted` and queues the case again.
+    #[tokio::test]
+    async fn a_retried_failure_is_journaled_before_it_is_acknowledged() {
+        use decodebench_kernels::{KernelKind, KernelMeasurement, Status as KStatus};
+        let case = BenchCase::reference_shape(1, 64, QuantMode::BF16).with_id();
+        let mut sched = Scheduler::new(SchedulerConfig::default(), vec![case.clone()], []);
+        let device = DeviceIdentity {
+            backend: "cpu".into(),
+            uuid: "cpu-test".into(),
+            sku: "cpu".into(),
+            ..Default::default()
+        };
+        let agent_id = sched.register("a".into(), device.clone(), Instant::now());
+        let lease_id = match sched.lease(&agent_id, Instant::now()).unwrap() {
+            LeaseDecision::Shard(g) => g.lease_id,
+            other => panic!("expected a shard, got {other:?}"),
+        };
+        let (svc, mut writes) = service(sched);
+        let m = CaseMeasurement {
+            case_id: case.id.clone(),
+            kernels: vec![KernelMeasurement::not_timed(
+                KernelKind::Optimized,
+                KStatus::Failed,
+                "wrong numbers",
+            )],
+            wall_s: 0.0,
+        };
+        let report = |svc: &CoordinatorService| {
+            let (svc, m, agent_id, lease_id) =
+                (svc.clone(), m.clone(), agent_id.clone(), lease_id.clone());
+            tokio::spawn(async move { svc.commit_report(&agent_id, &lease_id, m).await })
+        };
+        let call = report(&svc);
+        let (event, done) = next_attempt(&mut writes).await;
+        assert_eq!(
+            (event.attempt, event.case_id.as_str()),
+            (1, case.id.as_str())
+        );
+        assert_eq!(event.device, device);
+        assert!(
+            event.errors.len() == 1 && event.errors[0].ends_with("optimized: wrong numbers"),
+            "{event:?}"
+        );
+        assert_eq!(
+            svc.shared.scheduler().progress().running,
+            1,
+            "not answered yet"
+        );
+        let _ = done.send(Err(DurabilityError {
+            message: "disk full".into(),
+            permanent: false,
+        }));
+        let answer = call.await.unwrap().unwrap_err();
+        assert_eq!(answer.code(), tonic::Code::Unavailable);
+        assert!(
+            answer.message().contains("disk full") && answer.message().contains("send"),
+            "{answer:?}"
+        );
+        assert_eq!(svc.shared.scheduler().progress().pending, 1);
+
+        // Sent again: the same attempt, journaled this time.
+        let call = report(&svc);
+        let (event, done) = next_attempt(&mut writes).await;
+        assert_eq!(
+            event.attempt, 1,
+            "the unacknowledged attempt was not counted"
+        );
+        let _ = done.send(Ok(()));
+        let (accepted, _, _) = call.await.unwrap().unwrap();
+        assert!(accepted);
+        let p = svc.shared.scheduler().progress();
+        assert_eq!((p.pending, p.running, p.failed), (1, 0, 0), "{p:?}");
+        assert!(
+            svc.shared.records().is_empty(),
+            "a retried failure is no result"
+        );
+    }
+
+    /// The next job the journal writer gets, which must be a failed attempt.
+    async fn next_attempt(
+        writes: &mut mpsc::Receiver<JournalJob>,
+    ) -> (
+        FailedAttemptRecord,
+        oneshot::Sender<Result<(), DurabilityError>>,
+    ) {
+        let job = tokio::time::timeout(Duration::from_secs(10), writes.recv())
+            .await
+            .expect("the failed attempt reaches the journal")
+            .expect("a journal job");
+        match job {
+            JournalJob::FailedAttempt { attempt, done } => (attempt, done),
+            JournalJob::Result { record, .. } => panic!("a result was journaled: {record:?}"),
+        }
+    }
 }
