@@ -2,7 +2,8 @@
 //!
 //! Every request is authenticated (when a token is configured), bounded and converted to domain
 //! types here; the [`Scheduler`] decides; results, and failed attempts queued for another try,
-//! are made durable by the journal writer before they are acknowledged. Errors map to gRPC codes in one place ([`status_of`]).
+//! are made durable by the journal writer before they are acknowledged. Errors map to gRPC codes
+//! in one place ([`status_of`]).
 
 use crate::metrics::Metrics;
 use crate::record::{FailedAttemptRecord, ResultRecord};
