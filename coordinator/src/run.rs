@@ -12,7 +12,7 @@ use crate::service::{
     record_abandoned, status_snapshot, CoordinatorService, JournalJob, Shared, MAX_MESSAGE_BYTES,
 };
 use crate::sink::{write_outputs, OutputPaths, SinkError, CSV_FILE_NAME, PARQUET_FILE_NAME};
-use decodebench_kernels::BenchCase;
+use decodebench_kernels::{BenchCase, DeviceIdentity};
 use decodebench_proto::wire::coordinator_server::CoordinatorServer;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -687,6 +687,50 @@ fn log_retry_plan(name: &str, plan: &RetryPlan, rounds: &[String]) {
     }
 }
 
+/// Which journaled events (losses, failed attempts) a resumed scheduler counts: those with no
+/// result of their unit after them, and, for a unit the `--retry-failed` round runs again, only
+/// those from the round's start on (see [`losses_to_restore`]).
+struct ResumeRule<'a> {
+    /// Each unit's last result, as an index into the journal's results.
+    last_result: HashMap<String, usize>,
+    placement: Placement,
+    rerun: &'a HashSet<String>,
+}
+
+impl<'a> ResumeRule<'a> {
+    fn new(records: &[ResultRecord], placement: Placement, retry: &'a RetryPlan) -> Self {
+        let last_result = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (unit_key(&r.case.id, placement, &r.device), i))
+            .collect();
+        ResumeRule {
+            last_result,
+            placement,
+            rerun: &retry.rerun,
+        }
+    }
+
+    /// Whether the `index`-th event of its kind, charged to (`case_id`, `device`) after
+    /// `after_records` results, counts; `round_from` is where the round's events of that kind
+    /// begin.
+    fn counts(
+        &self,
+        index: usize,
+        case_id: &str,
+        device: &DeviceIdentity,
+        after_records: usize,
+        round_from: usize,
+    ) -> bool {
+        let key = unit_key(case_id, self.placement, device);
+        let after_its_result = self
+            .last_result
+            .get(&key)
+            .is_none_or(|&last| last < after_records);
+        after_its_result && (index >= round_from || !self.rerun.contains(&key))
+    }
+}
+
 /// The journaled losses a resumed scheduler should count, as `(case id, loss)` in journal order:
 /// those with no result of their unit after them. A loss followed by a result of its unit belongs
 /// to an attempt that ended: a success makes it moot, and a failure (given up on, or failed after
@@ -703,20 +747,13 @@ fn losses_to_restore(
     if losses.is_empty() {
         return Vec::new();
     }
-    let last_result: HashMap<String, usize> = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (unit_key(&r.case.id, placement, &r.device), i))
-        .collect();
+    let rule = ResumeRule::new(records, placement, retry);
     losses
         .into_iter()
         .enumerate()
         .filter(|(i, l)| {
-            let key = unit_key(&l.loss.case_id, placement, &l.loss.device);
-            let after_its_result = last_result
-                .get(&key)
-                .is_none_or(|&last| last < l.after_records);
-            after_its_result && (*i >= retry.losses_from || !retry.rerun.contains(&key))
+            let (loss, from) = (&l.loss, retry.losses_from);
+            rule.counts(*i, &loss.case_id, &loss.device, l.after_records, from)
         })
         .map(|(_, l)| {
             let LossRecord {
@@ -753,20 +790,14 @@ fn failed_attempts_to_restore(
     if attempts.is_empty() {
         return Vec::new();
     }
-    let last_result: HashMap<String, usize> = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (unit_key(&r.case.id, placement, &r.device), i))
-        .collect();
+    let rule = ResumeRule::new(records, placement, retry);
     attempts
         .into_iter()
         .enumerate()
         .filter(|(i, a)| {
-            let key = unit_key(&a.attempt.case_id, placement, &a.attempt.device);
-            let after_its_result = last_result
-                .get(&key)
-                .is_none_or(|&last| last < a.after_records);
-            after_its_result && (*i >= retry.failed_attempts_from || !retry.rerun.contains(&key))
+            let at = &a.attempt;
+            let from = retry.failed_attempts_from;
+            rule.counts(*i, &at.case_id, &at.device, a.after_records, from)
         })
         .map(|(_, a)| {
             let FailedAttemptRecord {

@@ -137,27 +137,40 @@ fn oversized(m: &wire::CaseMeasurement) -> Option<String> {
     })
 }
 
+/// Hands `job` to the journal writer (its answer comes on the job's channel).
+async fn send_job(shared: &Shared, job: JournalJob) -> Result<(), Status> {
+    shared
+        .journal
+        .send(job)
+        .await
+        .map_err(|_| Status::unavailable("the coordinator is shutting down; retry later"))
+}
+
+/// The answer to an agent whose report (`what` it asked to record) was not made durable: `e`, the
+/// journal's error, or `None` when the writer stopped; `outcome` says what became of it and what
+/// the agent should do.
+fn not_durable(what: &str, outcome: &str, e: Option<DurabilityError>) -> Status {
+    match e {
+        Some(e) if e.permanent => {
+            Status::invalid_argument(format!("{what} cannot be recorded: {}", e.message))
+        }
+        Some(e) => Status::unavailable(format!(
+            "could not write {what} to the journal ({}); it {outcome}",
+            e.message
+        )),
+        None => Status::unavailable(format!("the journal writer stopped; {what} {outcome}")),
+    }
+}
+
 /// Hands `record` to the journal writer and waits until it is on disk; returns it back.
 async fn make_durable(shared: &Shared, record: ResultRecord) -> Result<ResultRecord, Status> {
     let (tx, rx) = oneshot::channel();
-    shared
-        .journal
-        .send(JournalJob::Result { record, done: tx })
-        .await
-        .map_err(|_| Status::unavailable("the coordinator is shutting down; retry later"))?;
+    send_job(shared, JournalJob::Result { record, done: tx }).await?;
+    let outcome = "was not recorded, send it again";
     match rx.await {
         Ok((record, Ok(()))) => Ok(record),
-        Ok((_, Err(e))) if e.permanent => Err(Status::invalid_argument(format!(
-            "the result cannot be recorded: {}",
-            e.message
-        ))),
-        Ok((_, Err(e))) => Err(Status::unavailable(format!(
-            "could not write the result to the journal ({}); it was not recorded, send it again",
-            e.message
-        ))),
-        Err(_) => Err(Status::unavailable(
-            "the journal writer stopped; the result was not recorded, send it again",
-        )),
+        Ok((_, Err(e))) => Err(not_durable("the result", outcome, Some(e))),
+        Err(_) => Err(not_durable("the result", outcome, None)),
     }
 }
 
@@ -165,25 +178,12 @@ async fn make_durable(shared: &Shared, record: ResultRecord) -> Result<ResultRec
 /// what the agent should do (send the report again, as for a result that was not recorded).
 async fn make_attempt_durable(shared: &Shared, attempt: FailedAttemptRecord) -> Result<(), Status> {
     let (tx, rx) = oneshot::channel();
-    shared
-        .journal
-        .send(JournalJob::FailedAttempt { attempt, done: tx })
-        .await
-        .map_err(|_| Status::unavailable("the coordinator is shutting down; retry later"))?;
+    send_job(shared, JournalJob::FailedAttempt { attempt, done: tx }).await?;
+    let outcome = "was not counted, send the result again";
     match rx.await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) if e.permanent => Err(Status::invalid_argument(format!(
-            "the failed attempt cannot be recorded: {}",
-            e.message
-        ))),
-        Ok(Err(e)) => Err(Status::unavailable(format!(
-            "could not write the failed attempt to the journal ({}); it was not counted, send \
-             the result again",
-            e.message
-        ))),
-        Err(_) => Err(Status::unavailable(
-            "the journal writer stopped; the failed attempt was not counted, send the result again",
-        )),
+        Ok(Err(e)) => Err(not_durable("the failed attempt", outcome, Some(e))),
+        Err(_) => Err(not_durable("the failed attempt", outcome, None)),
     }
 }
 
