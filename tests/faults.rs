@@ -343,9 +343,7 @@ fn an_agent_id_from_before_a_restart_is_not_taken_for_another_agent() {
     let rt = test_runtime();
     let register = |name: &str| -> String {
         rt.block_on(async {
-            let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
-                .await
-                .expect("connecting");
+            let mut c = connect(port).await;
             c.register(cpu_register_request(name))
                 .await
                 .expect("register")
@@ -355,9 +353,7 @@ fn an_agent_id_from_before_a_restart_is_not_taken_for_another_agent() {
     };
     let lease = |agent_id: &str| {
         rt.block_on(async {
-            let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
-                .await
-                .expect("connecting");
+            let mut c = connect(port).await;
             c.lease(wire::LeaseRequest {
                 agent_id: agent_id.into(),
             })
@@ -382,9 +378,7 @@ fn an_agent_id_from_before_a_restart_is_not_taken_for_another_agent() {
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     // y's new id works (a heartbeat without a lease, so that y takes no shard it would sit on).
     let y_heartbeat = rt.block_on(async {
-        let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
-            .await
-            .expect("connecting");
+        let mut c = connect(port).await;
         c.heartbeat(wire::HeartbeatRequest {
             agent_id: y_after.clone(),
             lease_id: String::new(),
@@ -981,9 +975,7 @@ fn an_agent_registering_as_the_run_ends_is_told_so_and_exits_cleanly() {
     wait_for_listener(port, Duration::from_secs(30));
     let rt = test_runtime();
     let quiet = rt.block_on(async {
-        let mut c = wire::coordinator_client::CoordinatorClient::connect(url(port))
-            .await
-            .expect("connecting");
+        let mut c = connect(port).await;
         c.register(cpu_register_request("quiet"))
             .await
             .expect("register")

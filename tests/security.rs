@@ -89,9 +89,7 @@ fn a_client_speaking_another_protocol_version_gets_failed_precondition() {
     let rt = test_runtime();
     let register = |version: u32| {
         rt.block_on(async {
-            let mut client = wire::coordinator_client::CoordinatorClient::connect(url(port))
-                .await
-                .expect("connecting to the coordinator");
+            let mut client = connect(port).await;
             client
                 .register(wire::RegisterRequest {
                     protocol_version: version,
@@ -142,11 +140,7 @@ struct RawAgent {
 impl RawAgent {
     fn register(port: u16, name: &str) -> RawAgent {
         let rt = test_runtime();
-        let mut client = rt
-            .block_on(wire::coordinator_client::CoordinatorClient::connect(url(
-                port,
-            )))
-            .expect("connecting to the coordinator");
+        let mut client = rt.block_on(connect(port));
         let agent_id = rt
             .block_on(client.register(cpu_register_request(name)))
             .expect("registering")

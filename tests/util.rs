@@ -389,6 +389,16 @@ pub fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
+/// A raw gRPC client of the coordinator on `port` (a test's hand-made agent), or the test fails
+/// saying it could not connect.
+pub async fn connect(
+    port: u16,
+) -> wire::coordinator_client::CoordinatorClient<tonic::transport::Channel> {
+    wire::coordinator_client::CoordinatorClient::connect(url(port))
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the coordinator on port {port}: {e}"))
+}
+
 /// A single-threaded tokio runtime for a test's raw gRPC client.
 pub fn test_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -677,6 +677,24 @@ mod tests {
     }
 
     /// A service over `sched`, and the journal writer's end of its channel.
+    /// A scheduler of `case` alone, leased to the one CPU agent registered: the scheduler, that
+    /// agent's device, its id and the lease id.
+    fn leased_to_one_agent(case: &BenchCase) -> (Scheduler, DeviceIdentity, String, String) {
+        let mut sched = Scheduler::new(SchedulerConfig::default(), vec![case.clone()], []);
+        let device = DeviceIdentity {
+            backend: "cpu".into(),
+            uuid: "cpu-test".into(),
+            sku: "cpu".into(),
+            ..Default::default()
+        };
+        let agent_id = sched.register("a".into(), device.clone(), Instant::now());
+        let lease_id = match sched.lease(&agent_id, Instant::now()).unwrap() {
+            LeaseDecision::Shard(g) => g.lease_id,
+            other => panic!("expected a shard, got {other:?}"),
+        };
+        (sched, device, agent_id, lease_id)
+    }
+
     fn service(sched: Scheduler) -> (CoordinatorService, mpsc::Receiver<JournalJob>) {
         let (journal, writes) = mpsc::channel(4);
         let svc = CoordinatorService {
@@ -763,18 +781,7 @@ mod tests {
             ..BenchCase::reference_shape(1, 64, QuantMode::BF16)
         }
         .with_id();
-        let mut sched = Scheduler::new(SchedulerConfig::default(), vec![case.clone()], []);
-        let device = DeviceIdentity {
-            backend: "cpu".into(),
-            uuid: "cpu-test".into(),
-            sku: "cpu".into(),
-            ..Default::default()
-        };
-        let agent_id = sched.register("a".into(), device, Instant::now());
-        let lease_id = match sched.lease(&agent_id, Instant::now()).unwrap() {
-            LeaseDecision::Shard(g) => g.lease_id,
-            other => panic!("expected a shard, got {other:?}"),
-        };
+        let (sched, _, agent_id, lease_id) = leased_to_one_agent(&case);
         let (svc, mut writes) = service(sched);
         let m = CaseMeasurement::example_ok(&case.id);
         let req = wire::ReportRequest {
@@ -820,18 +827,7 @@ mod tests {
     async fn a_retried_failure_is_journaled_before_it_is_acknowledged() {
         use decodebench_kernels::{KernelKind, KernelMeasurement, Status as KStatus};
         let case = BenchCase::reference_shape(1, 64, QuantMode::BF16).with_id();
-        let mut sched = Scheduler::new(SchedulerConfig::default(), vec![case.clone()], []);
-        let device = DeviceIdentity {
-            backend: "cpu".into(),
-            uuid: "cpu-test".into(),
-            sku: "cpu".into(),
-            ..Default::default()
-        };
-        let agent_id = sched.register("a".into(), device.clone(), Instant::now());
-        let lease_id = match sched.lease(&agent_id, Instant::now()).unwrap() {
-            LeaseDecision::Shard(g) => g.lease_id,
-            other => panic!("expected a shard, got {other:?}"),
-        };
+        let (sched, device, agent_id, lease_id) = leased_to_one_agent(&case);
         let (svc, mut writes) = service(sched);
         let m = CaseMeasurement {
             case_id: case.id.clone(),
