@@ -187,7 +187,8 @@ struct Variant {
     std::function<Kernel(int mode)> get;
     int min_chunk = 128;
     int overhead = 192;
-    int order = 2;  // launch order: 0 = sequence order, 1 = longest first, 2 = head by head, longest first
+    int order = 2;  // launch order: 0 = sequence order, 1 = longest first, 2 = head by head, longest first,
+                    // 3 = longest first with the direct items ahead
     bool merge = true;  // false: the merge is skipped (a timing diagnostic only: the output is wrong)
     bool direct_items = true;  // unsplit sequences written by their decode CTA (DB_DIRECT_ITEM)
     int fused_max = 0;  // fused merge (merge_group_if_last) when no sequence has more splits
@@ -263,6 +264,11 @@ static Plan plan_with_chunk(const std::vector<int>& lens, long chunk, int heads,
         }
     if (order == 1)
         std::stable_sort(p.launch.begin(), p.launch.end(), [](int4 a, int4 b) { return a.z - a.y > b.z - b.y; });
+    if (order == 3)  // longest first, but the direct items (their epilogue is the output's) ahead of all
+        std::stable_sort(p.launch.begin(), p.launch.end(), [](int4 a, int4 b) {
+            const bool da = a.w & DB_DIRECT_ITEM, db = b.w & DB_DIRECT_ITEM;
+            return da != db ? da : a.z - a.y > b.z - b.y;
+        });
     if (order == 2)
         std::stable_sort(p.launch.begin(), p.launch.end(), [heads](int4 a, int4 b) {
             const int ha = (a.w & ~DB_DIRECT_ITEM) % heads, hb = (b.w & ~DB_DIRECT_ITEM) % heads;
@@ -759,6 +765,15 @@ int main(int argc, char** argv) {
     // The merge in 8-warp CTAs (before run 46: placed beside fewer decode CTAs).
     add("cur_lf_m8", tc<4, 1, 2, 4>, 1).merge_cta_warps = 8;
     add("s2_lf_m8", tc<4, 1, 2, 2>, 1).merge_cta_warps = 8;
+    // The merge in CTAs of as few warps as a row needs (1 or 2 at up to 8 or 16 splits): rows of
+    // one warp, no shared-memory exchange or barrier before the conversion (NOTES run 81).
+    add("cur_lf_m1", tc<4, 1, 2, 4>, 1).merge_cta_warps = 1;
+    add("cur_hm_m1", tc<4, 1, 2, 4>, 2).merge_cta_warps = 1;
+    add("cur_lf_m2", tc<4, 1, 2, 4>, 1).merge_cta_warps = 2;
+    add("cur_lf_nodi_m1", tc<4, 1, 2, 4>, 1).merge_cta_warps = 1;
+    variants.back().direct_items = false;
+    add("cur_lf_df_m1", tc<4, 1, 2, 4>, 3).merge_cta_warps = 1;
+    add("cur_lf_df", tc<4, 1, 2, 4>, 3);
     add("s2_nomerge", tc<4, 1, 2, 2>, 1).merge = false;
     add("cur_lf_c64", tc<4, 1, 2, 4>, 1).min_chunk = 64;
     add("cur_lf_c256", tc<4, 1, 2, 4>, 1).min_chunk = 256;

@@ -20,8 +20,9 @@ use super::device::{
 };
 use super::launch::{
     case_params, choose_decode_geometries, decode_ctas_per_sm, launch_baseline, launch_decode,
-    launch_format_check, launch_reference, prepare_decode, AttnParams, DecodeGeometry, DecodeNames,
-    DecodeVariant, KernelLimits, FUSED_MERGE_MAX_SPLITS, SUPPORTED_HEAD_SIZES,
+    launch_format_check, launch_reference, merge_rows_alternative, prepare_decode, AttnParams,
+    DecodeGeometry, DecodeNames, DecodeVariant, KernelLimits, MergeRows, FUSED_MERGE_MAX_SPLITS,
+    SUPPORTED_HEAD_SIZES,
 };
 use super::plan::{plan_candidates, LaunchOrder, SplitPlan, WorkItem, MIN_CHUNK_TOKENS};
 use super::timing::{calibrate_read_bandwidth, l2_flush_buffer, quick_compare_ms, time_calls};
@@ -483,7 +484,6 @@ impl CudaBackend {
             );
             base.out = dptr(session, &out.values);
             base.out_sf = out.scale_factors.as_ref().map_or(0, |s| dptr(session, s));
-            base.direct_items = 1;
             // With a forced chunking the fused merge, where it applies, is not timed against the
             // merge kernel either: the self-test's split runs then cover the fused merge (up to
             // FUSED_MERGE_MAX_SPLITS splits) and the merge kernel (its long cases) every time.
@@ -504,17 +504,32 @@ impl CudaBackend {
                     uploaded.push((vi, pi, u));
                 }
             }
-            // Pipeline depth, plan, launch order and merge (fused or the merge kernel): where
-            // there is more than one combination, each is tried on this case (a few calls) and
-            // the fastest kept.
+            // Pipeline depth, plan, launch order and merge (fused, or the merge kernel in each
+            // of its row shapes that differ): where there is more than one combination, each is
+            // tried on this case (a few calls) and the fastest kept.
+            let merge_rows_of = |vi: usize, pi: usize, params: &AttnParams| {
+                let splits = variants[vi].plans[pi].max_splits();
+                let rows = case.num_qo_heads * case.batch_size;
+                let kernel_merge = params.direct == 0 && params.fused_merge == 0;
+                if kernel_merge && merge_rows_alternative(splits, rows, session.props.sm_count) {
+                    vec![MergeRows::Spread, MergeRows::OneWarp]
+                } else {
+                    vec![MergeRows::Spread]
+                }
+            };
             let trials: Vec<Trial> = uploaded
                 .iter()
                 .flat_map(|(vi, pi, u)| {
-                    u.launches.iter().map(move |(order, params)| Trial {
-                        variant: *vi,
-                        plan: *pi,
-                        order: *order,
-                        params: *params,
+                    u.launches.iter().flat_map(move |(order, params)| {
+                        merge_rows_of(*vi, *pi, params)
+                            .into_iter()
+                            .map(move |merge_rows| Trial {
+                                variant: *vi,
+                                plan: *pi,
+                                order: *order,
+                                merge_rows,
+                                params: *params,
+                            })
                     })
                 })
                 .collect();
@@ -525,7 +540,16 @@ impl CudaBackend {
                     let (trial, v) = (&trials[i], &variants[trials[i].variant]);
                     let plan = &v.plans[trial.plan];
                     let (ctas, splits) = (plan.launch.len() as u32, plan.max_splits());
-                    launch_decode(session, &trial.params, &v.geometry, ctas, splits, &v.names)
+                    let rows = trial.merge_rows;
+                    launch_decode(
+                        session,
+                        &trial.params,
+                        &v.geometry,
+                        ctas,
+                        splits,
+                        rows,
+                        &v.names,
+                    )
                 })?
             } else {
                 Vec::new()
@@ -545,6 +569,9 @@ impl CudaBackend {
                 if trial.params.fused_merge != 0 {
                     label.push("fused".to_string());
                 }
+                if trial.merge_rows == MergeRows::OneWarp {
+                    label.push("one-warp".to_string());
+                }
                 timings.push(format!("{} {ms:.4} ms", label.join(" ")));
                 if ms < best.1 {
                     best = (*trial, ms);
@@ -562,7 +589,8 @@ impl CudaBackend {
             } else {
                 format!(" (tried {})", timings.join(", "))
             };
-            let call = || launch_decode(session, &params, geometry, ctas, max_splits, names);
+            let rows = chosen.merge_rows;
+            let call = || launch_decode(session, &params, geometry, ctas, max_splits, rows, names);
             let note = format!(
                 "{} ({}); block {}x{}x{}, {} stages, {} B smem, {} CTAs/SM; {}; launch order {}{}",
                 names.decode,
@@ -573,7 +601,7 @@ impl CudaBackend {
                 geometry.stages,
                 geometry.smem_bytes,
                 variant.ctas_per_sm,
-                describe_plan(plan, params.fused_merge != 0),
+                describe_plan(plan, params.fused_merge != 0, rows),
                 chosen.order.as_str(),
                 tried_note
             );
@@ -614,9 +642,18 @@ impl KernelVariant {
             geometry.stage_tokens,
             min_chunk,
         );
-        // A forced chunking keeps the planner's plan alone.
+        // A forced chunking keeps the planner's plan alone. NVFP4 output also times each split
+        // plan with its one-item sequences merged instead of written by their own CTAs: that
+        // epilogue is NVFP4's longest (SplitPlan::without_direct_items).
         if forced {
             plans.truncate(1);
+        } else if case.quant.out == Dtype::Nvfp4 {
+            let merged: Vec<SplitPlan> = plans
+                .iter()
+                .filter(|p| !p.direct && p.has_direct_items())
+                .map(SplitPlan::without_direct_items)
+                .collect();
+            plans.extend(merged);
         }
         Ok(KernelVariant {
             geometry: *geometry,
@@ -633,6 +670,7 @@ struct Trial {
     variant: usize,
     plan: usize,
     order: LaunchOrder,
+    merge_rows: MergeRows,
     params: AttnParams,
 }
 
@@ -907,16 +945,25 @@ fn no_session() -> CudaError {
     }
 }
 
-fn describe_plan(plan: &SplitPlan, fused_merge: bool) -> String {
+fn describe_plan(plan: &SplitPlan, fused_merge: bool, merge_rows: MergeRows) -> String {
     if plan.direct {
         format!("{} items, no split", plan.items.len())
     } else {
         format!(
-            "split-KV: {} items of <= {} tokens (up to {} per sequence) + {}",
+            "split-KV: {} items of <= {} tokens (up to {} per sequence{}) + {}",
             plan.items.len(),
             plan.chunk_tokens,
             plan.max_splits(),
-            if fused_merge { "fused merge" } else { "merge" }
+            if plan.merges_one_item_sequences() {
+                "; one-item sequences merged too"
+            } else {
+                ""
+            },
+            match (fused_merge, merge_rows) {
+                (true, _) => "fused merge",
+                (false, MergeRows::Spread) => "merge",
+                (false, MergeRows::OneWarp) => "merge (one warp per row)",
+            }
         )
     }
 }
@@ -924,7 +971,10 @@ fn describe_plan(plan: &SplitPlan, fused_merge: bool) -> String {
 /// A plan's short name in the launch-choice note.
 fn plan_label(plan: &SplitPlan) -> String {
     if plan.direct {
-        "whole".to_string()
+        return "whole".to_string();
+    }
+    if plan.merges_one_item_sequences() {
+        format!("split<={} all-merged", plan.chunk_tokens)
     } else {
         format!("split<={}", plan.chunk_tokens)
     }
@@ -995,6 +1045,7 @@ fn upload_plan(
     let mut params = base;
     params.split_offsets = dptr(session, &offsets);
     params.direct = plan.direct as i32;
+    params.direct_items = plan.has_direct_items() as i32;
     if let Some((po, lse)) = &partials {
         params.partial_o = dptr(session, po);
         params.partial_lse = dptr(session, lse);

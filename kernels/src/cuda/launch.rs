@@ -75,6 +75,42 @@ pub(crate) fn merge_block(max_splits: usize, rows: u32, sm_count: u32) -> (u32, 
     }
     (32 * (cta_warps / per_cta), per_cta)
 }
+
+/// How the merge kernel's CTAs take their rows. The backend times both where they differ
+/// ([`merge_rows_alternative`]) and keeps the faster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MergeRows {
+    /// [`merge_block`]'s shape: a row's splits spread over warps (one round of loads each), and a
+    /// row over the CTA's 4 warps where that leaves too few CTAs for the SMs.
+    Spread,
+    /// One warp per row and one row per CTA, for lists a warp loads in one round: the row is
+    /// folded and converted in that warp's registers, with no shared-memory exchange or barrier
+    /// in front of the conversion. In kbench at b4 s1024 (4 warps on each row under `Spread`) it
+    /// was 2-5 % faster in every mode, NVFP4 most; at b16-b64, where `Spread` already gives a row
+    /// one warp and puts 4 rows in a CTA, CTAs of one row were 2-8 % slower, so it is not offered
+    /// there (bench/gpu/NOTES.md run 82).
+    OneWarp,
+}
+
+/// The merge kernel's block (32 x warps per row, rows per CTA) in `shape`; see [`merge_block`].
+pub(crate) fn merge_block_for(
+    shape: MergeRows,
+    max_splits: usize,
+    rows: u32,
+    sm_count: u32,
+) -> (u32, u32) {
+    match shape {
+        MergeRows::Spread => merge_block(max_splits, rows, sm_count),
+        MergeRows::OneWarp => (32, 1),
+    }
+}
+
+/// Whether [`MergeRows::OneWarp`] is a different launch from [`MergeRows::Spread`] worth timing:
+/// every list fits one warp's round of loads, and `Spread` puts several warps on a row.
+pub(crate) fn merge_rows_alternative(max_splits: usize, rows: u32, sm_count: u32) -> bool {
+    max_splits <= MERGE_UNROLL as usize && merge_block(max_splits, rows, sm_count).0 > 32
+}
+
 /// Compute capability from which the merge is launched as a programmatic dependent of the decode
 /// kernel (PDL, `griddepcontrol` in the kernels): its CTAs start while the decode kernel's last
 /// ones run, which hides most of a second launch (on an H200, b=1 s=4096: 9 % of the call).
@@ -551,13 +587,14 @@ pub(crate) fn launch_baseline(
 
 /// The optimized kernel (and the merge when the plan splits sequences): one "call". `ctas` is the
 /// length of the plan's launch list (one CTA per work item and kv head), `max_splits` its longest
-/// split list.
+/// split list, `merge_rows` the merge kernel's shape.
 pub(crate) fn launch_decode(
     session: &DeviceSession,
     params: &AttnParams,
     geometry: &DecodeGeometry,
     ctas: u32,
     max_splits: usize,
+    merge_rows: MergeRows,
     names: &DecodeNames,
 ) -> Result<(), CudaError> {
     let cfg = LaunchConfig {
@@ -586,7 +623,8 @@ pub(crate) fn launch_decode(
     let decode_after = after(pdl && geometry.variant == DecodeVariant::Mma);
     launch_params(session, &names.decode, cfg, params, decode_after)?;
     if params.direct == 0 && params.fused_merge == 0 {
-        let (x, rows) = merge_block(
+        let (x, rows) = merge_block_for(
+            merge_rows,
             max_splits,
             params.num_qo_heads as u32 * params.batch as u32,
             session.props.sm_count,
@@ -1024,6 +1062,28 @@ mod tests {
         // b=1 (64 rows): one row per CTA, 4 warps on it, or 8 for a list of 33 to 64 splits.
         assert_eq!(merge_block(8, 64, 132), (128, 1));
         assert_eq!(merge_block(49, 64, 132), (256, 1));
+    }
+
+    #[test]
+    fn one_warp_merge_rows_are_offered_only_where_a_row_has_several_warps() {
+        // b=1 and b=4 at s=1024 (8 splits of 128 tokens): Spread puts 4 warps on each row.
+        for rows in [64, 256] {
+            assert!(merge_rows_alternative(8, rows, 132), "{rows}");
+            assert_eq!(merge_block_for(MergeRows::OneWarp, 8, rows, 132), (32, 1));
+        }
+        // b=16 (1024 rows): Spread already gives a row one warp, 4 rows a CTA.
+        assert_eq!(merge_block(8, 1024, 132), (32, 4));
+        assert!(!merge_rows_alternative(8, 1024, 132));
+        // A list longer than one warp's round of loads keeps Spread's warps.
+        assert!(!merge_rows_alternative(9, 64, 132));
+        assert!(!merge_rows_alternative(49, 64, 132));
+        // Spread is merge_block itself.
+        for (splits, rows) in [(2, 4096), (8, 64), (49, 64)] {
+            assert_eq!(
+                merge_block_for(MergeRows::Spread, splits, rows, 132),
+                merge_block(splits, rows, 132)
+            );
+        }
     }
 
     #[test]

@@ -14,8 +14,8 @@
 //! outputs directly; otherwise each chunk writes a partial output and its log-sum-exp, and a merge
 //! kernel combines them.
 //!
-//! Launch order (one CTA per chunk and kv head, the grid is one-dimensional) comes in two forms,
-//! both longest first (the longest-processing-time rule, which keeps a long CTA from starting last
+//! Launch order (one CTA per chunk and kv head, the grid is one-dimensional) comes in three forms,
+//! all longest first (the longest-processing-time rule, which keeps a long CTA from starting last
 //! and running alone: whole sequences of random length, or the last chunk of each sequence, are
 //! uneven):
 //! - [`LaunchOrder::LongestFirst`]: the kv heads of one chunk stay adjacent, so the CTAs running at
@@ -24,10 +24,14 @@
 //! - [`LaunchOrder::HeadMajor`]: kv head by kv head, longest first within a head. The CTAs running
 //!   at any moment then work on one head's slice of the cache, so pages that several sequences
 //!   share (a shared pool, prefix caching) are re-read from L2 rather than DRAM.
+//! - [`LaunchOrder::DirectFirst`]: as longest-first, but a split plan's unsplit sequences (direct
+//!   items, which write the final output in their own epilogue) go first.
 //!
-//! Neither wins everywhere (on an H100 with the reference script's 1 GB pool, head-major is up to
+//! None wins everywhere (on an H100 with the reference script's 1 GB pool, head-major is up to
 //! 16 % faster for large batches of long sequences and up to 20 % slower for a few waves of short
-//! chunks; bench/gpu/NOTES.md), so the backend times both on the case and keeps the faster.
+//! chunks; direct-first was 3 % faster at b16 s1024 on an H200 and 6 % slower at b64 s1024;
+//! bench/gpu/NOTES.md), so the backend times each distinct list on the case and keeps the
+//! fastest.
 
 /// Smallest chunk worth a CTA of its own: below this the partial output (f32, all heads of the
 /// group) and the merge cost more than the parallelism gains. 128 tokens of an fp8 cache with
@@ -104,15 +108,26 @@ pub struct SplitPlan {
 pub enum LaunchOrder {
     LongestFirst,
     HeadMajor,
+    /// Longest first, with the [`DIRECT_ITEM`] entries ahead of every other: a direct item's
+    /// CTA ends in the output's own epilogue (NVFP4's conversion is the longest), while the
+    /// others write f32 partials. Launched last, as the longest-first rule puts short items,
+    /// those CTAs can be the grid's last to finish and hold up the merge. The same list as
+    /// `LongestFirst` for a plan without direct items.
+    DirectFirst,
 }
 
 impl LaunchOrder {
-    pub const ALL: [LaunchOrder; 2] = [LaunchOrder::LongestFirst, LaunchOrder::HeadMajor];
+    pub const ALL: [LaunchOrder; 3] = [
+        LaunchOrder::LongestFirst,
+        LaunchOrder::HeadMajor,
+        LaunchOrder::DirectFirst,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             LaunchOrder::LongestFirst => "longest-first",
             LaunchOrder::HeadMajor => "head-major",
+            LaunchOrder::DirectFirst => "direct-first",
         }
     }
 }
@@ -121,12 +136,46 @@ impl SplitPlan {
     /// The launch list in `order`; each CTA's `slot` names its partial row and kv head.
     pub fn launch_list(&self, order: LaunchOrder) -> Vec<WorkItem> {
         let mut launch = self.launch.clone();
-        if order == LaunchOrder::HeadMajor {
-            let heads = (self.launch.len() / self.items.len().max(1)).max(1) as i32;
-            // Stable: within a head the longest-first order is kept.
-            launch.sort_by_key(|w| w.slot_index() % heads);
+        match order {
+            LaunchOrder::LongestFirst => {}
+            LaunchOrder::HeadMajor => {
+                let heads = (self.launch.len() / self.items.len().max(1)).max(1) as i32;
+                // Stable: within a head the longest-first order is kept.
+                launch.sort_by_key(|w| w.slot_index() % heads);
+            }
+            // Stable: direct items and the rest each keep the longest-first order.
+            LaunchOrder::DirectFirst => launch.sort_by_key(|w| !w.is_direct()),
         }
         launch
+    }
+
+    /// Whether some launch entry writes its sequence's final output itself (see [`DIRECT_ITEM`]);
+    /// the kernels' `direct_items` parameter says so to the merge.
+    pub fn has_direct_items(&self) -> bool {
+        self.launch.iter().any(WorkItem::is_direct)
+    }
+
+    /// Whether a split plan has one-item sequences that the merge kernel merges (a plan from
+    /// [`SplitPlan::without_direct_items`]), rather than their CTAs writing them.
+    pub fn merges_one_item_sequences(&self) -> bool {
+        let one_item = self.split_offsets.windows(2).any(|w| w[1] - w[0] == 1);
+        !self.direct && one_item && !self.has_direct_items()
+    }
+
+    /// The same split plan with every sequence merged by the merge kernel, its one-item
+    /// sequences included: no launch entry flagged [`DIRECT_ITEM`]. A direct item's CTA
+    /// converts and writes its rows in the decode kernel's epilogue, and an NVFP4 epilogue
+    /// (amax shuffles, scale factors, software e2m1) can outlast the split CTAs and hold up the
+    /// merge: with one 87-token sequence beside three split ones (b4 s1024) the merged plan was
+    /// 4 % faster in kbench, with no difference at b16 and b64 (bench/gpu/NOTES.md run 79). In
+    /// decodebench it won only beside the merge kernel's one-warp rows (6.0 against 6.2 us;
+    /// run 83). Both write the same bytes: a one-split merge has weight 1.
+    pub fn without_direct_items(&self) -> SplitPlan {
+        let mut plan = self.clone();
+        for w in &mut plan.launch {
+            w.slot = w.slot_index();
+        }
+        plan
     }
 
     pub fn max_splits(&self) -> usize {
@@ -278,6 +327,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_plan_without_direct_items_keeps_every_item_and_clears_only_the_flag() {
+        // One short sequence (one item, direct) beside three split ones.
+        let lens = [87, 626, 962, 1024];
+        let plan = plan_with_chunk(&lens, 128, 8);
+        assert!(!plan.direct);
+        assert!(plan.has_direct_items());
+        assert_eq!(plan.launch.iter().filter(|w| w.is_direct()).count(), 8);
+        let merged = plan.without_direct_items();
+        assert!(!merged.has_direct_items());
+        assert!(merged.merges_one_item_sequences() && !plan.merges_one_item_sequences());
+        assert!(!merged.direct);
+        assert_eq!(merged.items, plan.items);
+        assert_eq!(merged.split_offsets, plan.split_offsets);
+        assert_eq!(merged.launch.len(), plan.launch.len());
+        for (m, w) in merged.launch.iter().zip(&plan.launch) {
+            assert_eq!(m.slot, w.slot_index(), "{w:?}");
+            assert_eq!(
+                (m.batch, m.token_begin, m.token_end),
+                (w.batch, w.token_begin, w.token_end)
+            );
+        }
+        // The original covers every token once (so the copy, entry for entry the same ranges,
+        // does too).
+        covers_every_token(&plan, &lens);
+        // Head-major order is derived from the slots, so it is unchanged too.
+        let order = |p: &SplitPlan| {
+            p.launch_list(LaunchOrder::HeadMajor)
+                .iter()
+                .map(WorkItem::slot_index)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order(&merged), order(&plan));
+    }
+
+    #[test]
     fn whole_sequences_are_a_candidate_only_when_the_batch_fills_half_the_gpu() {
         // 64 sequences x 8 kv heads = 512 CTAs on 396 slots: the planner splits (its chunk is
         // below the longest sequence), and the whole plan is offered beside it.
@@ -365,6 +449,9 @@ mod tests {
             LaunchOrder::HeadMajor =>
                 head(&p[0]) < head(&p[1])
                     || (head(&p[0]) == head(&p[1]) && p[0].tokens() >= p[1].tokens()),
+            LaunchOrder::DirectFirst =>
+                (p[0].is_direct() && !p[1].is_direct())
+                    || (p[0].is_direct() == p[1].is_direct() && p[0].tokens() >= p[1].tokens()),
         }));
     }
 
@@ -481,8 +568,38 @@ mod tests {
         let lens = vec![10u32, 20, 30];
         let plan = plan_splits(&lens, 1, 10_000, 4, MIN_CHUNK_TOKENS);
         assert!(plan.direct);
-        // One kv head: both launch orders are the same list (the backend then times neither).
+        // One kv head: every launch order is the same list (the backend then times one); and
+        // with no split, no entry is a direct item of a split plan to move ahead.
         assert_eq!(plan.launch_list(LaunchOrder::HeadMajor), plan.launch);
+        assert_eq!(plan.launch_list(LaunchOrder::DirectFirst), plan.launch);
         covers_every_token(&plan, &lens);
+    }
+
+    #[test]
+    fn direct_first_moves_only_the_unsplit_sequences_ahead() {
+        // b4 s1024 as decodebench draws it (seed 0): the 87-token sequence is one item, launched
+        // last by the longest-first rule.
+        let lens = [87, 626, 962, 1024];
+        let plan = plan_with_chunk(&lens, 128, 8);
+        assert!(plan.launch[..8].iter().all(|w| !w.is_direct()));
+        let list = plan.launch_list(LaunchOrder::DirectFirst);
+        check_launch(&plan, &list, 8, LaunchOrder::DirectFirst);
+        assert!(
+            list[..8].iter().all(|w| w.is_direct() && w.batch == 0),
+            "{:?}",
+            &list[..8]
+        );
+        assert!(list[8..].iter().all(|w| !w.is_direct()));
+        // The rest in the longest-first order, entry for entry.
+        let rest: Vec<_> = plan
+            .launch
+            .iter()
+            .filter(|w| !w.is_direct())
+            .copied()
+            .collect();
+        assert_eq!(list[8..], rest[..]);
+        // Without direct items it is the longest-first list.
+        let split = plan_with_chunk(&[626, 962, 1024], 128, 8);
+        assert_eq!(split.launch_list(LaunchOrder::DirectFirst), split.launch);
     }
 }
