@@ -507,14 +507,14 @@ impl CudaBackend {
             // Pipeline depth, plan, launch order and merge (fused, or the merge kernel in each
             // of its row shapes that differ): where there is more than one combination, each is
             // tried on this case (a few calls) and the fastest kept.
-            let merge_rows_of = |vi: usize, pi: usize, params: &AttnParams| {
+            let merge_rows_of = |vi: usize, pi: usize, params: &AttnParams| -> &[MergeRows] {
                 let splits = variants[vi].plans[pi].max_splits();
                 let rows = case.num_qo_heads * case.batch_size;
                 let kernel_merge = params.direct == 0 && params.fused_merge == 0;
                 if kernel_merge && merge_rows_alternative(splits, rows, session.props.sm_count) {
-                    vec![MergeRows::Spread, MergeRows::OneWarp]
+                    &[MergeRows::Spread, MergeRows::OneWarp]
                 } else {
-                    vec![MergeRows::Spread]
+                    &[MergeRows::Spread]
                 }
             };
             let trials: Vec<Trial> = uploaded
@@ -522,8 +522,8 @@ impl CudaBackend {
                 .flat_map(|(vi, pi, u)| {
                     u.launches.iter().flat_map(move |(order, params)| {
                         merge_rows_of(*vi, *pi, params)
-                            .into_iter()
-                            .map(move |merge_rows| Trial {
+                            .iter()
+                            .map(move |&merge_rows| Trial {
                                 variant: *vi,
                                 plan: *pi,
                                 order: *order,
