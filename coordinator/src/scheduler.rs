@@ -7,12 +7,15 @@
 //! - agents pull *shards*: units that share a KV-pool set-up, leased with a deadline;
 //! - heartbeats extend a lease; an expired lease puts its unfinished units back in the queue;
 //! - a unit is done once, whoever reports it and however often (late reports are duplicates);
-//! - a unit whose kernels failed is retried on another agent, up to `max_attempts`, and then
-//!   recorded as failed with every attempt's error. Each failed attempt that is retried is
-//!   journaled before its report is answered ([`ReportDecision::Retry`],
-//!   [`Scheduler::retry_recorded`]), and a resumed scheduler gets them back
-//!   ([`Scheduler::restore_failed_attempts`]), so that a restart of the coordinator neither grants
-//!   a failing unit fresh attempts nor forgets the errors of the earlier ones;
+//! - a unit whose kernels failed is retried on another device (GPU) where one that can run it is
+//!   alive, up to `max_attempts`, and then recorded as failed with every attempt's error. Each
+//!   failed attempt that is retried is journaled before its report is answered
+//!   ([`ReportDecision::Retry`], [`Scheduler::retry_recorded`]), and a resumed scheduler gets them
+//!   back ([`Scheduler::restore_failed_attempts`]), so that a restart of the coordinator neither
+//!   grants a failing unit fresh attempts nor forgets the errors of the earlier ones, nor which
+//!   devices failed it; a unit whose journaled attempts already reach `max_attempts` (the run
+//!   was resumed with a lower `--max-attempts`) is recorded as failed at once, as the coordinator
+//!   does for a unit given up on after its losses ([`Scheduler::take_abandoned`]);
 //! - a unit *lost* with its agent (the lease expired with the unit unreported: the agent crashed,
 //!   was OOM-killed, or was cut off) runs alone from then on, so that a case that kills its agent
 //!   cannot take its shard-mates down with it again; once it has been lost `max_attempts` times,
@@ -100,6 +103,17 @@ impl Placement {
             Placement::Spread => "spread",
             Placement::PerSku => "per-sku",
             Placement::PerGpu => "per-gpu",
+        }
+    }
+
+    /// Whether a device serves `target` under this placement (`target_of(device) == target`,
+    /// without building the target).
+    pub fn serves(self, device: &DeviceIdentity, target: &Target) -> bool {
+        match (self, target) {
+            (Placement::Spread, Target::Any) => true,
+            (Placement::PerSku, Target::Sku(sku)) => device.sku == *sku,
+            (Placement::PerGpu, Target::Gpu(uuid)) => device.uuid == *uuid,
+            _ => false,
         }
     }
 
@@ -213,7 +227,11 @@ struct Unit {
     lease: Option<u64>,
     attempts: u32,
     errors: Vec<String>,
-    /// Agents that failed this unit: prefer others for the retry.
+    /// Devices (uuids, [`DeviceIdentity::uuid`]) that failed this unit: its retry prefers
+    /// another device that can run it. By device, not agent: a failure is the GPU's (or its
+    /// driver's) as much as the agent's, another agent on the same GPU is no second opinion, and
+    /// agent ids are minted per coordinator process, so those of journaled attempts never come
+    /// back after a restart while the device does.
     failed_on: HashSet<String>,
     /// Losses charged to this unit (its agent's lease expired with it unreported), in order. Not
     /// empty: the unit runs alone (a singleton shard), so that further losses are its own and not a
@@ -323,30 +341,95 @@ pub enum ReportDecision {
     },
 }
 
-/// A unit the scheduler gave up on because agents kept dying with it: it was lost `max_attempts`
-/// times, the last time pinned on it (named by its agent's heartbeat as the case running, or the
-/// only unfinished case of its lease; see the module's give-up rule). The caller makes a failed
-/// result for it durable (built from [`AbandonedUnit::explanation`]), then calls
-/// [`Scheduler::commit_abandoned`]; until then the unit counts as running.
+/// Why the scheduler gave a unit up without a final report of it ([`AbandonedUnit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUpCause {
+    /// Agents kept dying with it: it was lost `max_attempts` times, the last time pinned on it
+    /// (see the module's give-up rule).
+    Lost,
+    /// A resumed scheduler got back journaled failed attempts that already reach `max_attempts`
+    /// ([`Scheduler::restore_failed_attempts`]): the run was resumed with a lower
+    /// `--max-attempts` than they were reported under (or with a placement that makes attempts
+    /// reported for several targets one unit's). Leased again, it would run past the limit, so
+    /// it is failed at once with their errors.
+    AttemptsUsedUp,
+}
+
+impl GiveUpCause {
+    /// What happened to the case, for a log line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            GiveUpCause::Lost => "a case that kept crashing its agents",
+            GiveUpCause::AttemptsUsedUp => {
+                "a case whose journaled failed attempts reach --max-attempts"
+            }
+        }
+    }
+}
+
+/// A unit the scheduler gave up on without a final report of it ([`GiveUpCause`]): agents kept
+/// dying with it (it was lost `max_attempts` times, the last time pinned on it: named by its
+/// agent's heartbeat as the case running, or the only unfinished case of its lease; see the
+/// module's give-up rule), or, on resume, its journaled failed attempts already reach
+/// `max_attempts`. The caller makes a failed result for it durable (built from
+/// [`AbandonedUnit::explanation`]), then calls [`Scheduler::commit_abandoned`]; until then the
+/// unit counts as running.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AbandonedUnit {
     pub unit: usize,
     pub case: BenchCase,
-    /// The agent it was last lost with and that agent's device: the placement target the result
-    /// belongs to (its unit key), and the machine to look at.
+    pub cause: GiveUpCause,
+    /// The agent of its last try (the one it was last lost with, or whose failed attempt was
+    /// the last journaled) and that agent's device: the placement target the result belongs to
+    /// (its unit key), and the machine to look at.
     pub agent_id: String,
     pub device: DeviceIdentity,
     /// Tries so far: reported attempts plus losses.
     pub attempt: u32,
     /// Every agent it was lost with, in order.
     pub lost_with: Vec<String>,
-    /// Errors of earlier attempts that did report (a failure and a crash may alternate).
+    /// Errors of the attempts that did report, in order (a failure and a crash may alternate).
     pub errors: Vec<String>,
+    /// The `--max-attempts` it was given up under.
+    pub max_attempts: u32,
 }
 
 impl AbandonedUnit {
     /// What the failed result says: what happened, which agents, and how to investigate.
     pub fn explanation(&self) -> String {
+        match self.cause {
+            GiveUpCause::Lost => self.lost_explanation(),
+            GiveUpCause::AttemptsUsedUp => self.attempts_explanation(),
+        }
+    }
+
+    /// Given up on journaled failed attempts: worded as the failed record of a unit whose last
+    /// attempt failed (`failed after N attempts: ERRORS`), then why it did not run again.
+    fn attempts_explanation(&self) -> String {
+        let reported = self.reported_attempts();
+        let mut text = format!(
+            "failed after {reported} attempts: {}; these attempts were journaled before the \
+             coordinator restarted and already reach --max-attempts {}, so the resumed run did \
+             not run the case again. To run it again once the cause is fixed, resume with \
+             --retry-failed",
+            self.errors.join(" | "),
+            self.max_attempts,
+        );
+        if !self.lost_with.is_empty() {
+            text.push_str(&format!(
+                "; it was also lost with its agents ({}), which stopped without reporting",
+                self.lost_with.join(", ")
+            ));
+        }
+        text
+    }
+
+    /// Reported attempts among its tries (the rest are losses).
+    fn reported_attempts(&self) -> u32 {
+        self.attempt.saturating_sub(self.lost_with.len() as u32)
+    }
+
+    fn lost_explanation(&self) -> String {
         let times = match self.lost_with.len() {
             1 => "once".to_string(),
             n => format!("{n} times"),
@@ -416,8 +499,8 @@ fn transition(counts: &mut StateCounts, unit: &mut Unit, new: UnitState) {
 
 pub struct Scheduler {
     counts: StateCounts,
-    /// Some unit has failed on some agent: only then does `take_shard` need to know whether
-    /// other agents are alive (an O(agents) scan).
+    /// Some unit has failed on some device: only then does `take_shard` need to know whether
+    /// agents on other devices are alive (an O(agents) scan).
     failures_seen: bool,
     /// A lower bound on every lease's deadline (None: no lease to check), so that `expire` scans
     /// the leases only when one may have expired instead of on every request.
@@ -443,7 +526,7 @@ pub struct Scheduler {
     /// taken for whichever agent the new process gave the same number.
     agent_id_nonce: u32,
     leases_expired: u64,
-    /// Units given up on after repeated losses, waiting for their failed result to be recorded.
+    /// Units given up on ([`GiveUpCause`]), waiting for their failed result to be recorded.
     abandoned: Vec<AbandonedUnit>,
     /// Losses charged and not yet handed out to be journaled ([`Scheduler::take_losses`]).
     losses: Vec<LossEvent>,
@@ -611,9 +694,13 @@ impl Scheduler {
     /// reported (`(case id, attempt)`; the unit follows from the case and the attempt's device
     /// under this run's placement), as [`Scheduler::restore_losses`] does for losses. A unit
     /// that has a result (done or failed) ignores them; any other unit counts each as an attempt
-    /// used, keeps its errors for its final failed record and prefers other agents than those
-    /// that failed it, so that its next attempt number goes on from there. Call it before
-    /// [`Scheduler::restore_losses`], so that a unit given up on at once counts them.
+    /// used, keeps its errors for its final failed record and prefers other devices than those
+    /// that failed it (by device uuid: the agents' ids were the previous coordinator process's),
+    /// so that its next attempt number goes on from there. A unit whose attempts then reach
+    /// `max_attempts` is given up at once ([`GiveUpCause::AttemptsUsedUp`]): the caller records
+    /// its failed result, with the journaled errors, from [`Scheduler::take_abandoned`]. Call it
+    /// before [`Scheduler::restore_losses`], so that a unit given up on at once for its losses
+    /// counts them.
     ///
     /// The caller leaves out the failed attempts it should not count, by the rule of the losses:
     /// those journaled before a result of their unit, and, for a unit a `--retry-failed` round
@@ -638,17 +725,30 @@ impl Scheduler {
         }
     }
 
+    /// Counts a pending unit's journaled failed attempts. One whose attempts now reach
+    /// `max_attempts` ([`GiveUpCause::AttemptsUsedUp`]) is given up at once, as a unit whose
+    /// restored losses reach it is: leased again, it would get an attempt the run no longer
+    /// allows. Its attempts are journaled already (the journal never holds a give-up before its
+    /// cause), so its failed record may go out at once.
     fn restore_unit_attempts(&mut self, u: usize, attempts: Vec<FailedAttempt>) {
         let unit = &mut self.units[u];
-        if unit.state != UnitState::Pending || attempts.is_empty() {
+        if unit.state != UnitState::Pending {
             return;
         }
+        let Some(last) = attempts.last() else {
+            return;
+        };
+        let (agent_id, device) = (last.agent_id.clone(), last.device.clone());
         for a in attempts {
             unit.attempts += 1;
             unit.errors.extend(a.errors);
-            unit.failed_on.insert(a.agent_id);
+            unit.failed_on.insert(a.device.uuid);
         }
         self.failures_seen = true;
+        if unit.attempts >= self.cfg.max_attempts {
+            let abandoned = self.give_up(u, GiveUpCause::AttemptsUsedUp, agent_id, device);
+            self.abandoned.push(abandoned);
+        }
     }
 
     fn restore_unit_losses(&mut self, u: usize, losses: Vec<Loss>) {
@@ -663,35 +763,55 @@ impl Scheduler {
         };
         if n >= self.cfg.max_attempts && last.cause.pins_the_case() {
             // Its last loss is already journaled: the failed record may go out at once.
-            let abandoned = self.give_up(u, &last);
+            let abandoned = self.give_up(u, GiveUpCause::Lost, last.agent_id, last.device);
             self.abandoned.push(abandoned);
         }
     }
 
-    /// Takes unit `u` out of play after its last loss (`last`): it counts as running until its
-    /// failed result is durable ([`Scheduler::commit_abandoned`]).
-    fn give_up(&mut self, u: usize, last: &Loss) -> AbandonedUnit {
+    /// Takes unit `u` out of play for `cause`, `agent_id` on `device` having made its last try
+    /// (the result's agent and device): it counts as running until its failed result is durable
+    /// ([`Scheduler::commit_abandoned`]).
+    fn give_up(
+        &mut self,
+        u: usize,
+        cause: GiveUpCause,
+        agent_id: String,
+        device: DeviceIdentity,
+    ) -> AbandonedUnit {
         let unit = &mut self.units[u];
         transition(&mut self.counts, unit, UnitState::Committing);
         unit.lease = None;
         let case = self.cases[unit.case_idx].clone();
         let lost_with: Vec<String> = unit.lost_with.iter().map(|l| l.agent_id.clone()).collect();
         let losses = lost_with.len() as u32;
-        tracing::error!(
-            case = %case.id,
-            losses,
-            agents = %lost_with.join(", "),
-            "every agent that ran this case stopped without reporting; giving up on it and \
-             recording it as failed"
-        );
+        match cause {
+            GiveUpCause::Lost => tracing::error!(
+                case = %case.id,
+                losses,
+                agents = %lost_with.join(", "),
+                "every agent that ran this case stopped without reporting; giving up on it and \
+                 recording it as failed"
+            ),
+            GiveUpCause::AttemptsUsedUp => tracing::warn!(
+                case = %case.id,
+                attempts = unit.attempts,
+                max_attempts = self.cfg.max_attempts,
+                "the journal holds failed attempts of this case that already reach \
+                 --max-attempts (lowered since they were reported, or the placement changed): \
+                 recording it as failed with their errors, without running it again; resume \
+                 with --retry-failed to run it again"
+            ),
+        }
         AbandonedUnit {
             unit: u,
             case,
-            agent_id: last.agent_id.clone(),
-            device: last.device.clone(),
+            cause,
+            agent_id,
+            device,
             attempt: unit.attempts + losses,
             lost_with,
             errors: unit.errors.clone(),
+            max_attempts: self.cfg.max_attempts,
         }
     }
 
@@ -895,10 +1015,24 @@ impl Scheduler {
     }
 
     /// Pops up to `max_shard_cases` pending units that share a pool key, preferring units this
-    /// agent has not failed before. A unit lost before goes alone.
+    /// agent's device has not failed before. A unit lost before goes alone.
+    ///
+    /// A unit is passed over for a device that failed it only while an agent on another device
+    /// that serves `target` is alive, one that can take the retry: another agent on the same
+    /// device (two CPU agents of one host share its uuid) would rerun it on the hardware that
+    /// failed it, and an agent of another target (per-gpu, per-sku) can never take it, so waiting
+    /// for either would hold the unit back for nothing, for ever.
     fn take_shard(&mut self, target: &Target, agent_id: &str) -> Vec<usize> {
-        let others_alive =
-            self.failures_seen && self.alive_agents().filter(|a| a.id != agent_id).count() > 0;
+        let device = self
+            .agents
+            .get(agent_id)
+            .map(|a| a.device.uuid.clone())
+            .unwrap_or_default();
+        let placement = self.cfg.placement;
+        let others_alive = self.failures_seen
+            && self
+                .alive_agents()
+                .any(|a| a.device.uuid != device && placement.serves(&a.device, target));
         let Some(queue) = self.queues.get_mut(target) else {
             return Vec::new();
         };
@@ -913,7 +1047,7 @@ impl Scheduler {
                 if unit.state != UnitState::Pending {
                     continue; // stale entry (done meanwhile)
                 }
-                if others_alive && unit.failed_on.contains(agent_id) {
+                if others_alive && unit.failed_on.contains(&device) {
                     skipped.push_back(u);
                     continue;
                 }
@@ -1059,7 +1193,12 @@ impl Scheduler {
             let losses = unit.lost_with.len() as u32;
             let case_id = self.cases[unit.case_idx].id.clone();
             let abandoned = if cause.pins_the_case() && losses >= self.cfg.max_attempts {
-                Some(self.give_up(u, &loss))
+                Some(self.give_up(
+                    u,
+                    GiveUpCause::Lost,
+                    loss.agent_id.clone(),
+                    loss.device.clone(),
+                ))
             } else {
                 self.requeue(u);
                 requeued += 1;
@@ -1149,7 +1288,8 @@ impl Scheduler {
     }
 
     /// An abandoned unit's failed result could not be made durable: keep it for the next try (it
-    /// stays running; running it again would only kill another agent).
+    /// stays running; running it again would only kill another agent, or try it past
+    /// `max_attempts`).
     pub fn return_abandoned(&mut self, a: AbandonedUnit) {
         self.abandoned.push(a);
     }
@@ -1299,9 +1439,11 @@ impl Scheduler {
         let unit = &mut self.units[u];
         transition(&mut self.counts, unit, UnitState::Committing);
         if attempt >= self.cfg.max_attempts {
-            unit.errors.extend(failures.iter().cloned());
-            unit.failed_on.insert(agent_id.to_string());
-            let errors = unit.errors.clone();
+            // The unit itself keeps nothing of this attempt: it ends failed once the record is
+            // durable ([`Scheduler::commit`]), and if that fails ([`Scheduler::abort_commit`])
+            // the attempt is not counted and the agent sends the same report again, which must
+            // not list this error twice.
+            let errors: Vec<String> = unit.errors.iter().cloned().chain(failures).collect();
             return Ok((
                 ReportDecision::CommitFailed {
                     unit: u,
@@ -1325,9 +1467,12 @@ impl Scheduler {
     }
 
     /// The failed attempt of a [`ReportDecision::Retry`] is journaled: the unit keeps its
-    /// `errors`, prefers agents other than `agent_id`, leaves its lease and is queued for another
-    /// attempt.
+    /// `errors`, prefers devices other than `agent_id`'s, leaves its lease and is queued for
+    /// another attempt.
     pub fn retry_recorded(&mut self, unit: usize, agent_id: &str, errors: Vec<String>) {
+        // Agents are never forgotten (a gone one is only marked drained), so the reporting
+        // agent, known to `report`, is known here.
+        let device = self.agents.get(agent_id).map(|a| a.device.uuid.clone());
         let Some(u) = self.units.get_mut(unit) else {
             return;
         };
@@ -1335,7 +1480,9 @@ impl Scheduler {
             return;
         }
         u.errors.extend(errors);
-        u.failed_on.insert(agent_id.to_string());
+        if let Some(device) = device {
+            u.failed_on.insert(device);
+        }
         if let Some(l) = u.lease.and_then(|id| self.leases.get_mut(&id)) {
             l.units.retain(|&x| x != unit);
         }
@@ -1752,6 +1899,7 @@ mod tests {
         assert_eq!(abandoned.len(), 1);
         let ab = &abandoned[0];
         assert_eq!(ab.case.id, poison);
+        assert_eq!(ab.cause, GiveUpCause::Lost);
         assert_eq!(ab.lost_with, killed);
         assert_eq!(ab.agent_id, killed[1]);
         assert_eq!(ab.device.uuid, s.agent(&killed[1]).unwrap().device.uuid);
@@ -2269,6 +2417,230 @@ mod tests {
         };
         assert_eq!(attempt, 2);
         assert!(errors[0].contains("agent-old") && !errors.iter().any(|e| e.contains("older")));
+    }
+
+    /// A run resumed with a lower `--max-attempts`: a unit whose journaled failed attempts
+    /// already reach it is not run again. It is given up at once, like a unit whose restored
+    /// losses reach it, and its failed record says the journaled attempts' errors (not that
+    /// agents stopped without reporting); until that record is durable it counts as running.
+    #[test]
+    fn restored_failed_attempts_reaching_a_lowered_max_attempts_fail_the_case_at_once() {
+        let t = Instant::now();
+        let cs = cases(2);
+        let ids: Vec<String> = cs.iter().map(|c| c.id.clone()).collect();
+        let mut s = Scheduler::resume(cfg_attempts(1, 2), cs, [], []);
+        s.restore_failed_attempts([
+            (ids[0].clone(), failed_attempt("agent-old", "u0", 1)),
+            (ids[1].clone(), failed_attempt("agent-old", "u0", 1)),
+            (ids[0].clone(), failed_attempt("agent-older", "u9", 2)),
+        ]);
+        let abandoned = s.take_abandoned();
+        assert_eq!(abandoned.len(), 1, "{abandoned:?}");
+        let ab = &abandoned[0];
+        assert_eq!(ab.case.id, ids[0]);
+        assert_eq!(ab.cause, GiveUpCause::AttemptsUsedUp);
+        assert_eq!(ab.attempt, 2);
+        assert_eq!(
+            (ab.agent_id.as_str(), ab.device.uuid.as_str()),
+            ("agent-older", "u9"),
+            "the record belongs to the unit of its last attempt's device"
+        );
+        assert!(ab.lost_with.is_empty());
+        let why = ab.explanation();
+        assert!(
+            why.starts_with(
+                "failed after 2 attempts: attempt 1 on agent-old (u0): optimized: before | \
+                 attempt 2 on agent-older (u9): optimized: before"
+            ) && why.contains("--max-attempts 2")
+                && !why.contains("stopped without reporting"),
+            "{why}"
+        );
+        let p = s.progress();
+        assert_eq!((p.pending, p.running), (1, 1), "{p:?}");
+        // No agent ever leases it: only the other case runs.
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        assert_eq!(drain_shards(&mut s, &a, t), vec![vec![ids[1].clone()]]);
+        assert!(
+            !s.is_finished(),
+            "not over until the failed record is durable"
+        );
+        s.commit_abandoned(ab.unit);
+        let p = s.progress();
+        assert_eq!((p.done, p.failed, p.running), (1, 1, 0), "{p:?}");
+        assert!(s.is_finished());
+    }
+
+    /// Per-GPU: a unit whose restored failed attempts reach `max_attempts` is given up when its
+    /// GPU's agent registers (its unit appears then), and that agent is not handed it.
+    #[test]
+    fn restored_failed_attempts_of_a_target_not_yet_seen_fail_it_at_once_when_it_appears() {
+        let t = Instant::now();
+        let cs = cases(1);
+        let id = cs[0].id.clone();
+        let mut s = Scheduler::resume(
+            SchedulerConfig {
+                placement: Placement::PerGpu,
+                max_attempts: 1,
+                ..cfg(1)
+            },
+            cs,
+            [],
+            [],
+        );
+        s.restore_failed_attempts([(id.clone(), failed_attempt("agent-old", "u1", 1))]);
+        assert!(s.take_abandoned().is_empty(), "no unit of GPU u1 yet");
+        let b = s.register("b".into(), dev("u2", "H100"), t);
+        assert!(s.take_abandoned().is_empty(), "failed on u1, not u2");
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let abandoned = s.take_abandoned();
+        assert_eq!(abandoned.len(), 1, "{abandoned:?}");
+        assert_eq!(abandoned[0].device.uuid, "u1");
+        assert!(
+            matches!(s.lease(&a, t).unwrap(), LeaseDecision::Wait(_)),
+            "given up: not leased again"
+        );
+        run_to_done(&mut s, &b, t);
+        s.commit_abandoned(abandoned[0].unit);
+        let p = s.progress();
+        assert_eq!((p.done, p.failed), (1, 1), "{p:?}");
+        assert!(s.is_finished());
+    }
+
+    /// After a restart, the agent ids of the journaled failed attempts are those of the previous
+    /// coordinator process and never come back; the device does. A case that failed on GPU u1
+    /// before the restart is not retried on u1 (whatever the agent's new id) while an agent of
+    /// another GPU is alive.
+    #[test]
+    fn a_case_failed_before_a_restart_avoids_its_device_not_an_old_agent_id() {
+        let t = Instant::now();
+        let cs = cases(1);
+        let id = cs[0].id.clone();
+        let mut s = Scheduler::resume(cfg_attempts(1, 3), cs, [], []);
+        s.restore_failed_attempts([(id.clone(), failed_attempt("agent-1-0badc0de", "u1", 1))]);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let b = s.register("b".into(), dev("u2", "H100"), t);
+        assert!(
+            matches!(s.lease(&a, t).unwrap(), LeaseDecision::Wait(_)),
+            "u1 failed it: not u1 again while u2 is alive"
+        );
+        let g = grant(s.lease(&b, t).unwrap());
+        assert_eq!(g.cases[0].id, id);
+    }
+
+    /// The retry preference is per device: a second agent on the GPU that failed a case (or on
+    /// the same host's CPU: CPU agents of one host share its uuid) is no other GPU, so it is
+    /// passed over while another device is alive; with no other device alive, the device's own
+    /// agents retry the case, the one that failed it included, rather than leaving it waiting.
+    #[test]
+    fn a_failed_case_is_retried_on_another_device_not_another_agent_of_the_same_one() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(cfg_attempts(1, 3), cases(1), []);
+        let a = s.register("a".into(), dev("cpu-1", "cpu"), t);
+        let a2 = s.register("a2".into(), dev("cpu-1", "cpu"), t);
+        let g = grant(s.lease(&a, t).unwrap());
+        let id = g.cases[0].id.clone();
+        let (d, _) = s.report(&a, &g.lease_id, &failed_result(&id), t).unwrap();
+        let ReportDecision::Retry { unit, errors, .. } = d else {
+            panic!("{d:?}")
+        };
+        s.retry_recorded(unit, &a, errors);
+        // Only agents of cpu-1 are alive: the one that failed it may retry it.
+        let g = grant(s.lease(&a, t).unwrap());
+        assert_eq!(g.cases[0].id, id);
+        let (d, _) = s.report(&a, &g.lease_id, &failed_result(&id), t).unwrap();
+        let ReportDecision::Retry {
+            unit,
+            attempt: 2,
+            errors,
+            ..
+        } = d
+        else {
+            panic!("{d:?}")
+        };
+        s.retry_recorded(unit, &a, errors);
+        // Another device is alive: neither agent of cpu-1 gets it, the other device does.
+        let c = s.register("c".into(), dev("u2", "H100"), t);
+        assert!(matches!(s.lease(&a2, t).unwrap(), LeaseDecision::Wait(_)));
+        assert!(matches!(s.lease(&a, t).unwrap(), LeaseDecision::Wait(_)));
+        let g = grant(s.lease(&c, t).unwrap());
+        assert_eq!(g.cases[0].id, id);
+    }
+
+    /// Per-GPU and per-SKU units can only run on their GPU or model: an alive agent of another
+    /// target cannot take the retry, so it must not hold it back from the device that failed it
+    /// (the run would wait for ever). Another agent of the same model is preferred, per-sku.
+    #[test]
+    fn a_failed_case_is_retried_on_its_own_target_when_no_other_device_can_run_it() {
+        let t = Instant::now();
+        let fail_once = |s: &mut Scheduler, agent: &str| {
+            let g = grant(s.lease(agent, t).unwrap());
+            let id = g.cases[0].id.clone();
+            let (d, _) = s
+                .report(agent, &g.lease_id, &failed_result(&id), t)
+                .unwrap();
+            let ReportDecision::Retry { unit, errors, .. } = d else {
+                panic!("{d:?}")
+            };
+            s.retry_recorded(unit, agent, errors);
+            id
+        };
+        let per_gpu = SchedulerConfig {
+            placement: Placement::PerGpu,
+            ..cfg_attempts(1, 3)
+        };
+        let mut s = Scheduler::new(per_gpu, cases(1), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let _b = s.register("b".into(), dev("u2", "H100"), t);
+        let id = fail_once(&mut s, &a);
+        let g = grant(s.lease(&a, t).unwrap());
+        assert_eq!(g.cases[0].id, id, "only u1 can run u1's unit");
+
+        let per_sku = SchedulerConfig {
+            placement: Placement::PerSku,
+            ..cfg_attempts(1, 3)
+        };
+        let mut s = Scheduler::new(per_sku, cases(1), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let _b = s.register("b".into(), dev("u2", "A100"), t);
+        let id = fail_once(&mut s, &a);
+        let g = grant(s.lease(&a, t).unwrap());
+        assert_eq!(g.cases[0].id, id, "no other H100 is alive");
+        let id = fail_once(&mut s, &a);
+        let c = s.register("c".into(), dev("u3", "H100"), t);
+        assert!(matches!(s.lease(&a, t).unwrap(), LeaseDecision::Wait(_)));
+        let g = grant(s.lease(&c, t).unwrap());
+        assert_eq!(g.cases[0].id, id, "another H100 is alive: it retries it");
+    }
+
+    /// A final failure whose record could not be made durable is not counted
+    /// ([`Scheduler::abort_commit`]): the agent sends the same report again, and the failed
+    /// record lists its error once, under the same attempt number.
+    #[test]
+    fn an_aborted_final_failure_is_not_counted_twice() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(cfg_attempts(1, 1), cases(1), []);
+        let a = s.register("a".into(), dev("u1", "H100"), t);
+        let _b = s.register("b".into(), dev("u2", "H100"), t);
+        let g = grant(s.lease(&a, t).unwrap());
+        let id = g.cases[0].id.clone();
+        let (d, _) = s.report(&a, &g.lease_id, &failed_result(&id), t).unwrap();
+        let ReportDecision::CommitFailed { unit, errors, .. } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(errors.len(), 1);
+        s.abort_commit(unit);
+        let (d, _) = s.report(&a, &g.lease_id, &failed_result(&id), t).unwrap();
+        let ReportDecision::CommitFailed {
+            unit,
+            attempt,
+            errors,
+        } = d
+        else {
+            panic!("{d:?}")
+        };
+        assert_eq!((attempt, errors.len()), (1, 1), "{errors:?}");
+        s.commit(unit, &a, true);
+        assert!(s.is_finished());
     }
 
     #[test]

@@ -188,7 +188,8 @@ async fn make_attempt_durable(shared: &Shared, attempt: FailedAttemptRecord) -> 
 }
 
 /// Records the failed result of every unit the scheduler gave up on since the last call (agents
-/// kept dying with it, see [`AbandonedUnit`]): journaled like any result, so that a resumed run
+/// kept dying with it, or, on resume, its journaled failed attempts already reach
+/// `--max-attempts`; see [`AbandonedUnit`]): journaled like any result, so that a resumed run
 /// keeps it and `--retry-failed` runs it again. A unit whose record cannot be written yet stays
 /// with the scheduler for the next call.
 pub async fn record_abandoned(shared: &Shared) {
@@ -203,15 +204,22 @@ pub async fn record_abandoned(shared: &Shared) {
                 shared.changed.notify_waiters();
             }
             Err(e) => {
-                tracing::error!(case = %a.case.id, error = %e.message(), "could not record the failure of a case that kept crashing its agents; trying again");
+                tracing::error!(
+                    case = %a.case.id,
+                    error = %e.message(),
+                    "could not record the failure of {}; trying again at the next tick (the case \
+                     stays out of play meanwhile)",
+                    a.cause.describe()
+                );
                 shared.scheduler().return_abandoned(a);
             }
         }
     }
 }
 
-/// The failed result of an abandoned unit: the schema of any result, with the agent it was last
-/// lost with as its agent and device, and the explanation as every kernel's message.
+/// The failed result of an abandoned unit: the schema of any result, with the agent of its last
+/// try (last lost with, or last failed on) as its agent and device, and the explanation as every
+/// kernel's message.
 fn abandoned_record(shared: &Shared, a: &AbandonedUnit) -> ResultRecord {
     ResultRecord {
         run_id: shared.run_id.clone(),
