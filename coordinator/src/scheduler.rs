@@ -1657,6 +1657,15 @@ mod tests {
         }
     }
 
+    /// One case a shard under `placement`, with `max_attempts` (the per-gpu / per-sku tests of
+    /// failed attempts).
+    fn cfg_placed(placement: Placement, max_attempts: u32) -> SchedulerConfig {
+        SchedulerConfig {
+            placement,
+            ..cfg_attempts(1, max_attempts)
+        }
+    }
+
     fn grant(d: LeaseDecision) -> ShardGrant {
         match d {
             LeaseDecision::Shard(g) => g,
@@ -2386,16 +2395,7 @@ mod tests {
         let t = Instant::now();
         let cs = cases(1);
         let id = cs[0].id.clone();
-        let mut s = Scheduler::resume(
-            SchedulerConfig {
-                placement: Placement::PerSku,
-                max_attempts: 2,
-                ..cfg(1)
-            },
-            cs,
-            [],
-            [],
-        );
+        let mut s = Scheduler::resume(cfg_placed(Placement::PerSku, 2), cs, [], []);
         s.restore_failed_attempts([
             (id.clone(), failed_attempt("agent-old", "u9", 1)),
             (
@@ -2477,16 +2477,7 @@ mod tests {
         let t = Instant::now();
         let cs = cases(1);
         let id = cs[0].id.clone();
-        let mut s = Scheduler::resume(
-            SchedulerConfig {
-                placement: Placement::PerGpu,
-                max_attempts: 1,
-                ..cfg(1)
-            },
-            cs,
-            [],
-            [],
-        );
+        let mut s = Scheduler::resume(cfg_placed(Placement::PerGpu, 1), cs, [], []);
         s.restore_failed_attempts([(id.clone(), failed_attempt("agent-old", "u1", 1))]);
         assert!(s.take_abandoned().is_empty(), "no unit of GPU u1 yet");
         let b = s.register("b".into(), dev("u2", "H100"), t);
@@ -2584,22 +2575,14 @@ mod tests {
             s.retry_recorded(unit, agent, errors);
             id
         };
-        let per_gpu = SchedulerConfig {
-            placement: Placement::PerGpu,
-            ..cfg_attempts(1, 3)
-        };
-        let mut s = Scheduler::new(per_gpu, cases(1), []);
+        let mut s = Scheduler::new(cfg_placed(Placement::PerGpu, 3), cases(1), []);
         let a = s.register("a".into(), dev("u1", "H100"), t);
         let _b = s.register("b".into(), dev("u2", "H100"), t);
         let id = fail_once(&mut s, &a);
         let g = grant(s.lease(&a, t).unwrap());
         assert_eq!(g.cases[0].id, id, "only u1 can run u1's unit");
 
-        let per_sku = SchedulerConfig {
-            placement: Placement::PerSku,
-            ..cfg_attempts(1, 3)
-        };
-        let mut s = Scheduler::new(per_sku, cases(1), []);
+        let mut s = Scheduler::new(cfg_placed(Placement::PerSku, 3), cases(1), []);
         let a = s.register("a".into(), dev("u1", "H100"), t);
         let _b = s.register("b".into(), dev("u2", "A100"), t);
         let id = fail_once(&mut s, &a);
