@@ -497,6 +497,29 @@ fn transition(counts: &mut StateCounts, unit: &mut Unit, new: UnitState) {
     unit.state = new;
 }
 
+/// Files journaled entries (losses, failed attempts) of a resumed run under their unit keys in
+/// `pending`, and takes back out, in key order, those of units that exist already (spread's,
+/// created with the scheduler) for the caller to apply now; the rest wait in `pending` until
+/// their unit is created (its target's first agent registers).
+fn file_by_unit<T>(
+    pending: &mut HashMap<String, Vec<T>>,
+    unit_index: &HashMap<String, usize>,
+    entries: impl IntoIterator<Item = (String, T)>,
+) -> Vec<(usize, Vec<T>)> {
+    for (key, entry) in entries {
+        pending.entry(key).or_default().push(entry);
+    }
+    let mut existing: Vec<(String, usize)> = pending
+        .keys()
+        .filter_map(|k| unit_index.get(k).map(|&u| (k.clone(), u)))
+        .collect();
+    existing.sort();
+    existing
+        .into_iter()
+        .filter_map(|(key, u)| pending.remove(&key).map(|entries| (u, entries)))
+        .collect()
+}
+
 pub struct Scheduler {
     counts: StateCounts,
     /// Some unit has failed on some device: only then does `take_shard` need to know whether
@@ -673,20 +696,12 @@ impl Scheduler {
     /// round started (a new round reruns it with no losses against it; a resumed round keeps
     /// counting its own).
     pub fn restore_losses(&mut self, losses: impl IntoIterator<Item = (String, Loss)>) {
-        for (case_id, loss) in losses {
-            let key = unit_key(&case_id, self.cfg.placement, &loss.device);
-            self.restored_losses.entry(key).or_default().push(loss);
-        }
-        // Units that exist already (spread's, created with the scheduler) take theirs now.
-        let existing: Vec<(String, usize)> = self
-            .restored_losses
-            .keys()
-            .filter_map(|k| self.unit_index.get(k).map(|&u| (k.clone(), u)))
-            .collect();
-        for (key, u) in existing {
-            if let Some(losses) = self.restored_losses.remove(&key) {
-                self.restore_unit_losses(u, losses);
-            }
+        let placement = self.cfg.placement;
+        let keyed = losses
+            .into_iter()
+            .map(|(case_id, loss)| (unit_key(&case_id, placement, &loss.device), loss));
+        for (u, losses) in file_by_unit(&mut self.restored_losses, &self.unit_index, keyed) {
+            self.restore_unit_losses(u, losses);
         }
     }
 
@@ -709,19 +724,12 @@ impl Scheduler {
         &mut self,
         attempts: impl IntoIterator<Item = (String, FailedAttempt)>,
     ) {
-        for (case_id, attempt) in attempts {
-            let key = unit_key(&case_id, self.cfg.placement, &attempt.device);
-            self.restored_attempts.entry(key).or_default().push(attempt);
-        }
-        let existing: Vec<(String, usize)> = self
-            .restored_attempts
-            .keys()
-            .filter_map(|k| self.unit_index.get(k).map(|&u| (k.clone(), u)))
-            .collect();
-        for (key, u) in existing {
-            if let Some(attempts) = self.restored_attempts.remove(&key) {
-                self.restore_unit_attempts(u, attempts);
-            }
+        let placement = self.cfg.placement;
+        let keyed = attempts
+            .into_iter()
+            .map(|(case_id, a)| (unit_key(&case_id, placement, &a.device), a));
+        for (u, attempts) in file_by_unit(&mut self.restored_attempts, &self.unit_index, keyed) {
+            self.restore_unit_attempts(u, attempts);
         }
     }
 
