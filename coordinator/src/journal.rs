@@ -1960,17 +1960,22 @@ mod tests {
         assert_eq!(scan.damaged[0].range, 0..64);
     }
 
+    /// The CPU device of the test records' agent `agent_id`.
+    fn cpu_device(agent_id: &str) -> decodebench_kernels::DeviceIdentity {
+        decodebench_kernels::DeviceIdentity {
+            backend: "cpu".into(),
+            uuid: format!("CPU-{agent_id}"),
+            sku: "cpu".into(),
+            ..Default::default()
+        }
+    }
+
     fn loss(case_id: &str, agent_id: &str, cause: crate::record::LossCause) -> LossRecord {
         LossRecord {
             run_id: "run-a".into(),
             case_id: case_id.into(),
             agent_id: agent_id.into(),
-            device: decodebench_kernels::DeviceIdentity {
-                backend: "cpu".into(),
-                uuid: format!("CPU-{agent_id}"),
-                sku: "cpu".into(),
-                ..Default::default()
-            },
+            device: cpu_device(agent_id),
             cause,
             lost_unix_ms: 1_700_000_000_000,
         }
@@ -2032,12 +2037,7 @@ mod tests {
             run_id: "run-a".into(),
             case_id: case_id.into(),
             agent_id: agent_id.into(),
-            device: decodebench_kernels::DeviceIdentity {
-                backend: "cpu".into(),
-                uuid: format!("CPU-{agent_id}"),
-                sku: "cpu".into(),
-                ..Default::default()
-            },
+            device: cpu_device(agent_id),
             attempt,
             errors: vec![
                 format!("attempt {attempt} on {agent_id} (CPU-{agent_id}): optimized: wrong"),
