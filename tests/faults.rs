@@ -790,17 +790,10 @@ fn a_case_that_kills_agents_is_given_up_across_a_coordinator_restart() {
 /// in all, not 3 more after every restart (which, with a Deployment restarting the coordinator,
 /// could go on for ever), and its failed record lists the error of the attempt before the
 /// restart too.
-#[test]
-fn a_failing_case_keeps_its_attempts_and_errors_across_a_coordinator_restart() {
-    let _serial = exclusive();
-    let s = Scratch::new("failing-case-restart");
-    let grid = s.grid(&poison_grid_spec("it-failing-restart"));
-    let ids = grid_case_ids(&grid);
-    // The first case of the grid's one KV pool: the first case of the first shard, so that after
-    // its failure the agent runs the three slow cases of its shard before it can get it again.
-    let failing = grid_case_ids_in_order(&grid)[0].clone();
-    let out = s.out();
-    let flags = [
+/// Coordinator flags of the failing-case restart tests, `--max-attempts` aside: short leases and
+/// heartbeats, and shards of several cases.
+fn failing_run_flags(max_attempts: &str) -> [&str; 8] {
+    [
         "--lease-timeout-s",
         "2",
         "--heartbeat-s",
@@ -808,10 +801,37 @@ fn a_failing_case_keeps_its_attempts_and_errors_across_a_coordinator_restart() {
         "--shard-cases",
         SHARD_CASES_ARG,
         "--max-attempts",
-        "3",
-    ];
+        max_attempts,
+    ]
+}
+
+/// A `fail:CASE` run stopped right after its first failed attempt: a coordinator with
+/// `--max-attempts 3` is killed with SIGKILL once that attempt is journaled and answered, while
+/// the agent still runs the rest of its shard. The agent stays up and reconnects to the next
+/// coordinator on `port`.
+struct FirstAttemptFailed {
+    grid: std::path::PathBuf,
+    ids: BTreeSet<String>,
+    failing: String,
+    out: std::path::PathBuf,
+    port: u16,
+    agent: Proc,
+    /// The journaled failed attempts of `failing` when the coordinator was killed: attempt 1.
+    before: Vec<JournaledFailedAttempt>,
+}
+
+fn first_attempt_failed_then_coordinator_killed(
+    s: &Scratch,
+    grid_name: &str,
+) -> FirstAttemptFailed {
+    let grid = s.grid(&poison_grid_spec(grid_name));
+    let ids = grid_case_ids(&grid);
+    // The first case of the grid's one KV pool: the first case of the first shard, so that after
+    // its failure the agent runs the three slow cases of its shard before it can get it again.
+    let failing = grid_case_ids_in_order(&grid)[0].clone();
+    let out = s.out();
     let port = free_port();
-    let mut first = coordinator(&s, "coordinator-1", &grid, port, &flags);
+    let mut first = coordinator(s, "coordinator-1", &grid, port, &failing_run_flags("3"));
     let probe = StatusProbe::new(port);
     let agent_args: Vec<String> = [
         "agent",
@@ -827,8 +847,8 @@ fn a_failing_case_keeps_its_attempts_and_errors_across_a_coordinator_restart() {
     .map(String::from)
     .to_vec();
     let drill = format!("fail:{failing}");
-    let mut failing_agent = Proc::spawn_with_env(
-        &s,
+    let agent = Proc::spawn_with_env(
+        s,
         "agent-0",
         &agent_args,
         &[("DECODEBENCH_FAILPOINT", &drill)],
@@ -853,13 +873,38 @@ fn a_failing_case_keeps_its_attempts_and_errors_across_a_coordinator_restart() {
         [1],
         "one failed attempt before the restart: {before:?}"
     );
-    let first_agent_id = before[0].agent_id.clone();
     assert!(
         before[0].errors.len() == 1
-            && before[0].errors[0].starts_with(&format!("attempt 1 on {first_agent_id} ("))
+            && before[0].errors[0].starts_with(&format!("attempt 1 on {} (", before[0].agent_id))
             && before[0].errors[0].contains("optimized: injected failure"),
         "{before:?}"
     );
+    FirstAttemptFailed {
+        grid,
+        ids,
+        failing,
+        out,
+        port,
+        agent,
+        before,
+    }
+}
+
+#[test]
+fn a_failing_case_keeps_its_attempts_and_errors_across_a_coordinator_restart() {
+    let _serial = exclusive();
+    let s = Scratch::new("failing-case-restart");
+    let FirstAttemptFailed {
+        grid,
+        ids,
+        failing,
+        out,
+        port,
+        agent: mut failing_agent,
+        before,
+    } = first_attempt_failed_then_coordinator_killed(&s, "it-failing-restart");
+    let first_agent_id = before[0].agent_id.clone();
+    let flags = failing_run_flags("3");
 
     // The same agent reconnects to a new coordinator on the same journal, and the run ends.
     let mut second = coordinator(&s, "coordinator-2", &grid, port, &flags);
@@ -926,6 +971,67 @@ fn a_failing_case_keeps_its_attempts_and_errors_across_a_coordinator_restart() {
         "the failed record lists every attempt's error, the one before the restart first: \
          {message}"
     );
+}
+
+/// A run resumed with a lower `--max-attempts` than its journaled failed attempts were reported
+/// under: the case whose attempts already reach the new limit is recorded failed at once, with
+/// their errors and what to do, and is not run again; every other case runs as usual.
+#[test]
+fn a_run_resumed_with_fewer_attempts_fails_a_case_whose_attempts_reach_them_without_running_it() {
+    let _serial = exclusive();
+    let s = Scratch::new("failing-case-lowered-attempts");
+    let FirstAttemptFailed {
+        grid,
+        ids,
+        failing,
+        out,
+        port,
+        mut agent,
+        before,
+    } = first_attempt_failed_then_coordinator_killed(&s, "it-failing-lowered");
+
+    let mut second = coordinator(&s, "coordinator-2", &grid, port, &failing_run_flags("1"));
+    let status = second.wait(Duration::from_secs(60));
+    assert_eq!(
+        status.code(),
+        Some(EXIT_INCOMPLETE),
+        "a run with a failed case exits {EXIT_INCOMPLETE}; log:\n{}",
+        second.log_tail()
+    );
+    agent.wait_success(Duration::from_secs(30));
+
+    // Nothing ran it again: the journal holds the one attempt from before the restart.
+    assert_eq!(
+        journaled_failed_attempts(&out, &failing),
+        before,
+        "no attempt after the restart"
+    );
+    let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
+    check_each_case_at_most_once(&rows, &ids).unwrap_or_else(|e| panic!("{e:#}"));
+    let seen: BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
+    assert_eq!(seen.len(), ids.len(), "every case has a result: {seen:?}");
+    let csv_rows = read_results_csv(&out);
+    for r in csv_rows.iter().filter(|r| r["case_id"] != failing) {
+        assert_eq!(r["status"], "ok", "{r:?}");
+    }
+    // The journal keeps only the failed kernels' errors, not the other kernels' results of that
+    // attempt, so every kernel of the case carries the explanation.
+    let failed: Vec<&CsvRow> = csv_rows
+        .iter()
+        .filter(|r| r["case_id"] == failing)
+        .collect();
+    assert!(!failed.is_empty(), "{csv_rows:?}");
+    for r in failed {
+        let message = &r["message"];
+        assert_eq!(r["status"], "failed", "{r:?}");
+        assert_eq!(r["attempt"], "1", "{r:?}");
+        assert!(
+            message.starts_with(&format!("failed after 1 attempts: {}", before[0].errors[0]))
+                && message.contains("already reach --max-attempts 1")
+                && message.contains("--retry-failed"),
+            "the record names the journaled error, the new limit and what to do: {message}"
+        );
+    }
 }
 
 /// Two coordinators on one `--out` would interleave their journal frames: the second is refused
