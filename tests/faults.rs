@@ -1026,7 +1026,7 @@ fn a_run_resumed_with_fewer_attempts_fails_a_case_whose_attempts_reach_them_with
         assert_eq!(r["status"], "failed", "{r:?}");
         assert_eq!(r["attempt"], "1", "{r:?}");
         assert!(
-            message.starts_with(&format!("failed after 1 attempts: {}", before[0].errors[0]))
+            message.starts_with(&format!("failed after 1 attempt: {}", before[0].errors[0]))
                 && message.contains("already reach --max-attempts 1")
                 && message.contains("--retry-failed"),
             "the record names the journaled error, the new limit and what to do: {message}"

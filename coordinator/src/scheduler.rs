@@ -394,6 +394,15 @@ pub struct AbandonedUnit {
     pub max_attempts: u32,
 }
 
+/// The message of a unit recorded failed after its attempts: `failed after N attempts: ERRORS`
+/// (`1 attempt` for one), each attempt's errors in order, joined by ` | `. The record of a unit
+/// whose last attempt failed ([`ReportDecision::CommitFailed`]) and of one given up on its
+/// journaled attempts ([`GiveUpCause::AttemptsUsedUp`]) begin with it.
+pub fn failed_after(attempts: u32, errors: &[String]) -> String {
+    let noun = if attempts == 1 { "attempt" } else { "attempts" };
+    format!("failed after {attempts} {noun}: {}", errors.join(" | "))
+}
+
 impl AbandonedUnit {
     /// What the failed result says: what happened, which agents, and how to investigate.
     pub fn explanation(&self) -> String {
@@ -404,15 +413,14 @@ impl AbandonedUnit {
     }
 
     /// Given up on journaled failed attempts: worded as the failed record of a unit whose last
-    /// attempt failed (`failed after N attempts: ERRORS`), then why it did not run again.
+    /// attempt failed ([`failed_after`]), then why it did not run again.
     fn attempts_explanation(&self) -> String {
         let reported = self.reported_attempts();
         let mut text = format!(
-            "failed after {reported} attempts: {}; these attempts were journaled before the \
-             coordinator restarted and already reach --max-attempts {}, so the resumed run did \
-             not run the case again. To run it again once the cause is fixed, resume with \
-             --retry-failed",
-            self.errors.join(" | "),
+            "{}; these attempts were journaled before the coordinator restarted and already \
+             reach --max-attempts {}, so the resumed run did not run the case again. To run it \
+             again once the cause is fixed, resume with --retry-failed",
+            failed_after(reported, &self.errors),
             self.max_attempts,
         );
         if !self.lost_with.is_empty() {
@@ -1698,6 +1706,19 @@ mod tests {
                 LeaseDecision::Drain | LeaseDecision::Wait(_) => return,
             }
         }
+    }
+
+    #[test]
+    fn failed_after_counts_attempts_in_words_and_joins_their_errors_in_order() {
+        let errors = ["attempt 1: a".to_string(), "attempt 2: b".to_string()];
+        assert_eq!(
+            failed_after(2, &errors),
+            "failed after 2 attempts: attempt 1: a | attempt 2: b"
+        );
+        assert_eq!(
+            failed_after(1, &errors[..1]),
+            "failed after 1 attempt: attempt 1: a"
+        );
     }
 
     #[test]

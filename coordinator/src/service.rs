@@ -7,7 +7,9 @@
 
 use crate::metrics::Metrics;
 use crate::record::{FailedAttemptRecord, ResultRecord};
-use crate::scheduler::{AbandonedUnit, LeaseDecision, ReportDecision, ScheduleError, Scheduler};
+use crate::scheduler::{
+    failed_after, AbandonedUnit, LeaseDecision, ReportDecision, ScheduleError, Scheduler,
+};
 use decodebench_kernels::{CaseMeasurement, Status as KernelStatus};
 use decodebench_proto::{wire, PROTOCOL_VERSION};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -578,8 +580,7 @@ impl CoordinatorService {
                 if let Some(errors) = &failed_errors {
                     for k in measurement.kernels.iter_mut() {
                         if k.status == Some(KernelStatus::Failed) {
-                            k.message =
-                                format!("failed after {attempt} attempts: {}", errors.join(" | "));
+                            k.message = failed_after(attempt, errors);
                         }
                     }
                 }
