@@ -512,7 +512,7 @@ impl CudaBackend {
                 let rows = case.num_qo_heads * case.batch_size;
                 let kernel_merge = params.direct == 0 && params.fused_merge == 0;
                 if kernel_merge && merge_rows_alternative(splits, rows, session.props.sm_count) {
-                    &[MergeRows::Spread, MergeRows::OneWarp]
+                    &[MergeRows::Spread, MergeRows::Narrow]
                 } else {
                     &[MergeRows::Spread]
                 }
@@ -569,8 +569,8 @@ impl CudaBackend {
                 if trial.params.fused_merge != 0 {
                     label.push("fused".to_string());
                 }
-                if trial.merge_rows == MergeRows::OneWarp {
-                    label.push("one-warp".to_string());
+                if trial.merge_rows == MergeRows::Narrow {
+                    label.push("narrow".to_string());
                 }
                 timings.push(format!("{} {ms:.4} ms", label.join(" ")));
                 if ms < best.1 {
@@ -962,7 +962,7 @@ fn describe_plan(plan: &SplitPlan, fused_merge: bool, merge_rows: MergeRows) -> 
             match (fused_merge, merge_rows) {
                 (true, _) => "fused merge",
                 (false, MergeRows::Spread) => "merge",
-                (false, MergeRows::OneWarp) => "merge (one warp per row)",
+                (false, MergeRows::Narrow) => "merge (a row per CTA)",
             }
         )
     }

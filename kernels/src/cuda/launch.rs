@@ -66,14 +66,20 @@ pub(crate) const FUSED_MERGE_MAX_SPLITS: usize = 8;
 /// 19.7 us), 7 % at b4 s16384, 10 % for FP8 b4 s4096 (bench/gpu/NOTES.md run 46); at b1 a row of
 /// 33-64 splits keeps its 8 warps (with 4 it takes two rounds of loads: b1 s16384 +3.5 %).
 pub(crate) fn merge_block(max_splits: usize, rows: u32, sm_count: u32) -> (u32, u32) {
-    let rounds = (max_splits.max(1) as u32).div_ceil(MERGE_UNROLL);
-    let needed = rounds.next_power_of_two().min(MERGE_WARPS);
+    let needed = merge_row_warps(max_splits);
     let cta_warps = needed.max(MERGE_SMALL_CTA_WARPS);
     let mut per_cta = cta_warps / needed;
     while per_cta > 1 && rows.div_ceil(per_cta) < sm_count {
         per_cta /= 2;
     }
     (32 * (cta_warps / per_cta), per_cta)
+}
+
+/// Warps a row of `max_splits` partials needs so that each loads its share in one round (a
+/// power of two, at most a CTA's [`MERGE_WARPS`]).
+fn merge_row_warps(max_splits: usize) -> u32 {
+    let rounds = (max_splits.max(1) as u32).div_ceil(MERGE_UNROLL);
+    rounds.next_power_of_two().min(MERGE_WARPS)
 }
 
 /// How the merge kernel's CTAs take their rows. The backend times both where they differ
@@ -83,13 +89,16 @@ pub(crate) enum MergeRows {
     /// [`merge_block`]'s shape: a row's splits spread over warps (one round of loads each), and a
     /// row over the CTA's 4 warps where that leaves too few CTAs for the SMs.
     Spread,
-    /// One warp per row and one row per CTA, for lists a warp loads in one round: the row is
-    /// folded and converted in that warp's registers, with no shared-memory exchange or barrier
-    /// in front of the conversion. In kbench at b4 s1024 (4 warps on each row under `Spread`) it
-    /// was 2-5 % faster in every mode, NVFP4 most; at b16-b64, where `Spread` already gives a row
-    /// one warp and puts 4 rows in a CTA, CTAs of one row were 2-8 % slower, so it is not offered
-    /// there (bench/gpu/NOTES.md run 82).
-    OneWarp,
+    /// One row per CTA, with only the warps its list needs ([`merge_row_warps`]: one for up to 8
+    /// splits, two for up to 16), where `Spread` gives a row more. With one warp the row is folded
+    /// and converted in that warp's registers, with no shared-memory exchange or barrier in front
+    /// of the conversion. In kbench at b4 s1024 (4 warps on each row under `Spread`) one warp was
+    /// 2-5 % faster in every mode, NVFP4 most; at b16-b64, where `Spread` already gives a row one
+    /// warp and puts 4 rows in a CTA, CTAs of one row were 2-8 % slower, so it is not offered
+    /// there (bench/gpu/NOTES.md run 82). Two warps on a row of 9-16 splits (kbench's b4 s4096,
+    /// 4 warps under `Spread`) were 7-9 % faster for FP8 output, within 1 % for BF16 output and
+    /// 2-5 % slower for NVFP4, in three runs (run 89), so it is a timed choice too.
+    Narrow,
 }
 
 /// The merge kernel's block (32 x warps per row, rows per CTA) in `shape`; see [`merge_block`].
@@ -101,14 +110,14 @@ pub(crate) fn merge_block_for(
 ) -> (u32, u32) {
     match shape {
         MergeRows::Spread => merge_block(max_splits, rows, sm_count),
-        MergeRows::OneWarp => (32, 1),
+        MergeRows::Narrow => (32 * merge_row_warps(max_splits), 1),
     }
 }
 
-/// Whether [`MergeRows::OneWarp`] is a different launch from [`MergeRows::Spread`] worth timing:
-/// every list fits one warp's round of loads, and `Spread` puts several warps on a row.
+/// Whether [`MergeRows::Narrow`] is a different launch from [`MergeRows::Spread`] worth timing:
+/// `Spread` puts more warps on a row than its list needs.
 pub(crate) fn merge_rows_alternative(max_splits: usize, rows: u32, sm_count: u32) -> bool {
-    max_splits <= MERGE_UNROLL as usize && merge_block(max_splits, rows, sm_count).0 > 32
+    merge_block(max_splits, rows, sm_count).0 > 32 * merge_row_warps(max_splits)
 }
 
 /// Compute capability from which the merge is launched as a programmatic dependent of the decode
@@ -1065,17 +1074,25 @@ mod tests {
     }
 
     #[test]
-    fn one_warp_merge_rows_are_offered_only_where_a_row_has_several_warps() {
-        // b=1 and b=4 at s=1024 (8 splits of 128 tokens): Spread puts 4 warps on each row.
+    fn narrow_merge_rows_are_offered_only_where_a_row_has_more_warps_than_it_needs() {
+        // b=1 and b=4 at s=1024 (8 splits of 128 tokens): Spread puts 4 warps on each row, one
+        // does.
         for rows in [64, 256] {
             assert!(merge_rows_alternative(8, rows, 132), "{rows}");
-            assert_eq!(merge_block_for(MergeRows::OneWarp, 8, rows, 132), (32, 1));
+            assert_eq!(merge_block_for(MergeRows::Narrow, 8, rows, 132), (32, 1));
         }
-        // b=16 (1024 rows): Spread already gives a row one warp, 4 rows a CTA.
+        // b=4 at s=4096 (up to 16 splits): Spread puts 4 warps on each row, two do.
+        assert_eq!(merge_block(16, 256, 132), (128, 1));
+        assert!(merge_rows_alternative(9, 256, 132));
+        assert!(merge_rows_alternative(16, 64, 132));
+        assert_eq!(merge_block_for(MergeRows::Narrow, 16, 256, 132), (64, 1));
+        // b=16 (1024 rows): Spread already gives a row one warp (4 rows a CTA), or two (2 rows).
         assert_eq!(merge_block(8, 1024, 132), (32, 4));
         assert!(!merge_rows_alternative(8, 1024, 132));
-        // A list longer than one warp's round of loads keeps Spread's warps.
-        assert!(!merge_rows_alternative(9, 64, 132));
+        assert_eq!(merge_block(16, 1024, 132), (64, 2));
+        assert!(!merge_rows_alternative(16, 1024, 132));
+        // A list of 17 or more keeps Spread's warps: it needs them all.
+        assert!(!merge_rows_alternative(17, 64, 132));
         assert!(!merge_rows_alternative(49, 64, 132));
         // Spread is merge_block itself.
         for (splits, rows) in [(2, 4096), (8, 64), (49, 64)] {

@@ -168,8 +168,8 @@ impl SplitPlan {
     /// (amax shuffles, scale factors, software e2m1) can outlast the split CTAs and hold up the
     /// merge: with one 87-token sequence beside three split ones (b4 s1024) the merged plan was
     /// 4 % faster in kbench, with no difference at b16 and b64 (bench/gpu/NOTES.md run 79). In
-    /// decodebench it won only beside the merge kernel's one-warp rows (6.0 against 6.2 us;
-    /// run 83). Both write the same bytes: a one-split merge has weight 1.
+    /// decodebench it won only beside the merge kernel's one-warp rows (`MergeRows::Narrow`; 6.0
+    /// against 6.2 us, run 83). Both write the same bytes: a one-split merge has weight 1.
     pub fn without_direct_items(&self) -> SplitPlan {
         let mut plan = self.clone();
         for w in &mut plan.launch {
