@@ -820,6 +820,38 @@ struct FirstAttemptFailed {
     before: Vec<JournaledFailedAttempt>,
 }
 
+impl FirstAttemptFailed {
+    /// A second coordinator on the same journal with `--max-attempts max_attempts`: waits for the
+    /// run to end with a failed case (exit 2) and for the agent to exit cleanly, and returns the
+    /// coordinator's process for its log.
+    fn resume(&mut self, s: &Scratch, max_attempts: &str) -> Proc {
+        let flags = failing_run_flags(max_attempts);
+        let mut second = coordinator(s, "coordinator-2", &self.grid, self.port, &flags);
+        let status = second.wait(Duration::from_secs(60));
+        assert_eq!(
+            status.code(),
+            Some(EXIT_INCOMPLETE),
+            "a run with a failed case exits {EXIT_INCOMPLETE}; log:\n{}",
+            second.log_tail()
+        );
+        self.agent.wait_success(Duration::from_secs(30));
+        second
+    }
+
+    /// The run's final files: every case has exactly one result; the results.csv rows.
+    fn final_rows(&self) -> Vec<CsvRow> {
+        let rows = read_parquet(&self.out).unwrap_or_else(|e| panic!("{e:#}"));
+        check_each_case_at_most_once(&rows, &self.ids).unwrap_or_else(|e| panic!("{e:#}"));
+        let seen: BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
+        assert_eq!(
+            seen.len(),
+            self.ids.len(),
+            "every case has a result: {seen:?}"
+        );
+        read_results_csv(&self.out)
+    }
+}
+
 fn first_attempt_failed_then_coordinator_killed(
     s: &Scratch,
     grid_name: &str,
@@ -894,28 +926,12 @@ fn first_attempt_failed_then_coordinator_killed(
 fn a_failing_case_keeps_its_attempts_and_errors_across_a_coordinator_restart() {
     let _serial = exclusive();
     let s = Scratch::new("failing-case-restart");
-    let FirstAttemptFailed {
-        grid,
-        ids,
-        failing,
-        out,
-        port,
-        agent: mut failing_agent,
-        before,
-    } = first_attempt_failed_then_coordinator_killed(&s, "it-failing-restart");
+    let mut run = first_attempt_failed_then_coordinator_killed(&s, "it-failing-restart");
+    let (failing, out, before) = (run.failing.clone(), run.out.clone(), run.before.clone());
     let first_agent_id = before[0].agent_id.clone();
-    let flags = failing_run_flags("3");
 
     // The same agent reconnects to a new coordinator on the same journal, and the run ends.
-    let mut second = coordinator(&s, "coordinator-2", &grid, port, &flags);
-    let status = second.wait(Duration::from_secs(60));
-    assert_eq!(
-        status.code(),
-        Some(EXIT_INCOMPLETE),
-        "a run with a failed case exits {EXIT_INCOMPLETE}; log:\n{}",
-        second.log_tail()
-    );
-    failing_agent.wait_success(Duration::from_secs(30));
+    let second = run.resume(&s, "3");
     assert!(
         second
             .log()
@@ -939,11 +955,7 @@ fn a_failing_case_keeps_its_attempts_and_errors_across_a_coordinator_restart() {
         after[1].agent_id, first_agent_id,
         "a new coordinator, a new id"
     );
-    let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
-    check_each_case_at_most_once(&rows, &ids).unwrap_or_else(|e| panic!("{e:#}"));
-    let seen: BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
-    assert_eq!(seen.len(), ids.len(), "every case has a result: {seen:?}");
-    let csv_rows = read_results_csv(&out);
+    let csv_rows = run.final_rows();
     for r in &csv_rows {
         let expected = match (r["case_id"] == failing, r["kernel"].as_str()) {
             (false, _) => "ok",
@@ -980,37 +992,17 @@ fn a_failing_case_keeps_its_attempts_and_errors_across_a_coordinator_restart() {
 fn a_run_resumed_with_fewer_attempts_fails_a_case_whose_attempts_reach_them_without_running_it() {
     let _serial = exclusive();
     let s = Scratch::new("failing-case-lowered-attempts");
-    let FirstAttemptFailed {
-        grid,
-        ids,
-        failing,
-        out,
-        port,
-        mut agent,
-        before,
-    } = first_attempt_failed_then_coordinator_killed(&s, "it-failing-lowered");
-
-    let mut second = coordinator(&s, "coordinator-2", &grid, port, &failing_run_flags("1"));
-    let status = second.wait(Duration::from_secs(60));
-    assert_eq!(
-        status.code(),
-        Some(EXIT_INCOMPLETE),
-        "a run with a failed case exits {EXIT_INCOMPLETE}; log:\n{}",
-        second.log_tail()
-    );
-    agent.wait_success(Duration::from_secs(30));
+    let mut run = first_attempt_failed_then_coordinator_killed(&s, "it-failing-lowered");
+    let (failing, before) = (run.failing.clone(), run.before.clone());
+    run.resume(&s, "1");
 
     // Nothing ran it again: the journal holds the one attempt from before the restart.
     assert_eq!(
-        journaled_failed_attempts(&out, &failing),
+        journaled_failed_attempts(&run.out, &failing),
         before,
         "no attempt after the restart"
     );
-    let rows = read_parquet(&out).unwrap_or_else(|e| panic!("{e:#}"));
-    check_each_case_at_most_once(&rows, &ids).unwrap_or_else(|e| panic!("{e:#}"));
-    let seen: BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
-    assert_eq!(seen.len(), ids.len(), "every case has a result: {seen:?}");
-    let csv_rows = read_results_csv(&out);
+    let csv_rows = run.final_rows();
     for r in csv_rows.iter().filter(|r| r["case_id"] != failing) {
         assert_eq!(r["status"], "ok", "{r:?}");
     }
