@@ -2359,6 +2359,40 @@ mod tests {
         };
     }
 
+    /// `agent` leases a shard of one case and reports it failed with attempts left; the retry is
+    /// recorded. Returns the case's id and the attempt number the report got.
+    fn fail_attempt(s: &mut Scheduler, agent: &str, t: Instant) -> (String, u32) {
+        let g = grant(s.lease(agent, t).unwrap());
+        let id = g.cases[0].id.clone();
+        let (d, _) = s
+            .report(agent, &g.lease_id, &failed_result(&id), t)
+            .unwrap();
+        let ReportDecision::Retry {
+            unit,
+            attempt,
+            errors,
+            ..
+        } = d
+        else {
+            panic!("{d:?}")
+        };
+        s.retry_recorded(unit, agent, errors);
+        (id, attempt)
+    }
+
+    /// [`fail_attempt`], for the case's id alone.
+    fn fail_once(s: &mut Scheduler, agent: &str, t: Instant) -> String {
+        fail_attempt(s, agent, t).0
+    }
+
+    /// A scheduler resumed under `cfg` with one case and nothing journaled yet, and that case's id
+    /// (the failed-attempt tests restore their attempts on it).
+    fn resumed_one_case(cfg: SchedulerConfig) -> (Scheduler, String) {
+        let cs = cases(1);
+        let id = cs[0].id.clone();
+        (Scheduler::resume(cfg, cs, [], []), id)
+    }
+
     fn failed_attempt(agent_id: &str, uuid: &str, n: u32) -> FailedAttempt {
         FailedAttempt {
             agent_id: agent_id.into(),
@@ -2422,9 +2456,7 @@ mod tests {
     #[test]
     fn restored_failed_attempts_of_a_target_not_yet_seen_apply_when_it_appears() {
         let t = Instant::now();
-        let cs = cases(1);
-        let id = cs[0].id.clone();
-        let mut s = Scheduler::resume(cfg_placed(Placement::PerSku, 2), cs, [], []);
+        let (mut s, id) = resumed_one_case(cfg_placed(Placement::PerSku, 2));
         s.restore_failed_attempts([
             (id.clone(), failed_attempt("agent-old", "u9", 1)),
             (
@@ -2504,9 +2536,7 @@ mod tests {
     #[test]
     fn restored_failed_attempts_of_a_target_not_yet_seen_fail_it_at_once_when_it_appears() {
         let t = Instant::now();
-        let cs = cases(1);
-        let id = cs[0].id.clone();
-        let mut s = Scheduler::resume(cfg_placed(Placement::PerGpu, 1), cs, [], []);
+        let (mut s, id) = resumed_one_case(cfg_placed(Placement::PerGpu, 1));
         s.restore_failed_attempts([(id.clone(), failed_attempt("agent-old", "u1", 1))]);
         assert!(s.take_abandoned().is_empty(), "no unit of GPU u1 yet");
         let b = s.register("b".into(), dev("u2", "H100"), t);
@@ -2533,9 +2563,7 @@ mod tests {
     #[test]
     fn a_case_failed_before_a_restart_avoids_its_device_not_an_old_agent_id() {
         let t = Instant::now();
-        let cs = cases(1);
-        let id = cs[0].id.clone();
-        let mut s = Scheduler::resume(cfg_attempts(1, 3), cs, [], []);
+        let (mut s, id) = resumed_one_case(cfg_attempts(1, 3));
         s.restore_failed_attempts([(id.clone(), failed_attempt("agent-1-0badc0de", "u1", 1))]);
         let a = s.register("a".into(), dev("u1", "H100"), t);
         let b = s.register("b".into(), dev("u2", "H100"), t);
@@ -2557,27 +2585,9 @@ mod tests {
         let mut s = Scheduler::new(cfg_attempts(1, 3), cases(1), []);
         let a = s.register("a".into(), dev("cpu-1", "cpu"), t);
         let a2 = s.register("a2".into(), dev("cpu-1", "cpu"), t);
-        let g = grant(s.lease(&a, t).unwrap());
-        let id = g.cases[0].id.clone();
-        let (d, _) = s.report(&a, &g.lease_id, &failed_result(&id), t).unwrap();
-        let ReportDecision::Retry { unit, errors, .. } = d else {
-            panic!("{d:?}")
-        };
-        s.retry_recorded(unit, &a, errors);
+        let id = fail_once(&mut s, &a, t);
         // Only agents of cpu-1 are alive: the one that failed it may retry it.
-        let g = grant(s.lease(&a, t).unwrap());
-        assert_eq!(g.cases[0].id, id);
-        let (d, _) = s.report(&a, &g.lease_id, &failed_result(&id), t).unwrap();
-        let ReportDecision::Retry {
-            unit,
-            attempt: 2,
-            errors,
-            ..
-        } = d
-        else {
-            panic!("{d:?}")
-        };
-        s.retry_recorded(unit, &a, errors);
+        assert_eq!(fail_attempt(&mut s, &a, t), (id.clone(), 2));
         // Another device is alive: neither agent of cpu-1 gets it, the other device does.
         let c = s.register("c".into(), dev("u2", "H100"), t);
         assert!(matches!(s.lease(&a2, t).unwrap(), LeaseDecision::Wait(_)));
@@ -2592,18 +2602,7 @@ mod tests {
     #[test]
     fn a_failed_case_is_retried_on_its_own_target_when_no_other_device_can_run_it() {
         let t = Instant::now();
-        let fail_once = |s: &mut Scheduler, agent: &str| {
-            let g = grant(s.lease(agent, t).unwrap());
-            let id = g.cases[0].id.clone();
-            let (d, _) = s
-                .report(agent, &g.lease_id, &failed_result(&id), t)
-                .unwrap();
-            let ReportDecision::Retry { unit, errors, .. } = d else {
-                panic!("{d:?}")
-            };
-            s.retry_recorded(unit, agent, errors);
-            id
-        };
+        let fail_once = |s: &mut Scheduler, agent: &str| fail_once(s, agent, t);
         let mut s = Scheduler::new(cfg_placed(Placement::PerGpu, 3), cases(1), []);
         let a = s.register("a".into(), dev("u1", "H100"), t);
         let _b = s.register("b".into(), dev("u2", "H100"), t);
@@ -2661,20 +2660,7 @@ mod tests {
         let mut s = Scheduler::new(cfg_attempts(1, 2), cases(1), []);
         let a = s.register("a".into(), dev("u1", "H100"), t);
         let b = s.register("b".into(), dev("u2", "H100"), t);
-        let g = grant(s.lease(&a, t).unwrap());
-        let (d, _) = s
-            .report(&a, &g.lease_id, &failed_result(&g.cases[0].id), t)
-            .unwrap();
-        let ReportDecision::Retry {
-            unit,
-            attempt: 1,
-            errors,
-            ..
-        } = d
-        else {
-            panic!("{d:?}")
-        };
-        s.retry_recorded(unit, &a, errors);
+        assert_eq!(fail_attempt(&mut s, &a, t).1, 1);
         // a failed it, so a is not offered it again while b is alive.
         assert!(matches!(s.lease(&a, t).unwrap(), LeaseDecision::Wait(_)));
         let g = grant(s.lease(&b, t).unwrap());
