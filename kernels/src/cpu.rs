@@ -166,7 +166,9 @@ struct KernelTiming<'a> {
 
 impl KernelTiming<'_> {
     /// Verifies one output of `run`, then times it: warm-up calls, then at least `trials` timed
-    /// calls (more under noise-based stopping), with the probe around the timed ones.
+    /// calls (more under noise-based stopping), with the probe around the timed ones; then
+    /// verifies the last timed call's output too (calls that disturb each other pass the first
+    /// check alone).
     fn measure(
         &self,
         kind: KernelKind,
@@ -206,11 +208,13 @@ impl KernelTiming<'_> {
         let mut running = RunningMean::default();
         probe.begin();
         let started = Instant::now();
+        // The last timed call's output (every iteration sets it before it can stop).
+        let mut last;
         loop {
             let t0 = Instant::now();
             let out = run();
             let ms = t0.elapsed().as_secs_f64() * 1e3;
-            black_box(out);
+            last = black_box(out);
             samples_ms.push(ms);
             running.push(ms);
             if samples_ms.len() < min_trials {
@@ -239,6 +243,15 @@ impl KernelTiming<'_> {
             ..Default::default()
         };
         m.finish_stats(None);
+        let after = verify_output(
+            &decode_output(&last, self.scales),
+            self.reference,
+            out_dtype,
+            self.scales,
+        );
+        if !after.passed {
+            return m.wrong_after_timing(after.accuracy, &after.detail);
+        }
         m
     }
 }
@@ -750,5 +763,63 @@ impl OutputWriter {
             OutputWriter::Fp8 { out, .. } => QuantizedOutput::Fp8(out),
             OutputWriter::Nvfp4 { tensor, .. } => QuantizedOutput::Nvfp4(tensor),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::NoTelemetry;
+    use std::cell::Cell;
+
+    /// A kernel whose first `good_calls` calls return the reference exactly and whose later ones
+    /// return one element off by 8, run through the CPU backend's measurement.
+    fn measure_kernel_going_wrong_after(good_calls: u32) -> KernelMeasurement {
+        let reference = [0.5, -0.25, 1.0, 0.125];
+        let method = MeasureMethod {
+            warmup: 1,
+            trials: 3,
+            target_rse: None,
+            ..MeasureMethod::default()
+        };
+        let scales = Scales::default();
+        let timing = KernelTiming {
+            method: &method,
+            reference: &reference,
+            scales: &scales,
+            bytes_per_call: 64,
+        };
+        let calls = Cell::new(0u32);
+        timing.measure(KernelKind::Optimized, Dtype::Bf16, &mut NoTelemetry, || {
+            calls.set(calls.get() + 1);
+            let mut values = reference.map(bf16::from_f64);
+            if calls.get() > good_calls {
+                values[3] = bf16::from_f64(8.125);
+            }
+            QuantizedOutput::Bf16(values.to_vec())
+        })
+    }
+
+    #[test]
+    fn a_kernel_right_at_every_call_is_timed() {
+        let m = measure_kernel_going_wrong_after(u32::MAX);
+        assert_eq!(m.status, Some(Status::Ok), "{}", m.message);
+        assert_eq!(m.samples_ms.len(), 3);
+    }
+
+    #[test]
+    fn a_kernel_right_once_and_wrong_in_its_timed_calls_is_a_wrong_result_without_timings() {
+        // Verified on its first call, wrong from the warm-up on: only the check after the timed
+        // calls can see it.
+        let m = measure_kernel_going_wrong_after(1);
+        assert_eq!(m.status, Some(Status::WrongResult), "{}", m.message);
+        assert!(m.samples_ms.is_empty() && m.stats.is_none());
+        assert!(
+            m.message.contains("passed verification after one call")
+                && m.message.contains("3 timed calls"),
+            "{}",
+            m.message
+        );
+        assert!(m.accuracy.is_some_and(|a| a.max_abs_err >= 8.0));
     }
 }

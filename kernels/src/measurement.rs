@@ -209,6 +209,36 @@ impl KernelMeasurement {
         }
     }
 
+    /// This timed measurement, turned into a wrong result because the output its timed calls left
+    /// disagrees with the reference (`detail`, `accuracy`), although the one call verified before
+    /// them agreed: the calls disturb each other (a race between calls, or state one call leaves
+    /// for the next), so their times are not a measurement of correct work. A non-ok kernel
+    /// carries no timings, so the message keeps how many calls were timed and their median.
+    pub fn wrong_after_timing(self, accuracy: Accuracy, detail: &str) -> KernelMeasurement {
+        let kernel = self.kernel.map_or("the", KernelKind::as_str);
+        let timed = match self.stats {
+            Some(s) => format!(
+                "{} timed calls (median {:.4} ms, not reported)",
+                self.samples_ms.len(),
+                s.median_ms
+            ),
+            None => "timed calls".to_string(),
+        };
+        KernelMeasurement {
+            kernel: self.kernel,
+            status: Some(Status::WrongResult),
+            message: format!(
+                "the {kernel} kernel's output passed verification after one call, but the output \
+                 its {timed} left disagrees with the reference: {detail}; its calls disturb each \
+                 other (a race between calls, or state one call leaves for the next), so this is \
+                 a kernel bug: check it with `decodebench selftest` and report the case"
+            ),
+            accuracy: Some(accuracy),
+            bytes_per_call: self.bytes_per_call,
+            ..Default::default()
+        }
+    }
+
     /// Fills `stats`, `bandwidth_gbps` and `bandwidth_fraction` from `samples_ms`.
     pub fn finish_stats(&mut self, calibrated_read_gbps: Option<f64>) {
         self.stats = TimingStats::from_samples(&self.samples_ms);
@@ -304,6 +334,37 @@ mod tests {
         assert!((s.p5_ms - 1.2).abs() < 1e-12);
         assert!((s.p95_ms - 4.8).abs() < 1e-12);
         assert!(TimingStats::from_samples(&[]).is_none());
+    }
+
+    #[test]
+    fn a_kernel_wrong_after_its_timed_calls_keeps_no_timing_and_says_what_was_timed() {
+        let mut timed = KernelMeasurement {
+            kernel: Some(KernelKind::Optimized),
+            status: Some(Status::Ok),
+            samples_ms: vec![2.0, 1.0, 3.0],
+            bytes_per_call: 4096,
+            ..Default::default()
+        };
+        timed.finish_stats(None);
+        let accuracy = Accuracy {
+            max_abs_err: 0.5,
+            rel_l2_err: 0.25,
+            tolerance: 0.01,
+        };
+        let m = timed.wrong_after_timing(accuracy, "max |err| 5e-1");
+        assert_eq!(m.status, Some(Status::WrongResult));
+        assert_eq!(m.kernel, Some(KernelKind::Optimized));
+        assert!(m.samples_ms.is_empty() && m.stats.is_none() && m.bandwidth_gbps.is_none());
+        assert_eq!(m.accuracy, Some(accuracy));
+        assert_eq!(m.bytes_per_call, 4096);
+        for part in [
+            "optimized kernel",
+            "3 timed calls (median 2.0000 ms, not reported)",
+            "max |err| 5e-1",
+            "decodebench selftest",
+        ] {
+            assert!(m.message.contains(part), "{part:?} in {}", m.message);
+        }
     }
 
     #[test]

@@ -1161,7 +1161,8 @@ pub(crate) fn gpu_reference(
         .collect())
 }
 
-/// Verifies one call of `call` against the reference; when right, times it.
+/// Verifies one call of `call` against the reference; when right, times it, and verifies the
+/// output its timed calls left as well.
 #[allow(clippy::too_many_arguments)]
 fn verify_and_time(
     session: &DeviceSession,
@@ -1216,6 +1217,15 @@ fn verify_and_time(
     m.finish_stats(calibrated);
     m.status = Some(Status::Ok);
     m.message = format!("{note}; verified: {}", verification.detail);
+    // The output the timed calls left is checked too: calls that disturb each other (a race
+    // between chained calls, a count or buffer one call leaves for the next) pass the one
+    // verified call above, and their times would then not be a measurement of correct work.
+    let after = decode_device_output(session, case, out)?;
+    let after = check(case, &after, &prepared.reference, out.dtype);
+    if !after.passed {
+        let detail = format!("{note}; against the GPU reference: {}", after.detail);
+        return Ok(m.wrong_after_timing(after.accuracy, &detail));
+    }
     Ok(m)
 }
 
