@@ -755,6 +755,23 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_found_wrong_after_its_timed_calls_crosses_the_wire() {
+        // What a backend reports when the output its timed calls left fails verification: a
+        // wrong result with its accuracy and no timings, which the coordinator takes in as is.
+        let mut cm = k::CaseMeasurement::example_ok("abcd");
+        let timed = cm.kernels.remove(1);
+        let accuracy = k::Accuracy {
+            max_abs_err: 2.0,
+            rel_l2_err: 0.5,
+            tolerance: 0.01,
+        };
+        cm.kernels
+            .push(timed.wrong_after_timing(accuracy, "max |err| 2"));
+        let w: wire::CaseMeasurement = (&cm).into();
+        assert_eq!(k::CaseMeasurement::try_from(w).unwrap(), cm);
+    }
+
+    #[test]
     fn what_the_cpu_backend_measures_is_accepted() {
         use k::Backend;
         let mut backend = k::CpuBackend::new();
