@@ -176,13 +176,16 @@ impl KernelTiming<'_> {
         probe: &mut dyn TelemetryProbe,
         mut run: impl FnMut() -> QuantizedOutput,
     ) -> KernelMeasurement {
+        let verify = |output: &QuantizedOutput| {
+            verify_output(
+                &decode_output(output, self.scales),
+                self.reference,
+                out_dtype,
+                self.scales,
+            )
+        };
         let output = run();
-        let verification = verify_output(
-            &decode_output(&output, self.scales),
-            self.reference,
-            out_dtype,
-            self.scales,
-        );
+        let verification = verify(&output);
         if !verification.passed {
             let mut m = KernelMeasurement::not_timed(
                 kind,
@@ -243,12 +246,7 @@ impl KernelTiming<'_> {
             ..Default::default()
         };
         m.finish_stats(None);
-        let after = verify_output(
-            &decode_output(&last, self.scales),
-            self.reference,
-            out_dtype,
-            self.scales,
-        );
+        let after = verify(&last);
         if !after.passed {
             return m.wrong_after_timing(after.accuracy, &after.detail);
         }
