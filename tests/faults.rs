@@ -1130,3 +1130,74 @@ fn an_agent_registering_as_the_run_ends_is_told_so_and_exits_cleanly() {
     );
     assert_each_case_once(&s.out(), &ids);
 }
+
+/// A kernel whose calls disturb each other (here the agent's `DECODEBENCH_FAILPOINT=disturb:`:
+/// the optimized kernel's output is corrupted from its second call on) passes the one call
+/// verified before timing. The check of the output its timed calls left catches it: its row is
+/// `wrong_result`, with its error, no timings and a message that says what happened, and every
+/// other row of the run is measured.
+#[test]
+fn a_kernel_whose_calls_disturb_each_other_is_recorded_wrong_without_timings() {
+    let _serial = exclusive();
+    let s = Scratch::new("disturbed-kernel");
+    let grid = s.grid(&GridSpec::tiny());
+    let ids = grid_case_ids(&grid);
+    let victim = ids
+        .iter()
+        .nth(3)
+        .expect("the tiny grid has 12 cases")
+        .clone();
+    let out = s.out();
+    let port = free_port();
+    let mut coord = coordinator(&s, "coordinator", &grid, port, &[]);
+    let agent_args: Vec<String> = [
+        "agent",
+        "--backend",
+        "cpu",
+        "--coordinator",
+        &url(port),
+        "--name",
+        "agent-0",
+    ]
+    .map(String::from)
+    .to_vec();
+    let drill = format!("disturb:{}", &victim[..8]);
+    let mut agent = Proc::spawn_with_env(
+        &s,
+        "agent-0",
+        &agent_args,
+        &[("DECODEBENCH_FAILPOINT", &drill)],
+    );
+    coord.wait_success(Duration::from_secs(60));
+    agent.wait_success(Duration::from_secs(30));
+
+    let rows = read_results_csv(&out);
+    assert_eq!(
+        rows.len(),
+        ids.len() * KERNELS.len(),
+        "every case has its rows"
+    );
+    let mut wrong = 0;
+    for r in &rows {
+        if r["case_id"] == victim && r["kernel"] == "optimized" {
+            wrong += 1;
+            assert_eq!(r["status"], "wrong_result", "{r:?}");
+            let message = &r["message"];
+            assert!(
+                message.contains("passed verification after one call")
+                    && message.contains("timed calls")
+                    && message.contains("decodebench selftest"),
+                "{message}"
+            );
+            assert!(
+                r["samples_ms"].is_empty() && r["median_ms"].is_empty(),
+                "no timings: {r:?}"
+            );
+            let err: f64 = r["max_abs_err"].parse().expect("the error is recorded");
+            assert!(err > 1.0, "{r:?}");
+        } else {
+            assert_eq!(r["status"], "ok", "{r:?}");
+        }
+    }
+    assert_eq!(wrong, 1, "the victim's optimized row");
+}

@@ -866,6 +866,14 @@ fn trigger(f: &Failpoint, case: &BenchCase, backend: &mut dyn Backend) -> Option
             tracing::error!(case = %case_id, failpoint = %f, "fault drill: reporting this case failed without running it");
             return Some(f.injected_failure(case));
         }
+        FailAction::Disturb => match backend.disturb_next_case() {
+            Ok(what) => {
+                tracing::error!(case = %case_id, failpoint = %f, %what, "fault drill: kernel calls disturbed")
+            }
+            Err(why) => {
+                tracing::error!(case = %case_id, failpoint = %f, %why, "fault drill: nothing disturbed")
+            }
+        },
     }
     None
 }

@@ -14,6 +14,10 @@
 //!   carries on with its next case, and fails this one every time it gets it: it drills the
 //!   coordinator's retry of failed cases (`--max-attempts`), its journaling of the failed
 //!   attempts, and the failed record at the end. Any backend, the CPU one included.
+//! - `disturb:CASE`: the case runs, but its optimized kernel's output is corrupted from its second
+//!   call on, as a kernel whose calls race with each other would give: it passes the one verified
+//!   call, and the check of the output its timed calls left reports it `wrong_result`, with no
+//!   timings. The CPU backend only (a GPU kernel cannot be made to race on purpose here).
 //!
 //! Unset (the normal case), it costs one environment lookup per agent.
 
@@ -30,6 +34,8 @@ pub enum FailAction {
     DeviceFault,
     /// Report the case failed without running it ([`Failpoint::injected_failure`]).
     Fail,
+    /// Run the case with its optimized kernel's later calls disturbed.
+    Disturb,
 }
 
 /// An armed failpoint: an action and the case-id prefix that triggers it.
@@ -45,6 +51,7 @@ impl fmt::Display for Failpoint {
             FailAction::Abort => "abort",
             FailAction::DeviceFault => "device-fault",
             FailAction::Fail => "fail",
+            FailAction::Disturb => "disturb",
         };
         write!(f, "{action}:{}", self.case_prefix)
     }
@@ -66,9 +73,9 @@ impl Failpoint {
 
     /// Parses `ACTION:CASE`.
     pub fn parse(text: &str) -> Result<Failpoint, String> {
-        let usage = "expected `abort:CASE`, `device-fault:CASE` or `fail:CASE`, where CASE is the start (at \
-                     least 4 hex digits) of a case id from `decodebench grid --cases`; unset it \
-                     for a normal run";
+        let usage = "expected `abort:CASE`, `device-fault:CASE`, `fail:CASE` or `disturb:CASE`, \
+                     where CASE is the start (at least 4 hex digits) of a case id from \
+                     `decodebench grid --cases`; unset it for a normal run";
         let (action, prefix) = text
             .trim()
             .split_once(':')
@@ -77,6 +84,7 @@ impl Failpoint {
             "abort" => FailAction::Abort,
             "device-fault" => FailAction::DeviceFault,
             "fail" => FailAction::Fail,
+            "disturb" => FailAction::Disturb,
             other => {
                 return Err(format!(
                     "{FAILPOINT_ENV}=`{text}`: unknown action `{other}`; {usage}"
@@ -155,6 +163,9 @@ mod tests {
         assert_eq!(f.action, FailAction::Fail);
         assert_eq!(f.to_string(), "fail:abcd12");
         assert!(f.matches("abcd1234"));
+        let f = Failpoint::parse("disturb:abcd").unwrap();
+        assert_eq!(f.action, FailAction::Disturb);
+        assert_eq!(f.to_string(), "disturb:abcd");
     }
 
     /// The injected failure fails the optimized kernel, naming the failpoint, and runs nothing

@@ -48,4 +48,12 @@ pub trait Backend: Send {
     fn inject_device_fault(&mut self) -> Result<String, String> {
         Err("this backend has no device to fault (device-fault needs the CUDA backend)".into())
     }
+
+    /// Fault drills (the agent's `DECODEBENCH_FAILPOINT=disturb:CASE`): the next case's optimized
+    /// kernel gives a corrupted output from its second call on, as a kernel whose calls race
+    /// with each other would, so that the check of the output its timed calls left is drilled
+    /// end to end. Returns what was armed, or why this backend cannot.
+    fn disturb_next_case(&mut self) -> Result<String, String> {
+        Err("this backend cannot disturb a kernel's calls (disturb needs the CPU backend)".into())
+    }
 }

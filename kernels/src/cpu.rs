@@ -51,6 +51,8 @@ const DOT_LANES: usize = 8;
 pub struct CpuBackend {
     identity: DeviceIdentity,
     threads: usize,
+    /// A fault drill armed for the next case ([`Backend::disturb_next_case`]).
+    disturb_next: bool,
 }
 
 impl Default for CpuBackend {
@@ -75,6 +77,7 @@ impl CpuBackend {
                 ..Default::default()
             },
             threads: available_cores(),
+            disturb_next: false,
         }
     }
 
@@ -83,10 +86,13 @@ impl CpuBackend {
         self.threads
     }
 
+    /// Both kernels of `case`; with `disturb`, the optimized kernel's output is corrupted from
+    /// its second call on (a fault drill).
     fn measure_kernels(
         &self,
         case: &BenchCase,
         probe: &mut dyn TelemetryProbe,
+        disturb: bool,
     ) -> Vec<KernelMeasurement> {
         let for_each_kernel = |status: Status, message: &str| {
             case.method
@@ -131,9 +137,18 @@ impl CpuBackend {
                         QuantizedOutput::Bf16(run_baseline(&dims, &inputs, &prepared))
                     })
                 }
-                KernelKind::Optimized => timing.measure(kind, case.quant.out, probe, || {
-                    run_optimized(&dims, case.quant.out, &inputs, threads)
-                }),
+                KernelKind::Optimized => {
+                    let mut calls = 0u64;
+                    timing.measure(kind, case.quant.out, probe, || {
+                        calls += 1;
+                        let out = run_optimized(&dims, case.quant.out, &inputs, threads);
+                        if disturb && calls > 1 {
+                            disturbed(out)
+                        } else {
+                            out
+                        }
+                    })
+                }
             });
         }
         out
@@ -147,11 +162,46 @@ impl Backend for CpuBackend {
 
     fn run_case(&mut self, case: &BenchCase, probe: &mut dyn TelemetryProbe) -> CaseMeasurement {
         let started = Instant::now();
-        let kernels = self.measure_kernels(case, probe);
+        let disturb = std::mem::take(&mut self.disturb_next);
+        let kernels = self.measure_kernels(case, probe, disturb);
         CaseMeasurement {
             case_id: case.id.clone(),
             kernels,
             wall_s: started.elapsed().as_secs_f64(),
+        }
+    }
+    fn disturb_next_case(&mut self) -> Result<String, String> {
+        self.disturb_next = true;
+        Ok(
+            "the next case's optimized kernel gives a corrupted output from its second call on"
+                .into(),
+        )
+    }
+}
+
+/// `out` with its first element pushed far outside any tolerance (the `disturb:CASE` fault
+/// drill): bf16 +64, e4m3 to its largest magnitude (or to 0 from it), the NVFP4 code to the
+/// largest magnitude of the other sign.
+fn disturbed(out: QuantizedOutput) -> QuantizedOutput {
+    match out {
+        QuantizedOutput::Bf16(mut v) => {
+            if let Some(x) = v.first_mut() {
+                *x = bf16::from_f32(x.to_f32() + 64.0);
+            }
+            QuantizedOutput::Bf16(v)
+        }
+        QuantizedOutput::Fp8(mut v) => {
+            if let Some(x) = v.first_mut() {
+                *x = if *x & 0x7f == 0x7e { 0x00 } else { 0x7e };
+            }
+            QuantizedOutput::Fp8(v)
+        }
+        QuantizedOutput::Nvfp4(mut t) => {
+            if let Some(x) = t.packed.first_mut() {
+                let code = if *x & 0x08 == 0 { 0x0f } else { 0x07 };
+                *x = (*x & 0xf0) | code;
+            }
+            QuantizedOutput::Nvfp4(t)
         }
     }
 }
@@ -796,6 +846,40 @@ mod tests {
             }
             QuantizedOutput::Bf16(values.to_vec())
         })
+    }
+
+    /// The `disturb:CASE` drill's corruption moves the first element of every output dtype far
+    /// past its tolerance, and nothing else.
+    #[test]
+    fn a_disturbed_output_fails_verification_in_every_output_dtype() {
+        use crate::formats::{f32_to_e4m3, quantize_nvfp4};
+        let values: Vec<f32> = (0..32).map(|i| (i as f32 - 12.5) / 16.0).collect();
+        let reference: Vec<f64> = values.iter().map(|&x| x as f64).collect();
+        let scales = Scales {
+            o_scale: 1.0,
+            o_sf_scale: 1.0,
+            ..Scales::default()
+        };
+        let outputs = [
+            QuantizedOutput::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
+            QuantizedOutput::Fp8(values.iter().map(|&x| f32_to_e4m3(x)).collect()),
+            QuantizedOutput::Nvfp4(quantize_nvfp4(&values, 1, values.len(), 1.0)),
+        ];
+        for out in outputs {
+            let dtype = out.dtype();
+            let before = decode_output(&out, &scales);
+            assert!(
+                verify_output(&before, &reference, dtype, &scales).passed,
+                "{dtype:?}"
+            );
+            let after = decode_output(&disturbed(out), &scales);
+            assert!(
+                !verify_output(&after, &reference, dtype, &scales).passed,
+                "{dtype:?}"
+            );
+            assert_ne!(after[0], before[0], "{dtype:?}");
+            assert_eq!(after[2..], before[2..], "{dtype:?}");
+        }
     }
 
     #[test]
