@@ -865,24 +865,12 @@ fn first_attempt_failed_then_coordinator_killed(
     let port = free_port();
     let mut first = coordinator(s, "coordinator-1", &grid, port, &failing_run_flags("3"));
     let probe = StatusProbe::new(port);
-    let agent_args: Vec<String> = [
-        "agent",
-        "--backend",
-        "cpu",
-        "--coordinator",
-        &url(port),
-        "--name",
-        "agent-0",
-        "--connect-timeout-s",
-        "60",
-    ]
-    .map(String::from)
-    .to_vec();
     let drill = format!("fail:{failing}");
-    let agent = Proc::spawn_with_env(
+    let agent = agent_with_env(
         s,
         "agent-0",
-        &agent_args,
+        port,
+        &["--connect-timeout-s", "60"],
         &[("DECODEBENCH_FAILPOINT", &drill)],
     );
 
@@ -1142,30 +1130,16 @@ fn a_kernel_whose_calls_disturb_each_other_is_recorded_wrong_without_timings() {
     let s = Scratch::new("disturbed-kernel");
     let grid = s.grid(&GridSpec::tiny());
     let ids = grid_case_ids(&grid);
-    let victim = ids
-        .iter()
-        .nth(3)
-        .expect("the tiny grid has 12 cases")
-        .clone();
+    let victim = nth_case(&ids, 3);
     let out = s.out();
     let port = free_port();
     let mut coord = coordinator(&s, "coordinator", &grid, port, &[]);
-    let agent_args: Vec<String> = [
-        "agent",
-        "--backend",
-        "cpu",
-        "--coordinator",
-        &url(port),
-        "--name",
-        "agent-0",
-    ]
-    .map(String::from)
-    .to_vec();
     let drill = format!("disturb:{}", &victim[..8]);
-    let mut agent = Proc::spawn_with_env(
+    let mut agent = agent_with_env(
         &s,
         "agent-0",
-        &agent_args,
+        port,
+        &[],
         &[("DECODEBENCH_FAILPOINT", &drill)],
     );
     coord.wait_success(Duration::from_secs(60));

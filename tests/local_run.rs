@@ -378,11 +378,7 @@ fn run_records_a_case_that_crashes_its_agent_process_as_failed_and_finishes_the_
     let s = Scratch::new("local-agent-crash-case");
     let grid = s.grid(&GridSpec::tiny());
     let ids = grid_case_ids(&grid);
-    let victim = ids
-        .iter()
-        .nth(5)
-        .expect("the tiny grid has 12 cases")
-        .clone();
+    let victim = nth_case(&ids, 5);
     let out = s.out();
     let mut args = cpu_run_args(&grid, &out, &PROCESS_AGENTS);
     args.extend(["--max-attempts".into(), "2".into()]);
@@ -444,11 +440,7 @@ fn retry_failed_runs_its_round_once_however_often_the_command_is_repeated() {
     let s = Scratch::new("local-retry-round");
     let grid = s.grid(&GridSpec::tiny());
     let ids = grid_case_ids(&grid);
-    let victim = ids
-        .iter()
-        .nth(3)
-        .expect("the tiny grid has 12 cases")
-        .clone();
+    let victim = nth_case(&ids, 3);
     let out = s.out();
     let drill = format!("abort:{}", &victim[..8]);
     let args = |extra: &[&str]| {

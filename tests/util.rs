@@ -372,6 +372,17 @@ pub fn coordinator(scratch: &Scratch, name: &str, grid: &Path, port: u16, extra:
 
 /// `decodebench agent --backend cpu` for the coordinator on 127.0.0.1:`port`.
 pub fn agent(scratch: &Scratch, name: &str, port: u16, extra: &[&str]) -> Proc {
+    agent_with_env(scratch, name, port, extra, &[])
+}
+
+/// [`agent`] with `env` set in its environment (a fault drill's `DECODEBENCH_FAILPOINT`).
+pub fn agent_with_env(
+    scratch: &Scratch,
+    name: &str,
+    port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let mut args: Vec<String> = vec![
         "agent".into(),
         "--backend".into(),
@@ -382,7 +393,15 @@ pub fn agent(scratch: &Scratch, name: &str, port: u16, extra: &[&str]) -> Proc {
         name.into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    Proc::spawn(scratch, name, &args)
+    Proc::spawn_with_env(scratch, name, &args, env)
+}
+
+/// The `n`-th of a grid's case ids in id order (the test fails if there are not that many).
+pub fn nth_case(ids: &BTreeSet<String>, n: usize) -> String {
+    ids.iter()
+        .nth(n)
+        .unwrap_or_else(|| panic!("the grid has {} cases, no case {n}", ids.len()))
+        .clone()
 }
 
 pub fn url(port: u16) -> String {
