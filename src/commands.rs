@@ -339,6 +339,20 @@ fn report_summary(s: &RunSummary) -> ExitCode {
         s.resumed,
         s.elapsed.as_secs_f64()
     );
+    if !s.wrong.is_empty() {
+        eprintln!(
+            "  {} kernel result(s) are wrong_result: the output disagreed with the reference, so \
+             the kernel was not timed; the `message` column of results.csv says what was wrong \
+             (a kernel bug: check it with `decodebench selftest`)",
+            s.wrong.len()
+        );
+        for w in s.wrong.iter().take(20) {
+            eprintln!("  wrong: {w}");
+        }
+        if s.wrong.len() > 20 {
+            eprintln!("  ... and {} more", s.wrong.len() - 20);
+        }
+    }
     if s.complete() {
         ExitCode::SUCCESS
     } else {

@@ -1144,6 +1144,13 @@ fn a_kernel_whose_calls_disturb_each_other_is_recorded_wrong_without_timings() {
     );
     coord.wait_success(Duration::from_secs(60));
     agent.wait_success(Duration::from_secs(30));
+    // A wrong result is a result (the run is complete), but the end of the run names it.
+    let log = coord.log();
+    assert!(
+        log.contains("1 kernel result(s) are wrong_result")
+            && log.contains(&format!("wrong: {victim} optimized")),
+        "{log}"
+    );
 
     let rows = read_results_csv(&out);
     assert_eq!(

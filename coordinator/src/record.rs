@@ -46,6 +46,17 @@ impl ResultRecord {
             .any(|k| k.status == Some(Status::Failed))
     }
 
+    /// The kernels whose output disagreed with the reference (`wrong_result`): results, not
+    /// failures, named at the end of a run so that a kernel computing wrong numbers does not pass
+    /// for a clean run.
+    pub fn wrong_kernels(&self) -> impl Iterator<Item = KernelKind> + '_ {
+        self.measurement
+            .kernels
+            .iter()
+            .filter(|k| k.status == Some(Status::WrongResult))
+            .filter_map(|k| k.kernel)
+    }
+
     /// The measurement of a case that no agent reported, recorded by the coordinator itself (it
     /// gave up on the case): every kernel the case runs is `failed` with `message`, so that the
     /// record has the rows, the status and the [`ResultRecord::failed`] of any other failure, and

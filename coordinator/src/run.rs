@@ -141,6 +141,9 @@ pub struct RunSummary {
     /// The names of the `--retry-failed` rounds the journal holds (one started by this run
     /// included), in the order they started.
     pub retry_rounds: Vec<String>,
+    /// The kernels whose output disagreed with the reference, as `CASE_ID kernel`: results, so
+    /// they leave the run complete, but named at its end.
+    pub wrong: Vec<String>,
 }
 
 impl RunSummary {
@@ -474,6 +477,13 @@ pub async fn serve(
     // (per-gpu or per-sku placement) did not come back is in no scheduler count, and it is still
     // a failure of this run. (Every unit the scheduler counts as failed has a failed record here.)
     let failed = records.iter().filter(|r| r.failed()).count() as u64;
+    let wrong = records
+        .iter()
+        .flat_map(|r| {
+            r.wrong_kernels()
+                .map(|k| format!("{} {}", r.measurement.case_id, k.as_str()))
+        })
+        .collect();
     drop(shared);
     drop(journal_thread);
 
@@ -498,6 +508,7 @@ pub async fn serve(
         resumed,
         elapsed: Duration::from_secs_f64(final_status.elapsed_s),
         retry_rounds,
+        wrong,
     })
 }
 
