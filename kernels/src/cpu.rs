@@ -170,6 +170,7 @@ impl Backend for CpuBackend {
             wall_s: started.elapsed().as_secs_f64(),
         }
     }
+
     fn disturb_next_case(&mut self) -> Result<String, String> {
         self.disturb_next = true;
         Ok(

@@ -215,7 +215,9 @@ impl KernelMeasurement {
     /// for the next), so their times are not a measurement of correct work. A non-ok kernel
     /// carries no timings, so the message keeps how many calls were timed and their median.
     pub fn wrong_after_timing(self, accuracy: Accuracy, detail: &str) -> KernelMeasurement {
-        let kernel = self.kernel.map_or("the", KernelKind::as_str);
+        let kernel = self.kernel.map_or("the kernel".to_string(), |k| {
+            format!("the {} kernel", k.as_str())
+        });
         let timed = match self.stats {
             Some(s) => format!(
                 "{} timed calls (median {:.4} ms, not reported)",
@@ -228,7 +230,7 @@ impl KernelMeasurement {
             kernel: self.kernel,
             status: Some(Status::WrongResult),
             message: format!(
-                "the {kernel} kernel's output passed verification after one call, but the output \
+                "{kernel}'s output passed verification after one call, but the output \
                  its {timed} left disagrees with the reference: {detail}; its calls disturb each \
                  other (a race between calls, or state one call leaves for the next), so this is \
                  a kernel bug: check it with `decodebench selftest` and report the case"
