@@ -83,6 +83,18 @@ __device__ unsigned tl_dep[TL_MAX][TL_POINTS];
             tl_phase[blockIdx.x][point] = t_;                                                \
         }                                                                                    \
     } while (0)
+// Progress (KBENCH_TRACE): thread 0's time at the last stage of each sixteenth of its CTA's
+// main loop (the sixteenth's end), so that a CTA's read rate can be followed over its life.
+#define TL_PROG 16
+__device__ unsigned long long tl_prog[TL_MAX][TL_PROG];
+#define DB_PROGRESS(it, n_iter)                                                              \
+    do {                                                                                     \
+        if (threadIdx.x == 0 && blockIdx.x < TL_MAX) {                                       \
+            unsigned long long t_;                                                           \
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)::"memory");                \
+            tl_prog[blockIdx.x][(it) * TL_PROG / (n_iter)] = t_;                             \
+        }                                                                                    \
+    } while (0)
 #endif
 #include "../../kernels/cuda/decode_mma.cu"
 // The previous version of the kernel for A/B runs, when one was extracted (see kbench.sh).
@@ -601,6 +613,10 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         std::vector<unsigned long long> zp((size_t)TL_MAX * TL_POINTS, 0);
         CK(cudaMemcpyToSymbol(tl_phase, zp.data(), zp.size() * 8));
         CK(cudaMemcpyToSymbol(tl_mphase, zp.data(), (size_t)TL_MAX * TL_MERGE_POINTS * 8));
+#ifdef KBENCH_TRACE
+        std::vector<unsigned long long> zprog((size_t)TL_MAX * TL_PROG, 0);
+        CK(cudaMemcpyToSymbol(tl_prog, zprog.data(), zprog.size() * 8));
+#endif
         CK(cudaGraphLaunch(exec, s));
         CK(cudaStreamSynchronize(s));
         std::vector<unsigned long long> d((size_t)TL_MAX * 3), m((size_t)TL_MAX * 3);
@@ -609,6 +625,10 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         std::vector<unsigned long long> ph((size_t)TL_MAX * TL_POINTS), mph((size_t)TL_MAX * TL_MERGE_POINTS);
         CK(cudaMemcpyFromSymbol(ph.data(), tl_phase, ph.size() * 8));
         CK(cudaMemcpyFromSymbol(mph.data(), tl_mphase, mph.size() * 8));
+        std::vector<unsigned long long> prog((size_t)TL_MAX * 16, 0);
+#ifdef KBENCH_TRACE
+        CK(cudaMemcpyFromSymbol(prog.data(), tl_prog, prog.size() * 8));
+#endif
         FILE* f = fopen(getenv("KBENCH_TIMELINE_FILE"), "a");
         if (f) {
             // The graph's last launch: each CTA index holds its last run.
@@ -629,6 +649,11 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
                     if (ph[i * TL_POINTS + k])
                         fprintf(f, "%s,%d,%zu,phase%d,%zu,%llu,%llu,%llu,%d\n", v.name.c_str(), mode, c.lens.size(), k,
                                 i, d[i * 3], d[i * 3 + 1], ph[i * TL_POINTS + k], pl.launch[i].z - pl.launch[i].y);
+            for (size_t i = 0; i < pl.launch.size() && i < TL_MAX; ++i)
+                for (int k = 0; k < 16; ++k)
+                    if (prog[i * 16 + k])
+                        fprintf(f, "%s,%d,%zu,prog%d,%zu,%llu,%llu,%llu,%d\n", v.name.c_str(), mode, c.lens.size(), k,
+                                i, d[i * 3], d[i * 3 + 1], prog[i * 16 + k], pl.launch[i].z - pl.launch[i].y);
             fprintf(f, "%s,%d,%zu,period_ns,0,0,0,%llu,0\n", v.name.c_str(), mode, c.lens.size(),
                     (unsigned long long)(r.ms * 1e6));
             fclose(f);

@@ -26,6 +26,8 @@ def main(path):
             if kind == "period_ns":
                 r["period"] = int(end) / 1e3
                 nth[key] += 1
+            elif kind.startswith("prog"):
+                continue  # progress points: bench/gpu/progress.py
             elif kind.startswith("mphase"):
                 r["mphase"][int(kind[6:])].append(int(end))
             elif kind.startswith("phase"):

@@ -52,6 +52,11 @@
 #ifndef DB_TRACE
 #define DB_TRACE(point, dep)
 #endif
+// Progress trace (kbench's traced build): the time warp 0 passes each stage of the main loop, to
+// see how fast a CTA reads over its life; nothing in decodebench's build.
+#ifndef DB_PROGRESS
+#define DB_PROGRESS(it, n_iter)
+#endif
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
     u32 a;
@@ -424,6 +429,7 @@ __device__ void decode_mma(const AttnParams& p) {
         cp_async_wait<STAGES - 1>();
         __syncwarp();
         if (it == 0) DB_TRACE(5, 0u);
+        DB_PROGRESS(it, n_iter);
         const u32 stage = (u32)((it % STAGES) * STAGE_BYTES);
 
         // S^T for TPW tiles of 16 tokens: s[j][nh][c], c0/c1 = token g, c2/c3 = token g+8.
