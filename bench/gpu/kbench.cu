@@ -52,6 +52,7 @@
 #define TL_MAX 16384
 #define TL_POINTS 11
 #define TL_MERGE_POINTS 5
+#define TL_PROG 16  // progress points per CTA (DB_PROGRESS below)
 // The merge kernel's trace points (DB_MERGE_TRACE in decode.cu): after its wait for the decode
 // grid (0), after its loads and sums (1); for rows of several warps, after the barrier before
 // their sums are combined (2), the combined weights (3) and the stores (4); thread (0, 0) of each CTA.
@@ -85,7 +86,6 @@ __device__ unsigned tl_dep[TL_MAX][TL_POINTS];
     } while (0)
 // Progress (KBENCH_TRACE): thread 0's time at the last stage of each sixteenth of its CTA's
 // main loop (the sixteenth's end), so that a CTA's read rate can be followed over its life.
-#define TL_PROG 16
 __device__ unsigned long long tl_prog[TL_MAX][TL_PROG];
 #define DB_PROGRESS(it, n_iter)                                                              \
     do {                                                                                     \
@@ -625,7 +625,7 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         std::vector<unsigned long long> ph((size_t)TL_MAX * TL_POINTS), mph((size_t)TL_MAX * TL_MERGE_POINTS);
         CK(cudaMemcpyFromSymbol(ph.data(), tl_phase, ph.size() * 8));
         CK(cudaMemcpyFromSymbol(mph.data(), tl_mphase, mph.size() * 8));
-        std::vector<unsigned long long> prog((size_t)TL_MAX * 16, 0);
+        std::vector<unsigned long long> prog((size_t)TL_MAX * TL_PROG, 0);
 #ifdef KBENCH_TRACE
         CK(cudaMemcpyFromSymbol(prog.data(), tl_prog, prog.size() * 8));
 #endif
@@ -650,10 +650,10 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
                         fprintf(f, "%s,%d,%zu,phase%d,%zu,%llu,%llu,%llu,%d\n", v.name.c_str(), mode, c.lens.size(), k,
                                 i, d[i * 3], d[i * 3 + 1], ph[i * TL_POINTS + k], pl.launch[i].z - pl.launch[i].y);
             for (size_t i = 0; i < pl.launch.size() && i < TL_MAX; ++i)
-                for (int k = 0; k < 16; ++k)
-                    if (prog[i * 16 + k])
+                for (int k = 0; k < TL_PROG; ++k)
+                    if (prog[i * TL_PROG + k])
                         fprintf(f, "%s,%d,%zu,prog%d,%zu,%llu,%llu,%llu,%d\n", v.name.c_str(), mode, c.lens.size(), k,
-                                i, d[i * 3], d[i * 3 + 1], prog[i * 16 + k], pl.launch[i].z - pl.launch[i].y);
+                                i, d[i * 3], d[i * 3 + 1], prog[i * TL_PROG + k], pl.launch[i].z - pl.launch[i].y);
             fprintf(f, "%s,%d,%zu,period_ns,0,0,0,%llu,0\n", v.name.c_str(), mode, c.lens.size(),
                     (unsigned long long)(r.ms * 1e6));
             fclose(f);
