@@ -1180,8 +1180,14 @@ fn verify_and_time(
     session.stream.synchronize().map_err(CudaError::driver(
         "running the kernel once for verification",
     ))?;
-    let decoded = decode_device_output(session, case, out)?;
-    let verification = check(case, &decoded, &prepared.reference, out.dtype);
+    // The output buffers as the last call left them, checked against the GPU reference.
+    let out = &*out;
+    let verify = || -> Result<_, CaseError> {
+        let decoded = decode_device_output(session, case, out)?;
+        Ok(check(case, &decoded, &prepared.reference, out.dtype))
+    };
+    let against_reference = |detail: &str| format!("{note}; against the GPU reference: {detail}");
+    let verification = verify()?;
     let mut m = KernelMeasurement {
         kernel: Some(kind),
         bytes_per_call: prepared.bytes_per_call,
@@ -1190,7 +1196,7 @@ fn verify_and_time(
     };
     if !verification.passed {
         m.status = Some(Status::WrongResult);
-        m.message = format!("{note}; against the GPU reference: {}", verification.detail);
+        m.message = against_reference(&verification.detail);
         return Ok(m);
     }
 
@@ -1220,11 +1226,9 @@ fn verify_and_time(
     // The output the timed calls left is checked too: calls that disturb each other (a race
     // between chained calls, a count or buffer one call leaves for the next) pass the one
     // verified call above, and their times would then not be a measurement of correct work.
-    let after = decode_device_output(session, case, out)?;
-    let after = check(case, &after, &prepared.reference, out.dtype);
+    let after = verify()?;
     if !after.passed {
-        let detail = format!("{note}; against the GPU reference: {}", after.detail);
-        return Ok(m.wrong_after_timing(after.accuracy, &detail));
+        return Ok(m.wrong_after_timing(after.accuracy, &against_reference(&after.detail)));
     }
     Ok(m)
 }
