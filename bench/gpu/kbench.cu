@@ -52,7 +52,11 @@
 #define TL_MAX 16384
 #define TL_POINTS 11
 #define TL_MERGE_POINTS 5
-#define TL_PROG 16  // progress points per CTA (DB_PROGRESS below)
+// Progress points per CTA (DB_PROGRESS below): 16 by default; -DTL_PROG=64 gives every stage of a
+// CTA of up to 64 stages a point of its own (bench/gpu/steal_bound.py).
+#ifndef TL_PROG
+#define TL_PROG 16
+#endif
 // The merge kernel's trace points (DB_MERGE_TRACE in decode.cu): after its wait for the decode
 // grid (0), after its loads and sums (1); for rows of several warps, after the barrier before
 // their sums are combined (2), the combined weights (3) and the stores (4); thread (0, 0) of each CTA.
@@ -84,8 +88,8 @@ __device__ unsigned tl_dep[TL_MAX][TL_POINTS];
             tl_phase[blockIdx.x][point] = t_;                                                \
         }                                                                                    \
     } while (0)
-// Progress (KBENCH_TRACE): thread 0's time at the last stage of each sixteenth of its CTA's
-// main loop (the sixteenth's end), so that a CTA's read rate can be followed over its life.
+// Progress (KBENCH_TRACE): thread 0's time at the last stage of each TL_PROG-th of its CTA's
+// main loop (a sixteenth by default), so that a CTA's read rate can be followed over its life.
 __device__ unsigned long long tl_prog[TL_MAX][TL_PROG];
 #define DB_PROGRESS(it, n_iter)                                                              \
     do {                                                                                     \
