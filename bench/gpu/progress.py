@@ -1,30 +1,35 @@
 #!/usr/bin/env python3
 """Per-SM speed and read progress of the decode grid, from kbench's timeline CSV (KBENCH_TIMELINE=1;
-the progress points need the traced build, -DKBENCH_TRACE). Several kbench runs of one case may
-append to one file; each run is one launch.
+the progress points need the traced build, -DKBENCH_TRACE). Several kbench runs may append to one
+file, of one case or of several; each run is one launch, and each case (variant, mode, batch, CTA
+length) is reported on its own. The file may be gzipped, as kept in bench/gpu/logs.
 
   python3 bench/gpu/progress.py timeline.csv BYTES_PER_TOKEN
 
 BYTES_PER_TOKEN: K and V bytes of one token of one kv head (head 128: 512 for a bf16 cache, 256
-for e4m3). Prints, per run, the CTA durations and the aggregate read rate per microsecond (each
-sixteenth of a CTA's tokens spread over the time its warp 0 took to pass it); then whether the same
-SMs are fast in every run (correlation of the per-SM mean deviation between runs) and how fast the
-CTAs of the fast and the other SMs go through the middle of their tokens and through the last
-quarter (bench/gpu/NOTES.md, calls 99-100).
+for e4m3), the same for every case of the file. Prints, per run, the CTA durations and the
+aggregate read rate per microsecond (each sixteenth of a CTA's tokens spread over the time its warp
+0 took to pass it); then whether the same SMs are fast in every run (correlation of the per-SM mean
+deviation between runs) and how fast the CTAs of the fast and the other SMs go through the middle
+of their tokens and through the last quarter (bench/gpu/NOTES.md, calls 99-100). It reads the
+default build's 16 progress points per CTA (TL_PROG in kbench.cu), not a -DTL_PROG=64 build's.
 """
 import collections
+import gzip
 import itertools
 import statistics as st
 import sys
 
 
 def read_runs(path):
-    """Runs as lists of CTAs: (index, sm, start, end, tokens, {sixteenth: time}); -1 is phase 5
-    (the first stage in shared memory), where the first sixteenth starts."""
+    """Runs (a timeline CSV, or one gzipped as in bench/gpu/logs) as (case, CTAs): the case is
+    "variant mode M bB"; a CTA is (index, sm, start, end, tokens, {progress point: time}), the
+    points in ns on the global timer, -1 being phase 5 (the first stage in shared memory), where
+    the first point's share of the loop starts. Also read by steal_bound.py."""
     runs, ctas, marks = [], {}, collections.defaultdict(dict)
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         for line in f:
-            _name, _mode, _batch, kind, idx, sm, start, end, tokens = line.strip().split(",")
+            name, mode, batch, kind, idx, sm, start, end, tokens = line.strip().split(",")
             i = int(idx)
             if kind == "decode" and int(start) > 0:
                 ctas[i] = (i, int(sm), int(start), int(end), int(tokens))
@@ -33,7 +38,7 @@ def read_runs(path):
             elif kind == "phase5":
                 marks[i][-1] = int(end)
             elif kind == "period_ns":
-                runs.append([c + (marks[c[0]],) for c in ctas.values()])
+                runs.append((f"{name} mode {mode} b{batch}", [c + (marks[c[0]],) for c in ctas.values()]))
                 ctas, marks = {}, collections.defaultdict(dict)
     return runs
 
@@ -49,6 +54,17 @@ def main(path, bytes_per_token):
     runs = read_runs(path)
     if not runs:
         sys.exit(f"{path}: no run (a timeline row ends each run with period_ns)")
+    # One report per case (variant, mode, batch and CTA length): a file may hold several.
+    cases = collections.defaultdict(list)
+    for case, ctas in runs:
+        cases[f"{case}, {max(c[4] for c in ctas)} tokens per CTA"].append(ctas)
+    for case, case_runs in cases.items():
+        print(f"== {case}: {len(case_runs)} runs")
+        report(case_runs, bytes_per_token)
+
+
+def report(runs, bytes_per_token):
+    """The runs of one case."""
     full = max(c[4] for c in runs[0])
     deviation = []  # per run: SM -> mean (CTA duration - median) over its full-length CTAs, us
     for r in runs:

@@ -23,35 +23,24 @@ Prints, per run (one launch): the case, its end (us from the first CTA start), e
 and the median bound over the runs of each case.
 """
 import collections
-import gzip
 import statistics as st
 import sys
+
+import progress
 
 STAGE_TOKENS = 64  # tokens per stage of the tensor-core kernel (4 warps x 16)
 
 
-def open_text(path):
-    return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
-
-
 def read_runs(path):
-    """Runs (one per period_ns row) as (key, CTAs); a CTA is (end, tokens, {mark: time})."""
-    runs, ctas, marks = [], {}, collections.defaultdict(dict)
-    with open_text(path) as f:
-        for line in f:
-            name, mode, batch, kind, idx, _sm, start, end, tokens = line.strip().split(",")
-            i = int(idx)
-            if kind == "decode" and int(start) > 0:
-                ctas[i] = (int(start), int(end), int(tokens))
-            elif kind.startswith("prog"):
-                marks[i][int(kind[4:])] = int(end)
-            elif kind == "period_ns":
-                t0 = min(c[0] for c in ctas.values())
-                full = max(c[2] for c in ctas.values())
-                key = f"{name} mode {mode} b{batch} ({full} tokens per CTA)"
-                runs.append((key, [((c[1] - t0) / 1e3, c[2], {k: (v - t0) / 1e3 for k, v in marks[i].items()})
-                                   for i, c in ctas.items()]))
-                ctas, marks = {}, collections.defaultdict(dict)
+    """Runs (one launch each) as (case, CTAs); a CTA is (end, tokens, {progress point: time}),
+    times in us from the run's first CTA start (progress.py reads the file)."""
+    runs = []
+    for case, ctas in progress.read_runs(path):
+        t0 = min(c[2] for c in ctas)
+        full = max(c[4] for c in ctas)
+        runs.append((f"{case} ({full} tokens per CTA)",
+                     [((c[3] - t0) / 1e3, c[4], {k: (v - t0) / 1e3 for k, v in c[5].items() if k >= 0})
+                      for c in ctas]))
     return runs
 
 
