@@ -7,21 +7,26 @@ every stage of a CTA of up to 64 stages has a point of its own).
 
 MARKS: the build's TL_PROG (16 by default). COMMITTED: the stages after the one a warp is computing
 that it has already issued or claimed, so that no thief could take them (the pipeline depth: 2 for
-the bf16 kernel at 2 stages with a claim one iteration ahead; 2 by default). LEADS: comma-separated
-lead times in us (default 2,3,4,5): how long before the end a thief must claim stages for its partial
-row to be written by then (its own victim scan and claim, query and block-table loads, the stolen
-stages' round trip, their compute and its epilogue).
+the bf16 kernel at 2 stages with a claim one iteration ahead, 4 for e4m3 at 4; 2 by default).
+LEADS: comma-separated times in us (default 2,3,4,5) from a thief's claim to its partial row
+written (its claim, query and block-table loads, the stolen stages' round trip, their compute and
+its epilogue).
 
-Stealing "at the end only" (bench/gpu/NOTES.md run 91): a CTA that is done takes stages from the
-back of the range of one still running. At a time t = end - lead, a CTA whose warp 0 has no more
-than COMMITTED stages left after its current one has nothing to give, so it ends when it ended;
-the grid cannot end before the latest of those (or of the CTAs already done by t). The bound
-assumes every CTA that had stages to give could have lost them all at no cost, so the real saving
-is smaller (and it pays for the claims and the extra partial rows).
+Stealing "at the end only" (bench/gpu/NOTES.md runs 91 and 93): a CTA that is done takes stages
+from the back of the range of one still running. For the grid to end S us earlier, thieves must
+claim by t = end - S - lead, and the new end is no earlier than
+  - the end of every CTA that has nothing to give at t (its warp 0 has at most COMMITTED stages
+    left after its current one, or it is done): it keeps its own end;
+  - t + lead;
+  - t + the stages not started by t, read at the grid's own middle rate, + the tail of the last
+    CTAs (their last stage's start to their end).
+The bound is the largest S over t (0.01-us steps over the grid's last 15 us). It takes the
+claims, the spare partial rows and the thieves' search as free, so the real saving is smaller.
 
 Prints, per run (one launch): the case, its end (us from the first CTA start), each lead's bound,
 and the median bound over the runs of each case.
 """
+import bisect
 import collections
 import statistics as st
 import sys
@@ -44,24 +49,53 @@ def read_runs(path):
     return runs
 
 
-def stages_left(tokens, marks, t, n_marks):
-    """Stages warp 0 has not started by time t, after the one it is computing (its last mark
-    <= t; a mark is the time of the last stage of its share of the loop)."""
+def stage_times(tokens, marks, n_marks):
+    """(stages, [(start time, stage index)] sorted by time) of warp 0: a point is the time of the
+    last stage of its share of the loop (every stage its own when MARKS >= stages)."""
     n = (tokens + STAGE_TOKENS - 1) // STAGE_TOKENS
     last_of = {}
     for it in range(n):
         last_of[it * n_marks // n] = it
-    passed = [last_of[k] for k, v in marks.items() if v <= t and k in last_of]
-    current = max(passed) if passed else 0
-    return n - 1 - current
+    return n, sorted((v, last_of[k]) for k, v in marks.items() if k in last_of)
 
 
-def bound(ctas, lead, n_marks, committed):
+def stages_left(stages, times, t):
+    """Stages warp 0 has not started by time t, after the one it is computing."""
+    i = bisect.bisect_right(times, (t, float("inf")))
+    return stages - 1 - (times[i - 1][1] if i else 0)  # a warp starts its stages in order
+
+
+def middle_rate(ctas):
+    """Stages started per us over the middle 60 % of the grid (its read rate, in stages)."""
     end = max(c[0] for c in ctas)
-    t = end - lead
-    fixed = [e for e, tokens, marks in ctas
-             if e <= t or stages_left(tokens, marks, t, n_marks) <= committed]
-    return end, end - max(fixed) if fixed else end
+    a, b = 0.2 * end, 0.8 * end
+    return sum(1 for _e, _n, times in ctas for v, _it in times if a <= v < b) / (b - a)
+
+
+def bound(ctas, lead, committed, tail, step=0.01, window=15.0):
+    """The largest saving S (us) that stealing decided at some time t could reach, over t in the
+    grid's last `window` us: the new end E = end - S must be no earlier than
+      - the end of every CTA with nothing to give at t (at most `committed` stages left after its
+        current one, or done), which keeps its own end;
+      - t + lead, when the thieves' stages are done;
+      - t + (stages not yet started at t) / (the grid's middle read rate) + tail: the bytes still
+        to read cannot arrive faster than the grid read them in its middle, and the last CTA to
+        get its data still needs `tail` (its last stage's compute, its epilogue, its store).
+    Everything else is taken to be free, so the real saving is smaller."""
+    end = max(c[0] for c in ctas)
+    rate = middle_rate(ctas)
+    best, t = 0.0, end - window
+    while t < end:
+        kept, left = [], 0
+        for e, stages, times in ctas:
+            rest = stages_left(stages, times, t) if e > t else 0
+            left += rest
+            if e <= t or rest <= committed:
+                kept.append(e)
+        new_end = max(max(kept, default=0.0), t + lead, t + left / rate + tail)
+        best = max(best, end - new_end)
+        t += step
+    return end, best
 
 
 def end_latencies(ctas, n=10):
@@ -83,9 +117,10 @@ def main(path, n_marks=16, committed=2, leads=(2.0, 3.0, 4.0, 5.0)):
         if not any(m for _e, _t, m in ctas):
             print(f"{key}: no progress points (build kbench with -DKBENCH_TRACE)")
             continue
-        bs = [bound(ctas, lead, n_marks, committed) for lead in leads]
-        by_case[key].append([b for _end, b in bs])
         turn, tail = end_latencies(ctas)
+        staged = [(e, *stage_times(tokens, marks, n_marks)) for e, tokens, marks in ctas]
+        bs = [bound(staged, lead, committed, tail) for lead in leads]
+        by_case[key].append([b for _end, b in bs])
         print(f"{key}: end {bs[0][0]:.2f} us; saving at most " +
               ", ".join(f"{b:.2f} us (lead {lead:g})" for lead, (_end, b) in zip(leads, bs)) +
               f"; the 10 last CTAs: last stage's turn {turn:.2f} us, last point to end {tail:.2f} us")
