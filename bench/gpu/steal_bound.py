@@ -5,7 +5,9 @@ every stage of a CTA of up to 64 stages has a point of its own).
 
   python3 bench/gpu/steal_bound.py TIMELINE.csv[.gz] [MARKS] [COMMITTED] [LEADS]
 
-MARKS: the build's TL_PROG (16 by default). COMMITTED: the stages after the one a warp is computing
+MARKS: the build's TL_PROG (16 by default; with fewer points than stages, stages left are
+counted to the end of a point's share, so the bound is looser: 1.0-1.2 us instead of 0.5 at b1
+s65536 BF16). COMMITTED: the stages after the one a warp is computing
 that it has already issued or claimed, so that no thief could take them (the pipeline depth: 2 for
 the bf16 kernel at 2 stages with a claim one iteration ahead, 4 for e4m3 at 4; 2 by default).
 LEADS: comma-separated times in us (default 2,3,4,5) from a thief's claim to its partial row
@@ -50,18 +52,20 @@ def read_runs(path):
 
 
 def stage_times(tokens, marks, n_marks):
-    """(stages, [(start time, stage index)] sorted by time) of warp 0: a point is the time of the
-    last stage of its share of the loop (every stage its own when MARKS >= stages)."""
+    """(stages, [(start time, stage index, stages the point stands for)] sorted by time) of warp
+    0: a point is the time of the last stage of its share of the loop (every stage its own when
+    MARKS >= stages)."""
     n = (tokens + STAGE_TOKENS - 1) // STAGE_TOKENS
-    last_of = {}
+    last_of, share = {}, collections.Counter()
     for it in range(n):
         last_of[it * n_marks // n] = it
-    return n, sorted((v, last_of[k]) for k, v in marks.items() if k in last_of)
+        share[it * n_marks // n] += 1
+    return n, sorted((v, last_of[k], share[k]) for k, v in marks.items() if k in last_of)
 
 
 def stages_left(stages, times, t):
     """Stages warp 0 has not started by time t, after the one it is computing."""
-    i = bisect.bisect_right(times, (t, float("inf")))
+    i = bisect.bisect_right(times, (t, float("inf"), 0))
     return stages - 1 - (times[i - 1][1] if i else 0)  # a warp starts its stages in order
 
 
@@ -69,7 +73,7 @@ def middle_rate(ctas):
     """Stages started per us over the middle 60 % of the grid (its read rate, in stages)."""
     end = max(c[0] for c in ctas)
     a, b = 0.2 * end, 0.8 * end
-    return sum(1 for _e, _n, times in ctas for v, _it in times if a <= v < b) / (b - a)
+    return sum(c for _e, _n, times in ctas for v, _it, c in times if a <= v < b) / (b - a)
 
 
 def bound(ctas, lead, committed, tail, step=0.01, window=15.0):
