@@ -567,11 +567,35 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         }
         cuFuncSetAttribute(cubin_fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k.smem);
     }
+    // KBENCH_CUBIN_MERGE_FN=name (with KBENCH_CUBIN): the merge kernel from the cubin too, launched
+    // as decodebench launches it (a programmatic dependent of the decode kernel, kbench's block).
+    CUfunction cubin_merge = nullptr;
+    if (cubin_fn && getenv("KBENCH_CUBIN_MERGE_FN")) {
+        CUmodule mod = nullptr;
+        CUfunction f = nullptr;
+        if (cuModuleLoad(&mod, getenv("KBENCH_CUBIN")) != CUDA_SUCCESS ||
+            cuModuleGetFunction(&f, mod, getenv("KBENCH_CUBIN_MERGE_FN")) != CUDA_SUCCESS) {
+            fprintf(stderr, "KBENCH_CUBIN_MERGE_FN: no %s\n", getenv("KBENCH_CUBIN_MERGE_FN"));
+            exit(1);
+        }
+        cubin_merge = f;
+    }
     auto launch = [&]() {
         if (cubin_fn) {
-            if (cuLaunchKernel(cubin_fn, (unsigned)pl.launch.size(), 1, 1, k.threads, 1, 1, k.smem, s, args, nullptr) !=
-                CUDA_SUCCESS) {
-                fprintf(stderr, "cuLaunchKernel failed\n");
+            // As the variant launches its own decode kernel: a programmatic dependent unless
+            // pdl_decode is off.
+            CUlaunchConfig cfg = {};
+            cfg.gridDimX = (unsigned)pl.launch.size(), cfg.gridDimY = 1, cfg.gridDimZ = 1;
+            cfg.blockDimX = k.threads, cfg.blockDimY = 1, cfg.blockDimZ = 1;
+            cfg.sharedMemBytes = k.smem;
+            cfg.hStream = s;
+            CUlaunchAttribute attr[1];
+            attr[0].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr[0].value.programmaticStreamSerializationAllowed = 1;
+            cfg.attrs = attr;
+            cfg.numAttrs = v.pdl_decode ? 1 : 0;
+            if (cuLaunchKernelEx(&cfg, cubin_fn, args, nullptr) != CUDA_SUCCESS) {
+                fprintf(stderr, "cuLaunchKernelEx (decode) failed\n");
                 exit(1);
             }
         } else if (v.pdl_decode) {
@@ -581,7 +605,24 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         if (pl.direct || !v.merge || fused) return;
         // The merge as decodebench launches it on sm_90+: a programmatic dependent of the decode
         // kernel (see launch.rs).
-        launch_dependent(mfn, dim3((QO + merge_block.y - 1) / merge_block.y, batch), merge_block, 0, s, args);
+        const dim3 mgrid((QO + merge_block.y - 1) / merge_block.y, batch);
+        if (cubin_merge) {
+            CUlaunchConfig cfg = {};
+            cfg.gridDimX = mgrid.x, cfg.gridDimY = mgrid.y, cfg.gridDimZ = 1;
+            cfg.blockDimX = merge_block.x, cfg.blockDimY = merge_block.y, cfg.blockDimZ = 1;
+            cfg.hStream = s;
+            CUlaunchAttribute attr[1];
+            attr[0].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr[0].value.programmaticStreamSerializationAllowed = 1;
+            cfg.attrs = attr;
+            cfg.numAttrs = 1;
+            if (cuLaunchKernelEx(&cfg, cubin_merge, args, nullptr) != CUDA_SUCCESS) {
+                fprintf(stderr, "cuLaunchKernelEx (merge) failed\n");
+                exit(1);
+            }
+            return;
+        }
+        launch_dependent(mfn, mgrid, merge_block, 0, s, args);
     };
     launch();
     CK(cudaStreamSynchronize(s));
@@ -889,7 +930,7 @@ int main(int argc, char** argv) {
                     double tbs = c.bytes[MODES[mode].kf] / (r.ms * 1e-3) / 1e12;
                     double fi = FLASHINFER[MODES[mode].kf ? 1 : 0][bi][si] / r.ms;
                     logs[vi * 5 + mode].push_back(fi);
-                    printf("%-16s %-14s %5d %7d %9.4f %6.2f %7.3f %8.1e %6zu items=%zu cta/sm=%d\n", v.name.c_str(),
+                    printf("%-16s %-14s %5d %7d %9.5f %6.2f %7.3f %8.1e %6zu items=%zu cta/sm=%d\n", v.name.c_str(),
                            MODES[mode].name, batch, seq, r.ms, tbs, fi, maxerr, diff, r.items, r.ctas_per_sm);
                     fflush(stdout);
                 }

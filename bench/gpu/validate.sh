@@ -4,12 +4,13 @@
 # checks (hot/cold L2, events/graph, shared/unique pool, telemetry) and the kernel table (graph
 # timing). Expects target/release/decodebench; writes logs and CSVs under $OUT.
 # Usage: bench/gpu/validate.sh [selftest] [seed] [methods] [table | table-kv table-fp8q] [layouts]
-#        [target4]
+#        [target4] [target3]
 # (default: selftest seed methods table). table-kv and table-fp8q are the table's two halves (the
 # FlashInfer modes, the FP8-query modes), for machines that limit one command to 10 minutes. The
 # table and layout steps time the optimized kernel only (what their comparisons need). target4
 # runs the four cells of issue 7's target 4 (bench/grids/target4.toml) T4_RUNS times (5), each a
-# process of its own with its own calibration, for the spread of the cells with the least margin.
+# process of its own with its own calibration, for the spread of the cells with the least margin;
+# target3 the same for target 3's short cells (bench/grids/target3.toml, T3_RUNS times, 5).
 set -u
 RESULT_DIR=${OUT:-/tmp/validate_out}
 # Everything is logged under one folder, packed into $OUT/validate.tgz at the end (the device
@@ -25,6 +26,16 @@ STEPS=${*:-selftest seed methods table}
 W=/tmp/validate_runs
 rm -rf "$W"; mkdir -p "$W"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee "$OUT/gpu.txt"
+# repeat_grid NAME GRID RUNS PATTERN: the grid RUNS times, each a process of its own; prints the
+# lines of `summarize.py targets` that match PATTERN for each run and keeps its results.csv.
+repeat_grid() {
+  echo "=== $1's cells, $3 runs (graph timing)"
+  for i in $(seq 1 "$3"); do
+    timeout 300 $B run --grid "$2" --kernels optimized --out $W/$1-$i > "$OUT/$1-$i.log" 2>&1
+    echo "run $i exit $?: $($S targets $W/$1-$i | grep -E "$4" | tr '\n' ' ')" | tee -a "$OUT/$1.txt"
+    cp $W/$1-$i/results.csv "$OUT/$1-${i}_results.csv"
+  done
+}
 for step in $STEPS; do
   case $step in
     selftest)
@@ -61,13 +72,8 @@ for step in $STEPS; do
       [ "$G" = table ] && $S targets $W/$G | tee "$OUT/targets.txt"
       $S status $W/$G | head -20
       cp $W/$G/results.csv "$OUT/${G}_results.csv" ;;
-    target4)
-      echo "=== target 4's cells, ${T4_RUNS:-5} runs (graph timing)"
-      for i in $(seq 1 "${T4_RUNS:-5}"); do
-        timeout 300 $B run --grid bench/grids/target4.toml --kernels optimized --out $W/target4-$i > "$OUT/target4-$i.log" 2>&1
-        echo "run $i exit $?: $($S targets $W/target4-$i | grep -E '^(card|4\.)' | tr '\n' ' ')" | tee -a "$OUT/target4.txt"
-        cp $W/target4-$i/results.csv "$OUT/target4-${i}_results.csv"
-      done ;;
+    target4) repeat_grid target4 bench/grids/target4.toml "${T4_RUNS:-5}" '^(card|4\.)' ;;
+    target3) repeat_grid target3 bench/grids/target3.toml "${T3_RUNS:-5}" '^3\.' ;;
     layouts)
       echo "=== layouts and block sizes (graph timing)"
       ( time timeout 560 $B run --grid bench/grids/layouts.toml --kernels optimized --out $W/layouts ) > "$OUT/layouts.log" 2>&1; echo "layouts exit $?"
