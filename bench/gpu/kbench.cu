@@ -16,7 +16,8 @@
 // decode kernel's own page gather with nothing else in the way, beside the kernel.
 // Knobs (environment): KBENCH_LENS and KBENCH_TABLE (a case's lengths, its block table from a
 // file), KBENCH_CUBIN + KBENCH_CUBIN_FN (the decode kernel from a cubin, e.g. decodebench's NVRTC
-// module out of its compile cache, launched with the same arguments), KBENCH_ALLOC=async (pools
+// module out of its compile cache, launched with the same arguments; KBENCH_CUBIN_MERGE_FN the
+// merge kernel from it too: NOTES call 112), KBENCH_ALLOC=async (pools
 // from cudaMallocAsync, as decodebench allocates), KBENCH_ZERO_POOL (an all-zero cache),
 // KBENCH_REVERSE (the variants in the opposite order: at the power cap a cell's later variants
 // run at lower clocks, so read a large-cell A/B both ways; bench/gpu/NOTES.md run 54),
@@ -554,7 +555,9 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
     // KBENCH_CUBIN=file KBENCH_CUBIN_FN=name: the decode kernel from a cubin (e.g. decodebench's
     // NVRTC module from its compile cache) instead of this build's, launched with the same
     // arguments: whether a difference between the two programs is the compiler's or the harness's.
-    CUfunction cubin_fn = nullptr;
+    // KBENCH_CUBIN_MERGE_FN=name: the merge kernel from the same cubin too, launched as decodebench
+    // launches it (a programmatic dependent of the decode kernel; kbench's block shape).
+    CUfunction cubin_fn = nullptr, cubin_merge = nullptr;
     if (getenv("KBENCH_CUBIN") && getenv("KBENCH_CUBIN_FN")) {
         static CUmodule mod = nullptr;
         if (!mod && cuModuleLoad(&mod, getenv("KBENCH_CUBIN")) != CUDA_SUCCESS) {
@@ -566,19 +569,11 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
             exit(1);
         }
         cuFuncSetAttribute(cubin_fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k.smem);
-    }
-    // KBENCH_CUBIN_MERGE_FN=name (with KBENCH_CUBIN): the merge kernel from the cubin too, launched
-    // as decodebench launches it (a programmatic dependent of the decode kernel, kbench's block).
-    CUfunction cubin_merge = nullptr;
-    if (cubin_fn && getenv("KBENCH_CUBIN_MERGE_FN")) {
-        CUmodule mod = nullptr;
-        CUfunction f = nullptr;
-        if (cuModuleLoad(&mod, getenv("KBENCH_CUBIN")) != CUDA_SUCCESS ||
-            cuModuleGetFunction(&f, mod, getenv("KBENCH_CUBIN_MERGE_FN")) != CUDA_SUCCESS) {
-            fprintf(stderr, "KBENCH_CUBIN_MERGE_FN: no %s\n", getenv("KBENCH_CUBIN_MERGE_FN"));
+        const char* merge_name = getenv("KBENCH_CUBIN_MERGE_FN");
+        if (merge_name && cuModuleGetFunction(&cubin_merge, mod, merge_name) != CUDA_SUCCESS) {
+            fprintf(stderr, "KBENCH_CUBIN_MERGE_FN: no %s\n", merge_name);
             exit(1);
         }
-        cubin_merge = f;
     }
     auto launch = [&]() {
         if (cubin_fn) {
