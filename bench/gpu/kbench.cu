@@ -153,6 +153,25 @@ static void launch_dependent(const void* fn, dim3 grid, dim3 block, int smem, cu
     CK(cudaLaunchKernelExC(&cfg, fn, args));
 }
 
+// The same for a kernel from a cubin (KBENCH_CUBIN), through the driver API; `dependent` false: a
+// plain launch.
+static void launch_cubin(CUfunction fn, dim3 grid, dim3 block, int smem, cudaStream_t s, void** args, bool dependent) {
+    CUlaunchConfig cfg = {};
+    cfg.gridDimX = grid.x, cfg.gridDimY = grid.y, cfg.gridDimZ = grid.z;
+    cfg.blockDimX = block.x, cfg.blockDimY = block.y, cfg.blockDimZ = block.z;
+    cfg.sharedMemBytes = smem;
+    cfg.hStream = s;
+    CUlaunchAttribute attr[1];
+    attr[0].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr[0].value.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = dependent ? 1 : 0;
+    if (cuLaunchKernelEx(&cfg, fn, args, nullptr) != CUDA_SUCCESS) {
+        fprintf(stderr, "cuLaunchKernelEx failed (a kernel from KBENCH_CUBIN)\n");
+        exit(1);
+    }
+}
+
 // PREV: the previous version of the kernel (prev/decode_mma_prev.cu) instead of the current one.
 template <int D, int NH, bool QF, bool KF, int OUT, int W, int TPW, int STG, bool PREV>
 __global__ void __launch_bounds__(W * 32) k_tc(AttnParams p) {
@@ -579,20 +598,7 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         if (cubin_fn) {
             // As the variant launches its own decode kernel: a programmatic dependent unless
             // pdl_decode is off.
-            CUlaunchConfig cfg = {};
-            cfg.gridDimX = (unsigned)pl.launch.size(), cfg.gridDimY = 1, cfg.gridDimZ = 1;
-            cfg.blockDimX = k.threads, cfg.blockDimY = 1, cfg.blockDimZ = 1;
-            cfg.sharedMemBytes = k.smem;
-            cfg.hStream = s;
-            CUlaunchAttribute attr[1];
-            attr[0].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr[0].value.programmaticStreamSerializationAllowed = 1;
-            cfg.attrs = attr;
-            cfg.numAttrs = v.pdl_decode ? 1 : 0;
-            if (cuLaunchKernelEx(&cfg, cubin_fn, args, nullptr) != CUDA_SUCCESS) {
-                fprintf(stderr, "cuLaunchKernelEx (decode) failed\n");
-                exit(1);
-            }
+            launch_cubin(cubin_fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), k.smem, s, args, v.pdl_decode);
         } else if (v.pdl_decode) {
             launch_dependent(k.fn, dim3((unsigned)pl.launch.size()), dim3(k.threads), k.smem, s, args);
         } else
@@ -601,23 +607,10 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
         // The merge as decodebench launches it on sm_90+: a programmatic dependent of the decode
         // kernel (see launch.rs).
         const dim3 mgrid((QO + merge_block.y - 1) / merge_block.y, batch);
-        if (cubin_merge) {
-            CUlaunchConfig cfg = {};
-            cfg.gridDimX = mgrid.x, cfg.gridDimY = mgrid.y, cfg.gridDimZ = 1;
-            cfg.blockDimX = merge_block.x, cfg.blockDimY = merge_block.y, cfg.blockDimZ = 1;
-            cfg.hStream = s;
-            CUlaunchAttribute attr[1];
-            attr[0].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr[0].value.programmaticStreamSerializationAllowed = 1;
-            cfg.attrs = attr;
-            cfg.numAttrs = 1;
-            if (cuLaunchKernelEx(&cfg, cubin_merge, args, nullptr) != CUDA_SUCCESS) {
-                fprintf(stderr, "cuLaunchKernelEx (merge) failed\n");
-                exit(1);
-            }
-            return;
-        }
-        launch_dependent(mfn, mgrid, merge_block, 0, s, args);
+        if (cubin_merge)
+            launch_cubin(cubin_merge, mgrid, merge_block, 0, s, args, true);
+        else
+            launch_dependent(mfn, mgrid, merge_block, 0, s, args);
     };
     launch();
     CK(cudaStreamSynchronize(s));
