@@ -677,16 +677,16 @@ static Run run_variant(const Device& dev, const CaseBufs& c, int mode, const Var
                             fprintf(f, "%s,%d,%zu,mphase%d,%zu,%llu,%llu,%llu,0\n", v.name.c_str(), mode, c.lens.size(), k,
                                     i, m[i * 3], m[i * 3 + 1], mph[i * TL_MERGE_POINTS + k]);
                 }
-            for (size_t i = 0; i < pl.launch.size() && i < TL_MAX; ++i)
-                for (int k = 0; k < TL_POINTS; ++k)
-                    if (ph[i * TL_POINTS + k])
-                        fprintf(f, "%s,%d,%zu,phase%d,%zu,%llu,%llu,%llu,%d\n", v.name.c_str(), mode, c.lens.size(), k,
-                                i, d[i * 3], d[i * 3 + 1], ph[i * TL_POINTS + k], pl.launch[i].z - pl.launch[i].y);
-            for (size_t i = 0; i < pl.launch.size() && i < TL_MAX; ++i)
-                for (int k = 0; k < TL_PROG; ++k)
-                    if (prog[i * TL_PROG + k])
-                        fprintf(f, "%s,%d,%zu,prog%d,%zu,%llu,%llu,%llu,%d\n", v.name.c_str(), mode, c.lens.size(), k,
-                                i, d[i * 3], d[i * 3 + 1], prog[i * TL_PROG + k], pl.launch[i].z - pl.launch[i].y);
+            // A decode CTA's recorded points (n per CTA, 0 = not reached) as rows KIND<k>.
+            auto cta_points = [&](const char* kind, const std::vector<unsigned long long>& pts, int n) {
+                for (size_t i = 0; i < pl.launch.size() && i < TL_MAX; ++i)
+                    for (int k = 0; k < n; ++k)
+                        if (pts[i * n + k])
+                            fprintf(f, "%s,%d,%zu,%s%d,%zu,%llu,%llu,%llu,%d\n", v.name.c_str(), mode, c.lens.size(), kind,
+                                    k, i, d[i * 3], d[i * 3 + 1], pts[i * n + k], pl.launch[i].z - pl.launch[i].y);
+            };
+            cta_points("phase", ph, TL_POINTS);
+            cta_points("prog", prog, TL_PROG);
             fprintf(f, "%s,%d,%zu,period_ns,0,0,0,%llu,0\n", v.name.c_str(), mode, c.lens.size(),
                     (unsigned long long)(r.ms * 1e6));
             fclose(f);
