@@ -357,13 +357,16 @@ struct OutputVec {
 // it, its refinement after the shuffles, or the compiler waits for it in front of them): the amax is
 // taken of the unscaled |x| and scaled once, which is the amax of the scaled elements exactly
 // (rounding is monotonic, and fmaxf drops NaNs either way).
-template <int OUT, int N>
-__device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams& p, const float* x_in,
-                                                                float den = 1.0f) {
+// DIV false: den is 1 and not taken (the elements are final): no reciprocal and no scaling on the
+// chain, and the same bits, since RN(1 / 1) = 1 and x * 1 = x (callers: convert_output_vec and
+// store_output_vec without den).
+template <int OUT, int N, bool DIV>
+__device__ __forceinline__ OutputVec<OUT, N> convert_output_vec_impl(const AttnParams& p, const float* x_in,
+                                                                     float den) {
     OutputVec<OUT, N> v{};
     float x[N];  // x_in / den; NVFP4 scales them after its shuffles (below)
     if constexpr (OUT != OUT_NVFP4) {
-        const float s = den > 0.0f ? rcp_rn_normal(den) : 0.0f;
+        const float s = !DIV ? 1.0f : den > 0.0f ? rcp_rn_normal(den) : 0.0f;
 #pragma unroll
         for (int i = 0; i < N; ++i) x[i] = x_in[i] * s;
     }
@@ -376,7 +379,7 @@ __device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams
         for (int i = 0; i < N; i += 2) v.w[i / 4] |= f32x2_to_e4m3x2(x[i] * inv, x[i + 1] * inv) << (8 * (i % 4));
     } else {
         constexpr int LANES = 16 / N;  // lanes per scale-factor group
-        const float r = rcp_approx(den);  // issued ahead of the shuffles, refined after them
+        const float r = DIV ? rcp_approx(den) : 1.0f;  // issued ahead of the shuffles, refined after them
         float m[N];  // a tree: its depth, not N, is on the way to the shuffles
 #pragma unroll
         for (int i = 0; i < N; ++i) m[i] = fabsf(x_in[i]);
@@ -387,7 +390,7 @@ __device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams
         float amax = m[0];
 #pragma unroll
         for (int off = 1; off < LANES; off <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const float s = den > 0.0f ? rcp_refine(den, r) : 0.0f;
+        const float s = !DIV ? 1.0f : den > 0.0f ? rcp_refine(den, r) : 0.0f;
 #pragma unroll
         for (int i = 0; i < N; ++i) x[i] = x_in[i] * s;
         v.sf = nvfp4_sf_code(amax * s, p.o_sf_scale);
@@ -396,6 +399,17 @@ __device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams
         for (int i = 0; i < N; ++i) v.w[0] |= nvfp4_code(x[i], p.o_sf_scale, sf) << (4 * i);
     }
     return v;
+}
+
+// Final elements (no den to divide by).
+template <int OUT, int N>
+__device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams& p, const float* x) {
+    return convert_output_vec_impl<OUT, N, false>(p, x, 1.0f);
+}
+
+template <int OUT, int N>
+__device__ __forceinline__ OutputVec<OUT, N> convert_output_vec(const AttnParams& p, const float* x, float den) {
+    return convert_output_vec_impl<OUT, N, true>(p, x, den);
 }
 
 // Where write_output_vec puts elements of final output row b * qo_heads + h (h that row's qo
@@ -455,9 +469,17 @@ __device__ __forceinline__ void write_output_vec(const AttnParams& p, const Outp
 // anyway (bench/gpu/NOTES.md, run 78).
 template <int OUT, int N>
 __device__ __forceinline__ void store_output_vec(const AttnParams& p, const float* x, int b, int h, int col,
-                                                 bool active, float den = 1.0f) {
+                                                 bool active, float den) {
     const OutputDst dst = output_dst<OUT>(p, b, h, col);
     const OutputVec<OUT, N> v = convert_output_vec<OUT, N>(p, x, den);
+    if (active) write_output_vec<OUT, N>(p, v, dst);
+}
+
+template <int OUT, int N>
+__device__ __forceinline__ void store_output_vec(const AttnParams& p, const float* x, int b, int h, int col,
+                                                 bool active) {
+    const OutputDst dst = output_dst<OUT>(p, b, h, col);
+    const OutputVec<OUT, N> v = convert_output_vec<OUT, N>(p, x);
     if (active) write_output_vec<OUT, N>(p, v, dst);
 }
 

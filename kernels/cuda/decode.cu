@@ -329,28 +329,34 @@ __device__ void merge_partials(const AttnParams& p) {
         }
     }
     if (row_warps == 1) return;  // the same for the whole CTA (blockDim)
+    // After the barrier, each lane of a row's first warp (D = 256: first two) sums and writes four
+    // columns: one step, since a row of two or more warps has lanes for 256 columns. The
+    // destination is worked out before the barrier, where the warp would otherwise wait (the
+    // compiler keeps it there): after it, NVFP4's scale-factor offset was some 50 instructions in
+    // front of the conversion. The sums are final (the weights were applied before the barrier),
+    // so the conversion takes no den. Together 0.7-1.5 % off NVFP4's short split cells in kbench
+    // (bench/gpu/NOTES.md, run 97).
+    static_assert(D <= 2 * 32 * 4, "a row of two or more warps writes its columns in one step");
+    const int d = threadIdx.x * 4;
+    const bool active = d < D && h < p.num_qo_heads;
+    const OutputDst dst = output_dst<OUT>(p, b, h, d);
     __syncthreads();
     DB_MERGE_TRACE(2);
     DB_MERGE_TRACE(3);  // (the weights were applied before the barrier)
-    if (warp < MERGE_MAX_WARPS) {
-        // Four columns per lane (one 16-byte load per warp's sum), written from registers; every
-        // lane of the row's warps runs each step (NVFP4 groups are found by shuffles; a step's
-        // tail is whole 16-column groups).
+    // Whole warps (NVFP4 groups are found by shuffles); warps with no column to write skip it.
+    if (warp < MERGE_MAX_WARPS && rw * 32 * 4 < D) {
         const int rb = r * row_warps;
-        for (int d0 = 0; d0 < D; d0 += blockDim.x * 4) {
-            const int d = d0 + threadIdx.x * 4;
-            const bool active = d < D && h < p.num_qo_heads;
-            float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (active) {
+        float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (active) {
 #pragma unroll
-                for (int w = 0; w < MERGE_MAX_WARPS; ++w)
-                    if (w < row_warps) {
-                        const float4 v = *(const float4*)&part_num[rb + w][d];
-                        x[0] += v.x, x[1] += v.y, x[2] += v.z, x[3] += v.w;
-                    }
-            }
-            store_output_vec<OUT, 4>(p, x, b, h, d, active);
+            for (int w = 0; w < MERGE_MAX_WARPS; ++w)
+                if (w < row_warps) {
+                    const float4 v = *(const float4*)&part_num[rb + w][d];
+                    x[0] += v.x, x[1] += v.y, x[2] += v.z, x[3] += v.w;
+                }
         }
+        const OutputVec<OUT, 4> v = convert_output_vec<OUT, 4>(p, x);
+        if (active) write_output_vec<OUT, 4>(p, v, dst);
         DB_MERGE_TRACE(4);
     }
 }
