@@ -346,17 +346,17 @@ struct OutputVec {
 };
 
 // The conversion half of store_output_vec: N consecutive elements x[i] / den in f32 before the
-// output dtype's scale, taken as x[i] * RN(1 / den) (the merge's sum of weights, which is 0 or
-// from 1 up: its largest weight is 1; 1 elsewhere, which folds away; 0 makes every element 0),
-// columns col .. col + N - 1 of a row (col a multiple of N). Arithmetic only (and, for NVFP4, the
-// shuffles that find a scale-factor group's amax: the 16 / N lanes that hold a group must be
-// consecutive lanes of one warp, and every lane of the warp must call this together; lanes with
-// nothing to store pass zeros). No branch, so that a caller converting several vectors before
-// writing them gets their chains overlapped, and so that NVFP4's shuffles overlap the reciprocal
-// (the shuffles' divergence check is a branch: the reciprocal's approximation is issued ahead of
-// it, its refinement after the shuffles, or the compiler waits for it in front of them): the amax is
-// taken of the unscaled |x| and scaled once, which is the amax of the scaled elements exactly
-// (rounding is monotonic, and fmaxf drops NaNs either way).
+// output dtype's scale, taken as x[i] * RN(1 / den) (the merge's sum of weights, which is 0 or from
+// 1 up: its largest weight is 1; 0 makes every element 0; callers whose elements are final take the
+// form without den below), columns col .. col + N - 1 of a row (col a multiple of N). Arithmetic
+// only (and, for NVFP4, the shuffles that find a scale-factor group's amax: the 16 / N lanes that
+// hold a group must be consecutive lanes of one warp, and every lane of the warp must call this
+// together; lanes with nothing to store pass zeros). No branch, so that a caller converting several
+// vectors before writing them gets their chains overlapped, and so that NVFP4's shuffles overlap
+// the reciprocal (the shuffles' divergence check is a branch: the reciprocal's approximation is
+// issued ahead of it, its refinement after the shuffles, or the compiler waits for it in front of
+// them): the amax is taken of the unscaled |x| and scaled once, which is the amax of the scaled
+// elements exactly (rounding is monotonic, and fmaxf drops NaNs either way).
 // DIV false: den is 1 and not taken (the elements are final): no reciprocal and no scaling on the
 // chain, and the same bits, since RN(1 / 1) = 1 and x * 1 = x (callers: convert_output_vec and
 // store_output_vec without den).
@@ -467,20 +467,25 @@ __device__ __forceinline__ void write_output_vec(const AttnParams& p, const Outp
 // the same block, so that its arithmetic fills the conversion chain's latencies; earlier than
 // that (the merge, before its wait) it cost registers and the compiler sank it after the wait
 // anyway (bench/gpu/NOTES.md, run 78).
-template <int OUT, int N>
-__device__ __forceinline__ void store_output_vec(const AttnParams& p, const float* x, int b, int h, int col,
-                                                 bool active, float den) {
+template <int OUT, int N, bool DIV>
+__device__ __forceinline__ void store_output_vec_impl(const AttnParams& p, const float* x, int b, int h, int col,
+                                                      bool active, float den) {
     const OutputDst dst = output_dst<OUT>(p, b, h, col);
-    const OutputVec<OUT, N> v = convert_output_vec<OUT, N>(p, x, den);
+    const OutputVec<OUT, N> v = convert_output_vec_impl<OUT, N, DIV>(p, x, den);
     if (active) write_output_vec<OUT, N>(p, v, dst);
 }
 
 template <int OUT, int N>
 __device__ __forceinline__ void store_output_vec(const AttnParams& p, const float* x, int b, int h, int col,
+                                                 bool active, float den) {
+    store_output_vec_impl<OUT, N, true>(p, x, b, h, col, active, den);
+}
+
+// Final elements (no den to divide by), as convert_output_vec without den.
+template <int OUT, int N>
+__device__ __forceinline__ void store_output_vec(const AttnParams& p, const float* x, int b, int h, int col,
                                                  bool active) {
-    const OutputDst dst = output_dst<OUT>(p, b, h, col);
-    const OutputVec<OUT, N> v = convert_output_vec<OUT, N>(p, x);
-    if (active) write_output_vec<OUT, N>(p, v, dst);
+    store_output_vec_impl<OUT, N, false>(p, x, b, h, col, active, 1.0f);
 }
 
 // ---------------------------------------------------------------------------------------------
