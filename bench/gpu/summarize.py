@@ -18,6 +18,10 @@ on the GPU machine as it is).
                               on this card and, on another card than FlashInfer's H100, normalized
                               to the H100's bandwidth
 
+  summarize.py repeats DIR... target 3's ratios (each FP8-query mode's mean_ms over FP8 KV's) cell
+                              by cell over several runs of one grid (validate.sh target3), each
+                              DIR one run, with the median and the runs over 1.05
+
   summarize.py model-check OTHER_MD H100_MD [OTHER_READ_TBS]
                               how well the H100 predictions of 'targets' did: one kernel's table
                               on another card (markdown as 'table' prints it) against the same
@@ -30,6 +34,7 @@ import csv
 import gzip
 import math
 import re
+import statistics
 import sys
 from collections import defaultdict
 
@@ -92,6 +97,28 @@ def num(r, k):
 
 def mode(r):
     return f"{r['q_dtype']}/{r['kv_dtype']}/{r['out_dtype']}"
+
+
+def ok(r):
+    return r is not None and r["status"] == "ok"
+
+
+def optimized_cells(rs):
+    """The optimized kernel's rows by mode, then (batch, max_seq_len)."""
+    cells = defaultdict(dict)
+    for r in rs:
+        if r["kernel"] == "optimized":
+            cells[mode(r)][(int(r["batch_size"]), int(r["max_seq_len"]))] = r
+    return cells
+
+
+FP8_QUERY_MODES = ("fp8/fp8/bf16", "fp8/fp8/fp8", "fp8/fp8/nvfp4")
+
+
+def fp8_query_ratios(cells, m):
+    """Target 3's figure for mode m in each cell: its mean_ms over FP8 KV's (both verified)."""
+    kv = cells["bf16/fp8/bf16"]
+    return {k: num(r, "mean_ms") / num(kv[k], "mean_ms") for k, r in cells[m].items() if ok(r) and ok(kv.get(k))}
 
 
 def geomean(xs):
@@ -281,15 +308,12 @@ def targets(table_dir, layouts_dir=None):
     latencies, not bandwidth) plus its bytes at 3.10 TB/s (never below the plain scaling, which it
     equals for calls faster than the read rate). Both are predictions, not measurements."""
     rs = [r for r in rows(table_dir) if r["kernel"] == "optimized"]
-    cells = defaultdict(dict)
-    for r in rs:
-        cells[mode(r)][(int(r["batch_size"]), int(r["max_seq_len"]))] = r
+    cells = optimized_cells(rs)
     cards = sorted({r.get("device_name", "") for r in rs})
     cal = sorted(num(r, "device_calibrated_read_gbps") or 0 for r in rs)
     cal_tbs = cal[len(cal) // 2] / 1000 if cal else 0
     other = cards != [FLASHINFER_CARD] and cal_tbs > 0
     scale = FLASHINFER_CARD_READ_TBS / cal_tbs if other else 1.0
-    ok = lambda r: r is not None and r["status"] == "ok"
     tbs = lambda r: (num(r, "bandwidth_gbps") or 0) / 1000
 
     def modelled(r):
@@ -327,9 +351,8 @@ def targets(table_dir, layouts_dir=None):
             print("   under 2.8" + (" by the H100 model" if other else "") + ": "
                   + ", ".join(f"b{b} s{l} {x:.3f}" for b, l, x in short))
     # 3. FP8-query modes within 5 % of the FP8-KV time.
-    for m in ("fp8/fp8/bf16", "fp8/fp8/fp8", "fp8/fp8/nvfp4"):
-        rel = {k: num(r, "mean_ms") / num(cells["bf16/fp8/bf16"][k], "mean_ms")
-               for k, r in cells[m].items() if ok(r) and ok(cells["bf16/fp8/bf16"].get(k))}
+    for m in FP8_QUERY_MODES:
+        rel = fp8_query_ratios(cells, m)
         if rel:
             over = sorted(k for k, x in rel.items() if x > 1.05)
             print(f"3. {m} / FP8 KV: {min(rel.values()):.2f}-{max(rel.values()):.2f}, {len(over)} of "
@@ -350,6 +373,20 @@ def targets(table_dir, layouts_dir=None):
     # 6. Every case verified before it was timed.
     print(f"6. {len(rs) - len(failed)} of {len(rs)} table cases verified and timed"
           + (f"; not ok: {', '.join(sorted({r['status'] for r in failed}))}" if failed else ""))
+
+
+def repeats(*dirs):
+    per = defaultdict(list)  # (batch, max_seq_len, mode) -> one ratio per run, in DIR order
+    for d in dirs:
+        cells = optimized_cells(rows(d))
+        for m in FP8_QUERY_MODES:
+            for (b, l), x in fp8_query_ratios(cells, m).items():
+                per[(b, l, m)].append(x)
+    print(f"# per cell, mean_ms over the FP8-KV cell's, {len(dirs)} runs in order:")
+    for b, l, m in sorted(per, key=lambda k: (k[0], k[1], FP8_QUERY_MODES.index(k[2]))):
+        xs = per[(b, l, m)]
+        print(f"# {m} b{b} s{l}: {' '.join(f'{x:.3f}' for x in xs)}  median {statistics.median(xs):.3f}"
+              f" ({sum(1 for x in xs if x > 1.05)} over 1.05)")
 
 
 def markdown_cells(path):
@@ -418,6 +455,8 @@ if __name__ == "__main__":
         layouts(sys.argv[2])
     elif cmd == "model-check":
         model_check(sys.argv[2], sys.argv[3], *(float(x) for x in sys.argv[4:5]))
+    elif cmd == "repeats":
+        repeats(*sys.argv[2:])
     elif cmd == "targets":
         targets(*sys.argv[2:4])
     else:

@@ -10,7 +10,8 @@
 # table and layout steps time the optimized kernel only (what their comparisons need). target4
 # runs the four cells of issue 7's target 4 (bench/grids/target4.toml) T4_RUNS times (5), each a
 # process of its own with its own calibration, for the spread of the cells with the least margin;
-# target3 the same for target 3's short cells (bench/grids/target3.toml, T3_RUNS times, 5).
+# target3 the same for target 3's short cells (bench/grids/target3.toml, T3_RUNS times, 5),
+# then each cell's ratios over the runs (summarize.py repeats).
 set -u
 RESULT_DIR=${OUT:-/tmp/validate_out}
 # Everything is logged under one folder, packed into $OUT/validate.tgz at the end (the device
@@ -73,7 +74,9 @@ for step in $STEPS; do
       $S status $W/$G | head -20
       cp $W/$G/results.csv "$OUT/${G}_results.csv" ;;
     target4) repeat_grid target4 bench/grids/target4.toml "${T4_RUNS:-5}" '^(card|4\.)' ;;
-    target3) repeat_grid target3 bench/grids/target3.toml "${T3_RUNS:-5}" '^3\.' ;;
+    target3)
+      repeat_grid target3 bench/grids/target3.toml "${T3_RUNS:-5}" '^3\.'
+      $S repeats $(seq -f "$W/target3-%g" 1 "${T3_RUNS:-5}") | tee -a "$OUT/target3.txt" ;;
     layouts)
       echo "=== layouts and block sizes (graph timing)"
       ( time timeout 560 $B run --grid bench/grids/layouts.toml --kernels optimized --out $W/layouts ) > "$OUT/layouts.log" 2>&1; echo "layouts exit $?"
