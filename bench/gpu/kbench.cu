@@ -429,6 +429,9 @@ static CaseBufs make_case(int batch, int max_seq, unsigned seed) {
 static AttnParams base_params(const Device& dev, const CaseBufs& c, int mode) {
     AttnParams p;
     memset(&p, 0, sizeof p);
+    // KBENCH_PARTIAL_EVICT_LAST=1: split partials stored with an L2 evict-last policy (decodebench
+    // times both per case; 0, evict-normal, by default here).
+    p.partial_evict_last = getenv("KBENCH_PARTIAL_EVICT_LAST") ? atoi(getenv("KBENCH_PARTIAL_EVICT_LAST")) : 0;
     const Mode& m = MODES[mode];
     p.q = m.qf ? (const void*)dev.q_fp8 : (const void*)dev.q_bf16;
     p.kv = m.kf ? (const void*)dev.kv_fp8 : (const void*)dev.kv_bf16;
@@ -773,6 +776,14 @@ int main(int argc, char** argv) {
     } else {
         CK(cudaMalloc(&dev.kv_bf16, pool_elems * 2));
         CK(cudaMalloc(&dev.kv_fp8, pool_elems));
+    }
+    // KBENCH_L2_PERSIST=bytes: an L2 set-aside for persisting accesses (the context's limit), with
+    // KBENCH_PARTIAL_EVICT_LAST=1 (call 122: the same times with and without one).
+    if (const char* env = getenv("KBENCH_L2_PERSIST")) {
+        CK(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, (size_t)atoll(env)));
+        size_t got = 0;
+        CK(cudaDeviceGetLimit(&got, cudaLimitPersistingL2CacheSize));
+        fprintf(stderr, "KBENCH_L2_PERSIST: set-aside %zu bytes\n", got);
     }
     const size_t q_elems = (size_t)256 * QO * HD;
     CK(cudaMalloc(&dev.q_bf16, q_elems * 2));

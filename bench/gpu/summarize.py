@@ -22,6 +22,11 @@ on the GPU machine as it is).
                               by cell over several runs of one grid (validate.sh target3), each
                               DIR one run, with the median and the runs over 1.05
 
+  summarize.py ab A_DIR,A_DIR... B_DIR,B_DIR...
+                              two kernel versions run alternately on one host (each DIR one run of
+                              the same grid): per cell the median over each side's runs of the
+                              optimized kernel's mean_ms, B/A, and each side's range
+
   summarize.py model-check OTHER_MD H100_MD [OTHER_READ_TBS]
                               how well the H100 predictions of 'targets' did: one kernel's table
                               on another card (markdown as 'table' prints it) against the same
@@ -389,6 +394,28 @@ def repeats(*dirs):
               f" ({sum(1 for x in xs if x > 1.05)} over 1.05)")
 
 
+def ab(a_dirs, b_dirs):
+    def side(dirs):
+        per = defaultdict(list)  # (mode, batch, max_seq_len) -> mean_ms, one per run
+        for d in dirs.split(","):
+            for m, cells in optimized_cells(rows(d)).items():
+                for (b, l), r in cells.items():
+                    if ok(r):
+                        per[(m, b, l)].append(num(r, "mean_ms"))
+        return per
+    a, b = side(a_dirs), side(b_dirs)
+    order = lambda k: (k[1], k[2], list(FLASHINFER_MS).index(k[0]) if k[0] in FLASHINFER_MS else 9, k[0])
+    print("| mode | batch | max_seq_len | A runs | A median ms (range) | B runs | B median ms (range) | B/A |")
+    print("|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for k in sorted(a.keys() & b.keys(), key=order):
+        x, y = statistics.median(a[k]), statistics.median(b[k])
+        ratios.append(y / x)
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {len(a[k])} | {x:.4f} ({min(a[k]):.4f}-{max(a[k]):.4f}) | {len(b[k])} "
+              f"| {y:.4f} ({min(b[k]):.4f}-{max(b[k]):.4f}) | {y / x:.3f} |")
+    print(f"\nB/A geomean {geomean(ratios):.3f} over {len(ratios)} cells, min {min(ratios):.3f}, max {max(ratios):.3f}")
+
+
 def markdown_cells(path):
     """{mode: {(batch, max_seq_len index): (ms, TB/s)}} from a table as `table` prints it."""
     cells, current = defaultdict(dict), None
@@ -455,6 +482,8 @@ if __name__ == "__main__":
         layouts(sys.argv[2])
     elif cmd == "model-check":
         model_check(sys.argv[2], sys.argv[3], *(float(x) for x in sys.argv[4:5]))
+    elif cmd == "ab":
+        ab(sys.argv[2], sys.argv[3])
     elif cmd == "repeats":
         repeats(*sys.argv[2:])
     elif cmd == "targets":

@@ -71,6 +71,8 @@ struct AttnParams {
     float o_scale;
     float o_sf_scale;
     float sm_scale;
+    int partial_evict_last;   // tensor-core kernel: 1 = split partials stored with an L2 evict-last
+                              // policy, 0 = evict-normal (decode_mma.cu store_partial; timed per case)
 };
 
 enum OutKind { OUT_BF16 = 0, OUT_FP8 = 1, OUT_NVFP4 = 2 };

@@ -192,6 +192,39 @@ __device__ __forceinline__ u32 movmatrix_trans(u32 x) {
     return r;
 }
 
+// The split CTAs' partial rows and log-sum-exps are stored with an L2 cache policy the host picks
+// per case (AttnParams::partial_evict_last, timed both ways). They are scratch that every call
+// writes and the merge reads back at once. With evict-last they stay in the L2 from one call to
+// the next: the next call's stores overwrite them there, where with the default policy the lines,
+// dirty, are pushed out by the cache pages the next call streams in and written back to DRAM in
+// the middle of its reads. That is 1-2.5 % off the long split cells (b1 s65536 BF16 0.981, FP8 KV
+// 0.975, b64 s4096 FP8 KV 0.976), where the same stores with an evict-normal or evict-first policy
+// are level with plain ones; but the lines it keeps are L2 that the cache's pages cannot use, and
+// where a call re-reads pages from the L2 (b64 s16384) it is 1 % slower (bench/gpu/NOTES.md,
+// calls 122-125). The merge finds the partials in the L2 either way (Nsight Compute: no read
+// misses). Both policies are constants (uniform registers); the predicate goes into the asm so
+// that ptxas predicates the store rather than branching around it.
+__device__ __forceinline__ u64 partial_store_policy(const AttnParams& p) {
+    u64 last, normal;
+    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(last));
+    asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(normal));
+    return p.partial_evict_last ? last : normal;
+}
+__device__ __forceinline__ void store_partial(bool ok, float4* dst, float4 v, u64 pol) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %0, 0;\n\t"
+        "@p st.global.L2::cache_hint.v4.f32 [%1], {%2, %3, %4, %5}, %6;\n\t}" ::"r"((int)ok),
+        "l"(dst), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "l"(pol)
+        : "memory");
+}
+__device__ __forceinline__ void store_partial(bool ok, float* dst, float v, u64 pol) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %0, 0;\n\t@p st.global.L2::cache_hint.f32 [%1], %2, %3;\n\t}" ::"r"(
+            (int)ok),
+        "l"(dst), "f"(v), "l"(pol)
+        : "memory");
+}
+
 template <int D, int NH, bool Q_FP8, bool KV_FP8, int OUT, int WARPS, int TPW, int STAGES>
 __device__ void decode_mma(const AttnParams& p) {
     constexpr bool F16 = KV_FP8;
@@ -652,7 +685,9 @@ __device__ void decode_mma(const AttnParams& p) {
         const float inv = den > 0.0f ? out_scale / den : 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) red_m[w * G + tid] = c[w] * inv;
-        if (!direct) p.partial_lse[prow_base + tid] = den > 0.0f ? mm + log2f(den) : -DB_INF;
+        if (!direct)
+            store_partial(true, &p.partial_lse[prow_base + tid], den > 0.0f ? mm + log2f(den) : -DB_INF,
+                          partial_store_policy(p));
     }
     __syncthreads();
     // The rows, four elements per thread and step (rows are contiguous, D a multiple of 4), written
@@ -697,7 +732,7 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
         for (int st = 0; st < STEPS; ++st) {
             const int e = st * STEP + tid * 4;
-            if (e < G * D) *(float4*)&p.partial_o[prow_base * D + e] = acc[st];
+            store_partial(e < G * D, (float4*)&p.partial_o[prow_base * D + e], acc[st], partial_store_policy(p));
         }
         // The fused merge: the group's last CTA merges it here (the same for the whole CTA).
         if (p.fused_merge) merge_group_if_last<D, OUT, WARPS>(p, b, kv_head, tid);

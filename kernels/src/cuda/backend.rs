@@ -581,18 +581,50 @@ impl CudaBackend {
             let variant = &variants[chosen.variant];
             let (geometry, names) = (&variant.geometry, &variant.names);
             let plan = &variant.plans[chosen.plan];
-            let params = chosen.params;
+            let mut params = chosen.params;
             let ctas = plan.launch.len() as u32;
             let max_splits = plan.max_splits();
+            let rows = chosen.merge_rows;
+            // The split partials' L2 policy (decode_mma.cu store_partial): evict-last keeps them
+            // in the L2 from call to call, which saves their write-back on the long split cells,
+            // and takes that much L2 from the cache's pages, which costs where a call re-reads
+            // pages from the L2. Both are timed on the chosen configuration.
+            let mut policy_note = String::new();
+            if params.direct == 0 && geometry.variant == DecodeVariant::Mma {
+                let policies = [0, 1].map(|evict_last| AttnParams {
+                    partial_evict_last: evict_last,
+                    ..params
+                });
+                let ms = quick_compare_ms(session, &case.method, policies.len(), &|i| {
+                    launch_decode(
+                        session,
+                        &policies[i],
+                        geometry,
+                        ctas,
+                        max_splits,
+                        rows,
+                        names,
+                    )
+                })?;
+                let pick = usize::from(ms[1] < ms[0]);
+                params = policies[pick];
+                timings.push(format!(
+                    "partials evict-normal {:.4} ms, evict-last {:.4} ms",
+                    ms[0], ms[1]
+                ));
+                policy_note = format!(
+                    ", partials stored evict-{}",
+                    if pick == 1 { "last" } else { "normal" }
+                );
+            }
             let tried_note = if timings.is_empty() {
                 String::new()
             } else {
                 format!(" (tried {})", timings.join(", "))
             };
-            let rows = chosen.merge_rows;
             let call = || launch_decode(session, &params, geometry, ctas, max_splits, rows, names);
             let note = format!(
-                "{} ({}); block {}x{}x{}, {} stages, {} B smem, {} CTAs/SM; {}; launch order {}{}",
+                "{} ({}); block {}x{}x{}, {} stages, {} B smem, {} CTAs/SM; {}{}; launch order {}{}",
                 names.decode,
                 geometry.variant.as_str(),
                 geometry.block.0,
@@ -602,6 +634,7 @@ impl CudaBackend {
                 geometry.smem_bytes,
                 variant.ctas_per_sm,
                 describe_plan(plan, params.fused_merge != 0, rows),
+                policy_note,
                 chosen.order.as_str(),
                 tried_note
             );

@@ -168,8 +168,13 @@ pub(crate) struct AttnParams {
     /// 1 (tensor-core kernel, split plans): the last CTA of each (sequence, kv head) merges its
     /// partials, and no merge kernel runs (see [`FUSED_MERGE_MAX_SPLITS`]).
     pub fused_merge: i32,
-    /// The case's scales, laid out as the C struct's last six floats.
+    /// The case's scales, laid out as the C struct's six floats.
     pub scales: crate::workload::Scales,
+    /// 1 (tensor-core kernel, split plans): the partials are stored with an L2 evict-last policy,
+    /// so that they stay in the L2 from one call to the next; 0: evict-normal. Timed on the case
+    /// (backend.rs), since the lines it keeps are L2 the cache's pages then cannot use. Last, so
+    /// that no earlier field moves (every kernel's code depends on their offsets).
+    pub partial_evict_last: i32,
 }
 
 // SAFETY: plain-old-data with the same layout as the C struct (all fields are fixed-size
@@ -920,11 +925,15 @@ mod tests {
 
     #[test]
     fn params_block_has_the_c_layout_size() {
-        // 11 pointers + 4 i64 + 11 i32 + 6 f32, and 4 bytes of tail padding to the 8-byte
-        // alignment (the same in C).
+        // 11 pointers + 4 i64 + 11 i32 + 6 f32 + 1 i32: 192 bytes, a multiple of 8, so no tail
+        // padding (the same in C).
         assert_eq!(
             std::mem::size_of::<AttnParams>(),
             11 * 8 + 4 * 8 + 11 * 4 + 6 * 4 + 4
+        );
+        assert_eq!(
+            std::mem::offset_of!(AttnParams, partial_evict_last),
+            11 * 8 + 4 * 8 + 11 * 4 + 6 * 4
         );
         // The scales sit right after the i32 fields, as common.cuh's six floats do.
         assert_eq!(

@@ -11,7 +11,7 @@ use super::CudaError;
 use crate::backend::TelemetryProbe;
 use crate::measurement::{percentile, Telemetry, TimingStats};
 use crate::workload::{L2Mode, MeasureMethod, TimingMode};
-use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{self, CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
 use std::time::Instant;
 
@@ -54,6 +54,26 @@ pub(crate) struct TimedTrials {
 pub(crate) fn l2_flush_buffer(session: &DeviceSession) -> Result<CudaSlice<u8>, CaseError> {
     let bytes = session.props.l2_bytes.max(1 << 20) * L2_FLUSH_FACTOR;
     alloc_bytes(session, bytes, "the L2 flush buffer")
+}
+
+/// Returns every L2 line marked persisting (evict-last) to normal priority, once the stream is
+/// idle. The optimized kernel stores its split partials with an evict-last policy so that they
+/// stay in the L2 from one call to the next (kernels/cuda/decode_mma.cu); the partial buffers of
+/// earlier cases and of the other plan candidates would otherwise keep that priority after they
+/// are freed, and take L2 space from whatever is timed next. Called before each timing, so that
+/// each kernel is timed from the same L2 state; its own partials regain the priority on its first
+/// warm-up call.
+pub(crate) fn reset_persisting_l2(session: &DeviceSession) -> Result<(), CudaError> {
+    session.stream.synchronize().map_err(CudaError::driver(
+        "synchronizing before resetting the L2's persisting lines",
+    ))?;
+    session.ctx.bind_to_thread().map_err(CudaError::driver(
+        "binding the context to reset the L2's persisting lines",
+    ))?;
+    // SAFETY: no arguments; acts on the context bound to this thread above, whose stream is idle.
+    unsafe { sys::cuCtxResetPersistingL2Cache() }
+        .result()
+        .map_err(CudaError::driver("resetting the L2's persisting lines"))
 }
 
 fn timing_event(session: &DeviceSession) -> Result<CudaEvent, CudaError> {
@@ -111,6 +131,7 @@ pub(crate) fn quick_compare_ms(
     candidates: usize,
     call: &dyn Fn(usize) -> Result<(), CudaError>,
 ) -> Result<Vec<f64>, CudaError> {
+    reset_persisting_l2(session)?;
     let separate = quick_compare(candidates, &mut |i, calls| {
         event_timed_ms(session, || {
             for _ in 0..calls {
@@ -270,6 +291,7 @@ pub(crate) fn time_calls(
     probe: &mut dyn TelemetryProbe,
     call: &dyn Fn() -> Result<(), CudaError>,
 ) -> Result<TimedTrials, CudaError> {
+    reset_persisting_l2(session)?;
     let cold = method.l2 == L2Mode::Cold;
     let mut flush = if cold { flush } else { None };
     let stream = &session.stream;
