@@ -12,7 +12,7 @@ use crate::backend::TelemetryProbe;
 use crate::measurement::{percentile, Telemetry, TimingStats};
 use crate::workload::{L2Mode, MeasureMethod, TimingMode};
 use cudarc::driver::sys::{self, CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DriverError};
 use std::time::Instant;
 
 /// Trials recorded between two host synchronizations: the GPU runs them back to back, and the
@@ -62,7 +62,8 @@ pub(crate) fn l2_flush_buffer(session: &DeviceSession) -> Result<CudaSlice<u8>, 
 /// earlier cases and of the other plan candidates would otherwise keep that priority after they
 /// are freed, and take L2 space from whatever is timed next. Called before each timing, so that
 /// each kernel is timed from the same L2 state; its own partials regain the priority on its first
-/// warm-up call.
+/// warm-up call. Where the driver does not support L2 persistence (a GPU in MIG mode turns the
+/// set-aside off) there is nothing to reset, and timing goes on.
 pub(crate) fn reset_persisting_l2(session: &DeviceSession) -> Result<(), CudaError> {
     session.stream.synchronize().map_err(CudaError::driver(
         "synchronizing before resetting the L2's persisting lines",
@@ -71,9 +72,12 @@ pub(crate) fn reset_persisting_l2(session: &DeviceSession) -> Result<(), CudaErr
         "binding the context to reset the L2's persisting lines",
     ))?;
     // SAFETY: no arguments; acts on the context bound to this thread above, whose stream is idle.
-    unsafe { sys::cuCtxResetPersistingL2Cache() }
-        .result()
-        .map_err(CudaError::driver("resetting the L2's persisting lines"))
+    match unsafe { sys::cuCtxResetPersistingL2Cache() } {
+        sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_NOT_SUPPORTED => Ok(()),
+        failed => Err(CudaError::driver("resetting the L2's persisting lines")(
+            DriverError(failed),
+        )),
+    }
 }
 
 fn timing_event(session: &DeviceSession) -> Result<CudaEvent, CudaError> {
