@@ -194,16 +194,16 @@ __device__ __forceinline__ u32 movmatrix_trans(u32 x) {
 
 // The split CTAs' partial rows and log-sum-exps are stored with an L2 cache policy the host picks
 // per case (AttnParams::partial_evict_last, timed both ways). They are scratch that every call
-// writes and the merge reads back at once. With evict-last they stay in the L2 from one call to
-// the next: the next call's stores overwrite them there, where with the default policy the lines,
-// dirty, are pushed out by the cache pages the next call streams in and written back to DRAM in
-// the middle of its reads. That is 1-2.5 % off the long split cells (b1 s65536 BF16 0.981, FP8 KV
-// 0.975, b64 s4096 FP8 KV 0.976), where the same stores with an evict-normal or evict-first policy
-// are level with plain ones; but the lines it keeps are L2 that the cache's pages cannot use, and
-// where a call re-reads pages from the L2 (b64 s16384) it is 1 % slower (bench/gpu/NOTES.md,
-// calls 122-125). The merge finds the partials in the L2 either way (Nsight Compute: no read
-// misses). Both policies are constants (uniform registers); the predicate goes into the asm so
-// that ptxas predicates the store rather than branching around it.
+// writes and the merge reads back at once. Evict-last is 1-2.5 % faster on the long split cells
+// (b1 s65536 BF16 0.981, FP8 KV 0.975, b64 s4096 FP8 KV 0.976), where the same stores with an
+// evict-normal or evict-first policy are level with plain ones. The merge finds the partials in
+// the L2 with either policy (Nsight Compute: no read misses), so the gain is read as the write-back
+// saved: kept in the L2, the lines are overwritten there by the next call's stores, where with the
+// default policy they are pushed out, dirty, by the cache pages the next call streams in, and
+// written to DRAM in the middle of its reads. But the lines it keeps are L2 that the cache's pages
+// cannot use, and where a call re-reads pages from the L2 (b64 s16384) evict-last is 1 % slower
+// (bench/gpu/NOTES.md, runs 99-102). Both policies are constants (uniform registers); the
+// predicate goes into the asm so that ptxas predicates the store rather than branching around it.
 __device__ __forceinline__ u64 partial_store_policy(const AttnParams& p) {
     u64 last, normal;
     asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(last));
