@@ -118,6 +118,8 @@ def optimized_cells(rs):
 
 
 FP8_QUERY_MODES = ("fp8/fp8/bf16", "fp8/fp8/fp8", "fp8/fp8/nvfp4")
+# Every quant mode in the order the tables print them: FlashInfer's two, then the FP8-query ones.
+MODE_ORDER = tuple(FLASHINFER_MS) + FP8_QUERY_MODES
 
 
 def fp8_query_ratios(cells, m):
@@ -404,7 +406,7 @@ def ab(a_dirs, b_dirs):
                         per[(m, b, l)].append(num(r, "mean_ms"))
         return per
     a, b = side(a_dirs), side(b_dirs)
-    order = lambda k: (k[1], k[2], list(FLASHINFER_MS).index(k[0]) if k[0] in FLASHINFER_MS else 9, k[0])
+    order = lambda k: (k[1], k[2], MODE_ORDER.index(k[0]) if k[0] in MODE_ORDER else len(MODE_ORDER), k[0])
     print("| mode | batch | max_seq_len | A runs | A median ms (range) | B runs | B median ms (range) | B/A |")
     print("|---|---|---|---|---|---|---|---|")
     ratios = []
