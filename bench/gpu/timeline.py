@@ -71,7 +71,7 @@ def main(path):
                 for k in sorted(r["mphase"]):
                     v = sorted(us(t) for t in r["mphase"][k])
                     pts.append(f"{k}: {v[0]:.2f}/{v[len(v) // 2]:.2f}")
-                print("    merge phases (first/median, us; 0 released, 1 summed, 2 all warps summed, 3 weights, 4 stored): " + ", ".join(pts))
+                print("    merge phases (first/median, us; 0 released, 3 first loads in, 5 all loads in, 6 weighted sums done (rows of several warps), 1 summed and triggered, 2 all warps summed, 4 stored): " + ", ".join(pts))
             busy = me[-1]
         else:
             busy = ends[-1]

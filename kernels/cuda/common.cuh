@@ -44,7 +44,7 @@ struct AttnParams {
     void* out;                // [batch, qo_heads, head] (nvfp4: head/2 bytes per row); f32 for the reference
     u8* out_sf;               // nvfp4 scale factors, 128x4 swizzled
     float* partial_o;         // [items, qo_heads, head] split-KV partial outputs
-    float* partial_lse;       // [items, qo_heads] base-2 log-sum-exp of each partial
+    float* partial_lse;       // [qo_heads, lse_stride] base-2 log-sum-exp of each partial
     const int4* work;         // [ctas] {batch, token_begin, token_end, partial row * kv heads + kv head}
     const int* split_offsets; // [batch + 1] first work item of each sequence
     u32* merge_counters;      // [batch, kv_heads] fused merge: partials written so far (0 between launches)
@@ -73,6 +73,8 @@ struct AttnParams {
     float sm_scale;
     int partial_evict_last;   // tensor-core kernel: 1 = split partials stored with an L2 evict-last
                               // policy, 0 = evict-normal (decode_mma.cu store_partial; timed per case)
+    int lse_stride;           // partial rows (work items): qo head h's log-sum-exps are
+                              // partial_lse[h * lse_stride + row], a row's splits side by side
 };
 
 enum OutKind { OUT_BF16 = 0, OUT_FP8 = 1, OUT_NVFP4 = 2 };
@@ -503,9 +505,9 @@ __device__ __forceinline__ void store_output_vec(const AttnParams& p, const floa
 
 #define MERGE_UNROLL 8
 
-// The partial rows (and log-sum-exps) of items i0, i0 + stride, .. (MERGE_UNROLL of them, those
-// < last), lane's VEC columns; items past `last` read as empty (-inf, zeros).
-template <int D>
+// The partial rows (and, with LSE, log-sum-exps) of items i0, i0 + stride, .. (MERGE_UNROLL of
+// them, those < last), lane's VEC columns; items past `last` read as empty (-inf, zeros).
+template <int D, bool LSE = true>
 __device__ __forceinline__ void load_partial_rows(const AttnParams& p, int h, int i0, int last, int stride,
                                                   int lane, float* lse, float (*x)[D / 32]) {
     constexpr int VEC = D / 32;
@@ -517,7 +519,7 @@ __device__ __forceinline__ void load_partial_rows(const AttnParams& p, int h, in
         for (int k = 0; k < VEC; ++k) x[u][k] = 0.0f;
         if (i < last) {
             const i64 prow = (i64)i * p.num_qo_heads + h;
-            lse[u] = __ldcg(p.partial_lse + prow);
+            if (LSE) lse[u] = __ldcg(p.partial_lse + (i64)h * p.lse_stride + i);
             const float* src = p.partial_o + prow * D + lane * VEC;
             if (VEC % 4 == 0) {
 #pragma unroll

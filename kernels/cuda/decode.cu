@@ -191,13 +191,40 @@ __device__ void decode_split(const AttnParams& p) {
             const i64 prow = (i64)prow0 * p.num_qo_heads + h;
 #pragma unroll
             for (int i = 0; i < 8; ++i) p.partial_o[prow * D + tx * 8 + i] = num[i] * inv;
-            if (tx == 0) p.partial_lse[prow] = den > 0.0f ? mm + log2f(den) : -DB_INF;
+            if (tx == 0) p.partial_lse[(i64)h * p.lse_stride + prow0] = den > 0.0f ? mm + log2f(den) : -DB_INF;
         }
     }
     if (direct) {
         __syncthreads();
         store_output_rows<OUT>(p, rows, G, b, kv_head * G, tid, nthreads);
     }
+}
+
+// Phase trace points of the merge kernel, as DB_TRACE in decode_mma.cu (the _DEP form reads the
+// timer once `dep` is there): kbench's traced build defines them; decodebench's compiles them to
+// nothing.
+#ifndef DB_MERGE_TRACE
+#define DB_MERGE_TRACE(point)
+#endif
+#ifndef DB_MERGE_TRACE_DEP
+#define DB_MERGE_TRACE_DEP(point, dep)
+#endif
+
+// Warps of one merge CTA at most (launch.rs MERGE_MAX_WARPS): its rows' warps, together.
+#define MERGE_MAX_WARPS 8
+
+// Every value a merge warp's first load round brought in, folded to one word: the dependence of
+// the traced build's "all loads in" point (DB_MERGE_TRACE_DEP 5); unused otherwise.
+template <int D>
+__device__ __forceinline__ unsigned merge_loaded_bits(const float* lse, const float (*x)[D / 32], float l0, float l1) {
+    unsigned bits = __float_as_uint(l0) ^ __float_as_uint(l1);
+#pragma unroll
+    for (int u = 0; u < MERGE_UNROLL; ++u) {
+        bits ^= __float_as_uint(lse[u]);
+#pragma unroll
+        for (int k = 0; k < D / 32; ++k) bits ^= __float_as_uint(x[u][k]);
+    }
+    return bits;
 }
 
 // A row's share for one of its row_warps warps (rw), when several warps share the row: every
@@ -213,17 +240,22 @@ __device__ __forceinline__ void merge_row_share(const AttnParams& p, int h, int 
                                                 int row_warps, int lane, float* num) {
     constexpr int VEC = D / 32;
     float lse[MERGE_UNROLL], x[MERGE_UNROLL][VEC];
-    load_partial_rows<D>(p, h, first + rw, last, row_warps, lane, lse, x);
+    // The first round's rows without their log-sum-exps: every lane loads the row's (below), and
+    // a row's weight comes from the lane that holds its split.
+    load_partial_rows<D, false>(p, h, first + rw, last, row_warps, lane, lse, x);
     // Two splits per lane loaded at once, beside the rows (one round trip for up to 64 splits, as
-    // merge_block sizes rows for), then any further ones folded in online.
-    const float* lse_row = p.partial_lse + h;
-    const i64 lse_stride = p.num_qo_heads;
-    const float l0 = first + lane < last ? __ldcg(lse_row + (first + lane) * lse_stride) : -DB_INF;
-    const float l1 = first + lane + 32 < last ? __ldcg(lse_row + (first + lane + 32) * lse_stride) : -DB_INF;
+    // merge_block sizes rows for), then any further ones folded in online. The layout keeps a
+    // row's log-sum-exps side by side: 32 lanes read 4-5 sectors, not one each (bench/gpu/NOTES.md,
+    // calls 130-133).
+    const float* lse_row = p.partial_lse + (i64)h * p.lse_stride;  // the row's splits side by side
+    const float l0 = first + lane < last ? __ldcg(lse_row + first + lane) : -DB_INF;
+    const float l1 = first + lane + 32 < last ? __ldcg(lse_row + first + lane + 32) : -DB_INF;
+    DB_MERGE_TRACE_DEP(3, __float_as_uint(x[0][0]) ^ __float_as_uint(lse[0]) ^ __float_as_uint(l0));
+    DB_MERGE_TRACE_DEP(5, merge_loaded_bits<D>(lse, x, l0, l1));
     float lm = fmaxf(l0, l1);
     float ls = (lm == -DB_INF) ? 0.0f : exp2f(l0 - lm) + exp2f(l1 - lm);
     for (int i = first + lane + 64; i < last; i += 32) {
-        const float l = __ldcg(lse_row + i * lse_stride);
+        const float l = __ldcg(lse_row + i);
         const float nm = fmaxf(lm, l);
         if (nm != -DB_INF) {
             ls = ls * exp2f(lm - nm) + exp2f(l - nm);
@@ -237,18 +269,28 @@ __device__ __forceinline__ void merge_row_share(const AttnParams& p, int h, int 
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
     const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+    // The final weights of this lane's two splits; the first round's split first + j (j < 64, the
+    // same for the whole warp) takes lane j % 32's. Splits past `last` hold -inf: weight 0.
+    const float w0 = (l0 == -DB_INF) ? 0.0f : exp2f(l0 - mx) * inv;
+    const float w1 = (l1 == -DB_INF) ? 0.0f : exp2f(l1 - mx) * inv;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) num[k] = 0.0f;
-    for (int i0 = first + rw;;) {
+#pragma unroll
+    for (int u = 0; u < MERGE_UNROLL; ++u) {
+        static_assert(MERGE_MAX_WARPS * MERGE_UNROLL <= 64, "a first round's splits are l0's and l1's");
+        const int j = rw + u * row_warps;  // row_warps <= MERGE_MAX_WARPS (launch.rs merge_block)
+        const float w = __shfl_sync(0xffffffffu, j < 32 ? w0 : w1, j & 31);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) num[k] += w * x[u][k];
+    }
+    for (int i0 = first + rw + row_warps * MERGE_UNROLL; i0 < last; i0 += row_warps * MERGE_UNROLL) {
+        load_partial_rows<D>(p, h, i0, last, row_warps, lane, lse, x);
 #pragma unroll
         for (int u = 0; u < MERGE_UNROLL; ++u) {
             const float w = (lse[u] == -DB_INF) ? 0.0f : exp2f(lse[u] - mx) * inv;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) num[k] += w * x[u][k];
         }
-        i0 += row_warps * MERGE_UNROLL;
-        if (i0 >= last) break;
-        load_partial_rows<D>(p, h, i0, last, row_warps, lane, lse, x);
     }
 }
 
@@ -269,17 +311,12 @@ __device__ __forceinline__ void merge_row_share(const AttnParams& p, int h, int 
 // conversion and stores (NVFP4's are the longest), not its work. Triggered at the merge's start
 // instead, the next grid was placed beside CTAs still waiting and packed unevenly (NOTES run 43);
 // this late, 3-11 % off the short split cells (run 79).
-#define MERGE_MAX_WARPS 8
-// Phase trace points of the merge kernel, as DB_TRACE in decode_mma.cu: kbench's traced build
-// defines them; decodebench's compiles them to nothing.
-#ifndef DB_MERGE_TRACE
-#define DB_MERGE_TRACE(point)
-#endif
 // Reads the merge's parameters that it uses after its wait (merge_partials). An empty asm with
 // them as inputs is not enough: ptxas drops the reads and issues them again after the wait.
 __device__ __forceinline__ void touch_params_before_wait(const AttnParams& p) {
     const u64 x = (u64)p.out ^ (u64)p.out_sf ^ (u64)p.partial_o ^ (u64)p.partial_lse ^
                   (u64)(u32)p.num_qo_heads ^ ((u64)(u32)p.head_size << 32) ^ (u64)(u32)p.sf_cols ^
+                  ((u64)(u32)p.lse_stride << 32) ^
                   (u64)__float_as_uint(p.o_scale) ^ ((u64)__float_as_uint(p.o_sf_scale) << 32);
     if (x == 1) asm volatile("trap;");
 }
@@ -316,6 +353,7 @@ __device__ void merge_partials(const AttnParams& p) {
             store_output_vec<OUT, VEC>(p, num, b, h, lane * VEC, h < p.num_qo_heads, den);
         } else {
             if (h < p.num_qo_heads) merge_row_share<D>(p, h, first, last, rw, row_warps, lane, num);
+            DB_MERGE_TRACE_DEP(6, __float_as_uint(num[0]));
             grid_dependency_launch();
             DB_MERGE_TRACE(1);
             if (VEC % 4 == 0) {  // 16-byte stores: a warp's 512 bytes in 4 wavefronts
@@ -342,7 +380,6 @@ __device__ void merge_partials(const AttnParams& p) {
     const OutputDst dst = output_dst<OUT>(p, b, h, d);
     __syncthreads();
     DB_MERGE_TRACE(2);
-    DB_MERGE_TRACE(3);  // (the weights were applied before the barrier)
     // Whole warps (NVFP4 groups are found by shuffles); warps with no column to write skip it.
     if (warp < MERGE_MAX_WARPS && rw * 32 * 4 < D) {
         const int rb = r * row_warps;

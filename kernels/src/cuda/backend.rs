@@ -1082,6 +1082,8 @@ fn upload_plan(
     if let Some((po, lse)) = &partials {
         params.partial_o = dptr(session, po);
         params.partial_lse = dptr(session, lse);
+        // The partial rows: the split offsets' last entry (plan.rs), already the kernels' i32.
+        params.lse_stride = plan.split_offsets.last().copied().unwrap_or(0);
     }
     if let Some(c) = &counters {
         params.merge_counters = dptr(session, c);

@@ -175,6 +175,10 @@ pub(crate) struct AttnParams {
     /// (backend.rs), since the lines it keeps are L2 the cache's pages then cannot use. Last, so
     /// that no earlier field moves (every kernel's code depends on their offsets).
     pub partial_evict_last: i32,
+    /// Partial rows (work items) of a split plan: qo head `h`'s log-sum-exps are
+    /// `partial_lse[h * lse_stride + row]`, so that a row's splits lie side by side and the merge
+    /// reads them in a few sectors (one per split in the `[row, qo head]` layout before).
+    pub lse_stride: i32,
 }
 
 // SAFETY: plain-old-data with the same layout as the C struct (all fields are fixed-size
@@ -925,15 +929,19 @@ mod tests {
 
     #[test]
     fn params_block_has_the_c_layout_size() {
-        // 11 pointers + 4 i64 + 11 i32 + 6 f32 + 1 i32: 192 bytes, a multiple of 8, so no tail
-        // padding (the same in C).
+        // 11 pointers + 4 i64 + 11 i32 + 6 f32 + 2 i32: 196 bytes, rounded up to 200 by the
+        // 8-byte alignment (the same in C).
         assert_eq!(
             std::mem::size_of::<AttnParams>(),
-            11 * 8 + 4 * 8 + 11 * 4 + 6 * 4 + 4
+            11 * 8 + 4 * 8 + 11 * 4 + 6 * 4 + 2 * 4 + 4
         );
         assert_eq!(
             std::mem::offset_of!(AttnParams, partial_evict_last),
             11 * 8 + 4 * 8 + 11 * 4 + 6 * 4
+        );
+        assert_eq!(
+            std::mem::offset_of!(AttnParams, lse_stride),
+            11 * 8 + 4 * 8 + 11 * 4 + 6 * 4 + 4
         );
         // The scales sit right after the i32 fields, as common.cuh's six floats do.
         assert_eq!(
