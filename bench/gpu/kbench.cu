@@ -26,7 +26,7 @@
 // default as in decodebench's table grid), KBENCH_PREV_PDL (the prev_* kernel launched as a
 // programmatic dependent, as production launches the current one: only for kernels from run 59
 // on, which wait for the kernel before them before reading their inputs), KBENCH_MERGE_SMEM
-// (unused dynamic shared memory on the merge's launch: keeps its CTAs off full SMs, call 128).
+// (unused dynamic shared memory on the merge's launch: keeps its CTAs off full SMs, call 129).
 //
 // A/B against a committed kernel: `bash bench/gpu/kbench_prev.sh [commit]` here writes
 // bench/gpu/prev/decode_mma_prev.cu; carried with the call, it adds the prev_* variants, timed
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(W * 32) k_tc(AttnParams p) {
 // The traced build's trace points took the merge from decodebench's 64 registers to 70, and a
 // 256-thread merge CTA of 72 no longer fits beside three 128-register BF16 decode CTAs (65536 per
 // SM): its CTAs then came up only as decode CTAs left, and the timelines overstated the merge
-// (bench/gpu/NOTES.md, call 128). Held at 64 here, as in production.
+// (bench/gpu/NOTES.md, calls 128-129). Held at 64 here, as in production.
 #ifdef KBENCH_TRACE
 #define KBENCH_MERGE_BOUNDS __launch_bounds__(256, 4)
 #else

@@ -511,6 +511,15 @@ template <int D, bool LSE = true>
 __device__ __forceinline__ void load_partial_rows(const AttnParams& p, int h, int i0, int last, int stride,
                                                   int lane, float* lse, float (*x)[D / 32]) {
     constexpr int VEC = D / 32;
+    // The row's log-sum-exps, from a base the compiler cannot see through (an empty asm): folded
+    // into the rows' addresses, it reshuffled the decode kernels' main loops (this loader is
+    // inlined into the fused merge there) and made the e4m3 ones 1-3 % slower
+    // (bench/gpu/NOTES.md, calls 136-137).
+    u64 lse_row = 0;
+    if (LSE) {
+        lse_row = (u64)(p.partial_lse + (u32)(h * p.lse_stride));
+        asm volatile("" : "+l"(lse_row));
+    }
 #pragma unroll
     for (int u = 0; u < MERGE_UNROLL; ++u) {
         const int i = i0 + u * stride;
@@ -519,7 +528,7 @@ __device__ __forceinline__ void load_partial_rows(const AttnParams& p, int h, in
         for (int k = 0; k < VEC; ++k) x[u][k] = 0.0f;
         if (i < last) {
             const i64 prow = (i64)i * p.num_qo_heads + h;
-            if (LSE) lse[u] = __ldcg(p.partial_lse + (i64)h * p.lse_stride + i);
+            if (LSE) lse[u] = __ldcg((const float*)lse_row + i);
             const float* src = p.partial_o + prow * D + lane * VEC;
             if (VEC % 4 == 0) {
 #pragma unroll
