@@ -210,7 +210,7 @@ __device__ void decode_split(const AttnParams& p) {
 #define DB_MERGE_TRACE_DEP(point, dep)
 #endif
 
-// Warps of one merge CTA at most (launch.rs MERGE_MAX_WARPS): its rows' warps, together.
+// Warps of one merge CTA at most (launch.rs MERGE_WARPS): its rows' warps, together.
 #define MERGE_MAX_WARPS 8
 
 // Every value a merge warp's first load round brought in, folded to one word: the dependence of
