@@ -196,14 +196,16 @@ __device__ __forceinline__ u32 movmatrix_trans(u32 x) {
 // per case (AttnParams::partial_evict_last, timed both ways). They are scratch that every call
 // writes and the merge reads back at once. Evict-last is 1-2.5 % faster on the long split cells
 // (b1 s65536 BF16 0.981, FP8 KV 0.975, b64 s4096 FP8 KV 0.976), where the same stores with an
-// evict-normal or evict-first policy are level with plain ones. The merge finds the partials in
-// the L2 with either policy (Nsight Compute: no read misses), so the gain is read as the write-back
-// saved: kept in the L2, the lines are overwritten there by the next call's stores, where with the
+// evict-normal or evict-first policy are level with plain ones. The gain is the write-back saved:
+// kept in the L2, the lines are overwritten there by the next call's stores, where with the
 // default policy they are pushed out, dirty, by the cache pages the next call streams in, and
-// written to DRAM in the middle of its reads. But the lines it keeps are L2 that the cache's pages
-// cannot use, and where a call re-reads pages from the L2 (b64 s16384) evict-last is 1 % slower
-// (bench/gpu/NOTES.md, runs 99-102). Both policies are constants (uniform registers); the
-// predicate goes into the asm so that ptxas predicates the store rather than branching around it.
+// written to DRAM in the middle of its reads (Nsight Compute, application replay, b1 s65536: the
+// decode kernel writes 2.21 MB to DRAM with evict-normal, 0.45 MB with evict-last, and the merge
+// reads a tenth of the partials back from DRAM against none). But the lines it keeps are L2 that
+// the cache's pages cannot use, and where a call re-reads pages from the L2 (b64 s16384)
+// evict-last is 1 % slower (bench/gpu/NOTES.md, runs 99-103). Both policies are constants
+// (uniform registers); the predicate goes into the asm so that ptxas predicates the store rather
+// than branching around it.
 __device__ __forceinline__ u64 partial_store_policy(const AttnParams& p) {
     u64 last, normal;
     asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(last));
