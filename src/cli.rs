@@ -364,6 +364,16 @@ pub struct PrecompileArgs {
     /// ~/.cache/decodebench: where agents look).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Fail (exit 1) when a kernel misses a resource budget: a register spill, a stack frame in
+    /// an attention kernel, or (Hopper) a merge CTA that no longer fits beside a full SM of the
+    /// long-sequence decode kernels. Without it a missed budget is printed and the cache is
+    /// still filled. For CI and for checking a kernel change.
+    #[arg(long)]
+    pub strict: bool,
+    /// Also write each target's per-kernel resources (registers, stack, spills, static shared
+    /// memory, from ptxas) to DIR/kernel-resources-<arch>.csv.
+    #[arg(long, value_name = "DIR")]
+    pub resources: Option<PathBuf>,
 }
 
 /// Longest `--retry-failed` round name: a label, not a document.

@@ -1070,15 +1070,34 @@ fn precompile(a: PrecompileArgs) -> Result<ExitCode> {
             bail!("no GPU is visible here: name the targets with --cc, e.g. --cc 9.0");
         }
     }
+    let mut missed = 0;
     for (major, minor) in targets {
         let done = decodebench_kernels::cuda::precompile(major, minor, &cache).map_err(|e| {
             anyhow!("compiling the kernels for compute capability {major}.{minor}: {e}")
         })?;
-        emit(&format!(
+        let mut text = format!(
             "cc {major}.{minor}: {} -> {}\n",
-            done.trim(),
+            done.description,
             dir.display()
-        ))?;
+        );
+        if !done.messages.is_empty() {
+            text.push_str(&format!("NVRTC messages:\n{}\n", done.messages));
+        }
+        text.push_str(&done.resources.summary());
+        emit(&text)?;
+        if let Some(out) = &a.resources {
+            let path = out.join(format!("kernel-resources-{}.csv", done.resources.arch));
+            std::fs::create_dir_all(out)
+                .and_then(|_| std::fs::write(&path, done.resources.csv()))
+                .with_context(|| format!("writing --resources to {}", path.display()))?;
+        }
+        missed += done.resources.violations.len();
+    }
+    if a.strict && missed > 0 {
+        bail!(
+            "{missed} kernel resource budget(s) missed (listed above); the modules are in the \
+             cache, but --strict makes a missed budget an error"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -269,8 +269,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         "compile" => {
             let cc = args.get(1).map(String::as_str).unwrap_or("9.0");
             let (major, minor) = cc.split_once('.').unwrap_or((cc, "0"));
-            let msg = precompile(major.parse()?, minor.parse()?, &CompileCache::from_env())?;
-            println!("{msg}");
+            let done = precompile(major.parse()?, minor.parse()?, &CompileCache::from_env())?;
+            println!("{}\n{}", done.description, done.resources.summary());
         }
         "fault" => {
             let mut backend = CudaBackend::with_cache(0, CompileCache::from_env(), false)?;

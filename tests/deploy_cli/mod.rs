@@ -1040,7 +1040,10 @@ fn path_flags(cli: &Cli) -> Vec<(&'static str, PathBuf, Access)> {
             push("--tls-cert", &a.tls.tls_cert, Read);
             push("--tls-key", &a.tls.tls_key, Read);
         }
-        Command::Precompile(a) => push("--cache-dir", &a.cache_dir, Write),
+        Command::Precompile(a) => {
+            push("--cache-dir", &a.cache_dir, Write);
+            push("--resources", &a.resources, Write);
+        }
         Command::Grid(a) => push("FILE", &a.file, Read),
         _ => {}
     }

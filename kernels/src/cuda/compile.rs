@@ -10,7 +10,9 @@
 //! Cache entries are keyed by the SHA-256 of the program text, the target, the NVRTC version and
 //! the options, so any change to one of them compiles afresh.
 
+use super::launch::all_kernel_names;
 use super::library::{guarded, require_nvrtc};
+use super::resources::{parse_ptxas_report, ResourceReport};
 use super::CudaError;
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 use sha2::{Digest, Sha256};
@@ -34,12 +36,17 @@ const PROGRAM_NAME: &str = "decodebench_kernels.cu";
 pub const CACHE_DIR_ENV: &str = "DECODEBENCH_CACHE_DIR";
 /// Environment variable naming an include directory for NVRTC (overrides `$CUDA_HOME/include`).
 pub const INCLUDE_DIR_ENV: &str = "DECODEBENCH_CUDA_INCLUDE";
-/// Environment variable with extra NVRTC options (space-separated), e.g. `--ptxas-options=-v`
-/// to see register use; they are part of the cache key.
+/// Environment variable with extra NVRTC options (space-separated), e.g. `-DNAME` for a kernel
+/// variant; they are part of the cache key.
 pub const EXTRA_OPTIONS_ENV: &str = "DECODEBENCH_NVRTC_OPTIONS";
 /// NVRTC option that runs the compiler's optimizations on parallel threads (0: as many as the
 /// machine has).
 const SPLIT_COMPILE_OPTION: &str = "--split-compile=0";
+/// NVRTC option that has ptxas report each kernel's registers, stack, spills and shared memory
+/// (CUBIN targets only: for PTX the driver assigns registers at load). The report is checked
+/// against the kernels' budgets (resources.rs) and kept in the cache beside the module; the
+/// machine code is the same with and without it.
+const PTXAS_REPORT_OPTION: &str = "--ptxas-options=-v";
 /// Default CUDA install location, used when `CUDA_HOME` is unset.
 const DEFAULT_CUDA_HOME: &str = "/usr/local/cuda";
 
@@ -130,6 +137,9 @@ pub(crate) fn compile_options(target: &CompileTarget, include: Option<&Path>) ->
         // reference kernels were chosen differently (run 40).
         SPLIT_COMPILE_OPTION.to_string(),
     ];
+    if matches!(target, CompileTarget::Cubin(_)) {
+        options.push(PTXAS_REPORT_OPTION.to_string());
+    }
     if let Some(dir) = include {
         options.push(format!("--include-path={}", dir.display()));
     }
@@ -245,7 +255,7 @@ unsafe fn compile_and_extract(
         return Err(CudaError::Compile {
             arch,
             options: options.join(" "),
-            log: format!("{e}\n{log}"),
+            log: format!("{e}\n{}", without_ptxas_report(&log)),
         });
     }
     let log = nvrtc::get_program_log(prog)
@@ -319,6 +329,22 @@ impl CompileCache {
         self.dir.as_ref().map(|d| d.join(format!("{key}.{ext}")))
     }
 
+    /// Where the compiler's log of the module under `key` is kept (`<key>.<ext>.log`).
+    fn log_path_of(&self, key: &str, target: &CompileTarget) -> Option<PathBuf> {
+        let module = self.path_of(key, target)?;
+        let mut name = module.file_name()?.to_os_string();
+        name.push(".log");
+        Some(module.with_file_name(name))
+    }
+
+    /// The compiler's log stored with the module under `key` (empty when there is none: a module
+    /// cached before the logs were kept).
+    pub(crate) fn load_log(&self, key: &str, target: &CompileTarget) -> String {
+        self.log_path_of(key, target)
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
     pub(crate) fn load(&self, key: &str, target: &CompileTarget) -> Option<CompiledModule> {
         let bytes = std::fs::read(self.path_of(key, target)?).ok()?;
         if bytes.is_empty() {
@@ -333,27 +359,68 @@ impl CompileCache {
     /// Stores a module (written to a temporary file and renamed, so a reader never sees half a
     /// file) and says whether it is there now. A failure is logged as a warning, not an error:
     /// a run goes on without its cache (`precompile`, whose point the cache is, fails on it).
-    pub(crate) fn store(&self, key: &str, target: &CompileTarget, module: &CompiledModule) -> bool {
+    pub(crate) fn store(
+        &self,
+        key: &str,
+        target: &CompileTarget,
+        module: &CompiledModule,
+        log: &str,
+    ) -> bool {
         let Some(path) = self.path_of(key, target) else {
             return false;
         };
+        // The log first: a reader that finds the module finds its log (a log without its module
+        // is never read).
+        if let Some(log_path) = self.log_path_of(key, target) {
+            if let Err(e) = write_atomically(&log_path, log.as_bytes()) {
+                tracing::warn!(path = %log_path.display(), error = %e, "could not cache the compiler's log");
+            }
+        }
         let bytes: &[u8] = match module {
             CompiledModule::Cubin(b) => b,
             CompiledModule::Ptx(s) => s.as_bytes(),
         };
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let result = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|_| std::fs::write(&tmp, bytes))
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
+        if let Err(e) = write_atomically(&path, bytes) {
             tracing::warn!(path = %path.display(), error = %e, "could not cache compiled kernels");
             return false;
         }
         true
     }
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it over `path`, so that a reader
+/// never sees half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let result = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| std::fs::write(&tmp, bytes))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `log` without ptxas's per-kernel report lines (what is left: warnings, errors).
+pub(crate) fn without_ptxas_report(log: &str) -> String {
+    log.lines()
+        .filter(|l| !(l.starts_with("ptxas info") || l.starts_with("ptxas         .")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The budgets checked on the ptxas report in `log` for `target` (nothing to check for PTX).
+pub(crate) fn resource_report(target: &CompileTarget, log: &str) -> ResourceReport {
+    let kernels = parse_ptxas_report(log);
+    let (arch, expected) = match target {
+        CompileTarget::Cubin(a) if !kernels.is_empty() => (a.clone(), all_kernel_names()),
+        CompileTarget::Cubin(a) | CompileTarget::Ptx(a) => (a.clone(), Vec::new()),
+    };
+    ResourceReport::check(&arch, kernels, &expected)
 }
 
 /// A compiled module and where it came from.
@@ -363,8 +430,10 @@ pub(crate) struct ProgramBuild {
     pub from_cache: bool,
     /// In the cache now (taken from it, or stored there after compiling).
     pub cached: bool,
-    /// NVRTC's log (empty from the cache).
+    /// NVRTC's log (from the cache: the log stored with the module, if any).
     pub log: String,
+    /// What ptxas gave each kernel, and the budgets it meets or misses.
+    pub resources: ResourceReport,
 }
 
 /// Compiles the kernel program for `target` (or takes it from `cache`).
@@ -378,30 +447,59 @@ pub(crate) fn compile_program_cached(
     let options = compile_options(target, include.as_deref());
     let key = cache_key(&source, target, nvrtc_version, &options);
     if let Some(module) = cache.load(&key, target) {
+        let log = cache.load_log(&key, target);
+        let resources = report_resources(target, &log);
         return Ok(ProgramBuild {
             module,
             from_cache: true,
             cached: true,
-            log: String::new(),
+            log,
+            resources,
         });
     }
     let (module, log) = nvrtc_compile(&source, target, &options)?;
-    if !log.trim().is_empty() {
-        tracing::info!(target = %target.label(), log = %log.trim(), "NVRTC messages");
+    let messages = without_ptxas_report(&log);
+    if !messages.trim().is_empty() {
+        tracing::info!(target = %target.label(), log = %messages.trim(), "NVRTC messages");
     }
-    let cached = cache.store(&key, target, &module);
+    let resources = report_resources(target, &log);
+    let cached = cache.store(&key, target, &module, &log);
     Ok(ProgramBuild {
         module,
         from_cache: false,
         cached,
         log,
+        resources,
     })
+}
+
+/// [`resource_report`], with its first line logged and each missed budget a warning.
+fn report_resources(target: &CompileTarget, log: &str) -> ResourceReport {
+    let report = resource_report(target, log);
+    if let Some(first) = report.summary().lines().next() {
+        tracing::info!(target = %target.label(), "{first}");
+    }
+    for v in &report.violations {
+        tracing::warn!(target = %target.label(), "kernel resource budget missed: {v}");
+    }
+    report
+}
+
+/// What [`precompile`] produced for one target.
+#[derive(Debug, Clone)]
+pub struct Precompiled {
+    /// The target, the module's size, whether it came from the cache, and how long it took.
+    pub description: String,
+    /// NVRTC's messages other than ptxas's report (warnings), if any.
+    pub messages: String,
+    /// What ptxas gave each kernel, and the budgets it meets or misses.
+    pub resources: ResourceReport,
 }
 
 /// Compiles the kernels for a device of compute capability `major.minor` without needing that
 /// device (NVRTC only) and stores the result in `cache`, e.g. to warm the cache of a container
-/// image. Returns a description of what was produced.
-pub fn precompile(major: i32, minor: i32, cache: &CompileCache) -> Result<String, CudaError> {
+/// image. Returns what was produced, with the kernels' resources.
+pub fn precompile(major: i32, minor: i32, cache: &CompileCache) -> Result<Precompiled, CudaError> {
     let supported = nvrtc_supported_archs()?;
     let target = target_for(major, minor, &supported);
     let started = std::time::Instant::now();
@@ -423,17 +521,20 @@ pub fn precompile(major: i32, minor: i32, cache: &CompileCache) -> Result<String
         CompiledModule::Cubin(b) => b.len(),
         CompiledModule::Ptx(s) => s.len(),
     };
-    Ok(format!(
-        "{} ({size} bytes) {} in {:.2} s\n{}",
-        target.label(),
-        if build.from_cache {
-            "from the cache"
-        } else {
-            "compiled"
-        },
-        started.elapsed().as_secs_f64(),
-        build.log.trim()
-    ))
+    Ok(Precompiled {
+        description: format!(
+            "{} ({size} bytes) {} in {:.2} s",
+            target.label(),
+            if build.from_cache {
+                "from the cache"
+            } else {
+                "compiled"
+            },
+            started.elapsed().as_secs_f64(),
+        ),
+        messages: without_ptxas_report(&build.log).trim().to_string(),
+        resources: build.resources,
+    })
 }
 
 #[cfg(test)]
@@ -498,9 +599,39 @@ mod tests {
             "--gpu-architecture=sm_90a",
             "--prec-div=true",
             "--split-compile=0",
+            "--ptxas-options=-v",
         ] {
             assert!(o.iter().any(|x| x == want), "{want} in {o:?}");
         }
+        // PTX is not assembled here, so there is no ptxas to ask for a report.
+        let p = compile_options(&CompileTarget::Ptx("compute_90".into()), None);
+        assert!(!p.iter().any(|x| x.starts_with("--ptxas-options")), "{p:?}");
+    }
+
+    #[test]
+    fn the_ptxas_report_is_read_off_the_log_and_kept_out_of_messages() {
+        let log = "ptxas info    : Compiling entry function 'merge_d128_bf16' for 'sm_90a'\n\
+                   ptxas info    : Function properties for merge_d128_bf16\n\
+                   ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+                   ptxas info    : Used 64 registers, used 1 barriers, 4096 bytes smem\n\
+                   warning: something worth reading";
+        assert_eq!(
+            without_ptxas_report(log),
+            "warning: something worth reading"
+        );
+        let t = CompileTarget::Cubin("sm_90a".into());
+        let r = resource_report(&t, log);
+        assert_eq!(r.kernels.len(), 1);
+        assert_eq!(r.kernels[0].registers, 64);
+        // Every other kernel of the module is missing from this report, and that is said.
+        assert!(
+            r.violations.iter().any(|v| v.contains("no entry for")),
+            "{:?}",
+            r.violations
+        );
+        // No report at all (PTX, or an older cache's module): nothing to check, no violation.
+        let none = resource_report(&t, "");
+        assert!(none.kernels.is_empty() && none.violations.is_empty());
     }
 
     #[test]
@@ -521,16 +652,21 @@ mod tests {
         let t = CompileTarget::Cubin("sm_90a".into());
         assert!(cache.load("k1", &t).is_none());
         let m = CompiledModule::Cubin(vec![1, 2, 3]);
-        cache.store("k1", &t, &m);
+        assert!(cache.store("k1", &t, &m, "ptxas info    : Used 8 registers"));
         assert_eq!(cache.load("k1", &t), Some(m));
+        assert_eq!(cache.load_log("k1", &t), "ptxas info    : Used 8 registers");
+        assert!(dir.join("k1.cubin.log").is_file());
         let p = CompileTarget::Ptx("compute_90".into());
         let ptx = CompiledModule::Ptx(".version 8.0".into());
-        cache.store("k2", &p, &ptx);
+        cache.store("k2", &p, &ptx, "");
         assert_eq!(cache.load("k2", &p), Some(ptx));
+        // A module cached without a log (an older cache) loads with an empty one.
+        std::fs::remove_file(dir.join("k1.cubin.log")).unwrap();
+        assert_eq!(cache.load_log("k1", &t), "");
         let _ = std::fs::remove_dir_all(dir);
         // No directory: nothing stored, nothing loaded, no error.
         let none = CompileCache::at(None);
-        none.store("k1", &t, &CompiledModule::Cubin(vec![1]));
+        none.store("k1", &t, &CompiledModule::Cubin(vec![1]), "");
         assert!(none.load("k1", &t).is_none());
     }
 }

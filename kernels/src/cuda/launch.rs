@@ -37,7 +37,7 @@ pub(crate) const BASELINE_THREADS: u32 = 128;
 pub(crate) const REFERENCE_THREADS: u32 = 256;
 /// Warps of one merge CTA at most (`MERGE_MAX_WARPS` in decode.cu), and partial rows each warp
 /// loads at once (`MERGE_UNROLL` in common.cuh).
-const MERGE_WARPS: u32 = 8;
+pub(crate) const MERGE_WARPS: u32 = 8;
 const MERGE_UNROLL: u32 = 8;
 /// Warps of a merge CTA whose rows need no more than this many each (see [`merge_block`]).
 const MERGE_SMALL_CTA_WARPS: u32 = 4;
@@ -271,12 +271,12 @@ pub(crate) fn merge_kernel_name(head: u32, out: Dtype) -> String {
 }
 
 /// (q, kv) input combinations with compiled optimized kernels.
-const DECODE_INPUTS: [(Dtype, Dtype); 3] = [
+pub(crate) const DECODE_INPUTS: [(Dtype, Dtype); 3] = [
     (Dtype::Bf16, Dtype::Bf16),
     (Dtype::Bf16, Dtype::Fp8),
     (Dtype::Fp8, Dtype::Fp8),
 ];
-const OUTPUTS: [Dtype; 3] = [Dtype::Bf16, Dtype::Fp8, Dtype::Nvfp4];
+pub(crate) const OUTPUTS: [Dtype; 3] = [Dtype::Bf16, Dtype::Fp8, Dtype::Nvfp4];
 
 /// Every kernel the module defines; all are looked up when a device session opens, so a missing
 /// one fails at start, not in the middle of a sweep.

@@ -14,12 +14,13 @@ mod device;
 mod launch;
 mod library;
 mod plan;
+pub mod resources;
 pub mod selftest;
 mod timing;
 mod verify;
 
 pub use backend::CudaBackend;
-pub use compile::{kernel_source_hash, precompile, CompileCache};
+pub use compile::{kernel_source_hash, precompile, CompileCache, Precompiled};
 pub use device::DeviceSummary;
 pub use plan::{plan_candidates, plan_splits, SplitPlan, MIN_CHUNK_TOKENS};
 pub use selftest::{selftest, SelftestOptions, SelftestReport, SelftestRow};
