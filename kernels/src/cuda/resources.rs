@@ -292,10 +292,15 @@ impl ResourceReport {
     pub fn summary(&self) -> String {
         let mut s = String::new();
         if self.kernels.is_empty() {
+            let why = if self.arch.starts_with("sm_") {
+                "the module came from the cache without its compile log; precompile into an \
+                 empty cache directory to see it"
+            } else {
+                "a PTX module is finished by the driver, which assigns registers at load"
+            };
             let _ = writeln!(
                 s,
-                "kernel resources: no ptxas report for {} (a PTX module is finished by the driver, \
-                 which assigns registers at load)",
+                "kernel resources: no ptxas report for {} ({why})",
                 self.arch
             );
             return s;
@@ -604,7 +609,11 @@ ptxas info    : Used 64 registers, used 1 barriers, 4096 bytes smem
         let csv = r.csv();
         assert_eq!(csv.lines().count(), 4);
         assert!(csv.contains("\nmerge_d128_bf16,64,0,0,0,4096\n"), "{csv}");
-        let empty = ResourceReport::check("compute_90", Vec::new(), &[]);
-        assert!(empty.summary().contains("no ptxas report"));
+        let ptx = ResourceReport::check("compute_90", Vec::new(), &[]);
+        assert!(ptx
+            .summary()
+            .contains("no ptxas report for compute_90 (a PTX module"));
+        let logless = ResourceReport::check("sm_90a", Vec::new(), &[]);
+        assert!(logless.summary().contains("without its compile log"));
     }
 }
