@@ -337,12 +337,32 @@ impl CompileCache {
         Some(module.with_file_name(name))
     }
 
-    /// The compiler's log stored with the module under `key` (empty when there is none: a module
-    /// cached before the logs were kept).
-    pub(crate) fn load_log(&self, key: &str, target: &CompileTarget) -> String {
-        self.log_path_of(key, target)
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
+    /// The compiler's log stored with `module` under `key`: empty when there is none (a module
+    /// cached before the logs were kept) or when the log names another module (the module file
+    /// was replaced, e.g. by an older build for an A/B run: its report would describe kernels
+    /// that are not there).
+    pub(crate) fn load_log(
+        &self,
+        key: &str,
+        target: &CompileTarget,
+        module: &CompiledModule,
+    ) -> String {
+        let Some(path) = self.log_path_of(key, target) else {
+            return String::new();
+        };
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return String::new();
+        };
+        let (first, log) = text.split_once('\n').unwrap_or((text.as_str(), ""));
+        if first != log_header(module) {
+            tracing::warn!(
+                path = %path.display(),
+                "the compile log beside the cached module belongs to another module (the module \
+                 was replaced); its ptxas report is not used"
+            );
+            return String::new();
+        }
+        log.to_string()
     }
 
     pub(crate) fn load(&self, key: &str, target: &CompileTarget) -> Option<CompiledModule> {
@@ -372,7 +392,8 @@ impl CompileCache {
         // The log first: a reader that finds the module finds its log (a log without its module
         // is never read).
         if let Some(log_path) = self.log_path_of(key, target) {
-            if let Err(e) = write_atomically(&log_path, log.as_bytes()) {
+            let text = format!("{}\n{log}", log_header(module));
+            if let Err(e) = write_atomically(&log_path, text.as_bytes()) {
                 tracing::warn!(path = %log_path.display(), error = %e, "could not cache the compiler's log");
             }
         }
@@ -386,6 +407,15 @@ impl CompileCache {
         }
         true
     }
+}
+
+/// The first line of a cached compile log: the SHA-256 of the module it was written with.
+fn log_header(module: &CompiledModule) -> String {
+    let bytes: &[u8] = match module {
+        CompiledModule::Cubin(b) => b,
+        CompiledModule::Ptx(s) => s.as_bytes(),
+    };
+    format!("# module sha256 {}", hex::encode(Sha256::digest(bytes)))
 }
 
 /// Writes `bytes` to a temporary file beside `path` and renames it over `path`, so that a reader
@@ -447,7 +477,7 @@ pub(crate) fn compile_program_cached(
     let options = compile_options(target, include.as_deref());
     let key = cache_key(&source, target, nvrtc_version, &options);
     if let Some(module) = cache.load(&key, target) {
-        let log = cache.load_log(&key, target);
+        let log = cache.load_log(&key, target, &module);
         let resources = report_resources(target, &log);
         return Ok(ProgramBuild {
             module,
@@ -653,16 +683,25 @@ mod tests {
         assert!(cache.load("k1", &t).is_none());
         let m = CompiledModule::Cubin(vec![1, 2, 3]);
         assert!(cache.store("k1", &t, &m, "ptxas info    : Used 8 registers"));
-        assert_eq!(cache.load("k1", &t), Some(m));
-        assert_eq!(cache.load_log("k1", &t), "ptxas info    : Used 8 registers");
+        assert_eq!(cache.load("k1", &t), Some(m.clone()));
+        assert_eq!(
+            cache.load_log("k1", &t, &m),
+            "ptxas info    : Used 8 registers"
+        );
         assert!(dir.join("k1.cubin.log").is_file());
+        // The module replaced beside its log (an older build put in for an A/B run): the log
+        // describes other kernels and is not used.
+        std::fs::write(dir.join("k1.cubin"), [9u8, 9, 9]).unwrap();
+        let other = cache.load("k1", &t).unwrap();
+        assert_eq!(cache.load_log("k1", &t, &other), "");
+        std::fs::write(dir.join("k1.cubin"), [1u8, 2, 3]).unwrap();
         let p = CompileTarget::Ptx("compute_90".into());
         let ptx = CompiledModule::Ptx(".version 8.0".into());
         cache.store("k2", &p, &ptx, "");
         assert_eq!(cache.load("k2", &p), Some(ptx));
         // A module cached without a log (an older cache) loads with an empty one.
         std::fs::remove_file(dir.join("k1.cubin.log")).unwrap();
-        assert_eq!(cache.load_log("k1", &t), "");
+        assert_eq!(cache.load_log("k1", &t, &m), "");
         let _ = std::fs::remove_dir_all(dir);
         // No directory: nothing stored, nothing loaded, no error.
         let none = CompileCache::at(None);
