@@ -273,6 +273,22 @@ fn precompile_fills_the_cache_or_names_what_is_missing() {
         csv.lines().any(|l| l.starts_with("merge_d128_bf16,")),
         "{csv}"
     );
+    // The report's registers are the ones the module records for each kernel (read from the
+    // cubin itself, not from the log the report was parsed from).
+    let recorded = cubin_register_counts(&std::fs::read(&cubins[0]).unwrap());
+    let reported: std::collections::BTreeMap<String, u32> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[1].parse().unwrap())
+        })
+        .collect();
+    assert!(reported.len() > 100, "{csv}");
+    assert_eq!(
+        reported, recorded,
+        "ptxas's report against the cubin's own counts"
+    );
 
     // From the cache, the stored report is checked again.
     let (status, stdout, stderr) = run_to_end(
@@ -282,6 +298,38 @@ fn precompile_fills_the_cache_or_names_what_is_missing() {
     assert!(status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("from the cache"), "{stdout}");
     assert!(stdout.contains("budgets: all met"), "{stdout}");
+}
+
+/// Registers per thread of every kernel in a cubin, as the module records them for the driver:
+/// the `EIATTR_REGCOUNT` entries (attribute 0x2f, format 4: a symbol index and a value) of its
+/// `.nv.info` section.
+fn cubin_register_counts(cubin: &[u8]) -> std::collections::BTreeMap<String, u32> {
+    use object::{Object, ObjectSection, ObjectSymbol, ObjectSymbolTable, SymbolIndex};
+    const EIFMT_SVAL: u8 = 4;
+    const EIATTR_REGCOUNT: u8 = 0x2f;
+    let file = object::File::parse(cubin).expect("the cubin is an ELF file");
+    let info = file
+        .section_by_name(".nv.info")
+        .expect("a .nv.info section")
+        .data()
+        .unwrap();
+    let symbols = file.symbol_table().expect("a symbol table");
+    let mut counts = std::collections::BTreeMap::new();
+    let mut at = 0;
+    while at + 4 <= info.len() {
+        let (format, attribute) = (info[at], info[at + 1]);
+        let size = u16::from_le_bytes([info[at + 2], info[at + 3]]) as usize;
+        if format == EIFMT_SVAL && attribute == EIATTR_REGCOUNT && size == 8 {
+            let word = |o: usize| u32::from_le_bytes(info[o..o + 4].try_into().unwrap());
+            let symbol = symbols
+                .symbol_by_index(SymbolIndex(word(at + 4) as usize))
+                .expect("the attribute's symbol");
+            counts.insert(symbol.name().unwrap().to_string(), word(at + 8));
+        }
+        // Only format 4 has a payload; the others keep their value in the header's last 2 bytes.
+        at += 4 + if format == EIFMT_SVAL { size } else { 0 };
+    }
+    counts
 }
 
 /// A metrics port that is taken stops the coordinator before it writes anything to --out (it used
