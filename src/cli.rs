@@ -364,8 +364,8 @@ pub struct PrecompileArgs {
     /// ~/.cache/decodebench: where agents look).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// Fail (exit 1) when a kernel misses a resource budget: a register spill, a stack frame in
-    /// an attention kernel, or (Hopper) a merge CTA that no longer fits beside a full SM of the
+    /// Fail (exit 1) when a kernel misses a resource budget: a register spill, a stack in an
+    /// attention kernel, or (Hopper) a merge CTA that no longer fits beside a full SM of the
     /// long-sequence decode kernels. Without it a missed budget is printed and the cache is
     /// still filled. For CI and for checking a kernel change.
     #[arg(long)]

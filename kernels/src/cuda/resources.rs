@@ -34,6 +34,9 @@ pub struct KernelResources {
     pub registers: u32,
     /// Local memory per thread for the kernel's own frame (spills and local arrays).
     pub stack_frame_bytes: u32,
+    /// Stack per thread with the frames of the device functions it calls that were not inlined
+    /// (ptxas prints it only where there is one).
+    pub cumulative_stack_bytes: u32,
     pub spill_store_bytes: u32,
     pub spill_load_bytes: u32,
     /// Shared memory the kernel declares statically (the dynamic part is the launch's).
@@ -43,6 +46,11 @@ pub struct KernelResources {
 impl KernelResources {
     fn spills(&self) -> bool {
         self.spill_store_bytes > 0 || self.spill_load_bytes > 0
+    }
+
+    /// Local memory per thread, its callees' frames included.
+    fn stack_bytes(&self) -> u32 {
+        self.stack_frame_bytes.max(self.cumulative_stack_bytes)
     }
 }
 
@@ -68,7 +76,8 @@ pub fn parse_ptxas_report(log: &str) -> Vec<KernelResources> {
             );
         } else if line.contains("bytes stack frame") {
             // Device functions that were not inlined get their own properties; only the
-            // entries' are kept (a callee's frame is inside its caller's cumulative stack).
+            // entries' are kept (a callee's frame, its spills included, is in its caller's
+            // cumulative stack size).
             if let Some(name) = properties_of.take() {
                 frames.insert(
                     name,
@@ -83,6 +92,8 @@ pub fn parse_ptxas_report(log: &str) -> Vec<KernelResources> {
             if let Some(k) = entry.and_then(|i| kernels.get_mut(i)) {
                 k.registers = registers;
                 k.static_smem_bytes = number_before(line, " bytes smem").unwrap_or(0);
+                k.cumulative_stack_bytes =
+                    number_before(line, " bytes cumulative stack size").unwrap_or(0);
             }
         }
     }
@@ -249,12 +260,13 @@ impl ResourceReport {
                      its __launch_bounds__ register limit",
                     k.name, k.spill_store_bytes, k.spill_load_bytes, k.registers
                 ));
-            } else if is_attention_kernel(&k.name) && k.stack_frame_bytes > 0 {
+            } else if is_attention_kernel(&k.name) && k.stack_bytes() > 0 {
                 violations.push(format!(
-                    "{} has a {}-byte stack frame (local memory: an array indexed at run time, or \
-                     a call that was not inlined); the attention kernels keep everything in \
-                     registers and shared memory",
-                    k.name, k.stack_frame_bytes
+                    "{} has a {}-byte stack (local memory: an array indexed at run time, or a call \
+                     that was not inlined); the attention kernels keep everything in registers \
+                     and shared memory",
+                    k.name,
+                    k.stack_bytes()
                 ));
             }
         }
@@ -311,13 +323,13 @@ impl ResourceReport {
         let framed: Vec<String> = self
             .kernels
             .iter()
-            .filter(|k| k.stack_frame_bytes > 0)
-            .map(|k| format!("{} ({} bytes)", k.name, k.stack_frame_bytes))
+            .filter(|k| k.stack_bytes() > 0)
+            .map(|k| format!("{} ({} bytes)", k.name, k.stack_bytes()))
             .collect();
         let _ = writeln!(
             s,
             "kernel resources ({}, ptxas): {} kernels, {lo}-{hi} registers a thread, {} spilling, \
-             stack frames: {}",
+             stacks: {}",
             self.arch,
             self.kernels.len(),
             spilling,
@@ -358,19 +370,22 @@ impl ResourceReport {
         s
     }
 
-    /// Every kernel as CSV (`kernel,registers,stack_frame_bytes,spill_store_bytes,
-    /// spill_load_bytes,static_smem_bytes`), for tracking a build's resources over time.
+    /// Every kernel as CSV (`kernel,registers,stack_frame_bytes,cumulative_stack_bytes,
+    /// spill_store_bytes,spill_load_bytes,static_smem_bytes`), for tracking a build's resources
+    /// over time.
     pub fn csv(&self) -> String {
         let mut s = String::from(
-            "kernel,registers,stack_frame_bytes,spill_store_bytes,spill_load_bytes,static_smem_bytes\n",
+            "kernel,registers,stack_frame_bytes,cumulative_stack_bytes,spill_store_bytes,\
+             spill_load_bytes,static_smem_bytes\n",
         );
         for k in &self.kernels {
             let _ = writeln!(
                 s,
-                "{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{}",
                 k.name,
                 k.registers,
                 k.stack_frame_bytes,
+                k.cumulative_stack_bytes,
                 k.spill_store_bytes,
                 k.spill_load_bytes,
                 k.static_smem_bytes
@@ -504,6 +519,7 @@ ptxas info    : Used 64 registers, used 1 barriers, 4096 bytes smem
         );
         assert_eq!(ks[1].registers, 30);
         assert_eq!(ks[1].stack_frame_bytes, 32);
+        assert_eq!(ks[1].cumulative_stack_bytes, 32);
         assert_eq!(ks[1].static_smem_bytes, 0);
         assert_eq!(ks[2], kernel("merge_d128_bf16", 64, 4096));
         assert!(parse_ptxas_report("").is_empty());
@@ -527,11 +543,21 @@ ptxas info    : Used 64 registers, used 1 barriers, 4096 bytes smem
         assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
         assert!(r.violations[0].contains("decode_mma_d128_g8_bf16_bf16_bf16_s2 spills"));
 
-        let mut framed = ks;
+        let mut framed = ks.clone();
         framed[2].stack_frame_bytes = 16;
         let r = ResourceReport::check("sm_80", framed, &expected);
         assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
-        assert!(r.violations[0].contains("merge_d128_bf16 has a 16-byte stack frame"));
+        assert!(r.violations[0].contains("merge_d128_bf16 has a 16-byte stack"));
+
+        // A call that was not inlined: the entry's own frame is empty, its cumulative stack is
+        // the callee's (whose spills ptxas lists under the callee's name).
+        let mut calling = ks;
+        calling[0].cumulative_stack_bytes = 24;
+        let r = ResourceReport::check("sm_80", calling, &expected);
+        assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+        assert!(
+            r.violations[0].contains("decode_mma_d128_g8_bf16_bf16_bf16_s2 has a 24-byte stack")
+        );
     }
 
     #[test]
@@ -608,7 +634,8 @@ ptxas info    : Used 64 registers, used 1 barriers, 4096 bytes smem
         assert!(s.contains("budgets: all met"), "{s}");
         let csv = r.csv();
         assert_eq!(csv.lines().count(), 4);
-        assert!(csv.contains("\nmerge_d128_bf16,64,0,0,0,4096\n"), "{csv}");
+        assert!(csv.contains("\nmerge_d128_bf16,64,0,0,0,0,4096\n"), "{csv}");
+        assert!(csv.contains("\ngenerate_kv_bf16,30,32,32,0,0,0\n"), "{csv}");
         let ptx = ResourceReport::check("compute_90", Vec::new(), &[]);
         assert!(ptx
             .summary()
