@@ -498,12 +498,20 @@ __device__ __forceinline__ void store_output_vec(const AttnParams& p, const floa
 // weights 2^(lse_i - max). Each lane holds D / 32 consecutive columns (lane * D / 32 ..), and
 // MERGE_UNROLL whole partial rows are loaded at once. The loads bypass L1 (ld.global.cg): in the
 // fused merge the partials were written by other CTAs of the same kernel, and a line another CTA
-// on this SM read earlier (the log-sum-exps of neighbouring heads share lines) may be stale there.
+// on this SM read earlier (a head's log-sum-exps of neighbouring splits share lines) may be stale
+// there.
 // merge_accumulate is used by the merge kernel's rows of one warp (decode.cu) and the fused merge
 // below; load_partial_rows also by the merge kernel's rows of several warps (merge_row_share).
 // ---------------------------------------------------------------------------------------------
 
 #define MERGE_UNROLL 8
+
+// Qo head h's log-sum-exps, one per partial row (split) side by side: the `[qo head, lse_stride]`
+// layout of AttnParams::partial_lse, which every split epilogue writes and the merge reads.
+// (load_partial_rows works the same base out through an opaque asm, below.)
+__device__ __forceinline__ float* partial_lse_row(const AttnParams& p, int h) {
+    return p.partial_lse + (i64)h * p.lse_stride;
+}
 
 // The partial rows (and, with LSE, log-sum-exps) of items i0, i0 + stride, .. (MERGE_UNROLL of
 // them, those < last), lane's VEC columns; items past `last` read as empty (-inf, zeros).

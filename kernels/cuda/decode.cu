@@ -191,7 +191,7 @@ __device__ void decode_split(const AttnParams& p) {
             const i64 prow = (i64)prow0 * p.num_qo_heads + h;
 #pragma unroll
             for (int i = 0; i < 8; ++i) p.partial_o[prow * D + tx * 8 + i] = num[i] * inv;
-            if (tx == 0) p.partial_lse[(i64)h * p.lse_stride + prow0] = den > 0.0f ? mm + log2f(den) : -DB_INF;
+            if (tx == 0) partial_lse_row(p, h)[prow0] = den > 0.0f ? mm + log2f(den) : -DB_INF;
         }
     }
     if (direct) {
@@ -247,7 +247,7 @@ __device__ __forceinline__ void merge_row_share(const AttnParams& p, int h, int 
     // merge_block sizes rows for), then any further ones folded in online. The layout keeps a
     // row's log-sum-exps side by side: 32 lanes read 4-5 sectors, not one each (bench/gpu/NOTES.md,
     // calls 130-133).
-    const float* lse_row = p.partial_lse + (i64)h * p.lse_stride;  // the row's splits side by side
+    const float* lse_row = partial_lse_row(p, h);  // the row's splits side by side
     const float l0 = first + lane < last ? __ldcg(lse_row + first + lane) : -DB_INF;
     const float l1 = first + lane + 32 < last ? __ldcg(lse_row + first + lane + 32) : -DB_INF;
     DB_MERGE_TRACE_DEP(3, __float_as_uint(x[0][0]) ^ __float_as_uint(lse[0]) ^ __float_as_uint(l0));

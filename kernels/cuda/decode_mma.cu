@@ -688,7 +688,7 @@ __device__ void decode_mma(const AttnParams& p) {
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) red_m[w * G + tid] = c[w] * inv;
         if (!direct)
-            store_partial(true, &p.partial_lse[(i64)(kv_head * G + tid) * p.lse_stride + prow0],
+            store_partial(true, partial_lse_row(p, kv_head * G + tid) + prow0,
                           den > 0.0f ? mm + log2f(den) : -DB_INF,
                           partial_store_policy(p));
     }
