@@ -67,25 +67,20 @@
 __device__ unsigned long long tl_mphase[TL_MAX][TL_MERGE_POINTS];
 __device__ unsigned tl_mdep[TL_MAX];
 #ifdef KBENCH_TRACE
-#define DB_MERGE_TRACE_DEP(point, dep)                                                       \
+// Thread (0, 0) of the CTA reads the timer into point `point`, after `before` (a statement).
+#define KBENCH_MERGE_STAMP(point, before)                                                    \
     do {                                                                                     \
         const unsigned i_ = blockIdx.y * gridDim.x + blockIdx.x;                             \
         if (threadIdx.x == 0 && threadIdx.y == 0 && i_ < TL_MAX) {                           \
-            tl_mdep[i_] = (dep);                                                             \
+            before;                                                                          \
             unsigned long long t_;                                                           \
             asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)::"memory");                \
             tl_mphase[i_][point] = t_;                                                       \
         }                                                                                    \
     } while (0)
-#define DB_MERGE_TRACE(point)                                                                \
-    do {                                                                                     \
-        const unsigned i_ = blockIdx.y * gridDim.x + blockIdx.x;                             \
-        if (threadIdx.x == 0 && threadIdx.y == 0 && i_ < TL_MAX) {                           \
-            unsigned long long t_;                                                           \
-            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)::"memory");                \
-            tl_mphase[i_][point] = t_;                                                       \
-        }                                                                                    \
-    } while (0)
+// The _DEP form stores `dep` first, so that the timer is read once that value is there.
+#define DB_MERGE_TRACE_DEP(point, dep) KBENCH_MERGE_STAMP(point, tl_mdep[i_] = (dep))
+#define DB_MERGE_TRACE(point) KBENCH_MERGE_STAMP(point, (void)0)
 #endif
 #include "../../kernels/cuda/decode.cu"
 #define DB_NO_KERNEL_EXPORTS  // only the variants below are instantiated from decode_mma.cu
