@@ -213,6 +213,16 @@ pub(crate) enum CompiledModule {
     Ptx(String),
 }
 
+impl CompiledModule {
+    /// The module as it is stored: the CUBIN's bytes, or the PTX text's.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            CompiledModule::Cubin(b) => b,
+            CompiledModule::Ptx(s) => s.as_bytes(),
+        }
+    }
+}
+
 /// Compiles `source` with NVRTC. On a compile error the NVRTC log is in the error.
 pub(crate) fn nvrtc_compile(
     source: &str,
@@ -397,11 +407,7 @@ impl CompileCache {
                 tracing::warn!(path = %log_path.display(), error = %e, "could not cache the compiler's log");
             }
         }
-        let bytes: &[u8] = match module {
-            CompiledModule::Cubin(b) => b,
-            CompiledModule::Ptx(s) => s.as_bytes(),
-        };
-        if let Err(e) = write_atomically(&path, bytes) {
+        if let Err(e) = write_atomically(&path, module.bytes()) {
             tracing::warn!(path = %path.display(), error = %e, "could not cache compiled kernels");
             return false;
         }
@@ -411,11 +417,10 @@ impl CompileCache {
 
 /// The first line of a cached compile log: the SHA-256 of the module it was written with.
 fn log_header(module: &CompiledModule) -> String {
-    let bytes: &[u8] = match module {
-        CompiledModule::Cubin(b) => b,
-        CompiledModule::Ptx(s) => s.as_bytes(),
-    };
-    format!("# module sha256 {}", hex::encode(Sha256::digest(bytes)))
+    format!(
+        "# module sha256 {}",
+        hex::encode(Sha256::digest(module.bytes()))
+    )
 }
 
 /// Writes `bytes` to a temporary file beside `path` and renames it over `path`, so that a reader
@@ -547,10 +552,7 @@ pub fn precompile(major: i32, minor: i32, cache: &CompileCache) -> Result<Precom
             ),
         });
     }
-    let size = match &build.module {
-        CompiledModule::Cubin(b) => b.len(),
-        CompiledModule::Ptx(s) => s.len(),
-    };
+    let size = build.module.bytes().len();
     Ok(Precompiled {
         description: format!(
             "{} ({size} bytes) {} in {:.2} s",
