@@ -316,7 +316,7 @@ pub fn generate_host_inputs(case: &BenchCase) -> Result<HostInputs, InputError> 
         });
     }
     let scales = Scales::for_case(case);
-    let seq_lens = draw_seq_lens(case.batch_size, case.max_seq_len, case.seed);
+    let seq_lens = draw_seq_lens(case);
     let block_tables = draw_block_tables(case, &seq_lens);
     let num_pages = checked_pool_pages(case, &seq_lens)?;
 
@@ -383,7 +383,7 @@ pub fn generate_kv_pool(
         case: case.label(),
         reason,
     })?;
-    let seq_lens = draw_seq_lens(case.batch_size, case.max_seq_len, case.seed);
+    let seq_lens = draw_seq_lens(case);
     let num_pages = checked_pool_pages(case, &seq_lens)?;
     let page_elems = dims.page_elems();
     let mut pages: Vec<usize> = match fill {

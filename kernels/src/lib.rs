@@ -10,6 +10,7 @@ pub mod host;
 pub mod inputs;
 pub mod measurement;
 pub mod reference;
+pub mod torch_rng;
 pub mod workload;
 
 pub use backend::{Backend, NoTelemetry, TelemetryProbe};

@@ -5,6 +5,7 @@
 //! from these at the edge.
 
 use crate::measurement::KernelKind;
+use crate::torch_rng::TorchCudaRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -377,11 +378,15 @@ impl BenchCase {
         hex::encode(&h.finalize()[..8])
     }
 
-    /// The canonical, human-readable form of the parameters that the id hashes.
+    /// The canonical, human-readable form of the parameters that the id hashes. It starts with
+    /// the version of what the parameters mean: `v2` since the seed draws the reference script's
+    /// own lengths and block tables (PyTorch's CUDA generator, [`draw_seq_lens`]); a `v1` id named
+    /// a case whose lengths and pages came from decodebench's own generator, other work under
+    /// the same parameters, so the two never match.
     pub fn canonical_params(&self) -> String {
         let m = &self.method;
         format!(
-            "v1;b={};s={};q={};kv={};o={};hq={};hkv={};d={};layout={};blk={};pool={};seed={};\
+            "v2;b={};s={};q={};kv={};o={};hq={};hkv={};d={};layout={};blk={};pool={};seed={};\
              warmup={};trials={};l2={};timing={};graph={};rse={:?};maxtr={};maxt={};thr={}",
             self.batch_size,
             self.max_seq_len,
@@ -538,53 +543,80 @@ impl Scales {
     }
 }
 
-/// RNG stream salts, so that sequence lengths and block tables drawn from one case seed are
-/// independent.
-const SEQ_LEN_STREAM: u64 = 0x5e9_1e45;
+/// RNG stream salt of the unique pool's page permutation (the reference script has no unique
+/// pool, so that one draw is decodebench's own).
 const BLOCK_TABLE_STREAM: u64 = 0xb10c_7ab1e;
 
-/// Sequence lengths as the reference script draws them: uniform in `[1, max_seq_len)` from a
-/// seeded RNG, with the last set to `max_seq_len`.
-pub fn draw_seq_lens(batch_size: u32, max_seq_len: u32, seed: u64) -> Vec<u32> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ SEQ_LEN_STREAM);
-    let mut lens: Vec<u32> = (0..batch_size)
-        .map(|_| {
-            if max_seq_len <= 1 {
-                1
-            } else {
-                rng.random_range(1..max_seq_len)
-            }
-        })
-        .collect();
+/// PyTorch's CUDA generator as the reference script leaves it after drawing `case`'s query:
+/// `torch.manual_seed(seed)`, then `torch.randn(batch, qo_heads, head_size)`.
+fn reference_rng_after_query(case: &BenchCase) -> TorchCudaRng {
+    let mut rng = TorchCudaRng::manual_seed(case.seed);
+    rng.skip_normal(
+        u64::from(case.batch_size) * u64::from(case.num_qo_heads) * u64::from(case.head_size),
+    );
+    rng
+}
+
+/// Sequence lengths exactly as the reference script draws them: with the case's seed as
+/// `torch.manual_seed`, after the query, `torch.randint(1, max_seq_len, (batch,), int32)` on a
+/// CUDA device ([`crate::torch_rng`]: the draws of a 132-SM H100, on every machine), uniform in
+/// `[1, max_seq_len)`, the last set to `max_seq_len`. So a cell times the work the script's
+/// cell, and FlashInfer's figures for it, timed (seed 0).
+pub fn draw_seq_lens(case: &BenchCase) -> Vec<u32> {
+    let mut rng = reference_rng_after_query(case);
+    seq_lens_from(&mut rng, case)
+}
+
+fn seq_lens_from(rng: &mut TorchCudaRng, case: &BenchCase) -> Vec<u32> {
+    let batch = case.batch_size as usize;
+    let max = case.max_seq_len.min(i32::MAX as u32);
+    let mut lens: Vec<u32> = if max <= 1 {
+        // torch refuses randint(1, 1); every sequence is one token, and the generator moves on
+        // as for a draw.
+        rng.skip_randint(batch as u64);
+        vec![1; batch]
+    } else {
+        rng.randint_i32(1, max as i32, batch)
+            .into_iter()
+            .map(|x| x as u32)
+            .collect()
+    };
     if let Some(last) = lens.last_mut() {
-        *last = max_seq_len;
+        *last = max;
     }
     lens
 }
 
-/// Block tables, row-major `[batch, max_blocks_per_seq]` (unused entries are 0).
+/// Block tables, row-major `[batch, max_blocks_per_seq]`.
 ///
-/// Shared pool: every entry is a page drawn uniformly from the pool, as the reference script does.
+/// Shared pool: as the reference script draws them, every entry (those past a sequence's end
+/// too) a page uniform over the pool: after the query and the lengths, the script draws the
+/// cache (`torch.randn` over `[pages, 2, kv_heads, block, head_size]`) and then
+/// `torch.randint(0, pages, (batch, max_blocks_per_seq), int32)`.
 /// Unique pool: the pages `0..pool_pages` are shuffled and dealt out in order, so each page is read
-/// by exactly one (sequence, block).
+/// by exactly one (sequence, block); unused entries are 0.
 pub fn draw_block_tables(case: &BenchCase, seq_lens: &[u32]) -> Vec<i32> {
     use rand::seq::SliceRandom;
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(case.seed ^ BLOCK_TABLE_STREAM);
+    use rand::SeedableRng;
     let block = case.block_size.max(1);
     let width = case.max_blocks_per_seq() as usize;
     let pages = case.pool_pages(seq_lens);
-    let mut tables = vec![0i32; seq_lens.len() * width];
     match case.pool {
         KvPool::Shared { .. } => {
-            for (b, &len) in seq_lens.iter().enumerate() {
-                for j in 0..len.div_ceil(block) as usize {
-                    tables[b * width + j] = rng.random_range(0..pages) as i32;
-                }
-            }
+            let mut rng = reference_rng_after_query(case);
+            rng.skip_randint(seq_lens.len() as u64);
+            rng.skip_normal(
+                u64::from(pages)
+                    * 2
+                    * u64::from(case.num_kv_heads)
+                    * u64::from(block)
+                    * u64::from(case.head_size),
+            );
+            rng.randint_i32(0, pages.min(i32::MAX as u32) as i32, seq_lens.len() * width)
         }
         KvPool::Unique => {
+            let mut tables = vec![0i32; seq_lens.len() * width];
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(case.seed ^ BLOCK_TABLE_STREAM);
             let mut perm: Vec<i32> = (0..pages as i32).collect();
             perm.shuffle(&mut rng);
             let mut next = perm.into_iter();
@@ -593,9 +625,9 @@ pub fn draw_block_tables(case: &BenchCase, seq_lens: &[u32]) -> Vec<i32> {
                     tables[b * width + j] = next.next().unwrap_or(0);
                 }
             }
+            tables
         }
     }
-    tables
 }
 
 #[cfg(test)]
@@ -611,18 +643,105 @@ mod tests {
         .with_id()
     }
 
+    /// The reference shape at this batch, length and seed (shared pool, block 16).
+    fn seeded(batch: u32, seq: u32, seed: u64) -> BenchCase {
+        BenchCase {
+            seed,
+            ..BenchCase::reference_shape(batch, seq, QuantMode::BF16)
+        }
+    }
+
     #[test]
     fn seq_lens_follow_the_reference_scheme() {
-        let lens = draw_seq_lens(64, 1024, 7);
+        let lens = draw_seq_lens(&seeded(64, 1024, 7));
         assert_eq!(lens.len(), 64);
         assert_eq!(*lens.last().unwrap(), 1024);
         assert!(lens.iter().all(|&l| (1..=1024).contains(&l)));
         assert_eq!(
             lens,
-            draw_seq_lens(64, 1024, 7),
+            draw_seq_lens(&seeded(64, 1024, 7)),
             "seeded draw must be deterministic"
         );
-        assert_ne!(lens, draw_seq_lens(64, 1024, 8));
+        assert_ne!(lens, draw_seq_lens(&seeded(64, 1024, 8)));
+        // A one-token maximum has nothing to draw.
+        assert_eq!(draw_seq_lens(&seeded(3, 1, 0)), vec![1, 1, 1]);
+    }
+
+    /// One case of `kernels/tests/fixtures/torch_draws.json`: what PyTorch drew on a GPU.
+    #[derive(serde::Deserialize)]
+    struct TorchDraw {
+        batch_size: u32,
+        max_seq_len: u32,
+        block_size: u32,
+        num_qo_heads: u32,
+        num_kv_heads: u32,
+        head_size: u32,
+        seed: u64,
+        seq_lens: Vec<u32>,
+        block_tables_sha256: String,
+        block_tables_head: Vec<i32>,
+        block_tables_tail: Vec<i32>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct TorchDraws {
+        sm_count: u64,
+        max_threads_per_sm: u64,
+        pool_tokens: u32,
+        cases: Vec<TorchDraw>,
+    }
+
+    #[test]
+    fn draws_are_the_reference_scripts_own() {
+        // PyTorch's lengths and block tables for the reference sweep and a few other shapes and
+        // seeds (bench/gpu/torch_draws.py on an H200), replayed on the host.
+        let doc: TorchDraws =
+            serde_json::from_str(include_str!("../tests/fixtures/torch_draws.json")).unwrap();
+        assert_eq!(doc.sm_count, crate::torch_rng::REFERENCE_SM_COUNT);
+        assert_eq!(
+            doc.max_threads_per_sm,
+            crate::torch_rng::REFERENCE_THREADS_PER_SM
+        );
+        assert_eq!(doc.pool_tokens, REFERENCE_POOL_TOKENS);
+        assert_eq!(doc.cases.len(), 140);
+        for d in &doc.cases {
+            let c = BenchCase {
+                num_qo_heads: d.num_qo_heads,
+                num_kv_heads: d.num_kv_heads,
+                head_size: d.head_size,
+                block_size: d.block_size,
+                ..seeded(d.batch_size, d.max_seq_len, d.seed)
+            };
+            let what = format!(
+                "b{} s{} block {} heads {}/{} d{} seed {}",
+                d.batch_size,
+                d.max_seq_len,
+                d.block_size,
+                d.num_qo_heads,
+                d.num_kv_heads,
+                d.head_size,
+                d.seed
+            );
+            let lens = draw_seq_lens(&c);
+            assert_eq!(lens, d.seq_lens, "lengths of {what}");
+            let tables = draw_block_tables(&c, &lens);
+            assert_eq!(
+                tables[..8],
+                d.block_tables_head[..],
+                "first pages of {what}"
+            );
+            assert_eq!(
+                tables[tables.len() - 8..],
+                d.block_tables_tail[..],
+                "last pages of {what}"
+            );
+            let bytes: Vec<u8> = tables.iter().flat_map(|x| x.to_le_bytes()).collect();
+            assert_eq!(
+                hex::encode(Sha256::digest(&bytes)),
+                d.block_tables_sha256,
+                "block tables of {what}"
+            );
+        }
     }
 
     #[test]
@@ -635,7 +754,11 @@ mod tests {
             let start = script.find(&key).expect("a LENS entry per batch") + key.len();
             let list = &script[start..start + script[start..].find('"').unwrap()];
             let lens: Vec<u32> = list.split(',').map(|x| x.parse().unwrap()).collect();
-            assert_eq!(lens, draw_seq_lens(batch, 1024, 0), "batch {batch}");
+            assert_eq!(
+                lens,
+                draw_seq_lens(&seeded(batch, 1024, 0)),
+                "batch {batch}"
+            );
         }
     }
 
@@ -673,7 +796,7 @@ mod tests {
     #[test]
     fn unique_pool_uses_every_page_once() {
         let c = case(8, 300, KvPool::Unique);
-        let lens = draw_seq_lens(8, 300, c.seed);
+        let lens = draw_seq_lens(&c);
         let tables = draw_block_tables(&c, &lens);
         let width = c.max_blocks_per_seq() as usize;
         let mut used = Vec::new();
@@ -696,7 +819,7 @@ mod tests {
                 tokens: REFERENCE_POOL_TOKENS,
             },
         );
-        let lens = draw_seq_lens(16, 4096, c.seed);
+        let lens = draw_seq_lens(&c);
         let tables = draw_block_tables(&c, &lens);
         assert!(tables.iter().all(|&p| p >= 0 && (p as u32) < 16000));
     }

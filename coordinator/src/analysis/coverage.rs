@@ -382,8 +382,9 @@ impl Mismatch {
             advice.push(if self.same_parameters_other_ids {
                 "every recorded parameter matches, yet the case ids differ: the runs used \
                  different [method] kernels selections (part of the id, but no column), or \
-                 decodebench versions that compute the id differently; run both with one grid \
-                 file and one decodebench version"
+                 decodebench versions that compute the id differently (the ids changed when the \
+                 lengths and pages became the reference script's own draws: a run from before \
+                 that timed other work); run both with one grid file and one decodebench version"
                     .to_string()
             } else {
                 "each parameter takes the same values on both sides, but not in the same \

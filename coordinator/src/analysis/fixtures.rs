@@ -53,7 +53,7 @@ pub fn kernel(kind: KernelKind, case: &BenchCase, samples: &[f64]) -> KernelMeas
     if samples.is_empty() {
         return KernelMeasurement::not_timed(kind, Status::Failed, "launch failed");
     }
-    let seq_lens = draw_seq_lens(case.batch_size, case.max_seq_len, case.seed);
+    let seq_lens = draw_seq_lens(case);
     let mut k = KernelMeasurement {
         kernel: Some(kind),
         status: Some(Status::Ok),

@@ -194,7 +194,7 @@ pub(crate) struct CaseInputs {
 
 /// Sequence lengths and block tables of `case` (host), drawn as the workload defines.
 pub(crate) fn host_schedule(case: &BenchCase) -> (Vec<u32>, Vec<i32>) {
-    let seq_lens = draw_seq_lens(case.batch_size, case.max_seq_len, case.seed);
+    let seq_lens = draw_seq_lens(case);
     let tables = draw_block_tables(case, &seq_lens);
     (seq_lens, tables)
 }
