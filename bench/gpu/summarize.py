@@ -62,9 +62,11 @@ FLASHINFER_MS = {
     },
 }
 
-# The same runs' logical TB/s (the issue's figures in brackets). FlashInfer's sequence lengths were
-# drawn by the script's torch RNG and ours by decodebench's, so for batches above 1 the two cells
-# read different numbers of tokens; the ratio of logical bandwidths compares equal work.
+# The same runs' logical TB/s (the issue's figures in brackets). Their product with the times gives
+# the bytes FlashInfer's calls moved, to 2-3 digits: decodebench draws the script's own lengths
+# (PyTorch's CUDA generator replayed, seed 0), so its cells read the same bytes, which `table`
+# checks (`same_work`). Before that (case ids v1) the lengths were decodebench's own draws, and
+# for batches above 1 a cell read up to 27 % more or less than FlashInfer's.
 _LENS = [1024, 4096, 16384, 65536, 131072]
 _BATCHES = [1, 4, 16, 64, 256]
 FLASHINFER_TBS = {
@@ -128,6 +130,18 @@ def fp8_query_ratios(cells, m):
     return {k: num(r, "mean_ms") / num(kv[k], "mean_ms") for k, r in cells[m].items() if ok(r) and ok(kv.get(k))}
 
 
+# How far bytes per call may stray from FlashInfer's ms x TB/s with the same lengths: the TB/s
+# figures have two decimals (0.15 TB/s at b1 s1024 FP8 KV: +-3.3 %).
+SAME_WORK_TOLERANCE = 0.035
+
+
+def same_work(r, m, key):
+    """A FlashInfer cell's row: its bytes per call over the bytes FlashInfer's call moved (its ms
+    times its logical TB/s), 1 where both read the same lengths."""
+    fi_bytes = FLASHINFER_MS[m][key] * 1e-3 * FLASHINFER_TBS[m][key] * 1e12
+    return (num(r, "bytes_per_call") or 0) / fi_bytes
+
+
 def geomean(xs):
     xs = [x for x in xs if x and x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
@@ -165,7 +179,7 @@ def table(*ds):
                  else " / vs FP8-KV time"))
         print("| batch \\ max_seq_len | " + " | ".join(str(l) for l in lens) + " |")
         print("|---" * (len(lens) + 1) + "|")
-        ratios, bw_ratios, norm_ratios = [], [], []
+        ratios, bw_ratios, norm_ratios, work = [], [], [], []
         for b in batches:
             out = []
             for l in lens:
@@ -179,6 +193,7 @@ def table(*ds):
                 if ref and (b, l) in ref:
                     ratio = ref[(b, l)] / ms
                     ratios.append(ratio)
+                    work.append(same_work(r, m, (b, l)))
                     bw_ratios.append(tbs / FLASHINFER_TBS[m][(b, l)])
                     cell += f" / {ref[(b, l)]:.4f} / {ratio:.2f}x"
                     if other_card:
@@ -197,6 +212,12 @@ def table(*ds):
         if bw_ratios:
             print(f"geomean logical TB/s ours÷FlashInfer (equal work): {geomean(bw_ratios):.3f}; "
                   f"min {min(bw_ratios):.2f}, max {max(bw_ratios):.2f}")
+        if work:
+            off = [x for x in work if abs(x - 1) > SAME_WORK_TOLERANCE]
+            print(f"bytes per call ÷ FlashInfer's (ms x TB/s): {min(work):.3f}-{max(work):.3f}; "
+                  + (f"{len(off)} of {len(work)} cells off by more than the figures' rounding: not the "
+                     "script's lengths (another seed, or case ids v1)" if off else
+                     f"the same work in all {len(work)} cells"))
         if norm_ratios:
             print(f"geomean bandwidth-normalized (norm): {geomean(norm_ratios):.3f}; min {min(norm_ratios):.2f}, "
                   f"max {max(norm_ratios):.2f}; {sum(1 for x in norm_ratios if x < 1)} of {len(norm_ratios)} cells below 1")
@@ -310,10 +331,14 @@ def targets(table_dir, layouts_dir=None):
     """Issue 7's targets on one table run. On a card other than FlashInfer's H100, each bandwidth
     figure is also given scaled by 3.10 TB/s over this card's calibrated read: what the same
     fraction of bandwidth would give on the H100 (a prediction for bandwidth-bound cells only).
-    Targets 2 and 4 also get a second model, 'H100 model': the call's time less its bytes at this
-    card's read rate (the fixed part: launch, first loads, tail, merge, which depend on clocks and
-    latencies, not bandwidth) plus its bytes at 3.10 TB/s (never below the plain scaling, which it
-    equals for calls faster than the read rate). Both are predictions, not measurements."""
+    Targets 1, 2 and 4 also get a second prediction, 'H100 model': the call's time less its bytes at
+    this card's read rate (the fixed part: launch, first loads, tail, merge, which depend on clocks
+    and latencies, not bandwidth) plus its bytes at 3.10 TB/s (never below the plain scaling, which
+    it equals for calls faster than the read rate). Both are predictions, not measurements.
+
+    Ends with a verdict per target: 'met' or 'NOT met', measured where the card is FlashInfer's
+    H100 and by the H100 model elsewhere (targets 3, 5 and 6 are ratios or checks on this card
+    either way); target 5 needs a layouts run, and is 'not checked' without one."""
     rs = [r for r in rows(table_dir) if r["kernel"] == "optimized"]
     cells = optimized_cells(rs)
     cards = sorted({r.get("device_name", "") for r in rs})
@@ -327,11 +352,14 @@ def targets(table_dir, layouts_dir=None):
         # TB/s on FlashInfer's card by the H100 model (see the docstring and h100_model_ms).
         nbytes = num(r, "bytes_per_call") or 0
         return nbytes / (h100_model_ms(num(r, "mean_ms"), nbytes, cal_tbs) * 1e9)
+    # What the verdicts read: the H100 model on another card, the measurement on FlashInfer's.
+    h100_tbs = modelled if other else tbs
+    verdict = {}  # target number -> (met, the figure it rests on)
     failed = [r for r in rs if r["status"] != "ok"]
     print(f"card: {', '.join(cards)}, streaming read {cal_tbs:.2f} TB/s" +
           (f"; 'H100-scaled' = x {scale:.3f}" if other else ""))
     # 1. No slower than FlashInfer in every cell; geomean over the 50 cells >= 1.15.
-    raw, norm = [], []
+    raw, norm, model = [], [], []
     for m in ("bf16/bf16/bf16", "bf16/fp8/bf16"):
         for key, fi_ms in FLASHINFER_MS[m].items():
             r = cells[m].get(key)
@@ -339,11 +367,19 @@ def targets(table_dir, layouts_dir=None):
                 continue
             raw.append(fi_ms / num(r, "mean_ms"))
             norm.append(tbs(r) * scale / FLASHINFER_TBS[m][key])
-    print(f"1. FlashInfer÷ours over {len(raw)} cells: geomean {geomean(raw):.3f}, min {min(raw):.2f}, "
-          f"{sum(1 for x in raw if x < 1)} below 1 (target: none, geomean >= 1.15)")
-    if other:
-        print(f"   bandwidth-normalized: geomean {geomean(norm):.3f}, min {min(norm):.2f}, "
-              f"{sum(1 for x in norm if x < 1)} below 1")
+            nbytes = num(r, "bytes_per_call") or 0
+            model.append(fi_ms / (h100_model_ms(num(r, "mean_ms"), nbytes, cal_tbs) if other else num(r, "mean_ms")))
+    if raw:
+        print(f"1. FlashInfer÷ours over {len(raw)} cells: geomean {geomean(raw):.3f}, min {min(raw):.2f}, "
+              f"{sum(1 for x in raw if x < 1)} below 1 (target: none, geomean >= 1.15)")
+        if other:
+            print(f"   bandwidth-normalized: geomean {geomean(norm):.3f}, min {min(norm):.2f}, "
+                  f"{sum(1 for x in norm if x < 1)} below 1")
+            print(f"   H100 model (FlashInfer's ms over the modelled): geomean {geomean(model):.3f}, "
+                  f"min {min(model):.2f}, {sum(1 for x in model if x < 1)} below 1")
+        n_cells = sum(len(v) for v in FLASHINFER_MS.values())
+        verdict[1] = (len(model) == n_cells and min(model) >= 1 and geomean(model) >= 1.15,
+                      f"{len(model)} of {n_cells} cells, geomean {geomean(model):.3f}, min {min(model):.2f}")
     # 2. FP8 KV: >= 2.8 TB/s logical where a call reads >= 256 MB.
     big = [r for r in cells["bf16/fp8/bf16"].values() if ok(r) and (num(r, "bytes_per_call") or 0) >= 256e6]
     if big:
@@ -352,18 +388,25 @@ def targets(table_dir, layouts_dir=None):
               (f"; H100-scaled {sum(1 for r in big if tbs(r) * scale >= 2.8)} of {len(big)}, H100 model "
                f"{sum(1 for r in big if modelled(r) >= 2.8)} of {len(big)} (min {min(map(modelled, big)):.2f})"
                if other else ""))
-        short = sorted((int(r["batch_size"]), int(r["max_seq_len"]), modelled(r) if other else tbs(r))
-                       for r in big if (modelled(r) if other else tbs(r)) < 2.8)
+        short = sorted((int(r["batch_size"]), int(r["max_seq_len"]), h100_tbs(r))
+                       for r in big if h100_tbs(r) < 2.8)
         if short:
             print("   under 2.8" + (" by the H100 model" if other else "") + ": "
                   + ", ".join(f"b{b} s{l} {x:.3f}" for b, l, x in short))
+        verdict[2] = (not short, f"{len(big) - len(short)} of {len(big)} cells, min {min(map(h100_tbs, big)):.2f} TB/s")
     # 3. FP8-query modes within 5 % of the FP8-KV time.
+    worst3 = []
     for m in FP8_QUERY_MODES:
         rel = fp8_query_ratios(cells, m)
         if rel:
             over = sorted(k for k, x in rel.items() if x > 1.05)
+            worst3.append((max(rel.values()), m, len(over), len(rel)))
             print(f"3. {m} / FP8 KV: {min(rel.values()):.2f}-{max(rel.values()):.2f}, {len(over)} of "
                   f"{len(rel)} cells over 1.05" + (f": {', '.join(f'b{b} s{l}' for b, l in over)}" if over else ""))
+    if worst3:
+        w, m, _, _ = max(worst3)
+        verdict[3] = (len(worst3) == len(FP8_QUERY_MODES) and all(over == 0 for _, _, over, _ in worst3),
+                      f"{sum(n for *_, n in worst3)} cells in {len(worst3)} modes, worst {w:.3f} ({m})")
     # 4. BF16 at batch 1 and 4, 64k and 128k: >= 2.9 TB/s logical.
     t4 = [(k, r) for k, r in sorted(cells["bf16/bf16/bf16"].items())
           if ok(r) and k[0] in (1, 4) and k[1] in (65536, 131072)]
@@ -372,14 +415,36 @@ def targets(table_dir, layouts_dir=None):
             f"b{b} s{l} {tbs(r):.2f}" + (f" ({tbs(r) * scale:.2f} H100-scaled, {modelled(r):.2f} H100 model)"
                                           if other else "") for (b, l), r in t4)
               + " (target >= 2.9)")
+        (b, l), r = min(t4, key=lambda kr: h100_tbs(kr[1]))
+        verdict[4] = (len(t4) == 4 and h100_tbs(r) >= 2.9,
+                      f"{len(t4)} of 4 cells, least b{b} s{l} {h100_tbs(r):.2f} TB/s")
     # 5. Layouts and block sizes within 10 % of HND/16.
     if layouts_dir:
         worst = {k: max(v) for k, v in layout_ratios(layouts_dir).items()}
         (lay, blk), w = max(worst.items(), key=lambda kv: kv[1])
         print(f"5. layouts / HND,16: worst {w:.3f} ({lay} block {blk}; target <= 1.10)")
+        verdict[5] = (w <= 1.10, f"worst {w:.3f} ({lay} block {blk})")
     # 6. Every case verified before it was timed.
     print(f"6. {len(rs) - len(failed)} of {len(rs)} table cases verified and timed"
           + (f"; not ok: {', '.join(sorted({r['status'] for r in failed}))}" if failed else ""))
+    verdict[6] = (bool(rs) and not failed, f"{len(rs) - len(failed)} of {len(rs)} cases ok")
+    print_verdict(verdict, cards, other)
+
+
+def print_verdict(verdict, cards, other):
+    """The per-target verdicts of `targets`, and one line for the issue."""
+    how = (f"predicted for FlashInfer's {FLASHINFER_CARD} by the H100 model from {', '.join(cards)}: "
+           "targets 1, 2 and 4 are predictions, 3, 5 and 6 measured on this card" if other
+           else f"measured on {FLASHINFER_CARD}, FlashInfer's card")
+    print(f"verdict ({how}):")
+    for t in range(1, 7):
+        met, figure = verdict.get(t, (None, "no data (target 5: pass a layouts run)"))
+        print(f"  target {t}: {'met' if met else 'not checked' if met is None else 'NOT met'} ({figure})")
+    missed = [t for t in range(1, 7) if verdict.get(t, (None,))[0] is False]
+    unchecked = [t for t in range(1, 7) if t not in verdict]
+    print("issue 7: " + ("NOT met: targets " + ", ".join(map(str, missed)) if missed else
+                         "not all checked: targets " + ", ".join(map(str, unchecked)) if unchecked else
+                         "all six targets met") + (" (by the H100 model)" if other else ""))
 
 
 def repeats(*dirs):

@@ -4,14 +4,17 @@
 # checks (hot/cold L2, events/graph, shared/unique pool, telemetry) and the kernel table (graph
 # timing). Expects target/release/decodebench; writes logs and CSVs under $OUT.
 # Usage: bench/gpu/validate.sh [selftest] [seed] [methods] [table | table-kv table-fp8q] [layouts]
-#        [target4] [target3]
+#        [target4] [target3] [verdict]
 # (default: selftest seed methods table). table-kv and table-fp8q are the table's two halves (the
 # FlashInfer modes, the FP8-query modes), for machines that limit one command to 10 minutes. The
 # table and layout steps time the optimized kernel only (what their comparisons need). target4
 # runs the four cells of issue 7's target 4 (bench/grids/target4.toml) T4_RUNS times (5), each a
 # process of its own with its own calibration, for the spread of the cells with the least margin;
 # target3 the same for target 3's short cells (bench/grids/target3.toml, T3_RUNS times, 5),
-# then each cell's ratios over the runs (summarize.py repeats).
+# then each cell's ratios over the runs (summarize.py repeats). verdict prints issue 7's six
+# targets from this call's table and layouts runs (summarize.py targets TABLE LAYOUTS): measured
+# on FlashInfer's H100, predicted by the H100 model elsewhere. On an H100, the issue's check is
+#   bash bench/gpu/validate.sh selftest table layouts verdict
 set -u
 RESULT_DIR=${OUT:-/tmp/validate_out}
 # Everything is logged under one folder, packed into $OUT/validate.tgz at the end (the device
@@ -77,6 +80,9 @@ for step in $STEPS; do
     target3)
       repeat_grid target3 bench/grids/target3.toml "${T3_RUNS:-5}" '^3\.'
       $S repeats $(seq -f "$W/target3-%g" 1 "${T3_RUNS:-5}") | tee -a "$OUT/target3.txt" ;;
+    verdict)
+      echo "=== issue 7's targets (table and layouts of this call)"
+      $S targets $W/table $W/layouts | tee "$OUT/verdict.txt" ;;
     layouts)
       echo "=== layouts and block sizes (graph timing)"
       ( time timeout 560 $B run --grid bench/grids/layouts.toml --kernels optimized --out $W/layouts ) > "$OUT/layouts.log" 2>&1; echo "layouts exit $?"
