@@ -564,10 +564,6 @@ fn reference_rng_after_query(case: &BenchCase) -> TorchCudaRng {
 /// cell, and FlashInfer's figures for it, timed (seed 0).
 pub fn draw_seq_lens(case: &BenchCase) -> Vec<u32> {
     let mut rng = reference_rng_after_query(case);
-    seq_lens_from(&mut rng, case)
-}
-
-fn seq_lens_from(rng: &mut TorchCudaRng, case: &BenchCase) -> Vec<u32> {
     let batch = case.batch_size as usize;
     let max = case.max_seq_len.min(i32::MAX as u32);
     let mut lens: Vec<u32> = if max <= 1 {
