@@ -261,8 +261,10 @@ pub enum JournalError {
     #[error("journal {}: {source}; check that the --out directory is writable and has space", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error(
-        "journal {}: written for a different grid (its grid hash {journal}, this grid {grid}); \
-         use a fresh --out directory, or run with the same grid to resume",
+        "journal {}: written for a different grid (its grid hash {journal}, this grid {grid}), \
+         or by a decodebench whose case ids differ (they changed when the lengths became the \
+         reference script's own draws); use a fresh --out directory, or resume with the grid \
+         file and the decodebench version that wrote it",
         path.display()
     )]
     GridMismatch {
