@@ -62,8 +62,11 @@ def main(out):
         "max_threads_per_sm": props.max_threads_per_multi_processor,
         "torch": torch.__version__, "pool_tokens": POOL_TOKENS, "cases": cases,
     }
+    # One case a line (kernels/tests/fixtures/torch_draws.json is this file as written).
+    head = json.dumps({k: v for k, v in doc.items() if k != "cases"})[:-1]
+    lines = [json.dumps(c, separators=(",", ":")) for c in cases]
     with open(out, "w") as f:
-        json.dump(doc, f, indent=0)
+        f.write(head + ', "cases": [\n' + ",\n".join(lines) + "\n]}\n")
     print(f"{len(cases)} cases, {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
 
 
