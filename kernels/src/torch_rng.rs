@@ -82,11 +82,14 @@ impl TorchCudaRng {
         numel.div_ceil(BLOCK).clamp(1, self.max_grid)
     }
 
-    /// Moves the offset past a draw of `numel` elements and returns the draw's own offset.
+    /// Moves the offset past a draw of `numel` elements and returns the draw's own offset. An
+    /// empty draw launches nothing and leaves the offset where it was, as in PyTorch.
     fn take(&mut self, numel: u64) -> u64 {
-        let rounds = numel.saturating_sub(1) / (BLOCK * self.grid(numel) * UNROLL) + 1;
         let at = self.offset;
-        self.offset += rounds * 4;
+        if numel > 0 {
+            let rounds = (numel - 1) / (BLOCK * self.grid(numel) * UNROLL) + 1;
+            self.offset += rounds * 4;
+        }
         at
     }
 
@@ -165,6 +168,8 @@ mod tests {
         assert_eq!(g.offset, 12);
         let mut small = TorchCudaRng::with_sms(0, 108, 2048);
         small.skip_normal(256 * 64 * 128); // an A100's 864 blocks: three rounds
+        assert_eq!(small.offset, 12);
+        small.skip_randint(0); // nothing launched
         assert_eq!(small.offset, 12);
     }
 
