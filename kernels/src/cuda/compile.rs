@@ -465,8 +465,9 @@ pub(crate) struct ProgramBuild {
     pub from_cache: bool,
     /// In the cache now (taken from it, or stored there after compiling).
     pub cached: bool,
-    /// NVRTC's log (from the cache: the log stored with the module, if any).
-    pub log: String,
+    /// NVRTC's messages other than ptxas's report (from the cache: those of the log stored with
+    /// the module, if any).
+    pub messages: String,
     /// What ptxas gave each kernel, and the budgets it meets or misses.
     pub resources: ResourceReport,
 }
@@ -483,19 +484,18 @@ pub(crate) fn compile_program_cached(
     let key = cache_key(&source, target, nvrtc_version, &options);
     if let Some(module) = cache.load(&key, target) {
         let log = cache.load_log(&key, target, &module);
-        let resources = report_resources(target, &log);
         return Ok(ProgramBuild {
             module,
             from_cache: true,
             cached: true,
-            log,
-            resources,
+            messages: without_ptxas_report(&log).trim().to_string(),
+            resources: report_resources(target, &log),
         });
     }
     let (module, log) = nvrtc_compile(&source, target, &options)?;
-    let messages = without_ptxas_report(&log);
-    if !messages.trim().is_empty() {
-        tracing::info!(target = %target.label(), log = %messages.trim(), "NVRTC messages");
+    let messages = without_ptxas_report(&log).trim().to_string();
+    if !messages.is_empty() {
+        tracing::info!(target = %target.label(), log = %messages, "NVRTC messages");
     }
     let resources = report_resources(target, &log);
     let cached = cache.store(&key, target, &module, &log);
@@ -503,7 +503,7 @@ pub(crate) fn compile_program_cached(
         module,
         from_cache: false,
         cached,
-        log,
+        messages,
         resources,
     })
 }
@@ -564,7 +564,7 @@ pub fn precompile(major: i32, minor: i32, cache: &CompileCache) -> Result<Precom
             },
             started.elapsed().as_secs_f64(),
         ),
-        messages: without_ptxas_report(&build.log).trim().to_string(),
+        messages: build.messages,
         resources: build.resources,
     })
 }
