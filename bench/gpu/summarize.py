@@ -348,12 +348,16 @@ def targets(table_dir, layouts_dir=None):
     scale = FLASHINFER_CARD_READ_TBS / cal_tbs if other else 1.0
     tbs = lambda r: (num(r, "bandwidth_gbps") or 0) / 1000
 
+    def modelled_ms(r):
+        # The call's time on FlashInfer's card by the H100 model (see the docstring).
+        return h100_model_ms(num(r, "mean_ms"), num(r, "bytes_per_call") or 0, cal_tbs)
+
     def modelled(r):
-        # TB/s on FlashInfer's card by the H100 model (see the docstring and h100_model_ms).
-        nbytes = num(r, "bytes_per_call") or 0
-        return nbytes / (h100_model_ms(num(r, "mean_ms"), nbytes, cal_tbs) * 1e9)
+        # TB/s on FlashInfer's card by the H100 model.
+        return (num(r, "bytes_per_call") or 0) / (modelled_ms(r) * 1e9)
     # What the verdicts read: the H100 model on another card, the measurement on FlashInfer's.
     h100_tbs = modelled if other else tbs
+    h100_ms = modelled_ms if other else (lambda r: num(r, "mean_ms"))
     verdict = {}  # target number -> (met, the figure it rests on)
     failed = [r for r in rs if r["status"] != "ok"]
     print(f"card: {', '.join(cards)}, streaming read {cal_tbs:.2f} TB/s" +
@@ -367,8 +371,7 @@ def targets(table_dir, layouts_dir=None):
                 continue
             raw.append(fi_ms / num(r, "mean_ms"))
             norm.append(tbs(r) * scale / FLASHINFER_TBS[m][key])
-            nbytes = num(r, "bytes_per_call") or 0
-            model.append(fi_ms / (h100_model_ms(num(r, "mean_ms"), nbytes, cal_tbs) if other else num(r, "mean_ms")))
+            model.append(fi_ms / h100_ms(r))
     if raw:
         print(f"1. FlashInfer÷ours over {len(raw)} cells: geomean {geomean(raw):.3f}, min {min(raw):.2f}, "
               f"{sum(1 for x in raw if x < 1)} below 1 (target: none, geomean >= 1.15)")
